@@ -1,0 +1,168 @@
+//! DMA-able memory: bytes the CPU and a device both see, with the device's (bus) address.
+//!
+//! A [`DmaRegion`] is shared with a device that may write it at any time, so Rust references into
+//! it are never handed out. All access is by volatile copies: a value read from device-writable
+//! memory is read once into a local and only the local is used ("device memory is read once").
+//! Every access is bounds-checked and returns a typed error instead of panicking.
+
+use core::ptr::NonNull;
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+/// Errors from DMA memory access or allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DmaError {
+    /// The access `[offset, offset+len)` does not lie within the region.
+    OutOfBounds { offset: usize, len: usize, region: usize },
+    /// The allocator has no block of that size and alignment left.
+    Exhausted,
+    /// Alignment was not a power of two, or size was zero.
+    BadRequest,
+}
+
+/// A block of DMA-able memory.
+///
+/// Owning a `DmaRegion` means owning the block: it is not `Clone`, and the allocator gets it back
+/// through [`DmaAllocator::free`].
+#[derive(Debug)]
+pub struct DmaRegion {
+    ptr: NonNull<u8>,
+    bus: u64,
+    len: usize,
+}
+
+// SAFETY: a DmaRegion is an owned block of memory with no thread affinity; all access goes through
+// volatile copies, so moving it to another core is sound.
+unsafe impl Send for DmaRegion {}
+
+impl DmaRegion {
+    /// Wraps a block of DMA-able memory.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be valid for reads and writes for as long as the region (or anything
+    /// split from it) lives, must not be accessed except through this region, and the device must
+    /// see the same bytes at bus address `bus..bus+len`.
+    pub unsafe fn from_raw(ptr: NonNull<u8>, bus: u64, len: usize) -> Self {
+        Self { ptr, bus, len }
+    }
+
+    /// Gives the raw parts back (for an allocator's `free`).
+    pub fn into_raw(self) -> (NonNull<u8>, u64, usize) {
+        (self.ptr, self.bus, self.len)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The device-visible address of byte 0.
+    pub fn bus_addr(&self) -> u64 {
+        self.bus
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<(), DmaError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(DmaError::OutOfBounds { offset, len, region: self.len }),
+        }
+    }
+
+    /// Reads a `T` at `offset` with one volatile copy of its bytes.
+    pub fn read<T: FromBytes + IntoBytes>(&self, offset: usize) -> Result<T, DmaError> {
+        let mut out = T::new_zeroed();
+        self.read_bytes(offset, out.as_mut_bytes())?;
+        Ok(out)
+    }
+
+    /// Writes `value` at `offset`.
+    pub fn write<T: IntoBytes + Immutable>(&self, offset: usize, value: &T) -> Result<(), DmaError> {
+        self.write_bytes(offset, value.as_bytes())
+    }
+
+    /// Reads one `u16` with a single volatile load (for phase-bit polling). `offset` must be even.
+    pub fn read_u16(&self, offset: usize) -> Result<u16, DmaError> {
+        self.check(offset, 2)?;
+        if offset % 2 != 0 {
+            return Err(DmaError::BadRequest);
+        }
+        // SAFETY: in bounds (checked), 2-aligned because the region base is at least 4-aligned by
+        // the allocator contract and offset is even; valid per `from_raw`'s contract.
+        Ok(unsafe { self.ptr.as_ptr().add(offset).cast::<u16>().read_volatile() })
+    }
+
+    /// Writes one `u32` with a single volatile store. `offset` must be a multiple of 4.
+    pub fn write_u32(&self, offset: usize, value: u32) -> Result<(), DmaError> {
+        self.check(offset, 4)?;
+        if offset % 4 != 0 {
+            return Err(DmaError::BadRequest);
+        }
+        // SAFETY: in bounds and 4-aligned as checked; valid per `from_raw`'s contract.
+        unsafe { self.ptr.as_ptr().add(offset).cast::<u32>().write_volatile(value) };
+        Ok(())
+    }
+
+    /// Copies `dst.len()` bytes out of the region, starting at `offset`.
+    pub fn read_bytes(&self, offset: usize, dst: &mut [u8]) -> Result<(), DmaError> {
+        self.check(offset, dst.len())?;
+        // SAFETY: the source range is in bounds (checked) and valid per `from_raw`; `dst` is a
+        // distinct Rust allocation, so the ranges do not overlap.
+        unsafe { copy_volatile(self.ptr.as_ptr().add(offset), dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    /// Copies `src` into the region at `offset`.
+    pub fn write_bytes(&self, offset: usize, src: &[u8]) -> Result<(), DmaError> {
+        self.check(offset, src.len())?;
+        // SAFETY: the destination range is in bounds (checked) and valid per `from_raw`; `src`
+        // is a distinct Rust allocation.
+        unsafe { copy_volatile(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len()) };
+        Ok(())
+    }
+
+    /// Fills `[offset, offset+len)` with `byte`.
+    pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Result<(), DmaError> {
+        self.check(offset, len)?;
+        for i in 0..len {
+            // SAFETY: `offset + i < offset + len <= self.len` (checked above).
+            unsafe { self.ptr.as_ptr().add(offset + i).write_volatile(byte) };
+        }
+        Ok(())
+    }
+}
+
+/// Copies with volatile accesses (8 bytes at a time when both sides are 8-aligned), so the
+/// compiler neither elides them nor turns them into a `memcpy` call, and each source byte is read
+/// exactly once.
+///
+/// # Safety
+/// `src..src+len` readable, `dst..dst+len` writable, not overlapping.
+unsafe fn copy_volatile(src: *const u8, dst: *mut u8, len: usize) {
+    let mut i = 0;
+    if (src as usize) % 8 == 0 && (dst as usize) % 8 == 0 {
+        while i + 8 <= len {
+            // SAFETY: `i + 8 <= len`, both ranges valid per the caller, both 8-aligned.
+            unsafe {
+                let v = src.add(i).cast::<u64>().read_volatile();
+                dst.add(i).cast::<u64>().write_volatile(v);
+            }
+            i += 8;
+        }
+    }
+    while i < len {
+        // SAFETY: `i < len`, both ranges valid per the caller.
+        unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
+        i += 1;
+    }
+}
+
+/// A source of DMA-able memory. Allocation happens at set-up time (queues, buffer pools), never
+/// on the I/O path.
+pub trait DmaAllocator {
+    /// A zeroed block of at least `len` bytes, aligned to `align` (a power of two, at least 4).
+    fn alloc(&self, len: usize, align: usize) -> Result<DmaRegion, DmaError>;
+    /// Returns a block. Allocators may leak instead of reusing (bump allocators do).
+    fn free(&self, region: DmaRegion);
+}
