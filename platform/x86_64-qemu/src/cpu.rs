@@ -1,0 +1,83 @@
+//! Per-core identity (GS base points at this core's [`CpuLocal`]), port I/O helpers, TSC.
+
+use core::arch::asm;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+/// Most cores this image supports.
+pub const MAX_CORES: usize = 8;
+
+/// The first field is read through `%gs:0`, so it must stay first.
+#[repr(C)]
+pub struct CpuLocal {
+    index: usize,
+    apic_id: AtomicUsize,
+}
+
+static LOCALS: [CpuLocal; MAX_CORES] = {
+    const L: CpuLocal = CpuLocal { index: 0, apic_id: AtomicUsize::new(0) };
+    let mut a = [L; MAX_CORES];
+    let mut i = 0;
+    while i < MAX_CORES {
+        a[i] = CpuLocal { index: i, apic_id: AtomicUsize::new(0) };
+        i += 1;
+    }
+    a
+};
+
+/// Points GS at core `index`'s block. Called first thing on every core.
+pub fn init_local(index: usize, apic_id: u32) {
+    let local = &LOCALS[index];
+    local.apic_id.store(apic_id as usize, Ordering::Relaxed);
+    // SAFETY: IA32_GS_BASE only affects %gs-relative accesses, which only `core_index` makes.
+    unsafe { x86_64::registers::model_specific::GsBase::write(x86_64::VirtAddr::new(local as *const _ as u64)) };
+}
+
+/// This core's index, `0..cores online`.
+#[inline(always)]
+pub fn core_index() -> usize {
+    let i: usize;
+    // SAFETY: GS base points at a CpuLocal (set by `init_local` before anything calls this; before
+    // that GS base is 0 and the read returns whatever is at address 0, which is mapped RAM).
+    unsafe { asm!("mov {}, gs:[0]", out(reg) i, options(nostack, readonly, preserves_flags)) };
+    i.min(MAX_CORES - 1)
+}
+
+#[inline(always)]
+pub fn rdtsc() -> u64 {
+    // SAFETY: rdtsc has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+#[inline(always)]
+pub fn outb(port: u16, v: u8) {
+    // SAFETY: only used on the fixed legacy ports this platform owns (PIC, PIT, debug exit, PCI, fw_cfg).
+    unsafe { x86_64::instructions::port::Port::new(port).write(v) }
+}
+#[inline(always)]
+pub fn inb(port: u16) -> u8 {
+    // SAFETY: as `outb`.
+    unsafe { x86_64::instructions::port::Port::new(port).read() }
+}
+#[inline(always)]
+pub fn outw(port: u16, v: u16) {
+    // SAFETY: as `outb`.
+    unsafe { x86_64::instructions::port::Port::new(port).write(v) }
+}
+#[inline(always)]
+pub fn outl(port: u16, v: u32) {
+    // SAFETY: as `outb`.
+    unsafe { x86_64::instructions::port::Port::new(port).write(v) }
+}
+#[inline(always)]
+pub fn inl(port: u16) -> u32 {
+    // SAFETY: as `outb`.
+    unsafe { x86_64::instructions::port::Port::new(port).read() }
+}
+
+/// Stops this core for good (interrupts off, `hlt` forever).
+pub fn halt() -> ! {
+    loop {
+        x86_64::instructions::interrupts::disable();
+        x86_64::instructions::hlt();
+    }
+}

@@ -1,0 +1,122 @@
+//! Jobs: what the firmware does once booted, chosen by the first word of the boot command line.
+//! Each job reads its options, then calls `finish()` so an option nobody reads fails the run.
+
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use keel_cmdline::{Cmdline, CmdlineError};
+
+use crate::pci::{PciDevice, MAX_DEVICES};
+
+pub struct Platform {
+    pub devices: heapless::Vec<PciDevice, MAX_DEVICES>,
+    pub cores: usize,
+}
+
+#[derive(Debug)]
+pub enum JobError<'a> {
+    Cmdline(CmdlineError<'a>),
+    Failed(&'static str),
+}
+
+impl defmt::Format for JobError<'_> {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        match self {
+            Self::Cmdline(e) => defmt::write!(f, "{}", defmt::Display2Format(e)),
+            Self::Failed(m) => defmt::write!(f, "{=str}", m),
+        }
+    }
+}
+
+impl<'a> From<CmdlineError<'a>> for JobError<'a> {
+    fn from(e: CmdlineError<'a>) -> Self {
+        Self::Cmdline(e)
+    }
+}
+
+/// Every job, with a line of help (printed when the job name is unknown).
+pub const JOBS: &[(&str, &str)] = &[
+    ("boot", "report cores, PCI devices and timer ticks [wait_ms=50]"),
+    ("fault", "raise a CPU exception on purpose [kind=ud2|pf|gp]"),
+    ("panic", "panic on purpose [msg=text]"),
+    ("hang", "spin forever (tests the host-side timeout)"),
+];
+
+pub fn run<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
+    let job = cl.job();
+    match job {
+        "boot" => boot(cl, p),
+        "fault" => fault(cl),
+        "panic" => {
+            let msg = cl.str("msg").unwrap_or("requested by the panic job");
+            cl.finish()?;
+            keel_log::info!("job panic: start");
+            panic!("{}", msg)
+        }
+        "hang" => {
+            cl.finish()?;
+            keel_log::info!("job hang: start");
+            loop {
+                core::hint::spin_loop();
+            }
+        }
+        _ => {
+            crate::println!("keel: unknown job '{}'; jobs:", job);
+            for (name, help) in JOBS {
+                crate::println!("  {:10} {}", name, help);
+            }
+            Err(JobError::Cmdline(CmdlineError::UnknownJob(job)))
+        }
+    }
+}
+
+static AP_WORK_DONE: AtomicUsize = AtomicUsize::new(0);
+
+fn ap_hello(core: usize, _arg: usize) {
+    keel_log::info!("core {=usize}: ran work from its poll loop", core);
+    AP_WORK_DONE.fetch_add(1, Ordering::AcqRel);
+}
+
+fn boot<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
+    let wait_ms = cl.u64("wait_ms", 50)?;
+    cl.finish()?;
+    keel_log::info!("job boot: start");
+    keel_log::info!("{=usize} PCI functions, {=usize} NVMe controllers", p.devices.len(), p.devices.iter().filter(|d| d.is_nvme()).count());
+    for core in 1..p.cores {
+        crate::smp::post(core, ap_hello, 0).map_err(|_| JobError::Failed("could not post work to an AP"))?;
+    }
+    let t0 = crate::time::now_ns();
+    let ticks0 = crate::arch::TICKS.load(Ordering::Relaxed);
+    while crate::time::now_ns() - t0 < wait_ms * 1_000_000 {
+        core::hint::spin_loop();
+    }
+    let ticks = crate::arch::TICKS.load(Ordering::Relaxed) - ticks0;
+    let done = AP_WORK_DONE.load(Ordering::Acquire);
+    keel_log::info!("timer ticks in {=u64} ms: {=u64}", wait_ms, ticks);
+    keel_log::info!("application processors that ran work: {=usize} of {=usize}", done, p.cores - 1);
+    if ticks == 0 && wait_ms >= 20 {
+        return Err(JobError::Failed("the timer never fired"));
+    }
+    if done != p.cores - 1 {
+        return Err(JobError::Failed("an application processor did not run its work"));
+    }
+    Ok(())
+}
+
+fn fault<'a>(cl: &Cmdline<'a>) -> Result<(), JobError<'a>> {
+    let kind = cl.choice("kind", &["ud2", "pf", "gp"], "ud2")?;
+    cl.finish()?;
+    keel_log::info!("job fault: start ({=str})", kind);
+    match kind {
+        // SAFETY: deliberately raises #UD; the exception handler reports it and ends the run.
+        "ud2" => unsafe { core::arch::asm!("ud2") },
+        "pf" => {
+            // An address no page table maps (256 GiB); the #PF handler reports it with CR2.
+            let p = 0x40_0000_0000u64 as *mut u64;
+            // SAFETY: deliberately faults; the page-fault handler never returns here.
+            unsafe { p.write_volatile(0xdead) };
+        }
+        // SAFETY: loading a null selector into SS raises #GP; the handler ends the run.
+        _ => unsafe { core::arch::asm!("mov ss, {0:x}", in(reg) 0x1234u16) },
+    }
+    Err(JobError::Failed("the fault did not fault"))
+}

@@ -1,0 +1,153 @@
+//! The PVH `hvm_start_info` QEMU hands over in EBX, and QEMU's fw_cfg interface.
+//! Everything is copied out into [`BootInfo`] before the boot page tables are replaced.
+
+use heapless::Vec;
+
+const MAGIC: u32 = 0x336e_c578;
+pub const MAX_MEMMAP: usize = 64;
+pub const MAX_CMDLINE: usize = 512;
+
+#[derive(Clone, Copy, Debug, defmt::Format)]
+pub struct MemRegion {
+    pub addr: u64,
+    pub size: u64,
+    /// E820 type: 1 RAM, 2 reserved, 3 ACPI reclaimable, 4 ACPI NVS, 5 unusable.
+    pub kind: u32,
+}
+
+pub struct BootInfo {
+    pub memmap: Vec<MemRegion, MAX_MEMMAP>,
+    cmdline: [u8; MAX_CMDLINE],
+    cmdline_len: usize,
+}
+
+#[derive(Debug, defmt::Format)]
+pub enum BootInfoError {
+    BadMagic(u32),
+    NoMemoryMap,
+    CmdlineNotUtf8,
+}
+
+impl BootInfo {
+    pub fn cmdline(&self) -> Result<&str, BootInfoError> {
+        core::str::from_utf8(&self.cmdline[..self.cmdline_len]).map_err(|_| BootInfoError::CmdlineNotUtf8)
+    }
+
+    pub fn ram_bytes(&self) -> u64 {
+        self.memmap.iter().filter(|r| r.kind == 1).map(|r| r.size).sum()
+    }
+}
+
+fn read<T: Copy>(paddr: u64) -> T {
+    // SAFETY: callers pass addresses inside the start-info structures QEMU placed in RAM below
+    // 4 GiB, which the boot page tables identity-map; unaligned reads are allowed.
+    unsafe { (paddr as *const T).read_unaligned() }
+}
+
+/// Copies the start info at `paddr` (from EBX at entry).
+pub fn parse(paddr: u32) -> Result<BootInfo, BootInfoError> {
+    let p = paddr as u64;
+    let magic: u32 = read(p);
+    if magic != MAGIC {
+        return Err(BootInfoError::BadMagic(magic));
+    }
+    let version: u32 = read(p + 4);
+    let cmdline_paddr: u64 = read(p + 24);
+    let mut info = BootInfo { memmap: Vec::new(), cmdline: [0; MAX_CMDLINE], cmdline_len: 0 };
+    if cmdline_paddr != 0 {
+        while info.cmdline_len < MAX_CMDLINE {
+            let b: u8 = read(cmdline_paddr + info.cmdline_len as u64);
+            if b == 0 {
+                break;
+            }
+            info.cmdline[info.cmdline_len] = b;
+            info.cmdline_len += 1;
+        }
+    }
+    if version >= 1 {
+        let memmap_paddr: u64 = read(p + 40);
+        let entries: u32 = read(p + 48);
+        for i in 0..(entries as u64).min(MAX_MEMMAP as u64) {
+            let e = memmap_paddr + i * 24;
+            let _ = info.memmap.push(MemRegion { addr: read(e), size: read(e + 8), kind: read(e + 16) });
+        }
+    }
+    if info.memmap.is_empty() {
+        fw_cfg_e820(&mut info.memmap);
+    }
+    if info.memmap.is_empty() {
+        return Err(BootInfoError::NoMemoryMap);
+    }
+    Ok(info)
+}
+
+// ---- fw_cfg (I/O ports 0x510 selector, 0x511 data) ----
+
+const FW_CFG_SEL: u16 = 0x510;
+const FW_CFG_DATA: u16 = 0x511;
+const FW_CFG_SIGNATURE: u16 = 0x00;
+const FW_CFG_NB_CPUS: u16 = 0x05;
+const FW_CFG_FILE_DIR: u16 = 0x19;
+
+fn fw_cfg_select(key: u16) {
+    crate::cpu::outw(FW_CFG_SEL, key);
+}
+fn fw_cfg_bytes(out: &mut [u8]) {
+    for b in out {
+        *b = crate::cpu::inb(FW_CFG_DATA);
+    }
+}
+
+fn fw_cfg_present() -> bool {
+    fw_cfg_select(FW_CFG_SIGNATURE);
+    let mut sig = [0u8; 4];
+    fw_cfg_bytes(&mut sig);
+    &sig == b"QEMU"
+}
+
+/// Number of CPUs QEMU was started with (`-smp`), or 1 without fw_cfg.
+pub fn cpu_count() -> usize {
+    if !fw_cfg_present() {
+        return 1;
+    }
+    fw_cfg_select(FW_CFG_NB_CPUS);
+    let mut n = [0u8; 2];
+    fw_cfg_bytes(&mut n);
+    u16::from_le_bytes(n).max(1) as usize
+}
+
+/// Finds a fw_cfg file by name: (selector, size).
+fn fw_cfg_file(name: &[u8]) -> Option<(u16, u32)> {
+    if !fw_cfg_present() {
+        return None;
+    }
+    fw_cfg_select(FW_CFG_FILE_DIR);
+    let mut n = [0u8; 4];
+    fw_cfg_bytes(&mut n);
+    for _ in 0..u32::from_be_bytes(n).min(4096) {
+        let mut e = [0u8; 64];
+        fw_cfg_bytes(&mut e);
+        let size = u32::from_be_bytes([e[0], e[1], e[2], e[3]]);
+        let sel = u16::from_be_bytes([e[4], e[5]]);
+        let fname = &e[8..];
+        let len = fname.iter().position(|&b| b == 0).unwrap_or(56);
+        if &fname[..len] == name {
+            return Some((sel, size));
+        }
+    }
+    None
+}
+
+/// The memory map from fw_cfg's `etc/e820`, for loaders that give no PVH memory map.
+fn fw_cfg_e820(out: &mut Vec<MemRegion, MAX_MEMMAP>) {
+    let Some((sel, size)) = fw_cfg_file(b"etc/e820") else { return };
+    fw_cfg_select(sel);
+    for _ in 0..(size / 20).min(MAX_MEMMAP as u32) {
+        let mut e = [0u8; 20];
+        fw_cfg_bytes(&mut e);
+        let addr = u64::from_le_bytes(e[0..8].try_into().unwrap_or_default());
+        let len = u64::from_le_bytes(e[8..16].try_into().unwrap_or_default());
+        let kind = u32::from_le_bytes(e[16..20].try_into().unwrap_or_default());
+        let _ = out.push(MemRegion { addr, size: len, kind });
+    }
+}
