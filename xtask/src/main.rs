@@ -1,1 +1,201 @@
-fn main() {}
+//! `cargo xtask`: Keel's host tool. Never linked into the firmware.
+//!
+//! Commands run other programs with `std::process::Command` rather than xshell: QEMU needs
+//! streaming output, a hard timeout and a kill on hang, which xshell does not do, and for the
+//! plain cargo steps the std version is just as short.
+
+mod itest;
+mod qemu;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run, test and benchmark Keel")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the firmware ELF (release profile).
+    Build,
+    /// Section sizes of the firmware and its stripped size.
+    Size,
+    /// Build, create the disk images, boot QEMU, run a job and print decoded logs.
+    Run {
+        #[command(flatten)]
+        vm: qemu::VmOpts,
+        /// The job and its options, e.g. `boot wait_ms=100` (default: boot).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        job: Vec<String>,
+    },
+    /// Everything CI runs: fmt, clippy, host tests, loom models, QEMU integration tests.
+    Test {
+        /// Skip the QEMU integration tests.
+        #[arg(long)]
+        no_qemu: bool,
+    },
+    /// Benchmarks (criterion on the host), reported as ratios against baselines from the same run.
+    Bench,
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// Scratch space for disk images and serial logs.
+pub fn work_dir() -> PathBuf {
+    target_dir().join("keel")
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Builds the firmware and returns the path of its (unstripped) ELF.
+pub fn build_firmware() -> Result<PathBuf> {
+    let mut c = cargo();
+    c.args(["build", "--quiet", "--release", "-p", "keel-fw"]);
+    if std::env::var_os("DEFMT_LOG").is_none() {
+        c.env("DEFMT_LOG", "info");
+    }
+    let st = c.status().context("running cargo build")?;
+    if !st.success() {
+        bail!("firmware build failed");
+    }
+    Ok(target_dir().join("release").join("keel-fw"))
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Build => build_firmware().map(|p| println!("firmware: {}", p.display())),
+        Cmd::Size => size(),
+        Cmd::Run { vm, job } => run(vm, job),
+        Cmd::Test { no_qemu } => itest::test_all(!no_qemu),
+        Cmd::Bench => bench(),
+    };
+    if let Err(e) = r {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(vm: qemu::VmOpts, job: Vec<String>) -> Result<()> {
+    qemu::ensure_qemu()?;
+    let fw = build_firmware()?;
+    let work = work_dir();
+    std::fs::create_dir_all(&work)?;
+    let (accel, why) = qemu::choose_accel(vm.accel, &fw, &work);
+    let vm = qemu::VmOpts { accel, ..vm };
+    let cmdline = if job.is_empty() {
+        "boot".to_string()
+    } else {
+        job.join(" ")
+    };
+    println!(
+        "xtask: booting '{cmdline}' on {} cores, accelerator: {why}",
+        vm.smp
+    );
+    let out = qemu::run(&fw, &vm, &cmdline, &work, qemu::Verbosity::Stream)?;
+    println!();
+    println!("xtask: result        {}", out.verdict());
+    match out.boot_time {
+        Some(t) => println!(
+            "xtask: boot time     {:.1} ms (QEMU start to the job's first line)",
+            t.as_secs_f64() * 1e3
+        ),
+        None => println!("xtask: boot time     n/a (the job never started)"),
+    }
+    println!(
+        "xtask: wall time     {:.2} s ({})",
+        out.wall.as_secs_f64(),
+        out.accel
+    );
+    if !out.passed() {
+        bail!("the firmware run failed: {}", out.verdict());
+    }
+    Ok(())
+}
+
+fn size() -> Result<()> {
+    use object::{Object, ObjectSection, SectionKind};
+    let fw = build_firmware()?;
+    let data = std::fs::read(&fw)?;
+    let obj = object::File::parse(&*data)?;
+    let (mut text, mut rodata, mut dat, mut bss) = (0u64, 0u64, 0u64, 0u64);
+    for s in obj.sections() {
+        match s.kind() {
+            SectionKind::Text => text += s.size(),
+            SectionKind::ReadOnlyData | SectionKind::ReadOnlyString | SectionKind::Note => {
+                rodata += s.size()
+            }
+            SectionKind::Data => dat += s.size(),
+            SectionKind::UninitializedData => bss += s.size(),
+            _ => {}
+        }
+    }
+    let stripped = work_dir().join("keel-fw.stripped");
+    std::fs::create_dir_all(work_dir())?;
+    let st = Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(&fw)
+        .status();
+    let stripped_len = match st {
+        Ok(s) if s.success() => std::fs::metadata(&stripped)?.len().to_string(),
+        _ => "n/a (strip not found)".into(),
+    };
+    println!("{:<14} {:>10}", "section", "bytes");
+    println!("{:-<14} {:->10}", "", "");
+    for (n, v) in [
+        ("text", text),
+        ("rodata", rodata),
+        ("data", dat),
+        ("bss", bss),
+    ] {
+        println!("{n:<14} {v:>10}");
+    }
+    println!("{:<14} {:>10}", "ELF (debug)", data.len());
+    println!("{:<14} {:>10}", "stripped", stripped_len);
+    Ok(())
+}
+
+fn bench() -> Result<()> {
+    let mut c = cargo();
+    c.args(["bench", "--workspace", "--exclude", "keel-fw"]);
+    let st = c.status()?;
+    if !st.success() {
+        bail!("benchmarks failed");
+    }
+    Ok(())
+}
+
+/// Runs a command, returning whether it succeeded; prints the command first.
+pub fn step(name: &str, mut c: Command) -> (bool, f64) {
+    eprintln!("xtask: ── {name} ──");
+    let t = Instant::now();
+    let ok = c.status().map(|s| s.success()).unwrap_or(false);
+    (ok, t.elapsed().as_secs_f64())
+}
+
+pub fn cargo_cmd() -> Command {
+    cargo()
+}

@@ -27,7 +27,11 @@ pub enum CmdlineError<'a> {
     /// An option the job does not take.
     UnknownOption(&'a str),
     /// An option whose value does not parse.
-    BadValue { key: &'a str, value: &'a str, expected: &'static str },
+    BadValue {
+        key: &'a str,
+        value: &'a str,
+        expected: &'static str,
+    },
     /// A job name nobody knows.
     UnknownJob(&'a str),
 }
@@ -39,7 +43,11 @@ impl fmt::Display for CmdlineError<'_> {
             Self::NotKeyValue(w) => write!(f, "'{w}' is not key=value"),
             Self::Duplicate(k) => write!(f, "option '{k}' given twice"),
             Self::UnknownOption(k) => write!(f, "unknown option '{k}'"),
-            Self::BadValue { key, value, expected } => {
+            Self::BadValue {
+                key,
+                value,
+                expected,
+            } => {
                 write!(f, "option {key}={value}: expected {expected}")
             }
             Self::UnknownJob(j) => write!(f, "unknown job '{j}'"),
@@ -65,10 +73,14 @@ impl<'a> Cmdline<'a> {
             if k.is_empty() {
                 return Err(CmdlineError::NotKeyValue(w));
             }
-            if opts.iter().any(|(k2, _, _): &(&str, &str, Cell<bool>)| *k2 == k) {
+            if opts
+                .iter()
+                .any(|(k2, _, _): &(&str, &str, Cell<bool>)| *k2 == k)
+            {
                 return Err(CmdlineError::Duplicate(k));
             }
-            opts.push((k, v, Cell::new(false))).map_err(|_| CmdlineError::TooManyOptions)?;
+            opts.push((k, v, Cell::new(false)))
+                .map_err(|_| CmdlineError::TooManyOptions)?;
         }
         Ok(Self { job, opts })
     }
@@ -80,17 +92,24 @@ impl<'a> Cmdline<'a> {
 
     /// The raw value of `key`, marking it used.
     pub fn str(&self, key: &str) -> Option<&'a str> {
-        self.opts.iter().find(|(k, _, _)| *k == key).map(|(_, v, used)| {
-            used.set(true);
-            *v
-        })
+        self.opts
+            .iter()
+            .find(|(k, _, _)| *k == key)
+            .map(|(_, v, used)| {
+                used.set(true);
+                *v
+            })
     }
 
     /// A decimal (or `0x` hex) integer, or `default` when absent.
     pub fn u64(&self, key: &'a str, default: u64) -> Result<u64, CmdlineError<'a>> {
         match self.str(key) {
             None => Ok(default),
-            Some(v) => parse_u64(v).ok_or(CmdlineError::BadValue { key, value: v, expected: "an integer" }),
+            Some(v) => parse_u64(v).ok_or(CmdlineError::BadValue {
+                key,
+                value: v,
+                expected: "an integer",
+            }),
         }
     }
 
@@ -98,7 +117,11 @@ impl<'a> Cmdline<'a> {
     pub fn size(&self, key: &'a str, default: u64) -> Result<u64, CmdlineError<'a>> {
         match self.str(key) {
             None => Ok(default),
-            Some(v) => parse_size(v).ok_or(CmdlineError::BadValue { key, value: v, expected: "a size like 4096, 4K, 1M" }),
+            Some(v) => parse_size(v).ok_or(CmdlineError::BadValue {
+                key,
+                value: v,
+                expected: "a size like 4096, 4K, 1M",
+            }),
         }
     }
 
@@ -106,19 +129,32 @@ impl<'a> Cmdline<'a> {
     pub fn bool(&self, key: &'a str, default: bool) -> Result<bool, CmdlineError<'a>> {
         match self.str(key) {
             None => Ok(default),
-            Some(v) => parse_bool(v).ok_or(CmdlineError::BadValue { key, value: v, expected: "on or off" }),
+            Some(v) => parse_bool(v).ok_or(CmdlineError::BadValue {
+                key,
+                value: v,
+                expected: "on or off",
+            }),
         }
     }
 
     /// One of `choices`, or `default` when absent.
-    pub fn choice(&self, key: &'a str, choices: &'static [&'static str], default: &'static str) -> Result<&'static str, CmdlineError<'a>> {
+    pub fn choice(
+        &self,
+        key: &'a str,
+        choices: &'static [&'static str],
+        default: &'static str,
+    ) -> Result<&'static str, CmdlineError<'a>> {
         match self.str(key) {
             None => Ok(default),
             Some(v) => choices
                 .iter()
                 .copied()
                 .find(|c| *c == v)
-                .ok_or(CmdlineError::BadValue { key, value: v, expected: "one of the listed choices" }),
+                .ok_or(CmdlineError::BadValue {
+                    key,
+                    value: v,
+                    expected: "one of the listed choices",
+                }),
         }
     }
 
@@ -147,7 +183,10 @@ pub fn parse_u64(v: &str) -> Option<u64> {
 
 /// `512`, `4K`, `4k`, `1M`, `2G`, `1KiB`.
 pub fn parse_size(v: &str) -> Option<u64> {
-    let v = v.strip_suffix("iB").or_else(|| v.strip_suffix('B')).unwrap_or(v);
+    let v = v
+        .strip_suffix("iB")
+        .or_else(|| v.strip_suffix('B'))
+        .unwrap_or(v);
     let (num, shift) = match v.as_bytes().last()? {
         b'k' | b'K' => (&v[..v.len() - 1], 10),
         b'm' | b'M' => (&v[..v.len() - 1], 20),
@@ -176,7 +215,10 @@ mod tests {
         assert_eq!(c.job(), "bench");
         assert_eq!(c.u64("qd", 1), Ok(32));
         assert_eq!(c.size("bs", 512), Ok(4096));
-        assert_eq!(c.choice("pattern", &["read", "randread"], "read"), Ok("randread"));
+        assert_eq!(
+            c.choice("pattern", &["read", "randread"], "read"),
+            Ok("randread")
+        );
         assert_eq!(c.u64("cores", 1), Ok(1));
         assert_eq!(c.finish(), Ok(()));
     }
@@ -197,11 +239,23 @@ mod tests {
 
     #[test]
     fn malformed_words_and_values() {
-        assert_eq!(Cmdline::parse("boot x", "b").unwrap_err(), CmdlineError::NotKeyValue("x"));
-        assert_eq!(Cmdline::parse("boot =1", "b").unwrap_err(), CmdlineError::NotKeyValue("=1"));
-        assert_eq!(Cmdline::parse("boot a=1 a=2", "b").unwrap_err(), CmdlineError::Duplicate("a"));
+        assert_eq!(
+            Cmdline::parse("boot x", "b").unwrap_err(),
+            CmdlineError::NotKeyValue("x")
+        );
+        assert_eq!(
+            Cmdline::parse("boot =1", "b").unwrap_err(),
+            CmdlineError::NotKeyValue("=1")
+        );
+        assert_eq!(
+            Cmdline::parse("boot a=1 a=2", "b").unwrap_err(),
+            CmdlineError::Duplicate("a")
+        );
         let c = Cmdline::parse("boot qd=lots", "b").unwrap();
-        assert!(matches!(c.u64("qd", 1), Err(CmdlineError::BadValue { key: "qd", .. })));
+        assert!(matches!(
+            c.u64("qd", 1),
+            Err(CmdlineError::BadValue { key: "qd", .. })
+        ));
         assert_eq!(parse_size("1M"), Some(1 << 20));
         assert_eq!(parse_size("4KiB"), Some(4096));
         assert_eq!(parse_size("0x10"), Some(16));

@@ -12,7 +12,11 @@ use zerocopy::{FromBytes, Immutable, IntoBytes};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DmaError {
     /// The access `[offset, offset+len)` does not lie within the region.
-    OutOfBounds { offset: usize, len: usize, region: usize },
+    OutOfBounds {
+        offset: usize,
+        len: usize,
+        region: usize,
+    },
     /// The allocator has no block of that size and alignment left.
     Exhausted,
     /// Alignment was not a power of two, or size was zero.
@@ -66,7 +70,11 @@ impl DmaRegion {
     fn check(&self, offset: usize, len: usize) -> Result<(), DmaError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len => Ok(()),
-            _ => Err(DmaError::OutOfBounds { offset, len, region: self.len }),
+            _ => Err(DmaError::OutOfBounds {
+                offset,
+                len,
+                region: self.len,
+            }),
         }
     }
 
@@ -78,14 +86,18 @@ impl DmaRegion {
     }
 
     /// Writes `value` at `offset`.
-    pub fn write<T: IntoBytes + Immutable>(&self, offset: usize, value: &T) -> Result<(), DmaError> {
+    pub fn write<T: IntoBytes + Immutable>(
+        &self,
+        offset: usize,
+        value: &T,
+    ) -> Result<(), DmaError> {
         self.write_bytes(offset, value.as_bytes())
     }
 
     /// Reads one `u16` with a single volatile load (for phase-bit polling). `offset` must be even.
     pub fn read_u16(&self, offset: usize) -> Result<u16, DmaError> {
         self.check(offset, 2)?;
-        if offset % 2 != 0 {
+        if !offset.is_multiple_of(2) {
             return Err(DmaError::BadRequest);
         }
         // SAFETY: in bounds (checked), 2-aligned because the region base is at least 4-aligned by
@@ -96,11 +108,17 @@ impl DmaRegion {
     /// Writes one `u32` with a single volatile store. `offset` must be a multiple of 4.
     pub fn write_u32(&self, offset: usize, value: u32) -> Result<(), DmaError> {
         self.check(offset, 4)?;
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             return Err(DmaError::BadRequest);
         }
         // SAFETY: in bounds and 4-aligned as checked; valid per `from_raw`'s contract.
-        unsafe { self.ptr.as_ptr().add(offset).cast::<u32>().write_volatile(value) };
+        unsafe {
+            self.ptr
+                .as_ptr()
+                .add(offset)
+                .cast::<u32>()
+                .write_volatile(value)
+        };
         Ok(())
     }
 
@@ -141,7 +159,7 @@ impl DmaRegion {
 /// `src..src+len` readable, `dst..dst+len` writable, not overlapping.
 unsafe fn copy_volatile(src: *const u8, dst: *mut u8, len: usize) {
     let mut i = 0;
-    if (src as usize) % 8 == 0 && (dst as usize) % 8 == 0 {
+    if (src as usize).is_multiple_of(8) && (dst as usize).is_multiple_of(8) {
         while i + 8 <= len {
             // SAFETY: `i + 8 <= len`, both ranges valid per the caller, both 8-aligned.
             unsafe {

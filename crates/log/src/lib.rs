@@ -45,4 +45,3 @@ macro_rules! warn { ($($t:tt)*) => { $crate::__ignore!($($t)*) }; }
 #[cfg(not(feature = "defmt"))]
 #[macro_export]
 macro_rules! error { ($($t:tt)*) => { $crate::__ignore!($($t)*) }; }
-

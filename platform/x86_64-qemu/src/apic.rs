@@ -31,11 +31,6 @@ fn write(off: usize, v: u32) {
     unsafe { reg(off).write_volatile(v) }
 }
 
-/// Physical base of the local APIC window.
-pub fn base() -> u64 {
-    BASE.load(Ordering::Relaxed)
-}
-
 /// Enables this core's local APIC (global enable bit + software enable in SVR).
 pub fn enable() {
     let mut msr = Msr::new(IA32_APIC_BASE);

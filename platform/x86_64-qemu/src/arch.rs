@@ -137,7 +137,6 @@ struct Stack([u8; IST_SIZE]);
 struct PerCore {
     gdt: GlobalDescriptorTable,
     tss: TaskStateSegment,
-    ist: [Stack; 3],
 }
 
 /// Storage written once per core during that core's bring-up, then only read by the CPU.
@@ -151,9 +150,11 @@ static PER_CORE: [BootCell<PerCore>; MAX_CORES] = [const {
     BootCell(UnsafeCell::new(PerCore {
         gdt: GlobalDescriptorTable::new(),
         tss: TaskStateSegment::new(),
-        ist: [const { Stack([0; IST_SIZE]) }; 3],
     }))
 }; MAX_CORES];
+/// IST stacks, all zero so they stay in .bss (the GDT above is not all zero and lands in .data).
+static IST_STACKS: [BootCell<[Stack; 3]>; MAX_CORES] =
+    [const { BootCell(UnsafeCell::new([const { Stack([0; IST_SIZE]) }; 3])) }; MAX_CORES];
 
 fn gate(handler: u64, selector: u16, ist: u8) -> Gate {
     let mut g = [0u8; 16];
@@ -185,7 +186,9 @@ pub fn init_idt() {
 pub fn init_core(index: usize) {
     // SAFETY: core `index` is the only writer of PER_CORE[index], and does it once at bring-up.
     let pc: &'static mut PerCore = unsafe { &mut *PER_CORE[index].0.get() };
-    for (i, s) in pc.ist.iter().enumerate() {
+    // SAFETY: only core `index` takes the addresses of its own IST stacks.
+    let ist = unsafe { &*IST_STACKS[index].0.get() };
+    for (i, s) in ist.iter().enumerate() {
         let top = VirtAddr::from_ptr(s.0.as_ptr()) + IST_SIZE as u64;
         pc.tss.interrupt_stack_table[i] = top;
     }
@@ -205,7 +208,10 @@ pub fn init_core(index: usize) {
         load_tss(tss);
     }
     debug_assert_eq!(code, SegmentSelector(0x08));
-    let ptr = DescriptorTablePointer { limit: (core::mem::size_of::<Idt>() - 1) as u16, base: VirtAddr::from_ptr(IDT.0.get()) };
+    let ptr = DescriptorTablePointer {
+        limit: (core::mem::size_of::<Idt>() - 1) as u16,
+        base: VirtAddr::from_ptr(IDT.0.get()),
+    };
     // SAFETY: the IDT is a static filled by `init_idt`; every gate points into the stub table.
     unsafe { x86_64::instructions::tables::lidt(&ptr) };
 }
@@ -229,12 +235,38 @@ pub fn disable_pic() {
 pub static TICKS: AtomicU64 = AtomicU64::new(0);
 
 const EXCEPTION_NAMES: [&str; 32] = [
-    "divide error", "debug", "NMI", "breakpoint", "overflow", "bound range", "invalid opcode",
-    "device not available", "double fault", "coprocessor overrun", "invalid TSS",
-    "segment not present", "stack fault", "general protection", "page fault", "reserved",
-    "x87 FP", "alignment check", "machine check", "SIMD FP", "virtualization", "control protection",
-    "reserved", "reserved", "reserved", "reserved", "reserved", "reserved", "hypervisor injection",
-    "VMM communication", "security", "reserved",
+    "divide error",
+    "debug",
+    "NMI",
+    "breakpoint",
+    "overflow",
+    "bound range",
+    "invalid opcode",
+    "device not available",
+    "double fault",
+    "coprocessor overrun",
+    "invalid TSS",
+    "segment not present",
+    "stack fault",
+    "general protection",
+    "page fault",
+    "reserved",
+    "x87 FP",
+    "alignment check",
+    "machine check",
+    "SIMD FP",
+    "virtualization",
+    "control protection",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "hypervisor injection",
+    "VMM communication",
+    "security",
+    "reserved",
 ];
 
 #[unsafe(no_mangle)]
@@ -247,7 +279,11 @@ extern "C" fn keel_interrupt(frame: &mut InterruptFrame) {
         }
         v if v == SPURIOUS_VECTOR as u64 => {}
         v => {
-            keel_log::warn!("unexpected interrupt vector {=u64} on core {=usize}", v, crate::cpu::core_index());
+            keel_log::warn!(
+                "unexpected interrupt vector {=u64} on core {=usize}",
+                v,
+                crate::cpu::core_index()
+            );
             crate::apic::eoi();
         }
     }
@@ -258,7 +294,13 @@ fn exception(v: usize, f: &InterruptFrame) -> ! {
     let core = crate::cpu::core_index();
     crate::println!(
         "EXCEPTION {} ({}) on core {}: error {:#x} rip {:#x} cr2 {:#x} rsp {:#x}",
-        v, EXCEPTION_NAMES[v], core, f.error, f.rip, cr2, f.rsp
+        v,
+        EXCEPTION_NAMES[v],
+        core,
+        f.error,
+        f.rip,
+        cr2,
+        f.rsp
     );
     keel_log::error!(
         "exception vector={=usize} ({=str}) core={=usize} error={=u64:#x} rip={=u64:#x} cr2={=u64:#x}",

@@ -8,9 +8,11 @@ use uart_16550::backend::PioBackend;
 use uart_16550::{Config, Uart16550};
 
 // SAFETY: 0x3F8 and 0x2F8 are the standard COM1/COM2 ports; nothing else in the image touches them.
-static COM1: Mutex<RefCell<Uart16550<PioBackend>>> = Mutex::new(RefCell::new(unsafe { const_port(0x3f8) }));
+static COM1: Mutex<RefCell<Uart16550<PioBackend>>> =
+    Mutex::new(RefCell::new(unsafe { const_port(0x3f8) }));
 // SAFETY: as above.
-static COM2: Mutex<RefCell<Uart16550<PioBackend>>> = Mutex::new(RefCell::new(unsafe { const_port(0x2f8) }));
+static COM2: Mutex<RefCell<Uart16550<PioBackend>>> =
+    Mutex::new(RefCell::new(unsafe { const_port(0x2f8) }));
 
 /// # Safety
 /// `port` must be a 16550 that nothing else drives.

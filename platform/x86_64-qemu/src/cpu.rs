@@ -14,11 +14,15 @@ pub struct CpuLocal {
 }
 
 static LOCALS: [CpuLocal; MAX_CORES] = {
-    const L: CpuLocal = CpuLocal { index: 0, apic_id: AtomicUsize::new(0) };
-    let mut a = [L; MAX_CORES];
     let mut i = 0;
+    let mut a = [const {
+        CpuLocal {
+            index: 0,
+            apic_id: AtomicUsize::new(0),
+        }
+    }; MAX_CORES];
     while i < MAX_CORES {
-        a[i] = CpuLocal { index: i, apic_id: AtomicUsize::new(0) };
+        a[i].index = i;
         i += 1;
     }
     a
@@ -28,8 +32,10 @@ static LOCALS: [CpuLocal; MAX_CORES] = {
 pub fn init_local(index: usize, apic_id: u32) {
     let local = &LOCALS[index];
     local.apic_id.store(apic_id as usize, Ordering::Relaxed);
-    // SAFETY: IA32_GS_BASE only affects %gs-relative accesses, which only `core_index` makes.
-    unsafe { x86_64::registers::model_specific::GsBase::write(x86_64::VirtAddr::new(local as *const _ as u64)) };
+    // IA32_GS_BASE only affects %gs-relative accesses, which only `core_index` makes.
+    x86_64::registers::model_specific::GsBase::write(x86_64::VirtAddr::new(
+        local as *const _ as u64,
+    ));
 }
 
 /// This core's index, `0..cores online`.

@@ -26,7 +26,10 @@ unsafe impl critical_section::Impl for KeelCs {
         // Only this core ever stores `me`, and with interrupts masked nothing on this core can
         // change OWNER under us: reading `me` here means we already hold it (nested section).
         if OWNER.load(Ordering::Relaxed) != me {
-            while OWNER.compare_exchange_weak(NO_OWNER, me, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            while OWNER
+                .compare_exchange_weak(NO_OWNER, me, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+            {
                 core::hint::spin_loop();
             }
             token |= TOOK_LOCK;

@@ -35,7 +35,10 @@ impl<'a> From<CmdlineError<'a>> for JobError<'a> {
 
 /// Every job, with a line of help (printed when the job name is unknown).
 pub const JOBS: &[(&str, &str)] = &[
-    ("boot", "report cores, PCI devices and timer ticks [wait_ms=50]"),
+    (
+        "boot",
+        "report cores, PCI devices and timer ticks [wait_ms=50]",
+    ),
     ("fault", "raise a CPU exception on purpose [kind=ud2|pf|gp]"),
     ("panic", "panic on purpose [msg=text]"),
     ("hang", "spin forever (tests the host-side timeout)"),
@@ -80,9 +83,14 @@ fn boot<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     let wait_ms = cl.u64("wait_ms", 50)?;
     cl.finish()?;
     keel_log::info!("job boot: start");
-    keel_log::info!("{=usize} PCI functions, {=usize} NVMe controllers", p.devices.len(), p.devices.iter().filter(|d| d.is_nvme()).count());
+    keel_log::info!(
+        "{=usize} PCI functions, {=usize} NVMe controllers",
+        p.devices.len(),
+        p.devices.iter().filter(|d| d.is_nvme()).count()
+    );
     for core in 1..p.cores {
-        crate::smp::post(core, ap_hello, 0).map_err(|_| JobError::Failed("could not post work to an AP"))?;
+        crate::smp::post(core, ap_hello, 0)
+            .map_err(|_| JobError::Failed("could not post work to an AP"))?;
     }
     let t0 = crate::time::now_ns();
     let ticks0 = crate::arch::TICKS.load(Ordering::Relaxed);
@@ -90,14 +98,21 @@ fn boot<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
         core::hint::spin_loop();
     }
     let ticks = crate::arch::TICKS.load(Ordering::Relaxed) - ticks0;
+    let all_returned = (1..p.cores).all(crate::smp::done);
     let done = AP_WORK_DONE.load(Ordering::Acquire);
     keel_log::info!("timer ticks in {=u64} ms: {=u64}", wait_ms, ticks);
-    keel_log::info!("application processors that ran work: {=usize} of {=usize}", done, p.cores - 1);
+    keel_log::info!(
+        "application processors that ran work: {=usize} of {=usize}",
+        done,
+        p.cores - 1
+    );
     if ticks == 0 && wait_ms >= 20 {
         return Err(JobError::Failed("the timer never fired"));
     }
-    if done != p.cores - 1 {
-        return Err(JobError::Failed("an application processor did not run its work"));
+    if done != p.cores - 1 || !all_returned {
+        return Err(JobError::Failed(
+            "an application processor did not run its work",
+        ));
     }
     Ok(())
 }

@@ -74,7 +74,13 @@ extern "C" fn keel_boot_main(start_info: u32) -> ! {
         }
     };
 
-    let ram_top = info.memmap.iter().filter(|r| r.kind == 1 && r.addr < 1 << 32).map(|r| r.addr + r.size).max().unwrap_or(0);
+    let ram_top = info
+        .memmap
+        .iter()
+        .filter(|r| r.kind == 1 && r.addr < 1 << 32)
+        .map(|r| r.addr + r.size)
+        .max()
+        .unwrap_or(0);
     let devices = pci::enumerate(ram_top);
     for d in devices.iter() {
         keel_log::info!(
@@ -88,7 +94,10 @@ extern "C" fn keel_boot_main(start_info: u32) -> ! {
     let online = smp::start_aps(wanted);
     keel_log::info!("cores online: {=usize} of {=usize}", online, wanted);
 
-    let platform = jobs::Platform { devices, cores: online };
+    let platform = jobs::Platform {
+        devices,
+        cores: online,
+    };
     match jobs::run(&cmdline, &platform) {
         Ok(()) => {
             keel_log::info!("job {=str}: PASS", cmdline.job());
@@ -114,6 +123,10 @@ fn report_cmdline_error(e: keel_cmdline::CmdlineError<'_>) {
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     x86_64::instructions::interrupts::disable();
     println!("PANIC on core {}: {}", cpu::core_index(), info);
-    keel_log::error!("panic on core {=usize}: {}", cpu::core_index(), defmt::Display2Format(info));
+    keel_log::error!(
+        "panic on core {=usize}: {}",
+        cpu::core_index(),
+        defmt::Display2Format(info)
+    );
     exit::failure()
 }

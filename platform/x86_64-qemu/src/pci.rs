@@ -71,12 +71,33 @@ fn probe_bar(b: u8, d: u8, f: u8, i: usize) -> (Bar, bool) {
         (0, if is64 { u32::MAX } else { 0 })
     };
     let mask = ((size_hi as u64) << 32) | size_lo as u64;
-    let mask = if is64 { mask } else { mask | 0xFFFF_FFFF_0000_0000 };
-    let size = if size_lo == 0 && size_hi == 0 { 0 } else { (!mask).wrapping_add(1) };
-    (Bar { base: ((hi as u64) << 32) | (lo & !0xF) as u64, size, is64 }, is64)
+    let mask = if is64 {
+        mask
+    } else {
+        mask | 0xFFFF_FFFF_0000_0000
+    };
+    let size = if size_lo == 0 && size_hi == 0 {
+        0
+    } else {
+        (!mask).wrapping_add(1)
+    };
+    (
+        Bar {
+            base: ((hi as u64) << 32) | (lo & !0xF) as u64,
+            size,
+            is64,
+        },
+        is64,
+    )
 }
 
-fn scan_function(b: u8, d: u8, f: u8, out: &mut Vec<PciDevice, MAX_DEVICES>, buses: &mut Vec<u8, 32>) {
+fn scan_function(
+    b: u8,
+    d: u8,
+    f: u8,
+    out: &mut Vec<PciDevice, MAX_DEVICES>,
+    buses: &mut Vec<u8, 32>,
+) {
     let id = read32(b, d, f, 0);
     if id & 0xFFFF == 0xFFFF {
         return;
@@ -108,7 +129,13 @@ fn scan_function(b: u8, d: u8, f: u8, out: &mut Vec<PciDevice, MAX_DEVICES>, bus
         }
     }
     if out.push(dev).is_err() {
-        keel_log::warn!("pci: more than {=usize} functions, ignoring {=u8}:{=u8}.{=u8}", MAX_DEVICES, b, d, f);
+        keel_log::warn!(
+            "pci: more than {=usize} functions, ignoring {=u8}:{=u8}.{=u8}",
+            MAX_DEVICES,
+            b,
+            d,
+            f
+        );
     }
 }
 
@@ -135,8 +162,14 @@ pub fn enumerate(ram_top_below_4g: u64) -> Vec<PciDevice, MAX_DEVICES> {
     }
 
     // Allocation window: above RAM, below the q35 MMCONFIG / IOAPIC region.
-    let mut cursor = ram_top_below_4g.max(0xC000_0000).next_multiple_of(0x1000_0000);
-    let limit = if cursor < 0xE000_0000 { 0xE000_0000 } else { 0xFEC0_0000 };
+    let mut cursor = ram_top_below_4g
+        .max(0xC000_0000)
+        .next_multiple_of(0x1000_0000);
+    let limit = if cursor < 0xE000_0000 {
+        0xE000_0000
+    } else {
+        0xFEC0_0000
+    };
     if cursor >= 0xE000_0000 {
         cursor = 0xF000_0000;
     }
@@ -157,19 +190,32 @@ pub fn enumerate(ram_top_below_4g: u64) -> Vec<PciDevice, MAX_DEVICES> {
             if bar.base == 0 {
                 let base = cursor.next_multiple_of(bar.size.max(0x1000));
                 if base + bar.size > limit {
-                    keel_log::error!("pci: no room for bar{=usize} of {=u8}:{=u8}.{=u8}", i, dev.bus, dev.dev, dev.func);
+                    keel_log::error!(
+                        "pci: no room for bar{=usize} of {=u8}:{=u8}.{=u8}",
+                        i,
+                        dev.bus,
+                        dev.dev,
+                        dev.func
+                    );
                     continue;
                 }
                 cursor = base + bar.size;
                 let off = 0x10 + 4 * i as u8;
                 let lo = read32(dev.bus, dev.dev, dev.func, off);
-                write32(dev.bus, dev.dev, dev.func, off, (base as u32 & !0xF) | (lo & 0xF));
+                write32(
+                    dev.bus,
+                    dev.dev,
+                    dev.func,
+                    off,
+                    (base as u32 & !0xF) | (lo & 0xF),
+                );
                 if bar.is64 {
                     write32(dev.bus, dev.dev, dev.func, off + 4, (base >> 32) as u32);
                 }
                 dev.bars[i].base = base;
             }
-            if let Err(e) = crate::paging::map(dev.bars[i].base, bar.size, crate::paging::UNCACHED) {
+            if let Err(e) = crate::paging::map(dev.bars[i].base, bar.size, crate::paging::UNCACHED)
+            {
                 keel_log::error!("pci: cannot map bar: {}", e);
             }
             cmd_bits |= 0x2 | 0x4; // memory space + bus master

@@ -30,11 +30,16 @@ pub enum BootInfoError {
 
 impl BootInfo {
     pub fn cmdline(&self) -> Result<&str, BootInfoError> {
-        core::str::from_utf8(&self.cmdline[..self.cmdline_len]).map_err(|_| BootInfoError::CmdlineNotUtf8)
+        core::str::from_utf8(&self.cmdline[..self.cmdline_len])
+            .map_err(|_| BootInfoError::CmdlineNotUtf8)
     }
 
     pub fn ram_bytes(&self) -> u64 {
-        self.memmap.iter().filter(|r| r.kind == 1).map(|r| r.size).sum()
+        self.memmap
+            .iter()
+            .filter(|r| r.kind == 1)
+            .map(|r| r.size)
+            .sum()
     }
 }
 
@@ -53,7 +58,11 @@ pub fn parse(paddr: u32) -> Result<BootInfo, BootInfoError> {
     }
     let version: u32 = read(p + 4);
     let cmdline_paddr: u64 = read(p + 24);
-    let mut info = BootInfo { memmap: Vec::new(), cmdline: [0; MAX_CMDLINE], cmdline_len: 0 };
+    let mut info = BootInfo {
+        memmap: Vec::new(),
+        cmdline: [0; MAX_CMDLINE],
+        cmdline_len: 0,
+    };
     if cmdline_paddr != 0 {
         while info.cmdline_len < MAX_CMDLINE {
             let b: u8 = read(cmdline_paddr + info.cmdline_len as u64);
@@ -69,7 +78,11 @@ pub fn parse(paddr: u32) -> Result<BootInfo, BootInfoError> {
         let entries: u32 = read(p + 48);
         for i in 0..(entries as u64).min(MAX_MEMMAP as u64) {
             let e = memmap_paddr + i * 24;
-            let _ = info.memmap.push(MemRegion { addr: read(e), size: read(e + 8), kind: read(e + 16) });
+            let _ = info.memmap.push(MemRegion {
+                addr: read(e),
+                size: read(e + 8),
+                kind: read(e + 16),
+            });
         }
     }
     if info.memmap.is_empty() {
@@ -140,7 +153,9 @@ fn fw_cfg_file(name: &[u8]) -> Option<(u16, u32)> {
 
 /// The memory map from fw_cfg's `etc/e820`, for loaders that give no PVH memory map.
 fn fw_cfg_e820(out: &mut Vec<MemRegion, MAX_MEMMAP>) {
-    let Some((sel, size)) = fw_cfg_file(b"etc/e820") else { return };
+    let Some((sel, size)) = fw_cfg_file(b"etc/e820") else {
+        return;
+    };
     fw_cfg_select(sel);
     for _ in 0..(size / 20).min(MAX_MEMMAP as u32) {
         let mut e = [0u8; 20];
@@ -148,6 +163,10 @@ fn fw_cfg_e820(out: &mut Vec<MemRegion, MAX_MEMMAP>) {
         let addr = u64::from_le_bytes(e[0..8].try_into().unwrap_or_default());
         let len = u64::from_le_bytes(e[8..16].try_into().unwrap_or_default());
         let kind = u32::from_le_bytes(e[16..20].try_into().unwrap_or_default());
-        let _ = out.push(MemRegion { addr, size: len, kind });
+        let _ = out.push(MemRegion {
+            addr,
+            size: len,
+            kind,
+        });
     }
 }

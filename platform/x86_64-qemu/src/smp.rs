@@ -13,7 +13,9 @@ struct Stack([u8; AP_STACK]);
 struct Stacks(core::cell::UnsafeCell<[Stack; MAX_CORES]>);
 // SAFETY: AP i uses stack i and nothing else touches it; the boot core only takes its address.
 unsafe impl Sync for Stacks {}
-static STACKS: Stacks = Stacks(core::cell::UnsafeCell::new([const { Stack([0; AP_STACK]) }; MAX_CORES]));
+static STACKS: Stacks = Stacks(core::cell::UnsafeCell::new(
+    [const { Stack([0; AP_STACK]) }; MAX_CORES],
+));
 
 static ONLINE: [AtomicBool; MAX_CORES] = [const { AtomicBool::new(false) }; MAX_CORES];
 static ONLINE_COUNT: AtomicUsize = AtomicUsize::new(1);
@@ -49,6 +51,7 @@ pub fn start_aps(wanted: usize) -> usize {
         unsafe { (dst.add(off) as *mut u64).write_volatile(v) }
     };
     patch(t.cr3_offset, crate::paging::root());
+    #[allow(clippy::needless_range_loop)] // `core` is also the APIC ID and the stack index
     for core in 1..wanted {
         // SAFETY: only the address of AP `core`'s stack is taken; the AP alone uses it.
         let top = unsafe { (*STACKS.0.get()).as_ptr().add(core) } as u64 + AP_STACK as u64;
@@ -61,7 +64,9 @@ pub fn start_aps(wanted: usize) -> usize {
         for _ in 0..2 {
             crate::apic::send_sipi(apic_id, (crate::boot::AP_TRAMPOLINE >> 12) as u8);
             let start = crate::time::now_ns();
-            while !ONLINE[core].load(Ordering::Acquire) && crate::time::now_ns() - start < 200_000_000 {
+            while !ONLINE[core].load(Ordering::Acquire)
+                && crate::time::now_ns() - start < 200_000_000
+            {
                 core::hint::spin_loop();
             }
             if ONLINE[core].load(Ordering::Acquire) {
@@ -84,7 +89,11 @@ extern "C" fn keel_ap_main(core: u64) -> ! {
     crate::cpu::init_local(core, crate::apic::id());
     x86_64::instructions::interrupts::enable();
     ONLINE_COUNT.fetch_add(1, Ordering::AcqRel);
-    keel_log::info!("core {=usize} online (apic id {=u32}), entering its poll loop", core, crate::apic::id());
+    keel_log::info!(
+        "core {=usize} online (apic id {=u32}), entering its poll loop",
+        core,
+        crate::apic::id()
+    );
     ONLINE[core].store(true, Ordering::Release);
     poll_loop(core)
 }

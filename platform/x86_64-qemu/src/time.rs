@@ -60,16 +60,3 @@ pub fn delay_us(us: u64) {
         core::hint::spin_loop();
     }
 }
-
-/// The platform clock handed to portable crates.
-#[derive(Clone, Copy, Default)]
-pub struct TscClock;
-
-impl keel_hal::Clock for TscClock {
-    fn now_ns(&self) -> u64 {
-        now_ns()
-    }
-    fn delay_us(&self, us: u64) {
-        delay_us(us)
-    }
-}

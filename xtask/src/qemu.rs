@@ -1,0 +1,501 @@
+//! Running the firmware under QEMU: finding (or installing) QEMU, choosing the accelerator,
+//! creating disk images, streaming COM1 (text) and COM2 (defmt, decoded here) while it runs,
+//! killing it on timeout, and turning its exit status into pass/fail.
+
+use std::fs;
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// QEMU's exit status when the firmware wrote its success value to isa-debug-exit.
+pub const SUCCESS_STATUS: i32 = 33;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Accel {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Machine {
+    Q35,
+    Pc,
+}
+
+/// The NVMe device shape and the machine around it.
+#[derive(Clone, Debug, clap::Args)]
+pub struct VmOpts {
+    /// Number of cores (`-smp`).
+    #[arg(long, default_value_t = 2)]
+    pub smp: usize,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory: u32,
+    #[arg(long, value_enum, default_value_t = Machine::Q35)]
+    pub machine: Machine,
+    #[arg(long, value_enum, default_value_t = Accel::Auto)]
+    pub accel: Accel,
+    /// Kill QEMU after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+    /// Size of each namespace's disk image (e.g. 64M, 1G).
+    #[arg(long, default_value = "64M")]
+    pub disk_size: String,
+    /// Use this existing raw image for namespace 1 instead of a fresh one.
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// Number of namespaces on the controller.
+    #[arg(long, default_value_t = 1)]
+    pub namespaces: u32,
+    /// Logical block size in bytes (512 or 4096).
+    #[arg(long, default_value_t = 512)]
+    pub lba_size: u32,
+    /// Maximum data transfer size as a power of two of the page size (0 = unlimited).
+    #[arg(long, default_value_t = 7)]
+    pub mdts: u32,
+    /// Most I/O queue pairs the controller offers.
+    #[arg(long, default_value_t = 64)]
+    pub max_ioqpairs: u32,
+    /// Volatile write cache on the namespaces.
+    #[arg(long, default_value = "on")]
+    pub write_cache: String,
+    /// No NVMe controller at all.
+    #[arg(long)]
+    pub no_nvme: bool,
+    /// Extra QEMU arguments (repeatable), e.g. --qemu-arg=-device --qemu-arg=...
+    #[arg(long = "qemu-arg", allow_hyphen_values = true)]
+    pub qemu_args: Vec<String>,
+    /// Boot with SeaBIOS instead of qboot (slower; assigns PCI BARs itself).
+    #[arg(long)]
+    pub seabios: bool,
+}
+
+impl Default for VmOpts {
+    fn default() -> Self {
+        Self {
+            smp: 2,
+            memory: 256,
+            machine: Machine::Q35,
+            accel: Accel::Auto,
+            timeout: 60,
+            disk_size: "64M".into(),
+            disk: None,
+            namespaces: 1,
+            lba_size: 512,
+            mdts: 7,
+            max_ioqpairs: 64,
+            write_cache: "on".into(),
+            no_nvme: false,
+            qemu_args: vec![],
+            seabios: false,
+        }
+    }
+}
+
+/// Finds qemu-system-x86_64; installs it on Debian when running as root, else says what to install.
+pub fn ensure_qemu() -> Result<()> {
+    if which("qemu-system-x86_64") {
+        return Ok(());
+    }
+    let root = unsafe_free_is_root();
+    if root && Path::new("/etc/debian_version").exists() {
+        eprintln!("xtask: qemu-system-x86_64 not found; installing Debian package qemu-system-x86 (apt-get)...");
+        let ok = Command::new("apt-get")
+            .arg("update")
+            .arg("-qq")
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+            && Command::new("apt-get")
+                .args([
+                    "install",
+                    "-y",
+                    "-qq",
+                    "--no-install-recommends",
+                    "qemu-system-x86",
+                ])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+        if ok && which("qemu-system-x86_64") {
+            return Ok(());
+        }
+        bail!("installing qemu-system-x86 failed; install it by hand: apt-get install qemu-system-x86");
+    }
+    bail!("qemu-system-x86_64 is missing. Install Debian's package: sudo apt-get install qemu-system-x86")
+}
+
+fn unsafe_free_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn which(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+        .unwrap_or(false)
+}
+
+/// The accelerator to use: KVM only when /dev/kvm opens *and* a probe boot of the firmware
+/// succeeds under it (KVM-PVM hosts emulate guests that die at the first SSE instruction);
+/// otherwise TCG. The probe's answer is cached per host boot.
+pub fn choose_accel(want: Accel, fw: &Path, work: &Path) -> (Accel, String) {
+    match want {
+        Accel::Tcg => return (Accel::Tcg, "TCG (requested)".into()),
+        Accel::Kvm => return (Accel::Kvm, "KVM (requested)".into()),
+        Accel::Auto => {}
+    }
+    if fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return (Accel::Tcg, "TCG (/dev/kvm not usable)".into());
+    }
+    let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let cache = work.join("kvm-probe");
+    if let Ok(c) = fs::read_to_string(&cache) {
+        if let Some((id, verdict)) = c.split_once('\n') {
+            if id == boot_id.trim() {
+                return if verdict.trim() == "ok" {
+                    (Accel::Kvm, "KVM (probe passed earlier)".into())
+                } else {
+                    (
+                        Accel::Tcg,
+                        "TCG (KVM probe failed: KVM cannot run this guest here)".into(),
+                    )
+                };
+            }
+        }
+    }
+    let opts = VmOpts {
+        smp: 1,
+        accel: Accel::Kvm,
+        timeout: 10,
+        no_nvme: true,
+        ..VmOpts::default()
+    };
+    let ok = run(fw, &opts, "boot wait_ms=30", work, Verbosity::Quiet)
+        .map(|o| o.passed())
+        .unwrap_or(false);
+    let _ = fs::write(
+        &cache,
+        format!("{}\n{}\n", boot_id.trim(), if ok { "ok" } else { "fail" }),
+    );
+    if ok {
+        (Accel::Kvm, "KVM (probe boot passed)".into())
+    } else {
+        (
+            Accel::Tcg,
+            "TCG (KVM probe boot failed: KVM cannot run this guest here)".into(),
+        )
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Verbosity {
+    /// Print every console and log line as it arrives, with a progress line.
+    Stream,
+    /// Print nothing (tests print their own table).
+    Quiet,
+}
+
+#[derive(Debug)]
+pub struct Outcome {
+    /// QEMU's exit status (None: killed on timeout or by a signal).
+    pub status: Option<i32>,
+    pub timed_out: bool,
+    /// Console (COM1) lines.
+    pub console: Vec<String>,
+    /// Decoded defmt lines.
+    pub log: Vec<String>,
+    /// Wall time from spawning QEMU to the first line of the job.
+    pub boot_time: Option<Duration>,
+    pub wall: Duration,
+    pub accel: String,
+}
+
+impl Outcome {
+    pub fn passed(&self) -> bool {
+        self.status == Some(SUCCESS_STATUS)
+    }
+    /// Every line, console and log.
+    pub fn all_lines(&self) -> impl Iterator<Item = &str> {
+        self.console
+            .iter()
+            .chain(self.log.iter())
+            .map(|s| s.as_str())
+    }
+    pub fn has(&self, needle: &str) -> bool {
+        self.all_lines().any(|l| l.contains(needle))
+    }
+    pub fn count(&self, needle: &str) -> usize {
+        self.all_lines().filter(|l| l.contains(needle)).count()
+    }
+    pub fn verdict(&self) -> String {
+        match (self.timed_out, self.status) {
+            (true, _) => "TIMEOUT (QEMU killed)".into(),
+            (_, Some(SUCCESS_STATUS)) => "PASS".into(),
+            (_, Some(s)) => format!("FAIL (exit status {s})"),
+            (_, None) => "FAIL (QEMU killed by a signal)".into(),
+        }
+    }
+}
+
+fn parse_size(s: &str) -> Result<u64> {
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    Ok(num
+        .parse::<u64>()
+        .with_context(|| format!("bad size '{s}'"))?
+        * mult)
+}
+
+/// Creates (or reuses) the namespace images and returns the QEMU arguments for the controller.
+fn nvme_args(o: &VmOpts, work: &Path) -> Result<Vec<String>> {
+    if o.no_nvme {
+        return Ok(vec![]);
+    }
+    let size = parse_size(&o.disk_size)?;
+    let wc = matches!(o.write_cache.as_str(), "on" | "true" | "1");
+    let mut a = vec![
+        "-device".into(),
+        "nvme-subsys,id=subsys0,nqn=keel".into(),
+        "-device".into(),
+        format!(
+            "nvme,id=nvme0,serial=KEEL0001,subsys=subsys0,mdts={},max_ioqpairs={}",
+            o.mdts, o.max_ioqpairs
+        ),
+    ];
+    for ns in 1..=o.namespaces.max(1) {
+        let path = match (&o.disk, ns) {
+            (Some(p), 1) => p.clone(),
+            _ => {
+                let p = work.join(format!("nvme-ns{ns}.img"));
+                let f = fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(true)
+                    .open(&p)?;
+                f.set_len(size)?;
+                p
+            }
+        };
+        a.push("-drive".into());
+        a.push(format!(
+            "file={},if=none,id=ns{ns},format=raw,cache=unsafe",
+            path.display()
+        ));
+        a.push("-device".into());
+        a.push(format!(
+            "nvme-ns,drive=ns{ns},bus=nvme0,nsid={ns},logical_block_size={bs},physical_block_size={bs},write-cache={wc}",
+            bs = o.lba_size,
+            wc = if wc { "on" } else { "off" }
+        ));
+    }
+    Ok(a)
+}
+
+/// Boots `fw` with `cmdline` and waits for it to exit (or kills it at the timeout).
+pub fn run(fw: &Path, o: &VmOpts, cmdline: &str, work: &Path, v: Verbosity) -> Result<Outcome> {
+    fs::create_dir_all(work)?;
+    let elf = fs::read(fw).with_context(|| format!("reading {}", fw.display()))?;
+    let table = defmt_decoder::Table::parse(&elf)?.context("the firmware has no defmt table")?;
+    let id = format!(
+        "{}-{}",
+        std::process::id(),
+        RUN_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let com1 = work.join(format!("com1-{id}.txt"));
+    let com2 = work.join(format!("com2-{id}.bin"));
+    let (accel_arg, accel_name) = match o.accel {
+        Accel::Kvm => ("kvm", "KVM".to_string()),
+        _ => ("tcg", "TCG".to_string()),
+    };
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-machine",
+        match o.machine {
+            Machine::Q35 => "q35",
+            Machine::Pc => "pc",
+        },
+    ])
+    .args([
+        "-accel",
+        accel_arg,
+        "-cpu",
+        if o.accel == Accel::Kvm { "host" } else { "max" },
+    ])
+    .args(["-m", &format!("{}M", o.memory), "-smp", &o.smp.to_string()])
+    .args([
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-monitor",
+        "none",
+    ])
+    .args(["-kernel"])
+    .arg(fw)
+    .args(["-append", cmdline])
+    .args(["-serial", &format!("file:{}", com1.display())])
+    .args(["-serial", &format!("file:{}", com2.display())])
+    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+    .args(nvme_args(o, work)?)
+    .args(&o.qemu_args)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    if !o.seabios {
+        cmd.args(["-bios", "qboot.rom"]);
+    }
+    let start = Instant::now();
+    let mut child = cmd.spawn().context("starting qemu-system-x86_64")?;
+    let mut dec = table.new_stream_decoder();
+    let mut out = Outcome {
+        status: None,
+        timed_out: false,
+        console: vec![],
+        log: vec![],
+        boot_time: None,
+        wall: Duration::ZERO,
+        accel: accel_name,
+    };
+    let (mut off1, mut off2) = (0u64, 0u64);
+    let mut partial = String::new();
+    let tty = std::io::stderr().is_terminal();
+    let mut last_progress = Instant::now();
+    let job = cmdline
+        .split_whitespace()
+        .next()
+        .unwrap_or("boot")
+        .to_string();
+    let start_marker = format!("job {job}: start");
+    loop {
+        let exited = child.try_wait()?;
+        // console
+        if let Some(chunk) = read_new(&com1, &mut off1) {
+            partial.push_str(&String::from_utf8_lossy(&chunk).replace('\r', ""));
+            while let Some(i) = partial.find('\n') {
+                let line: String = partial.drain(..=i).collect();
+                let line = line.trim_end().to_string();
+                if v == Verbosity::Stream {
+                    clear_progress(tty);
+                    println!("console │ {line}");
+                }
+                out.console.push(line);
+            }
+        }
+        // defmt
+        if let Some(chunk) = read_new(&com2, &mut off2) {
+            dec.received(&chunk);
+            loop {
+                match dec.decode() {
+                    Ok(frame) => {
+                        let line = frame.display(false).to_string();
+                        if out.boot_time.is_none() && line.contains(&start_marker) {
+                            out.boot_time = Some(start.elapsed());
+                        }
+                        if v == Verbosity::Stream {
+                            clear_progress(tty);
+                            println!("defmt   │ {line}");
+                        }
+                        out.log.push(line);
+                    }
+                    Err(defmt_decoder::DecodeError::UnexpectedEof) => break,
+                    Err(defmt_decoder::DecodeError::Malformed) => {
+                        out.log.push("<malformed defmt frame>".into());
+                        if !table.encoding().can_recover() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(st) = exited {
+            out.status = st.code();
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(o.timeout) {
+            let _ = child.kill();
+            let _ = child.wait();
+            out.timed_out = true;
+            break;
+        }
+        if v == Verbosity::Stream
+            && last_progress.elapsed() > Duration::from_millis(if tty { 200 } else { 5000 })
+        {
+            last_progress = Instant::now();
+            progress(
+                tty,
+                &format!(
+                    "… QEMU running '{job}' ({}) for {:.1}s",
+                    out.accel,
+                    start.elapsed().as_secs_f64()
+                ),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    clear_progress(tty && v == Verbosity::Stream);
+    if !partial.is_empty() {
+        out.console.push(partial.trim_end().to_string());
+    }
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    for l in err.lines().filter(|l| !l.trim().is_empty()) {
+        out.console.push(format!("qemu: {l}"));
+        if v == Verbosity::Stream {
+            println!("qemu    │ {l}");
+        }
+    }
+    out.wall = start.elapsed();
+    let _ = fs::remove_file(&com1);
+    let _ = fs::remove_file(&com2);
+    Ok(out)
+}
+
+static RUN_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn read_new(path: &Path, off: &mut u64) -> Option<Vec<u8>> {
+    let mut f = fs::File::open(path).ok()?;
+    use std::io::Seek;
+    f.seek(std::io::SeekFrom::Start(*off)).ok()?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).ok()?;
+    if buf.is_empty() {
+        return None;
+    }
+    *off += buf.len() as u64;
+    Some(buf)
+}
+
+pub fn progress(tty: bool, msg: &str) {
+    if tty {
+        eprint!("\r\x1b[2K{msg}");
+    } else {
+        eprintln!("{msg}");
+    }
+    let _ = std::io::stderr().flush();
+}
+
+pub fn clear_progress(tty: bool) {
+    if tty {
+        eprint!("\r\x1b[2K");
+    }
+}
