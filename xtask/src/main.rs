@@ -5,6 +5,7 @@
 //! plain cargo steps the std version is just as short.
 
 mod itest;
+mod nvmebench;
 mod qemu;
 
 use std::path::{Path, PathBuf};
@@ -41,8 +42,18 @@ enum Cmd {
         #[arg(long)]
         no_qemu: bool,
     },
-    /// Benchmarks (criterion on the host), reported as ratios against baselines from the same run.
-    Bench,
+    /// Benchmarks: the firmware's NVMe bench matrix under QEMU, then the host criterion benches.
+    Bench {
+        /// Seconds per NVMe workload.
+        #[arg(long, default_value_t = 3)]
+        secs: u64,
+        /// Core counts to compare (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        cores: Vec<usize>,
+        /// Only the NVMe matrix (skip criterion).
+        #[arg(long)]
+        nvme_only: bool,
+    },
 }
 
 pub fn root() -> PathBuf {
@@ -90,7 +101,7 @@ fn main() {
         Cmd::Size => size(),
         Cmd::Run { vm, job } => run(vm, job),
         Cmd::Test { no_qemu } => itest::test_all(!no_qemu),
-        Cmd::Bench => bench(),
+        Cmd::Bench { secs, cores, nvme_only } => bench(secs, &cores, nvme_only),
     };
     if let Err(e) = r {
         eprintln!("xtask: error: {e:#}");
@@ -178,9 +189,15 @@ fn size() -> Result<()> {
     Ok(())
 }
 
-fn bench() -> Result<()> {
+fn bench(secs: u64, cores: &[usize], nvme_only: bool) -> Result<()> {
+    qemu::ensure_qemu()?;
+    let fw = build_firmware()?;
+    nvmebench::run_matrix(&fw, secs, cores)?;
+    if nvme_only {
+        return Ok(());
+    }
     let mut c = cargo();
-    c.args(["bench", "--workspace", "--exclude", "keel-fw"]);
+    c.args(["bench"]);
     let st = c.status()?;
     if !st.success() {
         bail!("benchmarks failed");

@@ -72,6 +72,10 @@ pub struct VmOpts {
     /// Boot with SeaBIOS instead of qboot (slower; assigns PCI BARs itself).
     #[arg(long)]
     pub seabios: bool,
+    /// Back the namespaces with QEMU's null-co driver (reads return zeroes, writes are dropped):
+    /// measures the driver and QEMU's device emulation, not the host's disk.
+    #[arg(long)]
+    pub null_backend: bool,
 }
 
 impl Default for VmOpts {
@@ -92,6 +96,7 @@ impl Default for VmOpts {
             no_nvme: false,
             qemu_args: vec![],
             seabios: false,
+            null_backend: false,
         }
     }
 }
@@ -281,6 +286,13 @@ fn nvme_args(o: &VmOpts, work: &Path) -> Result<Vec<String>> {
         ),
     ];
     for ns in 1..=o.namespaces.max(1) {
+        if o.null_backend {
+            a.push("-drive".into());
+            a.push(format!("driver=null-co,size={size},read-zeroes=on,if=none,id=ns{ns}"));
+            a.push("-device".into());
+            a.push(format!("nvme-ns,drive=ns{ns},bus=nvme0,nsid={ns},logical_block_size={bs},physical_block_size={bs}", bs = o.lba_size));
+            continue;
+        }
         let path = match (&o.disk, ns) {
             (Some(p), 1) => p.clone(),
             _ => {

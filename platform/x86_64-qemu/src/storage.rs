@@ -1,0 +1,300 @@
+//! Storage jobs over any `keel_blockdev::BlockQueue`: `selftest` (write, read back, verify, on
+//! every namespace and transfer shape), `scrub` (CRC32C of a range, for the host to compare with
+//! the disk image) and `bench` (fio-like load with per-core IOPS, MB/s, average and p99 latency).
+
+use keel_blockdev::{BlockOp, BlockQueue, BufRef, IoError, NsId, SubmitError};
+use keel_hal::{DmaAllocator, DmaRegion};
+
+use crate::hw::DmaPool;
+
+#[derive(Debug, Clone, Copy, defmt::Format)]
+pub enum StorageError {
+    Submit(SubmitError),
+    Io(IoError),
+    Dma,
+    Mismatch { lba: u64, offset: usize },
+    Timeout,
+    NoSuchNamespace(NsId),
+}
+
+impl From<SubmitError> for StorageError {
+    fn from(e: SubmitError) -> Self {
+        Self::Submit(e)
+    }
+}
+
+/// Poll budget for one synchronous operation (device-side timeouts are the driver's job; this
+/// only guards the job against a driver bug).
+const SYNC_TIMEOUT_NS: u64 = 5_000_000_000;
+
+/// Submits one operation and polls until its tag comes back.
+pub fn sync_op<Q: BlockQueue>(q: &mut Q, op: BlockOp) -> Result<(), StorageError> {
+    const TAG: u32 = 0x5EED;
+    loop {
+        match q.submit(op, TAG) {
+            Ok(()) => break,
+            Err(SubmitError::QueueFull) => {
+                q.poll(usize::MAX, &mut |_, _| {});
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    q.flush_submissions();
+    let start = crate::time::now_ns();
+    let mut result = None;
+    while result.is_none() {
+        q.poll(usize::MAX, &mut |tag, r| {
+            if tag == TAG {
+                result = Some(r);
+            }
+        });
+        if crate::time::now_ns() - start > SYNC_TIMEOUT_NS {
+            return Err(StorageError::Timeout);
+        }
+    }
+    result.unwrap_or(Ok(())).map_err(StorageError::Io)
+}
+
+/// The pattern word at byte offset `off` of block `lba` of namespace `ns` for run `seed`.
+fn pattern(ns: NsId, lba: u64, off: usize, seed: u64) -> u64 {
+    let mut z = seed ^ (ns as u64) << 56 ^ lba.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ off as u64;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn fill(buf: &DmaRegion, at: usize, len: usize, ns: NsId, lba: u64, bs: usize, seed: u64) -> Result<(), StorageError> {
+    let mut chunk = [0u8; 512];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(512);
+        for (i, w) in chunk[..n].chunks_mut(8).enumerate() {
+            let off = done + i * 8;
+            let v = pattern(ns, lba + (off / bs) as u64, off % bs, seed).to_le_bytes();
+            w.copy_from_slice(&v[..w.len()]);
+        }
+        buf.write_bytes(at + done, &chunk[..n]).map_err(|_| StorageError::Dma)?;
+        done += n;
+    }
+    Ok(())
+}
+
+fn verify(buf: &DmaRegion, at: usize, len: usize, ns: NsId, lba: u64, bs: usize, seed: Option<u64>) -> Result<(), StorageError> {
+    let mut chunk = [0u8; 512];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(512);
+        buf.read_bytes(at + done, &mut chunk[..n]).map_err(|_| StorageError::Dma)?;
+        for (i, w) in chunk[..n].chunks(8).enumerate() {
+            let off = done + i * 8;
+            let want = match seed {
+                Some(s) => pattern(ns, lba + (off / bs) as u64, off % bs, s).to_le_bytes(),
+                None => [0; 8],
+            };
+            if w != &want[..w.len()] {
+                return Err(StorageError::Mismatch { lba: lba + (off / bs) as u64, offset: off % bs });
+            }
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// One row of the selftest table.
+pub struct Shape {
+    pub name: &'static str,
+    /// Byte offset of the data inside its DMA buffer (non-zero: PRP1 with an offset).
+    pub buf_offset: usize,
+    pub blocks: u32,
+    pub lba: u64,
+}
+
+/// Write → read → verify one shape; then the zeroes/deallocate/flush checks are run by the caller.
+pub fn write_read_verify<Q: BlockQueue>(q: &mut Q, ns: NsId, s: &Shape, wbuf: &DmaRegion, rbuf: &DmaRegion, seed: u64) -> Result<(), StorageError> {
+    let bs = q.block_size(ns).ok_or(StorageError::NoSuchNamespace(ns))? as usize;
+    let len = s.blocks as usize * bs;
+    fill(wbuf, s.buf_offset, len, ns, s.lba, bs, seed)?;
+    rbuf.fill(s.buf_offset, len, 0xA5).map_err(|_| StorageError::Dma)?;
+    let w = BufRef::new(wbuf, s.buf_offset, len).map_err(|_| StorageError::Dma)?;
+    let r = BufRef::new(rbuf, s.buf_offset, len).map_err(|_| StorageError::Dma)?;
+    sync_op(q, BlockOp::Write { ns, lba: s.lba, blocks: s.blocks, buf: w })?;
+    sync_op(q, BlockOp::Read { ns, lba: s.lba, blocks: s.blocks, buf: r })?;
+    verify(rbuf, s.buf_offset, len, ns, s.lba, bs, Some(seed))
+}
+
+/// Write zeroes over a written range and check it reads back as zeroes.
+pub fn zeroes_verify<Q: BlockQueue>(q: &mut Q, ns: NsId, lba: u64, blocks: u32, rbuf: &DmaRegion) -> Result<(), StorageError> {
+    let bs = q.block_size(ns).ok_or(StorageError::NoSuchNamespace(ns))? as usize;
+    let len = blocks as usize * bs;
+    sync_op(q, BlockOp::WriteZeroes { ns, lba, blocks })?;
+    rbuf.fill(0, len, 0xA5).map_err(|_| StorageError::Dma)?;
+    sync_op(q, BlockOp::Read { ns, lba, blocks, buf: BufRef::new(rbuf, 0, len).map_err(|_| StorageError::Dma)? })?;
+    verify(rbuf, 0, len, ns, lba, bs, None)
+}
+
+/// CRC32C (Castagnoli) of `blocks` blocks from `lba`, read in chunks of `chunk` bytes.
+pub fn scrub<Q: BlockQueue>(q: &mut Q, ns: NsId, lba: u64, blocks: u64, buf: &DmaRegion) -> Result<u32, StorageError> {
+    let bs = q.block_size(ns).ok_or(StorageError::NoSuchNamespace(ns))? as u64;
+    let crc = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+    let mut digest = crc.digest();
+    let per = (buf.len() as u64 / bs).max(1);
+    let mut chunk = [0u8; 4096];
+    let mut at = lba;
+    while at < lba + blocks {
+        let n = per.min(lba + blocks - at);
+        let len = (n * bs) as usize;
+        sync_op(q, BlockOp::Read { ns, lba: at, blocks: n as u32, buf: BufRef::new(buf, 0, len).map_err(|_| StorageError::Dma)? })?;
+        let mut off = 0;
+        while off < len {
+            let m = (len - off).min(chunk.len());
+            buf.read_bytes(off, &mut chunk[..m]).map_err(|_| StorageError::Dma)?;
+            digest.update(&chunk[..m]);
+            off += m;
+        }
+        at += n;
+    }
+    Ok(digest.finalize())
+}
+
+/// Allocates a DMA buffer or fails the job with a typed error.
+pub fn dma(pool: &DmaPool, len: usize) -> Result<DmaRegion, StorageError> {
+    pool.alloc(len, 4096).map_err(|_| StorageError::Dma)
+}
+
+// ---------------------------------------------------------------------------------------------
+// bench
+
+#[derive(Clone, Copy, PartialEq, Eq, defmt::Format)]
+pub enum Pattern {
+    Read,
+    Write,
+    RandRead,
+    RandWrite,
+}
+
+impl Pattern {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "read" => Self::Read,
+            "write" => Self::Write,
+            "randread" => Self::RandRead,
+            "randwrite" => Self::RandWrite,
+            _ => return None,
+        })
+    }
+    fn is_write(self) -> bool {
+        matches!(self, Self::Write | Self::RandWrite)
+    }
+    fn is_random(self) -> bool {
+        matches!(self, Self::RandRead | Self::RandWrite)
+    }
+}
+
+#[derive(Clone, Copy)]
+pub struct BenchCfg {
+    pub pattern: Pattern,
+    pub ns: NsId,
+    pub bs: usize,
+    pub qd: usize,
+    pub duration_ns: u64,
+    /// Region of the namespace this core uses (so cores do not overlap): [lba0, lba0 + blocks).
+    pub lba0: u64,
+    pub blocks: u64,
+}
+
+/// Latency histogram: 1 µs buckets up to 4 ms, then one overflow bucket.
+const HIST: usize = 4096;
+
+#[derive(Clone, Copy, Default, defmt::Format)]
+pub struct BenchResult {
+    pub ios: u64,
+    pub errors: u64,
+    pub elapsed_ns: u64,
+    pub lat_sum_ns: u64,
+    pub p99_us: u64,
+}
+
+/// Drives `q` with `cfg` for its duration: keeps `qd` operations in flight, one doorbell per
+/// burst, and measures each operation's latency from submit to completion with the TSC.
+/// `bufs` holds `qd` buffers of `cfg.bs` bytes, one per in-flight slot.
+pub fn bench<Q: BlockQueue>(q: &mut Q, cfg: &BenchCfg, bufs: &[DmaRegion], hist: &mut [u32; HIST + 1]) -> BenchResult {
+    let bs_dev = q.block_size(cfg.ns).unwrap_or(512) as u64;
+    let blocks = (cfg.bs as u64 / bs_dev).max(1) as u32;
+    let span = (cfg.blocks / blocks as u64).max(1);
+    let mut rng = 0x2545_F491_4F6C_DD1D ^ cfg.lba0;
+    let mut seq = 0u64;
+    let qd = cfg.qd.min(bufs.len()).max(1);
+    let mut issued_at = [0u64; 256];
+    let mut free: heapless::Vec<u32, 256> = (0..qd.min(256) as u32).rev().collect();
+    let tsc_hz = crate::time::tsc_hz();
+    let mut r = BenchResult::default();
+    hist.fill(0);
+    let start = crate::cpu::rdtsc();
+    let end = start + cfg.duration_ns * tsc_hz / 1_000_000_000;
+    let mut stopping = false;
+    loop {
+        // Fill the queue.
+        let mut submitted = false;
+        while !stopping {
+            let Some(tag) = free.pop() else { break };
+            let slot = if cfg.pattern.is_random() {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng % span
+            } else {
+                seq = (seq + 1) % span;
+                seq
+            };
+            let lba = cfg.lba0 + slot * blocks as u64;
+            let buf = BufRef::whole(&bufs[tag as usize]);
+            let op = if cfg.pattern.is_write() {
+                BlockOp::Write { ns: cfg.ns, lba, blocks, buf }
+            } else {
+                BlockOp::Read { ns: cfg.ns, lba, blocks, buf }
+            };
+            match q.submit(op, tag) {
+                Ok(()) => {
+                    issued_at[tag as usize] = crate::cpu::rdtsc();
+                    submitted = true;
+                }
+                Err(_) => {
+                    let _ = free.push(tag);
+                    break;
+                }
+            }
+        }
+        if submitted {
+            q.flush_submissions();
+        }
+        let now_poll = &mut |tag: u32, res: Result<(), IoError>| {
+            let t = crate::cpu::rdtsc();
+            let lat = (t - issued_at[tag as usize & 255]) * 1_000_000_000 / tsc_hz;
+            r.lat_sum_ns += lat;
+            hist[((lat / 1000) as usize).min(HIST)] += 1;
+            if res.is_err() {
+                r.errors += 1;
+            }
+            r.ios += 1;
+            let _ = free.push(tag);
+        };
+        q.poll(usize::MAX, now_poll);
+        if !stopping && crate::cpu::rdtsc() >= end {
+            stopping = true;
+        }
+        if stopping && q.in_flight() == 0 {
+            break;
+        }
+    }
+    r.elapsed_ns = (crate::cpu::rdtsc() - start) * 1_000_000_000 / tsc_hz;
+    let target = r.ios - r.ios / 100;
+    let mut acc = 0u64;
+    for (us, n) in hist.iter().enumerate() {
+        acc += *n as u64;
+        if acc >= target.max(1) {
+            r.p99_us = us as u64;
+            break;
+        }
+    }
+    r
+}
