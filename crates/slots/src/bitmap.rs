@@ -85,9 +85,10 @@ impl<const W: usize> FreeBitmap<W> {
         })
     }
 
-    /// A bitmap of `min(len, CAPACITY)` free slots, for callers that checked `len` at compile time.
+    /// A bitmap tracking slots `0..min(len, CAPACITY)`, all free: infallible, for callers that
+    /// checked `len` at compile time.
     #[cfg(not(loom))]
-    pub(crate) const fn new_clamped(len: usize) -> Self {
+    pub const fn new_saturating(len: usize) -> Self {
         let len = if len > Self::CAPACITY { Self::CAPACITY } else { len };
         match Self::new(len) {
             Ok(b) => b,
@@ -95,9 +96,9 @@ impl<const W: usize> FreeBitmap<W> {
         }
     }
 
-    /// Loom build of [`Self::new_clamped`].
+    /// A bitmap tracking slots `0..min(len, CAPACITY)`, all free (loom build: not `const`).
     #[cfg(loom)]
-    pub(crate) fn new_clamped(len: usize) -> Self {
+    pub fn new_saturating(len: usize) -> Self {
         let len = len.min(Self::CAPACITY);
         Self {
             words: core::array::from_fn(|i| AtomicU64::new(initial_word(i, len))),
@@ -118,6 +119,13 @@ impl<const W: usize> FreeBitmap<W> {
 
     /// Claims a free slot and returns its index, or `None` if none was free during the scan.
     pub fn acquire(&self) -> Option<usize> {
+        self.acquire_probed(|| {})
+    }
+
+    /// [`Self::acquire`] with `between` run after each read of a word and before the claim of
+    /// a bit seen in it: the window where other parties may race. For deterministic
+    /// interleaving tests; `acquire` passes a no-op.
+    fn acquire_probed(&self, mut between: impl FnMut()) -> Option<usize> {
         if W == 0 {
             return None;
         }
@@ -128,6 +136,7 @@ impl<const W: usize> FreeBitmap<W> {
             while seen != 0 {
                 let bit = seen.trailing_zeros() as usize;
                 let mask = 1u64 << bit;
+                between();
                 // Acquire pairs with the Release `fetch_or` of the slot's last release.
                 let prev = self.words[w].fetch_and(!mask, Ordering::Acquire);
                 if prev & mask != 0 {
@@ -239,6 +248,103 @@ mod tests {
             })
         ));
         assert_eq!(FreeBitmap::<0>::new(0).unwrap().acquire(), None);
+    }
+
+    /// Seed 004 / issue 3 (c): the naive free-slot scan reads a word, picks a bit, and writes
+    /// the word back without it (load + store instead of a read-modify-write).
+    struct NaiveBitmap {
+        word: AtomicU64,
+    }
+
+    impl NaiveBitmap {
+        fn acquire_probed(&self, mut between: impl FnMut()) -> Option<usize> {
+            let seen = self.word.load(Ordering::Relaxed);
+            if seen == 0 {
+                return None;
+            }
+            let bit = seen.trailing_zeros();
+            between();
+            self.word.store(seen & !(1 << bit), Ordering::Release);
+            Some(bit as usize)
+        }
+
+        fn release(&self, index: usize) {
+            self.word.fetch_or(1 << index, Ordering::Release);
+        }
+
+        fn is_free(&self, index: usize) -> bool {
+            self.word.load(Ordering::Relaxed) & (1 << index) != 0
+        }
+    }
+
+    /// Every slot is either free or held by exactly one owner.
+    fn accounted(held: &[usize], is_free: impl Fn(usize) -> bool, len: usize) -> bool {
+        (0..len).all(|i| usize::from(is_free(i)) + held.iter().filter(|&&h| h == i).count() == 1)
+    }
+
+    #[test]
+    fn scan_under_concurrent_release_never_loses_a_slot() {
+        // Slots 0 and 3 held elsewhere, 1 and 2 free. Our scan reads the word; before it
+        // claims, another core releases slot 3.
+        let naive = NaiveBitmap {
+            word: AtomicU64::new(0b0110),
+        };
+        let got = naive.acquire_probed(|| naive.release(3)).unwrap();
+        assert!(
+            !accounted(&[0, got], |i| naive.is_free(i), 4),
+            "the naive scan was expected to lose slot 3"
+        );
+        assert!(!naive.is_free(3));
+
+        let ours = FreeBitmap::<1>::new(4).unwrap();
+        for _ in 0..4 {
+            ours.acquire().unwrap();
+        }
+        ours.release(1).unwrap();
+        ours.release(2).unwrap();
+        let mut released = false;
+        let got = ours
+            .acquire_probed(|| {
+                if !released {
+                    released = true;
+                    ours.release(3).unwrap();
+                }
+            })
+            .unwrap();
+        assert_eq!(got, 1);
+        assert!(accounted(&[0, got], |i| ours.is_free(i).unwrap(), 4));
+        assert!(ours.is_free(3).unwrap(), "the concurrent release survived");
+    }
+
+    #[test]
+    fn scan_under_concurrent_acquire_never_hands_a_slot_out_twice() {
+        // Slots 1 and 2 free; between our read and our claim another core takes slot 1.
+        let naive = NaiveBitmap {
+            word: AtomicU64::new(0b0110),
+        };
+        let mut other = None;
+        let got = naive
+            .acquire_probed(|| other = naive.acquire_probed(|| {}))
+            .unwrap();
+        assert_eq!(Some(got), other, "the naive scan was expected to double-allocate");
+
+        let ours = FreeBitmap::<1>::new(4).unwrap();
+        for _ in 0..4 {
+            ours.acquire().unwrap();
+        }
+        ours.release(1).unwrap();
+        ours.release(2).unwrap();
+        let mut other = None;
+        let got = ours
+            .acquire_probed(|| {
+                if other.is_none() {
+                    other = ours.acquire();
+                }
+            })
+            .unwrap();
+        assert_eq!(other, Some(1));
+        assert_eq!(got, 2, "ours retried with the next free bit");
+        assert!(accounted(&[0, 3, 1, 2], |i| ours.is_free(i).unwrap(), 4));
     }
 
     #[test]

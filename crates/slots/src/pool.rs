@@ -26,7 +26,7 @@ impl<const N: usize, const W: usize> SlotPool<N, W> {
     pub const fn new() -> Self {
         let () = Self::SIZE_OK;
         Self {
-            free: FreeBitmap::new_clamped(N),
+            free: FreeBitmap::new_saturating(N),
             generations: [const { AtomicU32::new(0) }; N],
         }
     }
@@ -36,7 +36,7 @@ impl<const N: usize, const W: usize> SlotPool<N, W> {
     pub fn new() -> Self {
         let () = Self::SIZE_OK;
         Self {
-            free: FreeBitmap::new_clamped(N),
+            free: FreeBitmap::new_saturating(N),
             generations: core::array::from_fn(|_| AtomicU32::new(0)),
         }
     }
