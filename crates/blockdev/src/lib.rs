@@ -33,13 +33,19 @@ impl BufRef {
             Some(end) if end <= region.len() => {}
             _ => return Err(BufError::OutOfBounds),
         }
-        let bus = region.bus_addr().checked_add(offset as u64).ok_or(BufError::OutOfBounds)?;
+        let bus = region
+            .bus_addr()
+            .checked_add(offset as u64)
+            .ok_or(BufError::OutOfBounds)?;
         Ok(Self { bus, len })
     }
 
     /// The whole region.
     pub fn whole(region: &DmaRegion) -> Self {
-        Self { bus: region.bus_addr(), len: region.len() }
+        Self {
+            bus: region.bus_addr(),
+            len: region.len(),
+        }
     }
 
     /// From a raw bus address, for platforms that manage DMA memory themselves (for example an
@@ -74,9 +80,19 @@ pub enum BufError {
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum BlockOp {
     /// Read `blocks` blocks into `buf` (`buf.len()` must be `blocks * block_size`).
-    Read { ns: NsId, lba: u64, blocks: u32, buf: BufRef },
+    Read {
+        ns: NsId,
+        lba: u64,
+        blocks: u32,
+        buf: BufRef,
+    },
     /// Write `blocks` blocks from `buf` (`buf.len()` must be `blocks * block_size`).
-    Write { ns: NsId, lba: u64, blocks: u32, buf: BufRef },
+    Write {
+        ns: NsId,
+        lba: u64,
+        blocks: u32,
+        buf: BufRef,
+    },
     /// Make all completed writes to `ns` durable.
     Flush { ns: NsId },
     /// Set `blocks` blocks to zero without a data transfer.

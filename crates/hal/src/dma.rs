@@ -72,8 +72,16 @@ impl DmaRegion {
         let Some(hi_ptr) = NonNull::new(self.ptr.as_ptr().wrapping_add(mid)) else {
             return Err(self);
         };
-        let lo = DmaRegion { ptr: self.ptr, bus: self.bus, len: mid };
-        let hi = DmaRegion { ptr: hi_ptr, bus: self.bus.wrapping_add(mid as u64), len: self.len - mid };
+        let lo = DmaRegion {
+            ptr: self.ptr,
+            bus: self.bus,
+            len: mid,
+        };
+        let hi = DmaRegion {
+            ptr: hi_ptr,
+            bus: self.bus.wrapping_add(mid as u64),
+            len: self.len - mid,
+        };
         Ok((lo, hi))
     }
 

@@ -157,11 +157,18 @@ pub struct Controller<M: Mmio, C: Clock> {
 impl<M: Mmio, C: Clock> Controller<M, C> {
     /// Resets and enables the controller, identifies it and its namespaces, and negotiates the
     /// number of I/O queues. `mmio` is BAR0.
-    pub fn init(mmio: M, dma: &impl DmaAllocator, clock: C, cfg: Config) -> Result<Self, NvmeError> {
+    pub fn init(
+        mmio: M,
+        dma: &impl DmaAllocator,
+        clock: C,
+        cfg: Config,
+    ) -> Result<Self, NvmeError> {
         if cfg.prp_list_pages == 0 {
             return Err(NvmeError::InvalidArgument("prp_list_pages must be >= 1"));
         }
-        let cap = Cap { raw: mmio.read64(reg::CAP) };
+        let cap = Cap {
+            raw: mmio.read64(reg::CAP),
+        };
         if !cap.css_nvm() {
             return Err(NvmeError::Unsupported("NVM command set"));
         }
@@ -170,7 +177,9 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         }
         let stride = cap.doorbell_stride();
         if mmio.len() < spec::cq_doorbell(0, stride) + 4 {
-            return Err(NvmeError::InvalidArgument("BAR0 smaller than the admin doorbells"));
+            return Err(NvmeError::InvalidArgument(
+                "BAR0 smaller than the admin doorbells",
+            ));
         }
         let version = mmio.read32(reg::VS);
         let admin = AdminQueue {
@@ -214,7 +223,12 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             failed: false,
             stats: AdminStats::default(),
         };
-        keel_log::info!("nvme: version {=u32:x}, mqes {}, to {} ms", version, cap.max_queue_entries(), cap.timeout_ms());
+        keel_log::info!(
+            "nvme: version {=u32:x}, mqes {}, to {} ms",
+            version,
+            cap.max_queue_entries(),
+            cap.timeout_ms()
+        );
         ctrl.disable()?;
         ctrl.enable()?;
         ctrl.identify_controller()?;
@@ -253,7 +267,8 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
     /// `true` when CSTS.CFS (controller fatal status) is set: call [`Controller::reset`].
     pub fn is_fatal(&self) -> bool {
         let csts = self.mmio.read32(reg::CSTS);
-        csts != u32::MAX && csts & reg::CSTS_CFS != 0 || csts == u32::MAX
+        // All-ones: the device fell off the bus; treat as fatal.
+        csts == u32::MAX || csts & reg::CSTS_CFS != 0
     }
 
     fn wait_csts(&self, mask: u32, want: u32, step: Step) -> Result<(), NvmeError> {
@@ -325,7 +340,10 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         fence(Ordering::SeqCst);
         self.admin_doorbell(false, self.admin.tail);
         self.stats.commands += 1;
-        let deadline = self.clock.now_ns().saturating_add(self.cfg.admin_timeout_ms * 1_000_000);
+        let deadline = self
+            .clock
+            .now_ns()
+            .saturating_add(self.cfg.admin_timeout_ms * 1_000_000);
         let mut spins = 0u32;
         loop {
             let off = self.admin.head as usize * 16;
@@ -341,7 +359,11 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
                 self.admin_doorbell(true, self.admin.head);
                 if cqe.sq_id != 0 || cqe.cid != cid || cqe.phase() != (word & 1 != 0) {
                     self.stats.stale_completions += 1;
-                    keel_log::warn!("nvme: stale admin completion cid {} (want {})", cqe.cid, cid);
+                    keel_log::warn!(
+                        "nvme: stale admin completion cid {} (want {})",
+                        cqe.cid,
+                        cid
+                    );
                     continue;
                 }
                 let status = cqe.status();
@@ -363,13 +385,17 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
     }
 
     fn admin_doorbell(&mut self, cq: bool, value: u16) {
-        if let Some(Some((db, _))) = self.shadow.as_ref().map(|s| s.parts.first()).flatten() {
+        if let Some(Some((db, _))) = self.shadow.as_ref().and_then(|s| s.parts.first()) {
             // Keep the admin shadow in step too, but always ring: controllers differ on whether
             // the admin queue uses the shadow buffer.
             let _ = db.write_u32(if cq { self.stride } else { 0 }, value as u32);
             fence(Ordering::SeqCst);
         }
-        let off = if cq { spec::cq_doorbell(0, self.stride) } else { spec::sq_doorbell(0, self.stride) };
+        let off = if cq {
+            spec::cq_doorbell(0, self.stride)
+        } else {
+            spec::sq_doorbell(0, self.stride)
+        };
         self.mmio.write32(off, value as u32);
     }
 
@@ -406,7 +432,8 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         // MDTS is in units of CAP.MPSMIN; clamp absurd exponents instead of overflowing.
         info.mdts_bytes = match id.mdts {
             0 => None,
-            m => Some((self.cap.mps_min() as u64) << m.min(20)).map(|b| b.min(u32::MAX as u64) as u32),
+            m => Some((self.cap.mps_min() as u64) << m.min(20))
+                .map(|b| b.min(u32::MAX as u64) as u32),
         };
         let prp_max = crate::prp::max_transfer(self.cfg.prp_list_pages);
         info.max_transfer = match info.mdts_bytes {
@@ -440,7 +467,11 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
                 }
                 prev = nsid;
                 if ids.push(nsid).is_err() {
-                    keel_log::warn!("nvme: more than {} namespaces, ignoring nsid {}", MAX_NAMESPACES, nsid);
+                    keel_log::warn!(
+                        "nvme: more than {} namespaces, ignoring nsid {}",
+                        MAX_NAMESPACES,
+                        nsid
+                    );
                 }
             }
         } else {
@@ -455,7 +486,12 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
                 continue; // inactive namespace on a pre-1.1 controller
             }
             let ns = parse_namespace(nsid, &id)?;
-            keel_log::info!("nvme: ns {} blocks {} bs {}", ns.nsid, ns.blocks, ns.block_size);
+            keel_log::info!(
+                "nvme: ns {} blocks {} bs {}",
+                ns.nsid,
+                ns.blocks,
+                ns.block_size
+            );
             let _ = self.namespaces.push(ns);
         }
         Ok(())
@@ -481,13 +517,21 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         let mut parts = Vec::new();
         let (mut db_rest, mut ei_rest) = (db, ei);
         while parts.len() < parts.capacity() && db_rest.len() >= chunk {
-            let (a, r1) = db_rest.split_at(chunk).map_err(|_| NvmeError::DmaBadRequest)?;
-            let (b, r2) = ei_rest.split_at(chunk).map_err(|_| NvmeError::DmaBadRequest)?;
+            let (a, r1) = db_rest
+                .split_at(chunk)
+                .map_err(|_| NvmeError::DmaBadRequest)?;
+            let (b, r2) = ei_rest
+                .split_at(chunk)
+                .map_err(|_| NvmeError::DmaBadRequest)?;
             db_rest = r1;
             ei_rest = r2;
             let _ = parts.push(Some((a, b)));
         }
-        self.shadow = Some(Shadow { db_bus, ei_bus, parts });
+        self.shadow = Some(Shadow {
+            db_bus,
+            ei_bus,
+            parts,
+        });
         match self.send_dbbuf() {
             Ok(()) => {
                 self.info.shadow_doorbells = true;
@@ -503,7 +547,9 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
     }
 
     fn send_dbbuf(&mut self) -> Result<(), NvmeError> {
-        let Some(sh) = &self.shadow else { return Ok(()) };
+        let Some(sh) = &self.shadow else {
+            return Ok(());
+        };
         let mut sqe = SqEntry::new(admin_op::DOORBELL_BUFFER_CONFIG, 0, 0);
         sqe.prp1 = sh.db_bus;
         sqe.prp2 = sh.ei_bus;
@@ -544,7 +590,10 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         let cq = dma.alloc(depth as usize * 16, PAGE_SIZE)?;
         let prp = dma.alloc(nslots * self.cfg.prp_list_pages * PAGE_SIZE, PAGE_SIZE)?;
         let meta = dma.alloc(IoQueuePair::<M, C>::meta_len(nslots), 64)?;
-        let shadow = self.shadow.as_mut().and_then(|s| s.parts.get_mut(qid as usize).and_then(Option::take));
+        let shadow = self
+            .shadow
+            .as_mut()
+            .and_then(|s| s.parts.get_mut(qid as usize).and_then(Option::take));
         let mut qp = IoQueuePair::new(QpairParams {
             mmio: self.mmio.clone(),
             clock: self.clock.clone(),
@@ -704,7 +753,8 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
     /// Normal shutdown (CC.SHN), waiting for CSTS.SHST = complete.
     pub fn shutdown(&mut self) -> Result<(), NvmeError> {
         let cc = self.mmio.read32(reg::CC);
-        self.mmio.write32(reg::CC, (cc & !reg::CC_SHN_MASK) | reg::CC_SHN_NORMAL);
+        self.mmio
+            .write32(reg::CC, (cc & !reg::CC_SHN_MASK) | reg::CC_SHN_NORMAL);
         self.wait_csts(reg::CSTS_SHST_MASK, reg::CSTS_SHST_COMPLETE, Step::Shutdown)
     }
 }
@@ -735,5 +785,10 @@ pub fn parse_namespace(nsid: u32, id: &spec::IdentifyNamespace) -> Result<Namesp
     if nsze == 0 || ncap > nsze || nsze.checked_mul(block_size as u64).is_none() {
         return bad(BadIdentify::NamespaceSize);
     }
-    Ok(Namespace { nsid, blocks: nsze, block_size, metadata: ms })
+    Ok(Namespace {
+        nsid,
+        blocks: nsze,
+        block_size,
+        metadata: ms,
+    })
 }

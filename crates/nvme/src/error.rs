@@ -36,7 +36,10 @@ pub enum BadIdentify {
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum NvmeError {
     /// DMA memory could not be allocated or accessed.
-    DmaOutOfBounds { offset: usize, len: usize },
+    DmaOutOfBounds {
+        offset: usize,
+        len: usize,
+    },
     DmaExhausted,
     DmaBadRequest,
     /// The controller did not reach the wanted state (or complete an admin command) in time.
@@ -46,7 +49,10 @@ pub enum NvmeError {
     /// The controller lacks something Keel requires (NVM command set, 4 KiB pages, ...).
     Unsupported(&'static str),
     /// An admin command failed with this status.
-    AdminStatus { opcode: u8, status: Status },
+    AdminStatus {
+        opcode: u8,
+        status: Status,
+    },
     /// Identify data is absurd.
     BadIdentify(BadIdentify),
     /// An argument is out of range (queue id, depth, ...).

@@ -74,7 +74,11 @@ pub fn build(
             page += 1;
             slot = 0;
         }
-        write_entry(list, list_off + page * PAGE_SIZE + slot * 8, next + i as u64 * P)?;
+        write_entry(
+            list,
+            list_off + page * PAGE_SIZE + slot * 8,
+            next + i as u64 * P,
+        )?;
         slot += 1;
     }
     Ok((addr, list_bus))

@@ -197,10 +197,16 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         };
         // Build the free lists (slot 0 first).
         for i in (0..nslots).rev() {
-            let s = SlotRec { next: qp.free_slot, ..SlotRec::default() };
+            let s = SlotRec {
+                next: qp.free_slot,
+                ..SlotRec::default()
+            };
             qp.set_slot(i, &s)?;
             qp.free_slot = i;
-            let r = ReqRec { next: qp.free_req, ..ReqRec::default() };
+            let r = ReqRec {
+                next: qp.free_req,
+                ..ReqRec::default()
+            };
             qp.set_req(i, &r)?;
             qp.free_req = i;
         }
@@ -276,10 +282,14 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         Ok(self.meta.write(i as usize * 64, s)?)
     }
     fn req(&self, i: u16) -> ReqRec {
-        self.meta.read(self.nslots as usize * 64 + i as usize * 16).unwrap_or_default()
+        self.meta
+            .read(self.nslots as usize * 64 + i as usize * 16)
+            .unwrap_or_default()
     }
     fn set_req(&self, i: u16, r: &ReqRec) -> Result<(), NvmeError> {
-        Ok(self.meta.write(self.nslots as usize * 64 + i as usize * 16, r)?)
+        Ok(self
+            .meta
+            .write(self.nslots as usize * 64 + i as usize * 16, r)?)
     }
     fn put_slot(&mut self, i: u16, s: &SlotRec) {
         let _ = self.set_slot(i, s);
@@ -294,10 +304,16 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
 
     fn next_gen(&self, gen: u16) -> u16 {
         let gen_bits = 16 - self.slot_bits;
-        let mask = if gen_bits >= 16 { u16::MAX } else { (1u16 << gen_bits) - 1 };
+        let mask = if gen_bits >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << gen_bits) - 1
+        };
         let mut g = gen.wrapping_add(1) & mask;
         // Never produce CID 0xFFFF (reserved as "no command" in error logs).
-        if self.cid_of(self.nslots - 1, g) == 0xFFFF && (1u32 << self.slot_bits) - 1 == (self.nslots - 1) as u32 {
+        if self.cid_of(self.nslots - 1, g) == 0xFFFF
+            && (1u32 << self.slot_bits) - 1 == (self.nslots - 1) as u32
+        {
             g = 0;
         }
         g
@@ -334,7 +350,10 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     }
 
     fn free_req_rec(&mut self, i: u16) {
-        let r = ReqRec { next: self.free_req, ..ReqRec::default() };
+        let r = ReqRec {
+            next: self.free_req,
+            ..ReqRec::default()
+        };
         self.put_req(i, &r);
         self.free_req = i;
     }
@@ -400,7 +419,8 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         let list_off = i as usize * self.list_pages * PAGE_SIZE;
         match s.opcode {
             io_op::READ | io_op::WRITE => {
-                let (p1, p2) = prp::build(s.buf, s.len as usize, &self.prp, list_off, self.list_pages)?;
+                let (p1, p2) =
+                    prp::build(s.buf, s.len as usize, &self.prp, list_off, self.list_pages)?;
                 e.prp1 = p1;
                 e.prp2 = p2;
                 e.cdw10 = s.slba as u32;
@@ -413,8 +433,14 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 e.cdw12 = s.nlb - 1;
             }
             io_op::DATASET_MANAGEMENT => {
-                let range = DsmRange { cattr: 0, nlb: s.nlb, slba: s.slba };
-                self.prp.write(list_off, &range).map_err(|_| prp::PrpError::ListRegion)?;
+                let range = DsmRange {
+                    cattr: 0,
+                    nlb: s.nlb,
+                    slba: s.slba,
+                };
+                self.prp
+                    .write(list_off, &range)
+                    .map_err(|_| prp::PrpError::ListRegion)?;
                 e.prp1 = self.prp.bus_addr() + list_off as u64;
                 e.cdw10 = 0; // NR = 0: one range
                 e.cdw11 = 1 << 2; // AD: deallocate
@@ -427,7 +453,9 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     /// Writes slot `i`'s command at SQ position `pos` (not yet visible to the device).
     fn place(&mut self, pos: u16, i: u16, s: &SlotRec) -> Result<(), prp::PrpError> {
         let e = self.build_sqe(i, s)?;
-        self.sq.write(pos as usize * 64, &e).map_err(|_| prp::PrpError::ListRegion)
+        self.sq
+            .write(pos as usize * 64, &e)
+            .map_err(|_| prp::PrpError::ListRegion)
     }
 
     /// Re-issues slot `i` (retry or after reset) with a new generation, at the SQ tail.
@@ -478,7 +506,11 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         }
         let mask = (1u16 << self.slot_bits).wrapping_sub(1);
         let i = e.cid & mask;
-        let gen = if self.slot_bits >= 16 { 0 } else { e.cid >> self.slot_bits };
+        let gen = if self.slot_bits >= 16 {
+            0
+        } else {
+            e.cid >> self.slot_bits
+        };
         if i >= self.nslots {
             self.stats.bad_cid += 1;
             return;
@@ -497,7 +529,11 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             self.finish_part(s.req, ERR_NONE, 0);
             return;
         }
-        if !status.is_success() && status.is_retryable() && s.retries < self.max_retries && !self.failed {
+        if !status.is_success()
+            && status.is_retryable()
+            && s.retries < self.max_retries
+            && !self.failed
+        {
             self.stats.retries += 1;
             if self.reissue(i, s) {
                 return;
@@ -534,7 +570,11 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 r.reported = 1;
                 self.put_req(s.req, &r);
                 self.unreported -= 1;
-                keel_log::warn!("nvme: q{} cid {} timed out", self.qid, self.cid_of(i, s.gen));
+                keel_log::warn!(
+                    "nvme: q{} cid {} timed out",
+                    self.qid,
+                    self.cid_of(i, s.gen)
+                );
                 on_done(r.tag, Err(IoError::Timeout));
                 reported += 1;
             }
@@ -636,7 +676,12 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
         let bs = ns.block_size as u64;
         // (opcode, lba, blocks, buffer, blocks per command)
         let (opcode, lba, blocks, buf, per_cmd) = match op {
-            BlockOp::Read { lba, blocks, buf, .. } | BlockOp::Write { lba, blocks, buf, .. } => {
+            BlockOp::Read {
+                lba, blocks, buf, ..
+            }
+            | BlockOp::Write {
+                lba, blocks, buf, ..
+            } => {
                 Self::check_range(&ns, lba, blocks)?;
                 if buf.len() as u64 != blocks as u64 * bs {
                     return Err(SubmitError::BufferLength);
@@ -651,7 +696,11 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
                 if per == 0 {
                     return Err(SubmitError::Unsupported);
                 }
-                let opc = if matches!(op, BlockOp::Read { .. }) { io_op::READ } else { io_op::WRITE };
+                let opc = if matches!(op, BlockOp::Read { .. }) {
+                    io_op::READ
+                } else {
+                    io_op::WRITE
+                };
                 (opc, lba, blocks, buf.bus_addr(), per)
             }
             BlockOp::Flush { .. } => (io_op::FLUSH, 0, 0, 0, 1),
@@ -670,7 +719,11 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
                 (io_op::DATASET_MANAGEMENT, lba, blocks, 0, u32::MAX)
             }
         };
-        let parts = if blocks == 0 { 1 } else { blocks.div_ceil(per_cmd) };
+        let parts = if blocks == 0 {
+            1
+        } else {
+            blocks.div_ceil(per_cmd)
+        };
         if parts > self.nslots as u32 {
             return Err(SubmitError::TooLarge);
         }
@@ -691,7 +744,11 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
                 failed = true;
                 break;
             };
-            let nlb = if blocks == 0 { 0 } else { (blocks - done_blocks).min(per_cmd) };
+            let nlb = if blocks == 0 {
+                0
+            } else {
+                (blocks - done_blocks).min(per_cmd)
+            };
             let old = self.slot(i);
             let s = SlotRec {
                 deadline,
@@ -736,7 +793,12 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
             self.free_req_rec(req);
             return Err(SubmitError::BufferAlignment);
         }
-        let r = ReqRec { tag, outstanding: parts as u16, next: NONE, ..ReqRec::default() };
+        let r = ReqRec {
+            tag,
+            outstanding: parts as u16,
+            next: NONE,
+            ..ReqRec::default()
+        };
         self.put_req(req, &r);
         self.sq_tail = pos;
         self.unreported += 1;
@@ -759,12 +821,16 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
         let mut consumed = 0usize;
         while consumed < max {
             let off = self.cq_head as usize * 16;
-            let Ok(word) = self.cq.read_u16(off + spec::CQE_STATUS_OFFSET) else { break };
+            let Ok(word) = self.cq.read_u16(off + spec::CQE_STATUS_OFFSET) else {
+                break;
+            };
             if (word & 1 != 0) != self.phase {
                 break;
             }
             fence(Ordering::Acquire);
-            let Ok(e) = self.cq.read::<CqEntry>(off) else { break };
+            let Ok(e) = self.cq.read::<CqEntry>(off) else {
+                break;
+            };
             if e.phase() != self.phase {
                 break; // torn view; look again next pass
             }

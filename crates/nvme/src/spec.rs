@@ -98,7 +98,9 @@ pub fn cq_doorbell(qid: u16, stride: usize) -> usize {
 
 /// Submission queue entry (64 bytes, NVMe 1.4 4.2).
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct SqEntry {
     /// Opcode (7:0), FUSE (9:8), PSDT (15:14, 0 = PRPs), CID (31:16).
     pub cdw0: u32,
@@ -122,7 +124,11 @@ const_assert_eq!(offset_of!(SqEntry, cdw15), 60);
 
 impl SqEntry {
     pub fn new(opcode: u8, cid: u16, nsid: u32) -> Self {
-        Self { cdw0: opcode as u32 | ((cid as u32) << 16), nsid, ..Self::default() }
+        Self {
+            cdw0: opcode as u32 | ((cid as u32) << 16),
+            nsid,
+            ..Self::default()
+        }
     }
     pub fn opcode(&self) -> u8 {
         self.cdw0 as u8
@@ -137,7 +143,9 @@ impl SqEntry {
 
 /// Completion queue entry (16 bytes, NVMe 1.4 4.6).
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct CqEntry {
     /// Command specific result.
     pub dw0: u32,
@@ -427,9 +435,9 @@ impl Status {
     pub fn to_io_error(&self) -> keel_blockdev::IoError {
         use keel_blockdev::IoError;
         match self.kind() {
-            StatusKind::AbortRequested | StatusKind::AbortedSqDeletion | StatusKind::AbortedPowerLoss => {
-                IoError::Aborted
-            }
+            StatusKind::AbortRequested
+            | StatusKind::AbortedSqDeletion
+            | StatusKind::AbortedPowerLoss => IoError::Aborted,
             StatusKind::LbaOutOfRange | StatusKind::CapacityExceeded => IoError::OutOfRange,
             StatusKind::InvalidOpcode | StatusKind::InvalidField | StatusKind::InvalidNamespace => {
                 IoError::Invalid
@@ -455,13 +463,25 @@ mod tests {
 
     #[test]
     fn status_round_trip_and_policy() {
-        let s = Status { sct: 0, sc: 0x06, crd: 0, more: false, dnr: false };
+        let s = Status {
+            sct: 0,
+            sc: 0x06,
+            crd: 0,
+            more: false,
+            dnr: false,
+        };
         let f = s.to_field() | 1;
         assert_eq!(Status::from_field(f), s);
         assert!(s.is_retryable());
         let s2 = Status { dnr: true, ..s };
         assert!(!Status::from_field(s2.to_field()).is_retryable());
-        let lba = Status { sct: 0, sc: 0x80, crd: 0, more: false, dnr: false };
+        let lba = Status {
+            sct: 0,
+            sc: 0x80,
+            crd: 0,
+            more: false,
+            dnr: false,
+        };
         assert_eq!(lba.kind(), StatusKind::LbaOutOfRange);
         assert!(!lba.is_retryable());
         assert_eq!(lba.to_io_error(), keel_blockdev::IoError::OutOfRange);
@@ -481,7 +501,9 @@ mod tests {
 
     #[test]
     fn cap_decode() {
-        let cap = Cap { raw: 0x0000_0020_1400_07FF | (1 << 37) | (2u64 << 32) };
+        let cap = Cap {
+            raw: 0x0000_0020_1400_07FF | (1 << 37) | (2u64 << 32),
+        };
         assert_eq!(cap.max_queue_entries(), 2048);
         assert_eq!(cap.timeout_ms(), 0x14 * 500);
         assert_eq!(cap.doorbell_stride(), 16);

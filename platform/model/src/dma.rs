@@ -61,7 +61,9 @@ impl HostDma {
         // under the registry lock, which `free` also takes, so it cannot be freed meanwhile);
         // `buf` is a distinct Rust allocation. Bytes may be concurrently written by the driver
         // only in multi-threaded tests that share a buffer, which the model's users avoid.
-        unsafe { std::ptr::copy_nonoverlapping(addr as usize as *const u8, buf.as_mut_ptr(), buf.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(addr as usize as *const u8, buf.as_mut_ptr(), buf.len())
+        };
         Ok(())
     }
 
@@ -71,7 +73,9 @@ impl HostDma {
         Self::check(&reg, addr, data.len())?;
         // SAFETY: as in `read`: the destination is inside a live allocation, checked under the
         // lock; `data` does not overlap it (it is model-owned memory).
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), addr as usize as *mut u8, data.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), addr as usize as *mut u8, data.len())
+        };
         Ok(())
     }
 
@@ -97,7 +101,8 @@ impl DmaAllocator for HostDma {
         if len == 0 || !align.is_power_of_two() {
             return Err(DmaError::BadRequest);
         }
-        let layout = Layout::from_size_align(len, align.max(8)).map_err(|_| DmaError::BadRequest)?;
+        let layout =
+            Layout::from_size_align(len, align.max(8)).map_err(|_| DmaError::BadRequest)?;
         // SAFETY: `layout` has a non-zero size.
         let ptr = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(ptr).ok_or(DmaError::Exhausted)?;

@@ -46,7 +46,11 @@ pub struct ModelConfig {
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
-            namespaces: vec![NsConfig { nsid: 1, blocks: 8192, lba_shift: 9 }],
+            namespaces: vec![NsConfig {
+                nsid: 1,
+                blocks: 8192,
+                lba_shift: 9,
+            }],
             mdts: 5,
             mqes: 1023,
             dstrd: 0,
@@ -150,7 +154,10 @@ impl NvmeModel {
         let disks = cfg
             .namespaces
             .iter()
-            .map(|n| Disk { cfg: *n, data: vec![0u8; (n.blocks << n.lba_shift) as usize] })
+            .map(|n| Disk {
+                cfg: *n,
+                data: vec![0u8; (n.blocks << n.lba_shift) as usize],
+            })
             .collect();
         let st = State {
             cfg,
@@ -172,11 +179,15 @@ impl NvmeModel {
             io_commands: 0,
             log: Vec::new(),
         };
-        Self { st: Arc::new(Mutex::new(st)) }
+        Self {
+            st: Arc::new(Mutex::new(st)),
+        }
     }
 
     pub fn mmio(&self) -> ModelMmio {
-        ModelMmio { st: self.st.clone() }
+        ModelMmio {
+            st: self.st.clone(),
+        }
     }
 
     pub fn set_fault(&self, f: Fault) {
@@ -216,13 +227,21 @@ impl NvmeModel {
     /// Bytes of namespace `nsid`'s backing store.
     pub fn disk_read(&self, nsid: u32, byte_off: usize, len: usize) -> Vec<u8> {
         let st = lock(&self.st);
-        let d = st.disks.iter().find(|d| d.cfg.nsid == nsid).expect("no such namespace");
+        let d = st
+            .disks
+            .iter()
+            .find(|d| d.cfg.nsid == nsid)
+            .expect("no such namespace");
         d.data[byte_off..byte_off + len].to_vec()
     }
 
     pub fn disk_write(&self, nsid: u32, byte_off: usize, data: &[u8]) {
         let mut st = lock(&self.st);
-        let d = st.disks.iter_mut().find(|d| d.cfg.nsid == nsid).expect("no such namespace");
+        let d = st
+            .disks
+            .iter_mut()
+            .find(|d| d.cfg.nsid == nsid)
+            .expect("no such namespace");
         d.data[byte_off..byte_off + data.len()].copy_from_slice(data);
     }
 
@@ -280,7 +299,7 @@ impl keel_hal::Mmio for ModelMmio {
             0x2C => st.asq = (st.asq & 0xFFFF_FFFF) | ((value as u64) << 32),
             0x30 => st.acq = (st.acq & !0xFFFF_FFFF) | value as u64,
             0x34 => st.acq = (st.acq & 0xFFFF_FFFF) | ((value as u64) << 32),
-            o if o >= 0x1000 && o < BAR_LEN => st.doorbell(o, value),
+            o if (0x1000..BAR_LEN).contains(&o) => st.doorbell(o, value),
             _ => {}
         }
     }
@@ -318,7 +337,7 @@ mod sf {
     pub const INVALID_NS: u16 = 0x0B << 1;
     pub const PRP_OFFSET: u16 = 0x13 << 1;
     pub const LBA_RANGE: u16 = 0x80 << 1;
-    pub const CQ_INVALID: u16 = (1 << 9) | (0x00 << 1);
+    pub const CQ_INVALID: u16 = 1 << 9;
     pub const INVALID_QID: u16 = (1 << 9) | (0x01 << 1);
     pub const INVALID_QSIZE: u16 = (1 << 9) | (0x02 << 1);
     pub const INVALID_DELETION: u16 = (1 << 9) | (0x0C << 1);
@@ -364,8 +383,27 @@ impl State {
                 self.csts |= 2;
                 return;
             }
-            self.sqs.insert(0, Sq { base: self.asq, size: sqs, head: 0, tail: 0, cqid: 0 });
-            self.cqs.insert(0, Cq { base: self.acq, size: cqs, head: 0, tail: 0, phase: true, pending: VecDeque::new() });
+            self.sqs.insert(
+                0,
+                Sq {
+                    base: self.asq,
+                    size: sqs,
+                    head: 0,
+                    tail: 0,
+                    cqid: 0,
+                },
+            );
+            self.cqs.insert(
+                0,
+                Cq {
+                    base: self.acq,
+                    size: cqs,
+                    head: 0,
+                    tail: 0,
+                    phase: true,
+                    pending: VecDeque::new(),
+                },
+            );
             self.csts = 1;
         } else if was == 1 && v & 1 == 0 {
             self.sqs.clear();
@@ -452,13 +490,25 @@ impl State {
             return;
         }
         let stride = self.stride() as u64;
-        let sqs: Vec<(u16, u16)> = self.sqs.iter().filter(|(q, _)| **q != 0).map(|(q, s)| (*q, s.tail)).collect();
+        let sqs: Vec<(u16, u16)> = self
+            .sqs
+            .iter()
+            .filter(|(q, _)| **q != 0)
+            .map(|(q, s)| (*q, s.tail))
+            .collect();
         for (q, t) in sqs {
             let _ = self.mem.write_u32(ei + 2 * q as u64 * stride, t as u32);
         }
-        let cqs: Vec<(u16, u16)> = self.cqs.iter().filter(|(q, _)| **q != 0).map(|(q, c)| (*q, c.head)).collect();
+        let cqs: Vec<(u16, u16)> = self
+            .cqs
+            .iter()
+            .filter(|(q, _)| **q != 0)
+            .map(|(q, c)| (*q, c.head))
+            .collect();
         for (q, h) in cqs {
-            let _ = self.mem.write_u32(ei + (2 * q as u64 + 1) * stride, h as u32);
+            let _ = self
+                .mem
+                .write_u32(ei + (2 * q as u64 + 1) * stride, h as u32);
         }
     }
 
@@ -470,7 +520,9 @@ impl State {
             if self.csts & 2 != 0 {
                 return;
             }
-            let Some(sq) = self.sqs.get_mut(&qid) else { return };
+            let Some(sq) = self.sqs.get_mut(&qid) else {
+                return;
+            };
             if sq.head == sq.tail {
                 return;
             }
@@ -484,7 +536,11 @@ impl State {
                 return;
             }
             let cid = le16(&cmd, 2);
-            let (dw0, status) = if qid == 0 { self.admin(&cmd) } else { self.io(&cmd) };
+            let (dw0, status) = if qid == 0 {
+                self.admin(&cmd)
+            } else {
+                self.io(&cmd)
+            };
             if qid != 0 {
                 self.io_commands += 1;
             }
@@ -502,7 +558,9 @@ impl State {
     }
 
     fn post_raw(&mut self, cqid: u16, e: [u8; 16]) {
-        let Some(cq) = self.cqs.get_mut(&cqid) else { return };
+        let Some(cq) = self.cqs.get_mut(&cqid) else {
+            return;
+        };
         cq.pending.push_back(e);
         self.flush_pending(cqid);
     }
@@ -510,16 +568,21 @@ impl State {
     fn flush_pending(&mut self, cqid: u16) {
         let wrong_phase = cqid != 0 && self.fault == Fault::WrongPhase;
         let mem = self.mem.clone();
-        let Some(cq) = self.cqs.get_mut(&cqid) else { return };
+        let Some(cq) = self.cqs.get_mut(&cqid) else {
+            return;
+        };
         while (cq.tail + 1) % cq.size != cq.head {
-            let Some(mut e) = cq.pending.pop_front() else { break };
+            let Some(mut e) = cq.pending.pop_front() else {
+                break;
+            };
             let phase = cq.phase != wrong_phase;
             e[14] = (e[14] & !1) | phase as u8;
             let addr = cq.base + cq.tail as u64 * 16;
             // Body first, then the status/phase word, as a device would.
             let ok = mem.write(addr, &e[..14]).is_ok() && mem.write(addr + 14, &e[14..]).is_ok();
             if !ok {
-                self.log.push(format!("CQ {cqid}: entry at {addr:#x} not in DMA memory"));
+                self.log
+                    .push(format!("CQ {cqid}: entry at {addr:#x} not in DMA memory"));
                 return;
             }
             cq.tail += 1;
@@ -544,7 +607,14 @@ impl State {
             0x06 => self.identify(cdw10 & 0xFF, nsid, prp1, prp2),
             0x09 | 0x0A => {
                 if cdw10 & 0xFF != 0x07 {
-                    return (0, if opc == 0x0A { sf::OK } else { sf::INVALID_FIELD });
+                    return (
+                        0,
+                        if opc == 0x0A {
+                            sf::OK
+                        } else {
+                            sf::INVALID_FIELD
+                        },
+                    );
                 }
                 if opc == 0x09 {
                     if cdw11 & 0xFFFF == 0xFFFF || cdw11 >> 16 == 0xFFFF {
@@ -560,7 +630,7 @@ impl State {
             }
             0x05 => {
                 let qid = (cdw10 & 0xFFFF) as u16;
-                let size = (cdw10 >> 16) as u32 + 1;
+                let size = (cdw10 >> 16) + 1;
                 if qid == 0 || qid > self.granted.max(1) || self.cqs.contains_key(&qid) {
                     return (0, sf::INVALID_QID | sf::DNR);
                 }
@@ -570,13 +640,20 @@ impl State {
                 if cdw11 & 1 == 0 || prp1 % PAGE != 0 || cdw11 & 2 != 0 {
                     return (0, sf::INVALID_FIELD | sf::DNR);
                 }
-                let cq = Cq { base: prp1, size: size as u16, head: 0, tail: 0, phase: true, pending: VecDeque::new() };
+                let cq = Cq {
+                    base: prp1,
+                    size: size as u16,
+                    head: 0,
+                    tail: 0,
+                    phase: true,
+                    pending: VecDeque::new(),
+                };
                 self.cqs.insert(qid, cq);
                 (0, sf::OK)
             }
             0x01 => {
                 let qid = (cdw10 & 0xFFFF) as u16;
-                let size = (cdw10 >> 16) as u32 + 1;
+                let size = (cdw10 >> 16) + 1;
                 let cqid = (cdw11 >> 16) as u16;
                 if qid == 0 || qid > self.granted.max(1) || self.sqs.contains_key(&qid) {
                     return (0, sf::INVALID_QID | sf::DNR);
@@ -590,7 +667,16 @@ impl State {
                 if cdw11 & 1 == 0 || prp1 % PAGE != 0 {
                     return (0, sf::INVALID_FIELD | sf::DNR);
                 }
-                self.sqs.insert(qid, Sq { base: prp1, size: size as u16, head: 0, tail: 0, cqid });
+                self.sqs.insert(
+                    qid,
+                    Sq {
+                        base: prp1,
+                        size: size as u16,
+                        head: 0,
+                        tail: 0,
+                        cqid,
+                    },
+                );
                 (0, sf::OK)
             }
             0x00 => {
@@ -647,7 +733,8 @@ impl State {
                 d[513] = 0x44;
                 let nn = self.disks.iter().map(|d| d.cfg.nsid).max().unwrap_or(0);
                 d[516..520].copy_from_slice(&nn.to_le_bytes());
-                let oncs = (if self.cfg.dsm { 1u16 << 2 } else { 0 }) | if self.cfg.write_zeroes { 1 << 3 } else { 0 };
+                let oncs = (if self.cfg.dsm { 1u16 << 2 } else { 0 })
+                    | if self.cfg.write_zeroes { 1 << 3 } else { 0 };
                 d[520..522].copy_from_slice(&oncs.to_le_bytes());
                 d[525] = self.cfg.vwc as u8;
             }
@@ -673,7 +760,12 @@ impl State {
                 }
             }
             0x02 => {
-                let mut ids: Vec<u32> = self.disks.iter().map(|d| d.cfg.nsid).filter(|id| *id > nsid).collect();
+                let mut ids: Vec<u32> = self
+                    .disks
+                    .iter()
+                    .map(|d| d.cfg.nsid)
+                    .filter(|id| *id > nsid)
+                    .collect();
                 ids.sort_unstable();
                 for (i, id) in ids.iter().take(1024).enumerate() {
                     d[i * 4..i * 4 + 4].copy_from_slice(&id.to_le_bytes());
@@ -719,7 +811,10 @@ impl State {
         while rem > 0 {
             let entries_here = ((PAGE - list % PAGE) / 8) as usize;
             for k in 0..entries_here {
-                let e = self.mem.read_u64(list + k as u64 * 8).map_err(|_| sf::DATA_TRANSFER)?;
+                let e = self
+                    .mem
+                    .read_u64(list + k as u64 * 8)
+                    .map_err(|_| sf::DATA_TRANSFER)?;
                 if k == entries_here - 1 && rem > PAGE as usize {
                     if e % 8 != 0 {
                         return Err(sf::PRP_OFFSET | sf::DNR);
@@ -841,7 +936,7 @@ impl State {
                     for r in ranges.chunks(16) {
                         let rnlb = le32(r, 4) as u64;
                         let rslba = le64(r, 8);
-                        if !rslba.checked_add(rnlb).is_some_and(|e| e <= n.blocks) {
+                        if rslba.checked_add(rnlb).is_none_or(|e| e > n.blocks) {
                             return (0, sf::LBA_RANGE | sf::DNR);
                         }
                         let o = (rslba << n.lba_shift) as usize;

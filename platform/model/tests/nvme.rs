@@ -22,7 +22,12 @@ fn rig(mcfg: ModelConfig, cfg: Config) -> Rig {
     let model = NvmeModel::new(mcfg, dma.clone());
     let clock = ModelClock::new();
     let ctrl = Controller::init(model.mmio(), &dma, clock.clone(), cfg).expect("init");
-    Rig { model, dma, clock, ctrl }
+    Rig {
+        model,
+        dma,
+        clock,
+        ctrl,
+    }
 }
 
 fn default_rig() -> Rig {
@@ -76,14 +81,38 @@ fn write_read_verify(r: &mut Rig, qp: &mut Qp, nsid: u32, lba: u64, blocks: u32,
     let data = pattern(lba as u32 ^ blocks ^ buf_off as u32, len);
     wbuf.write_bytes(buf_off, &data).unwrap();
     let wref = BufRef::new(&wbuf, buf_off, len).unwrap();
-    run_one(qp, BlockOp::Write { ns: nsid, lba, blocks, buf: wref }).expect("write");
-    assert_eq!(r.model.disk_read(nsid, lba as usize * bs, len), data, "disk content after write");
+    run_one(
+        qp,
+        BlockOp::Write {
+            ns: nsid,
+            lba,
+            blocks,
+            buf: wref,
+        },
+    )
+    .expect("write");
+    assert_eq!(
+        r.model.disk_read(nsid, lba as usize * bs, len),
+        data,
+        "disk content after write"
+    );
     let rref = BufRef::new(&rbuf, buf_off, len).unwrap();
-    run_one(qp, BlockOp::Read { ns: nsid, lba, blocks, buf: rref }).expect("read");
+    run_one(
+        qp,
+        BlockOp::Read {
+            ns: nsid,
+            lba,
+            blocks,
+            buf: rref,
+        },
+    )
+    .expect("read");
     assert_eq!(read_region(&rbuf, buf_off, len), data, "read back");
     // Bytes around the buffer are untouched.
     assert!(read_region(&rbuf, 0, buf_off).iter().all(|b| *b == 0));
-    assert!(read_region(&rbuf, buf_off + len, 64).iter().all(|b| *b == 0));
+    assert!(read_region(&rbuf, buf_off + len, 64)
+        .iter()
+        .all(|b| *b == 0));
     r.dma.free(wbuf);
     r.dma.free(rbuf);
 }
@@ -99,19 +128,39 @@ fn bring_up_and_identify() {
     assert_eq!(info.mdts_bytes, Some(4096 << 5));
     assert_eq!(info.max_transfer, 4096 << 5);
     assert!(info.vwc && info.write_zeroes && info.deallocate && info.doorbell_buffer);
-    assert!(!info.shadow_doorbells, "shadow doorbells are off by default");
+    assert!(
+        !info.shadow_doorbells,
+        "shadow doorbells are off by default"
+    );
     assert_eq!(info.io_queues, 4, "model grants 4 of the 8 asked for");
     assert_eq!(info.nn, 1);
     assert_eq!(r.ctrl.namespaces().len(), 1);
     let ns = r.ctrl.namespaces()[0];
     assert_eq!((ns.nsid, ns.blocks, ns.block_size), (1, 8192, 512));
-    assert_eq!(r.model.admin_commands(0x06), 3, "identify ctrl, ns list, ns 1");
-    assert_eq!(r.model.admin_commands(0x09), 1, "set features number of queues");
+    assert_eq!(
+        r.model.admin_commands(0x06),
+        3,
+        "identify ctrl, ns list, ns 1"
+    );
+    assert_eq!(
+        r.model.admin_commands(0x09),
+        1,
+        "set features number of queues"
+    );
     assert!(!r.model.shadow_enabled());
-    assert_eq!(r.ctrl.create_io_qpair(&r.dma, 5, 16).err(), Some(NvmeError::InvalidArgument("qid")));
-    assert_eq!(r.ctrl.create_io_qpair(&r.dma, 1, 1).err(), Some(NvmeError::InvalidArgument("depth")));
+    assert_eq!(
+        r.ctrl.create_io_qpair(&r.dma, 5, 16).err(),
+        Some(NvmeError::InvalidArgument("qid"))
+    );
+    assert_eq!(
+        r.ctrl.create_io_qpair(&r.dma, 1, 1).err(),
+        Some(NvmeError::InvalidArgument("depth"))
+    );
     let qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
-    assert_eq!(r.ctrl.create_io_qpair(&r.dma, 1, 16).err(), Some(NvmeError::QueueInUse(1)));
+    assert_eq!(
+        r.ctrl.create_io_qpair(&r.dma, 1, 16).err(),
+        Some(NvmeError::QueueInUse(1))
+    );
     assert_eq!(qp.depth(), 15);
     r.ctrl.delete_io_qpair(&r.dma, qp).map_err(|e| e.0).unwrap();
     let _qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
@@ -125,21 +174,41 @@ fn absurd_identify_is_rejected() {
     let model = NvmeModel::new(ModelConfig::default(), dma.clone());
     model.set_fault(Fault::AbsurdIdentify);
     let res = Controller::init(model.mmio(), &dma, ModelClock::new(), Config::default());
-    assert_eq!(res.err(), Some(NvmeError::BadIdentify(BadIdentify::LbaSize)));
+    assert_eq!(
+        res.err(),
+        Some(NvmeError::BadIdentify(BadIdentify::LbaSize))
+    );
 }
 
 #[test]
 fn multiple_namespaces_512_and_4k() {
     let mcfg = ModelConfig {
         namespaces: vec![
-            NsConfig { nsid: 1, blocks: 4096, lba_shift: 9 },
-            NsConfig { nsid: 2, blocks: 1024, lba_shift: 12 },
-            NsConfig { nsid: 5, blocks: 300, lba_shift: 12 },
+            NsConfig {
+                nsid: 1,
+                blocks: 4096,
+                lba_shift: 9,
+            },
+            NsConfig {
+                nsid: 2,
+                blocks: 1024,
+                lba_shift: 12,
+            },
+            NsConfig {
+                nsid: 5,
+                blocks: 300,
+                lba_shift: 12,
+            },
         ],
         ..ModelConfig::default()
     };
     let mut r = rig(mcfg, Config::default());
-    let got: Vec<(u32, u64, u32)> = r.ctrl.namespaces().iter().map(|n| (n.nsid, n.blocks, n.block_size)).collect();
+    let got: Vec<(u32, u64, u32)> = r
+        .ctrl
+        .namespaces()
+        .iter()
+        .map(|n| (n.nsid, n.blocks, n.block_size))
+        .collect();
     assert_eq!(got, vec![(1, 4096, 512), (2, 1024, 4096), (5, 300, 4096)]);
     let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 32).unwrap();
     assert_eq!(qp.block_size(2), Some(4096));
@@ -149,12 +218,19 @@ fn multiple_namespaces_512_and_4k() {
     write_read_verify(&mut r, &mut qp, 2, 1023, 1, 0);
     write_read_verify(&mut r, &mut qp, 5, 296, 4, 512);
     // Writing ns 2 did not touch ns 5 at the same LBA.
-    assert!(r.model.disk_read(5, 1023 % 300 * 4096, 4096).iter().all(|b| *b == 0));
+    assert!(r
+        .model
+        .disk_read(5, 1023 % 300 * 4096, 4096)
+        .iter()
+        .all(|b| *b == 0));
 }
 
 #[test]
 fn write_read_sizes_and_alignments() {
-    let mcfg = ModelConfig { mdts: 1, ..ModelConfig::default() }; // 8 KiB per command
+    let mcfg = ModelConfig {
+        mdts: 1,
+        ..ModelConfig::default()
+    }; // 8 KiB per command
     let mut r = rig(mcfg, Config::default());
     let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 64).unwrap();
     assert_eq!(qp.max_transfer(), 8192);
@@ -166,7 +242,11 @@ fn write_read_sizes_and_alignments() {
     // > MDTS: 64 KiB in 8 KiB commands, one tag.
     let before = r.model.io_commands();
     write_read_verify(&mut r, &mut qp, 1, 1000, 128, 36);
-    assert_eq!(r.model.io_commands() - before, 2 * 8, "64 KiB in 8 KiB commands, each way");
+    assert_eq!(
+        r.model.io_commands() - before,
+        2 * 8,
+        "64 KiB in 8 KiB commands, each way"
+    );
     assert!(r.model.log().is_empty(), "{:?}", r.model.log());
 }
 
@@ -174,10 +254,17 @@ fn write_read_sizes_and_alignments() {
 fn prp_list_chained_over_two_pages() {
     let mcfg = ModelConfig {
         mdts: 0,
-        namespaces: vec![NsConfig { nsid: 1, blocks: 16384, lba_shift: 9 }],
+        namespaces: vec![NsConfig {
+            nsid: 1,
+            blocks: 16384,
+            lba_shift: 9,
+        }],
         ..ModelConfig::default()
     };
-    let cfg = Config { prp_list_pages: 2, ..Config::default() };
+    let cfg = Config {
+        prp_list_pages: 2,
+        ..Config::default()
+    };
     let mut r = rig(mcfg, cfg);
     let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 8).unwrap();
     assert_eq!(qp.max_transfer(), (511 + 512) * 4096);
@@ -197,33 +284,77 @@ fn flush_write_zeroes_deallocate() {
     let buf = r.dma.alloc(64 * 512, 4096).unwrap();
     let data = pattern(9, 64 * 512);
     buf.write_bytes(0, &data).unwrap();
-    run_one(&mut qp, BlockOp::Write { ns: 1, lba: 0, blocks: 64, buf: BufRef::whole(&buf) }).unwrap();
+    run_one(
+        &mut qp,
+        BlockOp::Write {
+            ns: 1,
+            lba: 0,
+            blocks: 64,
+            buf: BufRef::whole(&buf),
+        },
+    )
+    .unwrap();
     let before = r.model.io_commands();
     run_one(&mut qp, BlockOp::Flush { ns: 1 }).unwrap();
     assert_eq!(r.model.io_commands() - before, 1);
 
-    run_one(&mut qp, BlockOp::WriteZeroes { ns: 1, lba: 8, blocks: 8 }).unwrap();
+    run_one(
+        &mut qp,
+        BlockOp::WriteZeroes {
+            ns: 1,
+            lba: 8,
+            blocks: 8,
+        },
+    )
+    .unwrap();
     let disk = r.model.disk_read(1, 0, 64 * 512);
     assert_eq!(disk[..8 * 512], data[..8 * 512]);
     assert!(disk[8 * 512..16 * 512].iter().all(|b| *b == 0));
     assert_eq!(disk[16 * 512..], data[16 * 512..]);
 
-    run_one(&mut qp, BlockOp::Deallocate { ns: 1, lba: 32, blocks: 16 }).unwrap();
+    run_one(
+        &mut qp,
+        BlockOp::Deallocate {
+            ns: 1,
+            lba: 32,
+            blocks: 16,
+        },
+    )
+    .unwrap();
     let disk = r.model.disk_read(1, 0, 64 * 512);
     assert!(disk[32 * 512..48 * 512].iter().all(|b| *b == 0));
     assert_eq!(disk[48 * 512..], data[48 * 512..]);
     assert_eq!(disk[16 * 512..32 * 512], data[16 * 512..32 * 512]);
 
     // Write zeroes bigger than one command's 65536-block limit is split too.
-    let mcfg = ModelConfig { namespaces: vec![NsConfig { nsid: 1, blocks: 140_000, lba_shift: 9 }], ..ModelConfig::default() };
+    let mcfg = ModelConfig {
+        namespaces: vec![NsConfig {
+            nsid: 1,
+            blocks: 140_000,
+            lba_shift: 9,
+        }],
+        ..ModelConfig::default()
+    };
     let r2 = rig(mcfg, Config::default());
     let mut r2 = r2;
     let mut qp2 = r2.ctrl.create_io_qpair(&r2.dma, 1, 8).unwrap();
     r2.model.disk_write(1, 139_999 * 512, &[0xAA; 512]);
     let before = r2.model.io_commands();
-    run_one(&mut qp2, BlockOp::WriteZeroes { ns: 1, lba: 0, blocks: 140_000 }).unwrap();
+    run_one(
+        &mut qp2,
+        BlockOp::WriteZeroes {
+            ns: 1,
+            lba: 0,
+            blocks: 140_000,
+        },
+    )
+    .unwrap();
     assert_eq!(r2.model.io_commands() - before, 3);
-    assert!(r2.model.disk_read(1, 139_999 * 512, 512).iter().all(|b| *b == 0));
+    assert!(r2
+        .model
+        .disk_read(1, 139_999 * 512, 512)
+        .iter()
+        .all(|b| *b == 0));
 }
 
 #[test]
@@ -232,33 +363,121 @@ fn submit_validation_errors() {
     let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 8).unwrap();
     let buf = r.dma.alloc(8192, 4096).unwrap();
     let b = |len| BufRef::new(&buf, 0, len).unwrap();
-    assert_eq!(qp.submit(BlockOp::Read { ns: 2, lba: 0, blocks: 1, buf: b(512) }, 1), Err(SubmitError::InvalidNamespace));
-    assert_eq!(qp.submit(BlockOp::Read { ns: 1, lba: 8191, blocks: 2, buf: b(1024) }, 1), Err(SubmitError::OutOfRange));
-    assert_eq!(qp.submit(BlockOp::Read { ns: 1, lba: 0, blocks: 0, buf: b(0) }, 1), Err(SubmitError::OutOfRange));
-    assert_eq!(qp.submit(BlockOp::Read { ns: 1, lba: 0, blocks: 2, buf: b(512) }, 1), Err(SubmitError::BufferLength));
+    assert_eq!(
+        qp.submit(
+            BlockOp::Read {
+                ns: 2,
+                lba: 0,
+                blocks: 1,
+                buf: b(512)
+            },
+            1
+        ),
+        Err(SubmitError::InvalidNamespace)
+    );
+    assert_eq!(
+        qp.submit(
+            BlockOp::Read {
+                ns: 1,
+                lba: 8191,
+                blocks: 2,
+                buf: b(1024)
+            },
+            1
+        ),
+        Err(SubmitError::OutOfRange)
+    );
+    assert_eq!(
+        qp.submit(
+            BlockOp::Read {
+                ns: 1,
+                lba: 0,
+                blocks: 0,
+                buf: b(0)
+            },
+            1
+        ),
+        Err(SubmitError::OutOfRange)
+    );
+    assert_eq!(
+        qp.submit(
+            BlockOp::Read {
+                ns: 1,
+                lba: 0,
+                blocks: 2,
+                buf: b(512)
+            },
+            1
+        ),
+        Err(SubmitError::BufferLength)
+    );
     let odd = BufRef::new(&buf, 2, 512).unwrap();
-    assert_eq!(qp.submit(BlockOp::Read { ns: 1, lba: 0, blocks: 1, buf: odd }, 1), Err(SubmitError::BufferAlignment));
-    assert_eq!(BufRef::new(&buf, 8000, 512), Err(keel_blockdev::BufError::OutOfBounds));
+    assert_eq!(
+        qp.submit(
+            BlockOp::Read {
+                ns: 1,
+                lba: 0,
+                blocks: 1,
+                buf: odd
+            },
+            1
+        ),
+        Err(SubmitError::BufferAlignment)
+    );
+    assert_eq!(
+        BufRef::new(&buf, 8000, 512),
+        Err(keel_blockdev::BufError::OutOfBounds)
+    );
     assert_eq!(qp.in_flight(), 0);
     assert_eq!(qp.free_slots(), 7);
 }
 
 #[test]
 fn queue_full_is_backpressure() {
-    let mcfg = ModelConfig { mdts: 1, ..ModelConfig::default() };
+    let mcfg = ModelConfig {
+        mdts: 1,
+        ..ModelConfig::default()
+    };
     let mut r = rig(mcfg, Config::default());
     let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 8).unwrap();
     assert_eq!(qp.depth(), 7);
     let buf = r.dma.alloc(64 * 1024, 4096).unwrap();
     for t in 0..7 {
-        qp.submit(BlockOp::Read { ns: 1, lba: t as u64, blocks: 1, buf: BufRef::new(&buf, t * 512, 512).unwrap() }, t as u32)
-            .unwrap();
+        qp.submit(
+            BlockOp::Read {
+                ns: 1,
+                lba: t as u64,
+                blocks: 1,
+                buf: BufRef::new(&buf, t * 512, 512).unwrap(),
+            },
+            t as u32,
+        )
+        .unwrap();
     }
     let one = BufRef::new(&buf, 0, 512).unwrap();
-    assert_eq!(qp.submit(BlockOp::Read { ns: 1, lba: 0, blocks: 1, buf: one }, 99), Err(SubmitError::QueueFull));
+    assert_eq!(
+        qp.submit(
+            BlockOp::Read {
+                ns: 1,
+                lba: 0,
+                blocks: 1,
+                buf: one
+            },
+            99
+        ),
+        Err(SubmitError::QueueFull)
+    );
     // 64 KiB at 8 KiB per command needs 8 slots: more than the queue has.
     assert_eq!(
-        qp.submit(BlockOp::Read { ns: 1, lba: 0, blocks: 128, buf: BufRef::whole(&buf) }, 98),
+        qp.submit(
+            BlockOp::Read {
+                ns: 1,
+                lba: 0,
+                blocks: 128,
+                buf: BufRef::whole(&buf)
+            },
+            98
+        ),
         Err(SubmitError::TooLarge)
     );
     assert_eq!(qp.in_flight(), 7);
@@ -268,7 +487,16 @@ fn queue_full_is_backpressure() {
     assert_eq!(tags, (0..7).collect::<Vec<_>>());
     assert!(done.iter().all(|d| d.1.is_ok()));
     // A split request that needs 4 slots fits again.
-    qp.submit(BlockOp::Read { ns: 1, lba: 0, blocks: 64, buf: BufRef::new(&buf, 0, 32 * 1024).unwrap() }, 5).unwrap();
+    qp.submit(
+        BlockOp::Read {
+            ns: 1,
+            lba: 0,
+            blocks: 64,
+            buf: BufRef::new(&buf, 0, 32 * 1024).unwrap(),
+        },
+        5,
+    )
+    .unwrap();
     assert_eq!(qp.free_slots(), 3);
     assert_eq!(drain(&mut qp), vec![(5, Ok(()))]);
 }
@@ -282,9 +510,22 @@ fn qd32_burst_rings_one_doorbell() {
     let cq0 = r.model.cq_doorbell_writes(1);
     for t in 0..32u32 {
         let b = BufRef::new(&buf, t as usize * 4096, 4096).unwrap();
-        qp.submit(BlockOp::Write { ns: 1, lba: t as u64 * 8, blocks: 8, buf: b }, 1000 + t).unwrap();
+        qp.submit(
+            BlockOp::Write {
+                ns: 1,
+                lba: t as u64 * 8,
+                blocks: 8,
+                buf: b,
+            },
+            1000 + t,
+        )
+        .unwrap();
     }
-    assert_eq!(r.model.sq_doorbell_writes(1), sq0, "submit alone rings nothing");
+    assert_eq!(
+        r.model.sq_doorbell_writes(1),
+        sq0,
+        "submit alone rings nothing"
+    );
     assert_eq!(r.model.io_commands(), 0);
     qp.flush_submissions();
     qp.flush_submissions(); // nothing new: no second doorbell
@@ -298,7 +539,11 @@ fn qd32_burst_rings_one_doorbell() {
     assert_eq!(n, 32);
     assert_eq!(seen.len(), 32);
     assert!(seen.values().all(|c| *c == 1));
-    assert_eq!(r.model.cq_doorbell_writes(1) - cq0, 1, "one CQ head doorbell per poll pass");
+    assert_eq!(
+        r.model.cq_doorbell_writes(1) - cq0,
+        1,
+        "one CQ head doorbell per poll pass"
+    );
     assert_eq!(qp.stats().sq_doorbells, 1);
     assert_eq!(qp.in_flight(), 0);
 }
@@ -370,10 +615,16 @@ fn transient_errors_are_retried_permanent_are_not() {
     run_one(&mut qp, BlockOp::Flush { ns: 1 }).unwrap();
     assert_eq!(qp.stats().retries, 2);
     r.model.set_fault(Fault::TransientError(10));
-    assert_eq!(run_one(&mut qp, BlockOp::Flush { ns: 1 }), Err(IoError::Device { code: 0x0006 }));
+    assert_eq!(
+        run_one(&mut qp, BlockOp::Flush { ns: 1 }),
+        Err(IoError::Device { code: 0x0006 })
+    );
     assert_eq!(qp.stats().retries, 2 + 3, "bounded by max_retries");
     r.model.set_fault(Fault::PermanentError);
-    assert_eq!(run_one(&mut qp, BlockOp::Flush { ns: 1 }), Err(IoError::Device { code: 0x0006 }));
+    assert_eq!(
+        run_one(&mut qp, BlockOp::Flush { ns: 1 }),
+        Err(IoError::Device { code: 0x0006 })
+    );
     assert_eq!(qp.stats().retries, 5, "DNR=1 is not retried");
     // Device-side LBA check maps to a typed error (the driver's own check is bypassed by a
     // namespace that shrank: write past the model's end through a raw bus buffer).
@@ -382,19 +633,39 @@ fn transient_errors_are_retried_permanent_are_not() {
 
 #[test]
 fn split_request_fails_if_one_part_fails() {
-    let mcfg = ModelConfig { mdts: 1, ..ModelConfig::default() };
-    let mut r = rig(mcfg, Config { max_retries: 0, ..Config::default() });
+    let mcfg = ModelConfig {
+        mdts: 1,
+        ..ModelConfig::default()
+    };
+    let mut r = rig(
+        mcfg,
+        Config {
+            max_retries: 0,
+            ..Config::default()
+        },
+    );
     let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
     let buf = r.dma.alloc(32 * 1024, 4096).unwrap();
     r.model.set_fault(Fault::TransientError(1)); // first part fails, no retries allowed
-    let res = run_one(&mut qp, BlockOp::Write { ns: 1, lba: 0, blocks: 64, buf: BufRef::whole(&buf) });
+    let res = run_one(
+        &mut qp,
+        BlockOp::Write {
+            ns: 1,
+            lba: 0,
+            blocks: 64,
+            buf: BufRef::whole(&buf),
+        },
+    );
     assert_eq!(res, Err(IoError::Device { code: 0x0006 }));
     assert_eq!(qp.busy_slots(), 0);
 }
 
 #[test]
 fn timeout_reports_once_and_offers_abort() {
-    let cfg = Config { io_timeout_ms: 100, ..Config::default() };
+    let cfg = Config {
+        io_timeout_ms: 100,
+        ..Config::default()
+    };
     let mut r = rig(ModelConfig::default(), cfg);
     let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
     r.model.set_fault(Fault::Stall);
@@ -424,7 +695,10 @@ fn timeout_reports_once_and_offers_abort() {
 
 #[test]
 fn wrong_phase_completion_times_out() {
-    let cfg = Config { io_timeout_ms: 10, ..Config::default() };
+    let cfg = Config {
+        io_timeout_ms: 10,
+        ..Config::default()
+    };
     let mut r = rig(ModelConfig::default(), cfg);
     let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
     r.model.set_fault(Fault::WrongPhase);
@@ -436,7 +710,10 @@ fn wrong_phase_completion_times_out() {
 
 #[test]
 fn reset_with_in_flight_reports_each_tag_exactly_once() {
-    let cfg = Config { io_timeout_ms: 100, ..Config::default() };
+    let cfg = Config {
+        io_timeout_ms: 100,
+        ..Config::default()
+    };
     let mut r = rig(ModelConfig::default(), cfg);
     let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 32).unwrap();
     let mut qp2 = r.ctrl.create_io_qpair(&r.dma, 2, 8).unwrap();
@@ -456,12 +733,24 @@ fn reset_with_in_flight_reports_each_tag_exactly_once() {
     // Tags 10..26 are in flight (stalled) when the reset happens.
     for t in 0..16u32 {
         let b = BufRef::new(&buf, t as usize * 4096, 4096).unwrap();
-        qp.submit(BlockOp::Write { ns: 1, lba: t as u64 * 8, blocks: 8, buf: b }, 10 + t).unwrap();
+        qp.submit(
+            BlockOp::Write {
+                ns: 1,
+                lba: t as u64 * 8,
+                blocks: 8,
+                buf: b,
+            },
+            10 + t,
+        )
+        .unwrap();
     }
     qp.flush_submissions();
     qp2.submit(BlockOp::Flush { ns: 1 }, 100).unwrap();
     qp2.flush_submissions();
-    assert_eq!(r.ctrl.reset(&mut [&mut qp]).err(), Some(NvmeError::MissingQueuePair(2)));
+    assert_eq!(
+        r.ctrl.reset(&mut [&mut qp]).err(),
+        Some(NvmeError::MissingQueuePair(2))
+    );
     r.model.set_fault(Fault::None);
     r.ctrl.reset(&mut [&mut qp, &mut qp2]).expect("reset");
     assert!(!qp.needs_reset());
@@ -486,7 +775,11 @@ fn reset_with_in_flight_reports_each_tag_exactly_once() {
 
 #[test]
 fn fatal_status_then_reset_recovers() {
-    let cfg = Config { io_timeout_ms: 50, max_retries: 0, ..Config::default() };
+    let cfg = Config {
+        io_timeout_ms: 50,
+        max_retries: 0,
+        ..Config::default()
+    };
     let mut r = rig(ModelConfig::default(), cfg);
     let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
     r.model.set_fault(Fault::FatalStatus);
@@ -499,9 +792,15 @@ fn fatal_status_then_reset_recovers() {
     let mut got = Vec::new();
     qp.poll(8, &mut |t, res| got.push((t, res)));
     got.sort_by_key(|g| g.0);
-    assert_eq!(got, vec![(1, Err(IoError::Timeout)), (2, Err(IoError::Timeout))]);
+    assert_eq!(
+        got,
+        vec![(1, Err(IoError::Timeout)), (2, Err(IoError::Timeout))]
+    );
     assert!(qp.is_failed() && qp.needs_reset());
-    assert_eq!(qp.submit(BlockOp::Flush { ns: 1 }, 4), Err(SubmitError::DeviceUnavailable));
+    assert_eq!(
+        qp.submit(BlockOp::Flush { ns: 1 }, 4),
+        Err(SubmitError::DeviceUnavailable)
+    );
     r.model.set_fault(Fault::None);
     r.ctrl.reset(&mut [&mut qp]).unwrap();
     assert!(!r.ctrl.is_fatal() && !qp.is_failed());
@@ -512,7 +811,10 @@ fn fatal_status_then_reset_recovers() {
 
 #[test]
 fn shadow_doorbells_follow_event_idx() {
-    let cfg = Config { shadow_doorbells: true, ..Config::default() };
+    let cfg = Config {
+        shadow_doorbells: true,
+        ..Config::default()
+    };
     let mut r = rig(ModelConfig::default(), cfg);
     assert!(r.ctrl.identify().shadow_doorbells);
     assert!(r.model.shadow_enabled());
@@ -524,7 +826,10 @@ fn shadow_doorbells_follow_event_idx() {
     assert_eq!(r.model.sq_doorbell_writes(1), 2);
 
     // Polling controller: EventIdx stays behind; after the first write no MMIO doorbells.
-    let mcfg = ModelConfig { shadow_polling: true, ..ModelConfig::default() };
+    let mcfg = ModelConfig {
+        shadow_polling: true,
+        ..ModelConfig::default()
+    };
     let mut r = rig(mcfg, cfg);
     let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 32).unwrap();
     run_one(&mut qp, BlockOp::Flush { ns: 1 }).unwrap();
@@ -537,7 +842,11 @@ fn shadow_doorbells_follow_event_idx() {
         r.model.step(); // the controller polls the shadow tail
         assert_eq!(drain(&mut qp).len(), 5);
     }
-    assert_eq!(r.model.sq_doorbell_writes(1), mmio_before, "no MMIO SQ doorbell while EventIdx is behind");
+    assert_eq!(
+        r.model.sq_doorbell_writes(1),
+        mmio_before,
+        "no MMIO SQ doorbell while EventIdx is behind"
+    );
     assert!(qp.stats().shadow_suppressed >= 3);
     assert!(r.model.log().is_empty(), "{:?}", r.model.log());
 }
@@ -552,7 +861,9 @@ fn shadow_off_by_config_even_if_offered() {
 #[test]
 fn queue_pairs_on_two_threads() {
     let mut r = default_rig();
-    let qps: Vec<Qp> = (1..=2).map(|q| r.ctrl.create_io_qpair(&r.dma, q, 16).unwrap()).collect();
+    let qps: Vec<Qp> = (1..=2)
+        .map(|q| r.ctrl.create_io_qpair(&r.dma, q, 16).unwrap())
+        .collect();
     let mut handles = Vec::new();
     for (i, mut qp) in qps.into_iter().enumerate() {
         let dma = r.dma.clone();
@@ -562,7 +873,16 @@ fn queue_pairs_on_two_threads() {
                 let data = pattern((i as u32) << 16 | k as u32, 4096);
                 buf.write_bytes(0, &data).unwrap();
                 let lba = (i as u64) * 1000 + k * 8;
-                run_one(&mut qp, BlockOp::Write { ns: 1, lba, blocks: 8, buf: BufRef::whole(&buf) }).unwrap();
+                run_one(
+                    &mut qp,
+                    BlockOp::Write {
+                        ns: 1,
+                        lba,
+                        blocks: 8,
+                        buf: BufRef::whole(&buf),
+                    },
+                )
+                .unwrap();
             }
             qp.qid()
         }));
@@ -573,13 +893,19 @@ fn queue_pairs_on_two_threads() {
     for i in 0..2u32 {
         let k = 19u64;
         let lba = i as u64 * 1000 + k * 8;
-        assert_eq!(r.model.disk_read(1, lba as usize * 512, 4096), pattern(i << 16 | k as u32, 4096));
+        assert_eq!(
+            r.model.disk_read(1, lba as usize * 512, 4096),
+            pattern(i << 16 | k as u32, 4096)
+        );
     }
 }
 
 #[test]
 fn dstrd_and_many_tags_wrap_the_rings() {
-    let mcfg = ModelConfig { dstrd: 2, ..ModelConfig::default() };
+    let mcfg = ModelConfig {
+        dstrd: 2,
+        ..ModelConfig::default()
+    };
     let mut r = rig(mcfg, Config::default());
     let mut qp = r.ctrl.create_io_qpair(&r.dma, 3, 4).unwrap();
     let mut total = 0;
