@@ -356,12 +356,15 @@ impl<const N: usize, const W: usize> Aio<N, W> {
 
     /// **The** transition function: every state change of every handle goes through here.
     /// In one critical section it range-checks `index`, compares the generation (if
-    /// `expect` is given), checks `from -> to` is legal, applies `effect`, and on a return to
-    /// `Idle` bumps the generation and frees the bitmap bit (one `fetch_or`).
+    /// `expect` is given), checks the current state is `from` (if given; `Idle` has two
+    /// predecessors) and that `current -> to` is legal, applies `effect`, and on a return to
+    /// `Idle` bumps the generation and frees the bitmap bit (one `fetch_or`). A refused
+    /// transition changes nothing.
     fn transition(
         &self,
         index: usize,
         expect: Option<u32>,
+        from: Option<HandleState>,
         to: HandleState,
         effect: Effect,
     ) -> Result<Moved, AioError> {
@@ -380,7 +383,7 @@ impl<const N: usize, const W: usize> Aio<N, W> {
                     });
                 }
             }
-            if !slot.state.can_move_to(to) {
+            if !slot.state.can_move_to(to) || from.is_some_and(|f| f != slot.state) {
                 return Err(AioError::IllegalTransition {
                     index,
                     from: slot.state,
@@ -420,7 +423,7 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     pub fn acquire(&self) -> Result<IoRef, AioError> {
         let index = self.free.acquire().ok_or(AioError::NoFreeHandle)?;
         Ok(self
-            .transition(index, None, HandleState::HandedOut, Effect::None)?
+            .transition(index, None, None, HandleState::HandedOut, Effect::None)?
             .io)
     }
 
@@ -429,7 +432,14 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     /// # Errors
     /// [`AioError::Stale`], [`AioError::BadIndex`], [`AioError::IllegalTransition`].
     pub fn release(&self, io: IoRef) -> Result<(), AioError> {
-        self.step(io, HandleState::Idle, Effect::None).map(|_| ())
+        self.transition(
+            io.index(),
+            Some(io.generation()),
+            Some(HandleState::HandedOut),
+            HandleState::Idle,
+            Effect::None,
+        )
+        .map(|_| ())
     }
 
     /// Describes the I/O (`HandedOut -> Defined`).
@@ -484,7 +494,13 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     pub fn complete_raw(&self, raw_index: u32, result: IoResult) -> Result<IoRef, AioError> {
         let index = raw_index as usize;
         Ok(self
-            .transition(index, None, HandleState::CompletedIo, Effect::Complete(result))?
+            .transition(
+                index,
+                None,
+                None,
+                HandleState::CompletedIo,
+                Effect::Complete(result),
+            )?
             .io)
     }
 
@@ -512,15 +528,13 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     /// # Errors
     /// As [`Self::release`].
     pub fn reclaim(&self, io: IoRef) -> Result<IoResult, AioError> {
-        let moved = self.step(io, HandleState::Idle, Effect::None)?;
-        if moved.before.state != HandleState::CompletedLocal {
-            // HandedOut -> Idle is `release`, which has no result.
-            return Err(AioError::IllegalTransition {
-                index: io.index(),
-                from: moved.before.state,
-                to: HandleState::Idle,
-            });
-        }
+        let moved = self.transition(
+            io.index(),
+            Some(io.generation()),
+            Some(HandleState::CompletedLocal),
+            HandleState::Idle,
+            Effect::None,
+        )?;
         Ok(moved.before.result.unwrap_or(Err(IoError::Aborted)))
     }
 
@@ -664,7 +678,7 @@ impl<const N: usize, const W: usize> Aio<N, W> {
 
     /// A generation-checked transition of the handle `io` refers to.
     fn step(&self, io: IoRef, to: HandleState, effect: Effect) -> Result<Moved, AioError> {
-        self.transition(io.index(), Some(io.generation()), to, effect)
+        self.transition(io.index(), Some(io.generation()), None, to, effect)
     }
 
     /// [`Self::snapshot`], but [`AioError::Stale`] if `io`'s generation is not current.
