@@ -181,3 +181,22 @@ pub trait BlockQueue {
     /// Number of logical blocks of namespace `ns`, if it exists.
     fn num_blocks(&self, ns: NsId) -> Option<u64>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bufref_bounds_and_ops() {
+        let b = BufRef::from_bus(0x1000, 512);
+        assert_eq!((b.bus_addr(), b.len(), b.is_empty()), (0x1000, 512, false));
+        let op = BlockOp::Read {
+            ns: 3,
+            lba: 0,
+            blocks: 1,
+            buf: b,
+        };
+        assert_eq!(op.ns(), 3);
+        assert_eq!(BlockOp::Flush { ns: 9 }.ns(), 9);
+    }
+}

@@ -792,3 +792,61 @@ pub fn parse_namespace(nsid: u32, id: &spec::IdentifyNamespace) -> Result<Namesp
         metadata: ms,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zerocopy::FromZeros;
+
+    fn ns(nlbaf: u8, flbas: u8, lbads: &[u8], nsze: u64, ncap: u64) -> spec::IdentifyNamespace {
+        let mut id = spec::IdentifyNamespace::new_zeroed();
+        id.nsze.set(nsze);
+        id.ncap.set(ncap);
+        id.nlbaf = nlbaf;
+        id.flbas = flbas;
+        for (i, l) in lbads.iter().enumerate() {
+            id.lbaf[i].lbads = *l;
+        }
+        id
+    }
+
+    #[test]
+    fn namespace_formats() {
+        let n = parse_namespace(1, &ns(1, 0, &[9, 12], 100, 100)).unwrap();
+        assert_eq!((n.block_size, n.blocks), (512, 100));
+        let n = parse_namespace(2, &ns(1, 1, &[9, 12], 100, 50)).unwrap();
+        assert_eq!(n.block_size, 4096);
+        // Upper FLBAS bits only count with more than 16 formats.
+        let mut many = [9u8; 20];
+        many[17] = 12;
+        let n = parse_namespace(3, &ns(19, 0x21, &many, 8, 8)).unwrap();
+        assert_eq!(n.block_size, 4096);
+    }
+
+    #[test]
+    fn absurd_namespaces_rejected() {
+        let e = |id| parse_namespace(1, &id).unwrap_err();
+        use BadIdentify::*;
+        assert_eq!(
+            e(ns(0, 1, &[9, 12], 8, 8)),
+            NvmeError::BadIdentify(LbaFormatIndex)
+        );
+        assert_eq!(e(ns(0, 0, &[3], 8, 8)), NvmeError::BadIdentify(LbaSize));
+        assert_eq!(e(ns(0, 0, &[40], 8, 8)), NvmeError::BadIdentify(LbaSize));
+        assert_eq!(
+            e(ns(0, 0, &[9], 0, 0)),
+            NvmeError::BadIdentify(NamespaceSize)
+        );
+        assert_eq!(
+            e(ns(0, 0, &[9], 8, 9)),
+            NvmeError::BadIdentify(NamespaceSize)
+        );
+        assert_eq!(
+            e(ns(0, 0, &[12], u64::MAX / 2, 1)),
+            NvmeError::BadIdentify(NamespaceSize)
+        );
+        let mut ext = ns(0, 0x10, &[9], 8, 8);
+        ext.lbaf[0].ms.set(8);
+        assert_eq!(e(ext), NvmeError::BadIdentify(ExtendedMetadata));
+    }
+}

@@ -6,31 +6,44 @@
 //!
 //! # Use
 //!
-//! ```ignore
+//! ```
 //! use keel_blockdev::{BlockOp, BlockQueue, BufRef};
+//! use keel_hal::DmaAllocator;
 //! use keel_nvme::{Config, Controller};
+//! # use keel_model::{HostDma, ModelClock, ModelConfig, NvmeModel};
+//! # let dma = HostDma::new();
+//! # let model = NvmeModel::new(ModelConfig::default(), dma.clone());
+//! # let (bar0, clock) = (model.mmio(), ModelClock::new());
 //!
 //! // 1. Bring-up: reset, enable, identify controller + namespaces, negotiate queues.
 //! let mut ctrl = Controller::init(bar0, &dma, clock, Config::default())?;
-//! let info = ctrl.identify();            // model_str(), serial_str(), mdts_bytes, vwc, ...
-//! let ns = ctrl.namespaces()[0];         // nsid, blocks, block_size
+//! let info = *ctrl.identify(); // model_str(), serial_str(), mdts_bytes, vwc, io_queues, ...
+//! let ns = ctrl.namespaces()[0]; // nsid, blocks, block_size
 //!
 //! // 2. One I/O queue pair per core (qid 1..=info.io_queues); move each to its core.
 //! let mut qp = ctrl.create_io_qpair(&dma, 1, 256)?;
 //!
 //! // 3. Submit with DMA buffers; one doorbell for the burst.
-//! let buf = dma.alloc(8 * 4096, 4096)?;
-//! qp.submit(BlockOp::Write { ns: ns.nsid, lba: 0, blocks: 8 * 4096 / ns.block_size,
-//!                            buf: BufRef::whole(&buf) }, 7)?;
+//! let buf = dma.alloc(8 * 4096, 4096).unwrap();
+//! let blocks = (buf.len() / ns.block_size as usize) as u32;
+//! qp.submit(BlockOp::Write { ns: ns.nsid, lba: 0, blocks, buf: BufRef::whole(&buf) }, 7).unwrap();
+//! qp.submit(BlockOp::Flush { ns: ns.nsid }, 8).unwrap();
 //! qp.flush_submissions();
 //!
 //! // 4. Poll: each tag is reported exactly once.
+//! let mut done = 0;
 //! while qp.in_flight() > 0 {
-//!     qp.poll(64, &mut |tag, result| { /* tag 7 done */ });
+//!     qp.poll(64, &mut |tag, result| {
+//!         assert!(result.is_ok(), "tag {tag}");
+//!         done += 1;
+//!     });
 //! }
+//! assert_eq!(done, 2);
 //!
 //! // Recovery: after a timeout (`qp.needs_reset()`) or fatal status (`ctrl.is_fatal()`),
 //! // gather every live queue pair and call `ctrl.reset(&mut [&mut qp, ...])`.
+//! ctrl.reset(&mut [&mut qp])?;
+//! # Ok::<(), keel_nvme::NvmeError>(())
 //! ```
 //!
 //! # Design notes

@@ -87,3 +87,76 @@ pub fn build(
 fn write_entry(list: &DmaRegion, off: usize, v: u64) -> Result<(), PrpError> {
     list.write(off, &v).map_err(|_| PrpError::ListRegion)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_hal::DmaAllocator;
+    use keel_model::HostDma;
+
+    fn entry(list: &DmaRegion, i: usize) -> u64 {
+        list.read(i * 8).unwrap()
+    }
+
+    #[test]
+    fn capacities() {
+        assert_eq!(list_capacity(1), 512);
+        assert_eq!(list_capacity(2), 1023);
+        assert_eq!(max_transfer(1), 2 * 1024 * 1024);
+    }
+
+    #[test]
+    fn one_and_two_pages() {
+        let dma = HostDma::new();
+        let list = dma.alloc(PAGE_SIZE, PAGE_SIZE).unwrap();
+        let base = 0x10_0000u64;
+        assert_eq!(build(base, 4096, &list, 0, 1), Ok((base, 0)));
+        assert_eq!(build(base + 4092, 4, &list, 0, 1), Ok((base + 4092, 0)));
+        assert_eq!(
+            build(base + 4092, 8, &list, 0, 1),
+            Ok((base + 4092, base + 4096))
+        );
+        assert_eq!(build(base, 8192, &list, 0, 1), Ok((base, base + 4096)));
+        assert_eq!(build(base + 2, 8, &list, 0, 1), Err(PrpError::BadBuffer));
+        assert_eq!(build(base, 0, &list, 0, 1), Err(PrpError::BadBuffer));
+        assert_eq!(entry(&list, 0), 0, "no list written for <= 2 pages");
+    }
+
+    #[test]
+    fn list_with_offset() {
+        let dma = HostDma::new();
+        let list = dma.alloc(PAGE_SIZE, PAGE_SIZE).unwrap();
+        let base = 0x20_0000u64;
+        // 100 bytes into a page, 3 pages long: touches 4 pages.
+        let (p1, p2) = build(base + 100, 3 * 4096, &list, 0, 1).unwrap();
+        assert_eq!(p1, base + 100);
+        assert_eq!(p2, list.bus_addr());
+        assert_eq!(
+            [entry(&list, 0), entry(&list, 1), entry(&list, 2)],
+            [base + 4096, base + 8192, base + 12288]
+        );
+        assert_eq!(entry(&list, 3), 0);
+    }
+
+    #[test]
+    fn chained_lists() {
+        let dma = HostDma::new();
+        let list = dma.alloc(2 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        let base = 0x4000_0000u64;
+        // PRP1 covers page 0; 600 more pages: 511 in list page 0, then a chain, 89 in page 1.
+        let (_, p2) = build(base, 601 * 4096, &list, 0, 2).unwrap();
+        assert_eq!(p2, list.bus_addr());
+        assert_eq!(entry(&list, 510), base + 511 * 4096);
+        assert_eq!(entry(&list, 511), list.bus_addr() + 4096, "chain pointer");
+        assert_eq!(entry(&list, 512), base + 512 * 4096);
+        assert_eq!(entry(&list, 512 + 88), base + 600 * 4096);
+        // Exactly 512 entries fit one page without a chain.
+        let list1 = dma.alloc(PAGE_SIZE, PAGE_SIZE).unwrap();
+        assert!(build(base, 513 * 4096, &list1, 0, 1).is_ok());
+        assert_eq!(entry(&list1, 511), base + 512 * 4096);
+        assert_eq!(
+            build(base, 514 * 4096, &list1, 0, 1),
+            Err(PrpError::TooLong)
+        );
+    }
+}
