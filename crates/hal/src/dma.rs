@@ -62,6 +62,29 @@ impl DmaRegion {
         self.len == 0
     }
 
+    /// Splits the region at `mid` into `[0, mid)` and `[mid, len)`, each owning its part (for
+    /// example, per-queue slices of one shared doorbell page). Gives the region back unchanged
+    /// when `mid > len`. An allocator's `free` may later receive such parts.
+    pub fn split_at(self, mid: usize) -> Result<(DmaRegion, DmaRegion), DmaRegion> {
+        if mid > self.len {
+            return Err(self);
+        }
+        let Some(hi_ptr) = NonNull::new(self.ptr.as_ptr().wrapping_add(mid)) else {
+            return Err(self);
+        };
+        let lo = DmaRegion {
+            ptr: self.ptr,
+            bus: self.bus,
+            len: mid,
+        };
+        let hi = DmaRegion {
+            ptr: hi_ptr,
+            bus: self.bus.wrapping_add(mid as u64),
+            len: self.len - mid,
+        };
+        Ok((lo, hi))
+    }
+
     /// The device-visible address of byte 0.
     pub fn bus_addr(&self) -> u64 {
         self.bus

@@ -1,2 +1,15 @@
 //! A software platform for host tests, fuzzing and instruction counts.
+//!
+//! * [`HostDma`]: a [`DmaAllocator`](keel_hal::DmaAllocator) over the heap whose bus addresses are
+//!   host virtual addresses, with a registry so device models only touch live allocations.
+//! * [`ModelClock`]: a manual clock (`delay_us` advances it; tests advance it to trigger timeouts).
+//! * [`nvme::NvmeModel`]: a software NVMe 1.4 controller behind [`nvme::ModelMmio`].
 #![forbid(unsafe_op_in_unsafe_fn)]
+
+pub mod clock;
+pub mod dma;
+pub mod nvme;
+
+pub use clock::ModelClock;
+pub use dma::{HostDma, MemError};
+pub use nvme::{Fault, ModelConfig, ModelMmio, NsConfig, NvmeModel};

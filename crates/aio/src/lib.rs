@@ -1,0 +1,704 @@
+//! The I/O handle lifecycle, after PostgreSQL's AIO subsystem.
+//!
+//! A fixed array of `N` I/O handles ([`Aio`]). Each handle moves through
+//!
+//! ```text
+//! Idle -> HandedOut -> Defined -> Staged -> Submitted -> CompletedIo
+//!      -> CompletedShared -> CompletedLocal -> Idle        (and HandedOut -> Idle)
+//! ```
+//!
+//! * **One function performs every transition.** It checks the move is legal (an illegal one
+//!   is [`AioError::IllegalTransition`], never a panic) and runs inside
+//!   `critical_section::with`, so an interrupt handler (which completes I/O) never sees or
+//!   makes a half-done update.
+//! * **Generations.** A handle's generation is bumped each time it returns to `Idle`. Callers
+//!   hold [`IoRef`]s (index + generation). Waiting on an `IoRef` whose handle was since
+//!   reclaimed (and maybe reused) reports [`WaitOutcome::Recycled`] ("already done").
+//! * **State and generation are read together**, in one critical section. PostgreSQL's bug
+//!   (pgsql-hackers, "AIO v2.5", May 2025) read the state, then logged (which processed
+//!   interrupts, which reclaimed and reused the handle), then read the generation: it waited on
+//!   the new owner's unsubmitted I/O and PANICked. [`Aio::wait_for_free`] takes the
+//!   `(index, generation)` pair in one critical section before its logging hook runs.
+//! * The free handles are a [`keel_slots::FreeBitmap`]: acquiring a handle is lock-free;
+//!   returning one to `Idle` is a single `fetch_or`.
+#![no_std]
+#![forbid(unsafe_code)]
+#![forbid(unsafe_op_in_unsafe_fn)]
+#![deny(missing_docs)]
+
+mod sync;
+
+use core::fmt;
+
+use keel_slots::{FreeBitmap, SlotError};
+
+use crate::sync::CsCell;
+
+/// The lifecycle state of an I/O handle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HandleState {
+    /// Free.
+    Idle,
+    /// Acquired by an issuer, nothing defined yet.
+    HandedOut,
+    /// The operation is described ([`Aio::define`]).
+    Defined,
+    /// Queued locally, not yet given to the device ([`Aio::stage`]).
+    Staged,
+    /// Given to the device ([`Aio::submit`]).
+    Submitted,
+    /// The device reported completion ([`Aio::complete`], usually from the interrupt handler).
+    CompletedIo,
+    /// Shared completion processing done ([`Aio::complete_shared`]).
+    CompletedShared,
+    /// Issuer-local completion processing done ([`Aio::complete_local`]); ready to reclaim.
+    CompletedLocal,
+}
+
+impl HandleState {
+    /// Whether `self -> to` is a legal transition.
+    pub const fn can_move_to(self, to: Self) -> bool {
+        use HandleState::*;
+        matches!(
+            (self, to),
+            (Idle, HandedOut)
+                | (HandedOut, Defined)
+                | (HandedOut, Idle)
+                | (Defined, Staged)
+                | (Staged, Submitted)
+                | (Submitted, CompletedIo)
+                | (CompletedIo, CompletedShared)
+                | (CompletedShared, CompletedLocal)
+                | (CompletedLocal, Idle)
+        )
+    }
+
+    /// Whether the device has reported completion (any `Completed*` state).
+    pub const fn is_completed(self) -> bool {
+        matches!(
+            self,
+            Self::CompletedIo | Self::CompletedShared | Self::CompletedLocal
+        )
+    }
+
+    /// Whether the I/O was submitted and the handle not yet reclaimed.
+    pub const fn is_in_flight(self) -> bool {
+        matches!(self, Self::Submitted) || self.is_completed()
+    }
+}
+
+/// What an I/O does. The reactor keeps the buffer for each handle index itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IoOp {
+    /// Read `blocks` blocks at `lba`.
+    Read,
+    /// Write `blocks` blocks at `lba`.
+    Write,
+    /// Flush the volatile write cache.
+    Flush,
+}
+
+/// The description of one I/O, set by [`Aio::define`] and returned by [`Aio::submit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IoDesc {
+    /// The operation.
+    pub op: IoOp,
+    /// First logical block.
+    pub lba: u64,
+    /// Number of blocks.
+    pub blocks: u32,
+}
+
+/// Why an I/O failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IoError {
+    /// The device reported an error status.
+    Device {
+        /// The raw status (e.g. NVMe status code type and code).
+        status: u16,
+    },
+    /// The I/O was aborted (queue deleted, controller reset).
+    Aborted,
+}
+
+/// The outcome of an I/O: bytes transferred (or a command-specific value), or the failure.
+pub type IoResult = Result<u32, IoError>;
+
+/// A reference to one use of one handle: index + generation, taken before submission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IoRef {
+    index: u16,
+    generation: u32,
+}
+
+impl IoRef {
+    /// A reference from its parts (e.g. rebuilt from a message). Nothing is checked here;
+    /// every [`Aio`] operation range-checks the index and compares the generation.
+    pub const fn new(index: u16, generation: u32) -> Self {
+        Self { index, generation }
+    }
+
+    /// The handle index.
+    pub const fn index(self) -> usize {
+        self.index as usize
+    }
+
+    /// The handle generation this reference is for.
+    pub const fn generation(self) -> u32 {
+        self.generation
+    }
+}
+
+/// A consistent view of one handle: everything read in one critical section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The state.
+    pub state: HandleState,
+    /// The current generation.
+    pub generation: u32,
+    /// The result, once the I/O completed (until the handle is reclaimed).
+    pub result: Option<IoResult>,
+}
+
+/// The result of [`Aio::wait`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitOutcome {
+    /// The I/O has completed with this result; the handle is not reclaimed yet.
+    Done(IoResult),
+    /// The handle was reclaimed (and maybe reused) since the reference was taken: the I/O is
+    /// already done, and its result went to whoever reclaimed it.
+    Recycled,
+}
+
+/// Why an [`Aio`] operation was refused. Never a panic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AioError {
+    /// No handle is free ([`Aio::acquire`]).
+    NoFreeHandle,
+    /// No handle is free and none is in flight, so waiting cannot help ([`Aio::wait_for_free`]):
+    /// every handle is held by an issuer that has not submitted.
+    NothingInFlight,
+    /// The index is not below the number of handles (e.g. a corrupt completion entry).
+    BadIndex {
+        /// The offending index.
+        index: usize,
+        /// The number of handles.
+        capacity: usize,
+    },
+    /// The reference's handle was reclaimed since the reference was taken.
+    Stale {
+        /// The handle index.
+        index: usize,
+        /// The generation the reference carries.
+        expected: u32,
+        /// The handle's current generation.
+        current: u32,
+    },
+    /// The requested transition is not legal from the handle's current state.
+    IllegalTransition {
+        /// The handle index.
+        index: usize,
+        /// Its current state.
+        from: HandleState,
+        /// The requested state.
+        to: HandleState,
+    },
+    /// Waiting on an I/O that has not been submitted (it can never complete by waiting).
+    NotSubmitted {
+        /// The handle's state.
+        state: HandleState,
+    },
+    /// The [`Driver::poll`] gave up.
+    GaveUp,
+    /// The free bitmap disagreed with the handle states (an internal invariant broke).
+    Slots(SlotError),
+}
+
+impl fmt::Display for AioError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoFreeHandle => f.write_str("no free I/O handle"),
+            Self::NothingInFlight => f.write_str("no free I/O handle and none in flight"),
+            Self::BadIndex { index, capacity } => {
+                write!(f, "I/O handle index {index} out of range ({capacity} handles)")
+            }
+            Self::Stale {
+                index,
+                expected,
+                current,
+            } => write!(
+                f,
+                "I/O handle {index} recycled: reference generation {expected}, now {current}"
+            ),
+            Self::IllegalTransition { index, from, to } => {
+                write!(f, "I/O handle {index}: illegal transition {from:?} -> {to:?}")
+            }
+            Self::NotSubmitted { state } => write!(f, "waiting for an unsubmitted I/O ({state:?})"),
+            Self::GaveUp => f.write_str("gave up waiting"),
+            Self::Slots(e) => write!(f, "free bitmap: {e}"),
+        }
+    }
+}
+
+/// What the waiting functions call back into. A closure `FnMut() -> bool` is a `Driver` whose
+/// `poll` is the closure.
+pub trait Driver {
+    /// Makes progress on completions (poll the completion queue, or sleep until an interrupt).
+    /// Return `false` to give up waiting ([`AioError::GaveUp`]).
+    fn poll(&mut self) -> bool;
+
+    /// Called (outside any critical section) with the result of each I/O that
+    /// [`Aio::reclaim_completed`] or [`Aio::wait_for_free`] reclaimed on the issuer's behalf.
+    fn on_reclaim(&mut self, io: IoRef, result: IoResult) {
+        let _ = (io, result);
+    }
+
+    /// Called by [`Aio::wait_for_free`] just before it waits for `io`, the oldest in-flight I/O
+    /// (`in_flight` in all), e.g. to log. It may run interrupt processing: `io` was taken as an
+    /// (index, generation) pair beforehand, so that cannot confuse the wait.
+    fn on_wait(&mut self, io: IoRef, in_flight: usize) {
+        let _ = (io, in_flight);
+    }
+}
+
+impl<F: FnMut() -> bool> Driver for F {
+    fn poll(&mut self) -> bool {
+        self()
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    state: HandleState,
+    generation: u32,
+    desc: Option<IoDesc>,
+    result: Option<IoResult>,
+    /// Submission order, for "oldest in flight".
+    seq: u64,
+}
+
+impl Slot {
+    const IDLE: Self = Self {
+        state: HandleState::Idle,
+        generation: 0,
+        desc: None,
+        result: None,
+        seq: 0,
+    };
+}
+
+struct Inner<const N: usize> {
+    slots: [Slot; N],
+    next_seq: u64,
+}
+
+/// What a transition records besides the new state.
+enum Effect {
+    None,
+    Define(IoDesc),
+    Complete(IoResult),
+}
+
+/// What a transition saw, as of just before it applied.
+struct Moved {
+    io: IoRef,
+    before: Slot,
+}
+
+/// `N` I/O handles (`W = keel_slots::words_for(N)` words of free bitmap; `N` is checked
+/// against `W` at compile time and must be at most 65 536).
+pub struct Aio<const N: usize, const W: usize> {
+    free: FreeBitmap<W>,
+    inner: CsCell<Inner<N>>,
+}
+
+impl<const N: usize, const W: usize> Aio<N, W> {
+    const SIZE_OK: () = assert!(
+        N > 0 && N <= W * 64 && N <= 1 << 16,
+        "Aio<N, W>: need 0 < N <= W * 64 (use keel_slots::words_for(N)) and N <= 65536"
+    );
+
+    /// `N` idle handles, every generation 0.
+    #[cfg(not(loom))]
+    pub const fn new() -> Self {
+        let () = Self::SIZE_OK;
+        Self {
+            free: FreeBitmap::new_saturating(N),
+            inner: CsCell::new(Inner {
+                slots: [Slot::IDLE; N],
+                next_seq: 0,
+            }),
+        }
+    }
+
+    /// `N` idle handles, every generation 0 (loom build: not `const`).
+    #[cfg(loom)]
+    pub fn new() -> Self {
+        let () = Self::SIZE_OK;
+        Self {
+            free: FreeBitmap::new_saturating(N),
+            inner: CsCell::new(Inner {
+                slots: [Slot::IDLE; N],
+                next_seq: 0,
+            }),
+        }
+    }
+
+    /// The number of handles.
+    pub const fn capacity(&self) -> usize {
+        N
+    }
+
+    /// How many handles are free (a snapshot).
+    pub fn free_count(&self) -> usize {
+        self.free.free_count()
+    }
+
+    /// **The** transition function: every state change of every handle goes through here.
+    /// In one critical section it range-checks `index`, compares the generation (if
+    /// `expect` is given), checks the current state is `from` (if given; `Idle` has two
+    /// predecessors) and that `current -> to` is legal, applies `effect`, and on a return to
+    /// `Idle` bumps the generation and frees the bitmap bit (one `fetch_or`). A refused
+    /// transition changes nothing.
+    fn transition(
+        &self,
+        index: usize,
+        expect: Option<u32>,
+        from: Option<HandleState>,
+        to: HandleState,
+        effect: Effect,
+    ) -> Result<Moved, AioError> {
+        self.inner.with(|inner| {
+            let next_seq = &mut inner.next_seq;
+            let slot = inner.slots.get_mut(index).ok_or(AioError::BadIndex {
+                index,
+                capacity: N,
+            })?;
+            if let Some(expected) = expect {
+                if expected != slot.generation {
+                    return Err(AioError::Stale {
+                        index,
+                        expected,
+                        current: slot.generation,
+                    });
+                }
+            }
+            if !slot.state.can_move_to(to) || from.is_some_and(|f| f != slot.state) {
+                return Err(AioError::IllegalTransition {
+                    index,
+                    from: slot.state,
+                    to,
+                });
+            }
+            let before = *slot;
+            slot.state = to;
+            match effect {
+                Effect::None => {}
+                Effect::Define(desc) => slot.desc = Some(desc),
+                Effect::Complete(result) => slot.result = Some(result),
+            }
+            if to == HandleState::Submitted {
+                slot.seq = *next_seq;
+                *next_seq = next_seq.wrapping_add(1);
+            }
+            if to == HandleState::Idle {
+                slot.generation = slot.generation.wrapping_add(1);
+                slot.desc = None;
+                slot.result = None;
+                // Invariant: a set bit means Idle. The bit was clear (the handle was held).
+                self.free.release(index).map_err(AioError::Slots)?;
+            }
+            Ok(Moved {
+                // `index < N <= 65536`, so it fits.
+                io: IoRef::new(index as u16, before.generation),
+                before,
+            })
+        })
+    }
+
+    /// Takes a free handle (`Idle -> HandedOut`). Lock-free.
+    ///
+    /// # Errors
+    /// [`AioError::NoFreeHandle`]; see [`Self::wait_for_free`] to wait for one.
+    pub fn acquire(&self) -> Result<IoRef, AioError> {
+        let index = self.free.acquire().ok_or(AioError::NoFreeHandle)?;
+        Ok(self
+            .transition(index, None, None, HandleState::HandedOut, Effect::None)?
+            .io)
+    }
+
+    /// Gives back a handle that was never defined (`HandedOut -> Idle`).
+    ///
+    /// # Errors
+    /// [`AioError::Stale`], [`AioError::BadIndex`], [`AioError::IllegalTransition`].
+    pub fn release(&self, io: IoRef) -> Result<(), AioError> {
+        self.transition(
+            io.index(),
+            Some(io.generation()),
+            Some(HandleState::HandedOut),
+            HandleState::Idle,
+            Effect::None,
+        )
+        .map(|_| ())
+    }
+
+    /// Describes the I/O (`HandedOut -> Defined`).
+    ///
+    /// # Errors
+    /// As [`Self::release`].
+    pub fn define(&self, io: IoRef, desc: IoDesc) -> Result<(), AioError> {
+        self.step(io, HandleState::Defined, Effect::Define(desc))
+            .map(|_| ())
+    }
+
+    /// Queues the I/O locally (`Defined -> Staged`).
+    ///
+    /// # Errors
+    /// As [`Self::release`].
+    pub fn stage(&self, io: IoRef) -> Result<(), AioError> {
+        self.step(io, HandleState::Staged, Effect::None).map(|_| ())
+    }
+
+    /// Marks the I/O as given to the device (`Staged -> Submitted`) and returns its
+    /// description, to build the device command from. Take any [`IoRef`] copies for waiters
+    /// before this.
+    ///
+    /// # Errors
+    /// As [`Self::release`].
+    pub fn submit(&self, io: IoRef) -> Result<IoDesc, AioError> {
+        let moved = self.step(io, HandleState::Submitted, Effect::None)?;
+        // Defined before Staged before Submitted, so the description is there.
+        moved.before.desc.ok_or(AioError::IllegalTransition {
+            index: io.index(),
+            from: moved.before.state,
+            to: HandleState::Submitted,
+        })
+    }
+
+    /// Records the device's completion (`Submitted -> CompletedIo`). Interrupt-handler safe.
+    ///
+    /// # Errors
+    /// As [`Self::release`].
+    pub fn complete(&self, io: IoRef, result: IoResult) -> Result<(), AioError> {
+        self.step(io, HandleState::CompletedIo, Effect::Complete(result))
+            .map(|_| ())
+    }
+
+    /// Records a completion identified only by a raw index from untrusted memory (e.g. an
+    /// NVMe completion entry's command id): range-checked, and legal only if that handle is
+    /// `Submitted`. Returns the reference the completion applied to.
+    ///
+    /// # Errors
+    /// [`AioError::BadIndex`] for an index `>= N`, [`AioError::IllegalTransition`] if that
+    /// handle is not `Submitted` (a spurious or duplicate completion).
+    pub fn complete_raw(&self, raw_index: u32, result: IoResult) -> Result<IoRef, AioError> {
+        let index = raw_index as usize;
+        Ok(self
+            .transition(
+                index,
+                None,
+                None,
+                HandleState::CompletedIo,
+                Effect::Complete(result),
+            )?
+            .io)
+    }
+
+    /// Shared completion processing is done (`CompletedIo -> CompletedShared`).
+    ///
+    /// # Errors
+    /// As [`Self::release`].
+    pub fn complete_shared(&self, io: IoRef) -> Result<(), AioError> {
+        self.step(io, HandleState::CompletedShared, Effect::None)
+            .map(|_| ())
+    }
+
+    /// Issuer-local completion processing is done (`CompletedShared -> CompletedLocal`).
+    ///
+    /// # Errors
+    /// As [`Self::release`].
+    pub fn complete_local(&self, io: IoRef) -> Result<(), AioError> {
+        self.step(io, HandleState::CompletedLocal, Effect::None)
+            .map(|_| ())
+    }
+
+    /// Returns the handle to the free set (`CompletedLocal -> Idle`), bumping its generation,
+    /// and hands back the I/O's result.
+    ///
+    /// # Errors
+    /// As [`Self::release`].
+    pub fn reclaim(&self, io: IoRef) -> Result<IoResult, AioError> {
+        let moved = self.transition(
+            io.index(),
+            Some(io.generation()),
+            Some(HandleState::CompletedLocal),
+            HandleState::Idle,
+            Effect::None,
+        )?;
+        Ok(moved.before.result.unwrap_or(Err(IoError::Aborted)))
+    }
+
+    /// Drives a completed I/O the rest of the way (`CompletedIo`/`CompletedShared`/
+    /// `CompletedLocal` -> ... -> `Idle`) and returns its result.
+    ///
+    /// # Errors
+    /// As [`Self::release`]; [`AioError::IllegalTransition`] if the I/O has not completed.
+    pub fn finish(&self, io: IoRef) -> Result<IoResult, AioError> {
+        let state = self.snapshot_ref(io)?.state;
+        if state == HandleState::CompletedIo {
+            self.complete_shared(io)?;
+        }
+        if matches!(state, HandleState::CompletedIo | HandleState::CompletedShared) {
+            self.complete_local(io)?;
+        }
+        self.reclaim(io)
+    }
+
+    /// State, generation and result of handle `index`, read together in one critical section.
+    ///
+    /// # Errors
+    /// [`AioError::BadIndex`] for an index `>= N`.
+    pub fn snapshot(&self, index: usize) -> Result<Snapshot, AioError> {
+        self.inner.with(|inner| {
+            let slot = inner.slots.get(index).ok_or(AioError::BadIndex {
+                index,
+                capacity: N,
+            })?;
+            Ok(Snapshot {
+                state: slot.state,
+                generation: slot.generation,
+                result: slot.result,
+            })
+        })
+    }
+
+    /// How many I/Os are submitted and not yet reclaimed (a snapshot).
+    pub fn in_flight(&self) -> usize {
+        self.inner
+            .with(|inner| inner.slots.iter().filter(|s| s.state.is_in_flight()).count())
+    }
+
+    /// Waits until the I/O `io` refers to has completed, calling `driver.poll()` while it is
+    /// in flight. The handle's state and generation are always read together.
+    ///
+    /// # Errors
+    /// [`AioError::NotSubmitted`] if that I/O is not submitted (waiting could never end),
+    /// [`AioError::GaveUp`] if the driver gave up, [`AioError::BadIndex`].
+    pub fn wait(&self, io: IoRef, driver: &mut impl Driver) -> Result<WaitOutcome, AioError> {
+        loop {
+            let now = self.snapshot(io.index())?;
+            if now.generation != io.generation() {
+                return Ok(WaitOutcome::Recycled);
+            }
+            match now.state {
+                s if s.is_completed() => {
+                    return Ok(WaitOutcome::Done(now.result.unwrap_or(Err(IoError::Aborted))))
+                }
+                HandleState::Submitted => {
+                    if !driver.poll() {
+                        return Err(AioError::GaveUp);
+                    }
+                }
+                state => return Err(AioError::NotSubmitted { state }),
+            }
+        }
+    }
+
+    /// Reclaims every completed I/O, passing each result to `driver.on_reclaim`. Returns how
+    /// many it reclaimed.
+    pub fn reclaim_completed(&self, driver: &mut impl Driver) -> usize {
+        let mut reclaimed = 0;
+        for index in 0..N {
+            let Ok(now) = self.snapshot(index) else {
+                continue;
+            };
+            if !now.state.is_completed() {
+                continue;
+            }
+            let io = IoRef::new(index as u16, now.generation);
+            // Fails only if someone else reclaimed it meanwhile: then it is not ours to report.
+            if let Ok(result) = self.finish(io) {
+                driver.on_reclaim(io, result);
+                reclaimed += 1;
+            }
+        }
+        reclaimed
+    }
+
+    /// Acquires a handle, waiting for one if none is free: reclaims completed I/Os first (their
+    /// results go to `driver.on_reclaim`), then waits for the oldest in-flight I/O, and
+    /// repeats.
+    ///
+    /// # Errors
+    /// [`AioError::NothingInFlight`] if no handle is free and none is in flight (waiting could
+    /// never end), [`AioError::GaveUp`] if the driver gave up.
+    pub fn wait_for_free(&self, driver: &mut impl Driver) -> Result<IoRef, AioError> {
+        loop {
+            self.reclaim_completed(driver);
+            match self.acquire() {
+                Err(AioError::NoFreeHandle) => {}
+                other => return other,
+            }
+            // Index and generation of the oldest in-flight I/O, taken in one critical section.
+            let Some((oldest, in_flight)) = self.oldest_in_flight() else {
+                // Interrupt processing may have freed a handle since the acquire above.
+                return self.acquire().map_err(|e| match e {
+                    AioError::NoFreeHandle => AioError::NothingInFlight,
+                    e => e,
+                });
+            };
+            // May run interrupt processing, which may reclaim and reuse `oldest`: harmless,
+            // the wait below then sees a new generation and reports Recycled.
+            driver.on_wait(oldest, in_flight);
+            match self.wait(oldest, driver)? {
+                WaitOutcome::Done(_) | WaitOutcome::Recycled => {}
+            }
+        }
+    }
+
+    /// The oldest in-flight I/O (as an index + generation pair) and the in-flight count.
+    fn oldest_in_flight(&self) -> Option<(IoRef, usize)> {
+        self.inner.with(|inner| {
+            let mut count = 0;
+            let mut oldest: Option<(usize, &Slot)> = None;
+            for (index, slot) in inner.slots.iter().enumerate() {
+                if !slot.state.is_in_flight() {
+                    continue;
+                }
+                count += 1;
+                // Sequence numbers wrap; compare by distance from the next one to hand out.
+                let age = inner.next_seq.wrapping_sub(slot.seq);
+                if oldest.is_none_or(|(_, o)| age > inner.next_seq.wrapping_sub(o.seq)) {
+                    oldest = Some((index, slot));
+                }
+            }
+            oldest.map(|(index, slot)| (IoRef::new(index as u16, slot.generation), count))
+        })
+    }
+
+    /// A generation-checked transition of the handle `io` refers to.
+    fn step(&self, io: IoRef, to: HandleState, effect: Effect) -> Result<Moved, AioError> {
+        self.transition(io.index(), Some(io.generation()), None, to, effect)
+    }
+
+    /// [`Self::snapshot`], but [`AioError::Stale`] if `io`'s generation is not current.
+    fn snapshot_ref(&self, io: IoRef) -> Result<Snapshot, AioError> {
+        let now = self.snapshot(io.index())?;
+        if now.generation != io.generation() {
+            return Err(AioError::Stale {
+                index: io.index(),
+                expected: io.generation(),
+                current: now.generation,
+            });
+        }
+        Ok(now)
+    }
+}
+
+#[cfg(not(loom))]
+impl<const N: usize, const W: usize> Default for Aio<N, W> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+

@@ -1,0 +1,202 @@
+//! The device layer: what a storage engine above Keel sees of a block device.
+//!
+//! The unit is a **queue pair** ([`BlockQueue`]): one submission/completion channel owned by one
+//! core and driven without locks and without interrupts. Work is named by a caller-chosen `u32`
+//! *tag*; every accepted tag is reported exactly once through [`BlockQueue::poll`]'s callback.
+//! The NVMe driver (`keel-nvme`) implements it; an SPDK-backed queue pair could implement it too.
+//!
+//! Buffers are named by [`BufRef`]: a device-visible (bus) address and a length. No heap is
+//! involved; the caller keeps the memory alive and untouched until the tag completes.
+#![no_std]
+#![forbid(unsafe_code)]
+
+use keel_hal::DmaRegion;
+
+/// A namespace (logical unit) identifier, as the device numbers them (NVMe: 1-based NSID).
+pub type NsId = u32;
+
+/// Device-visible memory for a data transfer: `len` bytes starting at bus address `bus`.
+///
+/// Built from a [`DmaRegion`] with [`BufRef::new`], which checks bounds. The memory must stay
+/// allocated and must not be reused until the tag the buffer was submitted with completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct BufRef {
+    bus: u64,
+    len: usize,
+}
+
+impl BufRef {
+    /// `len` bytes at `offset` inside `region`.
+    pub fn new(region: &DmaRegion, offset: usize, len: usize) -> Result<Self, BufError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= region.len() => {}
+            _ => return Err(BufError::OutOfBounds),
+        }
+        let bus = region
+            .bus_addr()
+            .checked_add(offset as u64)
+            .ok_or(BufError::OutOfBounds)?;
+        Ok(Self { bus, len })
+    }
+
+    /// The whole region.
+    pub fn whole(region: &DmaRegion) -> Self {
+        Self {
+            bus: region.bus_addr(),
+            len: region.len(),
+        }
+    }
+
+    /// From a raw bus address, for platforms that manage DMA memory themselves (for example an
+    /// SPDK-style hugepage pool). The caller vouches that `bus..bus+len` is DMA-able.
+    pub const fn from_bus(bus: u64, len: usize) -> Self {
+        Self { bus, len }
+    }
+
+    pub const fn bus_addr(&self) -> u64 {
+        self.bus
+    }
+
+    pub const fn len(&self) -> usize {
+        self.len
+    }
+
+    pub const fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Why a [`BufRef`] could not be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum BufError {
+    /// `offset + len` lies outside the region.
+    OutOfBounds,
+}
+
+/// One block operation. `lba` and `blocks` are in the namespace's logical blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum BlockOp {
+    /// Read `blocks` blocks into `buf` (`buf.len()` must be `blocks * block_size`).
+    Read {
+        ns: NsId,
+        lba: u64,
+        blocks: u32,
+        buf: BufRef,
+    },
+    /// Write `blocks` blocks from `buf` (`buf.len()` must be `blocks * block_size`).
+    Write {
+        ns: NsId,
+        lba: u64,
+        blocks: u32,
+        buf: BufRef,
+    },
+    /// Make all completed writes to `ns` durable.
+    Flush { ns: NsId },
+    /// Set `blocks` blocks to zero without a data transfer.
+    WriteZeroes { ns: NsId, lba: u64, blocks: u32 },
+    /// Tell the device the blocks are no longer in use (TRIM / deallocate).
+    Deallocate { ns: NsId, lba: u64, blocks: u32 },
+}
+
+impl BlockOp {
+    /// The namespace the operation addresses.
+    pub fn ns(&self) -> NsId {
+        match *self {
+            BlockOp::Read { ns, .. }
+            | BlockOp::Write { ns, .. }
+            | BlockOp::Flush { ns }
+            | BlockOp::WriteZeroes { ns, .. }
+            | BlockOp::Deallocate { ns, .. } => ns,
+        }
+    }
+}
+
+/// Why [`BlockQueue::submit`] refused an operation. Nothing was queued and the tag will not be
+/// reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum SubmitError {
+    /// Not enough free queue slots right now: poll for completions and try again (backpressure).
+    QueueFull,
+    /// The operation needs more command slots than the queue has at all; split it.
+    TooLarge,
+    /// No such namespace on this device.
+    InvalidNamespace,
+    /// `lba + blocks` lies past the end of the namespace, or `blocks` is 0.
+    OutOfRange,
+    /// `buf.len()` is not `blocks * block_size`.
+    BufferLength,
+    /// The buffer's bus address is not aligned as the device requires (NVMe: 4 bytes).
+    BufferAlignment,
+    /// The device does not support this operation.
+    Unsupported,
+    /// The device has failed or is being reset; no new work is accepted until it recovers.
+    DeviceUnavailable,
+}
+
+/// Why an accepted operation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum IoError {
+    /// The device did not complete the operation in time.
+    Timeout,
+    /// The operation was aborted (by an abort request or a queue deletion).
+    Aborted,
+    /// The device was reset and the operation could not be resubmitted.
+    DeviceReset,
+    /// Unrecoverable media error (read or write fault, integrity check failure).
+    Media,
+    /// The device rejected the LBA range.
+    OutOfRange,
+    /// The device rejected the command as invalid (opcode, field, namespace).
+    Invalid,
+    /// The device reports the namespace or medium as write-protected.
+    WriteProtected,
+    /// Any other device status; `code` is device-specific (NVMe: `SCT << 8 | SC`).
+    Device { code: u16 },
+}
+
+/// A polled, tag-based queue pair on a block device.
+///
+/// Typical loop: several [`submit`](Self::submit)s, one [`flush_submissions`](Self::flush_submissions)
+/// (one doorbell for the burst), then [`poll`](Self::poll) until the tags come back. `poll` also
+/// flushes pending submissions, so forgetting `flush_submissions` delays work but never loses it.
+pub trait BlockQueue {
+    /// Queues `op` under `tag`. Does not notify the device. On `Err`, nothing was queued.
+    fn submit(&mut self, op: BlockOp, tag: u32) -> Result<(), SubmitError>;
+    /// Tells the device about everything queued since the last flush (one doorbell write).
+    fn flush_submissions(&mut self);
+    /// Reaps up to `max` device completions and reports finished tags through `on_done`, each
+    /// accepted tag exactly once. Returns how many tags were reported.
+    fn poll(&mut self, max: usize, on_done: &mut dyn FnMut(u32, Result<(), IoError>)) -> usize;
+    /// How many device commands the queue can hold at once.
+    fn depth(&self) -> usize;
+    /// Tags accepted and not yet reported.
+    fn in_flight(&self) -> usize;
+    /// Logical block size of namespace `ns` in bytes, if it exists.
+    fn block_size(&self, ns: NsId) -> Option<u32>;
+    /// Number of logical blocks of namespace `ns`, if it exists.
+    fn num_blocks(&self, ns: NsId) -> Option<u64>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bufref_bounds_and_ops() {
+        let b = BufRef::from_bus(0x1000, 512);
+        assert_eq!((b.bus_addr(), b.len(), b.is_empty()), (0x1000, 512, false));
+        let op = BlockOp::Read {
+            ns: 3,
+            lba: 0,
+            blocks: 1,
+            buf: b,
+        };
+        assert_eq!(op.ns(), 3);
+        assert_eq!(BlockOp::Flush { ns: 9 }.ns(), 9);
+    }
+}

@@ -1,0 +1,852 @@
+//! Controller bring-up, admin queue, queue creation, reset.
+
+use core::sync::atomic::{fence, Ordering};
+
+use heapless::Vec;
+use keel_hal::{Clock, DmaAllocator, DmaRegion, Mmio};
+
+use crate::error::{BadIdentify, NvmeError, Step};
+use crate::qpair::{IoQueuePair, QpairParams};
+use crate::spec::{self, admin_op, cns, feature, reg, Cap, CqEntry, SqEntry, PAGE_SIZE};
+
+/// Most namespaces a [`Controller`] keeps (extra active namespaces are ignored with a warning).
+pub const MAX_NAMESPACES: usize = 16;
+/// Highest I/O queue id Keel uses.
+pub const MAX_IO_QUEUES: u16 = 64;
+/// Largest I/O queue depth Keel creates (leaves at least 4 generation bits in each CID).
+pub const MAX_IO_DEPTH: u16 = 4096;
+const ADMIN_DEPTH: u16 = 32;
+
+/// Driver configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Config {
+    /// Use the Doorbell Buffer Config (shadow doorbell) feature when the controller offers it.
+    pub shadow_doorbells: bool,
+    /// Per-command I/O timeout.
+    pub io_timeout_ms: u64,
+    /// Admin command timeout.
+    pub admin_timeout_ms: u64,
+    /// Retries of a command that failed with a transient status (DNR = 0), or that was in flight
+    /// across a controller reset.
+    pub max_retries: u8,
+    /// PRP list pages preallocated per command slot (>= 1). One page describes up to 2 MiB;
+    /// more pages are chained and raise the per-command transfer limit (if MDTS allows).
+    pub prp_list_pages: usize,
+    /// I/O queue pairs to ask for with Set Features (Number of Queues).
+    pub io_queues: u16,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            shadow_doorbells: false,
+            io_timeout_ms: 30_000,
+            admin_timeout_ms: 5_000,
+            max_retries: 3,
+            prp_list_pages: 1,
+            io_queues: 8,
+        }
+    }
+}
+
+/// A namespace the driver can do I/O on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Namespace {
+    pub nsid: u32,
+    /// Size in logical blocks (NSZE).
+    pub blocks: u64,
+    /// Logical block (LBA data) size in bytes.
+    pub block_size: u32,
+    /// Metadata bytes per block (separate buffer, unused by Keel).
+    pub metadata: u16,
+}
+
+/// What Identify Controller said, in usable form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct ControllerInfo {
+    pub vid: u16,
+    pub serial: [u8; 20],
+    pub model: [u8; 40],
+    pub firmware: [u8; 8],
+    /// VS register (major << 16 | minor << 8 | tertiary).
+    pub version: u32,
+    /// MDTS in bytes; `None` = no limit.
+    pub mdts_bytes: Option<u32>,
+    /// Largest transfer one command carries (MDTS and the PRP list space).
+    pub max_transfer: usize,
+    /// Volatile write cache present.
+    pub vwc: bool,
+    pub write_zeroes: bool,
+    pub deallocate: bool,
+    pub doorbell_buffer: bool,
+    /// Shadow doorbells are in use.
+    pub shadow_doorbells: bool,
+    pub nn: u32,
+    pub max_queue_entries: u32,
+    /// I/O queue pairs granted (Set Features Number of Queues), capped at [`MAX_IO_QUEUES`].
+    pub io_queues: u16,
+}
+
+fn trim(bytes: &[u8]) -> &str {
+    let s = core::str::from_utf8(bytes).unwrap_or("?");
+    s.trim_end_matches([' ', '\0'])
+}
+
+impl ControllerInfo {
+    pub fn model_str(&self) -> &str {
+        trim(&self.model)
+    }
+    pub fn serial_str(&self) -> &str {
+        trim(&self.serial)
+    }
+    pub fn firmware_str(&self) -> &str {
+        trim(&self.firmware)
+    }
+}
+
+/// Admin-queue statistics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct AdminStats {
+    pub commands: u64,
+    /// Completions with an unexpected CID or SQID (dropped).
+    pub stale_completions: u64,
+    pub resets: u64,
+}
+
+struct AdminQueue {
+    sq: DmaRegion,
+    cq: DmaRegion,
+    tail: u16,
+    head: u16,
+    phase: bool,
+    next_cid: u16,
+}
+
+struct Shadow {
+    db_bus: u64,
+    ei_bus: u64,
+    /// Per-qid `(doorbell, eventidx)` slices, `2 * stride` bytes each; `None` once handed out.
+    parts: Vec<Option<(DmaRegion, DmaRegion)>, { MAX_IO_QUEUES as usize + 1 }>,
+}
+
+/// An NVMe controller: the admin queue, identify data, namespaces.
+///
+/// I/O happens on [`IoQueuePair`]s created with [`Controller::create_io_qpair`], each owned by
+/// one core.
+pub struct Controller<M: Mmio, C: Clock> {
+    mmio: M,
+    clock: C,
+    cfg: Config,
+    cap: Cap,
+    stride: usize,
+    admin: AdminQueue,
+    scratch: DmaRegion,
+    info: ControllerInfo,
+    namespaces: Vec<Namespace, MAX_NAMESPACES>,
+    shadow: Option<Shadow>,
+    /// Bit `qid - 1` set while that I/O queue pair exists.
+    live: u64,
+    failed: bool,
+    stats: AdminStats,
+}
+
+impl<M: Mmio, C: Clock> Controller<M, C> {
+    /// Resets and enables the controller, identifies it and its namespaces, and negotiates the
+    /// number of I/O queues. `mmio` is BAR0.
+    pub fn init(
+        mmio: M,
+        dma: &impl DmaAllocator,
+        clock: C,
+        cfg: Config,
+    ) -> Result<Self, NvmeError> {
+        if cfg.prp_list_pages == 0 {
+            return Err(NvmeError::InvalidArgument("prp_list_pages must be >= 1"));
+        }
+        let cap = Cap {
+            raw: mmio.read64(reg::CAP),
+        };
+        if !cap.css_nvm() {
+            return Err(NvmeError::Unsupported("NVM command set"));
+        }
+        if cap.mps_min() > PAGE_SIZE || cap.mps_max() < PAGE_SIZE {
+            return Err(NvmeError::Unsupported("4 KiB memory pages"));
+        }
+        let stride = cap.doorbell_stride();
+        if mmio.len() < spec::cq_doorbell(0, stride) + 4 {
+            return Err(NvmeError::InvalidArgument(
+                "BAR0 smaller than the admin doorbells",
+            ));
+        }
+        let version = mmio.read32(reg::VS);
+        let admin = AdminQueue {
+            sq: dma.alloc(ADMIN_DEPTH as usize * 64, PAGE_SIZE)?,
+            cq: dma.alloc(ADMIN_DEPTH as usize * 16, PAGE_SIZE)?,
+            tail: 0,
+            head: 0,
+            phase: true,
+            next_cid: 0,
+        };
+        let scratch = dma.alloc(PAGE_SIZE, PAGE_SIZE)?;
+        let info = ControllerInfo {
+            vid: 0,
+            serial: [0; 20],
+            model: [0; 40],
+            firmware: [0; 8],
+            version,
+            mdts_bytes: None,
+            max_transfer: 0,
+            vwc: false,
+            write_zeroes: false,
+            deallocate: false,
+            doorbell_buffer: false,
+            shadow_doorbells: false,
+            nn: 0,
+            max_queue_entries: cap.max_queue_entries(),
+            io_queues: 0,
+        };
+        let mut ctrl = Self {
+            mmio,
+            clock,
+            cfg,
+            cap,
+            stride,
+            admin,
+            scratch,
+            info,
+            namespaces: Vec::new(),
+            shadow: None,
+            live: 0,
+            failed: false,
+            stats: AdminStats::default(),
+        };
+        keel_log::info!(
+            "nvme: version {=u32:x}, mqes {}, to {} ms",
+            version,
+            cap.max_queue_entries(),
+            cap.timeout_ms()
+        );
+        ctrl.disable()?;
+        ctrl.enable()?;
+        ctrl.identify_controller()?;
+        ctrl.scan_namespaces()?;
+        ctrl.negotiate_queues()?;
+        if ctrl.cfg.shadow_doorbells && ctrl.info.doorbell_buffer {
+            ctrl.setup_shadow(dma)?;
+        }
+        Ok(ctrl)
+    }
+
+    pub fn identify(&self) -> &ControllerInfo {
+        &self.info
+    }
+
+    pub fn namespaces(&self) -> &[Namespace] {
+        &self.namespaces
+    }
+
+    pub fn namespace(&self, nsid: u32) -> Option<&Namespace> {
+        self.namespaces.iter().find(|n| n.nsid == nsid)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn cap(&self) -> Cap {
+        self.cap
+    }
+
+    pub fn stats(&self) -> AdminStats {
+        self.stats
+    }
+
+    /// `true` when CSTS.CFS (controller fatal status) is set: call [`Controller::reset`].
+    pub fn is_fatal(&self) -> bool {
+        let csts = self.mmio.read32(reg::CSTS);
+        // All-ones: the device fell off the bus; treat as fatal.
+        csts == u32::MAX || csts & reg::CSTS_CFS != 0
+    }
+
+    fn wait_csts(&self, mask: u32, want: u32, step: Step) -> Result<(), NvmeError> {
+        // CAP.TO is the worst case for RDY transitions; never wait less than 500 ms.
+        let limit_ms = self.cap.timeout_ms().max(500);
+        let deadline = self.clock.now_ns().saturating_add(limit_ms * 1_000_000);
+        loop {
+            let csts = self.mmio.read32(reg::CSTS);
+            if csts == u32::MAX {
+                return Err(NvmeError::ControllerFatal); // device gone
+            }
+            if csts & mask == want {
+                return Ok(());
+            }
+            if csts & reg::CSTS_CFS != 0 && step == Step::Enable {
+                return Err(NvmeError::ControllerFatal);
+            }
+            if self.clock.now_ns() > deadline {
+                return Err(NvmeError::Timeout(step));
+            }
+            self.clock.delay_us(10);
+        }
+    }
+
+    fn disable(&mut self) -> Result<(), NvmeError> {
+        let cc = self.mmio.read32(reg::CC);
+        if cc & reg::CC_EN != 0 {
+            let csts = self.mmio.read32(reg::CSTS);
+            if csts & reg::CSTS_RDY == 0 && csts & reg::CSTS_CFS == 0 {
+                // EN 1 -> 0 while RDY is still 0 is undefined: let it finish enabling first.
+                let _ = self.wait_csts(reg::CSTS_RDY, reg::CSTS_RDY, Step::Enable);
+            }
+        }
+        self.mmio.write32(reg::CC, cc & !reg::CC_EN);
+        self.wait_csts(reg::CSTS_RDY, 0, Step::Disable)
+    }
+
+    fn enable(&mut self) -> Result<(), NvmeError> {
+        self.admin.cq.fill(0, self.admin.cq.len(), 0)?;
+        self.admin.tail = 0;
+        self.admin.head = 0;
+        self.admin.phase = true;
+        let q = (ADMIN_DEPTH - 1) as u32;
+        self.mmio.write32(reg::AQA, (q << 16) | q);
+        self.mmio.write64(reg::ASQ, self.admin.sq.bus_addr());
+        self.mmio.write64(reg::ACQ, self.admin.cq.bus_addr());
+        let cc = reg::CC_EN
+            | reg::CC_CSS_NVM
+            | (0 << reg::CC_MPS_SHIFT)
+            | reg::CC_AMS_RR
+            | (spec::SQES_LOG2 << reg::CC_IOSQES_SHIFT)
+            | (spec::CQES_LOG2 << reg::CC_IOCQES_SHIFT);
+        fence(Ordering::SeqCst);
+        self.mmio.write32(reg::CC, cc);
+        self.wait_csts(reg::CSTS_RDY, reg::CSTS_RDY, Step::Enable)
+    }
+
+    /// Runs one admin command to completion (polled). Returns the completion's DW0.
+    pub fn admin_command(&mut self, mut sqe: SqEntry) -> Result<u32, NvmeError> {
+        if self.failed {
+            return Err(NvmeError::Failed);
+        }
+        let opcode = sqe.opcode();
+        let cid = self.admin.next_cid;
+        self.admin.next_cid = if cid >= 0xFFFE { 0 } else { cid + 1 };
+        sqe.set_cid(cid);
+        self.admin.sq.write(self.admin.tail as usize * 64, &sqe)?;
+        self.admin.tail = (self.admin.tail + 1) % ADMIN_DEPTH;
+        fence(Ordering::SeqCst);
+        self.admin_doorbell(false, self.admin.tail);
+        self.stats.commands += 1;
+        let deadline = self
+            .clock
+            .now_ns()
+            .saturating_add(self.cfg.admin_timeout_ms * 1_000_000);
+        let mut spins = 0u32;
+        loop {
+            let off = self.admin.head as usize * 16;
+            let word = self.admin.cq.read_u16(off + spec::CQE_STATUS_OFFSET)?;
+            if (word & 1 != 0) == self.admin.phase {
+                fence(Ordering::Acquire);
+                let cqe: CqEntry = self.admin.cq.read(off)?;
+                self.admin.head += 1;
+                if self.admin.head == ADMIN_DEPTH {
+                    self.admin.head = 0;
+                    self.admin.phase = !self.admin.phase;
+                }
+                self.admin_doorbell(true, self.admin.head);
+                if cqe.sq_id != 0 || cqe.cid != cid || cqe.phase() != (word & 1 != 0) {
+                    self.stats.stale_completions += 1;
+                    keel_log::warn!(
+                        "nvme: stale admin completion cid {} (want {})",
+                        cqe.cid,
+                        cid
+                    );
+                    continue;
+                }
+                let status = cqe.status();
+                if !status.is_success() {
+                    return Err(NvmeError::AdminStatus { opcode, status });
+                }
+                return Ok(cqe.dw0);
+            }
+            spins += 1;
+            if spins % 64 == 0 && self.is_fatal() {
+                return Err(NvmeError::ControllerFatal);
+            }
+            if self.clock.now_ns() > deadline {
+                keel_log::error!("nvme: admin opcode {=u8:x} timed out", opcode);
+                return Err(NvmeError::Timeout(Step::AdminCommand(opcode)));
+            }
+            self.clock.delay_us(1);
+        }
+    }
+
+    fn admin_doorbell(&mut self, cq: bool, value: u16) {
+        if let Some(Some((db, _))) = self.shadow.as_ref().and_then(|s| s.parts.first()) {
+            // Keep the admin shadow in step too, but always ring: controllers differ on whether
+            // the admin queue uses the shadow buffer.
+            let _ = db.write_u32(if cq { self.stride } else { 0 }, value as u32);
+            fence(Ordering::SeqCst);
+        }
+        let off = if cq {
+            spec::cq_doorbell(0, self.stride)
+        } else {
+            spec::sq_doorbell(0, self.stride)
+        };
+        self.mmio.write32(off, value as u32);
+    }
+
+    fn identify_raw(&mut self, cns: u32, nsid: u32) -> Result<(), NvmeError> {
+        self.scratch.fill(0, PAGE_SIZE, 0)?;
+        let mut sqe = SqEntry::new(admin_op::IDENTIFY, 0, nsid);
+        sqe.prp1 = self.scratch.bus_addr();
+        sqe.cdw10 = cns;
+        self.admin_command(sqe)?;
+        Ok(())
+    }
+
+    fn identify_controller(&mut self) -> Result<(), NvmeError> {
+        self.identify_raw(cns::CONTROLLER, 0)?;
+        let id: spec::IdentifyController = self.scratch.read(0)?;
+        let sqes = id.sqes;
+        let cqes = id.cqes;
+        let ok = |v: u8, want: u8| (v & 0xF) <= want && (v >> 4) >= want;
+        if !ok(sqes, spec::SQES_LOG2 as u8) || !ok(cqes, spec::CQES_LOG2 as u8) {
+            return Err(NvmeError::BadIdentify(BadIdentify::EntrySizes));
+        }
+        let info = &mut self.info;
+        info.vid = id.vid.get();
+        info.serial = id.sn;
+        info.model = id.mn;
+        info.firmware = id.fr;
+        let oacs = id.oacs.get();
+        let oncs = id.oncs.get();
+        info.vwc = id.vwc & 1 != 0;
+        info.write_zeroes = oncs & spec::ONCS_WRITE_ZEROES != 0;
+        info.deallocate = oncs & spec::ONCS_DSM != 0;
+        info.doorbell_buffer = oacs & spec::OACS_DOORBELL_BUFFER_CONFIG != 0;
+        info.nn = id.nn.get();
+        // MDTS is in units of CAP.MPSMIN; clamp absurd exponents instead of overflowing.
+        info.mdts_bytes = match id.mdts {
+            0 => None,
+            m => Some((self.cap.mps_min() as u64) << m.min(20))
+                .map(|b| b.min(u32::MAX as u64) as u32),
+        };
+        let prp_max = crate::prp::max_transfer(self.cfg.prp_list_pages);
+        info.max_transfer = match info.mdts_bytes {
+            Some(m) => (m as usize).min(prp_max),
+            None => prp_max,
+        };
+        keel_log::info!(
+            "nvme: identify ctrl nn {} mdts {} oacs {=u16:x} oncs {=u16:x} vwc {}",
+            info.nn,
+            id.mdts,
+            oacs,
+            oncs,
+            info.vwc
+        );
+        Ok(())
+    }
+
+    fn scan_namespaces(&mut self) -> Result<(), NvmeError> {
+        self.namespaces.clear();
+        let mut ids: Vec<u32, MAX_NAMESPACES> = Vec::new();
+        if self.info.version >= 0x0001_0100 {
+            self.identify_raw(cns::ACTIVE_NS_LIST, 0)?;
+            let mut prev = 0u32;
+            for i in 0..1024 {
+                let nsid: u32 = self.scratch.read(i * 4)?;
+                if nsid == 0 {
+                    break;
+                }
+                if nsid <= prev || nsid > self.info.nn || nsid == u32::MAX {
+                    return Err(NvmeError::BadIdentify(BadIdentify::NamespaceId));
+                }
+                prev = nsid;
+                if ids.push(nsid).is_err() {
+                    keel_log::warn!(
+                        "nvme: more than {} namespaces, ignoring nsid {}",
+                        MAX_NAMESPACES,
+                        nsid
+                    );
+                }
+            }
+        } else {
+            for nsid in 1..=self.info.nn.min(MAX_NAMESPACES as u32) {
+                let _ = ids.push(nsid);
+            }
+        }
+        for nsid in ids {
+            self.identify_raw(cns::NAMESPACE, nsid)?;
+            let id: spec::IdentifyNamespace = self.scratch.read(0)?;
+            if id.nsze.get() == 0 && self.info.version < 0x0001_0100 {
+                continue; // inactive namespace on a pre-1.1 controller
+            }
+            let ns = parse_namespace(nsid, &id)?;
+            keel_log::info!(
+                "nvme: ns {} blocks {} bs {}",
+                ns.nsid,
+                ns.blocks,
+                ns.block_size
+            );
+            let _ = self.namespaces.push(ns);
+        }
+        Ok(())
+    }
+
+    fn negotiate_queues(&mut self) -> Result<(), NvmeError> {
+        let want = self.cfg.io_queues.clamp(1, MAX_IO_QUEUES) as u32 - 1;
+        let mut sqe = SqEntry::new(admin_op::SET_FEATURES, 0, 0);
+        sqe.cdw10 = feature::NUMBER_OF_QUEUES;
+        sqe.cdw11 = (want << 16) | want;
+        let dw0 = self.admin_command(sqe)?;
+        let nsqa = (dw0 & 0xFFFF) + 1;
+        let ncqa = (dw0 >> 16) + 1;
+        self.info.io_queues = nsqa.min(ncqa).min(want + 1).min(MAX_IO_QUEUES as u32) as u16;
+        Ok(())
+    }
+
+    fn setup_shadow(&mut self, dma: &impl DmaAllocator) -> Result<(), NvmeError> {
+        let db = dma.alloc(PAGE_SIZE, PAGE_SIZE)?;
+        let ei = dma.alloc(PAGE_SIZE, PAGE_SIZE)?;
+        let (db_bus, ei_bus) = (db.bus_addr(), ei.bus_addr());
+        let chunk = 2 * self.stride;
+        let mut parts = Vec::new();
+        let (mut db_rest, mut ei_rest) = (db, ei);
+        while parts.len() < parts.capacity() && db_rest.len() >= chunk {
+            let (a, r1) = db_rest
+                .split_at(chunk)
+                .map_err(|_| NvmeError::DmaBadRequest)?;
+            let (b, r2) = ei_rest
+                .split_at(chunk)
+                .map_err(|_| NvmeError::DmaBadRequest)?;
+            db_rest = r1;
+            ei_rest = r2;
+            let _ = parts.push(Some((a, b)));
+        }
+        self.shadow = Some(Shadow {
+            db_bus,
+            ei_bus,
+            parts,
+        });
+        match self.send_dbbuf() {
+            Ok(()) => {
+                self.info.shadow_doorbells = true;
+                Ok(())
+            }
+            Err(NvmeError::AdminStatus { .. }) => {
+                keel_log::warn!("nvme: doorbell buffer config refused; using MMIO doorbells");
+                self.shadow = None;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn send_dbbuf(&mut self) -> Result<(), NvmeError> {
+        let Some(sh) = &self.shadow else {
+            return Ok(());
+        };
+        let mut sqe = SqEntry::new(admin_op::DOORBELL_BUFFER_CONFIG, 0, 0);
+        sqe.prp1 = sh.db_bus;
+        sqe.prp2 = sh.ei_bus;
+        self.admin_command(sqe).map(|_| ())
+    }
+
+    /// Creates I/O queue pair `qid` (1..=`identify().io_queues`) with `depth` entries per queue
+    /// (2..=min(CAP.MQES+1, 4096)); up to `depth - 1` commands can be in flight. All memory the
+    /// pair needs on the I/O path (rings, PRP lists, bookkeeping) is allocated here.
+    pub fn create_io_qpair(
+        &mut self,
+        dma: &impl DmaAllocator,
+        qid: u16,
+        depth: u16,
+    ) -> Result<IoQueuePair<M, C>, NvmeError>
+    where
+        M: Clone + Send,
+        C: Clone + Send,
+    {
+        if self.failed {
+            return Err(NvmeError::Failed);
+        }
+        if qid == 0 || qid > self.info.io_queues {
+            return Err(NvmeError::InvalidArgument("qid"));
+        }
+        let max_depth = self.cap.max_queue_entries().min(MAX_IO_DEPTH as u32);
+        if depth < 2 || depth as u32 > max_depth {
+            return Err(NvmeError::InvalidArgument("depth"));
+        }
+        if self.live & (1 << (qid - 1)) != 0 {
+            return Err(NvmeError::QueueInUse(qid));
+        }
+        if self.mmio.len() < spec::cq_doorbell(qid, self.stride) + 4 {
+            return Err(NvmeError::InvalidArgument("qid beyond BAR0 doorbells"));
+        }
+        let nslots = depth as usize - 1;
+        let sq = dma.alloc(depth as usize * 64, PAGE_SIZE)?;
+        let cq = dma.alloc(depth as usize * 16, PAGE_SIZE)?;
+        let prp = dma.alloc(nslots * self.cfg.prp_list_pages * PAGE_SIZE, PAGE_SIZE)?;
+        let meta = dma.alloc(IoQueuePair::<M, C>::meta_len(nslots), 64)?;
+        let shadow = self
+            .shadow
+            .as_mut()
+            .and_then(|s| s.parts.get_mut(qid as usize).and_then(Option::take));
+        let mut qp = IoQueuePair::new(QpairParams {
+            mmio: self.mmio.clone(),
+            clock: self.clock.clone(),
+            qid,
+            depth,
+            stride: self.stride,
+            sq,
+            cq,
+            prp,
+            meta,
+            shadow,
+            namespaces: self.namespaces.clone(),
+            max_transfer: self.info.max_transfer,
+            write_zeroes: self.info.write_zeroes,
+            deallocate: self.info.deallocate,
+            cfg: self.cfg,
+        })?;
+        if let Err(e) = self.create_queues_on_device(&qp) {
+            if let (Some(sh), Some(part)) = (self.shadow.as_mut(), qp.take_shadow()) {
+                sh.parts[qid as usize] = Some(part);
+            }
+            return Err(e);
+        }
+        self.live |= 1 << (qid - 1);
+        keel_log::info!("nvme: io queue {} depth {}", qid, depth);
+        Ok(qp)
+    }
+
+    fn create_queues_on_device(&mut self, qp: &IoQueuePair<M, C>) -> Result<(), NvmeError> {
+        let qid = qp.qid() as u32;
+        let qsize = qp.entries() as u32 - 1;
+        let mut cq = SqEntry::new(admin_op::CREATE_IO_CQ, 0, 0);
+        cq.prp1 = qp.cq_bus();
+        cq.cdw10 = (qsize << 16) | qid;
+        cq.cdw11 = 1; // PC = 1, IEN = 0: physically contiguous, polled
+        self.admin_command(cq)?;
+        let mut sq = SqEntry::new(admin_op::CREATE_IO_SQ, 0, 0);
+        sq.prp1 = qp.sq_bus();
+        sq.cdw10 = (qsize << 16) | qid;
+        sq.cdw11 = (qid << 16) | 1; // CQID, PC = 1, priority urgent-less (ignored under RR)
+        if let Err(e) = self.admin_command(sq) {
+            let mut del = SqEntry::new(admin_op::DELETE_IO_CQ, 0, 0);
+            del.cdw10 = qid;
+            let _ = self.admin_command(del);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Deletes an I/O queue pair on the device. The pair must be drained (no tags in flight,
+    /// no timed-out commands the device still owns); otherwise it is handed back.
+    #[allow(clippy::result_large_err)]
+    pub fn delete_io_qpair(
+        &mut self,
+        dma: &impl DmaAllocator,
+        mut qp: IoQueuePair<M, C>,
+    ) -> Result<(), (NvmeError, IoQueuePair<M, C>)> {
+        if qp.busy_slots() != 0 {
+            return Err((NvmeError::QueueBusy, qp));
+        }
+        let qid = qp.qid();
+        let mut sq = SqEntry::new(admin_op::DELETE_IO_SQ, 0, 0);
+        sq.cdw10 = qid as u32;
+        if let Err(e) = self.admin_command(sq) {
+            return Err((e, qp));
+        }
+        let mut cq = SqEntry::new(admin_op::DELETE_IO_CQ, 0, 0);
+        cq.cdw10 = qid as u32;
+        if let Err(e) = self.admin_command(cq) {
+            return Err((e, qp));
+        }
+        self.live &= !(1 << (qid - 1));
+        if let (Some(sh), Some(part)) = (self.shadow.as_mut(), qp.take_shadow()) {
+            let _ = part.0.fill(0, part.0.len(), 0);
+            sh.parts[qid as usize] = Some(part);
+        }
+        qp.release(dma);
+        Ok(())
+    }
+
+    /// Asks the controller to abort command `cid` on submission queue `sqid`. Returns `true`
+    /// when the controller reports it aborted the command (its completion then arrives with
+    /// "Command Abort Requested" status, which the queue pair reports as `IoError::Aborted`
+    /// unless the tag already timed out).
+    pub fn abort(&mut self, sqid: u16, cid: u16) -> Result<bool, NvmeError> {
+        let mut sqe = SqEntry::new(admin_op::ABORT, 0, 0);
+        sqe.cdw10 = sqid as u32 | ((cid as u32) << 16);
+        let dw0 = self.admin_command(sqe)?;
+        Ok(dw0 & 1 == 0)
+    }
+
+    /// Get Features: returns DW0 of the completion.
+    pub fn get_features(&mut self, fid: u8, cdw11: u32) -> Result<u32, NvmeError> {
+        let mut sqe = SqEntry::new(admin_op::GET_FEATURES, 0, 0);
+        sqe.cdw10 = fid as u32;
+        sqe.cdw11 = cdw11;
+        self.admin_command(sqe)
+    }
+
+    /// Controller reset (CC.EN 1 -> 0 -> 1) with recovery of every live I/O queue pair.
+    ///
+    /// All live queue pairs must be passed in (quiesced: nobody else uses them during the
+    /// call). Their rings are recreated on the device; commands in flight are resubmitted
+    /// (counted against `max_retries`) or failed with `IoError::DeviceReset`; tags already
+    /// reported (for example as timed out) are not reported again. If recovery fails, every
+    /// pending tag is failed, the pairs refuse new work and the controller is marked failed.
+    pub fn reset(&mut self, qpairs: &mut [&mut IoQueuePair<M, C>]) -> Result<(), NvmeError> {
+        for qid in 1..=MAX_IO_QUEUES {
+            if self.live & (1 << (qid - 1)) != 0 && !qpairs.iter().any(|q| q.qid() == qid) {
+                return Err(NvmeError::MissingQueuePair(qid));
+            }
+        }
+        self.stats.resets += 1;
+        keel_log::warn!("nvme: controller reset");
+        let r = self.reset_inner(qpairs);
+        match r {
+            Ok(()) => {
+                self.failed = false;
+                for qp in qpairs.iter_mut() {
+                    qp.after_reset_ok();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.failed = true;
+                for qp in qpairs.iter_mut() {
+                    qp.after_reset_failed();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn reset_inner(&mut self, qpairs: &mut [&mut IoQueuePair<M, C>]) -> Result<(), NvmeError> {
+        self.failed = false;
+        self.disable()?;
+        for qp in qpairs.iter_mut() {
+            qp.prepare_reset();
+        }
+        if let Some(sh) = &self.shadow {
+            for (db, ei) in sh.parts.iter().flatten() {
+                db.fill(0, db.len(), 0)?;
+                ei.fill(0, ei.len(), 0)?;
+            }
+        }
+        self.enable()?;
+        self.negotiate_queues()?;
+        if self.shadow.is_some() {
+            self.send_dbbuf()?;
+        }
+        for qp in qpairs.iter() {
+            self.create_queues_on_device(qp)?;
+        }
+        Ok(())
+    }
+
+    /// Normal shutdown (CC.SHN), waiting for CSTS.SHST = complete.
+    pub fn shutdown(&mut self) -> Result<(), NvmeError> {
+        let cc = self.mmio.read32(reg::CC);
+        self.mmio
+            .write32(reg::CC, (cc & !reg::CC_SHN_MASK) | reg::CC_SHN_NORMAL);
+        self.wait_csts(reg::CSTS_SHST_MASK, reg::CSTS_SHST_COMPLETE, Step::Shutdown)
+    }
+}
+
+/// Validates Identify Namespace data.
+pub fn parse_namespace(nsid: u32, id: &spec::IdentifyNamespace) -> Result<Namespace, NvmeError> {
+    let bad = |b| Err(NvmeError::BadIdentify(b));
+    let nlbaf = id.nlbaf as usize;
+    let flbas = id.flbas;
+    let mut idx = (flbas & 0xF) as usize;
+    if nlbaf >= 16 {
+        idx |= (((flbas >> 5) & 0x3) as usize) << 4;
+    }
+    if idx > nlbaf || idx >= id.lbaf.len() {
+        return bad(BadIdentify::LbaFormatIndex);
+    }
+    let lbaf = id.lbaf[idx];
+    if !(9..=16).contains(&lbaf.lbads) {
+        return bad(BadIdentify::LbaSize);
+    }
+    let ms = lbaf.ms.get();
+    if ms != 0 && flbas & 0x10 != 0 {
+        return bad(BadIdentify::ExtendedMetadata);
+    }
+    let nsze = id.nsze.get();
+    let ncap = id.ncap.get();
+    let block_size = 1u32 << lbaf.lbads;
+    if nsze == 0 || ncap > nsze || nsze.checked_mul(block_size as u64).is_none() {
+        return bad(BadIdentify::NamespaceSize);
+    }
+    Ok(Namespace {
+        nsid,
+        blocks: nsze,
+        block_size,
+        metadata: ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zerocopy::FromZeros;
+
+    fn ns(nlbaf: u8, flbas: u8, lbads: &[u8], nsze: u64, ncap: u64) -> spec::IdentifyNamespace {
+        let mut id = spec::IdentifyNamespace::new_zeroed();
+        id.nsze.set(nsze);
+        id.ncap.set(ncap);
+        id.nlbaf = nlbaf;
+        id.flbas = flbas;
+        for (i, l) in lbads.iter().enumerate() {
+            id.lbaf[i].lbads = *l;
+        }
+        id
+    }
+
+    #[test]
+    fn namespace_formats() {
+        let n = parse_namespace(1, &ns(1, 0, &[9, 12], 100, 100)).unwrap();
+        assert_eq!((n.block_size, n.blocks), (512, 100));
+        let n = parse_namespace(2, &ns(1, 1, &[9, 12], 100, 50)).unwrap();
+        assert_eq!(n.block_size, 4096);
+        // Upper FLBAS bits only count with more than 16 formats.
+        let mut many = [9u8; 20];
+        many[17] = 12;
+        let n = parse_namespace(3, &ns(19, 0x21, &many, 8, 8)).unwrap();
+        assert_eq!(n.block_size, 4096);
+    }
+
+    #[test]
+    fn absurd_namespaces_rejected() {
+        let e = |id| parse_namespace(1, &id).unwrap_err();
+        use BadIdentify::*;
+        assert_eq!(
+            e(ns(0, 1, &[9, 12], 8, 8)),
+            NvmeError::BadIdentify(LbaFormatIndex)
+        );
+        assert_eq!(e(ns(0, 0, &[3], 8, 8)), NvmeError::BadIdentify(LbaSize));
+        assert_eq!(e(ns(0, 0, &[40], 8, 8)), NvmeError::BadIdentify(LbaSize));
+        assert_eq!(
+            e(ns(0, 0, &[9], 0, 0)),
+            NvmeError::BadIdentify(NamespaceSize)
+        );
+        assert_eq!(
+            e(ns(0, 0, &[9], 8, 9)),
+            NvmeError::BadIdentify(NamespaceSize)
+        );
+        assert_eq!(
+            e(ns(0, 0, &[12], u64::MAX / 2, 1)),
+            NvmeError::BadIdentify(NamespaceSize)
+        );
+        let mut ext = ns(0, 0x10, &[9], 8, 8);
+        ext.lbaf[0].ms.set(8);
+        assert_eq!(e(ext), NvmeError::BadIdentify(ExtendedMetadata));
+    }
+}

@@ -1,0 +1,78 @@
+//! Driver errors.
+
+use crate::spec::Status;
+use keel_hal::DmaError;
+
+/// Which bring-up or admin step an error refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Step {
+    Disable,
+    Enable,
+    Shutdown,
+    AdminCommand(u8),
+}
+
+/// Identify data the driver refuses to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum BadIdentify {
+    /// FLBAS selects a format past NLBAF.
+    LbaFormatIndex,
+    /// LBA data size outside 512 B ..= 64 KiB.
+    LbaSize,
+    /// Extended LBAs (metadata interleaved with data) are not supported.
+    ExtendedMetadata,
+    /// NSZE is 0, or NCAP > NSZE, or the byte size overflows.
+    NamespaceSize,
+    /// An active NSID is 0, above NN, or the list is not increasing.
+    NamespaceId,
+    /// Identify Controller says SQ/CQ entries of 64/16 bytes are not supported.
+    EntrySizes,
+}
+
+/// Errors from controller bring-up, admin commands and queue creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum NvmeError {
+    /// DMA memory could not be allocated or accessed.
+    DmaOutOfBounds {
+        offset: usize,
+        len: usize,
+    },
+    DmaExhausted,
+    DmaBadRequest,
+    /// The controller did not reach the wanted state (or complete an admin command) in time.
+    Timeout(Step),
+    /// CSTS.CFS is set: the controller needs a reset.
+    ControllerFatal,
+    /// The controller lacks something Keel requires (NVM command set, 4 KiB pages, ...).
+    Unsupported(&'static str),
+    /// An admin command failed with this status.
+    AdminStatus {
+        opcode: u8,
+        status: Status,
+    },
+    /// Identify data is absurd.
+    BadIdentify(BadIdentify),
+    /// An argument is out of range (queue id, depth, ...).
+    InvalidArgument(&'static str),
+    /// That I/O queue id is already in use.
+    QueueInUse(u16),
+    /// `reset` was not given every live queue pair.
+    MissingQueuePair(u16),
+    /// The queue pair still has commands in flight.
+    QueueBusy,
+    /// The controller is failed (reset did not succeed); create a new one.
+    Failed,
+}
+
+impl From<DmaError> for NvmeError {
+    fn from(e: DmaError) -> Self {
+        match e {
+            DmaError::OutOfBounds { offset, len, .. } => NvmeError::DmaOutOfBounds { offset, len },
+            DmaError::Exhausted => NvmeError::DmaExhausted,
+            DmaError::BadRequest => NvmeError::DmaBadRequest,
+        }
+    }
+}

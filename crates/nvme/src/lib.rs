@@ -1,0 +1,77 @@
+//! Keel's NVMe driver: `no_std`, polled (no interrupts), kernel-bypass, NVMe 1.4.
+//!
+//! All hardware access goes through `keel-hal` ([`Mmio`](keel_hal::Mmio) for BAR0,
+//! [`DmaRegion`](keel_hal::DmaRegion) for queues and buffers, [`Clock`](keel_hal::Clock) for
+//! timeouts), so this crate has no `unsafe` code.
+//!
+//! # Use
+//!
+//! ```
+//! use keel_blockdev::{BlockOp, BlockQueue, BufRef};
+//! use keel_hal::DmaAllocator;
+//! use keel_nvme::{Config, Controller};
+//! # use keel_model::{HostDma, ModelClock, ModelConfig, NvmeModel};
+//! # let dma = HostDma::new();
+//! # let model = NvmeModel::new(ModelConfig::default(), dma.clone());
+//! # let (bar0, clock) = (model.mmio(), ModelClock::new());
+//!
+//! // 1. Bring-up: reset, enable, identify controller + namespaces, negotiate queues.
+//! let mut ctrl = Controller::init(bar0, &dma, clock, Config::default())?;
+//! let info = *ctrl.identify(); // model_str(), serial_str(), mdts_bytes, vwc, io_queues, ...
+//! let ns = ctrl.namespaces()[0]; // nsid, blocks, block_size
+//!
+//! // 2. One I/O queue pair per core (qid 1..=info.io_queues); move each to its core.
+//! let mut qp = ctrl.create_io_qpair(&dma, 1, 256)?;
+//!
+//! // 3. Submit with DMA buffers; one doorbell for the burst.
+//! let buf = dma.alloc(8 * 4096, 4096).unwrap();
+//! let blocks = (buf.len() / ns.block_size as usize) as u32;
+//! qp.submit(BlockOp::Write { ns: ns.nsid, lba: 0, blocks, buf: BufRef::whole(&buf) }, 7).unwrap();
+//! qp.submit(BlockOp::Flush { ns: ns.nsid }, 8).unwrap();
+//! qp.flush_submissions();
+//!
+//! // 4. Poll: each tag is reported exactly once.
+//! let mut done = 0;
+//! while qp.in_flight() > 0 {
+//!     qp.poll(64, &mut |tag, result| {
+//!         assert!(result.is_ok(), "tag {tag}");
+//!         done += 1;
+//!     });
+//! }
+//! assert_eq!(done, 2);
+//!
+//! // Recovery: after a timeout (`qp.needs_reset()`) or fatal status (`ctrl.is_fatal()`),
+//! // gather every live queue pair and call `ctrl.reset(&mut [&mut qp, ...])`.
+//! ctrl.reset(&mut [&mut qp])?;
+//! # Ok::<(), keel_nvme::NvmeError>(())
+//! ```
+//!
+//! # Design notes
+//!
+//! * A queue pair's command slots are `depth - 1`; SQ space is tracked from the driver's own
+//!   completions (the SQ head hint in completions is range-checked but never trusted as space).
+//! * Command IDs are `slot | generation << slot_bits`; completions with an unknown, free or
+//!   old-generation CID, another SQID or an out-of-range SQ head are dropped and counted
+//!   ([`QueueStats`]).
+//! * Requests larger than the per-command limit (MDTS, PRP list space) are split; the tag
+//!   completes when all parts complete and fails with the first part's error.
+//! * A timed-out command's tag is reported as `IoError::Timeout` at once; its slot stays
+//!   reserved until the device completes it or the controller is reset.
+//! * Shadow doorbells ([`Config::shadow_doorbells`], default off) follow the EventIdx rule.
+#![no_std]
+#![forbid(unsafe_code)]
+#![forbid(unsafe_op_in_unsafe_fn)]
+
+pub mod ctrl;
+pub mod error;
+pub mod prp;
+pub mod qpair;
+pub mod spec;
+
+pub use ctrl::{
+    parse_namespace, AdminStats, Config, Controller, ControllerInfo, Namespace, MAX_IO_DEPTH,
+    MAX_IO_QUEUES, MAX_NAMESPACES,
+};
+pub use error::{BadIdentify, NvmeError, Step};
+pub use qpair::{IoQueuePair, QueueStats};
+pub use spec::{Status, StatusKind};

@@ -1,0 +1,871 @@
+//! I/O queue pairs: one SQ/CQ pair, owned by one core, driven by polling.
+
+use core::sync::atomic::{fence, Ordering};
+
+use heapless::{Deque, Vec};
+use keel_blockdev::{BlockOp, BlockQueue, IoError, NsId, SubmitError};
+use keel_hal::{Clock, DmaAllocator, DmaRegion, Mmio};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use crate::ctrl::{Config, Namespace, MAX_NAMESPACES};
+use crate::error::NvmeError;
+use crate::prp;
+use crate::spec::{self, io_op, CqEntry, DsmRange, SqEntry, Status, PAGE_SIZE};
+
+const NONE: u16 = 0xFFFF;
+
+const FREE: u8 = 0;
+/// Submitted; the device owns it.
+const ACTIVE: u8 = 1;
+/// Timed out and already reported; the device may still complete it, so the slot (its CID and
+/// PRP list) is not reused until it does or the controller is reset.
+const ZOMBIE: u8 = 2;
+/// In flight across a controller reset; to be resubmitted or failed.
+const PENDING: u8 = 3;
+
+/// Per command slot bookkeeping, kept in a host-private region (never given to the device).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+struct SlotRec {
+    deadline: u64,
+    slba: u64,
+    buf: u64,
+    nsid: u32,
+    nlb: u32,
+    len: u32,
+    gen: u16,
+    req: u16,
+    next: u16,
+    state: u8,
+    opcode: u8,
+    retries: u8,
+    _pad: [u8; 19],
+}
+static_assertions::const_assert_eq!(core::mem::size_of::<SlotRec>(), 64);
+
+const ERR_NONE: u8 = 0;
+const ERR_STATUS: u8 = 1;
+const ERR_RESET: u8 = 2;
+
+/// Per tag bookkeeping (a tag may span several commands when split at MDTS).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+struct ReqRec {
+    tag: u32,
+    outstanding: u16,
+    next: u16,
+    status: u16,
+    err: u8,
+    reported: u8,
+    _pad: [u8; 4],
+}
+static_assertions::const_assert_eq!(core::mem::size_of::<ReqRec>(), 16);
+
+/// Queue-pair counters (for diagnostics and tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct QueueStats {
+    pub submitted_cmds: u64,
+    pub completions: u64,
+    /// Completions whose CID named a free slot or an old generation (duplicates, stale).
+    pub stale_cid: u64,
+    /// Completions whose CID slot index is past the queue.
+    pub bad_cid: u64,
+    /// Completions naming another SQ.
+    pub bad_sqid: u64,
+    /// Completions with an SQ head pointer past the queue.
+    pub bad_sq_head: u64,
+    /// Completions of commands that had already timed out.
+    pub late_completions: u64,
+    pub retries: u64,
+    pub timeouts: u64,
+    pub resubmitted_after_reset: u64,
+    pub sq_doorbells: u64,
+    pub cq_doorbells: u64,
+    /// Doorbell updates that went only to the shadow buffer (EventIdx said no MMIO needed).
+    pub shadow_suppressed: u64,
+}
+
+pub(crate) struct QpairParams<M, C> {
+    pub mmio: M,
+    pub clock: C,
+    pub qid: u16,
+    pub depth: u16,
+    pub stride: usize,
+    pub sq: DmaRegion,
+    pub cq: DmaRegion,
+    pub prp: DmaRegion,
+    pub meta: DmaRegion,
+    pub shadow: Option<(DmaRegion, DmaRegion)>,
+    pub namespaces: Vec<Namespace, MAX_NAMESPACES>,
+    pub max_transfer: usize,
+    pub write_zeroes: bool,
+    pub deallocate: bool,
+    pub cfg: Config,
+}
+
+/// One I/O submission/completion queue pair. Move it to the core that uses it; it needs no
+/// locks. Implements [`BlockQueue`].
+pub struct IoQueuePair<M: Mmio, C: Clock> {
+    mmio: M,
+    clock: C,
+    qid: u16,
+    entries: u16,
+    sq_db: usize,
+    cq_db: usize,
+    stride: usize,
+    sq: DmaRegion,
+    cq: DmaRegion,
+    prp: DmaRegion,
+    meta: DmaRegion,
+    shadow: Option<(DmaRegion, DmaRegion)>,
+    sq_tail: u16,
+    sq_tail_rung: u16,
+    cq_head: u16,
+    phase: bool,
+    nslots: u16,
+    slot_bits: u32,
+    free_slot: u16,
+    free_slots: u16,
+    free_req: u16,
+    ready_head: u16,
+    ready_tail: u16,
+    /// Tags accepted and not yet reported.
+    unreported: usize,
+    /// Slots not FREE.
+    busy: u16,
+    namespaces: Vec<Namespace, MAX_NAMESPACES>,
+    max_transfer: usize,
+    write_zeroes: bool,
+    deallocate: bool,
+    list_pages: usize,
+    timeout_ns: u64,
+    max_retries: u8,
+    next_scan: u64,
+    failed: bool,
+    needs_reset: bool,
+    aborts: Deque<u16, 16>,
+    stats: QueueStats,
+}
+
+impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
+    pub(crate) fn meta_len(nslots: usize) -> usize {
+        nslots * (64 + 16)
+    }
+
+    pub(crate) fn new(p: QpairParams<M, C>) -> Result<Self, NvmeError> {
+        let nslots = p.depth - 1;
+        let slot_bits = u16::BITS - (nslots - 1).leading_zeros().min(16);
+        let mut qp = Self {
+            sq_db: spec::sq_doorbell(p.qid, p.stride),
+            cq_db: spec::cq_doorbell(p.qid, p.stride),
+            mmio: p.mmio,
+            clock: p.clock,
+            qid: p.qid,
+            entries: p.depth,
+            stride: p.stride,
+            sq: p.sq,
+            cq: p.cq,
+            prp: p.prp,
+            meta: p.meta,
+            shadow: p.shadow,
+            sq_tail: 0,
+            sq_tail_rung: 0,
+            cq_head: 0,
+            phase: true,
+            nslots,
+            slot_bits: slot_bits.max(1),
+            free_slot: NONE,
+            free_slots: 0,
+            free_req: NONE,
+            ready_head: NONE,
+            ready_tail: NONE,
+            unreported: 0,
+            busy: 0,
+            namespaces: p.namespaces,
+            max_transfer: p.max_transfer,
+            write_zeroes: p.write_zeroes,
+            deallocate: p.deallocate,
+            list_pages: p.cfg.prp_list_pages,
+            timeout_ns: p.cfg.io_timeout_ms.saturating_mul(1_000_000),
+            max_retries: p.cfg.max_retries,
+            next_scan: 0,
+            failed: false,
+            needs_reset: false,
+            aborts: Deque::new(),
+            stats: QueueStats::default(),
+        };
+        // Build the free lists (slot 0 first).
+        for i in (0..nslots).rev() {
+            let s = SlotRec {
+                next: qp.free_slot,
+                ..SlotRec::default()
+            };
+            qp.set_slot(i, &s)?;
+            qp.free_slot = i;
+            let r = ReqRec {
+                next: qp.free_req,
+                ..ReqRec::default()
+            };
+            qp.set_req(i, &r)?;
+            qp.free_req = i;
+        }
+        qp.free_slots = nslots;
+        qp.cq.fill(0, qp.cq.len(), 0)?;
+        if let Some((db, ei)) = &qp.shadow {
+            db.fill(0, db.len(), 0)?;
+            ei.fill(0, ei.len(), 0)?;
+        }
+        Ok(qp)
+    }
+
+    pub fn qid(&self) -> u16 {
+        self.qid
+    }
+    /// Entries per ring (the `depth` given at creation).
+    pub fn entries(&self) -> u16 {
+        self.entries
+    }
+    pub(crate) fn sq_bus(&self) -> u64 {
+        self.sq.bus_addr()
+    }
+    pub(crate) fn cq_bus(&self) -> u64 {
+        self.cq.bus_addr()
+    }
+    pub fn stats(&self) -> QueueStats {
+        self.stats
+    }
+    /// Largest transfer a single device command carries; larger requests are split.
+    pub fn max_transfer(&self) -> usize {
+        self.max_transfer
+    }
+    /// Command slots in use (in flight, including timed-out commands the device still owns).
+    pub fn busy_slots(&self) -> usize {
+        self.busy as usize
+    }
+    /// Free command slots.
+    pub fn free_slots(&self) -> usize {
+        self.free_slots as usize
+    }
+    /// `true` after a timeout or fatal controller status: call `Controller::reset`.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset
+    }
+    /// `true` when the pair refuses new work (controller failed and could not be recovered).
+    pub fn is_failed(&self) -> bool {
+        self.failed
+    }
+    /// CIDs of timed-out commands, for `Controller::abort(qid, cid)`.
+    pub fn pop_abort_candidate(&mut self) -> Option<u16> {
+        self.aborts.pop_front()
+    }
+    /// Whether shadow doorbells are in use on this pair.
+    pub fn uses_shadow_doorbells(&self) -> bool {
+        self.shadow.is_some()
+    }
+
+    pub(crate) fn take_shadow(&mut self) -> Option<(DmaRegion, DmaRegion)> {
+        self.shadow.take()
+    }
+
+    pub(crate) fn release(self, dma: &impl DmaAllocator) {
+        dma.free(self.sq);
+        dma.free(self.cq);
+        dma.free(self.prp);
+        dma.free(self.meta);
+    }
+
+    fn slot(&self, i: u16) -> SlotRec {
+        self.meta.read(i as usize * 64).unwrap_or_default()
+    }
+    fn set_slot(&self, i: u16, s: &SlotRec) -> Result<(), NvmeError> {
+        Ok(self.meta.write(i as usize * 64, s)?)
+    }
+    fn req(&self, i: u16) -> ReqRec {
+        self.meta
+            .read(self.nslots as usize * 64 + i as usize * 16)
+            .unwrap_or_default()
+    }
+    fn set_req(&self, i: u16, r: &ReqRec) -> Result<(), NvmeError> {
+        Ok(self
+            .meta
+            .write(self.nslots as usize * 64 + i as usize * 16, r)?)
+    }
+    fn put_slot(&mut self, i: u16, s: &SlotRec) {
+        let _ = self.set_slot(i, s);
+    }
+    fn put_req(&mut self, i: u16, r: &ReqRec) {
+        let _ = self.set_req(i, r);
+    }
+
+    fn cid_of(&self, slot: u16, gen: u16) -> u16 {
+        slot | (gen << self.slot_bits)
+    }
+
+    fn next_gen(&self, gen: u16) -> u16 {
+        let gen_bits = 16 - self.slot_bits;
+        let mask = if gen_bits >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << gen_bits) - 1
+        };
+        let mut g = gen.wrapping_add(1) & mask;
+        // Never produce CID 0xFFFF (reserved as "no command" in error logs).
+        if self.cid_of(self.nslots - 1, g) == 0xFFFF
+            && (1u32 << self.slot_bits) - 1 == (self.nslots - 1) as u32
+        {
+            g = 0;
+        }
+        g
+    }
+
+    fn alloc_slot(&mut self) -> Option<u16> {
+        let i = self.free_slot;
+        if i == NONE {
+            return None;
+        }
+        let s = self.slot(i);
+        self.free_slot = s.next;
+        self.free_slots -= 1;
+        self.busy += 1;
+        Some(i)
+    }
+
+    fn free_slot_rec(&mut self, i: u16, mut s: SlotRec) {
+        s.state = FREE;
+        s.next = self.free_slot;
+        self.put_slot(i, &s);
+        self.free_slot = i;
+        self.free_slots += 1;
+        self.busy -= 1;
+    }
+
+    fn alloc_req(&mut self) -> Option<u16> {
+        let i = self.free_req;
+        if i == NONE {
+            return None;
+        }
+        self.free_req = self.req(i).next;
+        Some(i)
+    }
+
+    fn free_req_rec(&mut self, i: u16) {
+        let r = ReqRec {
+            next: self.free_req,
+            ..ReqRec::default()
+        };
+        self.put_req(i, &r);
+        self.free_req = i;
+    }
+
+    fn push_ready(&mut self, i: u16, mut r: ReqRec) {
+        r.next = NONE;
+        self.put_req(i, &r);
+        if self.ready_tail == NONE {
+            self.ready_head = i;
+        } else {
+            let mut t = self.req(self.ready_tail);
+            t.next = i;
+            self.put_req(self.ready_tail, &t);
+        }
+        self.ready_tail = i;
+    }
+
+    /// One command (part) of request `req` is finished, with `err` (`ERR_NONE` = success).
+    fn finish_part(&mut self, req: u16, err: u8, status: u16) {
+        let mut r = self.req(req);
+        r.outstanding = r.outstanding.saturating_sub(1);
+        if err != ERR_NONE && r.err == ERR_NONE {
+            r.err = err;
+            r.status = status;
+        }
+        if r.outstanding == 0 {
+            if r.reported != 0 {
+                self.free_req_rec(req);
+            } else {
+                self.push_ready(req, r);
+            }
+        } else {
+            self.put_req(req, &r);
+        }
+    }
+
+    fn drain_ready(&mut self, on_done: &mut dyn FnMut(u32, Result<(), IoError>)) -> usize {
+        let mut n = 0;
+        while self.ready_head != NONE {
+            let i = self.ready_head;
+            let r = self.req(i);
+            self.ready_head = r.next;
+            if self.ready_head == NONE {
+                self.ready_tail = NONE;
+            }
+            let result = match r.err {
+                ERR_NONE => Ok(()),
+                ERR_STATUS => Err(Status::from_field(r.status).to_io_error()),
+                ERR_RESET => Err(IoError::DeviceReset),
+                _ => Err(IoError::Invalid),
+            };
+            self.free_req_rec(i);
+            self.unreported -= 1;
+            on_done(r.tag, result);
+            n += 1;
+        }
+        n
+    }
+
+    /// Builds the SQ entry for slot `i` (writing its PRP list or DSM range).
+    fn build_sqe(&self, i: u16, s: &SlotRec) -> Result<SqEntry, prp::PrpError> {
+        let mut e = SqEntry::new(s.opcode, self.cid_of(i, s.gen), s.nsid);
+        let list_off = i as usize * self.list_pages * PAGE_SIZE;
+        match s.opcode {
+            io_op::READ | io_op::WRITE => {
+                let (p1, p2) =
+                    prp::build(s.buf, s.len as usize, &self.prp, list_off, self.list_pages)?;
+                e.prp1 = p1;
+                e.prp2 = p2;
+                e.cdw10 = s.slba as u32;
+                e.cdw11 = (s.slba >> 32) as u32;
+                e.cdw12 = s.nlb - 1;
+            }
+            io_op::WRITE_ZEROES => {
+                e.cdw10 = s.slba as u32;
+                e.cdw11 = (s.slba >> 32) as u32;
+                e.cdw12 = s.nlb - 1;
+            }
+            io_op::DATASET_MANAGEMENT => {
+                let range = DsmRange {
+                    cattr: 0,
+                    nlb: s.nlb,
+                    slba: s.slba,
+                };
+                self.prp
+                    .write(list_off, &range)
+                    .map_err(|_| prp::PrpError::ListRegion)?;
+                e.prp1 = self.prp.bus_addr() + list_off as u64;
+                e.cdw10 = 0; // NR = 0: one range
+                e.cdw11 = 1 << 2; // AD: deallocate
+            }
+            _ => {}
+        }
+        Ok(e)
+    }
+
+    /// Writes slot `i`'s command at SQ position `pos` (not yet visible to the device).
+    fn place(&mut self, pos: u16, i: u16, s: &SlotRec) -> Result<(), prp::PrpError> {
+        let e = self.build_sqe(i, s)?;
+        self.sq
+            .write(pos as usize * 64, &e)
+            .map_err(|_| prp::PrpError::ListRegion)
+    }
+
+    /// Re-issues slot `i` (retry or after reset) with a new generation, at the SQ tail.
+    fn reissue(&mut self, i: u16, mut s: SlotRec) -> bool {
+        s.gen = self.next_gen(s.gen);
+        s.state = ACTIVE;
+        s.retries = s.retries.saturating_add(1);
+        s.deadline = self.clock.now_ns().saturating_add(self.timeout_ns);
+        let pos = self.sq_tail;
+        if self.place(pos, i, &s).is_err() {
+            return false;
+        }
+        self.put_slot(i, &s);
+        self.sq_tail = (self.sq_tail + 1) % self.entries;
+        self.stats.submitted_cmds += 1;
+        true
+    }
+
+    fn ring(&mut self, cq: bool, new: u16, old: u16) {
+        fence(Ordering::SeqCst);
+        if let Some((db, ei)) = &self.shadow {
+            let off = if cq { self.stride } else { 0 };
+            let _ = db.write_u32(off, new as u32);
+            fence(Ordering::SeqCst);
+            let event = ei.read_u16(off).unwrap_or(old);
+            if !spec::shadow_needs_mmio(event, new, old) {
+                self.stats.shadow_suppressed += 1;
+                return;
+            }
+        }
+        if cq {
+            self.mmio.write32(self.cq_db, new as u32);
+            self.stats.cq_doorbells += 1;
+        } else {
+            self.mmio.write32(self.sq_db, new as u32);
+            self.stats.sq_doorbells += 1;
+        }
+    }
+
+    fn handle(&mut self, e: &CqEntry) {
+        if e.sq_id != self.qid {
+            self.stats.bad_sqid += 1;
+            return;
+        }
+        if e.sq_head >= self.entries {
+            self.stats.bad_sq_head += 1;
+            return;
+        }
+        let mask = (1u16 << self.slot_bits).wrapping_sub(1);
+        let i = e.cid & mask;
+        let gen = if self.slot_bits >= 16 {
+            0
+        } else {
+            e.cid >> self.slot_bits
+        };
+        if i >= self.nslots {
+            self.stats.bad_cid += 1;
+            return;
+        }
+        let s = self.slot(i);
+        if s.gen != gen || (s.state != ACTIVE && s.state != ZOMBIE) {
+            self.stats.stale_cid += 1;
+            keel_log::warn!("nvme: q{} stale/duplicate cid {}", self.qid, e.cid);
+            return;
+        }
+        self.stats.completions += 1;
+        let status = e.status();
+        if s.state == ZOMBIE {
+            self.stats.late_completions += 1;
+            self.free_slot_rec(i, s);
+            self.finish_part(s.req, ERR_NONE, 0);
+            return;
+        }
+        if !status.is_success()
+            && status.is_retryable()
+            && s.retries < self.max_retries
+            && !self.failed
+        {
+            self.stats.retries += 1;
+            if self.reissue(i, s) {
+                return;
+            }
+        }
+        self.free_slot_rec(i, s);
+        if status.is_success() {
+            self.finish_part(s.req, ERR_NONE, 0);
+        } else {
+            self.finish_part(s.req, ERR_STATUS, e.status);
+        }
+    }
+
+    fn scan_timeouts(&mut self, on_done: &mut dyn FnMut(u32, Result<(), IoError>)) -> usize {
+        let now = self.clock.now_ns();
+        if now < self.next_scan || self.busy == 0 {
+            return 0;
+        }
+        self.next_scan = now.saturating_add((self.timeout_ns / 8).max(1));
+        let mut reported = 0;
+        let mut any = false;
+        for i in 0..self.nslots {
+            let mut s = self.slot(i);
+            if s.state != ACTIVE || s.deadline > now {
+                continue;
+            }
+            any = true;
+            self.stats.timeouts += 1;
+            s.state = ZOMBIE;
+            self.put_slot(i, &s);
+            let _ = self.aborts.push_back(self.cid_of(i, s.gen));
+            let mut r = self.req(s.req);
+            if r.reported == 0 {
+                r.reported = 1;
+                self.put_req(s.req, &r);
+                self.unreported -= 1;
+                keel_log::warn!(
+                    "nvme: q{} cid {} timed out",
+                    self.qid,
+                    self.cid_of(i, s.gen)
+                );
+                on_done(r.tag, Err(IoError::Timeout));
+                reported += 1;
+            }
+        }
+        if any {
+            self.needs_reset = true;
+            let csts = self.mmio.read32(spec::reg::CSTS);
+            if csts == u32::MAX || csts & spec::reg::CSTS_CFS != 0 {
+                keel_log::error!("nvme: controller fatal status");
+                self.failed = true;
+            }
+        }
+        reported
+    }
+
+    // ---- reset support (called by Controller::reset) ----
+
+    pub(crate) fn prepare_reset(&mut self) {
+        let _ = self.cq.fill(0, self.cq.len(), 0);
+        if let Some((db, ei)) = &self.shadow {
+            let _ = db.fill(0, db.len(), 0);
+            let _ = ei.fill(0, ei.len(), 0);
+        }
+        self.sq_tail = 0;
+        self.sq_tail_rung = 0;
+        self.cq_head = 0;
+        self.phase = true;
+        self.needs_reset = false;
+        self.aborts.clear();
+        for i in 0..self.nslots {
+            let mut s = self.slot(i);
+            match s.state {
+                ZOMBIE => {
+                    self.free_slot_rec(i, s);
+                    self.finish_part(s.req, ERR_NONE, 0);
+                }
+                ACTIVE => {
+                    s.state = PENDING;
+                    self.put_slot(i, &s);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    pub(crate) fn after_reset_ok(&mut self) {
+        self.failed = false;
+        for i in 0..self.nslots {
+            let s = self.slot(i);
+            if s.state != PENDING {
+                continue;
+            }
+            if s.retries < self.max_retries && self.reissue(i, s) {
+                self.stats.resubmitted_after_reset += 1;
+            } else {
+                self.free_slot_rec(i, s);
+                self.finish_part(s.req, ERR_RESET, 0);
+            }
+        }
+        self.flush_submissions();
+    }
+
+    pub(crate) fn after_reset_failed(&mut self) {
+        self.failed = true;
+        for i in 0..self.nslots {
+            let s = self.slot(i);
+            match s.state {
+                PENDING | ACTIVE => {
+                    self.free_slot_rec(i, s);
+                    self.finish_part(s.req, ERR_RESET, 0);
+                }
+                ZOMBIE => {
+                    self.free_slot_rec(i, s);
+                    self.finish_part(s.req, ERR_NONE, 0);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn ns(&self, nsid: NsId) -> Option<Namespace> {
+        self.namespaces.iter().find(|n| n.nsid == nsid).copied()
+    }
+
+    fn check_range(ns: &Namespace, lba: u64, blocks: u32) -> Result<(), SubmitError> {
+        match lba.checked_add(blocks as u64) {
+            Some(end) if blocks > 0 && end <= ns.blocks => Ok(()),
+            _ => Err(SubmitError::OutOfRange),
+        }
+    }
+}
+
+impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
+    fn submit(&mut self, op: BlockOp, tag: u32) -> Result<(), SubmitError> {
+        if self.failed {
+            return Err(SubmitError::DeviceUnavailable);
+        }
+        let ns = self.ns(op.ns()).ok_or(SubmitError::InvalidNamespace)?;
+        let bs = ns.block_size as u64;
+        // (opcode, lba, blocks, buffer, blocks per command)
+        let (opcode, lba, blocks, buf, per_cmd) = match op {
+            BlockOp::Read {
+                lba, blocks, buf, ..
+            }
+            | BlockOp::Write {
+                lba, blocks, buf, ..
+            } => {
+                Self::check_range(&ns, lba, blocks)?;
+                if buf.len() as u64 != blocks as u64 * bs {
+                    return Err(SubmitError::BufferLength);
+                }
+                if buf.bus_addr() % 4 != 0 {
+                    return Err(SubmitError::BufferAlignment);
+                }
+                if buf.bus_addr().checked_add(buf.len() as u64).is_none() {
+                    return Err(SubmitError::BufferLength);
+                }
+                let per = ((self.max_transfer as u64 / bs).min(65536)) as u32;
+                if per == 0 {
+                    return Err(SubmitError::Unsupported);
+                }
+                let opc = if matches!(op, BlockOp::Read { .. }) {
+                    io_op::READ
+                } else {
+                    io_op::WRITE
+                };
+                (opc, lba, blocks, buf.bus_addr(), per)
+            }
+            BlockOp::Flush { .. } => (io_op::FLUSH, 0, 0, 0, 1),
+            BlockOp::WriteZeroes { lba, blocks, .. } => {
+                if !self.write_zeroes {
+                    return Err(SubmitError::Unsupported);
+                }
+                Self::check_range(&ns, lba, blocks)?;
+                (io_op::WRITE_ZEROES, lba, blocks, 0, 65536)
+            }
+            BlockOp::Deallocate { lba, blocks, .. } => {
+                if !self.deallocate {
+                    return Err(SubmitError::Unsupported);
+                }
+                Self::check_range(&ns, lba, blocks)?;
+                (io_op::DATASET_MANAGEMENT, lba, blocks, 0, u32::MAX)
+            }
+        };
+        let parts = if blocks == 0 {
+            1
+        } else {
+            blocks.div_ceil(per_cmd)
+        };
+        if parts > self.nslots as u32 {
+            return Err(SubmitError::TooLarge);
+        }
+        if parts > self.free_slots as u32 {
+            return Err(SubmitError::QueueFull);
+        }
+        let req = self.alloc_req().ok_or(SubmitError::QueueFull)?;
+        let now = self.clock.now_ns();
+        let deadline = now.saturating_add(self.timeout_ns);
+        // Write every part's SQ entry past the tail first; publish the tail only if all fit.
+        let mut pos = self.sq_tail;
+        let mut done_blocks = 0u32;
+        let mut first_slot = NONE;
+        let mut last_slot = NONE;
+        let mut failed = false;
+        for _ in 0..parts {
+            let Some(i) = self.alloc_slot() else {
+                failed = true;
+                break;
+            };
+            let nlb = if blocks == 0 {
+                0
+            } else {
+                (blocks - done_blocks).min(per_cmd)
+            };
+            let old = self.slot(i);
+            let s = SlotRec {
+                deadline,
+                slba: lba + done_blocks as u64,
+                buf: buf + done_blocks as u64 * bs,
+                nsid: ns.nsid,
+                nlb,
+                len: (nlb as u64 * bs) as u32,
+                gen: self.next_gen(old.gen),
+                req,
+                next: NONE,
+                state: ACTIVE,
+                opcode,
+                retries: 0,
+                _pad: [0; 19],
+            };
+            // Chain the parts through `next` so a failure can release them.
+            if last_slot != NONE {
+                let mut l = self.slot(last_slot);
+                l.next = i;
+                self.put_slot(last_slot, &l);
+            } else {
+                first_slot = i;
+            }
+            self.put_slot(i, &s);
+            last_slot = i;
+            if self.place(pos, i, &s).is_err() {
+                failed = true;
+                break;
+            }
+            pos = (pos + 1) % self.entries;
+            done_blocks += nlb;
+        }
+        if failed {
+            let mut i = first_slot;
+            while i != NONE {
+                let s = self.slot(i);
+                let next = s.next;
+                self.free_slot_rec(i, s);
+                i = next;
+            }
+            self.free_req_rec(req);
+            return Err(SubmitError::BufferAlignment);
+        }
+        let r = ReqRec {
+            tag,
+            outstanding: parts as u16,
+            next: NONE,
+            ..ReqRec::default()
+        };
+        self.put_req(req, &r);
+        self.sq_tail = pos;
+        self.unreported += 1;
+        self.stats.submitted_cmds += parts as u64;
+        Ok(())
+    }
+
+    fn flush_submissions(&mut self) {
+        if self.sq_tail != self.sq_tail_rung {
+            let (new, old) = (self.sq_tail, self.sq_tail_rung);
+            self.ring(false, new, old);
+            self.sq_tail_rung = new;
+        }
+    }
+
+    fn poll(&mut self, max: usize, on_done: &mut dyn FnMut(u32, Result<(), IoError>)) -> usize {
+        self.flush_submissions();
+        let mut reported = self.drain_ready(on_done);
+        let old_head = self.cq_head;
+        let mut consumed = 0usize;
+        while consumed < max {
+            let off = self.cq_head as usize * 16;
+            let Ok(word) = self.cq.read_u16(off + spec::CQE_STATUS_OFFSET) else {
+                break;
+            };
+            if (word & 1 != 0) != self.phase {
+                break;
+            }
+            fence(Ordering::Acquire);
+            let Ok(e) = self.cq.read::<CqEntry>(off) else {
+                break;
+            };
+            if e.phase() != self.phase {
+                break; // torn view; look again next pass
+            }
+            self.cq_head += 1;
+            if self.cq_head == self.entries {
+                self.cq_head = 0;
+                self.phase = !self.phase;
+            }
+            consumed += 1;
+            self.handle(&e);
+        }
+        if consumed > 0 {
+            let new = self.cq_head;
+            self.ring(true, new, old_head);
+        }
+        reported += self.drain_ready(on_done);
+        reported += self.scan_timeouts(on_done);
+        // Retries queued by `handle` go out with one doorbell.
+        self.flush_submissions();
+        reported
+    }
+
+    fn depth(&self) -> usize {
+        self.nslots as usize
+    }
+
+    fn in_flight(&self) -> usize {
+        self.unreported
+    }
+
+    fn block_size(&self, ns: NsId) -> Option<u32> {
+        self.ns(ns).map(|n| n.block_size)
+    }
+
+    fn num_blocks(&self, ns: NsId) -> Option<u64> {
+        self.ns(ns).map(|n| n.blocks)
+    }
+}

@@ -1,0 +1,515 @@
+//! NVMe 1.4 data structures and register layout, with compile-time layout checks.
+//!
+//! All multi-byte fields are little-endian on the wire; Keel only targets little-endian CPUs
+//! (checked below), so native integers are used for queue entries.
+
+use core::mem::{offset_of, size_of};
+use static_assertions::const_assert_eq;
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+#[cfg(target_endian = "big")]
+compile_error!("keel-nvme assumes a little-endian CPU (NVMe structures are little-endian)");
+
+/// Memory page size the driver programs (CC.MPS = 0): 4 KiB.
+pub const PAGE_SIZE: usize = 4096;
+/// log2 of the SQ entry size (CC.IOSQES).
+pub const SQES_LOG2: u32 = 6;
+/// log2 of the CQ entry size (CC.IOCQES).
+pub const CQES_LOG2: u32 = 4;
+
+/// Controller register offsets in BAR0 (NVMe 1.4, 3.1).
+pub mod reg {
+    pub const CAP: usize = 0x00;
+    pub const VS: usize = 0x08;
+    pub const INTMS: usize = 0x0C;
+    pub const INTMC: usize = 0x10;
+    pub const CC: usize = 0x14;
+    pub const CSTS: usize = 0x1C;
+    pub const NSSR: usize = 0x20;
+    pub const AQA: usize = 0x24;
+    pub const ASQ: usize = 0x28;
+    pub const ACQ: usize = 0x30;
+    /// First doorbell (admin SQ tail).
+    pub const DOORBELL_BASE: usize = 0x1000;
+
+    pub const CC_EN: u32 = 1 << 0;
+    pub const CC_CSS_NVM: u32 = 0 << 4;
+    pub const CC_MPS_SHIFT: u32 = 7;
+    pub const CC_AMS_RR: u32 = 0 << 11;
+    pub const CC_SHN_NORMAL: u32 = 1 << 14;
+    pub const CC_SHN_MASK: u32 = 3 << 14;
+    pub const CC_IOSQES_SHIFT: u32 = 16;
+    pub const CC_IOCQES_SHIFT: u32 = 20;
+
+    pub const CSTS_RDY: u32 = 1 << 0;
+    pub const CSTS_CFS: u32 = 1 << 1;
+    pub const CSTS_SHST_MASK: u32 = 3 << 2;
+    pub const CSTS_SHST_COMPLETE: u32 = 2 << 2;
+}
+
+/// Decoded CAP register (read once at bring-up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Cap {
+    pub raw: u64,
+}
+
+impl Cap {
+    /// Maximum queue entries supported, 1-based (MQES is 0-based).
+    pub fn max_queue_entries(&self) -> u32 {
+        (self.raw & 0xFFFF) as u32 + 1
+    }
+    /// Contiguous queues required.
+    pub fn cqr(&self) -> bool {
+        self.raw & (1 << 16) != 0
+    }
+    /// Worst-case time to become ready, in milliseconds (CAP.TO is in 500 ms units).
+    pub fn timeout_ms(&self) -> u64 {
+        ((self.raw >> 24) & 0xFF) * 500
+    }
+    /// Doorbell stride in bytes: `4 << DSTRD`.
+    pub fn doorbell_stride(&self) -> usize {
+        4usize << ((self.raw >> 32) & 0xF)
+    }
+    /// NVM command set supported (CSS bit 0).
+    pub fn css_nvm(&self) -> bool {
+        (self.raw >> 37) & 1 != 0
+    }
+    /// Minimum memory page size in bytes.
+    pub fn mps_min(&self) -> usize {
+        1usize << (12 + ((self.raw >> 48) & 0xF))
+    }
+    /// Maximum memory page size in bytes.
+    pub fn mps_max(&self) -> usize {
+        1usize << (12 + ((self.raw >> 52) & 0xF))
+    }
+}
+
+/// Offset of the SQ `qid` tail doorbell.
+pub fn sq_doorbell(qid: u16, stride: usize) -> usize {
+    reg::DOORBELL_BASE + (2 * qid as usize) * stride
+}
+
+/// Offset of the CQ `qid` head doorbell.
+pub fn cq_doorbell(qid: u16, stride: usize) -> usize {
+    reg::DOORBELL_BASE + (2 * qid as usize + 1) * stride
+}
+
+/// Submission queue entry (64 bytes, NVMe 1.4 4.2).
+#[repr(C)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct SqEntry {
+    /// Opcode (7:0), FUSE (9:8), PSDT (15:14, 0 = PRPs), CID (31:16).
+    pub cdw0: u32,
+    pub nsid: u32,
+    pub cdw2: u32,
+    pub cdw3: u32,
+    pub mptr: u64,
+    pub prp1: u64,
+    pub prp2: u64,
+    pub cdw10: u32,
+    pub cdw11: u32,
+    pub cdw12: u32,
+    pub cdw13: u32,
+    pub cdw14: u32,
+    pub cdw15: u32,
+}
+const_assert_eq!(size_of::<SqEntry>(), 64);
+const_assert_eq!(offset_of!(SqEntry, prp1), 24);
+const_assert_eq!(offset_of!(SqEntry, cdw10), 40);
+const_assert_eq!(offset_of!(SqEntry, cdw15), 60);
+
+impl SqEntry {
+    pub fn new(opcode: u8, cid: u16, nsid: u32) -> Self {
+        Self {
+            cdw0: opcode as u32 | ((cid as u32) << 16),
+            nsid,
+            ..Self::default()
+        }
+    }
+    pub fn opcode(&self) -> u8 {
+        self.cdw0 as u8
+    }
+    pub fn cid(&self) -> u16 {
+        (self.cdw0 >> 16) as u16
+    }
+    pub fn set_cid(&mut self, cid: u16) {
+        self.cdw0 = (self.cdw0 & 0xFFFF) | ((cid as u32) << 16);
+    }
+}
+
+/// Completion queue entry (16 bytes, NVMe 1.4 4.6).
+#[repr(C)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct CqEntry {
+    /// Command specific result.
+    pub dw0: u32,
+    pub dw1: u32,
+    pub sq_head: u16,
+    pub sq_id: u16,
+    pub cid: u16,
+    /// Phase tag (bit 0) and status field (15:1).
+    pub status: u16,
+}
+const_assert_eq!(size_of::<CqEntry>(), 16);
+const_assert_eq!(offset_of!(CqEntry, sq_head), 8);
+const_assert_eq!(offset_of!(CqEntry, cid), 12);
+/// Byte offset of the status/phase word inside a CQ entry.
+pub const CQE_STATUS_OFFSET: usize = 14;
+const_assert_eq!(offset_of!(CqEntry, status), CQE_STATUS_OFFSET);
+
+impl CqEntry {
+    pub fn phase(&self) -> bool {
+        self.status & 1 != 0
+    }
+    pub fn status(&self) -> Status {
+        Status::from_field(self.status)
+    }
+}
+
+/// Admin opcodes.
+pub mod admin_op {
+    pub const DELETE_IO_SQ: u8 = 0x00;
+    pub const CREATE_IO_SQ: u8 = 0x01;
+    pub const GET_LOG_PAGE: u8 = 0x02;
+    pub const DELETE_IO_CQ: u8 = 0x04;
+    pub const CREATE_IO_CQ: u8 = 0x05;
+    pub const IDENTIFY: u8 = 0x06;
+    pub const ABORT: u8 = 0x08;
+    pub const SET_FEATURES: u8 = 0x09;
+    pub const GET_FEATURES: u8 = 0x0A;
+    pub const DOORBELL_BUFFER_CONFIG: u8 = 0x7C;
+}
+
+/// NVM command set opcodes.
+pub mod io_op {
+    pub const FLUSH: u8 = 0x00;
+    pub const WRITE: u8 = 0x01;
+    pub const READ: u8 = 0x02;
+    pub const WRITE_ZEROES: u8 = 0x08;
+    pub const DATASET_MANAGEMENT: u8 = 0x09;
+}
+
+/// Identify CNS values.
+pub mod cns {
+    pub const NAMESPACE: u32 = 0x00;
+    pub const CONTROLLER: u32 = 0x01;
+    pub const ACTIVE_NS_LIST: u32 = 0x02;
+}
+
+/// Feature identifiers.
+pub mod feature {
+    pub const NUMBER_OF_QUEUES: u32 = 0x07;
+}
+
+/// Identify Controller data structure (4096 bytes, NVMe 1.4 Figure 247); fields Keel uses.
+#[repr(C)]
+#[derive(Clone, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct IdentifyController {
+    pub vid: U16,
+    pub ssvid: U16,
+    pub sn: [u8; 20],
+    pub mn: [u8; 40],
+    pub fr: [u8; 8],
+    pub rab: u8,
+    pub ieee: [u8; 3],
+    pub cmic: u8,
+    /// Maximum data transfer size, 2^n units of CAP.MPSMIN; 0 = no limit.
+    pub mdts: u8,
+    pub cntlid: U16,
+    pub ver: U32,
+    _rsvd84: [u8; 172],
+    /// Optional admin command support; bit 8 = Doorbell Buffer Config.
+    pub oacs: U16,
+    _rsvd258: [u8; 254],
+    pub sqes: u8,
+    pub cqes: u8,
+    pub maxcmd: U16,
+    /// Number of namespaces (highest valid NSID).
+    pub nn: U32,
+    /// Optional NVM command support; bit 2 = DSM, bit 3 = Write Zeroes.
+    pub oncs: U16,
+    pub fuses: U16,
+    pub fna: u8,
+    /// Volatile write cache present (bit 0).
+    pub vwc: u8,
+    _rsvd526: [u8; 3570],
+}
+const_assert_eq!(size_of::<IdentifyController>(), 4096);
+const_assert_eq!(offset_of!(IdentifyController, sn), 4);
+const_assert_eq!(offset_of!(IdentifyController, mn), 24);
+const_assert_eq!(offset_of!(IdentifyController, fr), 64);
+const_assert_eq!(offset_of!(IdentifyController, mdts), 77);
+const_assert_eq!(offset_of!(IdentifyController, ver), 80);
+const_assert_eq!(offset_of!(IdentifyController, oacs), 256);
+const_assert_eq!(offset_of!(IdentifyController, sqes), 512);
+const_assert_eq!(offset_of!(IdentifyController, nn), 516);
+const_assert_eq!(offset_of!(IdentifyController, oncs), 520);
+const_assert_eq!(offset_of!(IdentifyController, vwc), 525);
+
+pub const OACS_DOORBELL_BUFFER_CONFIG: u16 = 1 << 8;
+pub const ONCS_DSM: u16 = 1 << 2;
+pub const ONCS_WRITE_ZEROES: u16 = 1 << 3;
+
+/// LBA Format data structure (4 bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct LbaFormat {
+    /// Metadata bytes per LBA.
+    pub ms: U16,
+    /// LBA data size, log2 bytes.
+    pub lbads: u8,
+    /// Relative performance (bits 1:0).
+    pub rp: u8,
+}
+const_assert_eq!(size_of::<LbaFormat>(), 4);
+
+/// Identify Namespace data structure (4096 bytes, NVMe 1.4 Figure 249); fields Keel uses.
+#[repr(C)]
+#[derive(Clone, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct IdentifyNamespace {
+    /// Namespace size in logical blocks.
+    pub nsze: U64,
+    /// Namespace capacity in logical blocks.
+    pub ncap: U64,
+    pub nuse: U64,
+    pub nsfeat: u8,
+    /// Number of LBA formats, 0-based.
+    pub nlbaf: u8,
+    /// Formatted LBA size: index (3:0, and 6:5 as upper bits), extended-LBA metadata (bit 4).
+    pub flbas: u8,
+    pub mc: u8,
+    pub dpc: u8,
+    pub dps: u8,
+    _rsvd30: [u8; 98],
+    pub lbaf: [LbaFormat; 64],
+    _rsvd384: [u8; 3712],
+}
+const_assert_eq!(size_of::<IdentifyNamespace>(), 4096);
+const_assert_eq!(offset_of!(IdentifyNamespace, nlbaf), 25);
+const_assert_eq!(offset_of!(IdentifyNamespace, flbas), 26);
+const_assert_eq!(offset_of!(IdentifyNamespace, lbaf), 128);
+
+/// One Dataset Management range (16 bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct DsmRange {
+    pub cattr: u32,
+    pub nlb: u32,
+    pub slba: u64,
+}
+const_assert_eq!(size_of::<DsmRange>(), 16);
+
+/// Status code types.
+pub mod sct {
+    pub const GENERIC: u8 = 0;
+    pub const COMMAND_SPECIFIC: u8 = 1;
+    pub const MEDIA: u8 = 2;
+    pub const PATH: u8 = 3;
+    pub const VENDOR: u8 = 7;
+}
+
+/// A decoded completion status field (NVMe 1.4 4.6.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Status {
+    /// Status Code Type.
+    pub sct: u8,
+    /// Status Code.
+    pub sc: u8,
+    /// Command Retry Delay index.
+    pub crd: u8,
+    /// More information in the error log.
+    pub more: bool,
+    /// Do Not Retry.
+    pub dnr: bool,
+}
+
+/// What a status means, for the codes Keel distinguishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum StatusKind {
+    Success,
+    InvalidOpcode,
+    InvalidField,
+    CommandIdConflict,
+    DataTransferError,
+    AbortedPowerLoss,
+    InternalError,
+    AbortRequested,
+    AbortedSqDeletion,
+    InvalidNamespace,
+    LbaOutOfRange,
+    CapacityExceeded,
+    NamespaceNotReady,
+    InvalidQueueId,
+    InvalidQueueSize,
+    WriteFault,
+    UnrecoveredRead,
+    IntegrityError,
+    AccessDenied,
+    WriteProtected,
+    PathError,
+    Other,
+}
+
+impl Status {
+    /// Decodes the 16-bit status/phase word of a CQ entry (bit 0, the phase tag, is ignored).
+    pub fn from_field(field: u16) -> Self {
+        Self {
+            sc: (field >> 1) as u8,
+            sct: ((field >> 9) & 0x7) as u8,
+            crd: ((field >> 12) & 0x3) as u8,
+            more: field & (1 << 14) != 0,
+            dnr: field & (1 << 15) != 0,
+        }
+    }
+
+    /// Encodes back into a status field with phase 0 (for tests and models).
+    pub fn to_field(&self) -> u16 {
+        ((self.sc as u16) << 1)
+            | ((self.sct as u16 & 7) << 9)
+            | ((self.crd as u16 & 3) << 12)
+            | ((self.more as u16) << 14)
+            | ((self.dnr as u16) << 15)
+    }
+
+    pub fn is_success(&self) -> bool {
+        self.sct == 0 && self.sc == 0
+    }
+
+    /// `SCT << 8 | SC`.
+    pub fn code(&self) -> u16 {
+        ((self.sct as u16) << 8) | self.sc as u16
+    }
+
+    pub fn kind(&self) -> StatusKind {
+        use StatusKind::*;
+        match (self.sct, self.sc) {
+            (sct::GENERIC, 0x00) => Success,
+            (sct::GENERIC, 0x01) => InvalidOpcode,
+            (sct::GENERIC, 0x02) => InvalidField,
+            (sct::GENERIC, 0x03) => CommandIdConflict,
+            (sct::GENERIC, 0x04) => DataTransferError,
+            (sct::GENERIC, 0x05) => AbortedPowerLoss,
+            (sct::GENERIC, 0x06) => InternalError,
+            (sct::GENERIC, 0x07) => AbortRequested,
+            (sct::GENERIC, 0x08) => AbortedSqDeletion,
+            (sct::GENERIC, 0x0B) => InvalidNamespace,
+            (sct::GENERIC, 0x80) => LbaOutOfRange,
+            (sct::GENERIC, 0x81) => CapacityExceeded,
+            (sct::GENERIC, 0x82) => NamespaceNotReady,
+            (sct::COMMAND_SPECIFIC, 0x01) => InvalidQueueId,
+            (sct::COMMAND_SPECIFIC, 0x02) => InvalidQueueSize,
+            (sct::COMMAND_SPECIFIC, 0x20) => WriteProtected,
+            (sct::MEDIA, 0x80) => WriteFault,
+            (sct::MEDIA, 0x81) => UnrecoveredRead,
+            (sct::MEDIA, 0x82..=0x85) => IntegrityError,
+            (sct::MEDIA, 0x86) => AccessDenied,
+            (sct::PATH, _) => PathError,
+            _ => Other,
+        }
+    }
+
+    /// Retry policy: only when the device allows it (DNR = 0) and the condition is transient.
+    pub fn is_retryable(&self) -> bool {
+        if self.dnr || self.is_success() {
+            return false;
+        }
+        matches!(
+            self.kind(),
+            StatusKind::DataTransferError
+                | StatusKind::AbortedPowerLoss
+                | StatusKind::InternalError
+                | StatusKind::NamespaceNotReady
+                | StatusKind::PathError
+        )
+    }
+
+    /// Maps the status onto the device-independent error of `keel-blockdev`.
+    pub fn to_io_error(&self) -> keel_blockdev::IoError {
+        use keel_blockdev::IoError;
+        match self.kind() {
+            StatusKind::AbortRequested
+            | StatusKind::AbortedSqDeletion
+            | StatusKind::AbortedPowerLoss => IoError::Aborted,
+            StatusKind::LbaOutOfRange | StatusKind::CapacityExceeded => IoError::OutOfRange,
+            StatusKind::InvalidOpcode | StatusKind::InvalidField | StatusKind::InvalidNamespace => {
+                IoError::Invalid
+            }
+            StatusKind::WriteFault | StatusKind::UnrecoveredRead | StatusKind::IntegrityError => {
+                IoError::Media
+            }
+            StatusKind::WriteProtected => IoError::WriteProtected,
+            _ => IoError::Device { code: self.code() },
+        }
+    }
+}
+
+/// The EventIdx rule for shadow doorbells (NVMe 1.4 7.13.1): write the MMIO doorbell only when
+/// moving from `old` to `new` crossed the device's `event_idx`.
+pub fn shadow_needs_mmio(event_idx: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event_idx).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_round_trip_and_policy() {
+        let s = Status {
+            sct: 0,
+            sc: 0x06,
+            crd: 0,
+            more: false,
+            dnr: false,
+        };
+        let f = s.to_field() | 1;
+        assert_eq!(Status::from_field(f), s);
+        assert!(s.is_retryable());
+        let s2 = Status { dnr: true, ..s };
+        assert!(!Status::from_field(s2.to_field()).is_retryable());
+        let lba = Status {
+            sct: 0,
+            sc: 0x80,
+            crd: 0,
+            more: false,
+            dnr: false,
+        };
+        assert_eq!(lba.kind(), StatusKind::LbaOutOfRange);
+        assert!(!lba.is_retryable());
+        assert_eq!(lba.to_io_error(), keel_blockdev::IoError::OutOfRange);
+    }
+
+    #[test]
+    fn event_idx_rule() {
+        // Device asked to be told once tail passes 5.
+        assert!(shadow_needs_mmio(5, 7, 5));
+        assert!(shadow_needs_mmio(5, 6, 5));
+        assert!(!shadow_needs_mmio(5, 5, 4));
+        // Device already asked at 2 and we were at 4: no notification needed.
+        assert!(!shadow_needs_mmio(2, 7, 4));
+        // Wrap-around.
+        assert!(shadow_needs_mmio(0xFFFF, 1, 0xFFFE));
+    }
+
+    #[test]
+    fn cap_decode() {
+        let cap = Cap {
+            raw: 0x0000_0020_1400_07FF | (1 << 37) | (2u64 << 32),
+        };
+        assert_eq!(cap.max_queue_entries(), 2048);
+        assert_eq!(cap.timeout_ms(), 0x14 * 500);
+        assert_eq!(cap.doorbell_stride(), 16);
+        assert!(cap.css_nvm());
+        assert_eq!(cap.mps_min(), 4096);
+        assert_eq!(sq_doorbell(1, 4), 0x1008);
+        assert_eq!(cq_doorbell(1, 4), 0x100C);
+    }
+}

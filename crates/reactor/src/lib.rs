@@ -1,0 +1,24 @@
+//! Pinned-core reactors, SPDK style.
+//!
+//! * [`mesh`]: one fixed-capacity single-producer/single-consumer ring per ordered pair of cores.
+//!   A full ring is backpressure returned to the sender, never a silent drop.
+//! * [`Reactor`]: the run-to-completion loop of one core. It owns at most one queue pair
+//!   (anything implementing [`keel_blockdev::BlockQueue`]), polls its completions, its inbound
+//!   rings and its registered pollers, and never blocks. Requests from other cores arrive as
+//!   messages and are submitted on the owner's queue pair; their completions travel back.
+//! * [`worker`]: the channel to a dedicated core for slow work (checksums, verification). A
+//!   poller hands work over and keeps polling; it never waits on something that needs a poller
+//!   to make progress (seed 003's deadlock).
+//!
+//! Every I/O a reactor accepts gets a slot from a [`keel_slots::SlotPool`]; the device tag is the
+//! slot handle (index + generation), so a completion for a recycled or forged tag is detected and
+//! counted instead of being routed to the wrong requester.
+#![no_std]
+#![forbid(unsafe_code)]
+
+pub mod mesh;
+mod reactor;
+pub mod worker;
+
+pub use mesh::{split, Links, MeshStorage, SendError};
+pub use reactor::{Completion, Msg, Origin, Reactor, ReactorError, Stats};

@@ -1,0 +1,118 @@
+//! The message mesh: `C × C` SPSC rings of capacity `N - 1` (heapless' convention), ring `[i][j]`
+//! carrying messages from core `i` to core `j`. [`split`] hands every core its [`Links`]: the
+//! producer ends of its outbound rings and the consumer ends of its inbound rings. Each end has
+//! exactly one owner, so no locks are involved.
+
+use heapless::spsc::{Consumer, Producer, Queue};
+
+/// Storage for every ring. Lives as long as the links split from it (a `static` on the board,
+/// a leaked box in host tests).
+pub struct MeshStorage<M, const C: usize, const N: usize> {
+    rings: [[Queue<M, N>; C]; C],
+}
+
+impl<M, const C: usize, const N: usize> MeshStorage<M, C, N> {
+    pub const fn new() -> Self {
+        Self {
+            rings: [const { [const { Queue::new() }; C] }; C],
+        }
+    }
+}
+
+impl<M, const C: usize, const N: usize> Default for MeshStorage<M, C, N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Why a message was not sent. The message comes back to the sender.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SendError<M> {
+    /// The ring to that core is full: the receiver is behind (backpressure). Retry later.
+    Full(M),
+    /// No such core, or sending to oneself.
+    NoRoute(M),
+}
+
+/// One core's ends of the mesh.
+pub struct Links<'a, M, const C: usize> {
+    core: usize,
+    tx: [Option<Producer<'a, M>>; C],
+    rx: [Option<Consumer<'a, M>>; C],
+    next_rx: usize,
+}
+
+impl<'a, M, const C: usize> Links<'a, M, C> {
+    /// The core these links belong to.
+    pub fn core(&self) -> usize {
+        self.core
+    }
+
+    /// Sends `msg` to core `to`.
+    pub fn send(&mut self, to: usize, msg: M) -> Result<(), SendError<M>> {
+        match self.tx.get_mut(to).and_then(|p| p.as_mut()) {
+            None => Err(SendError::NoRoute(msg)),
+            Some(p) => p.enqueue(msg).map_err(SendError::Full),
+        }
+    }
+
+    /// `true` when a message to `to` would be accepted now.
+    pub fn can_send(&self, to: usize) -> bool {
+        self.tx
+            .get(to)
+            .and_then(|p| p.as_ref())
+            .is_some_and(|p| p.ready())
+    }
+
+    /// The next inbound message, visiting the inbound rings round-robin so one busy sender
+    /// cannot starve the others. `accept` sees the message first: when it returns `false` the
+    /// message stays at the head of its ring (the receiver is not ready: backpressure).
+    pub fn recv_if(&mut self, mut accept: impl FnMut(&M) -> bool) -> Option<M> {
+        for i in 0..C {
+            let from = (self.next_rx + i) % C;
+            let Some(c) = self.rx[from].as_mut() else {
+                continue;
+            };
+            if let Some(m) = c.peek() {
+                if accept(m) {
+                    self.next_rx = (from + 1) % C;
+                    return c.dequeue();
+                }
+            }
+        }
+        None
+    }
+
+    /// The next inbound message (see [`Links::recv_if`]).
+    pub fn recv(&mut self) -> Option<M> {
+        self.recv_if(|_| true)
+    }
+
+    /// Messages waiting in all inbound rings.
+    pub fn pending(&self) -> usize {
+        self.rx.iter().flatten().map(|c| c.len()).sum()
+    }
+}
+
+/// Splits the storage into one [`Links`] per core.
+pub fn split<M, const C: usize, const N: usize>(
+    storage: &mut MeshStorage<M, C, N>,
+) -> [Links<'_, M, C>; C] {
+    let mut links: [Links<'_, M, C>; C] = core::array::from_fn(|core| Links {
+        core,
+        tx: [const { None }; C],
+        rx: [const { None }; C],
+        next_rx: 0,
+    });
+    for (from, row) in storage.rings.iter_mut().enumerate() {
+        for (to, q) in row.iter_mut().enumerate() {
+            if from == to {
+                continue;
+            }
+            let (p, c) = q.split();
+            links[from].tx[to] = Some(p);
+            links[to].rx[from] = Some(c);
+        }
+    }
+    links
+}

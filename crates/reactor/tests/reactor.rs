@@ -1,0 +1,280 @@
+//! Reactor behaviour: cross-core I/O, backpressure, untrusted tags, queue-pair handoff and
+//! shutdown in the middle of I/O, and real threads. Every test ends by checking the invariant
+//! the issue names: submitted == completed + failed, and every I/O slot back in its array.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{read, FakeQueue};
+use keel_reactor::{split, Completion, MeshStorage, Msg, Reactor, ReactorError};
+use keel_slots::{words_for, CloseDuty, Teardown};
+
+const N: usize = 32;
+const W: usize = words_for(N);
+type R = Reactor<'static, FakeQueue, 3, N, W>;
+
+fn mesh<const RING: usize>() -> [keel_reactor::Links<'static, Msg, 3>; 3] {
+    split(Box::leak(Box::new(MeshStorage::<Msg, 3, RING>::new())))
+}
+
+fn reactors<const RING: usize>(q: FakeQueue) -> Vec<R> {
+    let [l0, l1, l2] = mesh::<RING>();
+    vec![
+        Reactor::new(l0, Some(q)),
+        Reactor::new(l1, None),
+        Reactor::new(l2, None),
+    ]
+}
+
+fn collect(r: &mut R, into: &mut HashMap<(usize, u32), Result<(), keel_blockdev::IoError>>) {
+    while let Some(Completion { cookie, result }) = r.next_completion() {
+        assert!(
+            into.insert((r.core(), cookie), result).is_none(),
+            "cookie {cookie} on core {} completed twice",
+            r.core()
+        );
+    }
+}
+
+fn invariant(r: &R) {
+    let s = r.stats();
+    assert_eq!(
+        s.submitted,
+        s.completed_ok + s.failed + r.in_flight() as u64,
+        "core {}: {s:?}",
+        r.core()
+    );
+    assert_eq!(s.dropped, 0);
+}
+
+#[test]
+fn cross_core_requests_complete_exactly_once() {
+    let mut rs = reactors::<8>(FakeQueue::new(16, 2));
+    let mut done = HashMap::new();
+    let mut next = [0u32; 3];
+    let total = 500u32;
+    let mut passes = 0;
+    while done.len() < 3 * total as usize {
+        for c in 0..3 {
+            while next[c] < total {
+                match rs[c].submit_to(0, read(next[c] as u64), next[c]) {
+                    Ok(()) => next[c] += 1,
+                    Err(
+                        ReactorError::Backpressure | ReactorError::NoSlot | ReactorError::Submit(_),
+                    ) => break,
+                    Err(e) => panic!("core {c}: {e:?}"),
+                }
+            }
+            rs[c].poll();
+            collect(&mut rs[c], &mut done);
+        }
+        passes += 1;
+        assert!(passes < 100_000, "no progress");
+    }
+    assert!(done.values().all(|r| r.is_ok()));
+    let s0 = rs[0].stats();
+    assert_eq!(s0.submitted, 3 * total as u64);
+    assert_eq!(s0.remote_served, 2 * total as u64);
+    assert_eq!(rs[1].stats().remote_answered, total as u64);
+    for r in &rs {
+        invariant(r);
+        assert_eq!(r.free_slots(), N);
+        assert_eq!(r.remote_outstanding(), 0);
+    }
+}
+
+#[test]
+fn full_ring_is_backpressure_not_loss() {
+    // Ring capacity 3 (heapless keeps one slot empty); core 0 does not poll at first.
+    let mut rs = reactors::<4>(FakeQueue::new(64, 1));
+    let mut accepted = 0;
+    let mut refused = 0;
+    for i in 0..10 {
+        match rs[1].submit_to(0, read(i), i as u32) {
+            Ok(()) => accepted += 1,
+            Err(ReactorError::Backpressure) => refused += 1,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!((accepted, refused), (3, 7));
+    assert_eq!(rs[1].stats().backpressure, 7);
+    let mut done = HashMap::new();
+    for _ in 0..10 {
+        rs[0].poll();
+        rs[1].poll();
+        collect(&mut rs[1], &mut done);
+    }
+    assert_eq!(done.len(), 3, "every accepted request answered");
+    assert!(
+        rs[1].submit_to(0, read(99), 99).is_ok(),
+        "room again once the owner polled"
+    );
+}
+
+#[test]
+fn forged_and_stale_tags_are_counted_not_routed() {
+    let mut rs = reactors::<8>(FakeQueue::new(8, 1));
+    let r = &mut rs[0];
+    r.submit(read(1), 7).unwrap();
+    r.poll();
+    assert_eq!(r.next_completion().map(|c| c.cookie), Some(7));
+    r.submit(read(2), 8).unwrap(); // slot 0 again, now generation 1
+                                   // From the device: the old tag of slot 0 (generation 0, stale), an index past the pool, and
+                                   // a slot that was never handed out.
+    r.with_queue(|q| q.forged = vec![0, 0xFFFF, 5]);
+    r.poll();
+    assert_eq!(r.stats().bad_tags, 3);
+    assert_eq!(r.next_completion().map(|c| c.cookie), Some(8));
+    assert_eq!(
+        r.next_completion(),
+        None,
+        "no completion invented for a bad tag"
+    );
+    invariant(r);
+    assert_eq!(r.free_slots(), N);
+}
+
+#[test]
+fn handoff_in_the_middle_of_io() {
+    let mut rs = reactors::<16>(FakeQueue::new(16, 3));
+    let mut done = HashMap::new();
+    for i in 0..8 {
+        rs[1].submit_to(0, read(i), i as u32).unwrap();
+        rs[0].submit(read(100 + i), 100 + i as u32).unwrap();
+    }
+    rs[1].poll();
+    rs[0].poll(); // takes core 1's requests: 16 in flight on core 0
+    assert!(rs[0].in_flight() > 0);
+    // Core 0 hands its queue pair to core 2 while I/O is in flight: quiesce lets it finish.
+    assert_eq!(rs[0].quiesce(100), 0);
+    // New requests that reach core 0 now are answered Aborted, not lost.
+    rs[1].submit_to(0, read(50), 50).unwrap();
+    let q = rs[0].take_queue().unwrap();
+    assert!(matches!(
+        rs[0].submit(read(1), 1),
+        Err(ReactorError::NotAccepting)
+    ));
+    rs[2].adopt_queue(q).unwrap();
+    for i in 0..8 {
+        rs[1].submit_to(2, read(200 + i), 200 + i as u32).unwrap();
+    }
+    for _ in 0..50 {
+        for r in rs.iter_mut() {
+            r.poll();
+            collect(r, &mut done);
+        }
+    }
+    let aborted = done.iter().filter(|(_, r)| r.is_err()).count();
+    assert_eq!(done.len(), 8 + 8 + 1 + 8);
+    assert_eq!(
+        aborted, 1,
+        "the request that raced the handoff failed cleanly"
+    );
+    for r in &rs {
+        invariant(r);
+        assert_eq!(r.free_slots(), N);
+    }
+    assert_eq!(rs[2].stats().remote_served, 8);
+}
+
+#[test]
+fn shutdown_with_a_stalled_io_fails_it_and_deletes_the_queue_once() {
+    let mut rs = reactors::<8>(FakeQueue::new(16, 1));
+    let r = &mut rs[0];
+    for i in 0..4 {
+        r.submit(read(i), i as u32).unwrap();
+    }
+    assert!(matches!(
+        r.take_queue(),
+        Err(ReactorError::Busy { in_flight: 4 })
+    ));
+    r.with_queue(|q| q.stall_next = true);
+    r.submit(read(9), 9).unwrap(); // the device will never complete this one
+    assert_eq!(
+        r.quiesce(20),
+        1,
+        "quiesce completes the rest; the stalled I/O is still in flight"
+    );
+    assert!(matches!(
+        r.submit(read(10), 10),
+        Err(ReactorError::NotAccepting)
+    ));
+    // The driver's per-command timeout fires: the I/O fails, it is not lost.
+    r.with_queue(|q| q.time_out_stalled());
+    assert_eq!(r.quiesce(5), 0);
+    let mut done = HashMap::new();
+    collect(r, &mut done);
+    assert_eq!(done.len(), 5);
+    assert_eq!(
+        done.get(&(0, 9)),
+        Some(&Err(keel_blockdev::IoError::Timeout))
+    );
+    let q = r.take_queue().unwrap();
+    invariant(r);
+    assert_eq!(r.free_slots(), N);
+    let s = r.stats();
+    assert_eq!((s.submitted, s.completed_ok, s.failed), (5, 4, 1));
+
+    // Deleting the queue pair: the owner's shutdown and a controller reset both try. The
+    // must-close flag gives exactly one of them the duty (seed 002).
+    let t = Teardown::new();
+    let duties = [t.request_close(), t.request_close()];
+    assert_eq!(
+        duties.iter().filter(|d| **d == CloseDuty::RunClose).count(),
+        1
+    );
+    drop(q);
+}
+
+#[test]
+fn real_threads_hammer_one_owner() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let [l0, l1, l2] = mesh::<16>();
+    let stop = Arc::new(AtomicBool::new(false));
+    let per_core = 5_000u32;
+    let owner = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut r: R = Reactor::new(l0, Some(FakeQueue::new(32, 1)));
+            while !stop.load(Ordering::Acquire) {
+                r.poll();
+            }
+            while r.quiesce(1000) != 0 {}
+            r.stats()
+        })
+    };
+    let clients: Vec<_> = [l1, l2]
+        .into_iter()
+        .map(|l| {
+            std::thread::spawn(move || {
+                let mut r: R = Reactor::new(l, None);
+                let (mut sent, mut got) = (0u32, 0u32);
+                let mut seen = vec![false; per_core as usize];
+                while got < per_core {
+                    if sent < per_core && r.submit_to(0, read(sent as u64), sent).is_ok() {
+                        sent += 1;
+                    }
+                    r.poll();
+                    while let Some(c) = r.next_completion() {
+                        assert!(!seen[c.cookie as usize], "duplicate answer");
+                        seen[c.cookie as usize] = true;
+                        assert!(c.result.is_ok());
+                        got += 1;
+                    }
+                }
+                r.stats()
+            })
+        })
+        .collect();
+    let client_stats: Vec<_> = clients.into_iter().map(|h| h.join().unwrap()).collect();
+    stop.store(true, Ordering::Release);
+    let s0 = owner.join().unwrap();
+    assert_eq!(s0.submitted, 2 * per_core as u64);
+    assert_eq!(s0.completed_ok, 2 * per_core as u64);
+    assert_eq!(s0.dropped, 0);
+    for s in client_stats {
+        assert_eq!(s.remote_answered, per_core as u64);
+    }
+}

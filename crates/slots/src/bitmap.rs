@@ -1,0 +1,359 @@
+//! The atomic free-slot bitmap.
+
+use crate::sync::{AtomicU64, AtomicUsize, Ordering};
+use crate::SlotError;
+
+const BITS: usize = u64::BITS as usize;
+
+/// How many `u64` words a bitmap of `slots` bits needs: use it for the `W` parameter, e.g.
+/// `FreeBitmap<{ words_for(100) }>`.
+pub const fn words_for(slots: usize) -> usize {
+    slots.div_ceil(BITS)
+}
+
+/// The initial value of word `word` of a bitmap whose first `len` bits are free.
+const fn initial_word(word: usize, len: usize) -> u64 {
+    let start = word * BITS;
+    if len >= start + BITS {
+        u64::MAX
+    } else if len <= start {
+        0
+    } else {
+        (1u64 << (len - start)) - 1
+    }
+}
+
+/// An atomic bitmap of free slots `0..len`, stored in `W` 64-bit words (a set bit = free).
+///
+/// * [`release`](Self::release) is a single `fetch_or`: it never loops or blocks, so it is safe
+///   from an interrupt handler or a core that must never stall.
+/// * [`acquire`](Self::acquire) claims a set bit with `fetch_and`, starting at the word where
+///   the previous acquire succeeded, so a run of acquires does not rescan from zero. It is
+///   lock-free: a claim only fails because another acquirer claimed that bit.
+#[derive(Debug)]
+pub struct FreeBitmap<const W: usize> {
+    words: [AtomicU64; W],
+    len: usize,
+    hint: AtomicUsize,
+}
+
+impl<const W: usize> FreeBitmap<W> {
+    /// The most slots a bitmap of `W` words can track.
+    pub const CAPACITY: usize = W * BITS;
+
+    /// A bitmap tracking slots `0..len`, all free.
+    ///
+    /// # Errors
+    /// [`SlotError::TooLarge`] if `len` exceeds [`Self::CAPACITY`].
+    #[cfg(not(loom))]
+    pub const fn new(len: usize) -> Result<Self, SlotError> {
+        if len > Self::CAPACITY {
+            return Err(SlotError::TooLarge {
+                requested: len,
+                max: Self::CAPACITY,
+            });
+        }
+        let mut words = [const { AtomicU64::new(0) }; W];
+        let mut i = 0;
+        while i < W {
+            words[i] = AtomicU64::new(initial_word(i, len));
+            i += 1;
+        }
+        Ok(Self {
+            words,
+            len,
+            hint: AtomicUsize::new(0),
+        })
+    }
+
+    /// A bitmap tracking slots `0..len`, all free (loom build: not `const`).
+    ///
+    /// # Errors
+    /// [`SlotError::TooLarge`] if `len` exceeds [`Self::CAPACITY`].
+    #[cfg(loom)]
+    pub fn new(len: usize) -> Result<Self, SlotError> {
+        if len > Self::CAPACITY {
+            return Err(SlotError::TooLarge {
+                requested: len,
+                max: Self::CAPACITY,
+            });
+        }
+        Ok(Self {
+            words: core::array::from_fn(|i| AtomicU64::new(initial_word(i, len))),
+            len,
+            hint: AtomicUsize::new(0),
+        })
+    }
+
+    /// A bitmap tracking slots `0..min(len, CAPACITY)`, all free: infallible, for callers that
+    /// checked `len` at compile time.
+    #[cfg(not(loom))]
+    pub const fn new_saturating(len: usize) -> Self {
+        let len = if len > Self::CAPACITY { Self::CAPACITY } else { len };
+        match Self::new(len) {
+            Ok(b) => b,
+            Err(_) => unreachable!(),
+        }
+    }
+
+    /// A bitmap tracking slots `0..min(len, CAPACITY)`, all free (loom build: not `const`).
+    #[cfg(loom)]
+    pub fn new_saturating(len: usize) -> Self {
+        let len = len.min(Self::CAPACITY);
+        Self {
+            words: core::array::from_fn(|i| AtomicU64::new(initial_word(i, len))),
+            len,
+            hint: AtomicUsize::new(0),
+        }
+    }
+
+    /// The number of slots tracked.
+    pub const fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the bitmap tracks no slot at all.
+    pub const fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Claims a free slot and returns its index, or `None` if none was free during the scan.
+    pub fn acquire(&self) -> Option<usize> {
+        self.acquire_probed(|| {})
+    }
+
+    /// [`Self::acquire`] with `between` run after each read of a word and before the claim of
+    /// a bit seen in it: the window where other parties may race. For deterministic
+    /// interleaving tests; `acquire` passes a no-op.
+    fn acquire_probed(&self, mut between: impl FnMut()) -> Option<usize> {
+        if W == 0 {
+            return None;
+        }
+        let start = self.hint.load(Ordering::Relaxed) % W;
+        for k in 0..W {
+            let w = (start + k) % W;
+            let mut seen = self.words[w].load(Ordering::Relaxed);
+            while seen != 0 {
+                let bit = seen.trailing_zeros() as usize;
+                let mask = 1u64 << bit;
+                between();
+                // Acquire pairs with the Release `fetch_or` of the slot's last release.
+                let prev = self.words[w].fetch_and(!mask, Ordering::Acquire);
+                if prev & mask != 0 {
+                    let rest = prev & !mask;
+                    let next = if rest == 0 { (w + 1) % W } else { w };
+                    self.hint.store(next, Ordering::Relaxed);
+                    return Some(w * BITS + bit);
+                }
+                // Somebody else claimed that bit; retry with what the word holds now.
+                seen = prev & !mask;
+            }
+        }
+        None
+    }
+
+    /// Marks `index` free with one `fetch_or` (no loop, no wait).
+    ///
+    /// # Errors
+    /// [`SlotError::IndexOutOfRange`] for an index `>= len`; [`SlotError::NotAllocated`] if the
+    /// slot was already free (a double release; the bitmap is left unchanged).
+    pub fn release(&self, index: usize) -> Result<(), SlotError> {
+        self.check(index)?;
+        let mask = 1u64 << (index % BITS);
+        // Release: whatever the releaser wrote before is visible to the next acquirer.
+        let prev = self.words[index / BITS].fetch_or(mask, Ordering::Release);
+        if prev & mask != 0 {
+            return Err(SlotError::NotAllocated { index });
+        }
+        Ok(())
+    }
+
+    /// Whether slot `index` is currently free (a snapshot).
+    ///
+    /// # Errors
+    /// [`SlotError::IndexOutOfRange`] for an index `>= len`.
+    pub fn is_free(&self, index: usize) -> Result<bool, SlotError> {
+        self.check(index)?;
+        let mask = 1u64 << (index % BITS);
+        Ok(self.words[index / BITS].load(Ordering::Acquire) & mask != 0)
+    }
+
+    /// How many slots are free (a snapshot; may be stale under concurrency).
+    pub fn free_count(&self) -> usize {
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as usize)
+            .sum()
+    }
+
+    fn check(&self, index: usize) -> Result<(), SlotError> {
+        if index < self.len {
+            Ok(())
+        } else {
+            Err(SlotError::IndexOutOfRange {
+                index,
+                capacity: self.len,
+            })
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initial_words_cover_exactly_len() {
+        assert_eq!(initial_word(0, 0), 0);
+        assert_eq!(initial_word(0, 3), 0b111);
+        assert_eq!(initial_word(0, 64), u64::MAX);
+        assert_eq!(initial_word(1, 64), 0);
+        assert_eq!(initial_word(1, 70), 0b11_1111);
+        assert_eq!(words_for(0), 0);
+        assert_eq!(words_for(64), 1);
+        assert_eq!(words_for(65), 2);
+    }
+
+    #[test]
+    fn acquires_every_slot_once_then_reports_empty() {
+        let b = FreeBitmap::<2>::new(70).unwrap();
+        let mut seen = [false; 70];
+        for _ in 0..70 {
+            let i = b.acquire().unwrap();
+            assert!(!seen[i], "slot {i} handed out twice");
+            seen[i] = true;
+        }
+        assert_eq!(b.acquire(), None);
+        assert_eq!(b.free_count(), 0);
+        b.release(69).unwrap();
+        assert_eq!(b.acquire(), Some(69));
+    }
+
+    #[test]
+    fn bad_input_is_a_typed_error() {
+        let b = FreeBitmap::<1>::new(10).unwrap();
+        assert_eq!(
+            b.release(10),
+            Err(SlotError::IndexOutOfRange {
+                index: 10,
+                capacity: 10
+            })
+        );
+        assert_eq!(b.release(3), Err(SlotError::NotAllocated { index: 3 }));
+        assert!(matches!(
+            FreeBitmap::<1>::new(65),
+            Err(SlotError::TooLarge {
+                requested: 65,
+                max: 64
+            })
+        ));
+        assert_eq!(FreeBitmap::<0>::new(0).unwrap().acquire(), None);
+    }
+
+    /// Seed 004 / issue 3 (c): the naive free-slot scan reads a word, picks a bit, and writes
+    /// the word back without it (load + store instead of a read-modify-write).
+    struct NaiveBitmap {
+        word: AtomicU64,
+    }
+
+    impl NaiveBitmap {
+        fn acquire_probed(&self, mut between: impl FnMut()) -> Option<usize> {
+            let seen = self.word.load(Ordering::Relaxed);
+            if seen == 0 {
+                return None;
+            }
+            let bit = seen.trailing_zeros();
+            between();
+            self.word.store(seen & !(1 << bit), Ordering::Release);
+            Some(bit as usize)
+        }
+
+        fn release(&self, index: usize) {
+            self.word.fetch_or(1 << index, Ordering::Release);
+        }
+
+        fn is_free(&self, index: usize) -> bool {
+            self.word.load(Ordering::Relaxed) & (1 << index) != 0
+        }
+    }
+
+    /// Every slot is either free or held by exactly one owner.
+    fn accounted(held: &[usize], is_free: impl Fn(usize) -> bool, len: usize) -> bool {
+        (0..len).all(|i| usize::from(is_free(i)) + held.iter().filter(|&&h| h == i).count() == 1)
+    }
+
+    #[test]
+    fn scan_under_concurrent_release_never_loses_a_slot() {
+        // Slots 0 and 3 held elsewhere, 1 and 2 free. Our scan reads the word; before it
+        // claims, another core releases slot 3.
+        let naive = NaiveBitmap {
+            word: AtomicU64::new(0b0110),
+        };
+        let got = naive.acquire_probed(|| naive.release(3)).unwrap();
+        assert!(
+            !accounted(&[0, got], |i| naive.is_free(i), 4),
+            "the naive scan was expected to lose slot 3"
+        );
+        assert!(!naive.is_free(3));
+
+        let ours = FreeBitmap::<1>::new(4).unwrap();
+        for _ in 0..4 {
+            ours.acquire().unwrap();
+        }
+        ours.release(1).unwrap();
+        ours.release(2).unwrap();
+        let mut released = false;
+        let got = ours
+            .acquire_probed(|| {
+                if !released {
+                    released = true;
+                    ours.release(3).unwrap();
+                }
+            })
+            .unwrap();
+        assert_eq!(got, 1);
+        assert!(accounted(&[0, got], |i| ours.is_free(i).unwrap(), 4));
+        assert!(ours.is_free(3).unwrap(), "the concurrent release survived");
+    }
+
+    #[test]
+    fn scan_under_concurrent_acquire_never_hands_a_slot_out_twice() {
+        // Slots 1 and 2 free; between our read and our claim another core takes slot 1.
+        let naive = NaiveBitmap {
+            word: AtomicU64::new(0b0110),
+        };
+        let mut other = None;
+        let got = naive
+            .acquire_probed(|| other = naive.acquire_probed(|| {}))
+            .unwrap();
+        assert_eq!(Some(got), other, "the naive scan was expected to double-allocate");
+
+        let ours = FreeBitmap::<1>::new(4).unwrap();
+        for _ in 0..4 {
+            ours.acquire().unwrap();
+        }
+        ours.release(1).unwrap();
+        ours.release(2).unwrap();
+        let mut other = None;
+        let got = ours
+            .acquire_probed(|| {
+                if other.is_none() {
+                    other = ours.acquire();
+                }
+            })
+            .unwrap();
+        assert_eq!(other, Some(1));
+        assert_eq!(got, 2, "ours retried with the next free bit");
+        assert!(accounted(&[0, 3, 1, 2], |i| ours.is_free(i).unwrap(), 4));
+    }
+
+    #[test]
+    fn const_construction() {
+        static B: FreeBitmap<1> = match FreeBitmap::new(5) {
+            Ok(b) => b,
+            Err(_) => panic!("len fits"),
+        };
+        assert_eq!(B.free_count(), 5);
+        assert!(B.is_free(4).unwrap());
+    }
+}

@@ -1,0 +1,140 @@
+//! Loom model checks for keel-slots.
+//!
+//! Run with (preemption bound 3; every test here is exhaustive up to that bound):
+//!
+//! ```text
+//! RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 cargo test -p keel-slots --release --test loom
+//! ```
+#![cfg(loom)]
+
+use loom::sync::atomic::{AtomicUsize, Ordering};
+use loom::sync::Arc;
+use loom::thread;
+
+use keel_slots::{CloseDuty, Refused, SlotError, SlotPool, Teardown, UserId};
+
+/// Two threads acquire, hold and release slots of a 2-slot pool: one twice, one once (three
+/// threads or more rounds take loom well past a few minutes on this machine). Bound: `LOOM_MAX_PREEMPTIONS` (3). Checks: a slot is never
+/// held by two owners (a per-slot owner word is swapped in and must have been empty), and
+/// after all threads finish no slot is lost (`free_count() == 2`).
+#[test]
+fn acquire_release_exclusive_and_lossless() {
+    loom::model(|| {
+        let pool = Arc::new(SlotPool::<2, 1>::new());
+        let owners = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let worker = |me: usize, rounds: usize| {
+            let pool = pool.clone();
+            let owners = owners.clone();
+            thread::spawn(move || {
+                for _ in 0..rounds {
+                    match pool.acquire() {
+                        Ok(h) => {
+                            let prev = owners[h.index()].swap(me, Ordering::Relaxed);
+                            assert_eq!(prev, 0, "slot {} handed to {prev} and {me}", h.index());
+                            assert_eq!(pool.validate(h), Ok(()));
+                            owners[h.index()].store(0, Ordering::Relaxed);
+                            pool.release(h).unwrap();
+                        }
+                        // Two slots, at most two holders: never full.
+                        Err(e) => panic!("acquire failed: {e:?}"),
+                    }
+                }
+            })
+        };
+        let a = worker(1, 2);
+        let b = worker(2, 1);
+        a.join().unwrap();
+        b.join().unwrap();
+        assert_eq!(pool.free_count(), 2, "a slot was lost");
+    });
+}
+
+/// Two copies of one handle race to release it while a third thread re-acquires: exactly
+/// one release succeeds, the other is refused as stale, and the old handle is stale for
+/// good. Bound: 3 preemptions.
+#[test]
+fn stale_handles_always_detected() {
+    loom::model(|| {
+        let pool = Arc::new(SlotPool::<1, 1>::new());
+        let h = pool.acquire().unwrap();
+        let successes = Arc::new(AtomicUsize::new(0));
+        let releaser = || {
+            let pool = pool.clone();
+            let successes = successes.clone();
+            thread::spawn(move || match pool.release(h) {
+                Ok(()) => {
+                    successes.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => assert!(matches!(e, SlotError::Stale { .. }), "{e:?}"),
+            })
+        };
+        let r1 = releaser();
+        let r2 = releaser();
+        let reacquirer = {
+            let pool = pool.clone();
+            thread::spawn(move || {
+                if let Ok(h2) = pool.acquire() {
+                    assert_ne!(h2, h, "a recycled slot must carry a new generation");
+                    assert!(matches!(pool.validate(h), Err(SlotError::Stale { .. })));
+                    pool.release(h2).unwrap();
+                }
+            })
+        };
+        r1.join().unwrap();
+        r2.join().unwrap();
+        reacquirer.join().unwrap();
+        assert_eq!(successes.load(Ordering::Relaxed), 1, "double release went through");
+        assert!(matches!(pool.validate(h), Err(SlotError::Stale { .. })));
+        assert_eq!(pool.free_count(), 1);
+    });
+}
+
+/// A deleter and two users race; the close runs exactly once, and never while a user that
+/// entered successfully is inside. Bound: 3 preemptions.
+#[test]
+fn teardown_closes_exactly_once() {
+    loom::model(|| {
+        let t = Arc::new(Teardown::new());
+        let closes = Arc::new(AtomicUsize::new(0));
+        let inside = Arc::new(AtomicUsize::new(0));
+        let on_duty = {
+            let closes = closes.clone();
+            let inside = inside.clone();
+            move |d: CloseDuty| {
+                if d == CloseDuty::RunClose {
+                    assert_eq!(inside.load(Ordering::Relaxed), 0, "closed while in use");
+                    closes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        };
+        let user = |id: u8| {
+            let t = t.clone();
+            let inside = inside.clone();
+            let on_duty = on_duty.clone();
+            thread::spawn(move || {
+                let me = UserId::new(id).unwrap();
+                match t.enter(me) {
+                    Ok(()) => {
+                        inside.fetch_add(1, Ordering::Relaxed);
+                        inside.fetch_sub(1, Ordering::Relaxed);
+                        on_duty(t.leave(me).unwrap());
+                    }
+                    Err(Refused::Closing(d)) => on_duty(d),
+                    Err(Refused::AlreadyEntered) => panic!("fresh user already inside"),
+                }
+            })
+        };
+        let u1 = user(1);
+        let u2 = user(2);
+        let deleter = {
+            let t = t.clone();
+            let on_duty = on_duty.clone();
+            thread::spawn(move || on_duty(t.request_close()))
+        };
+        u1.join().unwrap();
+        u2.join().unwrap();
+        deleter.join().unwrap();
+        assert_eq!(closes.load(Ordering::Relaxed), 1);
+        assert!(t.is_close_claimed());
+    });
+}

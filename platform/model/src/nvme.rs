@@ -1,0 +1,952 @@
+//! A software NVMe 1.4 controller for host tests of `keel-nvme`.
+//!
+//! Commands are executed synchronously when the driver writes an SQ tail doorbell (or on
+//! [`NvmeModel::step`], which also picks up shadow-doorbell tails). Structures are parsed from
+//! raw bytes at the spec offsets, independently of the driver's types.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::dma::HostDma;
+
+const PAGE: u64 = 4096;
+
+/// One namespace of the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NsConfig {
+    pub nsid: u32,
+    pub blocks: u64,
+    /// log2 of the LBA data size (9 = 512 B, 12 = 4 KiB).
+    pub lba_shift: u8,
+}
+
+/// Model parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelConfig {
+    pub namespaces: Vec<NsConfig>,
+    /// Identify MDTS (2^n * 4 KiB; 0 = unlimited).
+    pub mdts: u8,
+    /// CAP.MQES (0-based).
+    pub mqes: u16,
+    /// CAP.DSTRD.
+    pub dstrd: u8,
+    /// I/O queue pairs the model grants.
+    pub max_io_queues: u16,
+    /// Advertise Doorbell Buffer Config (OACS bit 8).
+    pub doorbell_buffer: bool,
+    /// With shadow doorbells: act like a controller that polls the shadow buffer and never asks
+    /// for MMIO doorbells (EventIdx is left alone); call [`NvmeModel::step`] to let it "poll".
+    pub shadow_polling: bool,
+    pub vwc: bool,
+    /// Advertise Write Zeroes and Dataset Management.
+    pub write_zeroes: bool,
+    pub dsm: bool,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            namespaces: vec![NsConfig {
+                nsid: 1,
+                blocks: 8192,
+                lba_shift: 9,
+            }],
+            mdts: 5,
+            mqes: 1023,
+            dstrd: 0,
+            max_io_queues: 4,
+            doorbell_buffer: true,
+            shadow_polling: false,
+            vwc: true,
+            write_zeroes: true,
+            dsm: true,
+        }
+    }
+}
+
+/// Ways to make the model misbehave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fault {
+    #[default]
+    None,
+    /// Fetch no I/O commands (they stay in the SQ until the fault is cleared and a doorbell or
+    /// `step` comes, or the controller is reset).
+    Stall,
+    /// Post every I/O completion twice.
+    DuplicateCompletion,
+    /// Post I/O completions with the wrong phase tag (the driver never sees them).
+    WrongPhase,
+    /// Set CSTS.CFS on the next I/O doorbell and stop working until reset.
+    FatalStatus,
+    /// Identify Namespace reports an LBA data size of 8 bytes.
+    AbsurdIdentify,
+    /// Fail the next `n` I/O commands with Internal Error (transient, DNR = 0).
+    TransientError(u32),
+    /// Fail every I/O command with Internal Error and DNR = 1.
+    PermanentError,
+}
+
+#[derive(Debug, Clone)]
+struct Sq {
+    base: u64,
+    size: u16,
+    head: u16,
+    tail: u16,
+    cqid: u16,
+}
+
+#[derive(Debug, Clone)]
+struct Cq {
+    base: u64,
+    size: u16,
+    head: u16,
+    tail: u16,
+    phase: bool,
+    pending: VecDeque<[u8; 16]>,
+}
+
+struct Disk {
+    cfg: NsConfig,
+    data: Vec<u8>,
+}
+
+struct State {
+    cfg: ModelConfig,
+    mem: HostDma,
+    cc: u32,
+    csts: u32,
+    aqa: u32,
+    asq: u64,
+    acq: u64,
+    sqs: BTreeMap<u16, Sq>,
+    cqs: BTreeMap<u16, Cq>,
+    disks: Vec<Disk>,
+    fault: Fault,
+    granted: u16,
+    dbbuf: Option<(u64, u64)>,
+    sq_doorbells: BTreeMap<u16, u64>,
+    cq_doorbells: BTreeMap<u16, u64>,
+    commands: BTreeMap<u8, u64>,
+    io_commands: u64,
+    log: Vec<String>,
+}
+
+/// The model; cheap to clone (shared state).
+#[derive(Clone)]
+pub struct NvmeModel {
+    st: Arc<Mutex<State>>,
+}
+
+/// BAR0 of the model: implements [`keel_hal::Mmio`]; `Clone + Send`.
+#[derive(Clone)]
+pub struct ModelMmio {
+    st: Arc<Mutex<State>>,
+}
+
+fn lock(st: &Mutex<State>) -> MutexGuard<'_, State> {
+    st.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const BAR_LEN: usize = 0x4000;
+
+impl NvmeModel {
+    pub fn new(cfg: ModelConfig, mem: HostDma) -> Self {
+        let disks = cfg
+            .namespaces
+            .iter()
+            .map(|n| Disk {
+                cfg: *n,
+                data: vec![0u8; (n.blocks << n.lba_shift) as usize],
+            })
+            .collect();
+        let st = State {
+            cfg,
+            mem,
+            cc: 0,
+            csts: 0,
+            aqa: 0,
+            asq: 0,
+            acq: 0,
+            sqs: BTreeMap::new(),
+            cqs: BTreeMap::new(),
+            disks,
+            fault: Fault::None,
+            granted: 0,
+            dbbuf: None,
+            sq_doorbells: BTreeMap::new(),
+            cq_doorbells: BTreeMap::new(),
+            commands: BTreeMap::new(),
+            io_commands: 0,
+            log: Vec::new(),
+        };
+        Self {
+            st: Arc::new(Mutex::new(st)),
+        }
+    }
+
+    pub fn mmio(&self) -> ModelMmio {
+        ModelMmio {
+            st: self.st.clone(),
+        }
+    }
+
+    pub fn set_fault(&self, f: Fault) {
+        lock(&self.st).fault = f;
+    }
+
+    /// MMIO SQ tail doorbell writes seen for queue `qid`.
+    pub fn sq_doorbell_writes(&self, qid: u16) -> u64 {
+        lock(&self.st).sq_doorbells.get(&qid).copied().unwrap_or(0)
+    }
+
+    /// MMIO CQ head doorbell writes seen for queue `qid`.
+    pub fn cq_doorbell_writes(&self, qid: u16) -> u64 {
+        lock(&self.st).cq_doorbells.get(&qid).copied().unwrap_or(0)
+    }
+
+    /// How many commands with this admin opcode were executed.
+    pub fn admin_commands(&self, opcode: u8) -> u64 {
+        lock(&self.st).commands.get(&opcode).copied().unwrap_or(0)
+    }
+
+    /// I/O commands executed (fetched and completed).
+    pub fn io_commands(&self) -> u64 {
+        lock(&self.st).io_commands
+    }
+
+    /// Whether the driver set up shadow doorbells.
+    pub fn shadow_enabled(&self) -> bool {
+        lock(&self.st).dbbuf.is_some()
+    }
+
+    /// Problems the model noticed in what the driver did (bad PRPs, bad registers, ...).
+    pub fn log(&self) -> Vec<String> {
+        lock(&self.st).log.clone()
+    }
+
+    /// Bytes of namespace `nsid`'s backing store.
+    pub fn disk_read(&self, nsid: u32, byte_off: usize, len: usize) -> Vec<u8> {
+        let st = lock(&self.st);
+        let d = st
+            .disks
+            .iter()
+            .find(|d| d.cfg.nsid == nsid)
+            .expect("no such namespace");
+        d.data[byte_off..byte_off + len].to_vec()
+    }
+
+    pub fn disk_write(&self, nsid: u32, byte_off: usize, data: &[u8]) {
+        let mut st = lock(&self.st);
+        let d = st
+            .disks
+            .iter_mut()
+            .find(|d| d.cfg.nsid == nsid)
+            .expect("no such namespace");
+        d.data[byte_off..byte_off + data.len()].copy_from_slice(data);
+    }
+
+    /// Posts an arbitrary completion into CQ `cqid` (fault injection).
+    pub fn inject_completion(&self, cqid: u16, sqid: u16, sq_head: u16, cid: u16, status: u16) {
+        let mut st = lock(&self.st);
+        let mut e = [0u8; 16];
+        e[8..10].copy_from_slice(&sq_head.to_le_bytes());
+        e[10..12].copy_from_slice(&sqid.to_le_bytes());
+        e[12..14].copy_from_slice(&cid.to_le_bytes());
+        e[14..16].copy_from_slice(&(status & !1).to_le_bytes());
+        st.post_raw(cqid, e);
+    }
+
+    /// One "background" pass: picks up shadow-doorbell tails and CQ heads, then executes
+    /// everything pending in every SQ.
+    pub fn step(&self) {
+        let mut st = lock(&self.st);
+        st.sync_shadow();
+        let qids: Vec<u16> = st.sqs.keys().copied().collect();
+        for q in qids {
+            st.process_sq(q);
+        }
+    }
+}
+
+impl keel_hal::Mmio for ModelMmio {
+    fn len(&self) -> usize {
+        BAR_LEN
+    }
+
+    fn read32(&self, offset: usize) -> u32 {
+        let st = lock(&self.st);
+        match offset {
+            0x00 => st.cap() as u32,
+            0x04 => (st.cap() >> 32) as u32,
+            0x08 => 0x0001_0400,
+            0x14 => st.cc,
+            0x1C => st.csts,
+            0x24 => st.aqa,
+            0x28 => st.asq as u32,
+            0x2C => (st.asq >> 32) as u32,
+            0x30 => st.acq as u32,
+            0x34 => (st.acq >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    fn write32(&self, offset: usize, value: u32) {
+        let mut st = lock(&self.st);
+        match offset {
+            0x14 => st.write_cc(value),
+            0x24 => st.aqa = value,
+            0x28 => st.asq = (st.asq & !0xFFFF_FFFF) | value as u64,
+            0x2C => st.asq = (st.asq & 0xFFFF_FFFF) | ((value as u64) << 32),
+            0x30 => st.acq = (st.acq & !0xFFFF_FFFF) | value as u64,
+            0x34 => st.acq = (st.acq & 0xFFFF_FFFF) | ((value as u64) << 32),
+            o if (0x1000..BAR_LEN).contains(&o) => st.doorbell(o, value),
+            _ => {}
+        }
+    }
+
+    fn read64(&self, offset: usize) -> u64 {
+        match offset {
+            0x00 => lock(&self.st).cap(),
+            _ => self.read32(offset) as u64 | ((self.read32(offset + 4) as u64) << 32),
+        }
+    }
+
+    fn write64(&self, offset: usize, value: u64) {
+        self.write32(offset, value as u32);
+        self.write32(offset + 4, (value >> 32) as u32);
+    }
+}
+
+fn le16(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes([b[o], b[o + 1]])
+}
+fn le32(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]))
+}
+fn le64(b: &[u8], o: usize) -> u64 {
+    u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]))
+}
+
+/// Status field values (SC << 1 | SCT << 9), phase bit clear.
+mod sf {
+    pub const OK: u16 = 0;
+    pub const INVALID_OPCODE: u16 = 0x01 << 1;
+    pub const INVALID_FIELD: u16 = 0x02 << 1;
+    pub const DATA_TRANSFER: u16 = 0x04 << 1;
+    pub const INTERNAL: u16 = 0x06 << 1;
+    pub const INVALID_NS: u16 = 0x0B << 1;
+    pub const PRP_OFFSET: u16 = 0x13 << 1;
+    pub const LBA_RANGE: u16 = 0x80 << 1;
+    pub const CQ_INVALID: u16 = 1 << 9;
+    pub const INVALID_QID: u16 = (1 << 9) | (0x01 << 1);
+    pub const INVALID_QSIZE: u16 = (1 << 9) | (0x02 << 1);
+    pub const INVALID_DELETION: u16 = (1 << 9) | (0x0C << 1);
+    pub const DNR: u16 = 1 << 15;
+}
+
+impl State {
+    fn stride(&self) -> usize {
+        4 << self.cfg.dstrd
+    }
+
+    fn cap(&self) -> u64 {
+        self.cfg.mqes as u64
+            | (1 << 16) // CQR
+            | (20 << 24) // TO = 10 s
+            | ((self.cfg.dstrd as u64 & 0xF) << 32)
+            | (1 << 37) // CSS: NVM
+            | (4u64 << 52) // MPSMAX = 64 KiB
+    }
+
+    fn note(&mut self, s: String) {
+        self.log.push(s);
+    }
+
+    fn write_cc(&mut self, v: u32) {
+        let was = self.cc & 1;
+        self.cc = v;
+        if was == 0 && v & 1 == 1 {
+            let iosqes = (v >> 16) & 0xF;
+            let iocqes = (v >> 20) & 0xF;
+            if (v >> 7) & 0xF != 0 || (v >> 4) & 7 != 0 {
+                self.note(format!("CC: unsupported MPS/CSS {v:#x}"));
+                self.csts |= 2;
+                return;
+            }
+            if iosqes != 6 || iocqes != 4 {
+                self.note(format!("CC: IOSQES {iosqes} IOCQES {iocqes}"));
+            }
+            let sqs = (self.aqa & 0xFFF) as u16 + 1;
+            let cqs = ((self.aqa >> 16) & 0xFFF) as u16 + 1;
+            if self.asq % PAGE != 0 || self.acq % PAGE != 0 || sqs < 2 || cqs < 2 {
+                self.note("CC.EN with bad admin queue registers".into());
+                self.csts |= 2;
+                return;
+            }
+            self.sqs.insert(
+                0,
+                Sq {
+                    base: self.asq,
+                    size: sqs,
+                    head: 0,
+                    tail: 0,
+                    cqid: 0,
+                },
+            );
+            self.cqs.insert(
+                0,
+                Cq {
+                    base: self.acq,
+                    size: cqs,
+                    head: 0,
+                    tail: 0,
+                    phase: true,
+                    pending: VecDeque::new(),
+                },
+            );
+            self.csts = 1;
+        } else if was == 1 && v & 1 == 0 {
+            self.sqs.clear();
+            self.cqs.clear();
+            self.dbbuf = None;
+            self.granted = 0;
+            self.csts = 0;
+        } else if v & 1 == 1 && (v >> 14) & 3 != 0 {
+            self.csts = (self.csts & !(3 << 2)) | (2 << 2); // shutdown complete
+        }
+    }
+
+    fn doorbell(&mut self, off: usize, value: u32) {
+        let idx = (off - 0x1000) / self.stride();
+        let qid = (idx / 2) as u16;
+        if (off - 0x1000) % self.stride() != 0 {
+            return;
+        }
+        if self.csts & 1 == 0 || self.csts & 2 != 0 {
+            return;
+        }
+        if idx % 2 == 0 {
+            *self.sq_doorbells.entry(qid).or_default() += 1;
+            let Some(sq) = self.sqs.get_mut(&qid) else {
+                self.note(format!("SQ doorbell for missing queue {qid}"));
+                return;
+            };
+            if value >= sq.size as u32 {
+                self.note(format!("SQ {qid} tail {value} out of range"));
+                return;
+            }
+            sq.tail = value as u16;
+            if qid != 0 && self.fault == Fault::FatalStatus {
+                self.csts |= 2;
+                return;
+            }
+            self.process_sq(qid);
+        } else {
+            *self.cq_doorbells.entry(qid).or_default() += 1;
+            let Some(cq) = self.cqs.get_mut(&qid) else {
+                self.note(format!("CQ doorbell for missing queue {qid}"));
+                return;
+            };
+            if value >= cq.size as u32 {
+                self.note(format!("CQ {qid} head {value} out of range"));
+                return;
+            }
+            cq.head = value as u16;
+            self.flush_pending(qid);
+        }
+        self.update_event_idx();
+    }
+
+    /// Reads shadow doorbell values for I/O queues.
+    fn sync_shadow(&mut self) {
+        let Some((db, _)) = self.dbbuf else { return };
+        let stride = self.stride() as u64;
+        let qids: Vec<u16> = self.sqs.keys().copied().filter(|q| *q != 0).collect();
+        for q in qids {
+            if let Ok(t) = self.mem.read_u32(db + 2 * q as u64 * stride) {
+                if let Some(sq) = self.sqs.get_mut(&q) {
+                    if t < sq.size as u32 {
+                        sq.tail = t as u16;
+                    }
+                }
+            }
+        }
+        let cqids: Vec<u16> = self.cqs.keys().copied().filter(|q| *q != 0).collect();
+        for q in cqids {
+            if let Ok(h) = self.mem.read_u32(db + (2 * q as u64 + 1) * stride) {
+                if let Some(cq) = self.cqs.get_mut(&q) {
+                    if h < cq.size as u32 {
+                        cq.head = h as u16;
+                    }
+                }
+            }
+            self.flush_pending(q);
+        }
+    }
+
+    fn update_event_idx(&mut self) {
+        let Some((_, ei)) = self.dbbuf else { return };
+        if self.cfg.shadow_polling {
+            return;
+        }
+        let stride = self.stride() as u64;
+        let sqs: Vec<(u16, u16)> = self
+            .sqs
+            .iter()
+            .filter(|(q, _)| **q != 0)
+            .map(|(q, s)| (*q, s.tail))
+            .collect();
+        for (q, t) in sqs {
+            let _ = self.mem.write_u32(ei + 2 * q as u64 * stride, t as u32);
+        }
+        let cqs: Vec<(u16, u16)> = self
+            .cqs
+            .iter()
+            .filter(|(q, _)| **q != 0)
+            .map(|(q, c)| (*q, c.head))
+            .collect();
+        for (q, h) in cqs {
+            let _ = self
+                .mem
+                .write_u32(ei + (2 * q as u64 + 1) * stride, h as u32);
+        }
+    }
+
+    fn process_sq(&mut self, qid: u16) {
+        if qid != 0 && (self.fault == Fault::Stall || self.fault == Fault::FatalStatus) {
+            return;
+        }
+        loop {
+            if self.csts & 2 != 0 {
+                return;
+            }
+            let Some(sq) = self.sqs.get_mut(&qid) else {
+                return;
+            };
+            if sq.head == sq.tail {
+                return;
+            }
+            let addr = sq.base + sq.head as u64 * 64;
+            sq.head = (sq.head + 1) % sq.size;
+            let (sq_head, cqid) = (sq.head, sq.cqid);
+            let mut cmd = [0u8; 64];
+            if self.mem.read(addr, &mut cmd).is_err() {
+                self.note(format!("SQ {qid}: entry at {addr:#x} not in DMA memory"));
+                self.csts |= 2;
+                return;
+            }
+            let cid = le16(&cmd, 2);
+            let (dw0, status) = if qid == 0 {
+                self.admin(&cmd)
+            } else {
+                self.io(&cmd)
+            };
+            if qid != 0 {
+                self.io_commands += 1;
+            }
+            let mut e = [0u8; 16];
+            e[0..4].copy_from_slice(&dw0.to_le_bytes());
+            e[8..10].copy_from_slice(&sq_head.to_le_bytes());
+            e[10..12].copy_from_slice(&qid.to_le_bytes());
+            e[12..14].copy_from_slice(&cid.to_le_bytes());
+            e[14..16].copy_from_slice(&status.to_le_bytes());
+            self.post_raw(cqid, e);
+            if qid != 0 && self.fault == Fault::DuplicateCompletion {
+                self.post_raw(cqid, e);
+            }
+        }
+    }
+
+    fn post_raw(&mut self, cqid: u16, e: [u8; 16]) {
+        let Some(cq) = self.cqs.get_mut(&cqid) else {
+            return;
+        };
+        cq.pending.push_back(e);
+        self.flush_pending(cqid);
+    }
+
+    fn flush_pending(&mut self, cqid: u16) {
+        let wrong_phase = cqid != 0 && self.fault == Fault::WrongPhase;
+        let mem = self.mem.clone();
+        let Some(cq) = self.cqs.get_mut(&cqid) else {
+            return;
+        };
+        while (cq.tail + 1) % cq.size != cq.head {
+            let Some(mut e) = cq.pending.pop_front() else {
+                break;
+            };
+            let phase = cq.phase != wrong_phase;
+            e[14] = (e[14] & !1) | phase as u8;
+            let addr = cq.base + cq.tail as u64 * 16;
+            // Body first, then the status/phase word, as a device would.
+            let ok = mem.write(addr, &e[..14]).is_ok() && mem.write(addr + 14, &e[14..]).is_ok();
+            if !ok {
+                self.log
+                    .push(format!("CQ {cqid}: entry at {addr:#x} not in DMA memory"));
+                return;
+            }
+            cq.tail += 1;
+            if cq.tail == cq.size {
+                cq.tail = 0;
+                cq.phase = !cq.phase;
+            }
+        }
+    }
+
+    // ---------------- admin ----------------
+
+    fn admin(&mut self, c: &[u8; 64]) -> (u32, u16) {
+        let opc = c[0];
+        *self.commands.entry(opc).or_default() += 1;
+        let nsid = le32(c, 4);
+        let prp1 = le64(c, 24);
+        let prp2 = le64(c, 32);
+        let cdw10 = le32(c, 40);
+        let cdw11 = le32(c, 44);
+        match opc {
+            0x06 => self.identify(cdw10 & 0xFF, nsid, prp1, prp2),
+            0x09 | 0x0A => {
+                if cdw10 & 0xFF != 0x07 {
+                    return (
+                        0,
+                        if opc == 0x0A {
+                            sf::OK
+                        } else {
+                            sf::INVALID_FIELD
+                        },
+                    );
+                }
+                if opc == 0x09 {
+                    if cdw11 & 0xFFFF == 0xFFFF || cdw11 >> 16 == 0xFFFF {
+                        return (0, sf::INVALID_FIELD);
+                    }
+                    let want = ((cdw11 & 0xFFFF).min(cdw11 >> 16) + 1) as u16;
+                    if self.granted == 0 {
+                        self.granted = want.min(self.cfg.max_io_queues);
+                    }
+                }
+                let n = self.cfg.max_io_queues as u32 - 1;
+                (n | (n << 16), sf::OK)
+            }
+            0x05 => {
+                let qid = (cdw10 & 0xFFFF) as u16;
+                let size = (cdw10 >> 16) + 1;
+                if qid == 0 || qid > self.granted.max(1) || self.cqs.contains_key(&qid) {
+                    return (0, sf::INVALID_QID | sf::DNR);
+                }
+                if size < 2 || size > self.cfg.mqes as u32 + 1 {
+                    return (0, sf::INVALID_QSIZE | sf::DNR);
+                }
+                if cdw11 & 1 == 0 || prp1 % PAGE != 0 || cdw11 & 2 != 0 {
+                    return (0, sf::INVALID_FIELD | sf::DNR);
+                }
+                let cq = Cq {
+                    base: prp1,
+                    size: size as u16,
+                    head: 0,
+                    tail: 0,
+                    phase: true,
+                    pending: VecDeque::new(),
+                };
+                self.cqs.insert(qid, cq);
+                (0, sf::OK)
+            }
+            0x01 => {
+                let qid = (cdw10 & 0xFFFF) as u16;
+                let size = (cdw10 >> 16) + 1;
+                let cqid = (cdw11 >> 16) as u16;
+                if qid == 0 || qid > self.granted.max(1) || self.sqs.contains_key(&qid) {
+                    return (0, sf::INVALID_QID | sf::DNR);
+                }
+                if cqid == 0 || !self.cqs.contains_key(&cqid) {
+                    return (0, sf::CQ_INVALID | sf::DNR);
+                }
+                if size < 2 || size > self.cfg.mqes as u32 + 1 {
+                    return (0, sf::INVALID_QSIZE | sf::DNR);
+                }
+                if cdw11 & 1 == 0 || prp1 % PAGE != 0 {
+                    return (0, sf::INVALID_FIELD | sf::DNR);
+                }
+                self.sqs.insert(
+                    qid,
+                    Sq {
+                        base: prp1,
+                        size: size as u16,
+                        head: 0,
+                        tail: 0,
+                        cqid,
+                    },
+                );
+                (0, sf::OK)
+            }
+            0x00 => {
+                let qid = (cdw10 & 0xFFFF) as u16;
+                if qid == 0 || self.sqs.remove(&qid).is_none() {
+                    return (0, sf::INVALID_QID | sf::DNR);
+                }
+                (0, sf::OK)
+            }
+            0x04 => {
+                let qid = (cdw10 & 0xFFFF) as u16;
+                if qid == 0 || !self.cqs.contains_key(&qid) {
+                    return (0, sf::INVALID_QID | sf::DNR);
+                }
+                if self.sqs.values().any(|s| s.cqid == qid) {
+                    return (0, sf::INVALID_DELETION | sf::DNR);
+                }
+                self.cqs.remove(&qid);
+                (0, sf::OK)
+            }
+            0x7C => {
+                if !self.cfg.doorbell_buffer {
+                    return (0, sf::INVALID_OPCODE | sf::DNR);
+                }
+                if prp1 == 0 || prp2 == 0 || prp1 % PAGE != 0 || prp2 % PAGE != 0 {
+                    return (0, sf::INVALID_FIELD | sf::DNR);
+                }
+                self.dbbuf = Some((prp1, prp2));
+                self.update_event_idx();
+                (0, sf::OK)
+            }
+            0x08 => (1, sf::OK), // Abort: command not aborted
+            _ => (0, sf::INVALID_OPCODE | sf::DNR),
+        }
+    }
+
+    fn identify(&mut self, cns: u32, nsid: u32, prp1: u64, prp2: u64) -> (u32, u16) {
+        let mut d = vec![0u8; 4096];
+        match cns {
+            0x01 => {
+                d[0..2].copy_from_slice(&0x1b36u16.to_le_bytes());
+                let pad = |dst: &mut [u8], s: &str| {
+                    dst.fill(b' ');
+                    dst[..s.len()].copy_from_slice(s.as_bytes());
+                };
+                pad(&mut d[4..24], "KEELMODEL0001");
+                pad(&mut d[24..64], "Keel NVMe Model");
+                pad(&mut d[64..72], "1.0");
+                d[77] = self.cfg.mdts;
+                d[80..84].copy_from_slice(&0x0001_0400u32.to_le_bytes());
+                let oacs: u16 = if self.cfg.doorbell_buffer { 1 << 8 } else { 0 };
+                d[256..258].copy_from_slice(&oacs.to_le_bytes());
+                d[512] = 0x66;
+                d[513] = 0x44;
+                let nn = self.disks.iter().map(|d| d.cfg.nsid).max().unwrap_or(0);
+                d[516..520].copy_from_slice(&nn.to_le_bytes());
+                let oncs = (if self.cfg.dsm { 1u16 << 2 } else { 0 })
+                    | if self.cfg.write_zeroes { 1 << 3 } else { 0 };
+                d[520..522].copy_from_slice(&oncs.to_le_bytes());
+                d[525] = self.cfg.vwc as u8;
+            }
+            0x00 => {
+                let absurd = self.fault == Fault::AbsurdIdentify;
+                let Some(disk) = self.disks.iter().find(|x| x.cfg.nsid == nsid) else {
+                    return (0, sf::INVALID_NS | sf::DNR);
+                };
+                let n = disk.cfg;
+                d[0..8].copy_from_slice(&n.blocks.to_le_bytes());
+                d[8..16].copy_from_slice(&n.blocks.to_le_bytes());
+                d[16..24].copy_from_slice(&n.blocks.to_le_bytes());
+                d[25] = 1; // two formats
+                d[26] = if n.lba_shift == 9 { 0 } else { 1 };
+                d[128 + 2] = 9;
+                d[132 + 2] = 12;
+                if n.lba_shift != 9 && n.lba_shift != 12 {
+                    d[132 + 2] = n.lba_shift;
+                }
+                if absurd {
+                    d[128 + 2] = 3;
+                    d[132 + 2] = 3;
+                }
+            }
+            0x02 => {
+                let mut ids: Vec<u32> = self
+                    .disks
+                    .iter()
+                    .map(|d| d.cfg.nsid)
+                    .filter(|id| *id > nsid)
+                    .collect();
+                ids.sort_unstable();
+                for (i, id) in ids.iter().take(1024).enumerate() {
+                    d[i * 4..i * 4 + 4].copy_from_slice(&id.to_le_bytes());
+                }
+            }
+            _ => return (0, sf::INVALID_FIELD | sf::DNR),
+        }
+        match self.transfer_out(prp1, prp2, &d) {
+            Ok(()) => (0, sf::OK),
+            Err(s) => (0, s),
+        }
+    }
+
+    // ---------------- PRPs ----------------
+
+    /// Walks a PRP pair describing `len` bytes; returns the (address, length) segments.
+    fn prp_segments(&mut self, prp1: u64, prp2: u64, len: usize) -> Result<Vec<(u64, usize)>, u16> {
+        let mut segs = Vec::new();
+        if prp1 % 4 != 0 {
+            self.note(format!("PRP1 {prp1:#x} not dword aligned"));
+            return Err(sf::PRP_OFFSET | sf::DNR);
+        }
+        let first = ((PAGE - prp1 % PAGE) as usize).min(len);
+        segs.push((prp1, first));
+        let mut rem = len - first;
+        if rem == 0 {
+            return Ok(segs);
+        }
+        if rem <= PAGE as usize {
+            if prp2 % PAGE != 0 {
+                self.note(format!("PRP2 {prp2:#x} has an offset"));
+                return Err(sf::PRP_OFFSET | sf::DNR);
+            }
+            segs.push((prp2, rem));
+            return Ok(segs);
+        }
+        if prp2 % 8 != 0 {
+            self.note(format!("PRP list pointer {prp2:#x} not qword aligned"));
+            return Err(sf::PRP_OFFSET | sf::DNR);
+        }
+        let mut list = prp2;
+        let mut pages = 0;
+        while rem > 0 {
+            let entries_here = ((PAGE - list % PAGE) / 8) as usize;
+            for k in 0..entries_here {
+                let e = self
+                    .mem
+                    .read_u64(list + k as u64 * 8)
+                    .map_err(|_| sf::DATA_TRANSFER)?;
+                if k == entries_here - 1 && rem > PAGE as usize {
+                    if e % 8 != 0 {
+                        return Err(sf::PRP_OFFSET | sf::DNR);
+                    }
+                    list = e;
+                    pages += 1;
+                    break;
+                }
+                if e % PAGE != 0 {
+                    self.note(format!("PRP entry {e:#x} has an offset"));
+                    return Err(sf::PRP_OFFSET | sf::DNR);
+                }
+                let n = rem.min(PAGE as usize);
+                segs.push((e, n));
+                rem -= n;
+                if rem == 0 {
+                    break;
+                }
+            }
+            if pages > 4096 {
+                return Err(sf::DATA_TRANSFER);
+            }
+        }
+        Ok(segs)
+    }
+
+    fn transfer_out(&mut self, prp1: u64, prp2: u64, data: &[u8]) -> Result<(), u16> {
+        let segs = self.prp_segments(prp1, prp2, data.len())?;
+        let mut off = 0;
+        for (a, n) in segs {
+            if self.mem.write(a, &data[off..off + n]).is_err() {
+                self.note(format!("device write to {a:#x}+{n} outside DMA memory"));
+                return Err(sf::DATA_TRANSFER);
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    fn transfer_in(&mut self, prp1: u64, prp2: u64, data: &mut [u8]) -> Result<(), u16> {
+        let segs = self.prp_segments(prp1, prp2, data.len())?;
+        let mut off = 0;
+        for (a, n) in segs {
+            if self.mem.read(a, &mut data[off..off + n]).is_err() {
+                self.note(format!("device read from {a:#x}+{n} outside DMA memory"));
+                return Err(sf::DATA_TRANSFER);
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    // ---------------- I/O ----------------
+
+    fn io(&mut self, c: &[u8; 64]) -> (u32, u16) {
+        match self.fault {
+            Fault::TransientError(n) if n > 0 => {
+                self.fault = Fault::TransientError(n - 1);
+                return (0, sf::INTERNAL);
+            }
+            Fault::PermanentError => return (0, sf::INTERNAL | sf::DNR),
+            _ => {}
+        }
+        let opc = c[0];
+        let nsid = le32(c, 4);
+        let prp1 = le64(c, 24);
+        let prp2 = le64(c, 32);
+        let cdw10 = le32(c, 40);
+        let cdw11 = le32(c, 44);
+        let cdw12 = le32(c, 48);
+        let Some(di) = self.disks.iter().position(|d| d.cfg.nsid == nsid) else {
+            return (0, sf::INVALID_NS | sf::DNR);
+        };
+        let n = self.disks[di].cfg;
+        let slba = cdw10 as u64 | ((cdw11 as u64) << 32);
+        let nlb = (cdw12 & 0xFFFF) as u64 + 1;
+        let in_range = slba.checked_add(nlb).is_some_and(|e| e <= n.blocks);
+        let off = (slba << n.lba_shift) as usize;
+        let bytes = (nlb << n.lba_shift) as usize;
+        match opc {
+            0x00 => (0, sf::OK),
+            0x01 | 0x02 => {
+                if !in_range {
+                    return (0, sf::LBA_RANGE | sf::DNR);
+                }
+                if self.cfg.mdts != 0 && bytes > (PAGE as usize) << self.cfg.mdts {
+                    self.note(format!("transfer of {bytes} bytes exceeds MDTS"));
+                    return (0, sf::INVALID_FIELD | sf::DNR);
+                }
+                let mut buf = vec![0u8; bytes];
+                if opc == 0x01 {
+                    if let Err(s) = self.transfer_in(prp1, prp2, &mut buf) {
+                        return (0, s);
+                    }
+                    self.disks[di].data[off..off + bytes].copy_from_slice(&buf);
+                    (0, sf::OK)
+                } else {
+                    buf.copy_from_slice(&self.disks[di].data[off..off + bytes]);
+                    match self.transfer_out(prp1, prp2, &buf) {
+                        Ok(()) => (0, sf::OK),
+                        Err(s) => (0, s),
+                    }
+                }
+            }
+            0x08 if self.cfg.write_zeroes => {
+                if !in_range {
+                    return (0, sf::LBA_RANGE | sf::DNR);
+                }
+                self.disks[di].data[off..off + bytes].fill(0);
+                (0, sf::OK)
+            }
+            0x09 if self.cfg.dsm => {
+                let nr = (cdw10 & 0xFF) as usize + 1;
+                let mut ranges = vec![0u8; nr * 16];
+                if let Err(s) = self.transfer_in(prp1, prp2, &mut ranges) {
+                    return (0, s);
+                }
+                if cdw11 & (1 << 2) != 0 {
+                    for r in ranges.chunks(16) {
+                        let rnlb = le32(r, 4) as u64;
+                        let rslba = le64(r, 8);
+                        if rslba.checked_add(rnlb).is_none_or(|e| e > n.blocks) {
+                            return (0, sf::LBA_RANGE | sf::DNR);
+                        }
+                        let o = (rslba << n.lba_shift) as usize;
+                        let l = (rnlb << n.lba_shift) as usize;
+                        self.disks[di].data[o..o + l].fill(0); // deallocated blocks read as zeroes
+                    }
+                }
+                (0, sf::OK)
+            }
+            _ => (0, sf::INVALID_OPCODE | sf::DNR),
+        }
+    }
+}
