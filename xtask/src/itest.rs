@@ -121,7 +121,9 @@ fn loom_crates() -> Vec<(String, std::path::PathBuf)> {
     out
 }
 
-type Check = (&'static str, fn(&Outcome) -> bool);
+type Check = (&'static str, Box<dyn Fn(&Outcome) -> bool>);
+/// A named check that needs no captured state.
+type PlainCheck = (&'static str, fn(&Outcome) -> bool);
 
 struct Case {
     name: String,
@@ -137,8 +139,12 @@ fn case(
     vm: VmOpts,
     cmdline: &'static str,
     expect_pass: bool,
-    checks: Vec<Check>,
+    checks: Vec<PlainCheck>,
 ) -> Case {
+    let checks = checks
+        .into_iter()
+        .map(|(n, f)| (n, Box::new(f) as Box<dyn Fn(&Outcome) -> bool>))
+        .collect();
     Case {
         name: name.into(),
         vm,
@@ -292,7 +298,10 @@ fn cases() -> Vec<Case> {
         cmdline: "hang",
         expect_pass: false,
         expect_timeout: true,
-        checks: vec![("job started before the hang", |o| o.has("job hang: start"))],
+        checks: vec![(
+            "job started before the hang",
+            Box::new(|o: &Outcome| o.has("job hang: start")),
+        )],
     });
     v
 }
@@ -303,7 +312,8 @@ fn qemu_tests(fw: &Path) -> Result<Vec<bool>> {
     std::fs::create_dir_all(&work)?;
     let (accel, why) = qemu::choose_accel(qemu::Accel::Auto, fw, &work);
     eprintln!("xtask: ── QEMU integration tests, accelerator: {why} ──");
-    let cases = cases();
+    let mut cases = cases();
+    cases.extend(nvme_cases(&work)?);
     let mut results = Vec::new();
     let mut table = Vec::new();
     for (i, c) in cases.iter().enumerate() {
@@ -389,4 +399,142 @@ fn qemu_tests(fw: &Path) -> Result<Vec<bool>> {
         results.iter().filter(|r| !**r).count()
     );
     Ok(results)
+}
+
+/// Writes `len` bytes of deterministic pseudo-random data to `path`; returns their CRC32C.
+fn random_image(path: &Path, len: usize) -> Result<u32> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut data = vec![0u8; len];
+    for c in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+    }
+    std::fs::write(path, &data)?;
+    Ok(crc::Crc::<u32>::new(&crc::CRC_32_ISCSI).checksum(&data))
+}
+
+/// The storage cases: the driver against QEMU's real NVMe emulation, on several device shapes.
+fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
+    let vm = |smp| VmOpts {
+        smp,
+        timeout: 120,
+        ..VmOpts::default()
+    };
+    let mut v = vec![
+        case(
+            "selftest: 512 B LBAs, MDTS 512 KiB",
+            vm(1),
+            "selftest",
+            true,
+            vec![
+                ("all shapes verified", shapes_ok),
+                ("1 namespace", |o| o.has("checks passed on 1 namespaces")),
+                ("no bad completions", |o| o.has("stale_cid: 0, bad_cid: 0")),
+            ],
+        ),
+        case(
+            "selftest: 4K LBAs, 3 ns, MDTS 16K, dbbuf",
+            VmOpts {
+                namespaces: 3,
+                lba_size: 4096,
+                mdts: 2,
+                ..vm(2)
+            },
+            "selftest dbbuf=on",
+            true,
+            vec![
+                ("3 namespaces verified", |o| {
+                    o.has("checks passed on 3 namespaces") && o.count("| ok") >= 24
+                }),
+                ("shadow doorbells in use", |o| {
+                    o.has("shadow doorbells true")
+                }),
+                ("split at 16 KiB", |o| o.has("max transfer 16 KiB")),
+            ],
+        ),
+        case(
+            "selftest: write cache off, 4 cores",
+            VmOpts {
+                write_cache: "off".into(),
+                ..vm(4)
+            },
+            "selftest",
+            true,
+            vec![
+                ("no volatile cache reported", |o| {
+                    o.has("volatile write cache false")
+                }),
+                ("all shapes verified", shapes_ok),
+            ],
+        ),
+        case(
+            "selftest: -machine pc, SeaBIOS",
+            VmOpts {
+                machine: qemu::Machine::Pc,
+                seabios: true,
+                ..vm(1)
+            },
+            "selftest",
+            true,
+            vec![("all shapes verified", shapes_ok)],
+        ),
+        case(
+            "bench: 4K randwrite QD32, 1 s",
+            VmOpts {
+                null_backend: true,
+                ..vm(1)
+            },
+            "bench pattern=randwrite bs=4K qd=32 secs=1",
+            true,
+            vec![("I/Os counted, no errors", |o| {
+                o.has("errors=0 cores=1") && !o.has("bench total iops=0 ")
+            })],
+        ),
+        case(
+            "bench: 2 cores, own queue pairs",
+            VmOpts {
+                null_backend: true,
+                ..vm(2)
+            },
+            "bench pattern=randread bs=4K qd=8 secs=1 cores=2",
+            true,
+            vec![("both cores ran", |o| {
+                o.has("bench core=0") && o.has("bench core=1") && o.has("errors=0 cores=2")
+            })],
+        ),
+        case(
+            "bench: bad option value",
+            vm(1),
+            "bench qd=lots",
+            false,
+            vec![("names the option", |o| {
+                o.has("option qd=lots: expected an integer")
+            })],
+        ),
+    ];
+    // scrub: the driver's reads against the host's view of the same image.
+    let img = work.join("scrub-src.img");
+    let crc = random_image(&img, 8 << 20)?;
+    let want = format!("crc32c={crc:08x}");
+    v.push(Case {
+        name: "scrub: CRC32C matches the host's".into(),
+        vm: VmOpts {
+            disk: Some(img),
+            ..vm(1)
+        },
+        cmdline: "scrub ns=1 lba=0 blocks=16384",
+        expect_pass: true,
+        expect_timeout: false,
+        checks: vec![(
+            "crc32c equal to the image's",
+            Box::new(move |o: &Outcome| o.has(&want)),
+        )],
+    });
+    Ok(v)
+}
+
+fn shapes_ok(o: &Outcome) -> bool {
+    o.count("| ok") >= 8 && !o.has("FAILED")
 }

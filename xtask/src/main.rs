@@ -101,7 +101,11 @@ fn main() {
         Cmd::Size => size(),
         Cmd::Run { vm, job } => run(vm, job),
         Cmd::Test { no_qemu } => itest::test_all(!no_qemu),
-        Cmd::Bench { secs, cores, nvme_only } => bench(secs, &cores, nvme_only),
+        Cmd::Bench {
+            secs,
+            cores,
+            nvme_only,
+        } => bench(secs, &cores, nvme_only),
     };
     if let Err(e) = r {
         eprintln!("xtask: error: {e:#}");

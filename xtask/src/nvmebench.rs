@@ -28,7 +28,9 @@ pub fn parse_total(lines: &[String]) -> Option<BenchLine> {
     let l = lines.iter().find(|l| l.contains("bench total"))?;
     let mut b = BenchLine::default();
     for kv in l.split_whitespace() {
-        let Some((k, v)) = kv.split_once('=') else { continue };
+        let Some((k, v)) = kv.split_once('=') else {
+            continue;
+        };
         let f = v.parse::<f64>().unwrap_or(0.0);
         match k {
             "iops" => b.iops = f,
@@ -55,14 +57,25 @@ pub fn run_matrix(fw: &Path, secs: u64, cores: &[usize]) -> Result<()> {
         ("128K seq write QD32", "write", "128K", 32),
     ] {
         for &c in cores {
-            loads.push(Load { name, cmdline: format!("bench pattern={pat} bs={bs} qd={qd} secs={secs} cores={c}") });
+            loads.push(Load {
+                name,
+                cmdline: format!("bench pattern={pat} bs={bs} qd={qd} secs={secs} cores={c}"),
+            });
         }
     }
     println!("xtask: NVMe bench on QEMU ({why}), null-backed namespace, {secs} s per workload");
     let mut rows = vec![];
     for (i, l) in loads.iter().enumerate() {
-        qemu::progress(false, &format!("xtask: [{}/{}] {}", i + 1, loads.len(), l.cmdline));
-        let cores = l.cmdline.rsplit("cores=").next().and_then(|c| c.parse().ok()).unwrap_or(1usize);
+        qemu::progress(
+            false,
+            &format!("xtask: [{}/{}] {}", i + 1, loads.len(), l.cmdline),
+        );
+        let cores = l
+            .cmdline
+            .rsplit("cores=")
+            .next()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(1usize);
         let vm = VmOpts {
             accel,
             smp: cores.max(1),
@@ -82,17 +95,44 @@ pub fn run_matrix(fw: &Path, secs: u64, cores: &[usize]) -> Result<()> {
         rows.push((l.name, cores, b.unwrap_or_default()));
     }
     println!();
-    println!("{:<22} {:>5} {:>11} {:>9} {:>9} {:>9} {:>7}", "workload", "cores", "IOPS", "MB/s", "avg µs", "p99 µs", "errors");
-    println!("{:-<22} {:->5} {:->11} {:->9} {:->9} {:->9} {:->7}", "", "", "", "", "", "", "");
+    println!(
+        "{:<22} {:>5} {:>11} {:>9} {:>9} {:>9} {:>7}",
+        "workload", "cores", "IOPS", "MB/s", "avg µs", "p99 µs", "errors"
+    );
+    println!(
+        "{:-<22} {:->5} {:->11} {:->9} {:->9} {:->9} {:->7}",
+        "", "", "", "", "", "", ""
+    );
     for (n, c, b) in &rows {
-        println!("{n:<22} {c:>5} {:>11.0} {:>9.1} {:>9.2} {:>9.0} {:>7}", b.iops, b.mbps, b.avg_us, b.p99_us, b.errors);
+        println!(
+            "{n:<22} {c:>5} {:>11.0} {:>9.1} {:>9.2} {:>9.0} {:>7}",
+            b.iops, b.mbps, b.avg_us, b.p99_us, b.errors
+        );
     }
     if cores.len() > 1 {
         println!();
         println!("scaling (IOPS with N cores / IOPS with {} core):", cores[0]);
-        for name in rows.iter().map(|r| r.0).collect::<std::collections::BTreeSet<_>>() {
-            let base = rows.iter().find(|r| r.0 == name && r.1 == cores[0]).map(|r| r.2.iops).unwrap_or(0.0);
-            let ratios: Vec<String> = rows.iter().filter(|r| r.0 == name).map(|r| format!("{}c {:.2}x", r.1, if base > 0.0 { r.2.iops / base } else { 0.0 })).collect();
+        for name in rows
+            .iter()
+            .map(|r| r.0)
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            let base = rows
+                .iter()
+                .find(|r| r.0 == name && r.1 == cores[0])
+                .map(|r| r.2.iops)
+                .unwrap_or(0.0);
+            let ratios: Vec<String> = rows
+                .iter()
+                .filter(|r| r.0 == name)
+                .map(|r| {
+                    format!(
+                        "{}c {:.2}x",
+                        r.1,
+                        if base > 0.0 { r.2.iops / base } else { 0.0 }
+                    )
+                })
+                .collect();
             println!("  {name:<22} {}", ratios.join("  "));
         }
     }

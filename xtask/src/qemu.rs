@@ -288,7 +288,9 @@ fn nvme_args(o: &VmOpts, work: &Path) -> Result<Vec<String>> {
     for ns in 1..=o.namespaces.max(1) {
         if o.null_backend {
             a.push("-drive".into());
-            a.push(format!("driver=null-co,size={size},read-zeroes=on,if=none,id=ns{ns}"));
+            a.push(format!(
+                "driver=null-co,size={size},read-zeroes=on,if=none,id=ns{ns}"
+            ));
             a.push("-device".into());
             a.push(format!("nvme-ns,drive=ns{ns},bus=nvme0,nsid={ns},logical_block_size={bs},physical_block_size={bs}", bs = o.lba_size));
             continue;

@@ -220,7 +220,10 @@ impl fmt::Display for AioError {
             Self::NoFreeHandle => f.write_str("no free I/O handle"),
             Self::NothingInFlight => f.write_str("no free I/O handle and none in flight"),
             Self::BadIndex { index, capacity } => {
-                write!(f, "I/O handle index {index} out of range ({capacity} handles)")
+                write!(
+                    f,
+                    "I/O handle index {index} out of range ({capacity} handles)"
+                )
             }
             Self::Stale {
                 index,
@@ -231,7 +234,10 @@ impl fmt::Display for AioError {
                 "I/O handle {index} recycled: reference generation {expected}, now {current}"
             ),
             Self::IllegalTransition { index, from, to } => {
-                write!(f, "I/O handle {index}: illegal transition {from:?} -> {to:?}")
+                write!(
+                    f,
+                    "I/O handle {index}: illegal transition {from:?} -> {to:?}"
+                )
             }
             Self::NotSubmitted { state } => write!(f, "waiting for an unsubmitted I/O ({state:?})"),
             Self::GaveUp => f.write_str("gave up waiting"),
@@ -370,10 +376,10 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     ) -> Result<Moved, AioError> {
         self.inner.with(|inner| {
             let next_seq = &mut inner.next_seq;
-            let slot = inner.slots.get_mut(index).ok_or(AioError::BadIndex {
-                index,
-                capacity: N,
-            })?;
+            let slot = inner
+                .slots
+                .get_mut(index)
+                .ok_or(AioError::BadIndex { index, capacity: N })?;
             if let Some(expected) = expect {
                 if expected != slot.generation {
                     return Err(AioError::Stale {
@@ -548,7 +554,10 @@ impl<const N: usize, const W: usize> Aio<N, W> {
         if state == HandleState::CompletedIo {
             self.complete_shared(io)?;
         }
-        if matches!(state, HandleState::CompletedIo | HandleState::CompletedShared) {
+        if matches!(
+            state,
+            HandleState::CompletedIo | HandleState::CompletedShared
+        ) {
             self.complete_local(io)?;
         }
         self.reclaim(io)
@@ -560,10 +569,10 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     /// [`AioError::BadIndex`] for an index `>= N`.
     pub fn snapshot(&self, index: usize) -> Result<Snapshot, AioError> {
         self.inner.with(|inner| {
-            let slot = inner.slots.get(index).ok_or(AioError::BadIndex {
-                index,
-                capacity: N,
-            })?;
+            let slot = inner
+                .slots
+                .get(index)
+                .ok_or(AioError::BadIndex { index, capacity: N })?;
             Ok(Snapshot {
                 state: slot.state,
                 generation: slot.generation,
@@ -574,8 +583,13 @@ impl<const N: usize, const W: usize> Aio<N, W> {
 
     /// How many I/Os are submitted and not yet reclaimed (a snapshot).
     pub fn in_flight(&self) -> usize {
-        self.inner
-            .with(|inner| inner.slots.iter().filter(|s| s.state.is_in_flight()).count())
+        self.inner.with(|inner| {
+            inner
+                .slots
+                .iter()
+                .filter(|s| s.state.is_in_flight())
+                .count()
+        })
     }
 
     /// Waits until the I/O `io` refers to has completed, calling `driver.poll()` while it is
@@ -592,7 +606,9 @@ impl<const N: usize, const W: usize> Aio<N, W> {
             }
             match now.state {
                 s if s.is_completed() => {
-                    return Ok(WaitOutcome::Done(now.result.unwrap_or(Err(IoError::Aborted))))
+                    return Ok(WaitOutcome::Done(
+                        now.result.unwrap_or(Err(IoError::Aborted)),
+                    ))
                 }
                 HandleState::Submitted => {
                     if !driver.poll() {
@@ -701,4 +717,3 @@ impl<const N: usize, const W: usize> Default for Aio<N, W> {
         Self::new()
     }
 }
-

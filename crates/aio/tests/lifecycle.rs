@@ -25,7 +25,10 @@ fn submitted(aio: &Small) -> IoRef {
 fn full_cycle_bumps_generation_and_frees_the_handle() {
     let aio = Small::new();
     let io = submitted(&aio);
-    assert_eq!(aio.snapshot(io.index()).unwrap().state, HandleState::Submitted);
+    assert_eq!(
+        aio.snapshot(io.index()).unwrap().state,
+        HandleState::Submitted
+    );
     assert_eq!(aio.in_flight(), 1);
     aio.complete(io, Ok(512)).unwrap();
     aio.complete_shared(io).unwrap();
@@ -60,17 +63,41 @@ fn illegal_transitions_are_typed_errors() {
             to: HandleState::Submitted
         })
     );
-    assert!(matches!(aio.complete(io, Ok(0)), Err(AioError::IllegalTransition { .. })));
-    assert!(matches!(aio.reclaim(io), Err(AioError::IllegalTransition { .. })));
+    assert!(matches!(
+        aio.complete(io, Ok(0)),
+        Err(AioError::IllegalTransition { .. })
+    ));
+    assert!(matches!(
+        aio.reclaim(io),
+        Err(AioError::IllegalTransition { .. })
+    ));
     aio.define(io, READ).unwrap();
     // Defined cannot go back to Idle, nor be defined twice.
-    assert!(matches!(aio.release(io), Err(AioError::IllegalTransition { .. })));
-    assert!(matches!(aio.define(io, READ), Err(AioError::IllegalTransition { .. })));
+    assert!(matches!(
+        aio.release(io),
+        Err(AioError::IllegalTransition { .. })
+    ));
+    assert!(matches!(
+        aio.define(io, READ),
+        Err(AioError::IllegalTransition { .. })
+    ));
     // The handle is unchanged by refused transitions.
-    assert_eq!(aio.snapshot(io.index()).unwrap().state, HandleState::Defined);
+    assert_eq!(
+        aio.snapshot(io.index()).unwrap().state,
+        HandleState::Defined
+    );
     // The transition table itself.
     use HandleState::*;
-    let all = [Idle, HandedOut, Defined, Staged, Submitted, CompletedIo, CompletedShared, CompletedLocal];
+    let all = [
+        Idle,
+        HandedOut,
+        Defined,
+        Staged,
+        Submitted,
+        CompletedIo,
+        CompletedShared,
+        CompletedLocal,
+    ];
     let legal = all
         .iter()
         .flat_map(|&a| all.iter().map(move |&b| (a, b)))
@@ -84,16 +111,31 @@ fn untrusted_indexes_are_range_checked() {
     let aio = Small::new();
     assert_eq!(
         aio.complete_raw(7, Ok(0)),
-        Err(AioError::BadIndex { index: 7, capacity: 2 })
+        Err(AioError::BadIndex {
+            index: 7,
+            capacity: 2
+        })
     );
     assert!(matches!(aio.snapshot(2), Err(AioError::BadIndex { .. })));
-    assert!(matches!(aio.define(IoRef::new(9, 0), READ), Err(AioError::BadIndex { .. })));
+    assert!(matches!(
+        aio.define(IoRef::new(9, 0), READ),
+        Err(AioError::BadIndex { .. })
+    ));
     // A spurious completion for a handle that is not submitted.
-    assert!(matches!(aio.complete_raw(0, Ok(0)), Err(AioError::IllegalTransition { .. })));
+    assert!(matches!(
+        aio.complete_raw(0, Ok(0)),
+        Err(AioError::IllegalTransition { .. })
+    ));
     let io = submitted(&aio);
-    assert_eq!(aio.complete_raw(io.index() as u32, Err(IoError::Device { status: 2 })), Ok(io));
+    assert_eq!(
+        aio.complete_raw(io.index() as u32, Err(IoError::Device { status: 2 })),
+        Ok(io)
+    );
     // A duplicate completion.
-    assert!(matches!(aio.complete_raw(io.index() as u32, Ok(0)), Err(AioError::IllegalTransition { .. })));
+    assert!(matches!(
+        aio.complete_raw(io.index() as u32, Ok(0)),
+        Err(AioError::IllegalTransition { .. })
+    ));
     assert_eq!(aio.finish(io), Ok(Err(IoError::Device { status: 2 })));
 }
 
@@ -110,11 +152,16 @@ fn wait_reports_done_recycled_and_refuses_unsubmitted() {
     assert_eq!(out, Ok(WaitOutcome::Done(Ok(4096))));
     assert_eq!(polls, 1);
     assert_eq!(aio.finish(io), Ok(Ok(4096)));
-    assert_eq!(aio.wait(io, &mut || panic!("no poll needed")), Ok(WaitOutcome::Recycled));
+    assert_eq!(
+        aio.wait(io, &mut || panic!("no poll needed")),
+        Ok(WaitOutcome::Recycled)
+    );
     let fresh = aio.acquire().unwrap();
     assert_eq!(
         aio.wait(fresh, &mut || true),
-        Err(AioError::NotSubmitted { state: HandleState::HandedOut })
+        Err(AioError::NotSubmitted {
+            state: HandleState::HandedOut
+        })
     );
     let io = {
         aio.define(fresh, READ).unwrap();
@@ -154,14 +201,22 @@ fn wait_for_free_reclaims_first_then_waits_for_the_oldest() {
     let second = submitted(&aio);
     // Complete the second: wait_for_free reclaims it without waiting.
     aio.complete(second, Ok(2)).unwrap();
-    let mut d = Completer { aio: &aio, reclaimed: vec![], waited: vec![] };
+    let mut d = Completer {
+        aio: &aio,
+        reclaimed: vec![],
+        waited: vec![],
+    };
     let got = aio.wait_for_free(&mut d).unwrap();
     assert_eq!(got.index(), second.index());
     assert_eq!(d.reclaimed, vec![(second, Ok(2))]);
     assert!(d.waited.is_empty());
     // Now nothing is complete: it waits for the oldest in flight (`first`).
     let _ = submitted_from(&aio, got);
-    let mut d = Completer { aio: &aio, reclaimed: vec![], waited: vec![] };
+    let mut d = Completer {
+        aio: &aio,
+        reclaimed: vec![],
+        waited: vec![],
+    };
     let again = aio.wait_for_free(&mut d).unwrap();
     assert_eq!(d.waited, vec![first], "waited for the oldest");
     assert!(d.reclaimed.contains(&(first, Ok(first.index() as u32))));

@@ -69,7 +69,11 @@ impl Driver for Interrupts<'_> {
 
 /// The pre-fix `pgaio_io_wait_for_free()` waiting step, over the public API: state and
 /// generation read in two separate critical sections, the logging hook in between.
-fn naive_wait_for_free(aio: &Pair, in_flight: &[usize], driver: &mut Interrupts) -> Result<(), AioError> {
+fn naive_wait_for_free(
+    aio: &Pair,
+    in_flight: &[usize],
+    driver: &mut Interrupts,
+) -> Result<(), AioError> {
     let index = in_flight[0]; // dclist_head_element(in_flight_ios)
     let state = aio.snapshot(index)?.state;
     match state {
@@ -86,17 +90,34 @@ fn naive_wait_for_free(aio: &Pair, in_flight: &[usize], driver: &mut Interrupts)
 #[test]
 fn naive_variant_waits_on_the_reused_handle_in_the_wrong_state() {
     let (aio, first, second) = setup();
-    let mut irq = Interrupts { aio: &aio, first, second, fired: false, reused: None };
+    let mut irq = Interrupts {
+        aio: &aio,
+        first,
+        second,
+        fired: false,
+        reused: None,
+    };
     let got = naive_wait_for_free(&aio, &[first.index(), second.index()], &mut irq);
     // PostgreSQL's "waiting for own IO in wrong state: HandedOut".
-    assert_eq!(got, Err(AioError::NotSubmitted { state: HandleState::HandedOut }));
+    assert_eq!(
+        got,
+        Err(AioError::NotSubmitted {
+            state: HandleState::HandedOut
+        })
+    );
     assert_eq!(irq.reused.map(|r| r.index()), Some(first.index()));
 }
 
 #[test]
 fn ours_reports_recycled_and_gets_a_handle() {
     let (aio, first, second) = setup();
-    let mut irq = Interrupts { aio: &aio, first, second, fired: false, reused: None };
+    let mut irq = Interrupts {
+        aio: &aio,
+        first,
+        second,
+        fired: false,
+        reused: None,
+    };
     // The oldest-in-flight pair is taken in one critical section, before the hook runs.
     let got = aio.wait_for_free(&mut irq).unwrap();
     let reused = irq.reused.unwrap();
@@ -106,7 +127,13 @@ fn ours_reports_recycled_and_gets_a_handle() {
     assert_eq!(got.index(), second.index());
     assert_eq!(got.generation(), second.generation() + 1);
     // The stale reference to `first` is "already done", not an error.
-    assert_eq!(aio.wait(first, &mut || panic!("must not poll")), Ok(WaitOutcome::Recycled));
+    assert_eq!(
+        aio.wait(first, &mut || panic!("must not poll")),
+        Ok(WaitOutcome::Recycled)
+    );
     // The reused handle is untouched: still its new owner's.
-    assert_eq!(aio.snapshot(reused.index()).unwrap().state, HandleState::HandedOut);
+    assert_eq!(
+        aio.snapshot(reused.index()).unwrap().state,
+        HandleState::HandedOut
+    );
 }

@@ -89,7 +89,11 @@ impl<const W: usize> FreeBitmap<W> {
     /// checked `len` at compile time.
     #[cfg(not(loom))]
     pub const fn new_saturating(len: usize) -> Self {
-        let len = if len > Self::CAPACITY { Self::CAPACITY } else { len };
+        let len = if len > Self::CAPACITY {
+            Self::CAPACITY
+        } else {
+            len
+        };
         match Self::new(len) {
             Ok(b) => b,
             Err(_) => unreachable!(),
@@ -326,7 +330,11 @@ mod tests {
         let got = naive
             .acquire_probed(|| other = naive.acquire_probed(|| {}))
             .unwrap();
-        assert_eq!(Some(got), other, "the naive scan was expected to double-allocate");
+        assert_eq!(
+            Some(got),
+            other,
+            "the naive scan was expected to double-allocate"
+        );
 
         let ours = FreeBitmap::<1>::new(4).unwrap();
         for _ in 0..4 {

@@ -175,7 +175,10 @@ mod tests {
         );
         // A forged raw handle naming a free slot with its current generation.
         let forged = p.handle_from_raw(2).unwrap();
-        assert_eq!(p.validate(forged), Err(SlotError::NotAllocated { index: 2 }));
+        assert_eq!(
+            p.validate(forged),
+            Err(SlotError::NotAllocated { index: 2 })
+        );
     }
 
     #[test]

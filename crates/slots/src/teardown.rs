@@ -251,7 +251,10 @@ mod tests {
     #[test]
     fn misuse_is_a_typed_error() {
         let t = Teardown::new();
-        assert_eq!(UserId::new(MAX_USERS), Err(TeardownError::BadUser { id: 30 }));
+        assert_eq!(
+            UserId::new(MAX_USERS),
+            Err(TeardownError::BadUser { id: 30 })
+        );
         assert_eq!(t.leave(u(3)), Err(TeardownError::NotEntered { user: u(3) }));
         t.enter(u(3)).unwrap();
         assert_eq!(t.enter(u(3)), Err(Refused::AlreadyEntered));

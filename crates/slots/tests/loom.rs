@@ -83,7 +83,11 @@ fn stale_handles_always_detected() {
         r1.join().unwrap();
         r2.join().unwrap();
         reacquirer.join().unwrap();
-        assert_eq!(successes.load(Ordering::Relaxed), 1, "double release went through");
+        assert_eq!(
+            successes.load(Ordering::Relaxed),
+            1,
+            "double release went through"
+        );
         assert!(matches!(pool.validate(h), Err(SlotError::Stale { .. })));
         assert_eq!(pool.free_count(), 1);
     });

@@ -20,7 +20,10 @@ impl MmioWindow {
     /// # Safety
     /// `[base, base+len)` must be a device register window, mapped uncached, and stay so.
     pub unsafe fn new(base: u64, len: u64) -> Self {
-        Self { base: base as usize, len: len as usize }
+        Self {
+            base: base as usize,
+            len: len as usize,
+        }
     }
 
     fn ok(&self, off: usize, width: usize) -> bool {
@@ -76,14 +79,17 @@ impl DmaPool {
     /// Takes up to `max` bytes from the largest RAM region, above the firmware image.
     pub fn from_memmap(memmap: &[MemRegion], max: u64) -> Option<Self> {
         let image_end = (&raw const __image_end as u64).next_multiple_of(2 << 20);
-        let r = memmap.iter().filter(|r| r.kind == 1).max_by_key(|r| r.size)?;
+        let r = memmap
+            .iter()
+            .filter(|r| r.kind == 1)
+            .max_by_key(|r| r.size)?;
         let start = r.addr.max(image_end).next_multiple_of(4096);
         let end = (r.addr + r.size).min(start.saturating_add(max));
-        (end > start).then(|| Self { next: AtomicU64::new(start), end, start })
-    }
-
-    pub fn used(&self) -> u64 {
-        self.next.load(Ordering::Relaxed) - self.start
+        (end > start).then(|| Self {
+            next: AtomicU64::new(start),
+            end,
+            start,
+        })
     }
 
     pub fn capacity(&self) -> u64 {
@@ -104,7 +110,10 @@ impl DmaAllocator for DmaPool {
             if new > self.end {
                 return Err(DmaError::Exhausted);
             }
-            match self.next.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed) {
+            match self
+                .next
+                .compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed)
+            {
                 Ok(_) => {
                     // SAFETY: [base, base+len) is RAM from the memory map above the image, mapped
                     // write-back, and handed out exactly once by the bump pointer.

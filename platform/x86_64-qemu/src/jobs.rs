@@ -10,6 +10,8 @@ use crate::pci::{PciDevice, MAX_DEVICES};
 pub struct Platform {
     pub devices: heapless::Vec<PciDevice, MAX_DEVICES>,
     pub cores: usize,
+    /// DMA-able memory for queues and buffers.
+    pub dma: crate::hw::DmaPool,
 }
 
 #[derive(Debug)]
@@ -42,12 +44,27 @@ pub const JOBS: &[(&str, &str)] = &[
     ("fault", "raise a CPU exception on purpose [kind=ud2|pf|gp]"),
     ("panic", "panic on purpose [msg=text]"),
     ("hang", "spin forever (tests the host-side timeout)"),
+    (
+        "selftest",
+        "write, read back and verify every namespace and transfer shape [ns=N seed=N dbbuf=on]",
+    ),
+    (
+        "scrub",
+        "CRC32C of a namespace range [ns=1 lba=0 blocks=all dbbuf=on]",
+    ),
+    (
+        "bench",
+        "fio-like load [pattern=randread|randwrite|read|write bs=4K qd=32 secs=2 cores=1 ns=1]",
+    ),
 ];
 
 pub fn run<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     let job = cl.job();
     match job {
         "boot" => boot(cl, p),
+        "selftest" => crate::nvme_jobs::selftest(cl, p),
+        "scrub" => crate::nvme_jobs::scrub(cl, p),
+        "bench" => crate::nvme_jobs::bench(cl, p),
         "fault" => fault(cl),
         "panic" => {
             let msg = cl.str("msg").unwrap_or("requested by the panic job");

@@ -14,14 +14,20 @@ mod console;
 mod cpu;
 mod cs;
 mod exit;
+mod hw;
 mod jobs;
 mod logger;
 mod mem;
+mod nvme_jobs;
 mod paging;
 mod pci;
 mod pvh;
 mod smp;
+mod storage;
 mod time;
+
+/// Most memory set aside for DMA (queues and data buffers).
+const DMA_POOL_BYTES: u64 = 96 << 20;
 
 /// Timer interrupt rate.
 const TIMER_HZ: u32 = 100;
@@ -94,9 +100,15 @@ extern "C" fn keel_boot_main(start_info: u32) -> ! {
     let online = smp::start_aps(wanted);
     keel_log::info!("cores online: {=usize} of {=usize}", online, wanted);
 
+    let Some(dma) = hw::DmaPool::from_memmap(&info.memmap, DMA_POOL_BYTES) else {
+        keel_log::error!("no RAM for the DMA pool");
+        exit::failure()
+    };
+    keel_log::info!("DMA pool: {=u64} MiB", dma.capacity() >> 20);
     let platform = jobs::Platform {
         devices,
         cores: online,
+        dma,
     };
     match jobs::run(&cmdline, &platform) {
         Ok(()) => {

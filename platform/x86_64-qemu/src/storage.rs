@@ -63,7 +63,15 @@ fn pattern(ns: NsId, lba: u64, off: usize, seed: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn fill(buf: &DmaRegion, at: usize, len: usize, ns: NsId, lba: u64, bs: usize, seed: u64) -> Result<(), StorageError> {
+fn fill(
+    buf: &DmaRegion,
+    at: usize,
+    len: usize,
+    ns: NsId,
+    lba: u64,
+    bs: usize,
+    seed: u64,
+) -> Result<(), StorageError> {
     let mut chunk = [0u8; 512];
     let mut done = 0;
     while done < len {
@@ -73,18 +81,28 @@ fn fill(buf: &DmaRegion, at: usize, len: usize, ns: NsId, lba: u64, bs: usize, s
             let v = pattern(ns, lba + (off / bs) as u64, off % bs, seed).to_le_bytes();
             w.copy_from_slice(&v[..w.len()]);
         }
-        buf.write_bytes(at + done, &chunk[..n]).map_err(|_| StorageError::Dma)?;
+        buf.write_bytes(at + done, &chunk[..n])
+            .map_err(|_| StorageError::Dma)?;
         done += n;
     }
     Ok(())
 }
 
-fn verify(buf: &DmaRegion, at: usize, len: usize, ns: NsId, lba: u64, bs: usize, seed: Option<u64>) -> Result<(), StorageError> {
+fn verify(
+    buf: &DmaRegion,
+    at: usize,
+    len: usize,
+    ns: NsId,
+    lba: u64,
+    bs: usize,
+    seed: Option<u64>,
+) -> Result<(), StorageError> {
     let mut chunk = [0u8; 512];
     let mut done = 0;
     while done < len {
         let n = (len - done).min(512);
-        buf.read_bytes(at + done, &mut chunk[..n]).map_err(|_| StorageError::Dma)?;
+        buf.read_bytes(at + done, &mut chunk[..n])
+            .map_err(|_| StorageError::Dma)?;
         for (i, w) in chunk[..n].chunks(8).enumerate() {
             let off = done + i * 8;
             let want = match seed {
@@ -92,7 +110,10 @@ fn verify(buf: &DmaRegion, at: usize, len: usize, ns: NsId, lba: u64, bs: usize,
                 None => [0; 8],
             };
             if w != &want[..w.len()] {
-                return Err(StorageError::Mismatch { lba: lba + (off / bs) as u64, offset: off % bs });
+                return Err(StorageError::Mismatch {
+                    lba: lba + (off / bs) as u64,
+                    offset: off % bs,
+                });
             }
         }
         done += n;
@@ -110,30 +131,74 @@ pub struct Shape {
 }
 
 /// Write → read → verify one shape; then the zeroes/deallocate/flush checks are run by the caller.
-pub fn write_read_verify<Q: BlockQueue>(q: &mut Q, ns: NsId, s: &Shape, wbuf: &DmaRegion, rbuf: &DmaRegion, seed: u64) -> Result<(), StorageError> {
+pub fn write_read_verify<Q: BlockQueue>(
+    q: &mut Q,
+    ns: NsId,
+    s: &Shape,
+    wbuf: &DmaRegion,
+    rbuf: &DmaRegion,
+    seed: u64,
+) -> Result<(), StorageError> {
     let bs = q.block_size(ns).ok_or(StorageError::NoSuchNamespace(ns))? as usize;
     let len = s.blocks as usize * bs;
     fill(wbuf, s.buf_offset, len, ns, s.lba, bs, seed)?;
-    rbuf.fill(s.buf_offset, len, 0xA5).map_err(|_| StorageError::Dma)?;
+    rbuf.fill(s.buf_offset, len, 0xA5)
+        .map_err(|_| StorageError::Dma)?;
     let w = BufRef::new(wbuf, s.buf_offset, len).map_err(|_| StorageError::Dma)?;
     let r = BufRef::new(rbuf, s.buf_offset, len).map_err(|_| StorageError::Dma)?;
-    sync_op(q, BlockOp::Write { ns, lba: s.lba, blocks: s.blocks, buf: w })?;
-    sync_op(q, BlockOp::Read { ns, lba: s.lba, blocks: s.blocks, buf: r })?;
+    sync_op(
+        q,
+        BlockOp::Write {
+            ns,
+            lba: s.lba,
+            blocks: s.blocks,
+            buf: w,
+        },
+    )?;
+    sync_op(
+        q,
+        BlockOp::Read {
+            ns,
+            lba: s.lba,
+            blocks: s.blocks,
+            buf: r,
+        },
+    )?;
     verify(rbuf, s.buf_offset, len, ns, s.lba, bs, Some(seed))
 }
 
 /// Write zeroes over a written range and check it reads back as zeroes.
-pub fn zeroes_verify<Q: BlockQueue>(q: &mut Q, ns: NsId, lba: u64, blocks: u32, rbuf: &DmaRegion) -> Result<(), StorageError> {
+pub fn zeroes_verify<Q: BlockQueue>(
+    q: &mut Q,
+    ns: NsId,
+    lba: u64,
+    blocks: u32,
+    rbuf: &DmaRegion,
+) -> Result<(), StorageError> {
     let bs = q.block_size(ns).ok_or(StorageError::NoSuchNamespace(ns))? as usize;
     let len = blocks as usize * bs;
     sync_op(q, BlockOp::WriteZeroes { ns, lba, blocks })?;
     rbuf.fill(0, len, 0xA5).map_err(|_| StorageError::Dma)?;
-    sync_op(q, BlockOp::Read { ns, lba, blocks, buf: BufRef::new(rbuf, 0, len).map_err(|_| StorageError::Dma)? })?;
+    sync_op(
+        q,
+        BlockOp::Read {
+            ns,
+            lba,
+            blocks,
+            buf: BufRef::new(rbuf, 0, len).map_err(|_| StorageError::Dma)?,
+        },
+    )?;
     verify(rbuf, 0, len, ns, lba, bs, None)
 }
 
 /// CRC32C (Castagnoli) of `blocks` blocks from `lba`, read in chunks of `chunk` bytes.
-pub fn scrub<Q: BlockQueue>(q: &mut Q, ns: NsId, lba: u64, blocks: u64, buf: &DmaRegion) -> Result<u32, StorageError> {
+pub fn scrub<Q: BlockQueue>(
+    q: &mut Q,
+    ns: NsId,
+    lba: u64,
+    blocks: u64,
+    buf: &DmaRegion,
+) -> Result<u32, StorageError> {
     let bs = q.block_size(ns).ok_or(StorageError::NoSuchNamespace(ns))? as u64;
     let crc = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
     let mut digest = crc.digest();
@@ -143,11 +208,20 @@ pub fn scrub<Q: BlockQueue>(q: &mut Q, ns: NsId, lba: u64, blocks: u64, buf: &Dm
     while at < lba + blocks {
         let n = per.min(lba + blocks - at);
         let len = (n * bs) as usize;
-        sync_op(q, BlockOp::Read { ns, lba: at, blocks: n as u32, buf: BufRef::new(buf, 0, len).map_err(|_| StorageError::Dma)? })?;
+        sync_op(
+            q,
+            BlockOp::Read {
+                ns,
+                lba: at,
+                blocks: n as u32,
+                buf: BufRef::new(buf, 0, len).map_err(|_| StorageError::Dma)?,
+            },
+        )?;
         let mut off = 0;
         while off < len {
             let m = (len - off).min(chunk.len());
-            buf.read_bytes(off, &mut chunk[..m]).map_err(|_| StorageError::Dma)?;
+            buf.read_bytes(off, &mut chunk[..m])
+                .map_err(|_| StorageError::Dma)?;
             digest.update(&chunk[..m]);
             off += m;
         }
@@ -217,7 +291,12 @@ pub struct BenchResult {
 /// Drives `q` with `cfg` for its duration: keeps `qd` operations in flight, one doorbell per
 /// burst, and measures each operation's latency from submit to completion with the TSC.
 /// `bufs` holds `qd` buffers of `cfg.bs` bytes, one per in-flight slot.
-pub fn bench<Q: BlockQueue>(q: &mut Q, cfg: &BenchCfg, bufs: &[DmaRegion], hist: &mut [u32; HIST + 1]) -> BenchResult {
+pub fn bench<Q: BlockQueue>(
+    q: &mut Q,
+    cfg: &BenchCfg,
+    bufs: &[DmaRegion],
+    hist: &mut [u32; HIST + 1],
+) -> BenchResult {
     let bs_dev = q.block_size(cfg.ns).unwrap_or(512) as u64;
     let blocks = (cfg.bs as u64 / bs_dev).max(1) as u32;
     let span = (cfg.blocks / blocks as u64).max(1);
@@ -249,9 +328,19 @@ pub fn bench<Q: BlockQueue>(q: &mut Q, cfg: &BenchCfg, bufs: &[DmaRegion], hist:
             let lba = cfg.lba0 + slot * blocks as u64;
             let buf = BufRef::whole(&bufs[tag as usize]);
             let op = if cfg.pattern.is_write() {
-                BlockOp::Write { ns: cfg.ns, lba, blocks, buf }
+                BlockOp::Write {
+                    ns: cfg.ns,
+                    lba,
+                    blocks,
+                    buf,
+                }
             } else {
-                BlockOp::Read { ns: cfg.ns, lba, blocks, buf }
+                BlockOp::Read {
+                    ns: cfg.ns,
+                    lba,
+                    blocks,
+                    buf,
+                }
             };
             match q.submit(op, tag) {
                 Ok(()) => {

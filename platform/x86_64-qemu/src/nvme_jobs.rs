@@ -1,0 +1,393 @@
+//! The NVMe jobs: `selftest`, `scrub`, `bench`. Bring-up through `keel-nvme` over this
+//! platform's `hw` implementations; the data path is `keel_blockdev::BlockQueue`.
+
+use core::cell::RefCell;
+
+use keel_blockdev::{BlockOp, BlockQueue, BufRef};
+use keel_cmdline::Cmdline;
+use keel_hal::DmaRegion;
+use keel_nvme::{Config, Controller, IoQueuePair};
+
+use crate::cpu::MAX_CORES;
+use crate::hw::{MmioWindow, TscClock};
+use crate::jobs::{JobError, Platform};
+use crate::storage::{self, BenchCfg, BenchResult, Pattern, Shape, StorageError};
+
+pub type Ctrl = Controller<MmioWindow, TscClock>;
+pub type Qp = IoQueuePair<MmioWindow, TscClock>;
+
+/// Queue depth of every I/O queue pair (entries; depth - 1 commands in flight).
+const QUEUE_ENTRIES: u16 = 256;
+
+fn fail<'a>(what: &'static str) -> impl FnOnce(StorageError) -> JobError<'a> {
+    move |e| {
+        keel_log::error!("{=str}: {}", what, e);
+        JobError::Failed(what)
+    }
+}
+
+/// Finds the first NVMe controller and brings it up.
+pub fn open<'a>(p: &Platform, cl: &Cmdline<'a>) -> Result<Ctrl, JobError<'a>> {
+    let shadow = cl.bool("dbbuf", false)?;
+    let io_queues = p.cores.max(1) as u16;
+    let dev = p
+        .devices
+        .iter()
+        .find(|d| d.is_nvme())
+        .ok_or(JobError::Failed("no NVMe controller on PCI"))?;
+    let bar = dev.bars[0];
+    if bar.base == 0 || bar.size == 0 {
+        return Err(JobError::Failed("NVMe BAR0 unassigned"));
+    }
+    // SAFETY: BAR0 of an NVMe function, assigned and mapped uncached by `pci::enumerate`.
+    let mmio = unsafe { MmioWindow::new(bar.base, bar.size) };
+    let cfg = Config {
+        shadow_doorbells: shadow,
+        io_queues,
+        ..Config::default()
+    };
+    let ctrl = Controller::init(mmio, &p.dma, TscClock, cfg).map_err(|e| {
+        keel_log::error!("nvme: bring-up failed: {}", e);
+        JobError::Failed("NVMe bring-up failed")
+    })?;
+    let id = ctrl.identify();
+    keel_log::info!(
+        "nvme {=u8:02x}:{=u8:02x}.{=u8}: model '{=str}' serial '{=str}' version {=u32:#x}, {=usize} namespaces, MDTS {=usize} KiB, {=u16} I/O queues, volatile write cache {=bool}, shadow doorbells {=bool}",
+        dev.bus, dev.dev, dev.func, id.model_str(), id.serial_str(), id.version,
+        ctrl.namespaces().len(), id.max_transfer / 1024, id.io_queues, id.vwc, id.shadow_doorbells
+    );
+    for ns in ctrl.namespaces() {
+        keel_log::info!(
+            "nvme ns {=u32}: {=u64} blocks of {=u32} B ({=u64} MiB)",
+            ns.nsid,
+            ns.blocks,
+            ns.block_size,
+            (ns.blocks * ns.block_size as u64) >> 20
+        );
+    }
+    Ok(ctrl)
+}
+
+fn qpair<'a>(ctrl: &mut Ctrl, p: &Platform, qid: u16) -> Result<Qp, JobError<'a>> {
+    ctrl.create_io_qpair(&p.dma, qid, QUEUE_ENTRIES)
+        .map_err(|e| {
+            keel_log::error!("nvme: create I/O queue pair {=u16}: {}", qid, e);
+            JobError::Failed("could not create an I/O queue pair")
+        })
+}
+
+/// `selftest`: every namespace, every transfer shape, verified byte for byte.
+pub fn selftest<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
+    let only = cl.u64("ns", 0)? as u32;
+    let seed = cl.u64("seed", 0x6b65_656c)?;
+    let mut ctrl = open(p, cl)?;
+    cl.finish()?;
+    keel_log::info!("job selftest: start");
+    let mut qp = qpair(&mut ctrl, p, 1)?;
+    let max_transfer = qp.max_transfer();
+    let big = (2 * max_transfer + 64 * 1024).max(2 * 1024 * 1024 + 8192);
+    let wbuf = storage::dma(&p.dma, big + 8192).map_err(fail("DMA pool exhausted"))?;
+    let rbuf = storage::dma(&p.dma, big + 8192).map_err(fail("DMA pool exhausted"))?;
+    let namespaces: heapless::Vec<_, 16> = ctrl
+        .namespaces()
+        .iter()
+        .copied()
+        .filter(|n| only == 0 || n.nsid == only)
+        .collect();
+    if namespaces.is_empty() {
+        return Err(JobError::Failed("no such namespace"));
+    }
+    let mut checks = 0;
+    for ns in &namespaces {
+        let bs = ns.block_size as usize;
+        let blocks_of = |bytes: usize| bytes.div_ceil(bs) as u32;
+        let shapes = [
+            Shape {
+                name: "one block",
+                buf_offset: 0,
+                blocks: 1,
+                lba: 0,
+            },
+            Shape {
+                name: "4 KiB",
+                buf_offset: 0,
+                blocks: blocks_of(4096),
+                lba: 64,
+            },
+            Shape {
+                name: "odd length, buffer offset 1 KiB (PRP1 offset)",
+                buf_offset: 1024,
+                blocks: blocks_of(5 * 4096 + bs),
+                lba: 256,
+            },
+            Shape {
+                name: "larger than MDTS (split)",
+                buf_offset: 0,
+                blocks: blocks_of(max_transfer + 3 * 4096),
+                lba: 4096,
+            },
+            Shape {
+                name: "2 MiB + 8 KiB at offset 512 (PRP list)",
+                buf_offset: 512,
+                blocks: blocks_of(2 * 1024 * 1024 + 8192),
+                lba: 8192,
+            },
+        ];
+        keel_log::info!(
+            "selftest ns {=u32} ({=u32} B blocks, max transfer {=usize} KiB):",
+            ns.nsid,
+            ns.block_size,
+            max_transfer / 1024
+        );
+        for s in &shapes {
+            let bytes = s.blocks as usize * bs;
+            if s.lba + s.blocks as u64 > ns.blocks || bytes + s.buf_offset > wbuf.len() {
+                keel_log::warn!(
+                    "selftest ns {=u32} | {=str} | skipped (namespace or buffer too small)",
+                    ns.nsid,
+                    s.name
+                );
+                continue;
+            }
+            storage::write_read_verify(&mut qp, ns.nsid, s, &wbuf, &rbuf, seed ^ s.lba).map_err(
+                |e| {
+                    keel_log::error!(
+                        "selftest ns {=u32} | {=str} | lba {=u64} | blocks {=u32} | FAILED: {}",
+                        ns.nsid,
+                        s.name,
+                        s.lba,
+                        s.blocks,
+                        e
+                    );
+                    JobError::Failed("selftest: data mismatch or I/O error")
+                },
+            )?;
+            checks += 1;
+            keel_log::info!(
+                "selftest ns {=u32} | {=str} | lba {=u64} | blocks {=u32} | bytes {=usize} | ok",
+                ns.nsid,
+                s.name,
+                s.lba,
+                s.blocks,
+                bytes
+            );
+        }
+        storage::sync_op(&mut qp, BlockOp::Flush { ns: ns.nsid }).map_err(fail("flush"))?;
+        checks += 1;
+        keel_log::info!("selftest ns {=u32} | {=str} | ok", ns.nsid, "flush");
+        let zb = blocks_of(4096);
+        if ctrl.identify().write_zeroes {
+            storage::zeroes_verify(&mut qp, ns.nsid, 64, zb, &rbuf)
+                .map_err(fail("write zeroes"))?;
+            checks += 1;
+            keel_log::info!(
+                "selftest ns {=u32} | {=str} | lba {=u64} | blocks {=u32} | ok",
+                ns.nsid,
+                "write zeroes, read back zeroes",
+                64,
+                zb
+            );
+        }
+        if ctrl.identify().deallocate {
+            storage::sync_op(
+                &mut qp,
+                BlockOp::Deallocate {
+                    ns: ns.nsid,
+                    lba: 256,
+                    blocks: zb,
+                },
+            )
+            .map_err(fail("deallocate"))?;
+            checks += 1;
+            keel_log::info!(
+                "selftest ns {=u32} | {=str} | lba {=u64} | blocks {=u32} | ok",
+                ns.nsid,
+                "deallocate",
+                256,
+                zb
+            );
+        }
+        // Bad input from the caller gets a typed error, not a device command.
+        let past_end = BlockOp::Read {
+            ns: ns.nsid,
+            lba: ns.blocks,
+            blocks: 1,
+            buf: BufRef::new(&rbuf, 0, bs).map_err(|_| JobError::Failed("buf"))?,
+        };
+        match qp.submit(past_end, 1) {
+            Err(keel_blockdev::SubmitError::OutOfRange) => checks += 1,
+            other => {
+                keel_log::error!("read past the end was not refused: {}", other);
+                return Err(JobError::Failed("out-of-range read accepted"));
+            }
+        }
+    }
+    let st = qp.stats();
+    keel_log::info!(
+        "selftest: {=usize} checks passed on {=usize} namespaces; queue stats {}",
+        checks,
+        namespaces.len(),
+        st
+    );
+    Ok(())
+}
+
+/// `scrub`: CRC32C of a namespace range, for the host to compare against the disk image.
+pub fn scrub<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
+    let nsid = cl.u64("ns", 1)? as u32;
+    let lba = cl.u64("lba", 0)?;
+    let blocks_opt = cl.u64("blocks", 0)?;
+    let mut ctrl = open(p, cl)?;
+    cl.finish()?;
+    keel_log::info!("job scrub: start");
+    let ns = *ctrl
+        .namespace(nsid)
+        .ok_or(JobError::Failed("no such namespace"))?;
+    let blocks = if blocks_opt == 0 {
+        ns.blocks.saturating_sub(lba)
+    } else {
+        blocks_opt
+    };
+    if lba.checked_add(blocks).is_none_or(|e| e > ns.blocks) {
+        return Err(JobError::Failed(
+            "scrub range past the end of the namespace",
+        ));
+    }
+    let mut qp = qpair(&mut ctrl, p, 1)?;
+    let buf =
+        storage::dma(&p.dma, qp.max_transfer().min(1 << 20)).map_err(fail("DMA pool exhausted"))?;
+    let t0 = crate::time::now_ns();
+    let crc = storage::scrub(&mut qp, nsid, lba, blocks, &buf).map_err(fail("scrub read"))?;
+    let ms = (crate::time::now_ns() - t0) / 1_000_000;
+    keel_log::info!(
+        "scrub ns={=u32} lba={=u64} blocks={=u64} block_size={=u32} crc32c={=u32:08x} ({=u64} ms)",
+        nsid,
+        lba,
+        blocks,
+        ns.block_size,
+        crc,
+        ms
+    );
+    Ok(())
+}
+
+// ---- bench -------------------------------------------------------------------------------
+
+struct CoreBench {
+    qp: Qp,
+    cfg: BenchCfg,
+    bufs: heapless::Vec<DmaRegion, 256>,
+    result: Option<BenchResult>,
+}
+
+static BENCH: [critical_section::Mutex<RefCell<Option<CoreBench>>>; MAX_CORES] =
+    [const { critical_section::Mutex::new(RefCell::new(None)) }; MAX_CORES];
+
+fn run_core_bench(core: usize, _arg: usize) {
+    let Some(mut b) = critical_section::with(|cs| BENCH[core].borrow_ref_mut(cs).take()) else {
+        return;
+    };
+    let mut hist = [0u32; 4097];
+    let r = storage::bench(&mut b.qp, &b.cfg, &b.bufs, &mut hist);
+    b.result = Some(r);
+    critical_section::with(|cs| *BENCH[core].borrow_ref_mut(cs) = Some(b));
+}
+
+/// `bench`: fio-like load, one queue pair per core, each driven by its own core.
+#[allow(clippy::needless_range_loop)] // `core` is a queue id, a core to post to and a BENCH index
+pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
+    let pattern = Pattern::parse(cl.choice(
+        "pattern",
+        &["read", "write", "randread", "randwrite"],
+        "randread",
+    )?)
+    .unwrap_or(Pattern::RandRead);
+    let bs = cl.size("bs", 4096)? as usize;
+    let qd = cl.u64("qd", 32)? as usize;
+    let secs = cl.u64("secs", 2)?;
+    let cores = (cl.u64("cores", 1)? as usize).clamp(1, p.cores);
+    let nsid = cl.u64("ns", 1)? as u32;
+    let mut ctrl = open(p, cl)?;
+    cl.finish()?;
+    if qd == 0 || qd > 255 || bs == 0 || !bs.is_multiple_of(512) {
+        return Err(JobError::Failed(
+            "bench: qd must be 1..=255 and bs a multiple of 512",
+        ));
+    }
+    keel_log::info!("job bench: start");
+    let ns = *ctrl
+        .namespace(nsid)
+        .ok_or(JobError::Failed("no such namespace"))?;
+    let per_core_blocks = ns.blocks / cores as u64;
+    for core in 0..cores {
+        let qp = qpair(&mut ctrl, p, core as u16 + 1)?;
+        let mut bufs = heapless::Vec::new();
+        for _ in 0..qd {
+            let _ = bufs.push(storage::dma(&p.dma, bs).map_err(fail("DMA pool exhausted"))?);
+        }
+        let cfg = BenchCfg {
+            pattern,
+            ns: nsid,
+            bs,
+            qd,
+            duration_ns: secs * 1_000_000_000,
+            lba0: core as u64 * per_core_blocks,
+            blocks: per_core_blocks,
+        };
+        critical_section::with(|cs| {
+            *BENCH[core].borrow_ref_mut(cs) = Some(CoreBench {
+                qp,
+                cfg,
+                bufs,
+                result: None,
+            })
+        });
+    }
+    keel_log::info!(
+        "bench {} bs={=usize} qd={=usize} cores={=usize} for {=u64} s",
+        pattern,
+        bs,
+        qd,
+        cores,
+        secs
+    );
+    for core in 1..cores {
+        crate::smp::post(core, run_core_bench, 0)
+            .map_err(|_| JobError::Failed("could not start a core"))?;
+    }
+    run_core_bench(0, 0);
+    while !(1..cores).all(crate::smp::done) {
+        core::hint::spin_loop();
+    }
+    let mut total = BenchResult::default();
+    let mut worst_p99 = 0;
+    let mut elapsed = 0;
+    for core in 0..cores {
+        let r = critical_section::with(|cs| {
+            BENCH[core]
+                .borrow_ref_mut(cs)
+                .as_ref()
+                .and_then(|b| b.result)
+        })
+        .unwrap_or_default();
+        let iops = r.ios * 1_000_000_000 / r.elapsed_ns.max(1);
+        keel_log::info!(
+            "bench core={=usize} ios={=u64} iops={=u64} mbps={=u64} avg_us={=u64}.{=u64:02} p99_us={=u64} errors={=u64}",
+            core, r.ios, iops, iops * bs as u64 / 1_000_000, r.lat_sum_ns / r.ios.max(1) / 1000, r.lat_sum_ns / r.ios.max(1) / 10 % 100, r.p99_us, r.errors
+        );
+        total.ios += r.ios;
+        total.errors += r.errors;
+        total.lat_sum_ns += r.lat_sum_ns;
+        worst_p99 = worst_p99.max(r.p99_us);
+        elapsed = elapsed.max(r.elapsed_ns);
+    }
+    let iops = total.ios * 1_000_000_000 / elapsed.max(1);
+    keel_log::info!(
+        "bench total iops={=u64} mbps={=u64} avg_us={=u64}.{=u64:02} p99_us={=u64} errors={=u64} cores={=usize}",
+        iops, iops * bs as u64 / 1_000_000, total.lat_sum_ns / total.ios.max(1) / 1000, total.lat_sum_ns / total.ios.max(1) / 10 % 100, worst_p99, total.errors, cores
+    );
+    if total.errors > 0 || total.ios == 0 {
+        return Err(JobError::Failed("bench saw I/O errors"));
+    }
+    Ok(())
+}
