@@ -314,8 +314,7 @@ pub fn bench<Q: BlockQueue>(
     loop {
         // Fill the queue.
         let mut submitted = false;
-        while !stopping {
-            let Some(tag) = free.pop() else { break };
+        while let Some(tag) = if stopping { None } else { free.pop() } {
             let slot = if cfg.pattern.is_random() {
                 rng ^= rng << 13;
                 rng ^= rng >> 7;
