@@ -436,10 +436,12 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
                 .map(|b| b.min(u32::MAX as u64) as u32),
         };
         let prp_max = crate::prp::max_transfer(self.cfg.prp_list_pages);
+        // Per-command byte counts are kept in 32 bits: cap at 1 GiB.
         info.max_transfer = match info.mdts_bytes {
             Some(m) => (m as usize).min(prp_max),
             None => prp_max,
-        };
+        }
+        .min(1 << 30);
         keel_log::info!(
             "nvme: identify ctrl nn {} mdts {} oacs {=u16:x} oncs {=u16:x} vwc {}",
             info.nn,

@@ -919,3 +919,58 @@ fn dstrd_and_many_tags_wrap_the_rings() {
     assert_eq!(qp.stats().stale_cid, 0);
     assert!(r.model.log().is_empty(), "{:?}", r.model.log());
 }
+
+#[test]
+fn delete_busy_queue_pair_is_refused() {
+    let mut r = default_rig();
+    let mut qp = r.ctrl.create_io_qpair(&r.dma, 2, 8).unwrap();
+    r.model.set_fault(Fault::Stall);
+    qp.submit(BlockOp::Flush { ns: 1 }, 1).unwrap();
+    qp.flush_submissions();
+    let (err, mut qp) = r.ctrl.delete_io_qpair(&r.dma, qp).unwrap_err();
+    assert_eq!(err, NvmeError::QueueBusy);
+    r.model.set_fault(Fault::None);
+    r.model.step();
+    assert_eq!(drain(&mut qp), vec![(1, Ok(()))]);
+    r.ctrl.delete_io_qpair(&r.dma, qp).map_err(|e| e.0).unwrap();
+    assert_eq!(r.model.admin_commands(0x00), 1);
+    assert_eq!(r.model.admin_commands(0x04), 1);
+    // The qid can be reused.
+    let mut qp = r.ctrl.create_io_qpair(&r.dma, 2, 8).unwrap();
+    run_one(&mut qp, BlockOp::Flush { ns: 1 }).unwrap();
+}
+
+#[test]
+fn shadow_doorbells_survive_reset() {
+    let cfg = Config {
+        shadow_doorbells: true,
+        io_timeout_ms: 100,
+        ..Config::default()
+    };
+    let mut r = rig(ModelConfig::default(), cfg);
+    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
+    write_read_verify(&mut r, &mut qp, 1, 0, 4, 0);
+    r.model.set_fault(Fault::Stall);
+    for t in 0..5 {
+        qp.submit(BlockOp::Flush { ns: 1 }, t).unwrap();
+    }
+    qp.flush_submissions();
+    r.model.set_fault(Fault::None);
+    r.ctrl.reset(&mut [&mut qp]).unwrap();
+    assert!(
+        r.model.shadow_enabled(),
+        "doorbell buffer configured again after reset"
+    );
+    assert_eq!(r.model.admin_commands(0x7C), 2);
+    let mut tags: Vec<u32> = drain(&mut qp)
+        .into_iter()
+        .map(|(t, res)| {
+            res.unwrap();
+            t
+        })
+        .collect();
+    tags.sort_unstable();
+    assert_eq!(tags, vec![0, 1, 2, 3, 4]);
+    write_read_verify(&mut r, &mut qp, 1, 100, 4, 8);
+    assert!(r.model.log().is_empty(), "{:?}", r.model.log());
+}
