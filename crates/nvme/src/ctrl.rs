@@ -436,10 +436,12 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
                 .map(|b| b.min(u32::MAX as u64) as u32),
         };
         let prp_max = crate::prp::max_transfer(self.cfg.prp_list_pages);
+        // Per-command byte counts are kept in 32 bits: cap at 1 GiB.
         info.max_transfer = match info.mdts_bytes {
             Some(m) => (m as usize).min(prp_max),
             None => prp_max,
-        };
+        }
+        .min(1 << 30);
         keel_log::info!(
             "nvme: identify ctrl nn {} mdts {} oacs {=u16:x} oncs {=u16:x} vwc {}",
             info.nn,
@@ -510,10 +512,16 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
     }
 
     fn setup_shadow(&mut self, dma: &impl DmaAllocator) -> Result<(), NvmeError> {
+        let chunk = 2 * self.stride;
+        if (self.info.io_queues as usize + 1) * chunk > PAGE_SIZE {
+            // Once enabled, the controller takes every I/O queue's doorbell from the buffer; if a
+            // page cannot hold them all, stay with MMIO doorbells.
+            keel_log::warn!("nvme: doorbell stride too large for a shadow page; not using it");
+            return Ok(());
+        }
         let db = dma.alloc(PAGE_SIZE, PAGE_SIZE)?;
         let ei = dma.alloc(PAGE_SIZE, PAGE_SIZE)?;
         let (db_bus, ei_bus) = (db.bus_addr(), ei.bus_addr());
-        let chunk = 2 * self.stride;
         let mut parts = Vec::new();
         let (mut db_rest, mut ei_rest) = (db, ei);
         while parts.len() < parts.capacity() && db_rest.len() >= chunk {

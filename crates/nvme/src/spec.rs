@@ -354,6 +354,13 @@ pub enum StatusKind {
     IntegrityError,
     AccessDenied,
     WriteProtected,
+    CommandInterrupted,
+    TransientTransport,
+    FormatInProgress,
+    ReservationConflict,
+    /// Path-related status a retry may fix (internal path error, ANA transition, pathing errors).
+    PathTransient,
+    /// Path-related status a retry on this controller will not fix (ANA loss / inaccessible).
     PathError,
     Other,
 }
@@ -401,16 +408,22 @@ impl Status {
             (sct::GENERIC, 0x07) => AbortRequested,
             (sct::GENERIC, 0x08) => AbortedSqDeletion,
             (sct::GENERIC, 0x0B) => InvalidNamespace,
+            (sct::GENERIC, 0x20) => WriteProtected,
+            (sct::GENERIC, 0x21) => CommandInterrupted,
+            (sct::GENERIC, 0x22) => TransientTransport,
             (sct::GENERIC, 0x80) => LbaOutOfRange,
             (sct::GENERIC, 0x81) => CapacityExceeded,
             (sct::GENERIC, 0x82) => NamespaceNotReady,
+            (sct::GENERIC, 0x83) => ReservationConflict,
+            (sct::GENERIC, 0x84) => FormatInProgress,
             (sct::COMMAND_SPECIFIC, 0x01) => InvalidQueueId,
             (sct::COMMAND_SPECIFIC, 0x02) => InvalidQueueSize,
-            (sct::COMMAND_SPECIFIC, 0x20) => WriteProtected,
+            (sct::COMMAND_SPECIFIC, 0x82) => WriteProtected, // write to read-only range
             (sct::MEDIA, 0x80) => WriteFault,
             (sct::MEDIA, 0x81) => UnrecoveredRead,
             (sct::MEDIA, 0x82..=0x85) => IntegrityError,
             (sct::MEDIA, 0x86) => AccessDenied,
+            (sct::PATH, 0x00 | 0x03 | 0x60 | 0x70) => PathTransient,
             (sct::PATH, _) => PathError,
             _ => Other,
         }
@@ -427,7 +440,10 @@ impl Status {
                 | StatusKind::AbortedPowerLoss
                 | StatusKind::InternalError
                 | StatusKind::NamespaceNotReady
-                | StatusKind::PathError
+                | StatusKind::CommandInterrupted
+                | StatusKind::TransientTransport
+                | StatusKind::FormatInProgress
+                | StatusKind::PathTransient
         )
     }
 
@@ -485,6 +501,40 @@ mod tests {
         assert_eq!(lba.kind(), StatusKind::LbaOutOfRange);
         assert!(!lba.is_retryable());
         assert_eq!(lba.to_io_error(), keel_blockdev::IoError::OutOfRange);
+        let wp = Status {
+            sct: 0,
+            sc: 0x20,
+            crd: 0,
+            more: false,
+            dnr: false,
+        };
+        assert_eq!(wp.to_io_error(), keel_blockdev::IoError::WriteProtected);
+        assert!(!wp.is_retryable());
+        let intr = Status {
+            sct: 0,
+            sc: 0x21,
+            crd: 0,
+            more: false,
+            dnr: false,
+        };
+        assert!(intr.is_retryable());
+        let ana_loss = Status {
+            sct: 3,
+            sc: 0x01,
+            crd: 0,
+            more: false,
+            dnr: false,
+        };
+        assert!(!ana_loss.is_retryable());
+        let media = Status {
+            sct: 2,
+            sc: 0x81,
+            crd: 0,
+            more: true,
+            dnr: true,
+        };
+        assert_eq!(Status::from_field(media.to_field()), media);
+        assert_eq!(media.to_io_error(), keel_blockdev::IoError::Media);
     }
 
     #[test]

@@ -454,7 +454,7 @@ impl State {
             cq.head = value as u16;
             self.flush_pending(qid);
         }
-        self.update_event_idx();
+        self.update_event_idx(qid);
     }
 
     /// Reads shadow doorbell values for I/O queues.
@@ -484,31 +484,22 @@ impl State {
         }
     }
 
-    fn update_event_idx(&mut self) {
+    /// Publishes EventIdx for queue pair `qid` (tail of SQ `qid`, head of CQ `qid`): "tell me
+    /// about anything past what I have seen". Only that queue's words are written, so drivers on
+    /// other threads never race with the model on their own words.
+    fn update_event_idx(&mut self, qid: u16) {
         let Some((_, ei)) = self.dbbuf else { return };
-        if self.cfg.shadow_polling {
+        if self.cfg.shadow_polling || qid == 0 {
             return;
         }
         let stride = self.stride() as u64;
-        let sqs: Vec<(u16, u16)> = self
-            .sqs
-            .iter()
-            .filter(|(q, _)| **q != 0)
-            .map(|(q, s)| (*q, s.tail))
-            .collect();
-        for (q, t) in sqs {
-            let _ = self.mem.write_u32(ei + 2 * q as u64 * stride, t as u32);
+        if let Some(t) = self.sqs.get(&qid).map(|s| s.tail) {
+            let _ = self.mem.write_u32(ei + 2 * qid as u64 * stride, t as u32);
         }
-        let cqs: Vec<(u16, u16)> = self
-            .cqs
-            .iter()
-            .filter(|(q, _)| **q != 0)
-            .map(|(q, c)| (*q, c.head))
-            .collect();
-        for (q, h) in cqs {
+        if let Some(h) = self.cqs.get(&qid).map(|c| c.head) {
             let _ = self
                 .mem
-                .write_u32(ei + (2 * q as u64 + 1) * stride, h as u32);
+                .write_u32(ei + (2 * qid as u64 + 1) * stride, h as u32);
         }
     }
 
@@ -705,7 +696,6 @@ impl State {
                     return (0, sf::INVALID_FIELD | sf::DNR);
                 }
                 self.dbbuf = Some((prp1, prp2));
-                self.update_event_idx();
                 (0, sf::OK)
             }
             0x08 => (1, sf::OK), // Abort: command not aborted

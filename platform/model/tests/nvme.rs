@@ -919,3 +919,140 @@ fn dstrd_and_many_tags_wrap_the_rings() {
     assert_eq!(qp.stats().stale_cid, 0);
     assert!(r.model.log().is_empty(), "{:?}", r.model.log());
 }
+
+#[test]
+fn delete_busy_queue_pair_is_refused() {
+    let mut r = default_rig();
+    let mut qp = r.ctrl.create_io_qpair(&r.dma, 2, 8).unwrap();
+    r.model.set_fault(Fault::Stall);
+    qp.submit(BlockOp::Flush { ns: 1 }, 1).unwrap();
+    qp.flush_submissions();
+    let (err, mut qp) = r.ctrl.delete_io_qpair(&r.dma, qp).unwrap_err();
+    assert_eq!(err, NvmeError::QueueBusy);
+    r.model.set_fault(Fault::None);
+    r.model.step();
+    assert_eq!(drain(&mut qp), vec![(1, Ok(()))]);
+    r.ctrl.delete_io_qpair(&r.dma, qp).map_err(|e| e.0).unwrap();
+    assert_eq!(r.model.admin_commands(0x00), 1);
+    assert_eq!(r.model.admin_commands(0x04), 1);
+    // The qid can be reused.
+    let mut qp = r.ctrl.create_io_qpair(&r.dma, 2, 8).unwrap();
+    run_one(&mut qp, BlockOp::Flush { ns: 1 }).unwrap();
+}
+
+#[test]
+fn shadow_doorbells_survive_reset() {
+    let cfg = Config {
+        shadow_doorbells: true,
+        io_timeout_ms: 100,
+        ..Config::default()
+    };
+    let mut r = rig(ModelConfig::default(), cfg);
+    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
+    write_read_verify(&mut r, &mut qp, 1, 0, 4, 0);
+    r.model.set_fault(Fault::Stall);
+    for t in 0..5 {
+        qp.submit(BlockOp::Flush { ns: 1 }, t).unwrap();
+    }
+    qp.flush_submissions();
+    r.model.set_fault(Fault::None);
+    r.ctrl.reset(&mut [&mut qp]).unwrap();
+    assert!(
+        r.model.shadow_enabled(),
+        "doorbell buffer configured again after reset"
+    );
+    assert_eq!(r.model.admin_commands(0x7C), 2);
+    let mut tags: Vec<u32> = drain(&mut qp)
+        .into_iter()
+        .map(|(t, res)| {
+            res.unwrap();
+            t
+        })
+        .collect();
+    tags.sort_unstable();
+    assert_eq!(tags, vec![0, 1, 2, 3, 4]);
+    write_read_verify(&mut r, &mut qp, 1, 100, 4, 8);
+    assert!(r.model.log().is_empty(), "{:?}", r.model.log());
+}
+
+#[test]
+fn randomized_write_read_against_model() {
+    let mcfg = ModelConfig {
+        mdts: 2, // 16 KiB per command
+        namespaces: vec![
+            NsConfig {
+                nsid: 1,
+                blocks: 4096,
+                lba_shift: 9,
+            },
+            NsConfig {
+                nsid: 2,
+                blocks: 512,
+                lba_shift: 12,
+            },
+        ],
+        ..ModelConfig::default()
+    };
+    let mut r = rig(mcfg, Config::default());
+    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 64).unwrap();
+    let buf = r.dma.alloc(256 * 1024, 4096).unwrap();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = |m: u64| {
+        x ^= x << 7;
+        x ^= x >> 9;
+        x % m
+    };
+    let mut shadow: HashMap<u32, Vec<u8>> = HashMap::new();
+    shadow.insert(1, vec![0; 4096 * 512]);
+    shadow.insert(2, vec![0; 512 * 4096]);
+    for round in 0..150u32 {
+        let nsid = 1 + next(2) as u32;
+        let bs = if nsid == 1 { 512 } else { 4096 };
+        let nblocks = if nsid == 1 { 4096 } else { 512 };
+        let max_blocks = (64 * 1024 / bs) as u64;
+        let blocks = 1 + next(max_blocks) as u32;
+        let lba = next(nblocks - blocks as u64 + 1);
+        let off = (next(4096) & !3) as usize;
+        let len = blocks as usize * bs;
+        let b = BufRef::new(&buf, off, len).unwrap();
+        if next(2) == 0 {
+            let data = pattern(round, len);
+            buf.write_bytes(off, &data).unwrap();
+            run_one(
+                &mut qp,
+                BlockOp::Write {
+                    ns: nsid,
+                    lba,
+                    blocks,
+                    buf: b,
+                },
+            )
+            .unwrap();
+            let s = shadow.get_mut(&nsid).unwrap();
+            s[lba as usize * bs..lba as usize * bs + len].copy_from_slice(&data);
+        } else {
+            run_one(
+                &mut qp,
+                BlockOp::Read {
+                    ns: nsid,
+                    lba,
+                    blocks,
+                    buf: b,
+                },
+            )
+            .unwrap();
+            let s = &shadow[&nsid];
+            assert_eq!(
+                read_region(&buf, off, len),
+                s[lba as usize * bs..lba as usize * bs + len],
+                "round {round}"
+            );
+        }
+    }
+    for nsid in [1u32, 2] {
+        let s = &shadow[&nsid];
+        assert_eq!(&r.model.disk_read(nsid, 0, s.len()), s);
+    }
+    assert_eq!(qp.stats().stale_cid + qp.stats().bad_cid, 0);
+    assert!(r.model.log().is_empty(), "{:?}", r.model.log());
+}
