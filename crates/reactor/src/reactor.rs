@@ -1,27 +1,39 @@
-//! One core's run-to-completion loop.
+//! One core's run-to-completion loop, with every I/O carried by a `keel-aio` handle.
+//!
+//! Path of one I/O (PostgreSQL AIO's lifecycle, across cores):
+//!
+//! ```text
+//! issuer core                          owner core (owns the queue pair)
+//! acquire → define → stage ──Msg::Io──▶ (staged list) → submit → device
+//!                                      device completion → complete → complete_shared
+//! complete_local → reclaim ◀─Msg::Done─┘   (local I/O: both halves on one core)
+//! ```
+//!
+//! Staged I/Os are submitted in one burst per poll pass with one doorbell. A request that does
+//! not fit on the queue stays staged (never dropped). Device tags are untrusted: the owner keeps
+//! the `IoRef` it submitted for each handle and accepts a completion only if the tag matches it.
 
 use heapless::Deque;
+use keel_aio::{Aio, IoDesc, IoOp, IoRef};
 use keel_blockdev::{BlockOp, BlockQueue, IoError, SubmitError};
-use keel_slots::SlotPool;
 
 use crate::mesh::{Links, SendError};
 
 /// What cores say to each other.
 #[derive(Clone, Copy, Debug)]
 pub enum Msg {
-    /// Submit `op` on the receiver's queue pair on behalf of core `from`; answer with
-    /// [`Msg::Done`] carrying `cookie`.
-    Io { op: BlockOp, from: u8, cookie: u32 },
-    /// The answer to an [`Msg::Io`] this core sent.
+    /// Submit `op` (carried by staged handle `io`) on the receiver's queue pair for core `from`.
+    Io { op: BlockOp, io: IoRef, from: u8 },
+    /// The I/O `io` that this core issued has completed on its owner.
     Done {
-        cookie: u32,
+        io: IoRef,
         result: Result<(), IoError>,
     },
     /// Run `f(receiving core, arg)` inside the receiver's poll loop.
     Call { f: fn(usize, usize), arg: usize },
 }
 
-/// Who is waiting for an I/O a reactor submitted.
+/// Who issued an I/O a reactor submitted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Origin {
     /// This core's own code ([`Reactor::submit`]).
@@ -37,26 +49,28 @@ pub struct Completion {
     pub result: Result<(), IoError>,
 }
 
-/// Counters; `submitted == completed_ok + failed + in flight` holds at every poll boundary.
+/// Counters; `submitted == completed_ok + failed + in_flight()` holds at every poll boundary.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Stats {
-    /// I/Os accepted onto this core's queue pair (local and on behalf of other cores).
+    /// I/Os put on this core's queue pair (local and on behalf of other cores).
     pub submitted: u64,
     pub completed_ok: u64,
     pub failed: u64,
     /// Of `submitted`, how many came from other cores.
     pub remote_served: u64,
-    /// Requests this core sent to other cores / answers it received for them.
+    /// I/Os this core issued to other cores / answers it received for them.
     pub remote_sent: u64,
     pub remote_answered: u64,
-    /// Sends refused because a ring was full (returned to the caller as backpressure).
+    /// Requests refused because a ring was full (returned to the caller as backpressure).
     pub backpressure: u64,
     /// Device completions whose tag named no live I/O (stale, duplicate or forged): dropped.
     pub bad_tags: u64,
+    /// Lifecycle transitions the handle array refused (must stay 0).
+    pub lifecycle_errors: u64,
     /// `Msg::Call`s run.
     pub calls: u64,
-    /// Answers that could not be kept (must stay 0: the slot budget makes it impossible).
+    /// Answers that could not be kept (must stay 0: the handle count bounds every queue).
     pub dropped: u64,
     /// Poll passes.
     pub passes: u64,
@@ -67,9 +81,9 @@ pub struct Stats {
 pub enum ReactorError {
     /// This core owns no queue pair (never had one, handed it off, or shut it down).
     NoQueue,
-    /// The queue pair refused the operation.
+    /// The queue pair refused the operation outright (bad range, namespace, buffer).
     Submit(SubmitError),
-    /// Every I/O slot of this reactor is in use: poll and retry.
+    /// No I/O handle is free: poll and retry.
     NoSlot,
     /// The ring to the owning core is full: retry after polling (backpressure).
     Backpressure,
@@ -77,21 +91,14 @@ pub enum ReactorError {
     NoRoute,
     /// The reactor is shutting down or handing off its queue pair.
     NotAccepting,
-    /// `take_queue` while I/O is in flight.
+    /// `take_queue` while I/O is in flight or staged.
     Busy { in_flight: usize },
 }
 
 #[derive(Clone, Copy)]
-struct Slot {
-    origin: Origin,
-    cookie: u32,
-}
-
-/// A deferred cross-core answer (the ring back was full).
-#[derive(Clone, Copy)]
 struct Reply {
     to: u8,
-    cookie: u32,
+    io: IoRef,
     result: Result<(), IoError>,
 }
 
@@ -101,41 +108,69 @@ pub const MAX_POLLERS: usize = 8;
 /// A registered poller: `f(core, arg)` returns how much work it did.
 pub type Poller = fn(usize, usize) -> usize;
 
-/// The reactor of one core. `C` cores in the mesh, `N` I/O slots (`W = words_for(N)`).
+fn desc(op: &BlockOp) -> IoDesc {
+    match *op {
+        BlockOp::Read { lba, blocks, .. } => IoDesc {
+            op: IoOp::Read,
+            lba,
+            blocks,
+        },
+        BlockOp::Write { lba, blocks, .. }
+        | BlockOp::WriteZeroes { lba, blocks, .. }
+        | BlockOp::Deallocate { lba, blocks, .. } => IoDesc {
+            op: IoOp::Write,
+            lba,
+            blocks,
+        },
+        BlockOp::Flush { .. } => IoDesc {
+            op: IoOp::Flush,
+            lba: 0,
+            blocks: 0,
+        },
+    }
+}
+
+fn tag_of(io: IoRef) -> u32 {
+    io.index() as u32 | (io.generation() & 0xFFFF) << 16
+}
+
+/// The reactor of one core. `C` cores in the mesh; `aio` is the system-wide array of `N` I/O
+/// handles (`W = words_for(N)`) that every reactor shares.
 pub struct Reactor<'a, Q, const C: usize, const N: usize, const W: usize> {
     core: usize,
     queue: Option<Q>,
     links: Links<'a, Msg, C>,
-    pool: SlotPool<N, W>,
-    slots: [Slot; N],
+    aio: &'a Aio<N, W>,
+    /// Owner side: staged I/Os waiting for room on the queue.
+    staged: Deque<(IoRef, BlockOp, Origin), N>,
+    /// Owner side, by handle index: the I/O submitted on this queue and who issued it.
+    on_queue: [Option<(IoRef, Origin)>; N],
+    on_queue_count: usize,
+    /// Issuer side, by handle index: the caller's cookie.
+    cookies: [u32; N],
+    issued: usize,
     done: Deque<Completion, N>,
     replies: Deque<Reply, N>,
-    /// An inbound request taken off a ring that the queue pair then refused as full.
-    deferred: Option<(BlockOp, u8, u32)>,
     pollers: heapless::Vec<(Poller, usize), MAX_POLLERS>,
-    remote_outstanding: usize,
-    local_in_flight: usize,
     accepting: bool,
     stats: Stats,
 }
 
 impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<'a, Q, C, N, W> {
-    pub fn new(links: Links<'a, Msg, C>, queue: Option<Q>) -> Self {
+    pub fn new(links: Links<'a, Msg, C>, aio: &'a Aio<N, W>, queue: Option<Q>) -> Self {
         Self {
             core: links.core(),
             queue,
             links,
-            pool: SlotPool::new(),
-            slots: [Slot {
-                origin: Origin::Local,
-                cookie: 0,
-            }; N],
+            aio,
+            staged: Deque::new(),
+            on_queue: [None; N],
+            on_queue_count: 0,
+            cookies: [0; N],
+            issued: 0,
             done: Deque::new(),
             replies: Deque::new(),
-            deferred: None,
             pollers: heapless::Vec::new(),
-            remote_outstanding: 0,
-            local_in_flight: 0,
             accepting: true,
             stats: Stats::default(),
         }
@@ -149,19 +184,19 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         self.stats
     }
 
-    /// I/Os on this core's queue pair not yet completed.
+    /// I/Os staged or submitted on this core's queue pair and not yet completed.
     pub fn in_flight(&self) -> usize {
-        N - self.pool.free_count()
+        self.on_queue_count + self.staged.len()
     }
 
-    /// Requests sent to other cores not yet answered.
-    pub fn remote_outstanding(&self) -> usize {
-        self.remote_outstanding
+    /// I/Os waiting for room on this core's queue pair.
+    pub fn staged(&self) -> usize {
+        self.staged.len()
     }
 
-    /// Free I/O slots (every slot is back when this equals `N` and nothing is in flight).
-    pub fn free_slots(&self) -> usize {
-        self.pool.free_count()
+    /// I/Os this core issued (anywhere) whose completion it has not yet handed out.
+    pub fn issued(&self) -> usize {
+        self.issued
     }
 
     pub fn has_queue(&self) -> bool {
@@ -175,58 +210,76 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             .map_err(|_| ReactorError::NoSlot)
     }
 
-    /// Completions this core may still receive plus those waiting in `done`: kept at most `N`
-    /// so `done` can never overflow and no answer is ever dropped.
-    fn owed(&self) -> usize {
-        self.done.len() + self.remote_outstanding + self.local_in_flight
-    }
-
-    /// Submits `op` on this core's own queue pair; its completion comes back through
-    /// [`Reactor::next_completion`] with `cookie`. Call [`Reactor::poll`] to ring the doorbell.
+    /// Issues `op` on this core's own queue pair. Its completion comes back through
+    /// [`Reactor::next_completion`] with `cookie`; the doorbell rings on the next poll pass.
     pub fn submit(&mut self, op: BlockOp, cookie: u32) -> Result<(), ReactorError> {
-        if !self.accepting {
-            return Err(ReactorError::NotAccepting);
-        }
-        if self.owed() >= N {
-            return Err(ReactorError::NoSlot);
-        }
-        self.submit_on_queue(op, Origin::Local, cookie)?;
-        self.local_in_flight += 1;
-        Ok(())
+        let core = self.core;
+        self.submit_to(core, op, cookie)
     }
 
-    /// Submits `op` on the queue pair of core `owner`: directly when that is this core, else as a
-    /// message. The answer arrives as a [`Completion`] with `cookie` either way.
+    /// Issues `op` on the queue pair of core `owner` (this core or another: then as a message).
     pub fn submit_to(
         &mut self,
         owner: usize,
         op: BlockOp,
         cookie: u32,
     ) -> Result<(), ReactorError> {
-        if owner == self.core {
-            return self.submit(op, cookie);
+        let local = owner == self.core;
+        if local && (!self.accepting || self.queue.is_none()) {
+            return Err(if self.accepting {
+                ReactorError::NoQueue
+            } else {
+                ReactorError::NotAccepting
+            });
         }
-        if self.owed() >= N {
+        if !local {
+            if owner >= C {
+                return Err(ReactorError::NoRoute);
+            }
+            // This core is the only producer of that ring, so room now means room at send.
+            if !self.links.can_send(owner) {
+                self.stats.backpressure += 1;
+                return Err(ReactorError::Backpressure);
+            }
+        }
+        let io = self.aio.acquire().map_err(|_| ReactorError::NoSlot)?;
+        if self
+            .aio
+            .define(io, desc(&op))
+            .and_then(|()| self.aio.stage(io))
+            .is_err()
+        {
+            self.stats.lifecycle_errors += 1;
+            let _ = self.aio.release(io);
             return Err(ReactorError::NoSlot);
+        }
+        self.cookies[io.index()] = cookie;
+        self.issued += 1;
+        if local {
+            // Room is guaranteed: `staged` holds N and there are only N handles.
+            if self.staged.push_back((io, op, Origin::Local)).is_err() {
+                self.stats.dropped += 1;
+            }
+            return Ok(());
         }
         match self.links.send(
             owner,
             Msg::Io {
                 op,
+                io,
                 from: self.core as u8,
-                cookie,
             },
         ) {
             Ok(()) => {
-                self.remote_outstanding += 1;
                 self.stats.remote_sent += 1;
                 Ok(())
             }
-            Err(SendError::Full(_)) => {
-                self.stats.backpressure += 1;
+            Err(SendError::Full(_) | SendError::NoRoute(_)) => {
+                // Unreachable (checked above); never leak the handle if it happens.
+                self.stats.lifecycle_errors += 1;
+                self.fail_local(io, IoError::Aborted);
                 Err(ReactorError::Backpressure)
             }
-            Err(SendError::NoRoute(_)) => Err(ReactorError::NoRoute),
         }
     }
 
@@ -243,41 +296,18 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             })
     }
 
-    fn submit_on_queue(
-        &mut self,
-        op: BlockOp,
-        origin: Origin,
-        cookie: u32,
-    ) -> Result<(), ReactorError> {
-        let q = self.queue.as_mut().ok_or(ReactorError::NoQueue)?;
-        let h = self.pool.acquire().map_err(|_| ReactorError::NoSlot)?;
-        match q.submit(op, h.to_raw()) {
-            Ok(()) => {
-                self.slots[h.index()] = Slot { origin, cookie };
-                self.stats.submitted += 1;
-                if let Origin::Remote { .. } = origin {
-                    self.stats.remote_served += 1;
-                }
-                Ok(())
-            }
-            Err(e) => {
-                let _ = self.pool.release(h);
-                Err(ReactorError::Submit(e))
-            }
-        }
-    }
-
     /// The next finished I/O for this core's code.
     pub fn next_completion(&mut self) -> Option<Completion> {
         self.done.pop_front()
     }
 
-    /// One run-to-completion pass: answers owed to other cores, inbound messages, device
-    /// completions, registered pollers. Never blocks. Returns how much work it found.
+    /// One run-to-completion pass: answers owed to other cores, inbound messages, staged I/O
+    /// (one doorbell), device completions, registered pollers. Never blocks.
     pub fn poll(&mut self) -> usize {
         self.stats.passes += 1;
         let mut work = self.flush_replies();
         work += self.drain_inbox(4 * N);
+        work += self.submit_staged();
         work += self.reap();
         for i in 0..self.pollers.len() {
             let (f, arg) = self.pollers[i];
@@ -286,17 +316,59 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         work
     }
 
-    fn answer(&mut self, to: u8, cookie: u32, result: Result<(), IoError>) {
-        let r = Reply { to, cookie, result };
+    /// Issuer-side end of the lifecycle: local completion work, reclaim, hand to the caller.
+    fn finish_local(&mut self, io: IoRef, result: Result<(), IoError>) {
+        let ok = self
+            .aio
+            .complete_local(io)
+            .and_then(|()| self.aio.reclaim(io));
+        if ok.is_err() {
+            self.stats.lifecycle_errors += 1;
+        }
+        self.issued = self.issued.saturating_sub(1);
+        if self
+            .done
+            .push_back(Completion {
+                cookie: self.cookies[io.index()],
+                result,
+            })
+            .is_err()
+        {
+            self.stats.dropped += 1;
+        }
+    }
+
+    /// Fails an I/O of ours that never reached a device, through the whole lifecycle.
+    fn fail_local(&mut self, io: IoRef, e: IoError) {
+        let r = self
+            .aio
+            .submit(io)
+            .map(|_| ())
+            .and_then(|()| self.aio.complete(io, Err(keel_aio::IoError::Aborted)))
+            .and_then(|()| self.aio.complete_shared(io));
+        if r.is_err() {
+            self.stats.lifecycle_errors += 1;
+        }
+        self.finish_local(io, Err(e));
+    }
+
+    /// Owner-side: an I/O of `origin` finished (on the device or refused before it).
+    fn route(&mut self, io: IoRef, origin: Origin, result: Result<(), IoError>) {
+        match origin {
+            Origin::Local => self.finish_local(io, result),
+            Origin::Remote { core } => self.answer(core, io, result),
+        }
+    }
+
+    fn answer(&mut self, to: u8, io: IoRef, result: Result<(), IoError>) {
         if !self.replies.is_empty()
             || self
                 .links
-                .send(to as usize, Msg::Done { cookie, result })
+                .send(to as usize, Msg::Done { io, result })
                 .is_err()
         {
-            // Keep order and never drop: requests are only taken while
-            // replies + in flight < N, so this always fits.
-            if self.replies.push_back(r).is_err() {
+            // At most N answers can be owed (one per handle), so this always fits.
+            if self.replies.push_back(Reply { to, io, result }).is_err() {
                 self.stats.dropped += 1;
             }
         }
@@ -310,13 +382,12 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 .send(
                     r.to as usize,
                     Msg::Done {
-                        cookie: r.cookie,
+                        io: r.io,
                         result: r.result,
                     },
                 )
                 .is_err()
             {
-                self.stats.backpressure += 1;
                 break;
             }
             self.replies.pop_front();
@@ -327,50 +398,21 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
 
     fn drain_inbox(&mut self, budget: usize) -> usize {
         let mut n = 0;
-        if let Some((op, from, cookie)) = self.deferred.take() {
-            match self.submit_on_queue(op, Origin::Remote { core: from }, cookie) {
-                Ok(()) => n += 1,
-                Err(ReactorError::Submit(SubmitError::QueueFull)) | Err(ReactorError::NoSlot) => {
-                    self.deferred = Some((op, from, cookie));
-                    return n;
-                }
-                Err(_) => self.answer(from, cookie, Err(IoError::Aborted)),
-            }
-        }
         while n < budget {
-            // An I/O request is taken off its ring only when a slot is free: otherwise it stays
-            // there and the sender sees a full ring (backpressure), nothing is dropped.
-            let can_take_io = self.replies.len() + self.in_flight() < N && self.deferred.is_none();
-            let Some(m) = self
-                .links
-                .recv_if(|m| !matches!(m, Msg::Io { .. }) || can_take_io)
-            else {
-                break;
-            };
+            let Some(m) = self.links.recv() else { break };
             n += 1;
             match m {
-                Msg::Io { op, from, cookie } => {
+                Msg::Io { op, io, from } => {
+                    let origin = Origin::Remote { core: from };
                     if !self.accepting || self.queue.is_none() {
-                        self.answer(from, cookie, Err(IoError::Aborted));
-                        continue;
-                    }
-                    match self.submit_on_queue(op, Origin::Remote { core: from }, cookie) {
-                        Ok(()) => {}
-                        Err(ReactorError::Submit(SubmitError::QueueFull)) => {
-                            self.deferred = Some((op, from, cookie))
-                        }
-                        Err(ReactorError::Submit(SubmitError::DeviceUnavailable)) => {
-                            self.answer(from, cookie, Err(IoError::DeviceReset))
-                        }
-                        Err(_) => self.answer(from, cookie, Err(IoError::Invalid)),
-                    }
-                }
-                Msg::Done { cookie, result } => {
-                    self.remote_outstanding = self.remote_outstanding.saturating_sub(1);
-                    self.stats.remote_answered += 1;
-                    if self.done.push_back(Completion { cookie, result }).is_err() {
+                        self.refuse(io, origin, IoError::Aborted);
+                    } else if self.staged.push_back((io, op, origin)).is_err() {
                         self.stats.dropped += 1;
                     }
+                }
+                Msg::Done { io, result } => {
+                    self.stats.remote_answered += 1;
+                    self.finish_local(io, result);
                 }
                 Msg::Call { f, arg } => {
                     self.stats.calls += 1;
@@ -381,61 +423,112 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         n
     }
 
-    fn reap(&mut self) -> usize {
-        let Some(q) = self.queue.as_mut() else {
-            return 0;
-        };
-        q.flush_submissions();
-        let (pool, slots, stats) = (&self.pool, &self.slots, &mut self.stats);
-        let mut finished: heapless::Vec<(Slot, Result<(), IoError>), N> = heapless::Vec::new();
-        q.poll(N, &mut |tag, result| {
-            // The tag is untrusted (it came back from the device): range- and generation-check it.
-            let Ok(h) = pool.handle_from_raw(tag) else {
-                stats.bad_tags += 1;
-                return;
-            };
-            let slot = slots[h.index()];
-            if pool.release(h).is_err() {
-                stats.bad_tags += 1;
-                return;
-            }
-            let _ = finished.push((slot, result));
-        });
-        let n = finished.len();
-        for (slot, result) in finished {
-            if result.is_ok() {
-                self.stats.completed_ok += 1;
-            } else {
-                self.stats.failed += 1;
-            }
-            match slot.origin {
-                Origin::Local => {
-                    self.local_in_flight -= 1;
-                    if self
-                        .done
-                        .push_back(Completion {
-                            cookie: slot.cookie,
-                            result,
-                        })
-                        .is_err()
-                    {
-                        self.stats.dropped += 1;
+    /// Owner-side refusal of a staged I/O: it still goes through submit/complete so the
+    /// issuer sees an ordinary completion.
+    fn refuse(&mut self, io: IoRef, origin: Origin, e: IoError) {
+        let r = self
+            .aio
+            .submit(io)
+            .map(|_| ())
+            .and_then(|()| self.aio.complete(io, Err(keel_aio::IoError::Aborted)))
+            .and_then(|()| self.aio.complete_shared(io));
+        if r.is_err() {
+            self.stats.lifecycle_errors += 1;
+        }
+        self.route(io, origin, Err(e));
+    }
+
+    fn submit_staged(&mut self) -> usize {
+        let mut n = 0;
+        while let Some(&(io, op, origin)) = self.staged.front() {
+            let Some(q) = self.queue.as_mut() else { break };
+            match q.submit(op, tag_of(io)) {
+                Ok(()) => {
+                    self.staged.pop_front();
+                    if self.aio.submit(io).is_err() {
+                        self.stats.lifecycle_errors += 1;
                     }
+                    self.on_queue[io.index()] = Some((io, origin));
+                    self.on_queue_count += 1;
+                    self.stats.submitted += 1;
+                    if let Origin::Remote { .. } = origin {
+                        self.stats.remote_served += 1;
+                    }
+                    n += 1;
                 }
-                Origin::Remote { core } => self.answer(core, slot.cookie, result),
+                Err(SubmitError::QueueFull) => break, // stays staged
+                Err(e) => {
+                    self.staged.pop_front();
+                    let err = match e {
+                        SubmitError::OutOfRange => IoError::OutOfRange,
+                        SubmitError::DeviceUnavailable => IoError::DeviceReset,
+                        _ => IoError::Invalid,
+                    };
+                    self.refuse(io, origin, err);
+                }
+            }
+        }
+        if n > 0 {
+            if let Some(q) = self.queue.as_mut() {
+                q.flush_submissions();
             }
         }
         n
     }
 
-    /// Stops accepting new I/O (local and remote; remote requests are answered `Aborted`) and
-    /// polls until everything in flight has completed or `max_passes` passes have run.
-    /// Returns the number still in flight (0 on success).
+    fn reap(&mut self) -> usize {
+        let Some(q) = self.queue.as_mut() else {
+            return 0;
+        };
+        let (aio, on_queue, stats) = (self.aio, &mut self.on_queue, &mut self.stats);
+        let mut finished: heapless::Vec<(IoRef, Origin, Result<(), IoError>), N> =
+            heapless::Vec::new();
+        q.poll(N, &mut |tag, result| {
+            // The tag came back from the device: range-check it and match it against what
+            // this core submitted for that handle.
+            let index = (tag & 0xFFFF) as usize;
+            let Some(Some((io, origin))) = on_queue.get(index).copied() else {
+                stats.bad_tags += 1;
+                return;
+            };
+            if tag_of(io) != tag {
+                stats.bad_tags += 1;
+                return;
+            }
+            on_queue[index] = None;
+            let aio_result = match result {
+                Ok(()) => Ok(0),
+                Err(IoError::Device { code }) => Err(keel_aio::IoError::Device { status: code }),
+                Err(_) => Err(keel_aio::IoError::Aborted),
+            };
+            // Shared completion work happens here, on the completing core.
+            if aio
+                .complete(io, aio_result)
+                .and_then(|()| aio.complete_shared(io))
+                .is_err()
+            {
+                stats.lifecycle_errors += 1;
+            }
+            let _ = finished.push((io, origin, result));
+        });
+        let n = finished.len();
+        self.on_queue_count -= n;
+        for (io, origin, result) in finished {
+            if result.is_ok() {
+                self.stats.completed_ok += 1;
+            } else {
+                self.stats.failed += 1;
+            }
+            self.route(io, origin, result);
+        }
+        n
+    }
+
+    /// Stops accepting new I/O (local callers get `NotAccepting`; requests from other cores
+    /// are completed `Aborted`) and polls until everything on this queue pair has completed or
+    /// `max_passes` passes have run. Returns the number still in flight (0 on success).
     pub fn quiesce(&mut self, max_passes: usize) -> usize {
         self.accepting = false;
-        if let Some((_, from, cookie)) = self.deferred.take() {
-            self.answer(from, cookie, Err(IoError::Aborted));
-        }
         for _ in 0..max_passes {
             if self.in_flight() == 0 && self.replies.is_empty() {
                 break;

@@ -32,12 +32,14 @@ fn get_page_miss(naive: bool) -> Outcome {
     let [l0, l1] = split(Box::leak(Box::new(MeshStorage::<Msg, 2, 8>::new())));
     let (poller_end, mut worker_end) = Box::leak(Box::new(Channel::<u64, u64, 4>::new())).split();
     let stop = Arc::new(AtomicBool::new(false));
+    let aio: &'static keel_aio::Aio<N, { words_for(N) }> =
+        Box::leak(Box::new(keel_aio::Aio::new()));
 
     // The worker core: serves redo requests; each needs a base-page read on core 0's queue.
     let worker = {
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let mut io: R = Reactor::new(l1, None);
+            let mut io: R = Reactor::new(l1, aio, None);
             while !stop.load(Ordering::Acquire) {
                 worker_end.serve(|page| {
                     io.submit_to(0, read(page), page as u32)
@@ -59,7 +61,7 @@ fn get_page_miss(naive: bool) -> Outcome {
     };
 
     let cache = Mutex::new(());
-    let mut poller: R = Reactor::new(l0, Some(FakeQueue::new(8, 1)));
+    let mut poller: R = Reactor::new(l0, aio, Some(FakeQueue::new(8, 1)));
     let mut chan = poller_end;
     let deadline = Instant::now() + Duration::from_millis(500);
     let outcome = if naive {

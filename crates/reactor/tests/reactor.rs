@@ -7,6 +7,7 @@ mod common;
 use std::collections::HashMap;
 
 use common::{read, FakeQueue};
+use keel_aio::Aio;
 use keel_reactor::{split, Completion, MeshStorage, Msg, Reactor, ReactorError};
 use keel_slots::{words_for, CloseDuty, Teardown};
 
@@ -18,13 +19,21 @@ fn mesh<const RING: usize>() -> [keel_reactor::Links<'static, Msg, 3>; 3] {
     split(Box::leak(Box::new(MeshStorage::<Msg, 3, RING>::new())))
 }
 
-fn reactors<const RING: usize>(q: FakeQueue) -> Vec<R> {
+fn aio() -> &'static Aio<N, W> {
+    Box::leak(Box::new(Aio::new()))
+}
+
+fn reactors<const RING: usize>(q: FakeQueue) -> (Vec<R>, &'static Aio<N, W>) {
     let [l0, l1, l2] = mesh::<RING>();
-    vec![
-        Reactor::new(l0, Some(q)),
-        Reactor::new(l1, None),
-        Reactor::new(l2, None),
-    ]
+    let a = aio();
+    (
+        vec![
+            Reactor::new(l0, a, Some(q)),
+            Reactor::new(l1, a, None),
+            Reactor::new(l2, a, None),
+        ],
+        a,
+    )
 }
 
 fn collect(r: &mut R, into: &mut HashMap<(usize, u32), Result<(), keel_blockdev::IoError>>) {
@@ -50,7 +59,8 @@ fn invariant(r: &R) {
 
 #[test]
 fn cross_core_requests_complete_exactly_once() {
-    let mut rs = reactors::<8>(FakeQueue::new(16, 2));
+    let (mut rs, a) = reactors::<8>(FakeQueue::new(16, 2));
+    let _ = a;
     let mut done = HashMap::new();
     let mut next = [0u32; 3];
     let total = 500u32;
@@ -79,15 +89,14 @@ fn cross_core_requests_complete_exactly_once() {
     assert_eq!(rs[1].stats().remote_answered, total as u64);
     for r in &rs {
         invariant(r);
-        assert_eq!(r.free_slots(), N);
-        assert_eq!(r.remote_outstanding(), 0);
+        assert_eq!(r.issued(), 0);
     }
 }
 
 #[test]
 fn full_ring_is_backpressure_not_loss() {
     // Ring capacity 3 (heapless keeps one slot empty); core 0 does not poll at first.
-    let mut rs = reactors::<4>(FakeQueue::new(64, 1));
+    let (mut rs, _a) = reactors::<4>(FakeQueue::new(64, 1));
     let mut accepted = 0;
     let mut refused = 0;
     for i in 0..10 {
@@ -114,7 +123,7 @@ fn full_ring_is_backpressure_not_loss() {
 
 #[test]
 fn forged_and_stale_tags_are_counted_not_routed() {
-    let mut rs = reactors::<8>(FakeQueue::new(8, 1));
+    let (mut rs, a) = reactors::<8>(FakeQueue::new(8, 1));
     let r = &mut rs[0];
     r.submit(read(1), 7).unwrap();
     r.poll();
@@ -132,12 +141,12 @@ fn forged_and_stale_tags_are_counted_not_routed() {
         "no completion invented for a bad tag"
     );
     invariant(r);
-    assert_eq!(r.free_slots(), N);
+    assert_eq!(a.free_count(), N, "every handle back in its array");
 }
 
 #[test]
 fn handoff_in_the_middle_of_io() {
-    let mut rs = reactors::<16>(FakeQueue::new(16, 3));
+    let (mut rs, a) = reactors::<16>(FakeQueue::new(16, 3));
     let mut done = HashMap::new();
     for i in 0..8 {
         rs[1].submit_to(0, read(i), i as u32).unwrap();
@@ -173,14 +182,14 @@ fn handoff_in_the_middle_of_io() {
     );
     for r in &rs {
         invariant(r);
-        assert_eq!(r.free_slots(), N);
     }
+    assert_eq!(a.free_count(), N, "every handle back in its array");
     assert_eq!(rs[2].stats().remote_served, 8);
 }
 
 #[test]
 fn shutdown_with_a_stalled_io_fails_it_and_deletes_the_queue_once() {
-    let mut rs = reactors::<8>(FakeQueue::new(16, 1));
+    let (mut rs, a) = reactors::<8>(FakeQueue::new(16, 1));
     let r = &mut rs[0];
     for i in 0..4 {
         r.submit(read(i), i as u32).unwrap();
@@ -189,6 +198,7 @@ fn shutdown_with_a_stalled_io_fails_it_and_deletes_the_queue_once() {
         r.take_queue(),
         Err(ReactorError::Busy { in_flight: 4 })
     ));
+    r.poll(); // the four are on the queue now
     r.with_queue(|q| q.stall_next = true);
     r.submit(read(9), 9).unwrap(); // the device will never complete this one
     assert_eq!(
@@ -212,7 +222,7 @@ fn shutdown_with_a_stalled_io_fails_it_and_deletes_the_queue_once() {
     );
     let q = r.take_queue().unwrap();
     invariant(r);
-    assert_eq!(r.free_slots(), N);
+    assert_eq!(a.free_count(), N, "every handle back in its array");
     let s = r.stats();
     assert_eq!((s.submitted, s.completed_ok, s.failed), (5, 4, 1));
 
@@ -232,12 +242,13 @@ fn real_threads_hammer_one_owner() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     let [l0, l1, l2] = mesh::<16>();
+    let a = aio();
     let stop = Arc::new(AtomicBool::new(false));
     let per_core = 5_000u32;
     let owner = {
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let mut r: R = Reactor::new(l0, Some(FakeQueue::new(32, 1)));
+            let mut r: R = Reactor::new(l0, a, Some(FakeQueue::new(32, 1)));
             while !stop.load(Ordering::Acquire) {
                 r.poll();
             }
@@ -249,7 +260,7 @@ fn real_threads_hammer_one_owner() {
         .into_iter()
         .map(|l| {
             std::thread::spawn(move || {
-                let mut r: R = Reactor::new(l, None);
+                let mut r: R = Reactor::new(l, a, None);
                 let (mut sent, mut got) = (0u32, 0u32);
                 let mut seen = vec![false; per_core as usize];
                 while got < per_core {
@@ -273,7 +284,8 @@ fn real_threads_hammer_one_owner() {
     let s0 = owner.join().unwrap();
     assert_eq!(s0.submitted, 2 * per_core as u64);
     assert_eq!(s0.completed_ok, 2 * per_core as u64);
-    assert_eq!(s0.dropped, 0);
+    assert_eq!((s0.dropped, s0.lifecycle_errors), (0, 0));
+    assert_eq!(a.free_count(), N, "every handle back in its array");
     for s in client_stats {
         assert_eq!(s.remote_answered, per_core as u64);
     }
