@@ -505,6 +505,44 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             })],
         ),
         case(
+            "reactor: 4 cores, handoff + shutdown mid-I/O",
+            vm(4),
+            "reactor ios=2000 qd=16",
+            true,
+            vec![
+                ("submitted == completed + failed", |o| {
+                    o.has(": true; I/O handles back in the array: 512 of 512")
+                }),
+                ("3 queue pairs deleted exactly once", |o| {
+                    o.has("queue pairs deleted: 3 of 3")
+                }),
+                ("handoff with I/O in flight", |o| {
+                    o.has("core 1: handed its queue pair to core 3")
+                        && o.has("adopted core 1's queue pair")
+                }),
+                ("shutdown with I/O in flight", |o| {
+                    o.has("core 2: shut its queue pair down")
+                }),
+                ("every core issued and got every answer", |o| {
+                    (0..4).all(|c| {
+                        o.log
+                            .iter()
+                            .any(|l| l.contains(&format!("INFO {c} | 2000 |")))
+                    })
+                }),
+            ],
+        ),
+        case(
+            "reactor: 2 cores",
+            vm(2),
+            "reactor ios=1000",
+            true,
+            vec![("invariants hold", |o| {
+                o.has(": true; I/O handles back in the array: 512 of 512")
+                    && o.has("queue pairs deleted: 2 of 2")
+            })],
+        ),
+        case(
             "bench: bad option value",
             vm(1),
             "bench qd=lots",

@@ -102,6 +102,9 @@ struct Reply {
     result: Result<(), IoError>,
 }
 
+/// Device completions reaped per batch (bounds the stack `reap` needs).
+pub const REAP_BATCH: usize = 32;
+
 /// Most pollers one reactor runs.
 pub const MAX_POLLERS: usize = 8;
 
@@ -476,14 +479,27 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         n
     }
 
+    /// Reaps device completions in batches of [`REAP_BATCH`], so the stack holds one batch, not
+    /// one entry per handle.
     fn reap(&mut self) -> usize {
+        let mut total = 0;
+        loop {
+            let n = self.reap_batch();
+            total += n;
+            if n < REAP_BATCH {
+                return total;
+            }
+        }
+    }
+
+    fn reap_batch(&mut self) -> usize {
         let Some(q) = self.queue.as_mut() else {
             return 0;
         };
         let (aio, on_queue, stats) = (self.aio, &mut self.on_queue, &mut self.stats);
-        let mut finished: heapless::Vec<(IoRef, Origin, Result<(), IoError>), N> =
+        let mut finished: heapless::Vec<(IoRef, Origin, Result<(), IoError>), REAP_BATCH> =
             heapless::Vec::new();
-        q.poll(N, &mut |tag, result| {
+        let reported = q.poll(REAP_BATCH, &mut |tag, result| {
             // The tag came back from the device: range-check it and match it against what
             // this core submitted for that handle.
             let index = (tag & 0xFFFF) as usize;
@@ -509,10 +525,11 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             {
                 stats.lifecycle_errors += 1;
             }
-            let _ = finished.push((io, origin, result));
+            if finished.push((io, origin, result)).is_err() {
+                stats.dropped += 1;
+            }
         });
-        let n = finished.len();
-        self.on_queue_count -= n;
+        self.on_queue_count -= finished.len();
         for (io, origin, result) in finished {
             if result.is_ok() {
                 self.stats.completed_ok += 1;
@@ -521,7 +538,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             }
             self.route(io, origin, result);
         }
-        n
+        reported
     }
 
     /// Stops accepting new I/O (local callers get `NotAccepting`; requests from other cores

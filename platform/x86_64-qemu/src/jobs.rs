@@ -65,6 +65,7 @@ pub fn run<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
         "selftest" => crate::nvme_jobs::selftest(cl, p),
         "scrub" => crate::nvme_jobs::scrub(cl, p),
         "bench" => crate::nvme_jobs::bench(cl, p),
+        "reactor" => crate::reactor_job::run(cl, p),
         "fault" => fault(cl),
         "panic" => {
             let msg = cl.str("msg").unwrap_or("requested by the panic job");

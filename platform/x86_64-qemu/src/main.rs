@@ -22,6 +22,7 @@ mod nvme_jobs;
 mod paging;
 mod pci;
 mod pvh;
+mod reactor_job;
 mod smp;
 mod storage;
 mod time;

@@ -6,7 +6,11 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::cpu::MAX_CORES;
 
-const AP_STACK: usize = 64 * 1024;
+const AP_STACK: usize = 256 * 1024;
+/// Written at the bottom of every AP stack; checked after each piece of work (no guard pages:
+/// the identity map uses 2 MiB pages), so an overflow is reported instead of going unnoticed.
+const CANARY: u64 = 0x6b65_656c_5f53_544b;
+const CANARY_WORDS: usize = 64;
 
 #[repr(C, align(16))]
 struct Stack([u8; AP_STACK]);
@@ -98,7 +102,22 @@ extern "C" fn keel_ap_main(core: u64) -> ! {
     poll_loop(core)
 }
 
+fn canary(core: usize) -> *mut u64 {
+    // SAFETY: only the address is computed; the AP owns its stack.
+    unsafe { (*STACKS.0.get()).as_mut_ptr().add(core) as *mut u64 }
+}
+
+fn canary_intact(core: usize) -> bool {
+    // SAFETY: the lowest CANARY_WORDS words of this core's own stack, which it only reaches by
+    // overflowing.
+    (0..CANARY_WORDS).all(|i| unsafe { canary(core).add(i).read_volatile() } == CANARY)
+}
+
 fn poll_loop(core: usize) -> ! {
+    for i in 0..CANARY_WORDS {
+        // SAFETY: as `canary_intact`; this core's stack is far above its bottom here.
+        unsafe { canary(core).add(i).write_volatile(CANARY) };
+    }
     loop {
         let w = MAILBOX[core].load(Ordering::Acquire);
         if w != 0 {
@@ -106,6 +125,13 @@ fn poll_loop(core: usize) -> ! {
             // SAFETY: only `post` stores into MAILBOX, and only values cast from a `Work`.
             let f: Work = unsafe { core::mem::transmute::<usize, Work>(w) };
             f(core, arg);
+            if !canary_intact(core) {
+                keel_log::error!(
+                    "core {=usize}: stack overflow detected (canary overwritten)",
+                    core
+                );
+                crate::exit::failure();
+            }
             MAILBOX[core].store(0, Ordering::Relaxed);
             BUSY[core].store(false, Ordering::Release);
         }
