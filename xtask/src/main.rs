@@ -48,7 +48,7 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         secs: u64,
         /// Core counts to compare (comma-separated).
-        #[arg(long, value_delimiter = ',', default_value = "1")]
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
         cores: Vec<usize>,
         /// Only the NVMe matrix (skip criterion).
         #[arg(long)]

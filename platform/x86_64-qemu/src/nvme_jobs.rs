@@ -274,7 +274,8 @@ pub fn scrub<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
 // ---- bench -------------------------------------------------------------------------------
 
 struct CoreBench {
-    qp: Qp,
+    qp: Option<Qp>,
+    links: Option<keel_reactor::Links<'static, keel_reactor::Msg, MAX_CORES>>,
     cfg: BenchCfg,
     bufs: heapless::Vec<DmaRegion, 256>,
     result: Option<BenchResult>,
@@ -288,7 +289,25 @@ fn run_core_bench(core: usize, _arg: usize) {
         return;
     };
     let mut hist = [0u32; 4097];
-    let r = storage::bench(&mut b.qp, &b.cfg, &b.bufs, &mut hist);
+    let r = match (b.qp.take(), b.links.take()) {
+        (Some(mut qp), None) => {
+            storage::bench(&mut storage::Raw(&mut qp), &b.cfg, &b.bufs, &mut hist)
+        }
+        (Some(qp), Some(links)) => {
+            let mut stack = crate::reactor_job::Stack(crate::reactor_job::bench_reactor(links, qp));
+            let r = storage::bench(&mut stack, &b.cfg, &b.bufs, &mut hist);
+            let _ = stack.0.quiesce(1_000_000);
+            let qs = stack.0.with_queue(|q| q.stats());
+            keel_log::info!(
+                "bench core={=usize} reactor {} queue {}",
+                core,
+                stack.0.stats(),
+                qs
+            );
+            r
+        }
+        _ => BenchResult::default(),
+    };
     b.result = Some(r);
     critical_section::with(|cs| *BENCH[core].borrow_ref_mut(cs) = Some(b));
 }
@@ -307,6 +326,7 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     let secs = cl.u64("secs", 2)?;
     let cores = (cl.u64("cores", 1)? as usize).clamp(1, p.cores);
     let nsid = cl.u64("ns", 1)? as u32;
+    let raw = cl.bool("raw", false)?;
     let mut ctrl = open(p, cl)?;
     cl.finish()?;
     if qd == 0 || qd > 255 || bs == 0 || !bs.is_multiple_of(512) {
@@ -319,6 +339,11 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
         .namespace(nsid)
         .ok_or(JobError::Failed("no such namespace"))?;
     let per_core_blocks = ns.blocks / cores as u64;
+    let mut links = if raw {
+        None
+    } else {
+        crate::reactor_job::bench_links().map(|l| l.into_iter())
+    };
     for core in 0..cores {
         let qp = qpair(&mut ctrl, p, core as u16 + 1)?;
         let mut bufs = heapless::Vec::new();
@@ -333,10 +358,13 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
             duration_ns: secs * 1_000_000_000,
             lba0: core as u64 * per_core_blocks,
             blocks: per_core_blocks,
+            block_size: ns.block_size,
         };
+        let l = links.as_mut().and_then(|it| it.next());
         critical_section::with(|cs| {
             *BENCH[core].borrow_ref_mut(cs) = Some(CoreBench {
-                qp,
+                qp: Some(qp),
+                links: l,
                 cfg,
                 bufs,
                 result: None,
@@ -344,12 +372,17 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
         });
     }
     keel_log::info!(
-        "bench {} bs={=usize} qd={=usize} cores={=usize} for {=u64} s",
+        "bench {} bs={=usize} qd={=usize} cores={=usize} for {=u64} s through {=str}",
         pattern,
         bs,
         qd,
         cores,
-        secs
+        secs,
+        if raw {
+            "the raw queue-pair loop"
+        } else {
+            "the full stack (reactor + I/O handles)"
+        }
     );
     for core in 1..cores {
         crate::smp::post(core, run_core_bench, 0)
@@ -383,8 +416,9 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     }
     let iops = total.ios * 1_000_000_000 / elapsed.max(1);
     keel_log::info!(
-        "bench total iops={=u64} mbps={=u64} avg_us={=u64}.{=u64:02} p99_us={=u64} errors={=u64} cores={=usize}",
-        iops, iops * bs as u64 / 1_000_000, total.lat_sum_ns / total.ios.max(1) / 1000, total.lat_sum_ns / total.ios.max(1) / 10 % 100, worst_p99, total.errors, cores
+        "bench total iops={=u64} mbps={=u64} avg_us={=u64}.{=u64:02} p99_us={=u64} errors={=u64} cores={=usize} stack={=str}",
+        iops, iops * bs as u64 / 1_000_000, total.lat_sum_ns / total.ios.max(1) / 1000, total.lat_sum_ns / total.ios.max(1) / 10 % 100, worst_p99, total.errors, cores,
+        if raw { "raw" } else { "full" }
     );
     if total.errors > 0 || total.ios == 0 {
         return Err(JobError::Failed("bench saw I/O errors"));

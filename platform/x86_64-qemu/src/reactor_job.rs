@@ -382,3 +382,32 @@ pub fn run<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     }
     Ok(())
 }
+
+/// The full stack for `bench`: a reactor with I/O handles from the shared array.
+pub struct Stack(pub R);
+
+impl crate::storage::BenchTarget for Stack {
+    fn submit(&mut self, op: BlockOp, tag: u32) -> bool {
+        self.0.submit(op, tag).is_ok()
+    }
+    fn kick(&mut self) {}
+    fn reap(&mut self, on_done: &mut dyn FnMut(u32, Result<(), keel_blockdev::IoError>)) {
+        self.0.poll();
+        while let Some(c) = self.0.next_completion() {
+            on_done(c.cookie, c.result);
+        }
+    }
+    fn block_size(&self, _ns: keel_blockdev::NsId) -> Option<u32> {
+        None
+    }
+}
+
+/// Takes this boot's mesh for `bench` (one job per boot).
+pub fn bench_links() -> Option<[Links<'static, Msg, MAX_CORES>; MAX_CORES]> {
+    take_mesh()
+}
+
+/// A reactor over `qp` for one bench core.
+pub fn bench_reactor(links: Links<'static, Msg, MAX_CORES>, qp: Qp) -> R {
+    Reactor::new(links, &AIO, Some(qp))
+}

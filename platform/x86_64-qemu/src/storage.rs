@@ -274,6 +274,8 @@ pub struct BenchCfg {
     /// Region of the namespace this core uses (so cores do not overlap): [lba0, lba0 + blocks).
     pub lba0: u64,
     pub blocks: u64,
+    /// The namespace's logical block size.
+    pub block_size: u32,
 }
 
 /// Latency histogram: 1 µs buckets up to 4 ms, then one overflow bucket.
@@ -288,16 +290,46 @@ pub struct BenchResult {
     pub p99_us: u64,
 }
 
+/// What the bench loop drives: a raw queue pair, or the full stack (a reactor with I/O
+/// handles). One loop serves both so their numbers are comparable.
+pub trait BenchTarget {
+    /// Queues one operation; `false` means "full, poll first".
+    fn submit(&mut self, op: BlockOp, tag: u32) -> bool;
+    /// Rings the doorbell for what was queued.
+    fn kick(&mut self);
+    /// Reports finished tags.
+    fn reap(&mut self, on_done: &mut dyn FnMut(u32, Result<(), IoError>));
+    fn block_size(&self, ns: NsId) -> Option<u32>;
+}
+
+/// The leanest path: `BlockQueue` calls straight on the queue pair.
+pub struct Raw<'q, Q>(pub &'q mut Q);
+
+impl<Q: BlockQueue> BenchTarget for Raw<'_, Q> {
+    fn submit(&mut self, op: BlockOp, tag: u32) -> bool {
+        self.0.submit(op, tag).is_ok()
+    }
+    fn kick(&mut self) {
+        self.0.flush_submissions();
+    }
+    fn reap(&mut self, on_done: &mut dyn FnMut(u32, Result<(), IoError>)) {
+        self.0.poll(usize::MAX, on_done);
+    }
+    fn block_size(&self, ns: NsId) -> Option<u32> {
+        self.0.block_size(ns)
+    }
+}
+
 /// Drives `q` with `cfg` for its duration: keeps `qd` operations in flight, one doorbell per
 /// burst, and measures each operation's latency from submit to completion with the TSC.
 /// `bufs` holds `qd` buffers of `cfg.bs` bytes, one per in-flight slot.
-pub fn bench<Q: BlockQueue>(
-    q: &mut Q,
+pub fn bench(
+    q: &mut dyn BenchTarget,
     cfg: &BenchCfg,
     bufs: &[DmaRegion],
     hist: &mut [u32; HIST + 1],
 ) -> BenchResult {
-    let bs_dev = q.block_size(cfg.ns).unwrap_or(512) as u64;
+    let bs_dev = q.block_size(cfg.ns).unwrap_or(cfg.block_size) as u64;
     let blocks = (cfg.bs as u64 / bs_dev).max(1) as u32;
     let span = (cfg.blocks / blocks as u64).max(1);
     let mut rng = 0x2545_F491_4F6C_DD1D ^ cfg.lba0;
@@ -311,6 +343,7 @@ pub fn bench<Q: BlockQueue>(
     let start = crate::cpu::rdtsc();
     let end = start + cfg.duration_ns * tsc_hz / 1_000_000_000;
     let mut stopping = false;
+    let mut in_flight = 0usize;
     loop {
         // Fill the queue.
         let mut submitted = false;
@@ -341,19 +374,17 @@ pub fn bench<Q: BlockQueue>(
                     buf,
                 }
             };
-            match q.submit(op, tag) {
-                Ok(()) => {
-                    issued_at[tag as usize] = crate::cpu::rdtsc();
-                    submitted = true;
-                }
-                Err(_) => {
-                    let _ = free.push(tag);
-                    break;
-                }
+            issued_at[tag as usize] = crate::cpu::rdtsc();
+            if q.submit(op, tag) {
+                submitted = true;
+                in_flight += 1;
+            } else {
+                let _ = free.push(tag);
+                break;
             }
         }
         if submitted {
-            q.flush_submissions();
+            q.kick();
         }
         let now_poll = &mut |tag: u32, res: Result<(), IoError>| {
             let t = crate::cpu::rdtsc();
@@ -364,13 +395,14 @@ pub fn bench<Q: BlockQueue>(
                 r.errors += 1;
             }
             r.ios += 1;
+            in_flight -= 1;
             let _ = free.push(tag);
         };
-        q.poll(usize::MAX, now_poll);
+        q.reap(now_poll);
         if !stopping && crate::cpu::rdtsc() >= end {
             stopping = true;
         }
-        if stopping && q.in_flight() == 0 {
+        if stopping && in_flight == 0 {
             break;
         }
     }
