@@ -8,12 +8,6 @@ use anyhow::{bail, Result};
 
 use crate::qemu::{self, VmOpts};
 
-/// One workload of the matrix.
-struct Load {
-    name: &'static str,
-    cmdline: String,
-}
-
 /// Parsed `bench total ...` line of the firmware.
 #[derive(Default, Debug, Clone)]
 pub struct BenchLine {
