@@ -4,6 +4,7 @@
 //! streaming output, a hard timeout and a kill on hang, which xshell does not do, and for the
 //! plain cargo steps the std version is just as short.
 
+mod flash;
 mod itest;
 mod qemu;
 
@@ -31,6 +32,9 @@ enum Cmd {
     Run {
         #[command(flatten)]
         vm: qemu::VmOpts,
+        /// Boot the flash image (built with the job below in its config area) instead of PVH.
+        #[arg(long)]
+        flash: bool,
         /// The job and its options, e.g. `boot wait_ms=100` (default: boot).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         job: Vec<String>,
@@ -40,6 +44,11 @@ enum Cmd {
         /// Skip the QEMU integration tests.
         #[arg(long)]
         no_qemu: bool,
+    },
+    /// Build the flash image a machine boots as its own firmware (QEMU: -bios PATH).
+    Flash {
+        #[command(flatten)]
+        args: flash::FlashArgs,
     },
     /// Benchmarks (criterion on the host), reported as ratios against baselines from the same run.
     Bench,
@@ -88,7 +97,8 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Build => build_firmware().map(|p| println!("firmware: {}", p.display())),
         Cmd::Size => size(),
-        Cmd::Run { vm, job } => run(vm, job),
+        Cmd::Run { vm, flash, job } => run(vm, flash, job),
+        Cmd::Flash { args } => flash::flash(args),
         Cmd::Test { no_qemu } => itest::test_all(!no_qemu),
         Cmd::Bench => bench(),
     };
@@ -98,7 +108,7 @@ fn main() {
     }
 }
 
-fn run(vm: qemu::VmOpts, job: Vec<String>) -> Result<()> {
+fn run(vm: qemu::VmOpts, flash: bool, job: Vec<String>) -> Result<()> {
     qemu::ensure_qemu()?;
     let fw = build_firmware()?;
     let work = work_dir();
@@ -109,6 +119,17 @@ fn run(vm: qemu::VmOpts, job: Vec<String>) -> Result<()> {
         "boot".to_string()
     } else {
         job.join(" ")
+    };
+    let vm = if flash {
+        let img = work.join("keel-run-flash.bin");
+        flash::make(&fw, &cmdline, &img, true)?;
+        println!("xtask: booting the flash image {}", img.display());
+        qemu::VmOpts {
+            flash_image: Some(img),
+            ..vm
+        }
+    } else {
+        vm
     };
     println!(
         "xtask: booting '{cmdline}' on {} cores, accelerator: {why}",

@@ -72,6 +72,15 @@ pub struct VmOpts {
     /// Boot with SeaBIOS instead of qboot (slower; assigns PCI BARs itself).
     #[arg(long)]
     pub seabios: bool,
+    /// Boot this flash image as the machine's firmware (`-bios`) instead of PVH `-kernel`.
+    #[arg(skip)]
+    pub flash_image: Option<PathBuf>,
+    /// With `flash_image`: attach it as a pflash drive instead of `-bios`.
+    #[arg(skip)]
+    pub pflash: bool,
+    /// With `flash_image`: fw_cfg `opt/keel/cmdline`, overriding the image's config area.
+    #[arg(skip)]
+    pub fw_cfg_cmdline: Option<String>,
 }
 
 impl Default for VmOpts {
@@ -92,6 +101,9 @@ impl Default for VmOpts {
             no_nvme: false,
             qemu_args: vec![],
             seabios: false,
+            flash_image: None,
+            pflash: false,
+            fw_cfg_cmdline: None,
         }
     }
 }
@@ -348,9 +360,6 @@ pub fn run(fw: &Path, o: &VmOpts, cmdline: &str, work: &Path, v: Verbosity) -> R
         "-monitor",
         "none",
     ])
-    .args(["-kernel"])
-    .arg(fw)
-    .args(["-append", cmdline])
     .args(["-serial", &format!("file:{}", com1.display())])
     .args(["-serial", &format!("file:{}", com2.display())])
     .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
@@ -359,8 +368,25 @@ pub fn run(fw: &Path, o: &VmOpts, cmdline: &str, work: &Path, v: Verbosity) -> R
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
-    if !o.seabios {
-        cmd.args(["-bios", "qboot.rom"]);
+    if let Some(img) = &o.flash_image {
+        // The flash image is the firmware: no BIOS, no -kernel; its config area holds the job.
+        if o.pflash {
+            cmd.arg("-drive").arg(format!(
+                "if=pflash,format=raw,readonly=on,file={}",
+                img.display()
+            ));
+        } else {
+            cmd.arg("-bios").arg(img);
+        }
+        if let Some(line) = &o.fw_cfg_cmdline {
+            cmd.arg("-fw_cfg")
+                .arg(format!("name=opt/keel/cmdline,string={line}"));
+        }
+    } else {
+        cmd.arg("-kernel").arg(fw).args(["-append", cmdline]);
+        if !o.seabios {
+            cmd.args(["-bios", "qboot.rom"]);
+        }
     }
     let start = Instant::now();
     let mut child = cmd.spawn().context("starting qemu-system-x86_64")?;
