@@ -108,7 +108,11 @@ pub fn build_image(elf: &[u8], job: &str) -> Result<Vec<u8>, FlashError> {
         file.symbols()
             .find(|s| s.name() == Ok(name))
             .map(|s| s.address())
-            .ok_or_else(|| elf_err(format!("no symbol {name} (a firmware without flash support?)")))
+            .ok_or_else(|| {
+                elf_err(format!(
+                    "no symbol {name} (a firmware without flash support?)"
+                ))
+            })
     };
     let (stub_start, stub_end) = (sym("keel_reset_start")?, sym("keel_reset_end")?);
     let base_slot = sym("keel_reset_image_base")?;
@@ -242,7 +246,10 @@ pub fn flash(args: FlashArgs) -> Result<()> {
     let fw = crate::build_firmware()?;
     let out = args.out.unwrap_or_else(default_out);
     let h = make(&fw, &job, &out, args.force)?;
-    println!("flash: wrote {} and verified it by reading it back", out.display());
+    println!(
+        "flash: wrote {} and verified it by reading it back",
+        out.display()
+    );
     println!(
         "flash: {} bytes ({} KiB), format {}, build id {:016x}, CRC32C {:#010x}, {} segments",
         h.image_len,
@@ -272,4 +279,135 @@ pub fn corrupt_copy(image: &[u8]) -> Option<Vec<u8>> {
     let mut bad = image.to_vec();
     bad[at + 3] ^= 0x20;
     Some(bad)
+}
+
+/// The host-side rejects, checked against the real firmware ELF (rows for `cargo xtask test`).
+pub fn self_check(fw: &Path) -> Vec<(String, bool)> {
+    let dir = crate::work_dir().join("flash-self-check");
+    let _ = fs::create_dir_all(&dir);
+    let elf = fs::read(fw).unwrap_or_default();
+    let mut rows = Vec::new();
+    let mut row = |name: &str, ok: bool| rows.push((format!("flash: {name}"), ok));
+
+    let good = build_image(&elf, "boot wait_ms=10");
+    row(
+        "image builds and verifies",
+        good.as_ref()
+            .is_ok_and(|i| img::verify(i).is_ok() && img::config(i) == Ok("boot wait_ms=10")),
+    );
+    row(
+        "rejects a job line that does not parse",
+        matches!(
+            build_image(&elf, "boot wait_ms"),
+            Err(FlashError::BadJob { .. })
+        ),
+    );
+    row(
+        "rejects a job line longer than the config area",
+        matches!(
+            build_image(&elf, &"x".repeat(img::CONFIG_LEN)),
+            Err(FlashError::JobTooLong(_))
+        ),
+    );
+    row(
+        "rejects an ELF without the reset stub",
+        matches!(
+            build_image(b"\x7fELF garbage", "boot"),
+            Err(FlashError::Elf(_))
+        ),
+    );
+    let Ok(good) = good else {
+        return rows;
+    };
+    let other = dir.join("not-keel.txt");
+    let _ = fs::write(&other, b"precious data");
+    let refused = write_image(&other, &good, false)
+        .err()
+        .is_some_and(|e| matches!(e.downcast_ref(), Some(FlashError::NotAKeelImage(_))));
+    row(
+        "refuses to overwrite a non-Keel file without --force",
+        refused && fs::read(&other).is_ok_and(|b| b == b"precious data"),
+    );
+    row(
+        "overwrites it with --force",
+        write_image(&other, &good, true).is_ok(),
+    );
+    row(
+        "overwrites a previous Keel image",
+        write_image(&other, &good, false).is_ok(),
+    );
+    let bad_path = dir.join("corrupt.bin");
+    let caught = corrupt_copy(&good).is_some_and(|bad| {
+        fs::write(&bad_path, bad).is_ok()
+            && verify_file(&bad_path).err().is_some_and(|e| {
+                matches!(
+                    e.downcast_ref(),
+                    Some(FlashError::BadImage {
+                        why: ImageError::CrcMismatch { .. },
+                        ..
+                    })
+                )
+            })
+    });
+    row("verification catches a flipped byte", caught);
+    let short = dir.join("short.bin");
+    let _ = fs::write(&short, &good[..100]);
+    row(
+        "verification rejects a truncated image",
+        verify_file(&short).is_err(),
+    );
+    let _ = fs::remove_dir_all(&dir);
+    rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_lines() {
+        assert!(check_job("boot").is_ok());
+        assert!(check_job("boot wait_ms=100").is_ok());
+        assert!(matches!(
+            check_job("boot wait_ms"),
+            Err(FlashError::BadJob { .. })
+        ));
+        assert!(matches!(
+            check_job("boot a=1 a=2"),
+            Err(FlashError::BadJob { .. })
+        ));
+        assert!(matches!(
+            check_job(&"y".repeat(600)),
+            Err(FlashError::JobTooLong(600))
+        ));
+    }
+
+    #[test]
+    fn bad_elf_is_an_error_not_a_panic() {
+        assert!(matches!(build_image(b"", "boot"), Err(FlashError::Elf(_))));
+        assert!(matches!(
+            build_image(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0], "boot"),
+            Err(FlashError::Elf(_))
+        ));
+    }
+
+    #[test]
+    fn refuses_to_clobber() {
+        let dir = std::env::temp_dir().join(format!("keel-flash-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("x.bin");
+        fs::write(&p, b"not an image").unwrap();
+        let e = write_image(&p, &[0u8; 16], false).unwrap_err();
+        assert!(matches!(
+            e.downcast_ref(),
+            Some(FlashError::NotAKeelImage(_))
+        ));
+        assert_eq!(fs::read(&p).unwrap(), b"not an image");
+        let e = write_image(&dir, &[0u8; 16], true).unwrap_err();
+        assert!(matches!(
+            e.downcast_ref(),
+            Some(FlashError::IsADirectory(_))
+        ));
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -80,14 +80,20 @@ pub enum ImageError {
     BadMagic,
     UnsupportedVersion(u32),
     /// The header's length field disagrees with the image's size.
-    LengthMismatch { header: u32, actual: usize },
+    LengthMismatch {
+        header: u32,
+        actual: usize,
+    },
     /// Length not a multiple of [`BLOCK`], too large, or too small for its tables.
     BadLength(usize),
     TooManySegments(u32),
     /// A segment table entry points outside the image.
     BadSegment(u32),
     /// The payload's CRC32C differs from the header's.
-    CrcMismatch { expected: u32, actual: u32 },
+    CrcMismatch {
+        expected: u32,
+        actual: u32,
+    },
     /// The config area has no NUL terminator or is not UTF-8.
     BadConfig,
 }
@@ -234,7 +240,7 @@ pub fn verify(image: &[u8]) -> Result<Header, ImageError> {
             actual: image.len(),
         });
     }
-    if image.len() % BLOCK != 0 || image.len() > MAX_IMAGE_LEN || image.len() < BLOCK {
+    if !image.len().is_multiple_of(BLOCK) || image.len() > MAX_IMAGE_LEN || image.len() < BLOCK {
         return Err(ImageError::BadLength(image.len()));
     }
     if h.seg_count as usize > MAX_SEGMENTS {
