@@ -60,11 +60,21 @@ reset32:
     movl (%ebx), %edi       /* paddr */
     movl 4(%ebx), %esi      /* offset in the image */
     addl %ebp, %esi
-    movl 8(%ebx), %ecx      /* filesz */
+    movl 8(%ebx), %ecx      /* filesz: dwords, then the odd bytes (TCG runs rep per unit) */
+    movl %ecx, %eax
+    shrl $2, %ecx
+    rep movsl
+    movl %eax, %ecx
+    andl $3, %ecx
     rep movsb
-    movl 12(%ebx), %ecx     /* memsz - filesz: zero the rest */
+    movl 12(%ebx), %ecx     /* memsz - filesz: zero the rest, the same way */
     subl 8(%ebx), %ecx
+    movl %ecx, %esi
+    shrl $2, %ecx
     xorl %eax, %eax
+    rep stosl
+    movl %esi, %ecx
+    andl $3, %ecx
     rep stosb
     addl $16, %ebx
     decl %edx
