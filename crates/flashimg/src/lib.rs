@@ -124,6 +124,8 @@ impl fmt::Display for ImageError {
     }
 }
 
+impl core::error::Error for ImageError {}
+
 fn u32_at(b: &[u8], off: usize) -> u32 {
     let mut w = [0u8; 4];
     w.copy_from_slice(&b[off..off + 4]);
