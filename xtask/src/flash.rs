@@ -186,7 +186,8 @@ pub fn build_image(elf: &[u8], job: &str) -> Result<Vec<u8>, FlashError> {
         seg_count: segs.len() as u32,
         entry: entry as u32,
     };
-    h.crc = img::payload_crc(&image);
+    h.write(&mut image);
+    h.crc = img::image_crc(&image);
     h.write(&mut image);
     Ok(image)
 }

@@ -11,8 +11,8 @@
 //! | after the table         | ...             | segment bytes (16-aligned), then 0xFF filler    |
 //! | `len - STUB_LEN`        | [`STUB_LEN`]    | the reset stub; the reset vector is at `len-16` |
 //!
-//! The CRC32C (iSCSI polynomial) covers every byte after the header: config, table, segments,
-//! filler and stub. The image length is a multiple of [`BLOCK`] (QEMU wants 64 KiB multiples).
+//! The CRC32C (iSCSI polynomial) covers the whole image, header included, with the header's own
+//! CRC field read as zero: config, table, segments, filler and stub. The image length is a multiple of [`BLOCK`] (QEMU wants 64 KiB multiples).
 #![no_std]
 #![forbid(unsafe_code)]
 
@@ -42,9 +42,17 @@ pub const MAX_IMAGE_LEN: usize = 8 << 20;
 /// CRC32C (Castagnoli, as used by iSCSI).
 pub const CRC32C: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
 
-/// CRC of every byte after the header.
-pub fn payload_crc(image: &[u8]) -> u32 {
-    CRC32C.checksum(image.get(HEADER_LEN..).unwrap_or(&[]))
+/// CRC32C of the whole image with the header's CRC field taken as zero.
+pub fn image_crc(image: &[u8]) -> u32 {
+    let mut d = CRC32C.digest();
+    if image.len() < H_CRC + 4 {
+        d.update(image);
+    } else {
+        d.update(&image[..H_CRC]);
+        d.update(&[0; 4]);
+        d.update(&image[H_CRC + 4..]);
+    }
+    d.finalize()
 }
 
 /// A 64-bit build id: CRC-64/XZ of the firmware ELF.
@@ -63,7 +71,7 @@ pub struct Header {
     pub version: u32,
     /// Whole image length in bytes.
     pub image_len: u32,
-    /// CRC32C of bytes `HEADER_LEN..image_len`.
+    /// [`image_crc`]: CRC32C of the image with this field read as zero.
     pub crc: u32,
     pub build_id: u64,
     pub seg_count: u32,
@@ -142,7 +150,7 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 const H_VERSION: usize = 8;
 const H_HEADER_LEN: usize = 12;
 const H_IMAGE_LEN: usize = 16;
-const H_CRC: usize = 20;
+pub const H_CRC: usize = 20;
 const H_BUILD_ID: usize = 24;
 /// Read by the reset stub: offset of the config area.
 pub const H_CONFIG_OFFSET: usize = 32;
@@ -254,7 +262,7 @@ pub fn verify(image: &[u8]) -> Result<Header, ImageError> {
             return Err(ImageError::BadSegment(i as u32));
         }
     }
-    let actual = payload_crc(image);
+    let actual = image_crc(image);
     if actual != h.crc {
         return Err(ImageError::CrcMismatch {
             expected: h.crc,
@@ -312,7 +320,7 @@ mod tests {
             entry: 0x10_1000,
         };
         h.write(&mut img);
-        h.crc = payload_crc(&img);
+        h.crc = image_crc(&img);
         h.write(&mut img);
         img
     }
@@ -329,7 +337,7 @@ mod tests {
     #[test]
     fn every_flipped_payload_byte_is_caught() {
         let img = sample();
-        for i in (HEADER_LEN..img.len()).step_by(97) {
+        for i in (0..HEADER_LEN).chain((HEADER_LEN..img.len()).step_by(97)) {
             let mut bad = img.clone();
             bad[i] ^= 0x01;
             assert!(verify(&bad).is_err(), "flip at {i} not caught");
