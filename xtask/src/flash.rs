@@ -326,7 +326,7 @@ pub fn self_check(fw: &Path) -> Vec<(String, bool)> {
         .err()
         .is_some_and(|e| matches!(e.downcast_ref(), Some(FlashError::NotAKeelImage(_))));
     row(
-        "refuses to overwrite a non-Keel file without --force",
+        "won't overwrite a non-Keel file without --force",
         refused && fs::read(&other).is_ok_and(|b| b == b"precious data"),
     );
     row(

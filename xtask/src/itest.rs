@@ -384,6 +384,9 @@ fn flash_cases(base: VmOpts) -> Vec<Case> {
                         .any(|l| l.contains("flash image rejected: image CRC mismatch"))
                 }),
                 ("no job started", |o| !o.has("job boot: start")),
+                ("failure exit via isa-debug-exit (status 35)", |o| {
+                    o.status == Some(35)
+                }),
             ],
         ),
         case(
