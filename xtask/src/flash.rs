@@ -23,6 +23,12 @@ pub struct FlashArgs {
     /// Overwrite OUT even if it is not a previous Keel image.
     #[arg(long)]
     pub force: bool,
+    /// Image size, e.g. 1M (the flash chip's; a multiple of 64K). Default: the smallest that fits.
+    #[arg(long)]
+    pub size: Option<String>,
+    /// Build nothing: verify an existing image file (header, layout, CRC32C, job line).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["out", "force", "job", "size"])]
+    pub verify: Option<PathBuf>,
     /// The job line stored in the image's config area, e.g. `boot wait_ms=100` (default: boot).
     #[arg(last = true)]
     pub job: Vec<String>,
@@ -99,8 +105,26 @@ fn elf_err(s: impl Into<String>) -> FlashError {
     FlashError::Elf(s.into())
 }
 
-/// Builds the image for the firmware ELF `elf` with `job` in its config area.
+/// Builds the smallest image for the firmware ELF `elf` with `job` in its config area.
 pub fn build_image(elf: &[u8], job: &str) -> Result<Vec<u8>, FlashError> {
+    build_image_sized(elf, job, None)
+}
+
+/// Builds the image, `size` bytes long if given (the size of the flash chip), else the smallest.
+pub fn build_image_sized(
+    elf: &[u8],
+    job: &str,
+    size: Option<usize>,
+) -> Result<Vec<u8>, FlashError> {
+    if let Some(n) = size {
+        if n % img::BLOCK != 0 || n == 0 || n > img::MAX_IMAGE_LEN {
+            return Err(FlashError::Layout(format!(
+                "size {n} is not a multiple of {} up to {}",
+                img::BLOCK,
+                img::MAX_IMAGE_LEN
+            )));
+        }
+    }
     check_job(job)?;
     let file = ElfFile64::<object::Endianness>::parse(elf).map_err(|e| elf_err(e.to_string()))?;
     let endian = file.endian();
@@ -163,7 +187,16 @@ pub fn build_image(elf: &[u8], job: &str) -> Result<Vec<u8>, FlashError> {
         });
         off = align16(off + data.len());
     }
-    let len = (off + img::STUB_LEN).div_ceil(img::BLOCK) * img::BLOCK;
+    let need = (off + img::STUB_LEN).div_ceil(img::BLOCK) * img::BLOCK;
+    let len = match size {
+        Some(n) if n < need => {
+            return Err(FlashError::Layout(format!(
+                "the firmware needs {need} bytes; --size is {n}"
+            )))
+        }
+        Some(n) => n,
+        None => need,
+    };
     if len > img::MAX_IMAGE_LEN {
         return Err(FlashError::Layout(format!("{len} bytes is too large")));
     }
@@ -232,12 +265,29 @@ pub fn write_image(path: &Path, image: &[u8], force: bool) -> Result<Header> {
 
 /// Builds the firmware and writes the image for `job` to `out`.
 pub fn make(fw: &Path, job: &str, out: &Path, force: bool) -> Result<Header> {
+    make_sized(fw, job, out, force, None)
+}
+
+/// [`make`] with an image size (the flash chip's); `None`: the smallest that fits.
+pub fn make_sized(
+    fw: &Path,
+    job: &str,
+    out: &Path,
+    force: bool,
+    size: Option<usize>,
+) -> Result<Header> {
     let elf = fs::read(fw).with_context(|| format!("reading {}", fw.display()))?;
-    let image = build_image(&elf, job)?;
+    let image = build_image_sized(&elf, job, size)?;
     write_image(out, &image, force)
 }
 
 pub fn flash(args: FlashArgs) -> Result<()> {
+    if let Some(path) = &args.verify {
+        let (h, bytes) = verify_file(path)?;
+        println!("flash: {} is a valid Keel flash image", path.display());
+        print_summary(&h, img::config(&bytes).unwrap_or_default());
+        return Ok(());
+    }
     let job = if args.job.is_empty() {
         "boot".to_string()
     } else {
@@ -246,11 +296,24 @@ pub fn flash(args: FlashArgs) -> Result<()> {
     check_job(&job)?;
     let fw = crate::build_firmware()?;
     let out = args.out.unwrap_or_else(default_out);
-    let h = make(&fw, &job, &out, args.force)?;
+    let size = match &args.size {
+        Some(s) => Some(crate::qemu::parse_size(s)? as usize),
+        None => None,
+    };
+    let h = make_sized(&fw, &job, &out, args.force, size)?;
     println!(
         "flash: wrote {} and verified it by reading it back",
         out.display()
     );
+    print_summary(&h, &job);
+    println!(
+        "flash: boot it with `qemu-system-x86_64 -bios {}` or `cargo xtask run --flash`",
+        out.display()
+    );
+    Ok(())
+}
+
+fn print_summary(h: &Header, job: &str) {
     println!(
         "flash: {} bytes ({} KiB), format {}, build id {:016x}, CRC32C {:#010x}, {} segments",
         h.image_len,
@@ -265,11 +328,6 @@ pub fn flash(args: FlashArgs) -> Result<()> {
         img::base_paddr(h.image_len as usize),
         img::STUB_PADDR
     );
-    println!(
-        "flash: boot it with `qemu-system-x86_64 -bios {}` or `cargo xtask run --flash`",
-        out.display()
-    );
-    Ok(())
 }
 
 /// Flips one byte of a copy of `image` inside a loaded segment (the firmware's version banner

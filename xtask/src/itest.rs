@@ -312,6 +312,7 @@ fn flash_image(which: &str) -> std::path::PathBuf {
 fn prepare_flash_images(fw: &Path) -> Result<()> {
     let good = flash_image("good");
     crate::flash::make(fw, "boot", &good, true)?;
+    crate::flash::make_sized(fw, "boot", &flash_image("1m"), true, Some(1 << 20))?;
     let image = std::fs::read(&good)?;
     let bad = crate::flash::corrupt_copy(&image)
         .ok_or_else(|| anyhow::anyhow!("no banner text in the image to corrupt"))?;
@@ -364,6 +365,18 @@ fn flash_cases(base: VmOpts) -> Vec<Case> {
             true,
             vec![
                 ("booted from flash, CRC ok", from_flash),
+                ("1 of 1 cores online", |o| cores_online(o, 1)),
+            ],
+        ),
+        case(
+            "flash boot, 1 MiB image, pc",
+            flash("1m", qemu::Machine::Pc, 1),
+            "boot",
+            true,
+            vec![
+                ("booted from a 1 MiB image", |o| {
+                    o.has("booted from flash image at 0xfff00000: 1048576 bytes") && o.has("crc ok")
+                }),
                 ("1 of 1 cores online", |o| cores_online(o, 1)),
             ],
         ),

@@ -263,7 +263,7 @@ impl Outcome {
     }
 }
 
-fn parse_size(s: &str) -> Result<u64> {
+pub fn parse_size(s: &str) -> Result<u64> {
     let (num, mult) = match s.chars().last() {
         Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
         Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
