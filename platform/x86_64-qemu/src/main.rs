@@ -3,6 +3,10 @@
 //! Boot path: PVH entry (`boot`) → long mode → [`keel_boot_main`]: per-core GDT/TSS/IDT, TSC
 //! calibration, page tables from the boot memory map, local APIC + timer, PCI enumeration,
 //! application processors, then the job named on the boot command line (`jobs`).
+//!
+//! Flash boot (`cargo xtask flash`): the reset stub in `flash` copies the image's segments to RAM
+//! and enters the same PVH entry with a minimal start info; [`check_flash_image`] then verifies
+//! the image's CRC32C as soon as the console, IDT and TSC are up, before anything else.
 #![no_std]
 #![no_main]
 #![forbid(unsafe_op_in_unsafe_fn)]
