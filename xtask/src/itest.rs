@@ -68,6 +68,10 @@ pub fn test_all(with_qemu: bool) -> Result<()> {
         match qemu::ensure_qemu().and_then(|_| crate::build_firmware()) {
             Ok(fw) => {
                 rows.push(("firmware build".into(), true, t.elapsed().as_secs_f64()));
+                let t = Instant::now();
+                for (name, ok) in crate::flash::self_check(&fw) {
+                    rows.push((name, ok, t.elapsed().as_secs_f64()));
+                }
                 qemu_rows = qemu_tests(&fw)?;
             }
             Err(e) => {
@@ -288,6 +292,7 @@ fn cases() -> Vec<Case> {
             })],
         ),
     ];
+    v.extend(flash_cases(vm(2)));
     v.push(Case {
         name: "hang is killed at the timeout".into(),
         vm: VmOpts {
@@ -306,15 +311,157 @@ fn cases() -> Vec<Case> {
     v
 }
 
+// ---- flash image boots (issue 7); images are written by `prepare_flash_images` ----
+
+fn flash_image(which: &str) -> std::path::PathBuf {
+    crate::work_dir().join(format!("itest-flash-{which}.bin"))
+}
+
+/// Writes the images the flash cases boot: a good one (job `boot`) and one with a flipped byte.
+fn prepare_flash_images(fw: &Path) -> Result<()> {
+    let good = flash_image("good");
+    crate::flash::make(fw, "boot", &good, true)?;
+    crate::flash::make_sized(fw, "boot", &flash_image("1m"), true, Some(1 << 20))?;
+    let image = std::fs::read(&good)?;
+    let bad = crate::flash::corrupt_copy(&image)
+        .ok_or_else(|| anyhow::anyhow!("no banner text in the image to corrupt"))?;
+    std::fs::write(flash_image("corrupt"), bad)?;
+    Ok(())
+}
+
+fn from_flash(o: &Outcome) -> bool {
+    o.has("booted from flash image at 0xffff0000") && o.has("crc ok")
+}
+
+fn flash_cases(base: VmOpts) -> Vec<Case> {
+    let flash = |which: &str, machine, smp| VmOpts {
+        flash_image: Some(flash_image(which)),
+        machine,
+        smp,
+        ..base.clone()
+    };
+    vec![
+        case(
+            "flash boot, q35, 2 cores",
+            flash("good", qemu::Machine::Q35, 2),
+            "boot",
+            true,
+            vec![
+                ("booted from flash, CRC ok", from_flash),
+                ("2 of 2 cores online, each ran work", |o| cores_online(o, 2)),
+                ("timer fired", timer_fired),
+            ],
+        ),
+        case(
+            "flash boot, -machine pc, 2 cores",
+            flash("good", qemu::Machine::Pc, 2),
+            "boot",
+            true,
+            vec![
+                ("booted from flash, CRC ok", from_flash),
+                ("2 of 2 cores online, each ran work", |o| cores_online(o, 2)),
+                ("timer fired", timer_fired),
+                ("NVMe found", |o| o.has(" nvme")),
+            ],
+        ),
+        case(
+            "flash boot as pflash drive, q35",
+            VmOpts {
+                pflash: true,
+                ..flash("good", qemu::Machine::Q35, 1)
+            },
+            "boot",
+            true,
+            vec![
+                ("booted from flash, CRC ok", from_flash),
+                ("1 of 1 cores online", |o| cores_online(o, 1)),
+            ],
+        ),
+        case(
+            "flash boot, 1 MiB image, pc",
+            flash("1m", qemu::Machine::Pc, 1),
+            "boot",
+            true,
+            vec![
+                ("booted from a 1 MiB image", |o| {
+                    o.has("booted from flash image at 0xfff00000: 1048576 bytes") && o.has("crc ok")
+                }),
+                ("1 of 1 cores online", |o| cores_online(o, 1)),
+            ],
+        ),
+        case(
+            "flash image, one byte flipped",
+            flash("corrupt", qemu::Machine::Q35, 1),
+            "boot",
+            false,
+            vec![
+                ("CRC mismatch on COM1", |o| {
+                    o.console
+                        .iter()
+                        .any(|l| l.contains("flash image rejected: image CRC mismatch"))
+                }),
+                ("CRC mismatch via defmt", |o| {
+                    o.log
+                        .iter()
+                        .any(|l| l.contains("flash image rejected: image CRC mismatch"))
+                }),
+                ("no job started", |o| !o.has("job boot: start")),
+                ("failure exit via isa-debug-exit (status 35)", |o| {
+                    o.status == Some(35)
+                }),
+            ],
+        ),
+        case(
+            "flash: fw_cfg cmdline override",
+            VmOpts {
+                fw_cfg_cmdline: Some("boot wait_ms=soon".into()),
+                ..flash("good", qemu::Machine::Q35, 1)
+            },
+            "boot wait_ms=soon",
+            false,
+            vec![("override reached the job parser", |o| {
+                o.has("option wait_ms=soon: expected an integer")
+            })],
+        ),
+    ]
+}
+
+/// The guest's own clock (defmt timestamp: TSC since machine reset) at the job's first line.
+fn guest_start_ms(o: &Outcome) -> Option<f64> {
+    let l = o.log.iter().find(|l| l.contains("job boot: start"))?;
+    l.split_whitespace()
+        .next()?
+        .parse::<f64>()
+        .ok()
+        .map(|s| s * 1e3)
+}
+
+/// Boot-to-first-line of the flash path next to the PVH path's (same machine and cores): as the
+/// host sees it (QEMU spawn to the line; includes QEMU's own start-up) and as the guest's TSC does.
+fn print_boot_times(table: &[(String, Option<f64>, Option<f64>)]) {
+    let get = |n: &str| table.iter().find(|r| r.0 == n);
+    let fmt = |t: Option<f64>| t.map_or("n/a".into(), |t| format!("{t:.0} ms"));
+    let (pvh, flash) = (get("boot, 2 cores"), get("flash boot, q35, 2 cores"));
+    println!(
+        "boot to the job's first line, q35, 2 cores: PVH (-kernel, qboot) {} ({} after reset), flash (-bios image) {} ({} after reset)",
+        fmt(pvh.and_then(|r| r.1)),
+        fmt(pvh.and_then(|r| r.2)),
+        fmt(flash.and_then(|r| r.1)),
+        fmt(flash.and_then(|r| r.2)),
+    );
+}
+
 /// Boots every case; prints a table; returns one bool per case.
 fn qemu_tests(fw: &Path) -> Result<Vec<bool>> {
     let work = crate::work_dir();
     std::fs::create_dir_all(&work)?;
     let (accel, why) = qemu::choose_accel(qemu::Accel::Auto, fw, &work);
     eprintln!("xtask: ── QEMU integration tests, accelerator: {why} ──");
+    prepare_flash_images(fw)?;
     let mut cases = cases();
     cases.extend(nvme_cases(&work)?);
     let mut results = Vec::new();
+    let mut boot_times = Vec::new();
     let mut table = Vec::new();
     for (i, c) in cases.iter().enumerate() {
         qemu::progress(
@@ -361,6 +508,11 @@ fn qemu_tests(fw: &Path) -> Result<Vec<bool>> {
             c.checks.len() - failed_checks.len(),
             c.checks.len()
         );
+        boot_times.push((
+            c.name.clone(),
+            out.boot_time.map(|t| t.as_secs_f64() * 1e3),
+            guest_start_ms(&out),
+        ));
         let boot = out
             .boot_time
             .map(|t| format!("{:.0}", t.as_secs_f64() * 1e3))
@@ -393,6 +545,7 @@ fn qemu_tests(fw: &Path) -> Result<Vec<bool>> {
             if *ok { "ok" } else { "FAIL" }
         );
     }
+    print_boot_times(&boot_times);
     println!(
         "qemu: {} passed, {} failed",
         results.iter().filter(|r| **r).count(),

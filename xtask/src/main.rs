@@ -4,6 +4,7 @@
 //! streaming output, a hard timeout and a kill on hang, which xshell does not do, and for the
 //! plain cargo steps the std version is just as short.
 
+mod flash;
 mod itest;
 mod nvmebench;
 mod qemu;
@@ -32,6 +33,17 @@ enum Cmd {
     Run {
         #[command(flatten)]
         vm: qemu::VmOpts,
+        /// Boot as the machine's firmware from a flash image instead of PVH: writes
+        /// target/keel/keel-flash.bin (as `cargo xtask flash` does) with the job in its config area.
+        #[arg(long)]
+        flash: bool,
+        /// Boot this existing flash image (verified first); a job given here overrides its config
+        /// area through fw_cfg `opt/keel/cmdline`.
+        #[arg(long, conflicts_with = "flash")]
+        image: Option<PathBuf>,
+        /// With --flash/--image: attach the image as a pflash drive instead of `-bios`.
+        #[arg(long)]
+        pflash: bool,
         /// The job and its options, e.g. `boot wait_ms=100` (default: boot).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         job: Vec<String>,
@@ -53,6 +65,11 @@ enum Cmd {
         /// Only the NVMe matrix (skip criterion).
         #[arg(long)]
         nvme_only: bool,
+    },
+    /// Build the flash image a machine boots as its own firmware (QEMU: -bios PATH).
+    Flash {
+        #[command(flatten)]
+        args: flash::FlashArgs,
     },
 }
 
@@ -99,7 +116,22 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Build => build_firmware().map(|p| println!("firmware: {}", p.display())),
         Cmd::Size => size(),
-        Cmd::Run { vm, job } => run(vm, job),
+        Cmd::Run {
+            vm,
+            flash,
+            image,
+            pflash,
+            job,
+        } => run(
+            vm,
+            FlashBoot {
+                flash,
+                image,
+                pflash,
+            },
+            job,
+        ),
+        Cmd::Flash { args } => flash::flash(args),
         Cmd::Test { no_qemu } => itest::test_all(!no_qemu),
         Cmd::Bench {
             secs,
@@ -113,7 +145,14 @@ fn main() {
     }
 }
 
-fn run(vm: qemu::VmOpts, job: Vec<String>) -> Result<()> {
+/// How `run` boots: PVH (default) or from a flash image.
+struct FlashBoot {
+    flash: bool,
+    image: Option<PathBuf>,
+    pflash: bool,
+}
+
+fn run(vm: qemu::VmOpts, boot: FlashBoot, job: Vec<String>) -> Result<()> {
     qemu::ensure_qemu()?;
     let fw = build_firmware()?;
     let work = work_dir();
@@ -124,6 +163,46 @@ fn run(vm: qemu::VmOpts, job: Vec<String>) -> Result<()> {
         "boot".to_string()
     } else {
         job.join(" ")
+    };
+    let (vm, cmdline) = match (boot.flash, boot.image) {
+        (true, _) => {
+            let img = flash::default_out();
+            flash::make(&fw, &cmdline, &img, false)?;
+            println!("xtask: booting the flash image {}", img.display());
+            let vm = qemu::VmOpts {
+                flash_image: Some(img),
+                pflash: boot.pflash,
+                ..vm
+            };
+            (vm, cmdline)
+        }
+        (false, Some(img)) => {
+            let (h, bytes) = flash::verify_file(&img)?;
+            let stored = keel_flashimg::config(&bytes)?.to_string();
+            let elf = std::fs::read(&fw)?;
+            if keel_flashimg::build_id(&elf) != h.build_id {
+                eprintln!(
+                    "xtask: warning: {} was built from another firmware (build id {:016x}); its defmt logs may not decode",
+                    img.display(),
+                    h.build_id
+                );
+            }
+            println!("xtask: booting the flash image {}", img.display());
+            let (over, line) = if job.is_empty() {
+                (None, stored)
+            } else {
+                flash::check_job(&cmdline)?;
+                (Some(cmdline.clone()), cmdline)
+            };
+            let vm = qemu::VmOpts {
+                flash_image: Some(img),
+                pflash: boot.pflash,
+                fw_cfg_cmdline: over,
+                ..vm
+            };
+            (vm, line)
+        }
+        (false, None) => (vm, cmdline),
     };
     println!(
         "xtask: booting '{cmdline}' on {} cores, accelerator: {why}",

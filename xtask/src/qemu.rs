@@ -76,6 +76,15 @@ pub struct VmOpts {
     /// measures the driver and QEMU's device emulation, not the host's disk.
     #[arg(long)]
     pub null_backend: bool,
+    /// Boot this flash image as the machine's firmware (`-bios`) instead of PVH `-kernel`.
+    #[arg(skip)]
+    pub flash_image: Option<PathBuf>,
+    /// With `flash_image`: attach it as a pflash drive instead of `-bios`.
+    #[arg(skip)]
+    pub pflash: bool,
+    /// With `flash_image`: fw_cfg `opt/keel/cmdline`, overriding the image's config area.
+    #[arg(skip)]
+    pub fw_cfg_cmdline: Option<String>,
 }
 
 impl Default for VmOpts {
@@ -97,6 +106,9 @@ impl Default for VmOpts {
             qemu_args: vec![],
             seabios: false,
             null_backend: false,
+            flash_image: None,
+            pflash: false,
+            fw_cfg_cmdline: None,
         }
     }
 }
@@ -256,7 +268,7 @@ impl Outcome {
     }
 }
 
-fn parse_size(s: &str) -> Result<u64> {
+pub fn parse_size(s: &str) -> Result<u64> {
     let (num, mult) = match s.chars().last() {
         Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
         Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
@@ -362,9 +374,6 @@ pub fn run(fw: &Path, o: &VmOpts, cmdline: &str, work: &Path, v: Verbosity) -> R
         "-monitor",
         "none",
     ])
-    .args(["-kernel"])
-    .arg(fw)
-    .args(["-append", cmdline])
     .args(["-serial", &format!("file:{}", com1.display())])
     .args(["-serial", &format!("file:{}", com2.display())])
     .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
@@ -373,8 +382,25 @@ pub fn run(fw: &Path, o: &VmOpts, cmdline: &str, work: &Path, v: Verbosity) -> R
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
-    if !o.seabios {
-        cmd.args(["-bios", "qboot.rom"]);
+    if let Some(img) = &o.flash_image {
+        // The flash image is the firmware: no BIOS, no -kernel; its config area holds the job.
+        if o.pflash {
+            cmd.arg("-drive").arg(format!(
+                "if=pflash,format=raw,readonly=on,file={}",
+                img.display()
+            ));
+        } else {
+            cmd.arg("-bios").arg(img);
+        }
+        if let Some(line) = &o.fw_cfg_cmdline {
+            cmd.arg("-fw_cfg")
+                .arg(format!("name=opt/keel/cmdline,string={line}"));
+        }
+    } else {
+        cmd.arg("-kernel").arg(fw).args(["-append", cmdline]);
+        if !o.seabios {
+            cmd.args(["-bios", "qboot.rom"]);
+        }
     }
     let start = Instant::now();
     let mut child = cmd.spawn().context("starting qemu-system-x86_64")?;

@@ -3,6 +3,10 @@
 //! Boot path: PVH entry (`boot`) → long mode → [`keel_boot_main`]: per-core GDT/TSS/IDT, TSC
 //! calibration, page tables from the boot memory map, local APIC + timer, PCI enumeration,
 //! application processors, then the job named on the boot command line (`jobs`).
+//!
+//! Flash boot (`cargo xtask flash`): the reset stub in `flash` copies the image's segments to RAM
+//! and enters the same PVH entry with a minimal start info; [`check_flash_image`] then verifies
+//! the image's CRC32C as soon as the console, IDT and TSC are up, before anything else.
 #![no_std]
 #![no_main]
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -14,6 +18,7 @@ mod console;
 mod cpu;
 mod cs;
 mod exit;
+mod flash;
 mod hw;
 mod jobs;
 mod logger;
@@ -41,6 +46,7 @@ extern "C" fn keel_boot_main(start_info: u32) -> ! {
     arch::init_core(0);
     time::calibrate();
     println!("keel: x86_64-qemu firmware {}", env!("CARGO_PKG_VERSION"));
+    check_flash_image();
 
     let info = match pvh::parse(start_info) {
         Ok(i) => i,
@@ -49,6 +55,10 @@ extern "C" fn keel_boot_main(start_info: u32) -> ! {
             exit::failure()
         }
     };
+    let mut info = info;
+    if flash::image_base().is_some() {
+        pvh::fw_cfg_cmdline_override(&mut info);
+    }
     if let Err(e) = paging::init(&info.memmap) {
         println!("keel: paging: {:?}", e);
         exit::failure()
@@ -122,6 +132,33 @@ extern "C" fn keel_boot_main(start_info: u32) -> ! {
         }
         Err(e) => {
             keel_log::error!("job {=str}: FAIL: {}", cmdline.job(), e);
+            exit::failure()
+        }
+    }
+}
+
+/// Booted from flash: refuse to run a corrupted image (COM1 and defmt, then a failure exit).
+fn check_flash_image() {
+    match flash::check() {
+        Ok(None) => {}
+        Ok(Some((base, h))) => {
+            println!(
+                "keel: booted from flash image at {:#x}: {} bytes, build id {:016x}, CRC32C {:#010x} ok",
+                base, h.image_len, h.build_id, h.crc
+            );
+            keel_log::info!(
+                "flash image at {=u32:#x}: {=u32} bytes, build id {=u64:016x}, crc ok",
+                base,
+                h.image_len,
+                h.build_id
+            );
+        }
+        Err(e) => {
+            println!("keel: flash image rejected: {}; refusing to boot", e);
+            keel_log::error!(
+                "flash image rejected: {}; refusing to boot",
+                defmt::Display2Format(&e)
+            );
             exit::failure()
         }
     }

@@ -170,3 +170,17 @@ fn fw_cfg_e820(out: &mut Vec<MemRegion, MAX_MEMMAP>) {
         });
     }
 }
+
+/// fw_cfg file that overrides a flash image's config area (`-fw_cfg name=opt/keel/cmdline,...`).
+const CMDLINE_OVERRIDE: &[u8] = b"opt/keel/cmdline";
+
+/// Replaces the command line with fw_cfg `opt/keel/cmdline` when QEMU provides one.
+pub fn fw_cfg_cmdline_override(info: &mut BootInfo) {
+    let Some((sel, size)) = fw_cfg_file(CMDLINE_OVERRIDE) else {
+        return;
+    };
+    fw_cfg_select(sel);
+    let n = (size as usize).min(MAX_CMDLINE);
+    fw_cfg_bytes(&mut info.cmdline[..n]);
+    info.cmdline_len = info.cmdline[..n].iter().position(|&b| b == 0).unwrap_or(n);
+}
