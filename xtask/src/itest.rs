@@ -330,7 +330,7 @@ fn prepare_flash_images(fw: &Path) -> Result<()> {
 }
 
 fn from_flash(o: &Outcome) -> bool {
-    o.has("booted from flash image at 0xffff0000") && o.has("crc ok")
+    o.has("booted from flash image at 0xfff") && o.has("crc ok")
 }
 
 fn flash_cases(base: VmOpts) -> Vec<Case> {
