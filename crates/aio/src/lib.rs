@@ -711,7 +711,6 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     }
 }
 
-#[cfg(not(loom))]
 impl<const N: usize, const W: usize> Default for Aio<N, W> {
     fn default() -> Self {
         Self::new()
