@@ -21,6 +21,26 @@
 //!   `(index, generation)` pair in one critical section before its logging hook runs.
 //! * The free handles are a [`keel_slots::FreeBitmap`]: acquiring a handle is lock-free;
 //!   returning one to `Idle` is a single `fetch_or`.
+//!
+//! ```
+//! use keel_aio::{Aio, IoDesc, IoOp, WaitOutcome};
+//! use keel_slots::words_for;
+//!
+//! static AIO: Aio<64, { words_for(64) }> = Aio::new();
+//!
+//! let io = AIO.wait_for_free(&mut || true)?; // poll closure: drive completions
+//! AIO.define(io, IoDesc { op: IoOp::Read, lba: 0, blocks: 8 })?;
+//! AIO.stage(io)?;
+//! let waiter = io; // references for waiters are taken before submission
+//! let desc = AIO.submit(io)?; // build the device command from `desc`, command id = io.index()
+//! # assert_eq!(desc.blocks, 8);
+//! // ...the completion handler, from the completion entry's command id:
+//! AIO.complete_raw(io.index() as u32, Ok(4096))?;
+//! assert_eq!(AIO.wait(waiter, &mut || true)?, WaitOutcome::Done(Ok(4096)));
+//! assert_eq!(AIO.finish(io)?, Ok(4096)); // back to Idle, generation bumped
+//! assert_eq!(AIO.wait(waiter, &mut || true)?, WaitOutcome::Recycled);
+//! # Ok::<(), keel_aio::AioError>(())
+//! ```
 #![no_std]
 #![forbid(unsafe_code)]
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -711,7 +731,6 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     }
 }
 
-#[cfg(not(loom))]
 impl<const N: usize, const W: usize> Default for Aio<N, W> {
     fn default() -> Self {
         Self::new()

@@ -1,4 +1,5 @@
-//! acquire + release of one slot: keel-slots' bitmap pool against a `Mutex<Vec<usize>>` free
+//! acquire + release of one slot: keel-slots' `SlotPool` (bitmap + generation-checked
+//! handles) and bare `FreeBitmap` against a `Mutex<Vec<usize>>` free
 //! list, crossbeam-queue's `ArrayQueue` and heapless's `mpmc::Queue`, uncontended and with two
 //! threads hammering the same free set.
 //!
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use crossbeam_queue::ArrayQueue;
-use keel_slots::{words_for, SlotPool};
+use keel_slots::{words_for, FreeBitmap, SlotPool};
 
 const SLOTS: usize = 64;
 
@@ -27,6 +28,15 @@ impl FreeSet for SlotPool<SLOTS, { words_for(SLOTS) }> {
     fn give(&self, raw: usize) {
         let h = self.handle_from_raw(raw as u32).unwrap();
         self.release(h).unwrap();
+    }
+}
+
+impl FreeSet for FreeBitmap<{ words_for(SLOTS) }> {
+    fn take(&self) -> Option<usize> {
+        self.acquire()
+    }
+    fn give(&self, index: usize) {
+        self.release(index).unwrap();
     }
 }
 
@@ -104,6 +114,7 @@ fn contended(set: &impl FreeSet, threads: usize, iters: u64) -> Duration {
 
 fn bench(c: &mut Criterion) {
     let pool = SlotPool::<SLOTS, { words_for(SLOTS) }>::new();
+    let bitmap = FreeBitmap::<{ words_for(SLOTS) }>::new(SLOTS).unwrap();
     let mutex = Mutex::new((0..SLOTS).collect::<Vec<_>>());
     let array_queue = ArrayQueue::new(SLOTS);
     #[allow(deprecated)] // heapless 0.9 deprecates `new` (not lock-free under preemption)
@@ -126,7 +137,8 @@ fn bench(c: &mut Criterion) {
                 });
             };
         }
-        one!("keel_slots_bitmap", &pool);
+        one!("keel_slot_pool", &pool);
+        one!("keel_free_bitmap", &bitmap);
         one!("mutex_vec", &mutex);
         one!("crossbeam_array_queue", &array_queue);
         one!("heapless_mpmc", &mpmc);

@@ -146,7 +146,11 @@ impl<const W: usize> FreeBitmap<W> {
                 if prev & mask != 0 {
                     let rest = prev & !mask;
                     let next = if rest == 0 { (w + 1) % W } else { w };
-                    self.hint.store(next, Ordering::Relaxed);
+                    // Write the shared hint only when it moves: a store on every acquire
+                    // would bounce its cache line between cores for nothing.
+                    if next != start {
+                        self.hint.store(next, Ordering::Relaxed);
+                    }
                     return Some(w * BITS + bit);
                 }
                 // Somebody else claimed that bit; retry with what the word holds now.

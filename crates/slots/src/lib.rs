@@ -13,6 +13,20 @@
 //!
 //! All atomics come from one internal `sync` module, which swaps in loom's under `--cfg loom`
 //! (so under loom the constructors are not `const`).
+//!
+//! ```
+//! use keel_slots::{words_for, SlotError, SlotPool};
+//!
+//! static POOL: SlotPool<100, { words_for(100) }> = SlotPool::new();
+//!
+//! let h = POOL.acquire()?;
+//! let raw = h.to_raw(); // e.g. carried through a device or a message
+//! let back = POOL.handle_from_raw(raw)?; // range-checked
+//! POOL.release(back)?;
+//! assert!(matches!(POOL.validate(h), Err(SlotError::Stale { .. })));
+//! assert!(POOL.handle_from_raw(100).is_err()); // index 100 is out of range
+//! # Ok::<(), SlotError>(())
+//! ```
 #![no_std]
 #![forbid(unsafe_code)]
 #![forbid(unsafe_op_in_unsafe_fn)]

@@ -136,7 +136,6 @@ impl<const N: usize, const W: usize> SlotPool<N, W> {
     }
 }
 
-#[cfg(not(loom))]
 impl<const N: usize, const W: usize> Default for SlotPool<N, W> {
     fn default() -> Self {
         Self::new()

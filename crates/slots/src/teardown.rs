@@ -210,7 +210,6 @@ impl Teardown {
     }
 }
 
-#[cfg(not(loom))]
 impl Default for Teardown {
     fn default() -> Self {
         Self::new()
