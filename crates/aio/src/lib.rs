@@ -319,6 +319,7 @@ struct Inner<const N: usize> {
 }
 
 /// What a transition records besides the new state.
+#[derive(Clone, Copy)]
 enum Effect {
     None,
     Define(IoDesc),
@@ -383,16 +384,17 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     /// **The** transition function: every state change of every handle goes through here.
     /// In one critical section it range-checks `index`, compares the generation (if
     /// `expect` is given), checks the current state is `from` (if given; `Idle` has two
-    /// predecessors) and that `current -> to` is legal, applies `effect`, and on a return to
-    /// `Idle` bumps the generation and frees the bitmap bit (one `fetch_or`). A refused
-    /// transition changes nothing.
-    fn transition(
+    /// predecessors) and that every step of `path` is legal from the state before it, then
+    /// applies the steps' effects; a return to `Idle` bumps the generation and frees the
+    /// bitmap bit (one `fetch_or`). A refused transition changes nothing: legality of the
+    /// whole path is checked before anything is written. Multi-step paths (e.g. `Submitted ->
+    /// CompletedIo -> CompletedShared` on the completing core) cost one critical section.
+    fn transition_path(
         &self,
         index: usize,
         expect: Option<u32>,
         from: Option<HandleState>,
-        to: HandleState,
-        effect: Effect,
+        path: &[(HandleState, Effect)],
     ) -> Result<Moved, AioError> {
         self.inner.with(|inner| {
             let next_seq = &mut inner.next_seq;
@@ -409,30 +411,36 @@ impl<const N: usize, const W: usize> Aio<N, W> {
                     });
                 }
             }
-            if !slot.state.can_move_to(to) || from.is_some_and(|f| f != slot.state) {
-                return Err(AioError::IllegalTransition {
-                    index,
-                    from: slot.state,
-                    to,
-                });
+            let mut state = slot.state;
+            for (i, &(to, _)) in path.iter().enumerate() {
+                if !state.can_move_to(to) || (i == 0 && from.is_some_and(|f| f != state)) {
+                    return Err(AioError::IllegalTransition {
+                        index,
+                        from: state,
+                        to,
+                    });
+                }
+                state = to;
             }
             let before = *slot;
-            slot.state = to;
-            match effect {
-                Effect::None => {}
-                Effect::Define(desc) => slot.desc = Some(desc),
-                Effect::Complete(result) => slot.result = Some(result),
-            }
-            if to == HandleState::Submitted {
-                slot.seq = *next_seq;
-                *next_seq = next_seq.wrapping_add(1);
-            }
-            if to == HandleState::Idle {
-                slot.generation = slot.generation.wrapping_add(1);
-                slot.desc = None;
-                slot.result = None;
-                // Invariant: a set bit means Idle. The bit was clear (the handle was held).
-                self.free.release(index).map_err(AioError::Slots)?;
+            for &(to, effect) in path {
+                slot.state = to;
+                match effect {
+                    Effect::None => {}
+                    Effect::Define(desc) => slot.desc = Some(desc),
+                    Effect::Complete(result) => slot.result = Some(result),
+                }
+                if to == HandleState::Submitted {
+                    slot.seq = *next_seq;
+                    *next_seq = next_seq.wrapping_add(1);
+                }
+                if to == HandleState::Idle {
+                    slot.generation = slot.generation.wrapping_add(1);
+                    slot.desc = None;
+                    slot.result = None;
+                    // Invariant: a set bit means Idle. The bit was clear (the handle was held).
+                    self.free.release(index).map_err(AioError::Slots)?;
+                }
             }
             Ok(Moved {
                 // `index < N <= 65536`, so it fits.
@@ -440,6 +448,18 @@ impl<const N: usize, const W: usize> Aio<N, W> {
                 before,
             })
         })
+    }
+
+    /// One step of [`Aio::transition_path`].
+    fn transition(
+        &self,
+        index: usize,
+        expect: Option<u32>,
+        from: Option<HandleState>,
+        to: HandleState,
+        effect: Effect,
+    ) -> Result<Moved, AioError> {
+        self.transition_path(index, expect, from, &[(to, effect)])
     }
 
     /// Takes a free handle (`Idle -> HandedOut`). Lock-free.
@@ -451,6 +471,62 @@ impl<const N: usize, const W: usize> Aio<N, W> {
         Ok(self
             .transition(index, None, None, HandleState::HandedOut, Effect::None)?
             .io)
+    }
+
+    /// The issuer's fast path: acquire a handle, define it and stage it
+    /// (`Idle -> HandedOut -> Defined -> Staged`) in one critical section.
+    ///
+    /// # Errors
+    /// [`AioError::NoFreeHandle`] when every handle is in use.
+    pub fn start(&self, desc: IoDesc) -> Result<IoRef, AioError> {
+        let index = self.free.acquire().ok_or(AioError::NoFreeHandle)?;
+        let path = [
+            (HandleState::HandedOut, Effect::None),
+            (HandleState::Defined, Effect::Define(desc)),
+            (HandleState::Staged, Effect::None),
+        ];
+        Ok(self
+            .transition_path(index, None, Some(HandleState::Idle), &path)?
+            .io)
+    }
+
+    /// The completing core's path: record the device's result and do the shared completion
+    /// work (`Submitted -> CompletedIo -> CompletedShared`) in one critical section.
+    ///
+    /// # Errors
+    /// [`AioError::Stale`] / [`AioError::IllegalTransition`] for a recycled or unsubmitted
+    /// handle (e.g. a duplicate completion from the device).
+    pub fn complete_and_share(&self, io: IoRef, result: IoResult) -> Result<(), AioError> {
+        let path = [
+            (HandleState::CompletedIo, Effect::Complete(result)),
+            (HandleState::CompletedShared, Effect::None),
+        ];
+        self.transition_path(
+            io.index(),
+            Some(io.generation()),
+            Some(HandleState::Submitted),
+            &path,
+        )
+        .map(|_| ())
+    }
+
+    /// The issuer's end: local completion work and reclaim
+    /// (`CompletedShared -> CompletedLocal -> Idle`) in one critical section. Returns the result.
+    ///
+    /// # Errors
+    /// As [`Aio::reclaim`].
+    pub fn complete_local_and_reclaim(&self, io: IoRef) -> Result<IoResult, AioError> {
+        let path = [
+            (HandleState::CompletedLocal, Effect::None),
+            (HandleState::Idle, Effect::None),
+        ];
+        let moved = self.transition_path(
+            io.index(),
+            Some(io.generation()),
+            Some(HandleState::CompletedShared),
+            &path,
+        )?;
+        Ok(moved.before.result.unwrap_or(Err(IoError::Aborted)))
     }
 
     /// Gives back a handle that was never defined (`HandedOut -> Idle`).

@@ -245,17 +245,11 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 return Err(ReactorError::Backpressure);
             }
         }
-        let io = self.aio.acquire().map_err(|_| ReactorError::NoSlot)?;
-        if self
+        // acquire -> define -> stage, in one critical section.
+        let io = self
             .aio
-            .define(io, desc(&op))
-            .and_then(|()| self.aio.stage(io))
-            .is_err()
-        {
-            self.stats.lifecycle_errors += 1;
-            let _ = self.aio.release(io);
-            return Err(ReactorError::NoSlot);
-        }
+            .start(desc(&op))
+            .map_err(|_| ReactorError::NoSlot)?;
         self.cookies[io.index()] = cookie;
         self.issued += 1;
         if local {
@@ -321,11 +315,8 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
 
     /// Issuer-side end of the lifecycle: local completion work, reclaim, hand to the caller.
     fn finish_local(&mut self, io: IoRef, result: Result<(), IoError>) {
-        let ok = self
-            .aio
-            .complete_local(io)
-            .and_then(|()| self.aio.reclaim(io));
-        if ok.is_err() {
+        // complete_local -> reclaim, in one critical section.
+        if self.aio.complete_local_and_reclaim(io).is_err() {
             self.stats.lifecycle_errors += 1;
         }
         self.issued = self.issued.saturating_sub(1);
@@ -343,12 +334,10 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
 
     /// Fails an I/O of ours that never reached a device, through the whole lifecycle.
     fn fail_local(&mut self, io: IoRef, e: IoError) {
-        let r = self
-            .aio
-            .submit(io)
-            .map(|_| ())
-            .and_then(|()| self.aio.complete(io, Err(keel_aio::IoError::Aborted)))
-            .and_then(|()| self.aio.complete_shared(io));
+        let r = self.aio.submit(io).map(|_| ()).and_then(|()| {
+            self.aio
+                .complete_and_share(io, Err(keel_aio::IoError::Aborted))
+        });
         if r.is_err() {
             self.stats.lifecycle_errors += 1;
         }
@@ -429,12 +418,10 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     /// Owner-side refusal of a staged I/O: it still goes through submit/complete so the
     /// issuer sees an ordinary completion.
     fn refuse(&mut self, io: IoRef, origin: Origin, e: IoError) {
-        let r = self
-            .aio
-            .submit(io)
-            .map(|_| ())
-            .and_then(|()| self.aio.complete(io, Err(keel_aio::IoError::Aborted)))
-            .and_then(|()| self.aio.complete_shared(io));
+        let r = self.aio.submit(io).map(|_| ()).and_then(|()| {
+            self.aio
+                .complete_and_share(io, Err(keel_aio::IoError::Aborted))
+        });
         if r.is_err() {
             self.stats.lifecycle_errors += 1;
         }
@@ -518,11 +505,8 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 Err(_) => Err(keel_aio::IoError::Aborted),
             };
             // Shared completion work happens here, on the completing core.
-            if aio
-                .complete(io, aio_result)
-                .and_then(|()| aio.complete_shared(io))
-                .is_err()
-            {
+            // complete -> complete_shared, in one critical section.
+            if aio.complete_and_share(io, aio_result).is_err() {
                 stats.lifecycle_errors += 1;
             }
             if finished.push((io, origin, result)).is_err() {
