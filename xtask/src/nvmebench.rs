@@ -38,39 +38,138 @@ pub fn parse_total(lines: &[String]) -> Option<BenchLine> {
     Some(b)
 }
 
+/// One workload: (name, pattern, bs, qd, stack, cores, firmware options, QEMU nvme ioeventfd).
+type Load = (
+    &'static str,
+    &'static str,
+    &'static str,
+    usize,
+    &'static str,
+    usize,
+    &'static str,
+    bool,
+);
+
+/// A measured row: (name, stack, cores, device settings, result).
+type Row = (&'static str, &'static str, usize, &'static str, BenchLine);
+
 pub fn run_matrix(fw: &Path, secs: u64, cores: &[usize]) -> Result<()> {
     let work = crate::work_dir();
     std::fs::create_dir_all(&work)?;
     let (accel, why) = qemu::choose_accel(qemu::Accel::Auto, fw, &work);
-    // (workload, pattern, bs, qd, stack, cores)
-    let mut loads: Vec<(&str, &str, &str, usize, &str, usize)> = vec![
-        ("4K randread QD1", "randread", "4K", 1, "raw", 1),
-        ("4K randread QD1", "randread", "4K", 1, "full", 1),
-        ("4K randread QD32", "randread", "4K", 32, "raw", 1),
-        ("4K randread QD32", "randread", "4K", 32, "full", 1),
-        ("4K randwrite QD1", "randwrite", "4K", 1, "full", 1),
-        ("4K randwrite QD32", "randwrite", "4K", 32, "full", 1),
-        ("128K seq write QD32", "write", "128K", 32, "full", 1),
+    let mut loads: Vec<Load> = vec![
+        ("4K randread QD1", "randread", "4K", 1, "raw", 1, "", false),
+        (
+            "4K randread QD1",
+            "randread",
+            "4K",
+            1,
+            "raw",
+            1,
+            "dbbuf=on",
+            false,
+        ),
+        (
+            "4K randread QD1",
+            "randread",
+            "4K",
+            1,
+            "full",
+            1,
+            "dbbuf=on",
+            false,
+        ),
+        (
+            "4K randread QD32",
+            "randread",
+            "4K",
+            32,
+            "raw",
+            1,
+            "",
+            false,
+        ),
+        ("4K randread QD32", "randread", "4K", 32, "raw", 1, "", true),
+        (
+            "4K randread QD32",
+            "randread",
+            "4K",
+            32,
+            "full",
+            1,
+            "",
+            true,
+        ),
+        (
+            "4K randwrite QD1",
+            "randwrite",
+            "4K",
+            1,
+            "full",
+            1,
+            "dbbuf=on",
+            false,
+        ),
+        (
+            "4K randwrite QD32",
+            "randwrite",
+            "4K",
+            32,
+            "full",
+            1,
+            "",
+            true,
+        ),
+        (
+            "128K seq write QD32",
+            "write",
+            "128K",
+            32,
+            "full",
+            1,
+            "",
+            true,
+        ),
     ];
     for &c in cores.iter().filter(|&&c| c > 1) {
-        loads.push(("4K randread QD32", "randread", "4K", 32, "full", c));
+        loads.push((
+            "4K randread QD32",
+            "randread",
+            "4K",
+            32,
+            "full",
+            c,
+            "",
+            true,
+        ));
     }
     println!("xtask: NVMe bench on QEMU ({why}), null-backed namespace, {secs} s per workload");
-    let mut rows = vec![];
-    for (i, &(name, pat, bs, qd, stack, c)) in loads.iter().enumerate() {
-        let cmdline = format!(
-            "bench pattern={pat} bs={bs} qd={qd} secs={secs} cores={c} raw={}",
-            if stack == "raw" { "on" } else { "off" }
-        );
+    let mut rows: Vec<Row> = vec![];
+    for (i, &(name, pat, bs, qd, stack, c, extra, ioeventfd)) in loads.iter().enumerate() {
+        let raw = if stack == "raw" { "on" } else { "off" };
+        let cmdline =
+            format!("bench pattern={pat} bs={bs} qd={qd} secs={secs} cores={c} raw={raw} {extra}");
+        let cmdline = cmdline.trim().to_string();
+        let note = if ioeventfd {
+            " (QEMU nvme.ioeventfd=on)"
+        } else {
+            ""
+        };
         qemu::progress(
             false,
-            &format!("xtask: [{}/{}] {cmdline}", i + 1, loads.len()),
+            &format!("xtask: [{}/{}] {cmdline}{note}", i + 1, loads.len()),
         );
+        let qemu_args = if ioeventfd {
+            vec!["-global".to_string(), "nvme.ioeventfd=on".to_string()]
+        } else {
+            vec![]
+        };
         let vm = VmOpts {
             accel,
             smp: c,
             timeout: secs * 4 + 30,
             null_backend: true,
+            qemu_args,
             ..VmOpts::default()
         };
         let out = qemu::run(fw, &vm, &cmdline, &work, qemu::Verbosity::Quiet)?;
@@ -81,45 +180,70 @@ pub fn run_matrix(fw: &Path, secs: u64, cores: &[usize]) -> Result<()> {
             }
             bail!("bench '{cmdline}' failed: {}", out.verdict());
         }
-        rows.push((name, stack, c, b.unwrap_or_default()));
+        let device = match (extra.contains("dbbuf=on"), ioeventfd) {
+            (true, true) => "dbbuf+ioeventfd",
+            (true, false) => "dbbuf",
+            (false, true) => "ioeventfd",
+            (false, false) => "default",
+        };
+        rows.push((name, stack, c, device, b.unwrap_or_default()));
     }
     println!();
     println!(
-        "{:<22} {:<6} {:>5} {:>11} {:>9} {:>9} {:>9} {:>7}",
-        "workload", "stack", "cores", "IOPS", "MB/s", "avg µs", "p99 µs", "errors"
+        "{:<22} {:<6} {:<10} {:>5} {:>11} {:>9} {:>9} {:>9} {:>7}",
+        "workload", "stack", "device", "cores", "IOPS", "MB/s", "avg µs", "p99 µs", "errors"
     );
     println!(
-        "{:-<22} {:-<6} {:->5} {:->11} {:->9} {:->9} {:->9} {:->7}",
-        "", "", "", "", "", "", "", ""
+        "{:-<22} {:-<6} {:-<10} {:->5} {:->11} {:->9} {:->9} {:->9} {:->7}",
+        "", "", "", "", "", "", "", "", ""
     );
-    for (n, st, c, b) in &rows {
+    for (n, st, c, dev, b) in &rows {
         println!(
-            "{n:<22} {st:<6} {c:>5} {:>11.0} {:>9.1} {:>9.2} {:>9.0} {:>7}",
+            "{n:<22} {st:<6} {dev:<10} {c:>5} {:>11.0} {:>9.1} {:>9.2} {:>9.0} {:>7}",
             b.iops, b.mbps, b.avg_us, b.p99_us, b.errors
         );
     }
-    let find = |n: &str, st: &str, c: usize| {
+    println!("device: default = QEMU 7.2 nvme defaults; dbbuf = shadow doorbells (firmware dbbuf=on); ioeventfd = -global nvme.ioeventfd=on");
+    let find = |n: &str, st: &str, c: usize, dev: &str| {
         rows.iter()
-            .find(|r| r.0 == n && r.1 == st && r.2 == c)
-            .map(|r| r.3.clone())
+            .find(|r| r.0 == n && r.1 == st && r.2 == c && r.3 == dev)
+            .map(|r| r.4.clone())
     };
     println!();
     println!("ratios measured in this run:");
-    for n in ["4K randread QD1", "4K randread QD32"] {
-        if let (Some(full), Some(raw)) = (find(n, "full", 1), find(n, "raw", 1)) {
+    for (n, dev) in [
+        ("4K randread QD1", "dbbuf"),
+        ("4K randread QD32", "ioeventfd"),
+    ] {
+        if let (Some(full), Some(raw)) = (find(n, "full", 1, dev), find(n, "raw", 1, dev)) {
             println!(
                 "  {n:<18} full stack / raw loop IOPS = {:.2} (goal >= 0.90)",
                 full.iops / raw.iops.max(1.0)
             );
         }
     }
-    if let Some(one) = find("4K randread QD32", "full", 1) {
+    if let (Some(t), Some(d)) = (
+        find("4K randread QD1", "raw", 1, "dbbuf"),
+        find("4K randread QD1", "raw", 1, "default"),
+    ) {
+        println!(
+            "  4K randread QD1    raw, dbbuf / default device IOPS = {:.2}",
+            t.iops / d.iops.max(1.0)
+        );
+    }
+    if let (Some(t), Some(d)) = (
+        find("4K randread QD32", "raw", 1, "ioeventfd"),
+        find("4K randread QD32", "raw", 1, "default"),
+    ) {
+        println!(
+            "  4K randread QD32   raw, ioeventfd / default device IOPS = {:.2}",
+            t.iops / d.iops.max(1.0)
+        );
+    }
+    if let Some(one) = find("4K randread QD32", "full", 1, "ioeventfd") {
         for &c in cores.iter().filter(|&&c| c > 1) {
-            if let Some(b) = find("4K randread QD32", "full", c) {
-                println!(
-                    "  4K randread QD32    {c} cores / 1 core IOPS = {:.2}",
-                    b.iops / one.iops.max(1.0)
-                );
+            if let Some(b) = find("4K randread QD32", "full", c, "ioeventfd") {
+                println!("  4K randread QD32   {c} cores / 1 core IOPS = {:.2} (this host has {} CPUs for all vCPUs and QEMU's device thread)", b.iops / one.iops.max(1.0), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
             }
         }
     }
