@@ -211,41 +211,42 @@ pub fn run_matrix(fw: &Path, secs: u64, cores: &[usize]) -> Result<()> {
     };
     println!();
     println!("ratios measured in this run:");
-    for (n, dev) in [
-        ("4K randread QD1", "dbbuf"),
-        ("4K randread QD32", "ioeventfd"),
-    ] {
-        if let (Some(full), Some(raw)) = (find(n, "full", 1, dev), find(n, "raw", 1, dev)) {
-            println!(
-                "  {n:<18} full stack / raw loop IOPS = {:.2} (goal >= 0.90)",
-                full.iops / raw.iops.max(1.0)
-            );
+    let ratio = |label: String, num: Option<BenchLine>, den: Option<BenchLine>| {
+        if let (Some(n), Some(d)) = (num, den) {
+            println!("  {label} = {:.2}", n.iops / d.iops.max(1.0));
         }
-    }
-    if let (Some(t), Some(d)) = (
-        find("4K randread QD1", "raw", 1, "dbbuf"),
-        find("4K randread QD1", "raw", 1, "default"),
-    ) {
-        println!(
-            "  4K randread QD1    raw, dbbuf / default device IOPS = {:.2}",
-            t.iops / d.iops.max(1.0)
+    };
+    let qd1 = "4K randread QD1";
+    let qd32 = "4K randread QD32";
+    ratio(
+        format!("{qd1:<18} full stack / raw loop IOPS (goal >= 0.90)"),
+        find(qd1, "full", 1, "dbbuf"),
+        find(qd1, "raw", 1, "dbbuf"),
+    );
+    ratio(
+        format!("{qd32:<18} full stack / raw loop IOPS (goal >= 0.90)"),
+        find(qd32, "full", 1, "ioeventfd"),
+        find(qd32, "raw", 1, "ioeventfd"),
+    );
+    ratio(
+        format!("{qd1:<18} raw, dbbuf / default device IOPS"),
+        find(qd1, "raw", 1, "dbbuf"),
+        find(qd1, "raw", 1, "default"),
+    );
+    ratio(
+        format!("{qd32:<18} raw, ioeventfd / default device IOPS"),
+        find(qd32, "raw", 1, "ioeventfd"),
+        find(qd32, "raw", 1, "default"),
+    );
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    for &c in cores.iter().filter(|&&c| c > 1) {
+        ratio(
+            format!("{qd32:<18} {c} cores / 1 core IOPS (this host has {cpus} CPUs for all vCPUs and QEMU's device thread)"),
+            find(qd32, "full", c, "ioeventfd"),
+            find(qd32, "full", 1, "ioeventfd"),
         );
-    }
-    if let (Some(t), Some(d)) = (
-        find("4K randread QD32", "raw", 1, "ioeventfd"),
-        find("4K randread QD32", "raw", 1, "default"),
-    ) {
-        println!(
-            "  4K randread QD32   raw, ioeventfd / default device IOPS = {:.2}",
-            t.iops / d.iops.max(1.0)
-        );
-    }
-    if let Some(one) = find("4K randread QD32", "full", 1, "ioeventfd") {
-        for &c in cores.iter().filter(|&&c| c > 1) {
-            if let Some(b) = find("4K randread QD32", "full", c, "ioeventfd") {
-                println!("  4K randread QD32   {c} cores / 1 core IOPS = {:.2} (this host has {} CPUs for all vCPUs and QEMU's device thread)", b.iops / one.iops.max(1.0), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
-            }
-        }
     }
     println!("  reference (issue text, same device under TCG): SPDK perf 327k IOPS QD32, 39k IOPS / 25 µs QD1");
     Ok(())
