@@ -228,6 +228,20 @@ fn cases() -> Vec<Case> {
             ],
         ),
         case(
+            "critical sections exclude all cores",
+            vm(4),
+            "cs iters=100000",
+            true,
+            vec![
+                ("no increment lost on 4 cores", |o| {
+                    o.has("= 400000 (expected 400000)")
+                }),
+                ("interrupts restored", |o| {
+                    o.has("interrupts left masked 0 times")
+                }),
+            ],
+        ),
+        case(
             "fault: ud2",
             vm(1),
             "fault kind=ud2",

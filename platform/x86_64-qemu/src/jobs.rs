@@ -45,6 +45,10 @@ pub const JOBS: &[(&str, &str)] = &[
     ("panic", "panic on purpose [msg=text]"),
     ("hang", "spin forever (tests the host-side timeout)"),
     (
+        "cs",
+        "every core does non-atomic increments inside nested critical sections [iters=200000]",
+    ),
+    (
         "selftest",
         "write, read back and verify every namespace and transfer shape [ns=N seed=N dbbuf=on]",
     ),
@@ -62,6 +66,7 @@ pub fn run<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     let job = cl.job();
     match job {
         "boot" => boot(cl, p),
+        "cs" => cs_stress(cl, p),
         "selftest" => crate::nvme_jobs::selftest(cl, p),
         "scrub" => crate::nvme_jobs::scrub(cl, p),
         "bench" => crate::nvme_jobs::bench(cl, p),
@@ -152,4 +157,64 @@ fn fault<'a>(cl: &Cmdline<'a>) -> Result<(), JobError<'a>> {
         _ => unsafe { core::arch::asm!("mov ss, {0:x}", in(reg) 0x1234u16) },
     }
     Err(JobError::Failed("the fault did not fault"))
+}
+
+/// A plain (non-atomic) counter: only correct if critical sections exclude every other core
+/// and this core's interrupt handlers.
+static CS_COUNTER: critical_section::Mutex<core::cell::Cell<u64>> =
+    critical_section::Mutex::new(core::cell::Cell::new(0));
+static CS_ITERS: AtomicUsize = AtomicUsize::new(0);
+static CS_BAD_IF: AtomicUsize = AtomicUsize::new(0);
+
+fn cs_worker(_core: usize, _arg: usize) {
+    let iters = CS_ITERS.load(Ordering::Acquire);
+    for i in 0..iters {
+        critical_section::with(|cs| {
+            let c = CS_COUNTER.borrow(cs);
+            let v = c.get();
+            if i % 8 == 0 {
+                // A nested section on the same core must not deadlock.
+                critical_section::with(|_| core::hint::spin_loop());
+            }
+            c.set(v + 1);
+        });
+        if i % 1024 == 0 && !x86_64::instructions::interrupts::are_enabled() {
+            CS_BAD_IF.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn cs_stress<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
+    let iters = cl.u64("iters", 200_000)? as usize;
+    cl.finish()?;
+    keel_log::info!("job cs: start");
+    CS_ITERS.store(iters, Ordering::Release);
+    let ticks0 = crate::arch::TICKS.load(Ordering::Relaxed);
+    for core in 1..p.cores {
+        crate::smp::post(core, cs_worker, 0)
+            .map_err(|_| JobError::Failed("could not post work to an AP"))?;
+    }
+    cs_worker(0, 0);
+    while !(1..p.cores).all(crate::smp::done) {
+        core::hint::spin_loop();
+    }
+    let total = critical_section::with(|cs| CS_COUNTER.borrow(cs).get());
+    let want = (iters * p.cores) as u64;
+    let ticks = crate::arch::TICKS.load(Ordering::Relaxed) - ticks0;
+    let bad_if = CS_BAD_IF.load(Ordering::Relaxed);
+    keel_log::info!(
+        "cs: {=usize} cores x {=usize} increments = {=u64} (expected {=u64}); timer ticks meanwhile {=u64}; interrupts left masked {=usize} times",
+        p.cores, iters, total, want, ticks, bad_if
+    );
+    if total != want {
+        return Err(JobError::Failed(
+            "critical sections did not exclude each other: increments lost",
+        ));
+    }
+    if bad_if != 0 {
+        return Err(JobError::Failed(
+            "a critical section left interrupts masked",
+        ));
+    }
+    Ok(())
 }
