@@ -332,6 +332,68 @@ struct Moved {
     before: Slot,
 }
 
+/// Transitions made inside one critical section: see [`Aio::batch`].
+pub struct Batch<'a, const N: usize, const W: usize> {
+    aio: &'a Aio<N, W>,
+    inner: &'a mut Inner<N>,
+}
+
+impl<const N: usize, const W: usize> Batch<'_, N, W> {
+    /// As [`Aio::submit`].
+    pub fn submit(&mut self, io: IoRef) -> Result<IoDesc, AioError> {
+        let path = [(HandleState::Submitted, Effect::None)];
+        let moved = self.aio.apply_path(
+            self.inner,
+            io.index(),
+            Some(io.generation()),
+            Some(HandleState::Staged),
+            &path,
+        )?;
+        moved.before.desc.ok_or(AioError::IllegalTransition {
+            index: io.index(),
+            from: moved.before.state,
+            to: HandleState::Submitted,
+        })
+    }
+
+    /// As [`Aio::complete_and_share`].
+    pub fn complete_and_share(&mut self, io: IoRef, result: IoResult) -> Result<(), AioError> {
+        let path = [
+            (HandleState::CompletedIo, Effect::Complete(result)),
+            (HandleState::CompletedShared, Effect::None),
+        ];
+        self.aio
+            .apply_path(
+                self.inner,
+                io.index(),
+                Some(io.generation()),
+                Some(HandleState::Submitted),
+                &path,
+            )
+            .map(|_| ())
+    }
+
+    /// For an I/O completing on the core that issued it: the whole completion path
+    /// (`Submitted -> CompletedIo -> CompletedShared -> CompletedLocal -> Idle`) at once.
+    pub fn complete_and_reclaim(&mut self, io: IoRef, result: IoResult) -> Result<(), AioError> {
+        let path = [
+            (HandleState::CompletedIo, Effect::Complete(result)),
+            (HandleState::CompletedShared, Effect::None),
+            (HandleState::CompletedLocal, Effect::None),
+            (HandleState::Idle, Effect::None),
+        ];
+        self.aio
+            .apply_path(
+                self.inner,
+                io.index(),
+                Some(io.generation()),
+                Some(HandleState::Submitted),
+                &path,
+            )
+            .map(|_| ())
+    }
+}
+
 /// `N` I/O handles (`W = keel_slots::words_for(N)` words of free bitmap; `N` is checked
 /// against `W` at compile time and must be at most 65 536).
 pub struct Aio<const N: usize, const W: usize> {
@@ -389,14 +451,15 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     /// bitmap bit (one `fetch_or`). A refused transition changes nothing: legality of the
     /// whole path is checked before anything is written. Multi-step paths (e.g. `Submitted ->
     /// CompletedIo -> CompletedShared` on the completing core) cost one critical section.
-    fn transition_path(
+    fn apply_path(
         &self,
+        inner: &mut Inner<N>,
         index: usize,
         expect: Option<u32>,
         from: Option<HandleState>,
         path: &[(HandleState, Effect)],
     ) -> Result<Moved, AioError> {
-        self.inner.with(|inner| {
+        {
             let next_seq = &mut inner.next_seq;
             let slot = inner
                 .slots
@@ -447,7 +510,25 @@ impl<const N: usize, const W: usize> Aio<N, W> {
                 io: IoRef::new(index as u16, before.generation),
                 before,
             })
-        })
+        }
+    }
+
+    fn transition_path(
+        &self,
+        index: usize,
+        expect: Option<u32>,
+        from: Option<HandleState>,
+        path: &[(HandleState, Effect)],
+    ) -> Result<Moved, AioError> {
+        self.inner
+            .with(|inner| self.apply_path(inner, index, expect, from, path))
+    }
+
+    /// Runs several transitions inside **one** critical section (a submission burst, a batch
+    /// of completions). Each goes through the same checked path function as a single call;
+    /// keep `f` short: interrupts are masked while it runs.
+    pub fn batch<R>(&self, f: impl FnOnce(&mut Batch<'_, N, W>) -> R) -> R {
+        self.inner.with(|inner| f(&mut Batch { aio: self, inner }))
     }
 
     /// One step of [`Aio::transition_path`].

@@ -71,3 +71,24 @@ fn start_reports_exhaustion() {
     assert_eq!(aio.start(desc()), Err(AioError::NoFreeHandle));
     assert_eq!(held.len(), N);
 }
+
+#[test]
+fn batch_applies_each_transition_with_the_same_checks() {
+    let aio = A::new();
+    let a = aio.start(desc()).unwrap();
+    let b = aio.start(desc()).unwrap();
+    // One critical section: submit both, complete one fully, refuse a bogus completion.
+    let (sa, sb, bogus) = aio.batch(|t| (t.submit(a), t.submit(b), t.complete_and_share(a, Ok(3))));
+    assert_eq!((sa.unwrap(), sb.unwrap()), (desc(), desc()));
+    assert!(bogus.is_ok());
+    aio.batch(|t| {
+        assert!(
+            t.complete_and_reclaim(a, Ok(0)).is_err(),
+            "a is past Submitted: refused"
+        );
+        t.complete_and_reclaim(b, Ok(4)).unwrap();
+        assert!(t.submit(b).is_err(), "b was reclaimed: stale");
+    });
+    assert_eq!(aio.complete_local_and_reclaim(a).unwrap(), Ok(3));
+    assert_eq!(aio.free_count(), N);
+}

@@ -319,6 +319,11 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         if self.aio.complete_local_and_reclaim(io).is_err() {
             self.stats.lifecycle_errors += 1;
         }
+        self.deliver(io, result);
+    }
+
+    /// Hands a finished I/O (already back in the handle array) to this core's code.
+    fn deliver(&mut self, io: IoRef, result: Result<(), IoError>) {
         self.issued = self.issued.saturating_sub(1);
         if self
             .done
@@ -430,14 +435,14 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
 
     fn submit_staged(&mut self) -> usize {
         let mut n = 0;
+        // Handles accepted by the queue, marked Submitted together in one critical section
+        // before the doorbell (the device cannot see them earlier).
+        let mut accepted: heapless::Vec<IoRef, REAP_BATCH> = heapless::Vec::new();
         while let Some(&(io, op, origin)) = self.staged.front() {
             let Some(q) = self.queue.as_mut() else { break };
             match q.submit(op, tag_of(io)) {
                 Ok(()) => {
                     self.staged.pop_front();
-                    if self.aio.submit(io).is_err() {
-                        self.stats.lifecycle_errors += 1;
-                    }
                     self.on_queue[io.index()] = Some((io, origin));
                     self.on_queue_count += 1;
                     self.stats.submitted += 1;
@@ -445,6 +450,11 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                         self.stats.remote_served += 1;
                     }
                     n += 1;
+                    if accepted.push(io).is_err() {
+                        self.mark_submitted(&accepted);
+                        accepted.clear();
+                        let _ = accepted.push(io);
+                    }
                 }
                 Err(SubmitError::QueueFull) => break, // stays staged
                 Err(e) => {
@@ -458,12 +468,23 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 }
             }
         }
+        self.mark_submitted(&accepted);
         if n > 0 {
             if let Some(q) = self.queue.as_mut() {
                 q.flush_submissions();
             }
         }
         n
+    }
+
+    fn mark_submitted(&mut self, ios: &[IoRef]) {
+        if ios.is_empty() {
+            return;
+        }
+        let errors = self
+            .aio
+            .batch(|b| ios.iter().filter(|&&io| b.submit(io).is_err()).count());
+        self.stats.lifecycle_errors += errors as u64;
     }
 
     /// Reaps device completions in batches of [`REAP_BATCH`], so the stack holds one batch, not
@@ -484,8 +505,10 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             return 0;
         };
         let (aio, on_queue, stats) = (self.aio, &mut self.on_queue, &mut self.stats);
-        let mut finished: heapless::Vec<(IoRef, Origin, Result<(), IoError>), REAP_BATCH> =
-            heapless::Vec::new();
+        let mut finished: heapless::Vec<
+            (IoRef, Origin, Result<(), IoError>, keel_aio::IoResult),
+            REAP_BATCH,
+        > = heapless::Vec::new();
         let reported = q.poll(REAP_BATCH, &mut |tag, result| {
             // The tag came back from the device: range-check it and match it against what
             // this core submitted for that handle.
@@ -504,23 +527,34 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 Err(IoError::Device { code }) => Err(keel_aio::IoError::Device { status: code }),
                 Err(_) => Err(keel_aio::IoError::Aborted),
             };
-            // Shared completion work happens here, on the completing core.
-            // complete -> complete_shared, in one critical section.
-            if aio.complete_and_share(io, aio_result).is_err() {
-                stats.lifecycle_errors += 1;
-            }
-            if finished.push((io, origin, result)).is_err() {
+            if finished.push((io, origin, result, aio_result)).is_err() {
                 stats.dropped += 1;
             }
         });
+        // The whole batch's lifecycle work in one critical section, on the completing core:
+        // shared completion for every I/O, and for this core's own I/O the local completion
+        // and the reclaim too.
+        let errors = aio.batch(|b| {
+            finished
+                .iter()
+                .filter(|&&(io, origin, _, r)| match origin {
+                    Origin::Local => b.complete_and_reclaim(io, r).is_err(),
+                    Origin::Remote { .. } => b.complete_and_share(io, r).is_err(),
+                })
+                .count()
+        });
+        self.stats.lifecycle_errors += errors as u64;
         self.on_queue_count -= finished.len();
-        for (io, origin, result) in finished {
+        for (io, origin, result, _) in finished {
             if result.is_ok() {
                 self.stats.completed_ok += 1;
             } else {
                 self.stats.failed += 1;
             }
-            self.route(io, origin, result);
+            match origin {
+                Origin::Local => self.deliver(io, result),
+                Origin::Remote { core } => self.answer(core, io, result),
+            }
         }
         reported
     }
