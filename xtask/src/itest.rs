@@ -719,6 +719,51 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             })],
         ),
     ];
+    // blkdebug: QEMU fails exactly these sectors; the scan must name exactly these LBAs.
+    let read_conf = work.join("blkdebug-read.conf");
+    std::fs::write(&read_conf, "[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\nsector = \"1000\"\n\n[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\nsector = \"5003\"\n")?;
+    let write_conf = work.join("blkdebug-write.conf");
+    std::fs::write(
+        &write_conf,
+        "[inject-error]\nevent = \"write_aio\"\nerrno = \"5\"\nsector = \"300\"\n",
+    )?;
+    v.push(case(
+        "blkdebug EIO on reads: exact LBAs",
+        VmOpts {
+            blkdebug: Some(read_conf),
+            ..vm(1)
+        },
+        "scan blocks=8192",
+        true,
+        vec![
+            ("lba 1000 reported", |o| {
+                o.has("read error at lba 1000..=1000 (1 blocks)")
+            }),
+            ("lba 5003 reported", |o| {
+                o.has("read error at lba 5003..=5003 (1 blocks)")
+            }),
+            ("nothing else, scan continued", |o| {
+                o.has("read: 2 bad blocks in 2 ranges, the rest ok")
+            }),
+        ],
+    ));
+    v.push(case(
+        "blkdebug EIO on writes: exact LBAs",
+        VmOpts {
+            blkdebug: Some(write_conf),
+            ..vm(1)
+        },
+        "scan blocks=4096 write=on",
+        true,
+        vec![
+            ("lba 300 reported", |o| {
+                o.has("write error at lba 300..=300 (1 blocks)")
+            }),
+            ("nothing else, scan continued", |o| {
+                o.has("write: 1 bad blocks in 1 ranges, the rest ok")
+            }),
+        ],
+    ));
     // scrub: the driver's reads against the host's view of the same image.
     let img = work.join("scrub-src.img");
     let crc = random_image(&img, 8 << 20)?;

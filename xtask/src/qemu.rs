@@ -72,6 +72,10 @@ pub struct VmOpts {
     /// Boot with SeaBIOS instead of qboot (slower; assigns PCI BARs itself).
     #[arg(long)]
     pub seabios: bool,
+    /// Put namespace 1 behind QEMU's blkdebug driver with this config file (error injection,
+    /// e.g. `[inject-error]` with `event = "read_aio"`, `errno = "5"`, `sector = "1000"`).
+    #[arg(long)]
+    pub blkdebug: Option<PathBuf>,
     /// Back the namespaces with QEMU's null-co driver (reads return zeroes, writes are dropped):
     /// measures the driver and QEMU's device emulation, not the host's disk.
     #[arg(long)]
@@ -106,6 +110,7 @@ impl Default for VmOpts {
             qemu_args: vec![],
             seabios: false,
             null_backend: false,
+            blkdebug: None,
             flash_image: None,
             pflash: false,
             fw_cfg_cmdline: None,
@@ -321,9 +326,12 @@ fn nvme_args(o: &VmOpts, work: &Path) -> Result<Vec<String>> {
             }
         };
         a.push("-drive".into());
+        let file = match (&o.blkdebug, ns) {
+            (Some(conf), 1) => format!("blkdebug:{}:{}", conf.display(), path.display()),
+            _ => path.display().to_string(),
+        };
         a.push(format!(
-            "file={},if=none,id=ns{ns},format=raw,cache=unsafe",
-            path.display()
+            "file={file},if=none,id=ns{ns},format=raw,cache=unsafe"
         ));
         a.push("-device".into());
         a.push(format!(

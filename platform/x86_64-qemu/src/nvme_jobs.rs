@@ -425,3 +425,95 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     }
     Ok(())
 }
+
+// ---- scan: find exactly which blocks fail, report them, keep going ------------------------
+
+/// Most failing ranges one scan reports.
+const MAX_BAD_RANGES: usize = 32;
+
+/// `scan`: reads (or writes a pattern to) a range in chunks; a failing chunk is bisected to
+/// single blocks so the exact failing LBA ranges are reported, and the scan continues.
+pub fn scan<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
+    let nsid = cl.u64("ns", 1)? as u32;
+    let lba0 = cl.u64("lba", 0)?;
+    let blocks_opt = cl.u64("blocks", 0)?;
+    let chunk = cl.u64("chunk", 64)?.clamp(1, 256) as u32;
+    let write = cl.bool("write", false)?;
+    let mut ctrl = open(p, cl)?;
+    cl.finish()?;
+    keel_log::info!("job scan: start");
+    let ns = *ctrl
+        .namespace(nsid)
+        .ok_or(JobError::Failed("no such namespace"))?;
+    let blocks = if blocks_opt == 0 {
+        ns.blocks.saturating_sub(lba0)
+    } else {
+        blocks_opt
+    };
+    if lba0.checked_add(blocks).is_none_or(|e| e > ns.blocks) {
+        return Err(JobError::Failed("scan range past the end of the namespace"));
+    }
+    let mut qp = qpair(&mut ctrl, p, 1)?;
+    let bs = ns.block_size as usize;
+    let buf = storage::dma(&p.dma, chunk as usize * bs).map_err(fail("DMA pool exhausted"))?;
+    let op = |lba: u64, n: u32| -> Result<BlockOp, JobError<'a>> {
+        let b = BufRef::new(&buf, 0, n as usize * bs).map_err(|_| JobError::Failed("buffer"))?;
+        Ok(if write {
+            BlockOp::Write {
+                ns: nsid,
+                lba,
+                blocks: n,
+                buf: b,
+            }
+        } else {
+            BlockOp::Read {
+                ns: nsid,
+                lba,
+                blocks: n,
+                buf: b,
+            }
+        })
+    };
+    let mut bad: heapless::Vec<(u64, u64), MAX_BAD_RANGES> = heapless::Vec::new();
+    let mut bad_blocks = 0u64;
+    let mut at = lba0;
+    while at < lba0 + blocks {
+        let n = (chunk as u64).min(lba0 + blocks - at) as u32;
+        if storage::sync_op(&mut qp, op(at, n)?).is_err() {
+            // Bisect the chunk to single blocks.
+            for lba in at..at + n as u64 {
+                if let Err(e) = storage::sync_op(&mut qp, op(lba, 1)?) {
+                    bad_blocks += 1;
+                    match bad.last_mut() {
+                        Some((_, end)) if *end + 1 == lba => *end = lba,
+                        _ => {
+                            if bad.push((lba, lba)).is_err() {
+                                keel_log::warn!(
+                                    "scan: more than {=usize} bad ranges; counting only",
+                                    MAX_BAD_RANGES
+                                );
+                            }
+                        }
+                    }
+                    keel_log::debug!("scan: lba {=u64}: {}", lba, e);
+                }
+            }
+        }
+        at += n as u64;
+    }
+    let what = if write { "write" } else { "read" };
+    for (a, b) in &bad {
+        keel_log::info!(
+            "scan: {=str} error at lba {=u64}..={=u64} ({=u64} blocks)",
+            what,
+            *a,
+            *b,
+            b - a + 1
+        );
+    }
+    keel_log::info!(
+        "scan ns={=u32} lba={=u64} blocks={=u64} {=str}: {=u64} bad blocks in {=usize} ranges, the rest ok; queue stats {}",
+        nsid, lba0, blocks, what, bad_blocks, bad.len(), qp.stats()
+    );
+    Ok(())
+}
