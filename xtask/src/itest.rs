@@ -764,6 +764,23 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             }),
         ],
     ));
+    v.push(case(
+        "CSTS.CFS from a queue at unmapped memory",
+        vm(1),
+        "cfs inflight=16",
+        true,
+        vec![
+            ("fatal status detected", |o| {
+                o.has("cfs: controller fatal status after")
+            }),
+            ("reset, every in-flight command reported once", |o| {
+                o.has("16 commands in flight at the failure") && o.has(" 0 lost;")
+            }),
+            ("new I/O verified after recovery", |o| {
+                o.has("controller recovered; new I/O verified")
+            }),
+        ],
+    ));
     // scrub: the driver's reads against the host's view of the same image.
     let img = work.join("scrub-src.img");
     let crc = random_image(&img, 8 << 20)?;

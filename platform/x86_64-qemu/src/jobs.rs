@@ -70,6 +70,7 @@ pub fn run<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
         "selftest" => crate::nvme_jobs::selftest(cl, p),
         "scrub" => crate::nvme_jobs::scrub(cl, p),
         "scan" => crate::nvme_jobs::scan(cl, p),
+        "cfs" => crate::nvme_jobs::cfs(cl, p),
         "bench" => crate::nvme_jobs::bench(cl, p),
         "reactor" => crate::reactor_job::run(cl, p),
         "fault" => fault(cl),

@@ -517,3 +517,134 @@ pub fn scan<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     );
     Ok(())
 }
+
+// ---- cfs: a queue pointed at unmapped memory, controller fatal status, recovery ------------
+
+/// `cfs`: creates an extra I/O queue pair by hand whose submission queue lives at an address no
+/// RAM backs, rings its doorbell so the controller fails to fetch a command and sets CSTS.CFS,
+/// then recovers with a controller reset. Commands that were on a healthy queue pair at the
+/// time are resubmitted or failed (each reported exactly once), and new I/O is verified.
+pub fn cfs<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
+    use keel_hal::{DmaAllocator, Mmio};
+    use keel_nvme::spec::{admin_op, sq_doorbell, SqEntry};
+    let inflight = cl.u64("inflight", 16)?.clamp(1, 64) as u32;
+    let mut ctrl = open(p, cl)?;
+    cl.finish()?;
+    keel_log::info!("job cfs: start");
+    let ns = *ctrl
+        .namespace(1)
+        .ok_or(JobError::Failed("no namespace 1"))?;
+    let mut qp = qpair(&mut ctrl, p, 1)?;
+    let bs = ns.block_size as usize;
+    let bufs = storage::dma(&p.dma, inflight as usize * bs).map_err(fail("DMA pool exhausted"))?;
+    // Half of these reach the device before the failure (doorbell rung), half only sit in the SQ.
+    for tag in 0..inflight {
+        let buf =
+            BufRef::new(&bufs, tag as usize * bs, bs).map_err(|_| JobError::Failed("buffer"))?;
+        qp.submit(
+            BlockOp::Read {
+                ns: 1,
+                lba: tag as u64,
+                blocks: 1,
+                buf,
+            },
+            tag,
+        )
+        .map_err(|_| JobError::Failed("submit"))?;
+        if tag == inflight / 2 {
+            qp.flush_submissions();
+        }
+    }
+
+    // The hostile queue: a real completion queue, a submission queue at an unbacked address.
+    let qid: u16 = 2; // the driver's own pair is qid 1
+    let cq = p
+        .dma
+        .alloc(4096, 4096)
+        .map_err(|_| JobError::Failed("DMA pool exhausted"))?;
+    let mut c = SqEntry::new(admin_op::CREATE_IO_CQ, 0, 0);
+    c.prp1 = cq.bus_addr();
+    c.cdw10 = (1u32 << 16) | qid as u32; // 2 entries
+    c.cdw11 = 1; // physically contiguous, no interrupts
+    ctrl.admin_command(c).map_err(|e| {
+        keel_log::error!("create CQ: {}", e);
+        JobError::Failed("create CQ")
+    })?;
+    let mut s = SqEntry::new(admin_op::CREATE_IO_SQ, 0, 0);
+    s.prp1 = 0x7F_0000_0000; // 508 GiB: no memory there
+    s.cdw10 = (1u32 << 16) | qid as u32;
+    s.cdw11 = ((qid as u32) << 16) | 1;
+    ctrl.admin_command(s).map_err(|e| {
+        keel_log::error!("create SQ: {}", e);
+        JobError::Failed("create SQ")
+    })?;
+    let dev = p
+        .devices
+        .iter()
+        .find(|d| d.is_nvme())
+        .ok_or(JobError::Failed("no NVMe"))?;
+    // SAFETY: the same BAR0 window `open` used, assigned and mapped uncached by pci::enumerate.
+    let bar0 = unsafe { crate::hw::MmioWindow::new(dev.bars[0].base, dev.bars[0].size) };
+    let stride = ctrl.cap().doorbell_stride();
+    let t0 = crate::time::now_ns();
+    bar0.write32(sq_doorbell(qid, stride), 1);
+    while !ctrl.is_fatal() {
+        if crate::time::now_ns() - t0 > 2_000_000_000 {
+            return Err(JobError::Failed("the controller never reported CSTS.CFS"));
+        }
+        core::hint::spin_loop();
+    }
+    keel_log::info!(
+        "cfs: controller fatal status after {=u64} us; resetting",
+        (crate::time::now_ns() - t0) / 1000
+    );
+
+    ctrl.reset(&mut [&mut qp]).map_err(|e| {
+        keel_log::error!("reset: {}", e);
+        JobError::Failed("controller reset failed")
+    })?;
+    let (mut ok, mut failed, mut seen) = (0u32, 0u32, [0u8; 64]);
+    let t1 = crate::time::now_ns();
+    while ok + failed < inflight {
+        qp.poll(usize::MAX, &mut |tag, r| {
+            if let Some(n) = seen.get_mut(tag as usize) {
+                *n += 1;
+            }
+            if r.is_ok() {
+                ok += 1;
+            } else {
+                failed += 1;
+            }
+        });
+        if crate::time::now_ns() - t1 > 5_000_000_000 {
+            keel_log::error!(
+                "cfs: only {=u32} of {=u32} in-flight commands reported",
+                ok + failed,
+                inflight
+            );
+            return Err(JobError::Failed("in-flight commands lost across the reset"));
+        }
+    }
+    if seen[..inflight as usize].iter().any(|&n| n != 1) {
+        return Err(JobError::Failed("a command was reported twice or never"));
+    }
+    keel_log::info!(
+        "cfs: {=u32} commands in flight at the failure: {=u32} completed after resubmission, {=u32} failed, 0 lost; queue stats {}",
+        inflight, ok, failed, qp.stats()
+    );
+    let wbuf = storage::dma(&p.dma, 64 * 1024).map_err(fail("DMA pool exhausted"))?;
+    let rbuf = storage::dma(&p.dma, 64 * 1024).map_err(fail("DMA pool exhausted"))?;
+    let shape = Shape {
+        name: "after reset",
+        buf_offset: 0,
+        blocks: (16 * 1024 / bs) as u32,
+        lba: 2048,
+    };
+    storage::write_read_verify(&mut qp, 1, &shape, &wbuf, &rbuf, 0xC5)
+        .map_err(fail("I/O after the reset"))?;
+    keel_log::info!(
+        "cfs: controller recovered; new I/O verified; admin stats {}",
+        ctrl.stats()
+    );
+    Ok(())
+}
