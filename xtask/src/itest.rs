@@ -781,6 +781,20 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             }),
         ],
     ));
+    v.push(case(
+        "demo (what `cargo xtask run` runs)",
+        vm(2),
+        "demo",
+        true,
+        vec![
+            ("selftest passed", |o| {
+                o.has("checks passed on 1 namespaces")
+            }),
+            ("bench ran without errors", |o| {
+                o.has("errors=0 cores=1 stack=full")
+            }),
+        ],
+    ));
     // scrub: the driver's reads against the host's view of the same image.
     let img = work.join("scrub-src.img");
     let crc = random_image(&img, 8 << 20)?;

@@ -44,7 +44,7 @@ enum Cmd {
         /// With --flash/--image: attach the image as a pflash drive instead of `-bios`.
         #[arg(long)]
         pflash: bool,
-        /// The job and its options, e.g. `boot wait_ms=100` (default: boot).
+        /// The job and its options, e.g. `selftest dbbuf=on` (default: demo = selftest, then bench).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         job: Vec<String>,
     },
@@ -160,7 +160,7 @@ fn run(vm: qemu::VmOpts, boot: FlashBoot, job: Vec<String>) -> Result<()> {
     let (accel, why) = qemu::choose_accel(vm.accel, &fw, &work);
     let vm = qemu::VmOpts { accel, ..vm };
     let cmdline = if job.is_empty() {
-        "boot".to_string()
+        "demo".to_string()
     } else {
         job.join(" ")
     };

@@ -38,6 +38,10 @@ impl<'a> From<CmdlineError<'a>> for JobError<'a> {
 /// Every job, with a line of help (printed when the job name is unknown).
 pub const JOBS: &[(&str, &str)] = &[
     (
+        "demo",
+        "what `cargo xtask run` runs: selftest on every namespace, then a 1 s bench",
+    ),
+    (
         "boot",
         "report cores, PCI devices and timer ticks [wait_ms=50]",
     ),
@@ -66,6 +70,7 @@ pub fn run<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     let job = cl.job();
     match job {
         "boot" => boot(cl, p),
+        "demo" => demo(cl, p),
         "cs" => cs_stress(cl, p),
         "selftest" => crate::nvme_jobs::selftest(cl, p),
         "scrub" => crate::nvme_jobs::scrub(cl, p),
@@ -219,4 +224,19 @@ fn cs_stress<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
         ));
     }
     Ok(())
+}
+
+/// The default workload of `cargo xtask run`: verify the device, then measure it.
+fn demo<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
+    cl.finish()?;
+    keel_log::info!("job demo: start");
+    let fixed = |line: &'static str| {
+        Cmdline::parse(line, "demo").map_err(|_| JobError::Failed("demo command line"))
+    };
+    crate::nvme_jobs::selftest(&fixed("selftest")?, p)
+        .map_err(|_| JobError::Failed("selftest failed"))?;
+    // One core: on a small host, more vCPUs mostly measure their contention with QEMU itself
+    // (`cargo xtask bench` shows the scaling).
+    let bench = "bench pattern=randread bs=4K qd=32 secs=1 cores=1";
+    crate::nvme_jobs::bench(&fixed(bench)?, p).map_err(|_| JobError::Failed("bench failed"))
 }
