@@ -795,6 +795,16 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             }),
         ],
     ));
+    v.push(case(
+        "selftest with lazy CQ doorbells",
+        VmOpts {
+            null_backend: false,
+            ..vm(1)
+        },
+        "selftest lazycq=on",
+        true,
+        vec![("all shapes verified", shapes_ok)],
+    ));
     // scrub: the driver's reads against the host's view of the same image.
     let img = work.join("scrub-src.img");
     let crc = random_image(&img, 8 << 20)?;

@@ -122,6 +122,13 @@ pub struct IoQueuePair<M: Mmio, C: Clock> {
     sq_tail: u16,
     sq_tail_rung: u16,
     cq_head: u16,
+    /// The CQ head value last written to the device.
+    cq_acked: u16,
+    /// Entries consumed since then.
+    cq_unacked: u16,
+    /// How many consumed entries may go unacknowledged: `entries - 1 - nslots`. The device can
+    /// post at most `nslots` completions beyond them, so the CQ never looks full to it.
+    cq_slack: u16,
     phase: bool,
     nslots: u16,
     slot_bits: u32,
@@ -154,7 +161,12 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     }
 
     pub(crate) fn new(p: QpairParams<M, C>) -> Result<Self, NvmeError> {
-        let nslots = p.depth - 1;
+        // With lazy CQ doorbells, half the entries are completion-queue slack (see `poll`).
+        let nslots = if p.cfg.lazy_cq_doorbell {
+            ((p.depth - 1) / 2).max(1)
+        } else {
+            p.depth - 1
+        };
         let slot_bits = u16::BITS - (nslots - 1).leading_zeros().min(16);
         let mut qp = Self {
             sq_db: spec::sq_doorbell(p.qid, p.stride),
@@ -172,6 +184,9 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             sq_tail: 0,
             sq_tail_rung: 0,
             cq_head: 0,
+            cq_acked: 0,
+            cq_unacked: 0,
+            cq_slack: p.depth - 1 - nslots,
             phase: true,
             nslots,
             slot_bits: slot_bits.max(1),
@@ -601,6 +616,8 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         self.sq_tail = 0;
         self.sq_tail_rung = 0;
         self.cq_head = 0;
+        self.cq_acked = 0;
+        self.cq_unacked = 0;
         self.phase = true;
         self.needs_reset = false;
         self.aborts.clear();
@@ -817,7 +834,6 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
     fn poll(&mut self, max: usize, on_done: &mut dyn FnMut(u32, Result<(), IoError>)) -> usize {
         self.flush_submissions();
         let mut reported = self.drain_ready(on_done);
-        let old_head = self.cq_head;
         let mut consumed = 0usize;
         while consumed < max {
             let off = self.cq_head as usize * 16;
@@ -843,8 +859,16 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
             self.handle(&e);
         }
         if consumed > 0 {
-            let new = self.cq_head;
-            self.ring(true, new, old_head);
+            // Eager (no slack): one CQ doorbell per pass that consumed entries. Lazy: only once
+            // the unacknowledged entries reach the slack, which keeps room for every command
+            // that can still be in flight.
+            self.cq_unacked = self.cq_unacked.saturating_add(consumed as u16);
+            if self.cq_unacked >= self.cq_slack {
+                let (new, old) = (self.cq_head, self.cq_acked);
+                self.ring(true, new, old);
+                self.cq_acked = new;
+                self.cq_unacked = 0;
+            }
         }
         reported += self.drain_ready(on_done);
         reported += self.scan_timeouts(on_done);

@@ -54,7 +54,7 @@ pub const JOBS: &[(&str, &str)] = &[
     ),
     (
         "selftest",
-        "write, read back and verify every namespace and transfer shape [ns=N seed=N dbbuf=on]",
+        "write, read back and verify every namespace and transfer shape [ns=N seed=N dbbuf=on lazycq=on]",
     ),
     (
         "scrub",
