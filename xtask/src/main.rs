@@ -7,6 +7,7 @@
 mod flash;
 mod itest;
 mod nvmebench;
+mod powercut;
 mod qemu;
 
 use std::path::{Path, PathBuf};

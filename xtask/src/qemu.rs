@@ -76,6 +76,10 @@ pub struct VmOpts {
     /// e.g. `[inject-error]` with `event = "read_aio"`, `errno = "5"`, `sector = "1000"`).
     #[arg(long)]
     pub blkdebug: Option<PathBuf>,
+    /// Record every write and flush namespace 1 sees into this dm-log-writes file (QEMU's
+    /// blklogwrites driver), for power-cut replay.
+    #[arg(long)]
+    pub write_log: Option<PathBuf>,
     /// Back the namespaces with QEMU's null-co driver (reads return zeroes, writes are dropped):
     /// measures the driver and QEMU's device emulation, not the host's disk.
     #[arg(long)]
@@ -111,6 +115,7 @@ impl Default for VmOpts {
             seabios: false,
             null_backend: false,
             blkdebug: None,
+            write_log: None,
             flash_image: None,
             pflash: false,
             fw_cfg_cmdline: None,
@@ -330,9 +335,21 @@ fn nvme_args(o: &VmOpts, work: &Path) -> Result<Vec<String>> {
             (Some(conf), 1) => format!("blkdebug:{}:{}", conf.display(), path.display()),
             _ => path.display().to_string(),
         };
-        a.push(format!(
-            "file={file},if=none,id=ns{ns},format=raw,cache=unsafe"
-        ));
+        match (&o.write_log, ns) {
+            // No cache=unsafe here: the guest's flushes must reach the log.
+            (Some(log), 1) => {
+                // The file driver opens, it does not create.
+                std::fs::File::create(log)?;
+                a.push(format!(
+                    "driver=blklogwrites,file.driver=file,file.filename={},log.driver=file,log.filename={},log-sector-size=512,if=none,id=ns{ns}",
+                    path.display(),
+                    log.display()
+                ));
+            }
+            _ => a.push(format!(
+                "file={file},if=none,id=ns{ns},format=raw,cache=unsafe"
+            )),
+        }
         a.push("-device".into());
         a.push(format!(
             "nvme-ns,drive=ns{ns},bus=nvme0,nsid={ns},logical_block_size={bs},physical_block_size={bs},write-cache={wc}",
