@@ -578,17 +578,7 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     /// [`AioError::Stale`] / [`AioError::IllegalTransition`] for a recycled or unsubmitted
     /// handle (e.g. a duplicate completion from the device).
     pub fn complete_and_share(&self, io: IoRef, result: IoResult) -> Result<(), AioError> {
-        let path = [
-            (HandleState::CompletedIo, Effect::Complete(result)),
-            (HandleState::CompletedShared, Effect::None),
-        ];
-        self.transition_path(
-            io.index(),
-            Some(io.generation()),
-            Some(HandleState::Submitted),
-            &path,
-        )
-        .map(|_| ())
+        self.batch(|b| b.complete_and_share(io, result))
     }
 
     /// The issuer's end: local completion work and reclaim
