@@ -244,14 +244,9 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Wal<Q, C, K> {
         let mut pos = Lsn { seq: 0, offset: 0 };
         let mut prev_epoch = fe;
         let cap = w.capacity();
-        loop {
-            match Self::scan_one(&mut w, pos, prev_epoch, e, cap)? {
-                Some((h, next)) => {
-                    prev_epoch = h.epoch;
-                    pos = next;
-                }
-                None => break,
-            }
+        while let Some((h, next)) = Self::scan_one(&mut w, pos, prev_epoch, e, cap)? {
+            prev_epoch = h.epoch;
+            pos = next;
         }
         let epoch = e.checked_add(1).ok_or(Error::Config)?;
         Self::write_sb(&mut w, cfg.lba_start, fe, epoch)?;
