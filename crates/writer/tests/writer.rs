@@ -434,3 +434,27 @@ fn bad_input_is_typed_errors() {
     assert_eq!(w.raw_write(0, &[0u8; 100]), Err(Error::OutOfRange));
     assert_eq!(w.resume(0), Err(Error::NotFresh));
 }
+
+#[test]
+fn large_unaligned_bypass_ratio() {
+    let r = rig();
+    let mut w = Writer::new(r.qp, &r.dma, r.clock.clone(), NeverCancel, cfg()).unwrap();
+    w.append(&pattern(15, 100)).unwrap();
+    let len = 1 << 20;
+    let src = r.dma.alloc(len + 512, 4096).unwrap();
+    let data = pattern(16, len + 512);
+    src.write_bytes(0, &data).unwrap();
+    w.append_dma(&src, 12, len).unwrap();
+    let s = w.stats();
+    eprintln!(
+        "1 MiB append_dma at stream offset 100: appended {} copied {} bypassed {}",
+        s.bytes_appended, s.bytes_copied, s.bytes_bypassed
+    );
+    assert_eq!(s.bytes_appended, 100 + len as u64);
+    assert!(s.bytes_copied < 1024 + 100, "only head and tail copied");
+    assert_eq!(s.bytes_copied + s.bytes_bypassed, s.bytes_appended);
+    w.sync().unwrap();
+    let mut back = vec![0u8; len];
+    w.read_at(100, &mut back).unwrap();
+    assert_eq!(&back[..], &data[12..12 + len]);
+}
