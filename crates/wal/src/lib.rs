@@ -18,7 +18,9 @@
 //!   epoch, non-decreasing) are valid; a torn or partial tail ends the scan and is discarded.
 //!   Before anything new is written it bumps the superblock epoch and flushes it, so records left
 //!   behind a discarded tail by an earlier session (lower epoch) can never be mistaken for the
-//!   continuation of a later one. [`Wal::format`] starts a new `format_epoch` above the old one.
+//!   continuation of a later one. [`Wal::format`] starts a new `format_epoch` above the old
+//!   superblock's epoch and above the epoch of any old record 0, so an older log stays invisible
+//!   even when its superblock was destroyed.
 //! * [`Wal::next`] iterates acknowledged records from any [`Cursor`] (the start, or an
 //!   acknowledged record's [`Lsn`]).
 //!
@@ -218,7 +220,13 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Wal<Q, C, K> {
     ) -> Result<Self, Error> {
         let mut w = Self::make_writer(q, dma, clock, cancel, cfg)?;
         let old = Self::read_sb(&mut w, cfg.lba_start)?.map_or(0, |(_, e)| e);
-        let epoch = old.checked_add(1).ok_or(Error::Config)?;
+        // A recovery scan can only start with a record 0 at offset 0. If an older log's record 0
+        // is still there (even with its superblock destroyed), the new format epoch must exceed
+        // its epoch so that the scan rejects it, and with it everything behind it.
+        let mut hb = [0u8; HEADER];
+        w.read_device_at(0, &mut hb)?;
+        let first = parse_header(&hb).map_or(0, |h| h.epoch);
+        let epoch = old.max(first).checked_add(1).ok_or(Error::Config)?;
         Self::write_sb(&mut w, cfg.lba_start, epoch, epoch)?;
         Ok(Self {
             w,

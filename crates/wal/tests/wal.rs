@@ -303,6 +303,25 @@ fn format_hides_an_older_log() {
         "old records have an epoch below the new format epoch"
     );
     assert!(collect(&mut log).is_empty());
+    // Same when the superblock was destroyed before the re-format.
+    for i in 0..5 {
+        log.append(&payload(i, 5, 100)).unwrap();
+    }
+    log.sync().unwrap();
+    drop(log);
+    assert_eq!(d.open().1.records, 5);
+    d.model.disk_write(1, SB_BYTE, &[0u8; 512]);
+    drop(d.format());
+    // Later sessions raise the epoch past the old records' epochs.
+    for _ in 0..4 {
+        drop(d.open());
+    }
+    let (mut log, rec) = d.open();
+    assert_eq!(
+        rec.records, 0,
+        "old log not resurrected after a format over a lost superblock"
+    );
+    assert!(collect(&mut log).is_empty());
 }
 
 #[test]
