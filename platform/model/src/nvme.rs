@@ -84,6 +84,9 @@ pub enum Fault {
     TransientError(u32),
     /// Fail every I/O command with Internal Error and DNR = 1.
     PermanentError,
+    /// Fail every Write with a media Write Fault (SCT 2, SC 0x80) and DNR = 1; other commands
+    /// succeed.
+    WriteFault,
 }
 
 #[derive(Debug, Clone)]
@@ -108,6 +111,25 @@ struct Cq {
 struct Disk {
     cfg: NsConfig,
     data: Vec<u8>,
+    /// With a volatile write cache (see [`NvmeModel::set_volatile_cache`]): the media image as of
+    /// the last completed Flush, and the blocks written since.
+    durable: Option<Vec<u8>>,
+    dirty: std::collections::BTreeSet<u64>,
+}
+
+impl Disk {
+    fn mark_dirty(&mut self, slba: u64, nlb: u64) {
+        if self.durable.is_some() {
+            self.dirty.extend(slba..slba + nlb);
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some(d) = self.durable.as_mut() {
+            d.copy_from_slice(&self.data);
+            self.dirty.clear();
+        }
+    }
 }
 
 struct State {
@@ -157,6 +179,8 @@ impl NvmeModel {
             .map(|n| Disk {
                 cfg: *n,
                 data: vec![0u8; (n.blocks << n.lba_shift) as usize],
+                durable: None,
+                dirty: Default::default(),
             })
             .collect();
         let st = State {
@@ -243,6 +267,53 @@ impl NvmeModel {
             .find(|d| d.cfg.nsid == nsid)
             .expect("no such namespace");
         d.data[byte_off..byte_off + data.len()].copy_from_slice(data);
+        if let Some(m) = d.durable.as_mut() {
+            m[byte_off..byte_off + data.len()].copy_from_slice(data); // a backdoor to the media
+        }
+    }
+
+    /// Simulates a volatile write cache on every namespace: writes complete into the cache and
+    /// reach the media image only on Flush. [`NvmeModel::power_cut`] drops what is not flushed.
+    /// Enabling starts from the current contents; disabling makes the cache contents durable.
+    pub fn set_volatile_cache(&self, on: bool) {
+        let mut st = lock(&self.st);
+        for d in st.disks.iter_mut() {
+            d.dirty.clear();
+            d.durable = on.then(|| d.data.clone());
+        }
+    }
+
+    /// The media image of namespace `nsid` as of the last completed Flush (the whole disk when no
+    /// volatile cache is simulated).
+    pub fn durable_image(&self, nsid: u32) -> Vec<u8> {
+        let st = lock(&self.st);
+        let d = st
+            .disks
+            .iter()
+            .find(|d| d.cfg.nsid == nsid)
+            .expect("no such namespace");
+        d.durable.clone().unwrap_or_else(|| d.data.clone())
+    }
+
+    /// Power loss with a volatile cache: each block written since the last Flush survives only if
+    /// `keep(nsid, lba)` says so (block writes are atomic); the rest reverts to the media image.
+    /// `|_, _| false` drops every unflushed write. No-op without a volatile cache.
+    pub fn power_cut(&self, mut keep: impl FnMut(u32, u64) -> bool) {
+        let mut st = lock(&self.st);
+        for d in st.disks.iter_mut() {
+            let Some(media) = d.durable.as_mut() else {
+                continue;
+            };
+            let bs = 1usize << d.cfg.lba_shift;
+            for &lba in d.dirty.iter() {
+                let o = lba as usize * bs;
+                if keep(d.cfg.nsid, lba) {
+                    media[o..o + bs].copy_from_slice(&d.data[o..o + bs]);
+                }
+            }
+            d.data.copy_from_slice(media);
+            d.dirty.clear();
+        }
     }
 
     /// Posts an arbitrary completion into CQ `cqid` (fault injection).
@@ -342,6 +413,7 @@ mod sf {
     pub const INVALID_QSIZE: u16 = (1 << 9) | (0x02 << 1);
     pub const INVALID_DELETION: u16 = (1 << 9) | (0x0C << 1);
     pub const DNR: u16 = 1 << 15;
+    pub const WRITE_FAULT: u16 = (2 << 9) | (0x80 << 1);
 }
 
 impl State {
@@ -866,6 +938,7 @@ impl State {
                 return (0, sf::INTERNAL);
             }
             Fault::PermanentError => return (0, sf::INTERNAL | sf::DNR),
+            Fault::WriteFault if c[0] == 0x01 => return (0, sf::WRITE_FAULT | sf::DNR),
             _ => {}
         }
         let opc = c[0];
@@ -885,7 +958,10 @@ impl State {
         let off = (slba << n.lba_shift) as usize;
         let bytes = (nlb << n.lba_shift) as usize;
         match opc {
-            0x00 => (0, sf::OK),
+            0x00 => {
+                self.disks[di].flush();
+                (0, sf::OK)
+            }
             0x01 | 0x02 => {
                 if !in_range {
                     return (0, sf::LBA_RANGE | sf::DNR);
@@ -900,6 +976,7 @@ impl State {
                         return (0, s);
                     }
                     self.disks[di].data[off..off + bytes].copy_from_slice(&buf);
+                    self.disks[di].mark_dirty(slba, nlb);
                     (0, sf::OK)
                 } else {
                     buf.copy_from_slice(&self.disks[di].data[off..off + bytes]);
@@ -914,6 +991,7 @@ impl State {
                     return (0, sf::LBA_RANGE | sf::DNR);
                 }
                 self.disks[di].data[off..off + bytes].fill(0);
+                self.disks[di].mark_dirty(slba, nlb);
                 (0, sf::OK)
             }
             0x09 if self.cfg.dsm => {
@@ -932,6 +1010,7 @@ impl State {
                         let o = (rslba << n.lba_shift) as usize;
                         let l = (rnlb << n.lba_shift) as usize;
                         self.disks[di].data[o..o + l].fill(0); // deallocated blocks read as zeroes
+                        self.disks[di].mark_dirty(rslba, rnlb);
                     }
                 }
                 (0, sf::OK)

@@ -1,0 +1,460 @@
+//! keel-writer over the real NVMe driver (keel-nvme) and the software controller (keel-model).
+
+use std::cell::Cell;
+use std::sync::atomic::AtomicBool;
+
+use keel_blockdev::{BlockQueue, IoError};
+use keel_hal::{Clock, DmaAllocator};
+use keel_model::{Fault, HostDma, ModelClock, ModelConfig, ModelMmio, NvmeModel};
+use keel_nvme::{Config as NvmeConfig, Controller, IoQueuePair};
+use keel_writer::{CancelToken, Config, Error, NeverCancel, Writer};
+
+type Qp = IoQueuePair<ModelMmio, ModelClock>;
+
+struct Rig {
+    model: NvmeModel,
+    dma: HostDma,
+    clock: ModelClock,
+    qp: Qp,
+    _ctrl: Controller<ModelMmio, ModelClock>,
+}
+
+fn rig() -> Rig {
+    let dma = HostDma::new();
+    let model = NvmeModel::new(ModelConfig::default(), dma.clone());
+    let clock = ModelClock::new();
+    // No driver-level retries: the writer's own retry loop is under test.
+    let ncfg = NvmeConfig {
+        max_retries: 0,
+        ..NvmeConfig::default()
+    };
+    let mut ctrl = Controller::init(model.mmio(), &dma, clock.clone(), ncfg).expect("init");
+    let qp = ctrl.create_io_qpair(&dma, 1, 64).expect("qpair");
+    Rig {
+        model,
+        dma,
+        clock,
+        qp,
+        _ctrl: ctrl,
+    }
+}
+
+const BUF: usize = 4096;
+const LBA0: u64 = 16;
+
+fn cfg() -> Config {
+    Config {
+        buf_size: BUF,
+        buffers: 6,
+        max_in_flight: 4,
+        max_io_bytes: 16 * 1024,
+        ..Config::new(1, LBA0, 4096)
+    }
+}
+
+fn pattern(seed: u32, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+fn disk(m: &NvmeModel, off: u64, len: usize) -> Vec<u8> {
+    m.disk_read(1, (LBA0 * 512 + off) as usize, len)
+}
+
+fn read_all<K: CancelToken>(w: &mut Writer<Qp, ModelClock, K>, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    w.read_at(0, &mut v).expect("read_at");
+    v
+}
+
+/// A token that fires after `n` checks (deterministic mid-retry cancellation).
+struct CancelAfter(Cell<u32>);
+impl CancelToken for CancelAfter {
+    fn is_cancelled(&self) -> bool {
+        let n = self.0.get();
+        if n == 0 {
+            return true;
+        }
+        self.0.set(n - 1);
+        false
+    }
+}
+
+#[test]
+fn reads_in_flight_then_flushed_data() {
+    let r = rig();
+    let data = pattern(1, 3 * BUF + 700);
+    r.model.set_fault(Fault::Stall);
+    let mut w = Writer::new(r.qp, &r.dma, r.clock.clone(), NeverCancel, cfg()).unwrap();
+    w.append(&data).unwrap();
+    assert_eq!(
+        w.in_flight(),
+        3,
+        "three full buffers submitted in the background"
+    );
+    assert_eq!(w.written(), 0);
+    assert!(
+        disk(&r.model, 0, data.len()).iter().all(|&b| b == 0),
+        "nothing on disk yet"
+    );
+    // Served from sealed (in-flight) buffers and the filling one, at odd offsets.
+    assert_eq!(read_all(&mut w, data.len()), data);
+    let mut mid = vec![0u8; 5000];
+    w.read_at(BUF as u64 - 17, &mut mid).unwrap();
+    assert_eq!(&mid[..], &data[BUF - 17..BUF - 17 + 5000]);
+    // Let the device run.
+    r.model.set_fault(Fault::None);
+    r.model.step();
+    assert_eq!(w.sync().unwrap(), data.len() as u64);
+    assert_eq!(w.durable(), data.len() as u64);
+    assert_eq!(disk(&r.model, 0, data.len()), data);
+    // Flushed data is read from the device: change a byte behind the writer's back.
+    r.model
+        .disk_write(1, (LBA0 * 512 + 10) as usize, &[data[10] ^ 0xFF]);
+    let mut b = [0u8; 1];
+    w.read_at(10, &mut b).unwrap();
+    assert_eq!(b[0], data[10] ^ 0xFF, "byte 10 came from the device");
+    // The partial tail stays in the current buffer after sync.
+    let mut t = [0u8; 100];
+    w.read_at(data.len() as u64 - 100, &mut t).unwrap();
+    assert_eq!(&t[..], &data[data.len() - 100..]);
+    // Continue appending past a synced partial block.
+    let more = pattern(2, 2000);
+    w.append(&more).unwrap();
+    w.sync().unwrap();
+    assert_eq!(disk(&r.model, data.len() as u64, 2000), more);
+    assert_eq!(
+        disk(&r.model, data.len() as u64 - 100, 100),
+        &data[data.len() - 100..]
+    );
+}
+
+#[test]
+fn in_flight_depth_and_in_order_watermark() {
+    let r = rig();
+    let c = Config {
+        max_in_flight: 2,
+        ..cfg()
+    };
+    r.model.set_fault(Fault::Stall);
+    let mut w = Writer::new(r.qp, &r.dma, r.clock.clone(), NeverCancel, c).unwrap();
+    let data = pattern(3, 4 * BUF);
+    w.append(&data).unwrap();
+    assert_eq!(w.in_flight(), 2, "depth limit");
+    assert_eq!(w.stats().commands, 2);
+    // First write fails (transient), the second succeeds: completion out of order.
+    r.model.set_fault(Fault::TransientError(1));
+    r.model.step();
+    w.poll();
+    assert_eq!(w.written(), 0, "watermark waits for the first write");
+    assert_eq!(
+        disk(&r.model, BUF as u64, BUF),
+        &data[BUF..2 * BUF],
+        "second is on disk"
+    );
+    assert!(
+        disk(&r.model, 0, BUF).iter().all(|&b| b == 0),
+        "first is not"
+    );
+    assert_eq!(read_all(&mut w, data.len()), data);
+    assert_eq!(w.write_out().unwrap(), 4 * BUF as u64);
+    assert_eq!(w.written(), 4 * BUF as u64);
+    assert_eq!(w.stats().retries, 1);
+    assert_eq!(w.stats().commands, 5, "4 writes + 1 retry");
+    assert_eq!(disk(&r.model, 0, data.len()), data);
+    assert_eq!(w.durable(), 0, "no Flush issued yet");
+    // 5 writes plus the device reads `read_all` made for the already-written second buffer.
+    assert!(r.model.io_commands() > 5);
+}
+
+#[test]
+fn transient_errors_retried_with_backoff() {
+    let r = rig();
+    let mut w = Writer::new(r.qp, &r.dma, r.clock.clone(), NeverCancel, cfg()).unwrap();
+    let data = pattern(4, 100);
+    r.model.set_fault(Fault::TransientError(5));
+    let t0 = r.clock.now_ns();
+    w.append(&data).unwrap();
+    assert_eq!(w.sync().unwrap(), data.len() as u64);
+    assert_eq!(w.stats().retries, 5);
+    // backoff 10, 20, 40, 80, 160 us (at least the longest chain must have elapsed)
+    assert!(
+        r.clock.now_ns() - t0 >= 160_000,
+        "backoff waited on the clock"
+    );
+    assert_eq!(disk(&r.model, 0, data.len()), data);
+}
+
+#[test]
+fn cancellation_mid_retry_keeps_reads_and_abandons_nothing() {
+    let r = rig();
+    let token = CancelAfter(Cell::new(200));
+    let mut w = Writer::new(r.qp, &r.dma, r.clock.clone(), &token, cfg()).unwrap();
+    let first = pattern(5, BUF + 300);
+    w.append(&first).unwrap();
+    assert_eq!(w.sync().unwrap(), first.len() as u64);
+    let cmds_before = r.model.io_commands();
+    r.model.set_fault(Fault::TransientError(u32::MAX));
+    let data = pattern(6, 3 * BUF + 11);
+    w.append(&data).unwrap();
+    assert_eq!(w.sync(), Err(Error::Cancelled));
+    assert!(w.stats().retries >= 2, "it was retrying: {:?}", w.stats());
+    assert!(r.model.io_commands() > cmds_before + 3);
+    assert_eq!(w.in_flight(), 0, "no command of the writer left in flight");
+    assert_eq!(w.queue().in_flight(), 0, "the queue agrees");
+    assert_eq!(
+        w.durable(),
+        first.len() as u64,
+        "acknowledged data untouched"
+    );
+    assert_eq!(w.append(b"x"), Err(Error::Cancelled));
+    assert_eq!(
+        w.append_dma(&r.dma.alloc(512, 4096).unwrap(), 0, 512),
+        Err(Error::Cancelled)
+    );
+    // Reads still work: the acknowledged part from the device, the rest from buffers.
+    r.model.set_fault(Fault::None);
+    let mut all = first.clone();
+    all.extend_from_slice(&data);
+    assert_eq!(read_all(&mut w, all.len()), all);
+    assert_eq!(disk(&r.model, 0, first.len()), first);
+}
+
+#[test]
+fn cancellation_with_atomic_bool_before_sync() {
+    let r = rig();
+    let flag = AtomicBool::new(false);
+    let mut w = Writer::new(r.qp, &r.dma, r.clock.clone(), &flag, cfg()).unwrap();
+    r.model.set_fault(Fault::Stall);
+    let data = pattern(7, BUF + 1);
+    w.append(&data).unwrap();
+    assert_eq!(w.in_flight(), 1);
+    flag.store(true, std::sync::atomic::Ordering::Release);
+    r.model.set_fault(Fault::None);
+    r.model.step(); // the in-flight write completes; it is reaped, not abandoned
+    assert_eq!(w.sync(), Err(Error::Cancelled));
+    w.poll();
+    assert_eq!(w.in_flight(), 0);
+    assert_eq!(
+        w.written(),
+        BUF as u64,
+        "the write that was on the device was reaped"
+    );
+    assert_eq!(read_all(&mut w, data.len()), data);
+}
+
+#[test]
+fn permanent_error_surfaces_typed_nothing_acknowledged_lost() {
+    let r = rig();
+    let mut w = Writer::new(r.qp, &r.dma, r.clock.clone(), NeverCancel, cfg()).unwrap();
+    let first = pattern(8, 2 * BUF + 123);
+    w.append(&first).unwrap();
+    let acked = w.sync().unwrap();
+    r.model.set_fault(Fault::WriteFault);
+    let data = pattern(9, BUF + 77);
+    w.append(&data).unwrap();
+    assert_eq!(w.sync(), Err(Error::Io(IoError::Media)));
+    assert_eq!(w.stats().retries, 0, "permanent errors are not retried");
+    assert_eq!(w.health(), Err(Error::Io(IoError::Media)));
+    assert_eq!(w.append(b"more"), Err(Error::Io(IoError::Media)));
+    assert_eq!(w.durable(), acked);
+    assert_eq!(w.in_flight(), 0);
+    let mut all = first.clone();
+    all.extend_from_slice(&data);
+    assert_eq!(read_all(&mut w, all.len()), all, "reads still work");
+    assert_eq!(
+        disk(&r.model, 0, first.len()),
+        first,
+        "acknowledged bytes intact"
+    );
+}
+
+#[test]
+fn custom_classifier_makes_dnr_internal_error_permanent() {
+    let r = rig();
+    let c = Config {
+        is_transient: |_| false,
+        ..cfg()
+    };
+    let mut w = Writer::new(r.qp, &r.dma, r.clock.clone(), NeverCancel, c).unwrap();
+    r.model.set_fault(Fault::PermanentError);
+    w.append(&pattern(10, 100)).unwrap();
+    assert_eq!(w.sync(), Err(Error::Io(IoError::Device { code: 0x0006 })));
+    assert_eq!(read_all(&mut w, 100), pattern(10, 100));
+}
+
+#[test]
+fn aligned_bypass_copies_nothing() {
+    let r = rig();
+    let mut w = Writer::new(r.qp, &r.dma, r.clock.clone(), NeverCancel, cfg()).unwrap();
+    let len = 64 * 1024;
+    let src = r.dma.alloc(len, 4096).unwrap();
+    let data = pattern(11, len);
+    src.write_bytes(0, &data).unwrap();
+    let allocs = r.dma.allocations();
+    w.append_dma(&src, 0, len).unwrap();
+    let s = w.stats();
+    assert_eq!(s.bytes_copied, 0, "aligned bypass copied nothing");
+    assert_eq!(s.bytes_bypassed, len as u64);
+    assert_eq!(s.bytes_appended, len as u64);
+    assert_eq!(s.commands, 4, "64 KiB in 16 KiB commands");
+    assert_eq!(r.dma.allocations(), allocs, "no allocation on the I/O path");
+    assert_eq!(w.written(), len as u64);
+    assert_eq!(disk(&r.model, 0, len), data);
+    w.sync().unwrap();
+    assert_eq!(read_all(&mut w, len), data);
+}
+
+#[test]
+fn unaligned_bypass_copies_only_head_and_tail() {
+    let r = rig();
+    let mut w = Writer::new(r.qp, &r.dma, r.clock.clone(), NeverCancel, cfg()).unwrap();
+    let pre = pattern(12, 100);
+    w.append(&pre).unwrap();
+    let src = r.dma.alloc(40_000, 4096).unwrap();
+    let data = pattern(13, 40_000);
+    src.write_bytes(0, &data).unwrap();
+    // offset 12 + head 412 keeps the middle 4-byte aligned on the bus
+    let (off, len) = (12usize, 30_000usize);
+    w.append_dma(&src, off, len).unwrap();
+    let head = 412u64;
+    let mid = (len as u64 - head) / 512 * 512;
+    let tail = len as u64 - head - mid;
+    let s = w.stats();
+    assert_eq!(s.bytes_bypassed, mid);
+    assert_eq!(s.bytes_copied, 100 + head + tail);
+    assert_eq!(s.bytes_appended, 100 + len as u64);
+    let mut all = pre.clone();
+    all.extend_from_slice(&data[off..off + len]);
+    assert_eq!(read_all(&mut w, all.len()), all);
+    w.sync().unwrap();
+    assert_eq!(disk(&r.model, 0, all.len()), all);
+    // A bus address that is not 4-aligned falls back to copying, still correct.
+    let before = w.stats().bytes_copied;
+    w.append_dma(&src, 1, 2048).unwrap();
+    assert_eq!(w.stats().bytes_copied - before, 2048);
+    all.extend_from_slice(&data[1..2049]);
+    w.sync().unwrap();
+    assert_eq!(disk(&r.model, 0, all.len()), all);
+}
+
+#[test]
+fn bypass_failure_rolls_back_append() {
+    let r = rig();
+    let mut w = Writer::new(r.qp, &r.dma, r.clock.clone(), NeverCancel, cfg()).unwrap();
+    let src = r.dma.alloc(32 * 1024, 4096).unwrap();
+    src.write_bytes(0, &pattern(14, 32 * 1024)).unwrap();
+    r.model.set_fault(Fault::WriteFault);
+    assert_eq!(
+        w.append_dma(&src, 0, 32 * 1024),
+        Err(Error::Io(IoError::Media))
+    );
+    assert_eq!(w.appended(), 0, "nothing accepted");
+    assert_eq!(w.in_flight(), 0, "caller memory is no longer referenced");
+    let mut b = [0u8; 1];
+    assert_eq!(w.read_at(0, &mut b), Err(Error::OutOfRange));
+}
+
+#[test]
+fn bad_input_is_typed_errors() {
+    let r = rig();
+    let bad = [
+        Config {
+            buf_size: 1000,
+            ..cfg()
+        },
+        Config {
+            buffers: 1,
+            ..cfg()
+        },
+        Config {
+            buffers: 17,
+            ..cfg()
+        },
+        Config {
+            max_in_flight: 0,
+            ..cfg()
+        },
+        Config {
+            max_io_bytes: 100,
+            ..cfg()
+        },
+        Config { ns: 9, ..cfg() },
+        Config {
+            lba_count: 1 << 40,
+            ..cfg()
+        },
+        Config {
+            lba_start: u64::MAX,
+            ..cfg()
+        },
+    ];
+    let mut qp = Some(r.qp);
+    for c in bad {
+        let q = qp.take().unwrap();
+        // Writer::new consumes the queue; on error it is gone, so make a fresh rig each time.
+        assert!(matches!(
+            Writer::new(q, &r.dma, r.clock.clone(), NeverCancel, c),
+            Err(Error::Config(_))
+        ));
+        qp = Some(rig().qp);
+    }
+    let small = Config {
+        lba_count: 4,
+        ..cfg()
+    };
+    let mut w = Writer::new(
+        qp.take().unwrap(),
+        &r.dma,
+        r.clock.clone(),
+        NeverCancel,
+        small,
+    )
+    .unwrap();
+    assert_eq!(w.append(&[0u8; 2049]), Err(Error::Full));
+    w.append(&[7u8; 10]).unwrap();
+    let mut b = [0u8; 11];
+    assert_eq!(w.read_at(0, &mut b), Err(Error::OutOfRange));
+    assert_eq!(w.read_at(u64::MAX, &mut b[..2]), Err(Error::OutOfRange));
+    let src = r.dma.alloc(512, 4096).unwrap();
+    assert_eq!(w.append_dma(&src, 100, 500), Err(Error::OutOfRange));
+    assert_eq!(w.append_dma(&src, usize::MAX, 2), Err(Error::OutOfRange));
+    assert_eq!(
+        w.raw_write(LBA0, &[0u8; 512]),
+        Err(Error::OutOfRange),
+        "stream blocks are off limits"
+    );
+    assert_eq!(w.raw_write(0, &[0u8; 100]), Err(Error::OutOfRange));
+    assert_eq!(w.resume(0), Err(Error::NotFresh));
+}
+
+#[test]
+fn large_unaligned_bypass_ratio() {
+    let r = rig();
+    let mut w = Writer::new(r.qp, &r.dma, r.clock.clone(), NeverCancel, cfg()).unwrap();
+    w.append(&pattern(15, 100)).unwrap();
+    let len = 1 << 20;
+    let src = r.dma.alloc(len + 512, 4096).unwrap();
+    let data = pattern(16, len + 512);
+    src.write_bytes(0, &data).unwrap();
+    w.append_dma(&src, 12, len).unwrap();
+    let s = w.stats();
+    eprintln!(
+        "1 MiB append_dma at stream offset 100: appended {} copied {} bypassed {}",
+        s.bytes_appended, s.bytes_copied, s.bytes_bypassed
+    );
+    assert_eq!(s.bytes_appended, 100 + len as u64);
+    assert!(s.bytes_copied < 1024 + 100, "only head and tail copied");
+    assert_eq!(s.bytes_copied + s.bytes_bypassed, s.bytes_appended);
+    w.sync().unwrap();
+    let mut back = vec![0u8; len];
+    w.read_at(100, &mut back).unwrap();
+    assert_eq!(&back[..], &data[12..12 + len]);
+}
