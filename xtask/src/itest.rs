@@ -76,6 +76,12 @@ pub fn test_all(with_qemu: bool) -> Result<()> {
                 let t = Instant::now();
                 let (name, ok) = powercut_replay_check(&fw);
                 rows.push((name, ok, t.elapsed().as_secs_f64()));
+                let t = Instant::now();
+                let (name, ok) = powercut_wal_check(&fw, crash_states_per_gap());
+                rows.push((name, ok, t.elapsed().as_secs_f64()));
+                let t = Instant::now();
+                let (name, ok) = kill_and_recover_check(&fw);
+                rows.push((name, ok, t.elapsed().as_secs_f64()));
             }
             Err(e) => {
                 eprintln!("xtask: {e:#}");
@@ -902,6 +908,205 @@ fn powercut_replay_check(fw: &Path) -> (String, bool) {
         Err(e) => {
             eprintln!("xtask: power-cut replay check: {e:#}");
             ("power-cut log: replay reproduces the disk".into(), false)
+        }
+    }
+}
+
+/// Crash states per gap between flushes: 5 gives 200+ states for the 40-sync log run;
+/// `KEEL_POWERCUT_PER_GAP` raises it for longer runs.
+fn crash_states_per_gap() -> usize {
+    std::env::var("KEEL_POWERCUT_PER_GAP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+}
+
+/// The power-cut test proper: the `log` job runs under blklogwrites (400 records, a sync every
+/// 10); every crash state built from its write log is booted with `recover`, which must return
+/// every record acknowledged before the cut and nothing corrupt.
+fn powercut_wal_check(fw: &Path, per_gap: usize) -> (String, bool) {
+    let run = || -> Result<(usize, usize, u64)> {
+        let work = crate::work_dir();
+        let log_path = work.join("powercut-wal.log");
+        let (accel, _) = qemu::choose_accel(qemu::Accel::Auto, fw, &work);
+        let vm = VmOpts {
+            smp: 1,
+            accel,
+            timeout: 120,
+            write_log: Some(log_path.clone()),
+            ..VmOpts::default()
+        };
+        let out = qemu::run(
+            fw,
+            &vm,
+            "log records=400 sync_every=10",
+            &work,
+            qemu::Verbosity::Quiet,
+        )?;
+        if !out.passed() {
+            bail!("log job failed: {}", out.verdict());
+        }
+        let acks: Vec<u64> = out
+            .log
+            .iter()
+            .filter_map(|l| l.split("log: acked ").nth(1))
+            .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+            .collect();
+        let log = crate::powercut::parse(&std::fs::read(&log_path)?)?;
+        let disk_len = std::fs::metadata(work.join("nvme-ns1.img"))?.len() as usize;
+        let flushes = log
+            .entries
+            .iter()
+            .filter(|e| **e == crate::powercut::Entry::Flush)
+            .count();
+        // Each sync ends with exactly one flush; the flushes before them belong to format.
+        let Some(format_flushes) = flushes.checked_sub(acks.len()) else {
+            bail!(
+                "{} syncs but only {flushes} flushes reached the device",
+                acks.len()
+            );
+        };
+        let acked_after = |f: usize| {
+            if f <= format_flushes {
+                0
+            } else {
+                acks[f - format_flushes - 1]
+            }
+        };
+        let states = crate::powercut::crash_states(&log, per_gap, 0xC0FFEE);
+        let base = vec![0u8; disk_len];
+        let img = work.join("powercut-state.img");
+        let mut checked = 0;
+        let mut max_lost_check = 0;
+        for (i, st) in states.iter().enumerate() {
+            // Flushes completed in this state: flush entries among those applied.
+            let done = st
+                .applied
+                .iter()
+                .filter(|&&e| log.entries[e] == crate::powercut::Entry::Flush)
+                .count();
+            let expect = acked_after(done);
+            std::fs::write(&img, crate::powercut::build(&base, &log, st))?;
+            if i % 20 == 0 {
+                qemu::progress(
+                    false,
+                    &format!(
+                        "xtask: power-cut state {}/{}: {}",
+                        i + 1,
+                        states.len(),
+                        st.label
+                    ),
+                );
+            }
+            let vm = VmOpts {
+                smp: 1,
+                accel,
+                timeout: 60,
+                disk: Some(img.clone()),
+                ..VmOpts::default()
+            };
+            let out = qemu::run(
+                fw,
+                &vm,
+                &format!("recover expect={expect}"),
+                &work,
+                qemu::Verbosity::Quiet,
+            )?;
+            if !out.passed() || !out.has(" 0 corrupt;") {
+                for l in out.all_lines() {
+                    eprintln!("    {l}");
+                }
+                bail!(
+                    "crash state '{}' (expecting {expect} acknowledged records): {}",
+                    st.label,
+                    out.verdict()
+                );
+            }
+            checked += 1;
+            max_lost_check = max_lost_check.max(expect);
+        }
+        Ok((checked, flushes, max_lost_check))
+    };
+    match run() {
+        Ok((states, flushes, acked)) => (
+            format!("power-cut replay: {states} crash states ({flushes} flushes), 0 acked lost, 0 corrupt (up to {acked} acked)"),
+            true,
+        ),
+        Err(e) => {
+            eprintln!("xtask: power-cut WAL check: {e:#}");
+            ("power-cut replay of the log job".into(), false)
+        }
+    }
+}
+
+/// The second check: kill QEMU in the middle of a long `log` run, reboot with `recover`, and
+/// require every record acknowledged before the kill.
+fn kill_and_recover_check(fw: &Path) -> (String, bool) {
+    let run = || -> Result<u64> {
+        let work = crate::work_dir();
+        let img = work.join("killed-log.img");
+        std::fs::File::create(&img)?.set_len(64 << 20)?;
+        let (accel, _) = qemu::choose_accel(qemu::Accel::Auto, fw, &work);
+        let vm = VmOpts {
+            smp: 1,
+            accel,
+            timeout: 1,
+            disk: Some(img.clone()),
+            ..VmOpts::default()
+        };
+        let out = qemu::run(
+            fw,
+            &vm,
+            "log records=200000 sync_every=10 blocks=131072",
+            &work,
+            qemu::Verbosity::Quiet,
+        )?;
+        if !out.timed_out {
+            bail!(
+                "the log run ended before it could be killed: {}",
+                out.verdict()
+            );
+        }
+        let acked = out
+            .log
+            .iter()
+            .filter_map(|l| l.split("log: acked ").nth(1))
+            .filter_map(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        if acked == 0 {
+            bail!("nothing was acknowledged before the kill");
+        }
+        let vm = VmOpts {
+            smp: 1,
+            accel,
+            timeout: 60,
+            disk: Some(img),
+            ..VmOpts::default()
+        };
+        let out = qemu::run(
+            fw,
+            &vm,
+            &format!("recover expect={acked} blocks=131072"),
+            &work,
+            qemu::Verbosity::Quiet,
+        )?;
+        if !out.passed() || !out.has(" 0 corrupt;") {
+            for l in out.all_lines() {
+                eprintln!("    {l}");
+            }
+            bail!("recovery after the kill: {}", out.verdict());
+        }
+        Ok(acked)
+    };
+    match run() {
+        Ok(acked) => (
+            format!("kill QEMU mid-log, reboot, recover: all {acked} acked records back"),
+            true,
+        ),
+        Err(e) => {
+            eprintln!("xtask: kill-and-recover check: {e:#}");
+            ("kill QEMU mid-log, reboot, recover".into(), false)
         }
     }
 }

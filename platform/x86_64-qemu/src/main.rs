@@ -31,6 +31,7 @@ mod reactor_job;
 mod smp;
 mod storage;
 mod time;
+mod wal_jobs;
 
 /// Most memory set aside for DMA (queues and data buffers).
 const DMA_POOL_BYTES: u64 = 96 << 20;

@@ -74,7 +74,7 @@ pub fn open<'a>(p: &Platform, cl: &Cmdline<'a>) -> Result<Ctrl, JobError<'a>> {
     Ok(ctrl)
 }
 
-fn qpair<'a>(ctrl: &mut Ctrl, p: &Platform, qid: u16) -> Result<Qp, JobError<'a>> {
+pub fn qpair<'a>(ctrl: &mut Ctrl, p: &Platform, qid: u16) -> Result<Qp, JobError<'a>> {
     ctrl.create_io_qpair(&p.dma, qid, QUEUE_ENTRIES)
         .map_err(|e| {
             keel_log::error!("nvme: create I/O queue pair {=u16}: {}", qid, e);
