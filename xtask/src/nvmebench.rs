@@ -248,6 +248,32 @@ pub fn run_matrix(fw: &Path, secs: u64, cores: &[usize]) -> Result<()> {
             find(qd32, "full", 1, "ioeventfd"),
         );
     }
+    // The writer against the raw sequential write, in one boot.
+    qemu::progress(false, "xtask: logbench (writer vs raw sequential write)");
+    let vm = VmOpts {
+        accel,
+        smp: 1,
+        timeout: secs * 6 + 30,
+        null_backend: true,
+        disk_size: "2G".into(),
+        ..VmOpts::default()
+    };
+    let out = qemu::run(
+        fw,
+        &vm,
+        &format!("logbench ms={}", secs * 1000),
+        &work,
+        qemu::Verbosity::Quiet,
+    )?;
+    if !out.passed() {
+        bail!("logbench failed: {}", out.verdict());
+    }
+    println!();
+    println!("writer vs raw sequential write (one boot, null-backed, {secs} s each):");
+    for l in out.log.iter().filter_map(|l| l.split("logbench | ").nth(1)) {
+        println!("  {}", l.replace(" | ", "  |  "));
+    }
+    println!();
     println!("  reference (issue text, same device under TCG): SPDK perf 327k IOPS QD32, 39k IOPS / 25 µs QD1");
     Ok(())
 }

@@ -76,6 +76,7 @@ pub fn run<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
         "scrub" => crate::nvme_jobs::scrub(cl, p),
         "log" => crate::wal_jobs::log(cl, p),
         "recover" => crate::wal_jobs::recover(cl, p),
+        "logbench" => crate::wal_jobs::logbench(cl, p),
         "scan" => crate::nvme_jobs::scan(cl, p),
         "cfs" => crate::nvme_jobs::cfs(cl, p),
         "bench" => crate::nvme_jobs::bench(cl, p),

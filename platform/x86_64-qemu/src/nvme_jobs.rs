@@ -34,7 +34,8 @@ fn fail<'a>(what: &'static str) -> impl FnOnce(StorageError) -> JobError<'a> {
 pub fn open<'a>(p: &Platform, cl: &Cmdline<'a>) -> Result<Ctrl, JobError<'a>> {
     let shadow = cl.bool("dbbuf", false)?;
     let lazy_cq = cl.bool("lazycq", LAZY_CQ_DEFAULT)?;
-    let io_queues = p.cores.max(1) as u16;
+    // One per core, and a few spare for jobs that use several queue pairs on one core.
+    let io_queues = p.cores.max(4) as u16;
     let dev = p
         .devices
         .iter()

@@ -43,6 +43,9 @@ fn config<'a>(cl: &Cmdline<'a>) -> Result<WriterConfig, JobError<'a>> {
 pub fn log<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     let records = cl.u64("records", 400)?;
     let sync_every = cl.u64("sync_every", 10)?.max(1);
+    // `report`: a device error ends the run normally after saying how many records were
+    // acknowledged (for tests that inject errors); `fail` (default): the run fails.
+    let on_error = cl.choice("on_error", &["fail", "report"], "fail")?;
     let cfg = config(cl)?;
     let mut ctrl = nvme_jobs::open(p, cl)?;
     cl.finish()?;
@@ -57,10 +60,24 @@ pub fn log<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     for seq in 0..records {
         let n = payload(seq, &mut buf);
         bytes += n as u64;
-        wal.append(&buf[..n]).map_err(wal_err("log: append"))?;
-        if (seq + 1) % sync_every == 0 || seq + 1 == records {
-            let acked = wal.sync().map_err(wal_err("log: sync"))?;
-            keel_log::info!("log: acked {=u64} records", acked.seq);
+        let step = wal.append(&buf[..n]).and_then(|_| {
+            if (seq + 1) % sync_every == 0 || seq + 1 == records {
+                let acked = wal.sync()?;
+                keel_log::info!("log: acked {=u64} records", acked.seq);
+            }
+            Ok(())
+        });
+        if let Err(e) = step {
+            keel_log::info!(
+                "log: stopped by a device error after {=u64} acknowledged records: {}",
+                wal.acked().seq,
+                defmt::Debug2Format(&e)
+            );
+            return if on_error == "report" {
+                Ok(())
+            } else {
+                Err(JobError::Failed("log: device error"))
+            };
         }
     }
     let us = (crate::time::now_ns() - t0) / 1000;
@@ -127,6 +144,116 @@ pub fn recover<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     }
     if valid < expect {
         return Err(JobError::Failed("recovery lost acknowledged records"));
+    }
+    Ok(())
+}
+
+/// `logbench`: in one boot, the driver's raw sequential write (64 KiB commands, QD 8) against
+/// the writer's appends: 4 KiB appends copied into its buffers, and 64 KiB appends from a DMA
+/// buffer that bypass the copy. Prints MB/s, the ratio to raw, and bytes copied per byte appended.
+pub fn logbench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
+    use keel_hal::DmaAllocator;
+    use keel_writer::Writer;
+    let ms = cl.u64("ms", 1000)?;
+    let mut ctrl = nvme_jobs::open(p, cl)?;
+    cl.finish()?;
+    keel_log::info!("job logbench: start");
+    let ns = *ctrl
+        .namespace(1)
+        .ok_or(JobError::Failed("no namespace 1"))?;
+    let third = ns.blocks / 3;
+    let limit_ns = ms * 1_000_000;
+
+    // 1. Raw sequential writes through the queue pair.
+    let mut raw_qp = nvme_jobs::qpair(&mut ctrl, p, 1)?;
+    let mut bufs: heapless::Vec<keel_hal::DmaRegion, 8> = heapless::Vec::new();
+    for _ in 0..8 {
+        let _ = bufs.push(
+            crate::storage::dma(&p.dma, 64 * 1024)
+                .map_err(|_| JobError::Failed("DMA pool exhausted"))?,
+        );
+    }
+    let cfg = crate::storage::BenchCfg {
+        pattern: crate::storage::Pattern::Write,
+        ns: 1,
+        bs: 64 * 1024,
+        qd: 8,
+        duration_ns: limit_ns,
+        lba0: 0,
+        blocks: third,
+        block_size: ns.block_size,
+    };
+    let mut hist = [0u32; 4097];
+    let r = crate::storage::bench(
+        &mut crate::storage::Raw(&mut raw_qp),
+        &cfg,
+        &bufs,
+        &mut hist,
+    );
+    let raw_mbps = r.ios * 64 * 1024 * 1000 / r.elapsed_ns.max(1);
+
+    // 2. and 3. The writer, copying small appends / bypassing with DMA appends.
+    let mut results = [(0u64, 0u64, 0u64); 2];
+    for (mode, slot) in results.iter_mut().enumerate() {
+        let qp = nvme_jobs::qpair(&mut ctrl, p, 2 + mode as u16)?;
+        // Shaped like the raw run: 64 KiB commands, up to 8 on the device.
+        let wcfg = WriterConfig {
+            buf_size: 64 * 1024,
+            buffers: 9,
+            max_in_flight: 8,
+            max_io_bytes: 64 * 1024,
+            ..WriterConfig::new(1, third * (1 + mode as u64), third)
+        };
+        let mut w = Writer::new(qp, &p.dma, TscClock, NeverCancel, wcfg)
+            .map_err(|_| JobError::Failed("writer"))?;
+        let chunk = [0x5Au8; 4096];
+        let dbuf = p
+            .dma
+            .alloc(64 * 1024, 4096)
+            .map_err(|_| JobError::Failed("DMA pool exhausted"))?;
+        let t0 = crate::time::now_ns();
+        loop {
+            let res = if mode == 0 {
+                w.append(&chunk)
+            } else {
+                w.append_dma(&dbuf, 0, dbuf.len())
+            };
+            match res {
+                Ok(()) => {}
+                Err(keel_writer::Error::Full) => break,
+                Err(_) => return Err(JobError::Failed("writer append")),
+            }
+            if crate::time::now_ns() - t0 >= limit_ns {
+                break;
+            }
+        }
+        w.sync().map_err(|_| JobError::Failed("writer sync"))?;
+        let elapsed = crate::time::now_ns() - t0;
+        let st = w.stats();
+        *slot = (
+            st.bytes_appended * 1000 / elapsed.max(1),
+            st.bytes_copied,
+            st.bytes_appended,
+        );
+    }
+    keel_log::info!("logbench | path | MB/s | vs raw | copied per appended byte");
+    keel_log::info!(
+        "logbench | raw sequential write, 64 KiB x QD8 | {=u64} | 1.00 | -",
+        raw_mbps
+    );
+    for (name, (mbps, copied, appended)) in [
+        ("writer, 4 KiB appends (copied)", results[0]),
+        ("writer, 64 KiB DMA appends (bypass)", results[1]),
+    ] {
+        keel_log::info!(
+            "logbench | {=str} | {=u64} | {=u64}.{=u64:02} | {=u64}.{=u64:02}",
+            name,
+            mbps,
+            mbps / raw_mbps.max(1),
+            mbps * 100 / raw_mbps.max(1) % 100,
+            copied / appended.max(1),
+            copied * 100 / appended.max(1) % 100
+        );
     }
     Ok(())
 }
