@@ -94,7 +94,11 @@ fn contended(set: &impl FreeSet, threads: usize, iters: u64) -> Duration {
                 })
             })
             .collect();
-        workers.into_iter().map(|w| w.join().unwrap()).max().unwrap()
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap())
+            .max()
+            .unwrap()
     })
 }
 
