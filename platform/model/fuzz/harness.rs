@@ -47,12 +47,19 @@ fn fault(b: &mut Bytes) -> Fault {
 }
 
 pub fn run(data: &[u8]) {
+    let dma = HostDma::new();
+    run_with(data, &dma);
+    // SAFETY: `run_with` has returned, so the controller, queue pair and model that used this
+    // allocator's regions are gone.
+    unsafe { dma.free_all() };
+}
+
+fn run_with(data: &[u8], dma: &HostDma) {
     let mut b = Bytes { d: data, i: 0 };
     let mcfg = ModelConfig {
         mdts: b.u8() % 8,
         ..ModelConfig::default()
     };
-    let dma = HostDma::new();
     let model = NvmeModel::new(mcfg, dma.clone());
     for _ in 0..b.u8() % 4 {
         let cns = b.u8() % 3;
@@ -66,11 +73,11 @@ pub fn run(data: &[u8]) {
         max_retries: b.u8() % 3,
         ..Config::default()
     };
-    let Ok(mut ctrl) = Controller::init(model.mmio(), &dma, clock.clone(), cfg) else {
+    let Ok(mut ctrl) = Controller::init(model.mmio(), dma, clock.clone(), cfg) else {
         return; // a typed error is a fine outcome
     };
     let depth = 2 + (b.u8() % 63) as u16;
-    let Ok(mut qp) = ctrl.create_io_qpair(&dma, 1, depth) else {
+    let Ok(mut qp) = ctrl.create_io_qpair(dma, 1, depth) else {
         return;
     };
     let Some(ns) = ctrl.namespaces().first().copied() else {
