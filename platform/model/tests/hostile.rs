@@ -352,8 +352,18 @@ fn init_err(
 }
 
 fn expect_init_err(fault: Fault, patch: &[(u8, usize, &[u8])], want: NvmeError) -> Row {
-    match init_err(fault, ModelConfig::default(), patch) {
-        Err(e) if e == want => Ok(format!("{e:?}")),
+    let dma = HostDma::new();
+    let model = NvmeModel::new(ModelConfig::default(), dma.clone());
+    model.set_fault(fault);
+    for (cns, off, b) in patch {
+        model.patch_identify(*cns, *off, b);
+    }
+    let r = Controller::init(model.mmio(), &dma, ModelClock::new(), cfg());
+    // Regression: a failed bring-up used to leak the admin queues and scratch page.
+    let live = dma.live_allocations();
+    match r {
+        Err(e) if e == want && live == 0 => Ok(format!("{e:?}, no DMA leaked")),
+        Err(e) if e == want => Err(format!("{e:?} but {live} DMA blocks leaked")),
         Err(e) => Err(format!("{e:?}, want {want:?}")),
         Ok(_) => Err("init succeeded".into()),
     }
@@ -788,4 +798,24 @@ fn matrix() {
     }
     println!("{table}");
     assert_eq!(bad, 0, "misbehaviour matrix:{table}");
+}
+
+/// Regression: `Controller::init` leaked its admin queues and scratch page on every failed
+/// bring-up (a retry loop against a broken device would exhaust DMA memory).
+#[test]
+fn failed_init_frees_its_dma() {
+    for fault in [
+        Fault::NeverReady,
+        Fault::FatalOnEnable,
+        Fault::AbsurdIdentify,
+    ] {
+        let dma = HostDma::new();
+        let model = NvmeModel::new(ModelConfig::default(), dma.clone());
+        model.set_fault(fault);
+        for _ in 0..3 {
+            assert!(Controller::init(model.mmio(), &dma, ModelClock::new(), cfg()).is_err());
+        }
+        assert_eq!(dma.live_allocations(), 0, "{fault:?}");
+        assert!(dma.allocations() >= 9, "{fault:?}: init allocated nothing?");
+    }
 }
