@@ -571,6 +571,88 @@ fn reset_storm() -> Row {
     ))
 }
 
+/// The same storm through a reactor (keel-reactor) and the I/O handle array (keel-aio): the
+/// queue pair is reset from `with_queue` while 32 handles are in flight; afterwards the
+/// reactor's counters balance and every handle is back in the array.
+fn reactor_reset_storm() -> Row {
+    use keel_aio::Aio;
+    use keel_reactor::{split, MeshStorage, Msg, Reactor};
+    const N: usize = 32;
+    const W: usize = keel_slots::words_for(N);
+    let mut r = rig();
+    let qp = r.ctrl.create_io_qpair(&r.dma, 1, 64).unwrap();
+    let mesh: &'static mut MeshStorage<Msg, 1, 8> = Box::leak(Box::new(MeshStorage::new()));
+    let [links] = split(mesh);
+    let aio: &'static Aio<N, W> = Box::leak(Box::new(Aio::new()));
+    let mut re: Reactor<'static, Qp, 1, N, W> = Reactor::new(links, aio, Some(qp));
+    let buf = r.dma.alloc(N * 4096, 4096).unwrap();
+    let mut seen: HashMap<u32, usize> = HashMap::new();
+    let mut cookie = 0u32;
+    for round in 0..50u32 {
+        let first = cookie;
+        for i in 0..N as u32 {
+            if i == 4 + round % 24 {
+                re.poll(); // some reach the device and complete normally
+                r.model.set_fault(Fault::Stall);
+            }
+            let b = BufRef::new(&buf, i as usize * 4096, 4096).unwrap();
+            let op = BlockOp::Write {
+                ns: 1,
+                lba: i as u64 * 8,
+                blocks: 8,
+                buf: b,
+            };
+            re.submit(op, cookie)
+                .map_err(|e| format!("round {round} submit: {e:?}"))?;
+            cookie += 1;
+        }
+        re.poll();
+        if round % 3 == 0 {
+            r.clock.advance_ms(150);
+            re.poll();
+        }
+        r.model.set_fault(Fault::None);
+        let ctrl = &mut r.ctrl;
+        re.with_queue(|q| ctrl.reset(&mut [q]))
+            .ok_or("no queue")?
+            .map_err(|e| format!("round {round} reset: {e:?}"))?;
+        let mut passes = 0;
+        while re.in_flight() > 0 || re.staged() > 0 {
+            passes += 1;
+            check(passes < 5_000, format!("round {round}: reactor hang"))?;
+            re.poll();
+            r.clock.advance_ms(1);
+        }
+        while let Some(c) = re.next_completion() {
+            *seen.entry(c.cookie).or_default() += 1;
+        }
+        for c in first..cookie {
+            check(
+                seen.get(&c) == Some(&1),
+                format!("round {round}: cookie {c} seen {:?}", seen.get(&c)),
+            )?;
+        }
+        let s = re.stats();
+        check(
+            s.submitted == s.completed_ok + s.failed,
+            format!("round {round}: {s:?}"),
+        )?;
+        check(
+            aio.free_count() == N,
+            format!("round {round}: {} of {N} handles free", aio.free_count()),
+        )?;
+    }
+    let s = re.stats();
+    check(
+        s.failed > 0 && s.completed_ok > 0,
+        "both outcomes exercised",
+    )?;
+    Ok(format!(
+        "{} = {} ok + {} failed; {N}/{N} handles back",
+        s.submitted, s.completed_ok, s.failed
+    ))
+}
+
 fn fuzz_corpus() -> Row {
     // The fuzz harness over 300 seeded random inputs (the libFuzzer run lives in
     // `cargo xtask fuzz`).
@@ -750,6 +832,11 @@ fn rows() -> Vec<Spec> {
             name: "reset during I/O, QD32 x 50",
             expect: "submitted = ok + failed",
             run: reset_storm,
+        },
+        Spec {
+            name: "reset via reactor+aio, 32 handles x 50",
+            expect: "balanced, handles back",
+            run: reactor_reset_storm,
         },
         Spec {
             name: "fuzz harness, 300 seeded inputs",
