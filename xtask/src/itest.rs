@@ -46,6 +46,7 @@ pub fn test_all(with_qemu: bool) -> Result<()> {
         c,
     );
     rows.push(("host tests".into(), ok, t));
+    rows.extend(crate::fuzz::test_steps(25));
 
     for (pkg, dir) in loom_crates() {
         let mut c = cargo_cmd();

@@ -5,6 +5,8 @@
 //! plain cargo steps the std version is just as short.
 
 mod flash;
+mod fuzz;
+mod instr;
 mod itest;
 mod nvmebench;
 mod powercut;
@@ -72,6 +74,14 @@ enum Cmd {
         #[command(flatten)]
         args: flash::FlashArgs,
     },
+    /// Fuzz the driver with libFuzzer (nightly): the device's responses are the input.
+    Fuzz {
+        /// Seconds to fuzz.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+    },
+    /// Instructions per I/O (submit + complete) on the host model, counted with callgrind.
+    Instr,
 }
 
 pub fn root() -> PathBuf {
@@ -81,7 +91,7 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"))
@@ -139,6 +149,8 @@ fn main() {
             cores,
             nvme_only,
         } => bench(secs, &cores, nvme_only),
+        Cmd::Fuzz { time } => fuzz::run(time).map(|_| ()),
+        Cmd::Instr => instr::run(),
     };
     if let Err(e) = r {
         eprintln!("xtask: error: {e:#}");

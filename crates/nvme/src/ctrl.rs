@@ -236,13 +236,30 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             cap.max_queue_entries(),
             cap.timeout_ms()
         );
-        ctrl.disable()?;
-        ctrl.enable()?;
-        ctrl.identify_controller()?;
-        ctrl.scan_namespaces()?;
-        ctrl.negotiate_queues()?;
-        if ctrl.cfg.shadow_doorbells && ctrl.info.doorbell_buffer {
-            ctrl.setup_shadow(dma)?;
+        let r = (|| {
+            ctrl.disable()?;
+            ctrl.enable()?;
+            ctrl.identify_controller()?;
+            ctrl.scan_namespaces()?;
+            ctrl.negotiate_queues()?;
+            if ctrl.cfg.shadow_doorbells && ctrl.info.doorbell_buffer {
+                ctrl.setup_shadow(dma)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            // Bring-up failed (device not ready, fatal, absurd identify, ...): disable the
+            // device and, once it reports it stopped (RDY = 0), give the admin queues and the
+            // scratch page back instead of leaking them on every attempt. A device that does
+            // not stop may still write there, so then the memory stays leaked on purpose.
+            let cc = ctrl.mmio.read32(reg::CC);
+            ctrl.mmio.write32(reg::CC, cc & !reg::CC_EN);
+            if ctrl.wait_csts(reg::CSTS_RDY, 0, Step::Disable).is_ok() {
+                dma.free(ctrl.admin.sq);
+                dma.free(ctrl.admin.cq);
+                dma.free(ctrl.scratch);
+            }
+            return Err(e);
         }
         Ok(ctrl)
     }

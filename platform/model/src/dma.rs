@@ -79,6 +79,28 @@ impl HostDma {
         Ok(())
     }
 
+    /// Live allocations (blocks not yet returned with `free`).
+    pub fn live_allocations(&self) -> usize {
+        self.lock().live.len()
+    }
+
+    /// Returns every live allocation to the heap (for fuzz loops and long test runs: the driver
+    /// has no teardown for everything it allocates).
+    ///
+    /// # Safety
+    ///
+    /// No [`DmaRegion`] handed out by this allocator (or its clones) may be used afterwards, and
+    /// no device model may access its memory any more.
+    pub unsafe fn free_all(&self) {
+        let mut reg = self.lock();
+        for (bus, layout) in std::mem::take(&mut reg.live) {
+            // SAFETY: every registered block came from `alloc_zeroed(layout)` in `alloc` and is
+            // removed from the registry here, so it is freed once; the caller promises nothing
+            // uses it any more.
+            unsafe { dealloc(bus as usize as *mut u8, layout) };
+        }
+    }
+
     pub fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
         let mut b = [0u8; 8];
         self.read(addr, &mut b)?;

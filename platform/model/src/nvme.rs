@@ -87,6 +87,15 @@ pub enum Fault {
     /// Fail every Write with a media Write Fault (SCT 2, SC 0x80) and DNR = 1; other commands
     /// succeed.
     WriteFault,
+    /// Complete every I/O command with this raw status field (`SC << 1 | SCT << 9 | ...`; the
+    /// phase bit is ignored).
+    Status(u16),
+    /// XOR the CID of every I/O completion with this mask.
+    CorruptCid(u16),
+    /// CC.EN = 1 never sets CSTS.RDY (the controller never becomes ready).
+    NeverReady,
+    /// CC.EN = 1 sets CSTS.CFS instead of CSTS.RDY.
+    FatalOnEnable,
 }
 
 #[derive(Debug, Clone)]
@@ -151,6 +160,8 @@ struct State {
     commands: BTreeMap<u8, u64>,
     io_commands: u64,
     log: Vec<String>,
+    /// (CNS, byte offset, bytes) written over Identify data before it is returned.
+    id_patches: Vec<(u8, usize, Vec<u8>)>,
 }
 
 /// The model; cheap to clone (shared state).
@@ -202,6 +213,7 @@ impl NvmeModel {
             commands: BTreeMap::new(),
             io_commands: 0,
             log: Vec::new(),
+            id_patches: Vec::new(),
         };
         Self {
             st: Arc::new(Mutex::new(st)),
@@ -216,6 +228,20 @@ impl NvmeModel {
 
     pub fn set_fault(&self, f: Fault) {
         lock(&self.st).fault = f;
+    }
+
+    /// Overwrites bytes `offset..` of every Identify data structure with this CNS (0 =
+    /// namespace, 1 = controller, 2 = active namespace list) before it is returned; bytes past
+    /// 4096 are ignored.
+    pub fn patch_identify(&self, cns: u8, offset: usize, bytes: &[u8]) {
+        lock(&self.st)
+            .id_patches
+            .push((cns, offset, bytes.to_vec()));
+    }
+
+    /// Drops every Identify patch.
+    pub fn clear_identify_patches(&self) {
+        lock(&self.st).id_patches.clear();
     }
 
     /// MMIO SQ tail doorbell writes seen for queue `qid`.
@@ -440,6 +466,10 @@ impl State {
         if was == 0 && v & 1 == 1 {
             let iosqes = (v >> 16) & 0xF;
             let iocqes = (v >> 20) & 0xF;
+            if self.fault == Fault::FatalOnEnable {
+                self.csts |= 2;
+                return;
+            }
             if (v >> 7) & 0xF != 0 || (v >> 4) & 7 != 0 {
                 self.note(format!("CC: unsupported MPS/CSS {v:#x}"));
                 self.csts |= 2;
@@ -476,7 +506,11 @@ impl State {
                     pending: VecDeque::new(),
                 },
             );
-            self.csts = 1;
+            self.csts = if self.fault == Fault::NeverReady {
+                0
+            } else {
+                1
+            };
         } else if was == 1 && v & 1 == 0 {
             self.sqs.clear();
             self.cqs.clear();
@@ -598,12 +632,17 @@ impl State {
                 self.csts |= 2;
                 return;
             }
-            let cid = le16(&cmd, 2);
+            let mut cid = le16(&cmd, 2);
             let (dw0, status) = if qid == 0 {
                 self.admin(&cmd)
             } else {
                 self.io(&cmd)
             };
+            if qid != 0 {
+                if let Fault::CorruptCid(mask) = self.fault {
+                    cid ^= mask;
+                }
+            }
             if qid != 0 {
                 self.io_commands += 1;
             }
@@ -835,6 +874,12 @@ impl State {
             }
             _ => return (0, sf::INVALID_FIELD | sf::DNR),
         }
+        for (c, off, bytes) in &self.id_patches {
+            if *c as u32 == cns && *off < d.len() {
+                let n = bytes.len().min(d.len() - off);
+                d[*off..off + n].copy_from_slice(&bytes[..n]);
+            }
+        }
         match self.transfer_out(prp1, prp2, &d) {
             Ok(()) => (0, sf::OK),
             Err(s) => (0, s),
@@ -939,6 +984,7 @@ impl State {
             }
             Fault::PermanentError => return (0, sf::INTERNAL | sf::DNR),
             Fault::WriteFault if c[0] == 0x01 => return (0, sf::WRITE_FAULT | sf::DNR),
+            Fault::Status(st) => return (0, st & !1),
             _ => {}
         }
         let opc = c[0];
