@@ -14,7 +14,7 @@ use crate::{cargo_cmd, step};
 /// Preemption bound for every loom model (each crate's tests/loom.rs says what it covers).
 const LOOM_MAX_PREEMPTIONS: &str = "3";
 
-pub fn test_all(with_qemu: bool) -> Result<()> {
+pub fn test_all(with_qemu: bool, crash_states_per_gap: usize) -> Result<()> {
     let mut rows: Vec<(String, bool, f64)> = Vec::new();
 
     let mut c = cargo_cmd();
@@ -78,7 +78,7 @@ pub fn test_all(with_qemu: bool) -> Result<()> {
                 let (name, ok) = powercut_replay_check(&fw);
                 rows.push((name, ok, t.elapsed().as_secs_f64()));
                 let t = Instant::now();
-                let (name, ok) = powercut_wal_check(&fw, crash_states_per_gap());
+                let (name, ok) = powercut_wal_check(&fw, crash_states_per_gap.max(1));
                 rows.push((name, ok, t.elapsed().as_secs_f64()));
                 let t = Instant::now();
                 let (name, ok) = kill_and_recover_check(&fw);
@@ -937,15 +937,6 @@ fn powercut_replay_check(fw: &Path) -> (String, bool) {
             ("power-cut log: replay reproduces the disk".into(), false)
         }
     }
-}
-
-/// Crash states per gap between flushes: 5 gives 200+ states for the 40-sync log run;
-/// `KEEL_POWERCUT_PER_GAP` raises it for longer runs.
-fn crash_states_per_gap() -> usize {
-    std::env::var("KEEL_POWERCUT_PER_GAP")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5)
 }
 
 /// The power-cut test proper: the `log` job runs under blklogwrites (400 records, a sync every

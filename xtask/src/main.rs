@@ -56,6 +56,10 @@ enum Cmd {
         /// Skip the QEMU integration tests.
         #[arg(long)]
         no_qemu: bool,
+        /// Power-cut states per gap between flushes of the logged run (5 gives 250 states;
+        /// raise it for a longer soak).
+        #[arg(long, default_value_t = 5)]
+        crash_states_per_gap: usize,
     },
     /// Benchmarks: the firmware's NVMe bench matrix under QEMU, then the host criterion benches.
     Bench {
@@ -143,7 +147,10 @@ fn main() {
             job,
         ),
         Cmd::Flash { args } => flash::flash(args),
-        Cmd::Test { no_qemu } => itest::test_all(!no_qemu),
+        Cmd::Test {
+            no_qemu,
+            crash_states_per_gap,
+        } => itest::test_all(!no_qemu, crash_states_per_gap),
         Cmd::Bench {
             secs,
             cores,
