@@ -3,7 +3,7 @@
 //! assert on its decoded output and exit status. Ends with a results table and a
 //! `keel: N passed, N failed` line.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -866,42 +866,98 @@ fn shapes_ok(o: &Outcome) -> bool {
     o.count("| ok") >= 8 && !o.has("FAILED")
 }
 
-/// Power-cut replay, checked against reality: record a selftest run with QEMU's blklogwrites,
-/// replay the whole log over the initial (zero) image and compare with the disk QEMU left, then
-/// build the crash states a power cut could leave (every flush point, and dropped / prefix /
-/// random-subset states of the unflushed writes between flushes).
+// ---- host-side checks of the log and the power-cut tooling --------------------------------
+
+/// Runs a host-side check: its `Ok` label, or `fail_name` after printing why, becomes a row.
+fn check_row(fail_name: &str, f: impl FnOnce() -> Result<String>) -> (String, bool) {
+    match f() {
+        Ok(label) => (label, true),
+        Err(e) => {
+            eprintln!("xtask: {fail_name}: {e:#}");
+            (fail_name.to_string(), false)
+        }
+    }
+}
+
+/// The numbers printed right after `marker` in the decoded log, in order.
+fn numbers_after<'a>(o: &'a Outcome, marker: &'a str) -> impl Iterator<Item = u64> + 'a {
+    o.log.iter().filter_map(move |l| {
+        l.split(marker)
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+/// One quiet single-core boot for these checks.
+fn boot(
+    fw: &Path,
+    timeout: u64,
+    disk: Option<PathBuf>,
+    write_log: Option<PathBuf>,
+    cmdline: &str,
+) -> Result<Outcome> {
+    let work = crate::work_dir();
+    let (accel, _) = qemu::choose_accel(qemu::Accel::Auto, fw, &work);
+    let vm = VmOpts {
+        smp: 1,
+        accel,
+        timeout,
+        disk,
+        write_log,
+        ..VmOpts::default()
+    };
+    qemu::run(fw, &vm, cmdline, &work, qemu::Verbosity::Quiet)
+}
+
+/// Boots `recover expect=N` (plus `extra` options) on `img`: fails unless recovery passed,
+/// returned at least `expect` records and nothing corrupt.
+fn recover_on(fw: &Path, img: &Path, expect: u64, extra: &str, what: &str) -> Result<Outcome> {
+    let out = boot(
+        fw,
+        60,
+        Some(img.to_path_buf()),
+        None,
+        format!("recover expect={expect} {extra}").trim(),
+    )?;
+    if !out.passed() || !out.has(" 0 corrupt;") {
+        for l in out.all_lines() {
+            eprintln!("    {l}");
+        }
+        bail!(
+            "{what} (expecting {expect} acknowledged records): {}",
+            out.verdict()
+        );
+    }
+    Ok(out)
+}
+
+fn flush_count(log: &crate::powercut::Log) -> usize {
+    log.entries
+        .iter()
+        .filter(|e| **e == crate::powercut::Entry::Flush)
+        .count()
+}
+
+/// The replay tool, checked against reality: record a selftest run with QEMU's blklogwrites,
+/// replay the whole log over the initial (zero) image and compare with the disk QEMU left.
 fn powercut_replay_check(fw: &Path) -> (String, bool) {
-    let run = || -> Result<(usize, usize, usize, u64)> {
+    check_row("power-cut log: replay reproduces the disk", || {
         let work = crate::work_dir();
         let log_path = work.join("powercut-selftest.log");
-        let (accel, _) = qemu::choose_accel(qemu::Accel::Auto, fw, &work);
-        let vm = VmOpts {
-            smp: 1,
-            accel,
-            timeout: 120,
-            write_log: Some(log_path.clone()),
-            ..VmOpts::default()
-        };
-        let out = qemu::run(fw, &vm, "selftest", &work, qemu::Verbosity::Quiet)?;
+        let out = boot(fw, 120, None, Some(log_path.clone()), "selftest")?;
         if !out.passed() {
             bail!("selftest under blklogwrites failed: {}", out.verdict());
         }
         let log = crate::powercut::parse(&std::fs::read(&log_path)?)?;
         let disk = std::fs::read(work.join("nvme-ns1.img"))?;
         let replayed = crate::powercut::replay(&vec![0u8; disk.len()], &log.entries);
-        if replayed != disk {
-            let first = replayed
-                .iter()
-                .zip(&disk)
-                .position(|(a, b)| a != b)
-                .unwrap_or(0);
+        if let Some(first) = replayed.iter().zip(&disk).position(|(a, b)| a != b) {
             bail!("replaying {} log entries does not reproduce the disk (first difference at byte {first})", log.entries.len());
         }
-        let flushes = log
-            .entries
-            .iter()
-            .filter(|e| **e == crate::powercut::Entry::Flush)
-            .count();
+        let flushes = flush_count(&log);
         if flushes == 0 {
             bail!("the selftest's flush never reached the log");
         }
@@ -918,65 +974,35 @@ fn powercut_replay_check(fw: &Path) -> (String, bool) {
                 log.flushed_entries
             );
         }
-        let states = crate::powercut::crash_states(&log, 8, 0x5eed);
-        for st in &states {
-            let img = crate::powercut::build(&vec![0u8; disk.len()], &log, st);
-            if img.len() != disk.len() {
-                bail!("crash state '{}' has the wrong size", st.label);
-            }
-        }
-        Ok((log.entries.len(), flushes, states.len(), log.sector_size))
-    };
-    match run() {
-        Ok((entries, flushes, states, ss)) => (
-            format!("power-cut log ({ss} B sectors): replay of {entries} entries == disk; {flushes} flushes; {states} crash states"),
-            true,
-        ),
-        Err(e) => {
-            eprintln!("xtask: power-cut replay check: {e:#}");
-            ("power-cut log: replay reproduces the disk".into(), false)
-        }
-    }
+        Ok(format!(
+            "power-cut log ({} B sectors): replay of {} entries == disk; {flushes} flushes",
+            log.sector_size,
+            log.entries.len()
+        ))
+    })
 }
 
 /// The power-cut test proper: the `log` job runs under blklogwrites (400 records, a sync every
 /// 10); every crash state built from its write log is booted with `recover`, which must return
 /// every record acknowledged before the cut and nothing corrupt.
 fn powercut_wal_check(fw: &Path, per_gap: usize) -> (String, bool) {
-    let run = || -> Result<(usize, usize, u64)> {
+    check_row("power-cut replay of the log job", || {
         let work = crate::work_dir();
         let log_path = work.join("powercut-wal.log");
-        let (accel, _) = qemu::choose_accel(qemu::Accel::Auto, fw, &work);
-        let vm = VmOpts {
-            smp: 1,
-            accel,
-            timeout: 120,
-            write_log: Some(log_path.clone()),
-            ..VmOpts::default()
-        };
-        let out = qemu::run(
+        let out = boot(
             fw,
-            &vm,
+            120,
+            None,
+            Some(log_path.clone()),
             "log records=400 sync_every=10",
-            &work,
-            qemu::Verbosity::Quiet,
         )?;
         if !out.passed() {
             bail!("log job failed: {}", out.verdict());
         }
-        let acks: Vec<u64> = out
-            .log
-            .iter()
-            .filter_map(|l| l.split("log: acked ").nth(1))
-            .filter_map(|r| r.split_whitespace().next()?.parse().ok())
-            .collect();
+        let acks: Vec<u64> = numbers_after(&out, "log: acked ").collect();
         let log = crate::powercut::parse(&std::fs::read(&log_path)?)?;
         let disk_len = std::fs::metadata(work.join("nvme-ns1.img"))?.len() as usize;
-        let flushes = log
-            .entries
-            .iter()
-            .filter(|e| **e == crate::powercut::Entry::Flush)
-            .count();
+        let flushes = flush_count(&log);
         // Each sync ends with exactly one flush; the flushes before them belong to format.
         let Some(format_flushes) = flushes.checked_sub(acks.len()) else {
             bail!(
@@ -984,26 +1010,18 @@ fn powercut_wal_check(fw: &Path, per_gap: usize) -> (String, bool) {
                 acks.len()
             );
         };
-        let acked_after = |f: usize| {
-            if f <= format_flushes {
-                0
-            } else {
-                acks[f - format_flushes - 1]
-            }
-        };
         let states = crate::powercut::crash_states(&log, per_gap, 0xC0FFEE);
         let base = vec![0u8; disk_len];
         let img = work.join("powercut-state.img");
-        let mut checked = 0;
-        let mut max_lost_check = 0;
+        let mut most = 0;
         for (i, st) in states.iter().enumerate() {
-            // Flushes completed in this state: flush entries among those applied.
+            // Records acknowledged before the cut: those of the syncs whose flush is applied.
             let done = st
                 .applied
                 .iter()
                 .filter(|&&e| log.entries[e] == crate::powercut::Entry::Flush)
                 .count();
-            let expect = acked_after(done);
+            let expect = done.checked_sub(format_flushes + 1).map_or(0, |k| acks[k]);
             std::fs::write(&img, crate::powercut::build(&base, &log, st))?;
             if i % 20 == 0 {
                 qemu::progress(
@@ -1016,52 +1034,21 @@ fn powercut_wal_check(fw: &Path, per_gap: usize) -> (String, bool) {
                     ),
                 );
             }
-            let vm = VmOpts {
-                smp: 1,
-                accel,
-                timeout: 60,
-                disk: Some(img.clone()),
-                ..VmOpts::default()
-            };
-            let out = qemu::run(
-                fw,
-                &vm,
-                &format!("recover expect={expect}"),
-                &work,
-                qemu::Verbosity::Quiet,
-            )?;
-            if !out.passed() || !out.has(" 0 corrupt;") {
-                for l in out.all_lines() {
-                    eprintln!("    {l}");
-                }
-                bail!(
-                    "crash state '{}' (expecting {expect} acknowledged records): {}",
-                    st.label,
-                    out.verdict()
-                );
-            }
-            checked += 1;
-            max_lost_check = max_lost_check.max(expect);
+            recover_on(fw, &img, expect, "", &format!("crash state '{}'", st.label))?;
+            most = most.max(expect);
         }
-        Ok((checked, flushes, max_lost_check))
-    };
-    match run() {
-        Ok((states, flushes, acked)) => (
-            format!("power-cut replay: {states} crash states ({flushes} flushes), 0 acked lost, 0 corrupt (up to {acked} acked)"),
-            true,
-        ),
-        Err(e) => {
-            eprintln!("xtask: power-cut WAL check: {e:#}");
-            ("power-cut replay of the log job".into(), false)
-        }
-    }
+        Ok(format!(
+            "power-cut replay: {} crash states ({flushes} flushes), 0 acked lost, 0 corrupt (up to {most} acked)",
+            states.len()
+        ))
+    })
 }
 
 /// Writes failing under the log (QEMU blkdebug EIO on one sector inside the log region): the
 /// error surfaces (the writer does not retry a permanent media error forever), and recovery on
 /// the same disk returns every record acknowledged before it, nothing corrupt.
 fn log_write_error_check(fw: &Path) -> (String, bool) {
-    let run = || -> Result<(u64, u64)> {
+    check_row("log under blkdebug write EIO", || {
         let work = crate::work_dir();
         let img = work.join("eio-log.img");
         std::fs::File::create(&img)?.set_len(64 << 20)?;
@@ -1086,71 +1073,27 @@ fn log_write_error_check(fw: &Path) -> (String, bool) {
             &work,
             qemu::Verbosity::Quiet,
         )?;
-        let acked = out
-            .log
-            .iter()
-            .filter_map(|l| l.split("stopped by a device error after ").nth(1))
-            .filter_map(|r| r.split_whitespace().next()?.parse::<u64>().ok())
-            .next();
-        let Some(acked) = acked else {
+        let Some(acked) = numbers_after(&out, "stopped by a device error after ").next() else {
             bail!("the injected write error never surfaced: {}", out.verdict());
         };
-        let vm = VmOpts {
-            smp: 1,
-            accel,
-            timeout: 60,
-            disk: Some(img),
-            ..VmOpts::default()
-        };
-        let out = qemu::run(
-            fw,
-            &vm,
-            &format!("recover expect={acked}"),
-            &work,
-            qemu::Verbosity::Quiet,
-        )?;
-        if !out.passed() || !out.has(" 0 corrupt;") {
-            bail!("recovery after the write error: {}", out.verdict());
-        }
-        let recovered = out
-            .log
-            .iter()
-            .filter_map(|l| l.split("recover: ").nth(1))
-            .filter_map(|r| r.split_whitespace().next()?.parse::<u64>().ok())
-            .next()
-            .unwrap_or(0);
-        Ok((acked, recovered))
-    };
-    match run() {
-        Ok((acked, rec)) => (format!("log under blkdebug write EIO: error surfaced at {acked} acked; recovered {rec}, 0 corrupt"), true),
-        Err(e) => {
-            eprintln!("xtask: log write-error check: {e:#}");
-            ("log under blkdebug write EIO".into(), false)
-        }
-    }
+        let out = recover_on(fw, &img, acked, "", "recovery after the write error")?;
+        let recovered = numbers_after(&out, "recover: ").next().unwrap_or(0);
+        Ok(format!("log under blkdebug write EIO: error surfaced at {acked} acked; recovered {recovered}, 0 corrupt"))
+    })
 }
 
 /// The second check: kill QEMU in the middle of a long `log` run, reboot with `recover`, and
 /// require every record acknowledged before the kill.
 fn kill_and_recover_check(fw: &Path) -> (String, bool) {
-    let run = || -> Result<u64> {
-        let work = crate::work_dir();
-        let img = work.join("killed-log.img");
+    check_row("kill QEMU mid-log, reboot, recover", || {
+        let img = crate::work_dir().join("killed-log.img");
         std::fs::File::create(&img)?.set_len(64 << 20)?;
-        let (accel, _) = qemu::choose_accel(qemu::Accel::Auto, fw, &work);
-        let vm = VmOpts {
-            smp: 1,
-            accel,
-            timeout: 1,
-            disk: Some(img.clone()),
-            ..VmOpts::default()
-        };
-        let out = qemu::run(
+        let out = boot(
             fw,
-            &vm,
+            1,
+            Some(img.clone()),
+            None,
             "log records=200000 sync_every=10 blocks=131072",
-            &work,
-            qemu::Verbosity::Quiet,
         )?;
         if !out.timed_out {
             bail!(
@@ -1158,46 +1101,13 @@ fn kill_and_recover_check(fw: &Path) -> (String, bool) {
                 out.verdict()
             );
         }
-        let acked = out
-            .log
-            .iter()
-            .filter_map(|l| l.split("log: acked ").nth(1))
-            .filter_map(|r| r.split_whitespace().next()?.parse::<u64>().ok())
-            .max()
-            .unwrap_or(0);
+        let acked = numbers_after(&out, "log: acked ").max().unwrap_or(0);
         if acked == 0 {
             bail!("nothing was acknowledged before the kill");
         }
-        let vm = VmOpts {
-            smp: 1,
-            accel,
-            timeout: 60,
-            disk: Some(img),
-            ..VmOpts::default()
-        };
-        let out = qemu::run(
-            fw,
-            &vm,
-            &format!("recover expect={acked} blocks=131072"),
-            &work,
-            qemu::Verbosity::Quiet,
-        )?;
-        if !out.passed() || !out.has(" 0 corrupt;") {
-            for l in out.all_lines() {
-                eprintln!("    {l}");
-            }
-            bail!("recovery after the kill: {}", out.verdict());
-        }
-        Ok(acked)
-    };
-    match run() {
-        Ok(acked) => (
-            format!("kill QEMU mid-log, reboot, recover: all {acked} acked records back"),
-            true,
-        ),
-        Err(e) => {
-            eprintln!("xtask: kill-and-recover check: {e:#}");
-            ("kill QEMU mid-log, reboot, recover".into(), false)
-        }
-    }
+        recover_on(fw, &img, acked, "blocks=131072", "recovery after the kill")?;
+        Ok(format!(
+            "kill QEMU mid-log, reboot, recover: all {acked} acked records back"
+        ))
+    })
 }

@@ -128,7 +128,7 @@ pub fn ensure_qemu() -> Result<()> {
     if which("qemu-system-x86_64") {
         return Ok(());
     }
-    let root = unsafe_free_is_root();
+    let root = running_as_root();
     if root && Path::new("/etc/debian_version").exists() {
         eprintln!("xtask: qemu-system-x86_64 not found; installing Debian package qemu-system-x86 (apt-get)...");
         let ok = Command::new("apt-get")
@@ -157,7 +157,7 @@ pub fn ensure_qemu() -> Result<()> {
     bail!("qemu-system-x86_64 is missing. Install Debian's package: sudo apt-get install qemu-system-x86")
 }
 
-fn unsafe_free_is_root() -> bool {
+fn running_as_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()

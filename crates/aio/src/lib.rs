@@ -339,6 +339,19 @@ pub struct Batch<'a, const N: usize, const W: usize> {
 }
 
 impl<const N: usize, const W: usize> Batch<'_, N, W> {
+    /// A completion path, which always starts from `Submitted`.
+    fn complete_path(&mut self, io: IoRef, path: &[(HandleState, Effect)]) -> Result<(), AioError> {
+        self.aio
+            .apply_path(
+                self.inner,
+                io.index(),
+                Some(io.generation()),
+                Some(HandleState::Submitted),
+                path,
+            )
+            .map(|_| ())
+    }
+
     /// As [`Aio::submit`].
     pub fn submit(&mut self, io: IoRef) -> Result<IoDesc, AioError> {
         let path = [(HandleState::Submitted, Effect::None)];
@@ -362,15 +375,7 @@ impl<const N: usize, const W: usize> Batch<'_, N, W> {
             (HandleState::CompletedIo, Effect::Complete(result)),
             (HandleState::CompletedShared, Effect::None),
         ];
-        self.aio
-            .apply_path(
-                self.inner,
-                io.index(),
-                Some(io.generation()),
-                Some(HandleState::Submitted),
-                &path,
-            )
-            .map(|_| ())
+        self.complete_path(io, &path)
     }
 
     /// For an I/O completing on the core that issued it: the whole completion path
@@ -382,15 +387,7 @@ impl<const N: usize, const W: usize> Batch<'_, N, W> {
             (HandleState::CompletedLocal, Effect::None),
             (HandleState::Idle, Effect::None),
         ];
-        self.aio
-            .apply_path(
-                self.inner,
-                io.index(),
-                Some(io.generation()),
-                Some(HandleState::Submitted),
-                &path,
-            )
-            .map(|_| ())
+        self.complete_path(io, &path)
     }
 }
 
