@@ -115,7 +115,7 @@ fn cargo() -> Command {
 /// Builds the firmware and returns the path of its (unstripped) ELF.
 pub fn build_firmware() -> Result<PathBuf> {
     let mut c = cargo();
-    c.args(["build", "--quiet", "--release", "-p", "keel-fw"]);
+    c.args(["build", "--quiet", "--profile", "firmware", "-p", "keel-fw"]);
     if std::env::var_os("DEFMT_LOG").is_none() {
         c.env("DEFMT_LOG", "info");
     }
@@ -123,7 +123,7 @@ pub fn build_firmware() -> Result<PathBuf> {
     if !st.success() {
         bail!("firmware build failed");
     }
-    Ok(target_dir().join("release").join("keel-fw"))
+    Ok(target_dir().join("firmware").join("keel-fw"))
 }
 
 fn main() {

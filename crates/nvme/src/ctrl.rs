@@ -617,11 +617,10 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         if self.mmio.len() < spec::cq_doorbell(qid, self.stride) + 4 {
             return Err(NvmeError::InvalidArgument("qid beyond BAR0 doorbells"));
         }
-        let nslots = depth as usize - 1;
+        let nslots = IoQueuePair::<M, C>::slots_for(depth, &self.cfg) as usize;
         let sq = dma.alloc(depth as usize * 64, PAGE_SIZE)?;
         let cq = dma.alloc(depth as usize * 16, PAGE_SIZE)?;
         let prp = dma.alloc(nslots * self.cfg.prp_list_pages * PAGE_SIZE, PAGE_SIZE)?;
-        let meta = dma.alloc(IoQueuePair::<M, C>::meta_len(nslots), 64)?;
         let shadow = self
             .shadow
             .as_mut()
@@ -635,7 +634,6 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             sq,
             cq,
             prp,
-            meta,
             shadow,
             namespaces: self.namespaces.clone(),
             max_transfer: self.info.max_transfer,

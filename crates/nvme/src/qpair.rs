@@ -5,7 +5,6 @@ use core::sync::atomic::{fence, Ordering};
 use heapless::{Deque, Vec};
 use keel_blockdev::{BlockOp, BlockQueue, IoError, NsId, SubmitError};
 use keel_hal::{Clock, DmaAllocator, DmaRegion, Mmio};
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::ctrl::{Config, Namespace, MAX_NAMESPACES};
 use crate::error::NvmeError;
@@ -23,9 +22,14 @@ const ZOMBIE: u8 = 2;
 /// In flight across a controller reset; to be resubmitted or failed.
 const PENDING: u8 = 3;
 
-/// Per command slot bookkeeping, kept in a host-private region (never given to the device).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+/// Most commands one queue pair keeps in flight (its command slots). The rings may be deeper;
+/// the extra entries are completion-queue slack. The bookkeeping for these slots lives in the
+/// queue pair itself (plain memory): it is host-private, so it needs no volatile copies, and
+/// under emulation every access to it is cheap.
+pub const MAX_COMMANDS: usize = 256;
+
+/// Per command slot bookkeeping (never given to the device).
+#[derive(Debug, Clone, Copy, Default)]
 struct SlotRec {
     deadline: u64,
     slba: u64,
@@ -39,17 +43,15 @@ struct SlotRec {
     state: u8,
     opcode: u8,
     retries: u8,
-    _pad: [u8; 19],
 }
-static_assertions::const_assert_eq!(core::mem::size_of::<SlotRec>(), 64);
+static_assertions::const_assert!(core::mem::size_of::<SlotRec>() <= 48);
 
 const ERR_NONE: u8 = 0;
 const ERR_STATUS: u8 = 1;
 const ERR_RESET: u8 = 2;
 
 /// Per tag bookkeeping (a tag may span several commands when split at MDTS).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(Debug, Clone, Copy, Default)]
 struct ReqRec {
     tag: u32,
     outstanding: u16,
@@ -57,9 +59,8 @@ struct ReqRec {
     status: u16,
     err: u8,
     reported: u8,
-    _pad: [u8; 4],
 }
-static_assertions::const_assert_eq!(core::mem::size_of::<ReqRec>(), 16);
+static_assertions::const_assert!(core::mem::size_of::<ReqRec>() <= 12);
 
 /// Queue-pair counters (for diagnostics and tests).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -95,7 +96,6 @@ pub(crate) struct QpairParams<M, C> {
     pub sq: DmaRegion,
     pub cq: DmaRegion,
     pub prp: DmaRegion,
-    pub meta: DmaRegion,
     pub shadow: Option<(DmaRegion, DmaRegion)>,
     pub namespaces: Vec<Namespace, MAX_NAMESPACES>,
     pub max_transfer: usize,
@@ -117,7 +117,8 @@ pub struct IoQueuePair<M: Mmio, C: Clock> {
     sq: DmaRegion,
     cq: DmaRegion,
     prp: DmaRegion,
-    meta: DmaRegion,
+    slots: [SlotRec; MAX_COMMANDS],
+    reqs: [ReqRec; MAX_COMMANDS],
     shadow: Option<(DmaRegion, DmaRegion)>,
     sq_tail: u16,
     sq_tail_rung: u16,
@@ -156,17 +157,19 @@ pub struct IoQueuePair<M: Mmio, C: Clock> {
 }
 
 impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
-    pub(crate) fn meta_len(nslots: usize) -> usize {
-        nslots * (64 + 16)
+    /// Command slots for a ring of `depth` entries.
+    pub(crate) fn slots_for(depth: u16, cfg: &Config) -> u16 {
+        // With lazy CQ doorbells, half the entries are completion-queue slack (see `poll`).
+        let n = if cfg.lazy_cq_doorbell {
+            ((depth.max(2) - 1) / 2).max(1)
+        } else {
+            depth.max(2) - 1
+        };
+        n.min(MAX_COMMANDS as u16)
     }
 
     pub(crate) fn new(p: QpairParams<M, C>) -> Result<Self, NvmeError> {
-        // With lazy CQ doorbells, half the entries are completion-queue slack (see `poll`).
-        let nslots = if p.cfg.lazy_cq_doorbell {
-            ((p.depth - 1) / 2).max(1)
-        } else {
-            p.depth - 1
-        };
+        let nslots = Self::slots_for(p.depth, &p.cfg);
         let slot_bits = u16::BITS - (nslots - 1).leading_zeros().min(16);
         let mut qp = Self {
             sq_db: spec::sq_doorbell(p.qid, p.stride),
@@ -179,7 +182,8 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             sq: p.sq,
             cq: p.cq,
             prp: p.prp,
-            meta: p.meta,
+            slots: [SlotRec::default(); MAX_COMMANDS],
+            reqs: [ReqRec::default(); MAX_COMMANDS],
             shadow: p.shadow,
             sq_tail: 0,
             sq_tail_rung: 0,
@@ -216,13 +220,13 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 next: qp.free_slot,
                 ..SlotRec::default()
             };
-            qp.set_slot(i, &s)?;
+            qp.put_slot(i, &s);
             qp.free_slot = i;
             let r = ReqRec {
                 next: qp.free_req,
                 ..ReqRec::default()
             };
-            qp.set_req(i, &r)?;
+            qp.put_req(i, &r);
             qp.free_req = i;
         }
         qp.free_slots = nslots;
@@ -287,30 +291,29 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         dma.free(self.sq);
         dma.free(self.cq);
         dma.free(self.prp);
-        dma.free(self.meta);
     }
 
+    // Slot and request indices come from the free lists or from a CID already range-checked
+    // against `nslots`; an index past the arrays reads a default record and writes nothing.
+    #[inline]
     fn slot(&self, i: u16) -> SlotRec {
-        self.meta.read(i as usize * 64).unwrap_or_default()
+        self.slots.get(i as usize).copied().unwrap_or_default()
     }
-    fn set_slot(&self, i: u16, s: &SlotRec) -> Result<(), NvmeError> {
-        Ok(self.meta.write(i as usize * 64, s)?)
-    }
+    #[inline]
     fn req(&self, i: u16) -> ReqRec {
-        self.meta
-            .read(self.nslots as usize * 64 + i as usize * 16)
-            .unwrap_or_default()
+        self.reqs.get(i as usize).copied().unwrap_or_default()
     }
-    fn set_req(&self, i: u16, r: &ReqRec) -> Result<(), NvmeError> {
-        Ok(self
-            .meta
-            .write(self.nslots as usize * 64 + i as usize * 16, r)?)
-    }
+    #[inline]
     fn put_slot(&mut self, i: u16, s: &SlotRec) {
-        let _ = self.set_slot(i, s);
+        if let Some(d) = self.slots.get_mut(i as usize) {
+            *d = *s;
+        }
     }
+    #[inline]
     fn put_req(&mut self, i: u16, r: &ReqRec) {
-        let _ = self.set_req(i, r);
+        if let Some(d) = self.reqs.get_mut(i as usize) {
+            *d = *r;
+        }
     }
 
     fn cid_of(&self, slot: u16, gen: u16) -> u16 {
@@ -780,7 +783,6 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
                 state: ACTIVE,
                 opcode,
                 retries: 0,
-                _pad: [0; 19],
             };
             // Chain the parts through `next` so a failure can release them.
             if last_slot != NONE {

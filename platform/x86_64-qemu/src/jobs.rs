@@ -45,6 +45,10 @@ pub const JOBS: &[(&str, &str)] = &[
         "boot",
         "report cores, PCI devices and timer ticks [wait_ms=50]",
     ),
+    (
+        "cost",
+        "nanoseconds per primitive (MMIO, rdtsc, critical section, ...) here [iters=N]",
+    ),
     ("fault", "raise a CPU exception on purpose [kind=ud2|pf|gp]"),
     ("panic", "panic on purpose [msg=text]"),
     ("hang", "spin forever (tests the host-side timeout)"),
@@ -72,6 +76,7 @@ pub fn run<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
         "boot" => boot(cl, p),
         "demo" => demo(cl, p),
         "cs" => cs_stress(cl, p),
+        "cost" => crate::cost::cost(cl, p),
         "selftest" => crate::nvme_jobs::selftest(cl, p),
         "scrub" => crate::nvme_jobs::scrub(cl, p),
         "log" => crate::wal_jobs::log(cl, p),

@@ -15,6 +15,7 @@ mod apic;
 mod arch;
 mod boot;
 mod console;
+mod cost;
 mod cpu;
 mod cs;
 mod exit;

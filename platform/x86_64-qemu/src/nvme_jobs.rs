@@ -334,6 +334,11 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     let cores = (cl.u64("cores", 1)? as usize).clamp(1, p.cores);
     let nsid = cl.u64("ns", 1)? as u32;
     let raw = cl.bool("raw", false)?;
+    let reap = cl.u64("reap", 0)? as usize;
+    storage::REAP_BUDGET.store(
+        if reap == 0 { usize::MAX } else { reap },
+        core::sync::atomic::Ordering::Relaxed,
+    );
     let mut ctrl = open(p, cl)?;
     cl.finish()?;
     if qd == 0 || qd > 255 || bs == 0 || !bs.is_multiple_of(512) {
@@ -414,6 +419,12 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
         keel_log::info!(
             "bench core={=usize} ios={=u64} iops={=u64} mbps={=u64} avg_us={=u64}.{=u64:02} p99_us={=u64} errors={=u64}",
             core, r.ios, iops, iops * bs as u64 / 1_000_000, r.lat_sum_ns / r.ios.max(1) / 1000, r.lat_sum_ns / r.ios.max(1) / 10 % 100, r.p99_us, r.errors
+        );
+        let tsc_hz = crate::time::tsc_hz().max(1) as u128;
+        let per_io = |ticks: u64| (ticks as u128 * 1_000_000_000 / tsc_hz) as u64 / r.ios.max(1);
+        keel_log::info!(
+            "bench core={=usize} ns per I/O: submit {=u64}, doorbell {=u64}, reap {=u64}, idle polls {=u64}",
+            core, per_io(r.t_submit), per_io(r.t_kick), per_io(r.t_reap), per_io(r.t_idle)
         );
         total.ios += r.ios;
         total.errors += r.errors;

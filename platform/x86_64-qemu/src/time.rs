@@ -6,6 +6,9 @@ use crate::cpu::{inb, outb, rdtsc};
 
 static TSC_HZ: AtomicU64 = AtomicU64::new(1_000_000_000);
 static TSC_AT_BOOT: AtomicU64 = AtomicU64::new(0);
+/// Nanoseconds per tick as a 32.32 fixed-point factor, so `now_ns` multiplies instead of
+/// dividing (a 128-bit division is a library call; on the I/O path it showed up).
+static NS_PER_TICK_Q32: AtomicU64 = AtomicU64::new(1 << 32);
 
 const PIT_HZ: u64 = 1_193_182;
 const CAL_MS: u64 = 10;
@@ -35,6 +38,10 @@ pub fn calibrate() {
     let hz = (t1 - t0) * (1000 / CAL_MS);
     if hz > 1_000_000 {
         TSC_HZ.store(hz, Ordering::Relaxed);
+        NS_PER_TICK_Q32.store(
+            ((1_000_000_000u128 << 32) / hz as u128) as u64,
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -43,9 +50,15 @@ pub fn tsc_hz() -> u64 {
 }
 
 /// Nanoseconds since the TSC was zero (QEMU resets it at machine start).
+#[inline]
 pub fn now_ns() -> u64 {
-    let t = rdtsc() as u128;
-    (t * 1_000_000_000 / tsc_hz() as u128) as u64
+    ticks_to_ns(rdtsc())
+}
+
+/// TSC ticks to nanoseconds (one multiply).
+#[inline]
+pub fn ticks_to_ns(ticks: u64) -> u64 {
+    ((ticks as u128 * NS_PER_TICK_Q32.load(Ordering::Relaxed) as u128) >> 32) as u64
 }
 
 /// Microseconds since the TSC was zero, which is roughly since QEMU started the machine.
