@@ -673,6 +673,41 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             })],
         ),
         case(
+            "cost: per-primitive table, driver rows included",
+            VmOpts {
+                null_backend: true,
+                ..vm(1)
+            },
+            "cost iters=20000",
+            true,
+            vec![("every row measured", |o| {
+                [
+                    "cost | rdtsc |",
+                    "cost | critical section (empty) |",
+                    "cost | MMIO write (NVMe INTMS = 0) |",
+                    "cost | nvme submit (queued, per I/O) |",
+                    "cost | nvme reap (per completion) |",
+                ]
+                .iter()
+                .all(|r| o.has(r))
+            })],
+        ),
+        case(
+            "bench: full stack and raw interleaved, 1 s",
+            VmOpts {
+                null_backend: true,
+                ..vm(1)
+            },
+            "bench pattern=randread bs=4K qd=16 secs=1 raw=both",
+            true,
+            vec![
+                ("both kinds of rounds ran", |o| {
+                    o.has("raw rounds: ios=") && o.has("full stack / raw = ")
+                }),
+                ("no errors", |o| o.has("errors=0 cores=1 stack=full")),
+            ],
+        ),
+        case(
             "bench: 2 cores, own queue pairs",
             VmOpts {
                 null_backend: true,

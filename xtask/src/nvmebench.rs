@@ -248,6 +248,42 @@ pub fn run_matrix(fw: &Path, secs: u64, cores: &[usize]) -> Result<()> {
             find(qd32, "full", 1, "ioeventfd"),
         );
     }
+    // The layers' cost with the host's noise shared: raw and full-stack rounds interleaved on
+    // the same queue pair in one boot.
+    println!();
+    println!("full stack vs raw loop, interleaved rounds in one boot (same queue pair):");
+    for (label, qd, dev_args, fw_extra) in [
+        ("4K randread QD1 ", 1, vec![], "dbbuf=on"),
+        (
+            "4K randread QD32",
+            32,
+            vec!["-global".to_string(), "nvme.ioeventfd=on".to_string()],
+            "",
+        ),
+    ] {
+        qemu::progress(false, &format!("xtask: interleaved full/raw, {label}"));
+        let vm = VmOpts {
+            accel,
+            smp: 1,
+            timeout: secs * 4 + 30,
+            null_backend: true,
+            qemu_args: dev_args,
+            ..VmOpts::default()
+        };
+        let cmdline = format!(
+            "bench pattern=randread bs=4K qd={qd} secs={} raw=both {fw_extra}",
+            secs * 2
+        );
+        let out = qemu::run(fw, &vm, cmdline.trim(), &work, qemu::Verbosity::Quiet)?;
+        let line = out
+            .log
+            .iter()
+            .find_map(|l| l.split("bench raw iops=").nth(1).map(str::to_string));
+        match (out.passed(), line) {
+            (true, Some(l)) => println!("  {label}: raw iops={l} (goal >= 0.90)"),
+            _ => bail!("interleaved bench failed: {}", out.verdict()),
+        }
+    }
     // The writer against the raw sequential write, in one boot.
     qemu::progress(false, "xtask: logbench (writer vs raw sequential write)");
     let vm = VmOpts {

@@ -77,6 +77,7 @@ pub enum HandleState {
 
 impl HandleState {
     /// Whether `self -> to` is a legal transition.
+    #[inline(always)]
     pub const fn can_move_to(self, to: Self) -> bool {
         use HandleState::*;
         matches!(
@@ -340,6 +341,7 @@ pub struct Batch<'a, const N: usize, const W: usize> {
 
 impl<const N: usize, const W: usize> Batch<'_, N, W> {
     /// A completion path, which always starts from `Submitted`.
+    #[inline(always)]
     fn complete_path(&mut self, io: IoRef, path: &[(HandleState, Effect)]) -> Result<(), AioError> {
         self.aio
             .apply_path(
@@ -353,6 +355,7 @@ impl<const N: usize, const W: usize> Batch<'_, N, W> {
     }
 
     /// As [`Aio::submit`].
+    #[inline(always)]
     pub fn submit(&mut self, io: IoRef) -> Result<IoDesc, AioError> {
         let path = [(HandleState::Submitted, Effect::None)];
         let moved = self.aio.apply_path(
@@ -370,6 +373,7 @@ impl<const N: usize, const W: usize> Batch<'_, N, W> {
     }
 
     /// As [`Aio::complete_and_share`].
+    #[inline(always)]
     pub fn complete_and_share(&mut self, io: IoRef, result: IoResult) -> Result<(), AioError> {
         let path = [
             (HandleState::CompletedIo, Effect::Complete(result)),
@@ -380,6 +384,7 @@ impl<const N: usize, const W: usize> Batch<'_, N, W> {
 
     /// For an I/O completing on the core that issued it: the whole completion path
     /// (`Submitted -> CompletedIo -> CompletedShared -> CompletedLocal -> Idle`) at once.
+    #[inline(always)]
     pub fn complete_and_reclaim(&mut self, io: IoRef, result: IoResult) -> Result<(), AioError> {
         let path = [
             (HandleState::CompletedIo, Effect::Complete(result)),
@@ -448,6 +453,7 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     /// bitmap bit (one `fetch_or`). A refused transition changes nothing: legality of the
     /// whole path is checked before anything is written. Multi-step paths (e.g. `Submitted ->
     /// CompletedIo -> CompletedShared` on the completing core) cost one critical section.
+    #[inline(always)]
     fn apply_path(
         &self,
         inner: &mut Inner<N>,
@@ -510,6 +516,7 @@ impl<const N: usize, const W: usize> Aio<N, W> {
         }
     }
 
+    #[inline(always)]
     fn transition_path(
         &self,
         index: usize,
@@ -524,6 +531,7 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     /// Runs several transitions inside **one** critical section (a submission burst, a batch
     /// of completions). Each goes through the same checked path function as a single call;
     /// keep `f` short: interrupts are masked while it runs.
+    #[inline(always)]
     pub fn batch<R>(&self, f: impl FnOnce(&mut Batch<'_, N, W>) -> R) -> R {
         self.inner.with(|inner| f(&mut Batch { aio: self, inner }))
     }
@@ -556,6 +564,7 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     ///
     /// # Errors
     /// [`AioError::NoFreeHandle`] when every handle is in use.
+    #[inline(always)]
     pub fn start(&self, desc: IoDesc) -> Result<IoRef, AioError> {
         let index = self.free.acquire().ok_or(AioError::NoFreeHandle)?;
         let path = [
@@ -583,6 +592,7 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     ///
     /// # Errors
     /// As [`Aio::reclaim`].
+    #[inline(always)]
     pub fn complete_local_and_reclaim(&self, io: IoRef) -> Result<IoResult, AioError> {
         let path = [
             (HandleState::CompletedLocal, Effect::None),

@@ -34,6 +34,7 @@ impl<T> CsCell<T> {
     /// Runs `f` on the value with interrupts masked. `f` must not call back into `with` on the
     /// same cell (nothing in this crate does: callers' hooks always run outside).
     #[cfg(not(loom))]
+    #[inline(always)]
     pub(crate) fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
         critical_section::with(|cs| f(&mut self.inner.borrow_ref_mut(cs)))
     }

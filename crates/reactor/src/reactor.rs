@@ -133,6 +133,15 @@ fn desc(op: &BlockOp) -> IoDesc {
     }
 }
 
+/// How a queue's refusal reaches the issuer.
+fn submit_error(e: SubmitError) -> IoError {
+    match e {
+        SubmitError::OutOfRange => IoError::OutOfRange,
+        SubmitError::DeviceUnavailable => IoError::DeviceReset,
+        _ => IoError::Invalid,
+    }
+}
+
 fn tag_of(io: IoRef) -> u32 {
     io.index() as u32 | (io.generation() & 0xFFFF) << 16
 }
@@ -146,6 +155,9 @@ pub struct Reactor<'a, Q, const C: usize, const N: usize, const W: usize> {
     aio: &'a Aio<N, W>,
     /// Owner side: staged I/Os waiting for room on the queue.
     staged: Deque<(IoRef, BlockOp, Origin), N>,
+    /// Owner side: local I/Os the queue accepted straight from `submit` (the fast path), still
+    /// Staged in the handle array; marked Submitted in one batch before the doorbell rings.
+    unmarked: heapless::Vec<IoRef, N>,
     /// Owner side, by handle index: the I/O submitted on this queue and who issued it.
     on_queue: [Option<(IoRef, Origin)>; N],
     on_queue_count: usize,
@@ -167,6 +179,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             links,
             aio,
             staged: Deque::new(),
+            unmarked: heapless::Vec::new(),
             on_queue: [None; N],
             on_queue_count: 0,
             cookies: [0; N],
@@ -253,6 +266,30 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         self.cookies[io.index()] = cookie;
         self.issued += 1;
         if local {
+            // Fast path: nothing waits ahead of it, so put it on the queue now (no doorbell:
+            // that rings once per poll pass, after the batch is marked Submitted).
+            if self.staged.is_empty() {
+                if let Some(q) = self.queue.as_mut() {
+                    match q.submit(op, tag_of(io)) {
+                        Ok(()) => {
+                            self.on_queue[io.index()] = Some((io, Origin::Local));
+                            self.on_queue_count += 1;
+                            self.stats.submitted += 1;
+                            if self.unmarked.push(io).is_err() {
+                                self.stats.dropped += 1;
+                            }
+                            return Ok(());
+                        }
+                        Err(SubmitError::QueueFull) => {}
+                        Err(e) => {
+                            // Refused outright: completes through the whole lifecycle, as a
+                            // staged refusal would.
+                            self.refuse(io, Origin::Local, submit_error(e));
+                            return Ok(());
+                        }
+                    }
+                }
+            }
             // Room is guaranteed: `staged` holds N and there are only N handles.
             if self.staged.push_back((io, op, Origin::Local)).is_err() {
                 self.stats.dropped += 1;
@@ -299,7 +336,8 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     }
 
     /// One run-to-completion pass: answers owed to other cores, inbound messages, staged I/O
-    /// (one doorbell), device completions, registered pollers. Never blocks.
+    /// (one doorbell, after marking the pass's submissions Submitted), device completions,
+    /// registered pollers. Never blocks.
     pub fn poll(&mut self) -> usize {
         self.stats.passes += 1;
         let mut work = self.flush_replies();
@@ -434,6 +472,15 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     }
 
     fn submit_staged(&mut self) -> usize {
+        // Fast-path submissions first: marked Submitted before any doorbell makes them visible.
+        let fast = self.unmarked.len();
+        if fast > 0 {
+            let (aio, unmarked) = (self.aio, &self.unmarked);
+            let errors =
+                aio.batch(|b| unmarked.iter().filter(|&&io| b.submit(io).is_err()).count());
+            self.stats.lifecycle_errors += errors as u64;
+            self.unmarked.clear();
+        }
         let mut n = 0;
         // Handles accepted by the queue, marked Submitted together in one critical section
         // before the doorbell (the device cannot see them earlier).
@@ -459,17 +506,12 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 Err(SubmitError::QueueFull) => break, // stays staged
                 Err(e) => {
                     self.staged.pop_front();
-                    let err = match e {
-                        SubmitError::OutOfRange => IoError::OutOfRange,
-                        SubmitError::DeviceUnavailable => IoError::DeviceReset,
-                        _ => IoError::Invalid,
-                    };
-                    self.refuse(io, origin, err);
+                    self.refuse(io, origin, submit_error(e));
                 }
             }
         }
         self.mark_submitted(&accepted);
-        if n > 0 {
+        if n + fast > 0 {
             if let Some(q) = self.queue.as_mut() {
                 q.flush_submissions();
             }

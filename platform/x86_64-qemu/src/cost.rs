@@ -38,7 +38,7 @@ pub fn cost<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     };
     cl.finish()?;
     keel_log::info!("job cost: start");
-    let mut rows: heapless::Vec<(&'static str, u64), 16> = heapless::Vec::new();
+    let mut rows: heapless::Vec<(&'static str, u64), 24> = heapless::Vec::new();
     let mut row = |name, ns| {
         let _ = rows.push((name, ns));
         keel_log::info!("cost | {=str} | {=u64} ns", name, ns);
@@ -90,6 +90,55 @@ pub fn cost<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
             black_box(black_box(i * 1_000_000_007) / black_box(2_400_000_011u64));
         }),
     );
+    {
+        use keel_aio::{Aio, IoDesc, IoOp};
+        static AIO: Aio<512, { keel_slots::words_for(512) }> = Aio::new();
+        let desc = IoDesc {
+            op: IoOp::Read,
+            lba: 0,
+            blocks: 8,
+        };
+        let (mut t_start, mut t_rest) = (0u64, 0u64);
+        for _ in 0..n.min(50_000) {
+            let t0 = rdtsc();
+            let io = AIO.start(desc);
+            let t1 = rdtsc();
+            if let Ok(io) = io {
+                let _ = AIO.submit(io);
+                let _ = AIO.complete_and_share(io, Ok(0));
+                let _ = AIO.complete_local_and_reclaim(io);
+            }
+            t_start += t1 - t0;
+            t_rest += rdtsc() - t1;
+        }
+        let m = n.min(50_000);
+        row(
+            "aio batch, empty",
+            per_call(m, |_| {
+                AIO.batch(|b| {
+                    black_box(b);
+                })
+            }),
+        );
+        static BITS: keel_slots::FreeBitmap<{ keel_slots::words_for(512) }> =
+            keel_slots::FreeBitmap::new_saturating(512);
+        row(
+            "free bitmap acquire + release",
+            per_call(m, |_| {
+                if let Some(i) = BITS.acquire() {
+                    let _ = BITS.release(i);
+                }
+            }),
+        );
+        row(
+            "aio start (acquire+define+stage)",
+            crate::time::ticks_to_ns(t_start) / m,
+        );
+        row(
+            "aio submit, complete, reclaim",
+            crate::time::ticks_to_ns(t_rest) / m,
+        );
+    }
     let dma = p
         .dma
         .alloc(4096, 4096)

@@ -285,7 +285,26 @@ struct CoreBench {
     links: Option<keel_reactor::Links<'static, keel_reactor::Msg, MAX_CORES>>,
     cfg: BenchCfg,
     bufs: heapless::Vec<DmaRegion, 256>,
+    /// `raw=both`: alternate raw and full-stack rounds on the same queue pair.
+    both: bool,
     result: Option<BenchResult>,
+    /// With `both`: the raw rounds' result (`result` holds the full stack's).
+    raw_result: Option<BenchResult>,
+}
+
+/// Rounds of each kind in a `raw=both` run.
+const BOTH_ROUNDS: u64 = 6;
+
+fn add(total: &mut BenchResult, r: &BenchResult) {
+    total.ios += r.ios;
+    total.errors += r.errors;
+    total.elapsed_ns += r.elapsed_ns;
+    total.lat_sum_ns += r.lat_sum_ns;
+    total.p99_us = total.p99_us.max(r.p99_us);
+    total.t_submit += r.t_submit;
+    total.t_kick += r.t_kick;
+    total.t_reap += r.t_reap;
+    total.t_idle += r.t_idle;
 }
 
 static BENCH: [critical_section::Mutex<RefCell<Option<CoreBench>>>; MAX_CORES] =
@@ -297,6 +316,26 @@ fn run_core_bench(core: usize, _arg: usize) {
     };
     let mut hist = [0u32; 4097];
     let r = match (b.qp.take(), b.links.take()) {
+        (Some(qp), Some(links)) if b.both => {
+            // Same queue pair, same boot, interleaved: what the layers cost, with the device
+            // and the host's noise shared by both sides.
+            let mut stack = crate::reactor_job::Stack(crate::reactor_job::bench_reactor(links, qp));
+            let mut cfg = b.cfg;
+            cfg.duration_ns = (b.cfg.duration_ns / (2 * BOTH_ROUNDS)).max(1);
+            let (mut raw_total, mut full_total) = (BenchResult::default(), BenchResult::default());
+            for _ in 0..BOTH_ROUNDS {
+                if let Ok(mut qp) = stack.0.take_queue() {
+                    let r = storage::bench(&mut storage::Raw(&mut qp), &cfg, &b.bufs, &mut hist);
+                    add(&mut raw_total, &r);
+                    let _ = stack.0.adopt_queue(qp);
+                }
+                let r = storage::bench(&mut stack, &cfg, &b.bufs, &mut hist);
+                let _ = stack.0.quiesce(1_000_000);
+                add(&mut full_total, &r);
+            }
+            b.raw_result = Some(raw_total);
+            full_total
+        }
         (Some(mut qp), None) => {
             storage::bench(&mut storage::Raw(&mut qp), &b.cfg, &b.bufs, &mut hist)
         }
@@ -333,7 +372,8 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     let secs = cl.u64("secs", 2)?;
     let cores = (cl.u64("cores", 1)? as usize).clamp(1, p.cores);
     let nsid = cl.u64("ns", 1)? as u32;
-    let raw = cl.bool("raw", false)?;
+    let mode = cl.choice("raw", &["off", "on", "both"], "off")?;
+    let (raw, both) = (mode == "on", mode == "both");
     let reap = cl.u64("reap", 0)? as usize;
     storage::REAP_BUDGET.store(
         if reap == 0 { usize::MAX } else { reap },
@@ -379,7 +419,9 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
                 links: l,
                 cfg,
                 bufs,
+                both,
                 result: None,
+                raw_result: None,
             })
         });
     }
@@ -392,6 +434,8 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
         secs,
         if raw {
             "the raw queue-pair loop"
+        } else if both {
+            "the full stack and the raw loop, alternating rounds on the same queue pairs"
         } else {
             "the full stack (reactor + I/O handles)"
         }
@@ -438,6 +482,36 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
         iops, iops * bs as u64 / 1_000_000, total.lat_sum_ns / total.ios.max(1) / 1000, total.lat_sum_ns / total.ios.max(1) / 10 % 100, worst_p99, total.errors, cores,
         if raw { "raw" } else { "full" }
     );
+    if both {
+        let (mut raw_ios, mut raw_elapsed, mut raw_errors) = (0u64, 0u64, 0u64);
+        for core in 0..cores {
+            let r = critical_section::with(|cs| {
+                BENCH[core]
+                    .borrow_ref_mut(cs)
+                    .as_ref()
+                    .and_then(|b| b.raw_result)
+            })
+            .unwrap_or_default();
+            raw_ios += r.ios;
+            raw_errors += r.errors;
+            raw_elapsed = raw_elapsed.max(r.elapsed_ns);
+            let tsc_hz = crate::time::tsc_hz().max(1) as u128;
+            let per_io =
+                |ticks: u64| (ticks as u128 * 1_000_000_000 / tsc_hz) as u64 / r.ios.max(1);
+            keel_log::info!(
+                "bench core={=usize} raw rounds: ios={=u64} avg_us={=u64}.{=u64:02}; ns per I/O: submit {=u64}, doorbell {=u64}, reap {=u64}, idle polls {=u64}",
+                core, r.ios, r.lat_sum_ns / r.ios.max(1) / 1000, r.lat_sum_ns / r.ios.max(1) / 10 % 100,
+                per_io(r.t_submit), per_io(r.t_kick), per_io(r.t_reap), per_io(r.t_idle)
+            );
+        }
+        let raw_iops = raw_ios * 1_000_000_000 / raw_elapsed.max(1);
+        let permille = iops * 1000 / raw_iops.max(1);
+        keel_log::info!(
+            "bench raw iops={=u64}; full stack / raw = {=u64}.{=u64:03} ({=u64} interleaved rounds of each)",
+            raw_iops, permille / 1000, permille % 1000, BOTH_ROUNDS
+        );
+        total.errors += raw_errors;
+    }
     if total.errors > 0 || total.ios == 0 {
         return Err(JobError::Failed("bench saw I/O errors"));
     }
