@@ -102,8 +102,22 @@ fn illegal_transitions_are_typed_errors() {
         .iter()
         .flat_map(|&a| all.iter().map(move |&b| (a, b)))
         .filter(|&(a, b)| a.can_move_to(b))
-        .count();
-    assert_eq!(legal, 9);
+        .collect::<Vec<_>>();
+    // Exactly the lifecycle's edges (the check is a bit table; this pins it to the design).
+    assert_eq!(
+        legal,
+        vec![
+            (Idle, HandedOut),
+            (HandedOut, Idle),
+            (HandedOut, Defined),
+            (Defined, Staged),
+            (Staged, Submitted),
+            (Submitted, CompletedIo),
+            (CompletedIo, CompletedShared),
+            (CompletedShared, CompletedLocal),
+            (CompletedLocal, Idle),
+        ]
+    );
 }
 
 #[test]

@@ -38,7 +38,7 @@ pub fn cost<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     };
     cl.finish()?;
     keel_log::info!("job cost: start");
-    let mut rows: heapless::Vec<(&'static str, u64), 24> = heapless::Vec::new();
+    let mut rows: heapless::Vec<(&'static str, u64), 32> = heapless::Vec::new();
     let mut row = |name, ns| {
         let _ = rows.push((name, ns));
         keel_log::info!("cost | {=str} | {=u64} ns", name, ns);
@@ -83,6 +83,10 @@ pub fn cost<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
                 black_box(cs);
             });
         }),
+    );
+    row(
+        "pause (spin-loop hint)",
+        per_call(n.min(20_000), |_| core::hint::spin_loop()),
     );
     row(
         "u64 division",
@@ -130,6 +134,26 @@ pub fn cost<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
                 }
             }),
         );
+        // The floor for a start: the bitmap claim and a critical section around a few stores.
+        static FLOOR: critical_section::Mutex<core::cell::RefCell<[(u8, u32, u64, u64); 512]>> =
+            critical_section::Mutex::new(core::cell::RefCell::new([(0, 0, 0, 0); 512]));
+        row(
+            "floor: bitmap + section + stores",
+            per_call(m, |i| {
+                if let Some(k) = BITS.acquire() {
+                    critical_section::with(|cs| {
+                        let mut f = FLOOR.borrow_ref_mut(cs);
+                        if let Some(e) = f.get_mut(k) {
+                            if e.0 == 0 {
+                                *e = (3, e.1.wrapping_add(1), i, i);
+                            }
+                            e.0 = 0;
+                        }
+                    });
+                    let _ = BITS.release(k);
+                }
+            }),
+        );
         row(
             "aio start (acquire+define+stage)",
             crate::time::ticks_to_ns(t_start) / m,
@@ -139,6 +163,7 @@ pub fn cost<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
             crate::time::ticks_to_ns(t_rest) / m,
         );
     }
+    layer_rows(p, &mut row).map_err(JobError::Failed)?;
     let dma = p
         .dma
         .alloc(4096, 4096)
@@ -245,5 +270,114 @@ fn nvme_rows<'a>(
     row("nvme submit (queued, per I/O)", ns_per(t_sub));
     row("nvme SQ doorbell, device idle", ns_per(t_db) * burst);
     row("nvme reap (per completion)", ns_per(t_reap));
+    Ok(())
+}
+
+/// A queue that completes every command on the next poll: what is left is the layers' cost.
+struct NullQueue {
+    done: heapless::Deque<u32, 512>,
+}
+
+impl keel_blockdev::BlockQueue for NullQueue {
+    fn submit(
+        &mut self,
+        _op: keel_blockdev::BlockOp,
+        tag: u32,
+    ) -> Result<(), keel_blockdev::SubmitError> {
+        self.done
+            .push_back(tag)
+            .map_err(|_| keel_blockdev::SubmitError::QueueFull)
+    }
+    fn flush_submissions(&mut self) {}
+    fn poll(
+        &mut self,
+        max: usize,
+        on_done: &mut dyn FnMut(u32, Result<(), keel_blockdev::IoError>),
+    ) -> usize {
+        let mut n = 0;
+        while n < max {
+            let Some(t) = self.done.pop_front() else {
+                break;
+            };
+            on_done(t, Ok(()));
+            n += 1;
+        }
+        n
+    }
+    fn depth(&self) -> usize {
+        512
+    }
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+    fn block_size(&self, _ns: keel_blockdev::NsId) -> Option<u32> {
+        Some(512)
+    }
+    fn num_blocks(&self, _ns: keel_blockdev::NsId) -> Option<u64> {
+        Some(1 << 30)
+    }
+}
+
+/// Per I/O (bursts of 32) over [`NullQueue`]: straight calls, then a reactor with I/O handles
+/// (the bench's configuration: 512 handles, the full core mesh).
+fn layer_rows(p: &Platform, row: &mut impl FnMut(&'static str, u64)) -> Result<(), &'static str> {
+    use keel_blockdev::{BlockOp, BlockQueue, BufRef};
+    use keel_reactor::{split, MeshStorage, Msg, Reactor};
+    const HANDLES: usize = 512;
+    const W: usize = keel_slots::words_for(HANDLES);
+    let buf = crate::storage::dma(&p.dma, 4096).map_err(|_| "DMA pool")?;
+    let op = |i: u64| BlockOp::Read {
+        ns: 1,
+        lba: i * 8,
+        blocks: 8,
+        buf: BufRef::whole(&buf),
+    };
+    let rounds = 2000u64;
+    let ios = rounds * 32;
+    let mut q = NullQueue {
+        done: heapless::Deque::new(),
+    };
+    let t0 = rdtsc();
+    for r in 0..rounds {
+        for i in 0..32 {
+            let _ = q.submit(op(r * 32 + i), i as u32);
+        }
+        q.flush_submissions();
+        q.poll(usize::MAX, &mut |t, _| {
+            black_box(t);
+        });
+    }
+    row(
+        "null queue: submit+poll (per I/O)",
+        crate::time::ticks_to_ns(rdtsc() - t0) / ios,
+    );
+    let aio = keel_aio::Aio::<HANDLES, W>::new();
+    let mut mesh = MeshStorage::<Msg, { crate::cpu::MAX_CORES }, 4>::new();
+    let [links, ..] = split(&mut mesh);
+    let mut r: Reactor<'_, NullQueue, { crate::cpu::MAX_CORES }, HANDLES, W> =
+        Reactor::new(links, &aio, Some(q));
+    let (mut t_sub, mut t_poll, mut t_take) = (0u64, 0u64, 0u64);
+    for round in 0..rounds {
+        let t0 = rdtsc();
+        for i in 0..32 {
+            if r.submit(op(round * 32 + i), i as u32).is_err() {
+                return Err("reactor refused a submission");
+            }
+        }
+        let t1 = rdtsc();
+        r.poll();
+        let t2 = rdtsc();
+        while let Some(c) = r.next_completion() {
+            black_box(c);
+        }
+        let t3 = rdtsc();
+        t_sub += t1 - t0;
+        t_poll += t2 - t1;
+        t_take += t3 - t2;
+    }
+    let per = |t: u64| crate::time::ticks_to_ns(t) / ios;
+    row("reactor: submit (per I/O)", per(t_sub));
+    row("reactor: poll pass (per I/O)", per(t_poll));
+    row("reactor: next_completion (per I/O)", per(t_take));
     Ok(())
 }
