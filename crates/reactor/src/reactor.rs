@@ -587,7 +587,8 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         });
         self.stats.lifecycle_errors += errors as u64;
         self.on_queue_count -= finished.len();
-        for (io, origin, result, _) in finished {
+        // By reference: iterating the Vec by value would first move all of its storage.
+        for &(io, origin, result, _) in finished.iter() {
             if result.is_ok() {
                 self.stats.completed_ok += 1;
             } else {

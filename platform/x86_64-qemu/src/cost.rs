@@ -183,6 +183,26 @@ pub fn cost<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
             black_box(&plain);
         }),
     );
+    let mut big_a = [0u8; 1024];
+    let big_b = [7u8; 1024];
+    row(
+        "memcpy 1 KiB",
+        per_call(n.min(5_000), |i| {
+            let len = black_box(1024 - (i as usize & 1));
+            // SAFETY: both arrays are 1024 bytes and distinct; len <= 1024.
+            unsafe { core::ptr::copy_nonoverlapping(big_b.as_ptr(), big_a.as_mut_ptr(), len) };
+            black_box(&big_a);
+        }),
+    );
+    row(
+        "memset 1 KiB",
+        per_call(n.min(5_000), |i| {
+            let len = black_box(1024 - (i as usize & 1));
+            // SAFETY: the array is 1024 bytes; len <= 1024.
+            unsafe { core::ptr::write_bytes(big_a.as_mut_ptr(), i as u8, len) };
+            black_box(&big_a);
+        }),
+    );
     p.dma.free(dma);
     if let Some(dev) = p.devices.iter().find(|d| d.is_nvme()) {
         let bar = dev.bars[0];
@@ -266,6 +286,10 @@ fn nvme_rows<'a>(
         t_db += t2 - t1;
         ios += burst;
     }
+    let idle = per_call(20_000, |_| {
+        black_box(qp.poll(usize::MAX, &mut |_, _| {}));
+    });
+    row("nvme idle poll pass", idle);
     let ns_per = |t: u64| crate::time::ticks_to_ns(t) / ios.max(1);
     row("nvme submit (queued, per I/O)", ns_per(t_sub));
     row("nvme SQ doorbell, device idle", ns_per(t_db) * burst);
@@ -351,6 +375,16 @@ fn layer_rows(p: &Platform, row: &mut impl FnMut(&'static str, u64)) -> Result<(
         "null queue: submit+poll (per I/O)",
         crate::time::ticks_to_ns(rdtsc() - t0) / ios,
     );
+    {
+        let mut mesh2 = MeshStorage::<Msg, { crate::cpu::MAX_CORES }, 4>::new();
+        let [mut l0, ..] = split(&mut mesh2);
+        row(
+            "mesh: recv, all rings empty",
+            per_call(20_000, |_| {
+                black_box(l0.recv());
+            }),
+        );
+    }
     let aio = keel_aio::Aio::<HANDLES, W>::new();
     let mut mesh = MeshStorage::<Msg, { crate::cpu::MAX_CORES }, 4>::new();
     let [links, ..] = split(&mut mesh);
@@ -375,7 +409,11 @@ fn layer_rows(p: &Platform, row: &mut impl FnMut(&'static str, u64)) -> Result<(
         t_poll += t2 - t1;
         t_take += t3 - t2;
     }
+    let idle = per_call(20_000, |_| {
+        black_box(r.poll());
+    });
     let per = |t: u64| crate::time::ticks_to_ns(t) / ios;
+    row("reactor: idle poll pass", idle);
     row("reactor: submit (per I/O)", per(t_sub));
     row("reactor: poll pass (per I/O)", per(t_poll));
     row("reactor: next_completion (per I/O)", per(t_take));

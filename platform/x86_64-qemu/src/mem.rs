@@ -1,5 +1,5 @@
 //! The C memory functions the link needs (compiler_builtins does not export them on the host
-//! target, see platform-notes.md). `rep movsb`/`rep stosb` in inline asm, and volatile reads in
+//! target, see platform-notes.md). `rep movs`/`rep stos` in inline asm, and volatile reads in
 //! the comparison loops, keep LLVM from turning them back into calls to themselves.
 
 use core::arch::asm;
@@ -8,9 +8,14 @@ use core::arch::asm;
 /// C `memcpy` contract: `n` bytes readable at `src`, writable at `dst`, not overlapping.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    // SAFETY: the caller upholds memcpy's contract; DF is clear (the ABI guarantees it).
+    // Eight bytes per iteration, then the tail: QEMU's TCG runs each `rep` iteration as a
+    // separate step (~4.5 ns), so `rep movsb` alone cost ~4.6 µs per KiB (see the `cost` job).
+    // SAFETY: the caller upholds memcpy's contract; DF is clear (the ABI guarantees it). The
+    // first instruction leaves rdi/rsi just past the words it copied, where the tail starts.
     unsafe {
-        asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _,
+        asm!("rep movsq", "mov rcx, {tail}", "rep movsb",
+             tail = in(reg) n % 8,
+             inout("rcx") n / 8 => _, inout("rdi") dst => _, inout("rsi") src => _,
              options(nostack, preserves_flags));
     }
     dst
@@ -38,9 +43,14 @@ pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut
 /// C `memset` contract: `n` bytes writable at `dst`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
-    // SAFETY: the caller upholds memset's contract.
+    // Eight bytes per iteration, then the tail (see `memcpy`).
+    let word = (c as u8 as u64).wrapping_mul(0x0101_0101_0101_0101);
+    // SAFETY: the caller upholds memset's contract; DF is clear. `rep stosq` leaves rdi just
+    // past the words it wrote; `rep stosb` stores al, the low byte of the same pattern.
     unsafe {
-        asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _, in("al") c as u8,
+        asm!("rep stosq", "mov rcx, {tail}", "rep stosb",
+             tail = in(reg) n % 8,
+             inout("rcx") n / 8 => _, inout("rdi") dst => _, in("rax") word,
              options(nostack, preserves_flags));
     }
     dst
