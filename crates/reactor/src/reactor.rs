@@ -133,6 +133,40 @@ fn desc(op: &BlockOp) -> IoDesc {
     }
 }
 
+/// Hands a finished I/O (already back in the handle array) to this core's code.
+#[inline(always)]
+fn deliver_to<const N: usize>(
+    issued: &mut usize,
+    done: &mut Deque<Completion, N>,
+    cookies: &[u32; N],
+    stats: &mut Stats,
+    io: IoRef,
+    result: Result<(), IoError>,
+) {
+    *issued = issued.saturating_sub(1);
+    let cookie = cookies.get(io.index()).copied().unwrap_or(0);
+    if done.push_back(Completion { cookie, result }).is_err() {
+        stats.dropped += 1;
+    }
+}
+
+/// Answers the issuing core `to`, in order behind any answers still owed to anyone.
+fn answer_to<const C: usize, const N: usize>(
+    links: &mut Links<'_, Msg, C>,
+    replies: &mut Deque<Reply, N>,
+    stats: &mut Stats,
+    to: u8,
+    io: IoRef,
+    result: Result<(), IoError>,
+) {
+    if !replies.is_empty() || links.send(to as usize, Msg::Done { io, result }).is_err() {
+        // At most N answers can be owed (one per handle), so this always fits.
+        if replies.push_back(Reply { to, io, result }).is_err() {
+            stats.dropped += 1;
+        }
+    }
+}
+
 /// How a queue's refusal reaches the issuer.
 fn submit_error(e: SubmitError) -> IoError {
     match e {
@@ -362,17 +396,13 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
 
     /// Hands a finished I/O (already back in the handle array) to this core's code.
     fn deliver(&mut self, io: IoRef, result: Result<(), IoError>) {
-        self.issued = self.issued.saturating_sub(1);
-        if self
-            .done
-            .push_back(Completion {
-                cookie: self.cookies[io.index()],
-                result,
-            })
-            .is_err()
-        {
-            self.stats.dropped += 1;
-        }
+        let (issued, done, cookies, stats) = (
+            &mut self.issued,
+            &mut self.done,
+            &self.cookies,
+            &mut self.stats,
+        );
+        deliver_to(issued, done, cookies, stats, io, result);
     }
 
     /// Fails an I/O of ours that never reached a device, through the whole lifecycle.
@@ -396,17 +426,14 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     }
 
     fn answer(&mut self, to: u8, io: IoRef, result: Result<(), IoError>) {
-        if !self.replies.is_empty()
-            || self
-                .links
-                .send(to as usize, Msg::Done { io, result })
-                .is_err()
-        {
-            // At most N answers can be owed (one per handle), so this always fits.
-            if self.replies.push_back(Reply { to, io, result }).is_err() {
-                self.stats.dropped += 1;
-            }
-        }
+        answer_to(
+            &mut self.links,
+            &mut self.replies,
+            &mut self.stats,
+            to,
+            io,
+            result,
+        );
     }
 
     fn flush_replies(&mut self) -> usize {
@@ -543,63 +570,69 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     }
 
     fn reap_batch(&mut self) -> usize {
-        let Some(q) = self.queue.as_mut() else {
+        let Self {
+            queue,
+            aio,
+            on_queue,
+            on_queue_count,
+            cookies,
+            issued,
+            done,
+            replies,
+            links,
+            stats,
+            ..
+        } = self;
+        let Some(q) = queue.as_mut() else {
             return 0;
         };
-        let (aio, on_queue, stats) = (self.aio, &mut self.on_queue, &mut self.stats);
-        let mut finished: heapless::Vec<
-            (IoRef, Origin, Result<(), IoError>, keel_aio::IoResult),
-            REAP_BATCH,
-        > = heapless::Vec::new();
-        let reported = q.poll(REAP_BATCH, &mut |tag, result| {
-            // The tag came back from the device: range-check it and match it against what
-            // this core submitted for that handle.
-            let index = (tag & 0xFFFF) as usize;
-            let Some(Some((io, origin))) = on_queue.get(index).copied() else {
-                stats.bad_tags += 1;
-                return;
-            };
-            if tag_of(io) != tag {
-                stats.bad_tags += 1;
-                return;
-            }
-            on_queue[index] = None;
-            let aio_result = match result {
-                Ok(()) => Ok(0),
-                Err(IoError::Device { code }) => Err(keel_aio::IoError::Device { status: code }),
-                Err(_) => Err(keel_aio::IoError::Aborted),
-            };
-            if finished.push((io, origin, result, aio_result)).is_err() {
-                stats.dropped += 1;
-            }
-        });
         // The whole batch's lifecycle work in one critical section, on the completing core:
         // shared completion for every I/O, and for this core's own I/O the local completion
-        // and the reclaim too.
-        let errors = aio.batch(|b| {
-            finished
-                .iter()
-                .filter(|&&(io, origin, _, r)| match origin {
-                    Origin::Local => b.complete_and_reclaim(io, r).is_err(),
-                    Origin::Remote { .. } => b.complete_and_share(io, r).is_err(),
-                })
-                .count()
-        });
-        self.stats.lifecycle_errors += errors as u64;
-        self.on_queue_count -= finished.len();
-        // By reference: iterating the Vec by value would first move all of its storage.
-        for &(io, origin, result, _) in finished.iter() {
-            if result.is_ok() {
-                self.stats.completed_ok += 1;
-            } else {
-                self.stats.failed += 1;
-            }
-            match origin {
-                Origin::Local => self.deliver(io, result),
-                Origin::Remote { core } => self.answer(core, io, result),
-            }
-        }
-        reported
+        // and the reclaim too, each handed on as it is reaped (no intermediate batch copy).
+        // Interrupts stay masked for at most `REAP_BATCH` completion entries.
+        aio.batch(|b| {
+            q.poll(REAP_BATCH, &mut |tag, result| {
+                // The tag came back from the device: range-check it and match it against what
+                // this core submitted for that handle.
+                let index = (tag & 0xFFFF) as usize;
+                let Some(Some((io, origin))) = on_queue.get(index).copied() else {
+                    stats.bad_tags += 1;
+                    return;
+                };
+                if tag_of(io) != tag {
+                    stats.bad_tags += 1;
+                    return;
+                }
+                on_queue[index] = None;
+                *on_queue_count -= 1;
+                let aio_result = match result {
+                    Ok(()) => Ok(0),
+                    Err(IoError::Device { code }) => {
+                        Err(keel_aio::IoError::Device { status: code })
+                    }
+                    Err(_) => Err(keel_aio::IoError::Aborted),
+                };
+                if result.is_ok() {
+                    stats.completed_ok += 1;
+                } else {
+                    stats.failed += 1;
+                }
+                match origin {
+                    Origin::Local => {
+                        if b.complete_and_reclaim(io, aio_result).is_err() {
+                            stats.lifecycle_errors += 1;
+                        }
+                        deliver_to(issued, done, cookies, stats, io, result);
+                    }
+                    Origin::Remote { core } => {
+                        if b.complete_and_share(io, aio_result).is_err() {
+                            stats.lifecycle_errors += 1;
+                        }
+                        answer_to(links, replies, stats, core, io, result);
+                    }
+                }
+            })
+        })
     }
 
     /// Stops accepting new I/O (local callers get `NotAccepting`; requests from other cores

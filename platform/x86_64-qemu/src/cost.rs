@@ -135,7 +135,8 @@ pub fn cost<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
             }),
         );
         // The floor for a start: the bitmap claim and a critical section around a few stores.
-        static FLOOR: critical_section::Mutex<core::cell::RefCell<[(u8, u32, u64, u64); 512]>> =
+        type Floor = critical_section::Mutex<core::cell::RefCell<[(u8, u32, u64, u64); 512]>>;
+        static FLOOR: Floor =
             critical_section::Mutex::new(core::cell::RefCell::new([(0, 0, 0, 0); 512]));
         row(
             "floor: bitmap + section + stores",
