@@ -316,6 +316,16 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         }
     }
 
+    /// The ring position after `pos`.
+    #[inline]
+    fn next_pos(&self, pos: u16) -> u16 {
+        if pos + 1 >= self.entries {
+            0
+        } else {
+            pos + 1
+        }
+    }
+
     fn cid_of(&self, slot: u16, gen: u16) -> u16 {
         slot | (gen << self.slot_bits)
     }
@@ -487,7 +497,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             return false;
         }
         self.put_slot(i, &s);
-        self.sq_tail = (self.sq_tail + 1) % self.entries;
+        self.sq_tail = self.next_pos(self.sq_tail);
         self.stats.submitted_cmds += 1;
         true
     }
@@ -712,7 +722,8 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
                 if buf.bus_addr().checked_add(buf.len() as u64).is_none() {
                     return Err(SubmitError::BufferLength);
                 }
-                let per = ((self.max_transfer as u64 / bs).min(65536)) as u32;
+                // Block sizes are powers of two (2^LBADS): a shift, not a division per I/O.
+                let per = ((self.max_transfer as u64 >> bs.trailing_zeros()).min(65536)) as u32;
                 if per == 0 {
                     return Err(SubmitError::Unsupported);
                 }
@@ -742,7 +753,11 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
         let parts = if blocks == 0 {
             1
         } else {
-            blocks.div_ceil(per_cmd)
+            if blocks <= per_cmd {
+                1
+            } else {
+                blocks.div_ceil(per_cmd)
+            }
         };
         if parts > self.nslots as u32 {
             return Err(SubmitError::TooLarge);
@@ -798,7 +813,7 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
                 failed = true;
                 break;
             }
-            pos = (pos + 1) % self.entries;
+            pos = self.next_pos(pos);
             done_blocks += nlb;
         }
         if failed {

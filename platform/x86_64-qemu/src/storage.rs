@@ -371,9 +371,10 @@ pub fn bench(
                 rng ^= rng << 13;
                 rng ^= rng >> 7;
                 rng ^= rng << 17;
-                rng % span
+                // Range reduction by a multiply (no division per I/O).
+                ((rng as u128 * span as u128) >> 64) as u64
             } else {
-                seq = (seq + 1) % span;
+                seq = if seq + 1 >= span { 0 } else { seq + 1 };
                 seq
             };
             let lba = cfg.lba0 + slot * blocks as u64;
