@@ -293,7 +293,7 @@ struct CoreBench {
 }
 
 /// Rounds of each kind in a `raw=both` run.
-const BOTH_ROUNDS: u64 = 6;
+const BOTH_ROUNDS: u64 = 16;
 
 fn add(total: &mut BenchResult, r: &BenchResult) {
     total.ios += r.ios;
