@@ -89,6 +89,16 @@ pub fn cost<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
         per_call(n.min(20_000), |_| core::hint::spin_loop()),
     );
     row(
+        "critical section, interrupts already masked",
+        x86_64::instructions::interrupts::without_interrupts(|| {
+            per_call(n, |_| {
+                critical_section::with(|cs| {
+                    black_box(cs);
+                })
+            })
+        }),
+    );
+    row(
         "u64 division",
         per_call(n, |i| {
             black_box(black_box(i * 1_000_000_007) / black_box(2_400_000_011u64));
