@@ -844,12 +844,12 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
         ],
     ));
     v.push(case(
-        "selftest with lazy CQ doorbells",
+        "selftest with eager CQ doorbells (one per pass)",
         VmOpts {
             null_backend: false,
             ..vm(1)
         },
-        "selftest lazycq=on",
+        "selftest lazycq=off",
         true,
         vec![("all shapes verified", shapes_ok)],
     ));

@@ -385,6 +385,14 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         work
     }
 
+    /// Puts what this core queued since the last pass on the device now (marks it Submitted,
+    /// rings the doorbell) instead of at the next [`Reactor::poll`]: for a caller that just
+    /// finished a burst and wants its latency. Returns how many went out from the staged list
+    /// (fast-path submissions are already on the queue and only get the doorbell).
+    pub fn flush(&mut self) -> usize {
+        self.submit_staged()
+    }
+
     /// Issuer-side end of the lifecycle: local completion work, reclaim, hand to the caller.
     fn finish_local(&mut self, io: IoRef, result: Result<(), IoError>) {
         // complete_local -> reclaim, in one critical section.

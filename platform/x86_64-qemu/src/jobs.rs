@@ -58,7 +58,7 @@ pub const JOBS: &[(&str, &str)] = &[
     ),
     (
         "selftest",
-        "write, read back and verify every namespace and transfer shape [ns=N seed=N dbbuf=on lazycq=on]",
+        "write, read back and verify every namespace and transfer shape [ns=N seed=N dbbuf=on lazycq=off]",
     ),
     (
         "scrub",

@@ -390,7 +390,9 @@ impl crate::storage::BenchTarget for Stack {
     fn submit(&mut self, op: BlockOp, tag: u32) -> bool {
         self.0.submit(op, tag).is_ok()
     }
-    fn kick(&mut self) {}
+    fn kick(&mut self) {
+        self.0.flush();
+    }
     fn reap(&mut self, on_done: &mut dyn FnMut(u32, Result<(), keel_blockdev::IoError>)) {
         self.0.poll();
         while let Some(c) = self.0.next_completion() {
