@@ -374,10 +374,13 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     /// registered pollers. Never blocks.
     pub fn poll(&mut self) -> usize {
         self.stats.passes += 1;
-        let mut work = self.flush_replies();
+        // This core's own submissions first, then completions (found as early in the pass as
+        // possible: the caller's next submission waits on them), then other cores' traffic.
+        let mut work = self.submit_staged();
+        work += self.reap();
+        work += self.flush_replies();
         work += self.drain_inbox(4 * N);
         work += self.submit_staged();
-        work += self.reap();
         for i in 0..self.pollers.len() {
             let (f, arg) = self.pollers[i];
             work += f(self.core, arg);
