@@ -589,7 +589,8 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
     }
 
     /// Creates I/O queue pair `qid` (1..=`identify().io_queues`) with `depth` entries per queue
-    /// (2..=min(CAP.MQES+1, 4096)); up to `depth - 1` commands can be in flight. All memory the
+    /// (2..=min(CAP.MQES+1, 4096)); up to `depth - 1` commands can be in flight (at most
+    /// [`crate::MAX_COMMANDS`], and half the ring with lazy CQ doorbells). All memory the
     /// pair needs on the I/O path (rings, PRP lists, bookkeeping) is allocated here.
     pub fn create_io_qpair(
         &mut self,

@@ -190,7 +190,13 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             cq_head: 0,
             cq_acked: 0,
             cq_unacked: 0,
-            cq_slack: p.depth - 1 - nslots,
+            // Eager: no slack, one CQ doorbell per pass that consumed entries (even when the
+            // slot cap leaves room in a deep ring).
+            cq_slack: if p.cfg.lazy_cq_doorbell {
+                p.depth - 1 - nslots
+            } else {
+                0
+            },
             phase: true,
             nslots,
             slot_bits: slot_bits.max(1),

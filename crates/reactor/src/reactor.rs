@@ -600,7 +600,9 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         // The whole batch's lifecycle work in one critical section, on the completing core:
         // shared completion for every I/O, and for this core's own I/O the local completion
         // and the reclaim too, each handed on as it is reaped (no intermediate batch copy).
-        // Interrupts stay masked for at most `REAP_BATCH` completion entries.
+        // Interrupts stay masked (and other cores' handle transitions wait) for one bounded
+        // queue poll: at most `REAP_BATCH` completion entries, plus the queue's own periodic
+        // timeout scan over its command slots.
         aio.batch(|b| {
             q.poll(REAP_BATCH, &mut |tag, result| {
                 // The tag came back from the device: range-check it and match it against what

@@ -74,3 +74,25 @@ fn lazy_never_lets_the_device_see_a_full_queue_at_any_depth() {
         assert!(db > 0 || done == 0);
     }
 }
+
+#[test]
+fn eager_rings_every_pass_even_when_the_slot_cap_leaves_ring_room() {
+    // 512 entries, but at most MAX_COMMANDS (256) slots: the spare ring entries must not turn
+    // eager doorbells into lazy ones.
+    let (done, db, passes, slots) = run(false, 512, 4);
+    assert_eq!(slots, keel_nvme::MAX_COMMANDS);
+    assert_eq!(done, 4 * slots);
+    // Every pass consumes up to 4 entries and rings once.
+    assert!(
+        db >= (done as u64).div_ceil(4),
+        "eager rang {db} in {passes} passes"
+    );
+}
+
+#[test]
+fn deep_lazy_ring_keeps_every_slot_usable() {
+    let (done, db, _, slots) = run(true, 512, 4);
+    assert_eq!(slots, 255, "half of 511 entries, under the 256-slot cap");
+    assert_eq!(done, 4 * slots);
+    assert!(db <= (done as u64).div_ceil(256) + 1, "lazy rang {db}");
+}
