@@ -71,6 +71,11 @@ fn send_ipi(apic_id: u32, low: u32) {
     }
 }
 
+/// A fixed-delivery interrupt with `vector` to one core.
+pub fn send_fixed(apic_id: u32, vector: u8) {
+    send_ipi(apic_id, 0x4000 | vector as u32);
+}
+
 /// INIT assert to one core.
 pub fn send_init(apic_id: u32) {
     send_ipi(apic_id, 0x4500);

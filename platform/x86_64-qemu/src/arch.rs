@@ -18,6 +18,8 @@ use x86_64::VirtAddr;
 use crate::cpu::MAX_CORES;
 
 pub const TIMER_VECTOR: u8 = 0x20;
+/// Wakes a halted idle core (`smp::post`); the handler only acknowledges it.
+pub const WAKE_VECTOR: u8 = 0x21;
 pub const SPURIOUS_VECTOR: u8 = 0xFF;
 
 /// IST slots: 1 = external interrupts, 2 = ordinary exceptions, 3 = NMI / #DF / #MC, so an
@@ -277,6 +279,7 @@ extern "C" fn keel_interrupt(frame: &mut InterruptFrame) {
             TICKS.fetch_add(1, Ordering::Relaxed);
             crate::apic::eoi();
         }
+        v if v == WAKE_VECTOR as u64 => crate::apic::eoi(),
         v if v == SPURIOUS_VECTOR as u64 => {}
         v => {
             keel_log::warn!(

@@ -28,6 +28,13 @@ static LOCALS: [CpuLocal; MAX_CORES] = {
     a
 };
 
+/// The local APIC id core `index` recorded in `init_local` (for inter-processor interrupts).
+pub fn apic_id_of(index: usize) -> Option<u32> {
+    LOCALS
+        .get(index)
+        .map(|l| l.apic_id.load(Ordering::Relaxed) as u32)
+}
+
 /// Points GS at core `index`'s block. Called first thing on every core.
 pub fn init_local(index: usize, apic_id: u32) {
     let local = &LOCALS[index];

@@ -135,7 +135,16 @@ fn poll_loop(core: usize) -> ! {
             MAILBOX[core].store(0, Ordering::Relaxed);
             BUSY[core].store(false, Ordering::Release);
         }
-        core::hint::spin_loop();
+        // Idle: halt until `post` sends the wake interrupt, so an idle core gives its host CPU
+        // back (under emulation a spinning vCPU competes with QEMU's device thread). The check
+        // runs with interrupts masked and `sti; hlt` opens them only in the instruction shadow
+        // of `sti`, so a wake sent after the check still ends this `hlt`.
+        x86_64::instructions::interrupts::disable();
+        if MAILBOX[core].load(Ordering::Acquire) == 0 {
+            x86_64::instructions::interrupts::enable_and_hlt();
+        } else {
+            x86_64::instructions::interrupts::enable();
+        }
     }
 }
 
@@ -155,6 +164,9 @@ pub fn post(core: usize, work: Work, arg: usize) -> Result<(), PostError> {
     }
     MAILBOX_ARG[core].store(arg, Ordering::Relaxed);
     MAILBOX[core].store(work as usize, Ordering::Release);
+    if let Some(id) = crate::cpu::apic_id_of(core) {
+        crate::apic::send_fixed(id, crate::arch::WAKE_VECTOR);
+    }
     Ok(())
 }
 
