@@ -167,6 +167,19 @@ fn answer_to<const C: usize, const N: usize>(
     }
 }
 
+/// Marks `ios` (accepted by the queue, not yet rung) Submitted in one critical section.
+fn mark_submitted<const N: usize, const W: usize>(
+    aio: &Aio<N, W>,
+    stats: &mut Stats,
+    ios: &[IoRef],
+) {
+    if ios.is_empty() {
+        return;
+    }
+    let errors = aio.batch(|b| ios.iter().filter(|&&io| b.submit(io).is_err()).count());
+    stats.lifecycle_errors += errors as u64;
+}
+
 /// How a queue's refusal reaches the issuer.
 fn submit_error(e: SubmitError) -> IoError {
     match e {
@@ -379,8 +392,11 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         let mut work = self.submit_staged();
         work += self.reap();
         work += self.flush_replies();
-        work += self.drain_inbox(4 * N);
-        work += self.submit_staged();
+        let inbound = self.drain_inbox(4 * N);
+        if inbound > 0 {
+            // Requests from other cores that just arrived go out in this pass too.
+            work += inbound + self.submit_staged();
+        }
         for i in 0..self.pollers.len() {
             let (f, arg) = self.pollers[i];
             work += f(self.core, arg);
@@ -512,13 +528,8 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     fn submit_staged(&mut self) -> usize {
         // Fast-path submissions first: marked Submitted before any doorbell makes them visible.
         let fast = self.unmarked.len();
-        if fast > 0 {
-            let (aio, unmarked) = (self.aio, &self.unmarked);
-            let errors =
-                aio.batch(|b| unmarked.iter().filter(|&&io| b.submit(io).is_err()).count());
-            self.stats.lifecycle_errors += errors as u64;
-            self.unmarked.clear();
-        }
+        mark_submitted(self.aio, &mut self.stats, &self.unmarked);
+        self.unmarked.clear();
         let mut n = 0;
         // Handles accepted by the queue, marked Submitted together in one critical section
         // before the doorbell (the device cannot see them earlier).
@@ -536,7 +547,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                     }
                     n += 1;
                     if accepted.push(io).is_err() {
-                        self.mark_submitted(&accepted);
+                        mark_submitted(self.aio, &mut self.stats, &accepted);
                         accepted.clear();
                         let _ = accepted.push(io);
                     }
@@ -548,23 +559,13 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 }
             }
         }
-        self.mark_submitted(&accepted);
+        mark_submitted(self.aio, &mut self.stats, &accepted);
         if n + fast > 0 {
             if let Some(q) = self.queue.as_mut() {
                 q.flush_submissions();
             }
         }
         n
-    }
-
-    fn mark_submitted(&mut self, ios: &[IoRef]) {
-        if ios.is_empty() {
-            return;
-        }
-        let errors = self
-            .aio
-            .batch(|b| ios.iter().filter(|&&io| b.submit(io).is_err()).count());
-        self.stats.lifecycle_errors += errors as u64;
     }
 
     /// Reaps device completions in batches of [`REAP_BATCH`], so the stack holds one batch, not

@@ -310,6 +310,25 @@ fn add(total: &mut BenchResult, r: &BenchResult) {
     total.t_idle += r.t_idle;
 }
 
+/// Core `core`'s result: the full stack's (or the raw loop's, with `raw_rounds`).
+fn core_result(core: usize, raw_rounds: bool) -> BenchResult {
+    critical_section::with(|cs| {
+        BENCH[core].borrow_ref_mut(cs).as_ref().and_then(|b| {
+            if raw_rounds {
+                b.raw_result
+            } else {
+                b.result
+            }
+        })
+    })
+    .unwrap_or_default()
+}
+
+/// Nanoseconds per I/O spent submitting, ringing, reaping and in idle polls.
+fn time_split(r: &BenchResult) -> [u64; 4] {
+    [r.t_submit, r.t_kick, r.t_reap, r.t_idle].map(|t| crate::time::ticks_to_ns(t) / r.ios.max(1))
+}
+
 static BENCH: [critical_section::Mutex<RefCell<Option<CoreBench>>>; MAX_CORES] =
     [const { critical_section::Mutex::new(RefCell::new(None)) }; MAX_CORES];
 
@@ -377,11 +396,6 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     let nsid = cl.u64("ns", 1)? as u32;
     let mode = cl.choice("raw", &["off", "on", "both"], "off")?;
     let (raw, both) = (mode == "on", mode == "both");
-    let reap = cl.u64("reap", 0)? as usize;
-    storage::REAP_BUDGET.store(
-        if reap == 0 { usize::MAX } else { reap },
-        core::sync::atomic::Ordering::Relaxed,
-    );
     let mut ctrl = open(p, cl)?;
     cl.finish()?;
     if qd == 0 || qd > 255 || bs == 0 || !bs.is_multiple_of(512) {
@@ -455,23 +469,16 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     let mut worst_p99 = 0;
     let mut elapsed = 0;
     for core in 0..cores {
-        let r = critical_section::with(|cs| {
-            BENCH[core]
-                .borrow_ref_mut(cs)
-                .as_ref()
-                .and_then(|b| b.result)
-        })
-        .unwrap_or_default();
+        let r = core_result(core, false);
         let iops = r.ios * 1_000_000_000 / r.elapsed_ns.max(1);
         keel_log::info!(
             "bench core={=usize} ios={=u64} iops={=u64} mbps={=u64} avg_us={=u64}.{=u64:02} p99_us={=u64} errors={=u64}",
             core, r.ios, iops, iops * bs as u64 / 1_000_000, r.lat_sum_ns / r.ios.max(1) / 1000, r.lat_sum_ns / r.ios.max(1) / 10 % 100, r.p99_us, r.errors
         );
-        let tsc_hz = crate::time::tsc_hz().max(1) as u128;
-        let per_io = |ticks: u64| (ticks as u128 * 1_000_000_000 / tsc_hz) as u64 / r.ios.max(1);
+        let [sub, kick, reap, idle] = time_split(&r);
         keel_log::info!(
             "bench core={=usize} ns per I/O: submit {=u64}, doorbell {=u64}, reap {=u64}, idle polls {=u64}",
-            core, per_io(r.t_submit), per_io(r.t_kick), per_io(r.t_reap), per_io(r.t_idle)
+            core, sub, kick, reap, idle
         );
         total.ios += r.ios;
         total.errors += r.errors;
@@ -488,23 +495,15 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     if both {
         let (mut raw_ios, mut raw_elapsed, mut raw_errors) = (0u64, 0u64, 0u64);
         for core in 0..cores {
-            let r = critical_section::with(|cs| {
-                BENCH[core]
-                    .borrow_ref_mut(cs)
-                    .as_ref()
-                    .and_then(|b| b.raw_result)
-            })
-            .unwrap_or_default();
+            let r = core_result(core, true);
             raw_ios += r.ios;
             raw_errors += r.errors;
             raw_elapsed = raw_elapsed.max(r.elapsed_ns);
-            let tsc_hz = crate::time::tsc_hz().max(1) as u128;
-            let per_io =
-                |ticks: u64| (ticks as u128 * 1_000_000_000 / tsc_hz) as u64 / r.ios.max(1);
+            let [sub, kick, reap, idle] = time_split(&r);
             keel_log::info!(
                 "bench core={=usize} raw rounds: ios={=u64} avg_us={=u64}.{=u64:02}; ns per I/O: submit {=u64}, doorbell {=u64}, reap {=u64}, idle polls {=u64}",
                 core, r.ios, r.lat_sum_ns / r.ios.max(1) / 1000, r.lat_sum_ns / r.ios.max(1) / 10 % 100,
-                per_io(r.t_submit), per_io(r.t_kick), per_io(r.t_reap), per_io(r.t_idle)
+                sub, kick, reap, idle
             );
         }
         let raw_iops = raw_ios * 1_000_000_000 / raw_elapsed.max(1);

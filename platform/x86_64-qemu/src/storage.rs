@@ -309,9 +309,6 @@ pub trait BenchTarget {
     fn block_size(&self, ns: NsId) -> Option<u32>;
 }
 
-pub static REAP_BUDGET: core::sync::atomic::AtomicUsize =
-    core::sync::atomic::AtomicUsize::new(usize::MAX);
-
 /// The leanest path: `BlockQueue` calls straight on the queue pair.
 pub struct Raw<'q, Q>(pub &'q mut Q);
 
@@ -323,10 +320,7 @@ impl<Q: BlockQueue> BenchTarget for Raw<'_, Q> {
         self.0.flush_submissions();
     }
     fn reap(&mut self, on_done: &mut dyn FnMut(u32, Result<(), IoError>)) {
-        self.0.poll(
-            REAP_BUDGET.load(core::sync::atomic::Ordering::Relaxed),
-            on_done,
-        );
+        self.0.poll(usize::MAX, on_done);
     }
     fn block_size(&self, ns: NsId) -> Option<u32> {
         self.0.block_size(ns)
