@@ -701,11 +701,25 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             "bench pattern=randread bs=4K qd=16 secs=1 raw=both",
             true,
             vec![
-                ("both kinds of rounds ran", |o| {
-                    o.has("raw rounds: ios=") && o.has("full stack / raw = ")
+                ("all three kinds of rounds ran", |o| {
+                    o.has("raw rounds: ios=")
+                        && o.has("full stack / raw = ")
+                        && o.has("full stack / ceiling = ")
                 }),
                 ("no errors", |o| o.has("errors=0 cores=1 stack=full")),
             ],
+        ),
+        case(
+            "bench: device ceiling (prebuilt read resubmitted), 1 s",
+            VmOpts {
+                null_backend: true,
+                ..vm(1)
+            },
+            "bench pattern=randread bs=4K qd=32 secs=1 raw=ceiling",
+            true,
+            vec![("I/Os counted, no errors", |o| {
+                o.has("errors=0 cores=1 stack=ceiling") && !o.has("bench total iops=0 ")
+            })],
         ),
         case(
             "bench: 2 cores, own queue pairs",

@@ -7,10 +7,13 @@
 //!      -> CompletedShared -> CompletedLocal -> Idle        (and HandedOut -> Idle)
 //! ```
 //!
-//! * **One function performs every transition.** It checks the move is legal (an illegal one
-//!   is [`AioError::IllegalTransition`], never a panic) and runs inside
-//!   `critical_section::with`, so an interrupt handler (which completes I/O) never sees or
-//!   makes a half-done update.
+//! * **One legality table decides every transition.** The general path function checks each
+//!   move against it at run time (an illegal one is [`AioError::IllegalTransition`], never a
+//!   panic); the per-I/O fast paths ([`Aio::start`], [`Aio::start_submitted`],
+//!   [`Batch::complete_and_reclaim`]) are fixed chains checked against it at compile time and
+//!   check only the handle's current state and generation at run time. Every transition runs
+//!   inside `critical_section::with`, so an interrupt handler (which completes I/O) never sees
+//!   or makes a half-done update.
 //! * **Generations.** A handle's generation is bumped each time it returns to `Idle`. Callers
 //!   hold [`IoRef`]s (index + generation). Waiting on an `IoRef` whose handle was since
 //!   reclaimed (and maybe reused) reports [`WaitOutcome::Recycled`] ("already done").
@@ -407,16 +410,43 @@ impl<const N: usize, const W: usize> Batch<'_, N, W> {
     }
 
     /// For an I/O completing on the core that issued it: the whole completion path
-    /// (`Submitted -> CompletedIo -> CompletedShared -> CompletedLocal -> Idle`) at once.
+    /// (`Submitted -> CompletedIo -> CompletedShared -> CompletedLocal -> Idle`) at once. The
+    /// result goes to the caller, who already has it, so the handle records none.
+    ///
+    /// Like [`Aio::start`], a fixed path checked at compile time and written out (a generation
+    /// and state check, then the stores of the final state): it runs once per I/O.
     #[inline(always)]
     pub fn complete_and_reclaim(&mut self, io: IoRef, result: IoResult) -> Result<(), AioError> {
-        let path = [
-            (HandleState::CompletedIo, Effect::Complete(result)),
-            (HandleState::CompletedShared, Effect::None),
-            (HandleState::CompletedLocal, Effect::None),
-            (HandleState::Idle, Effect::None),
-        ];
-        self.complete_path(io, &path)
+        use HandleState::*;
+        const PATH: [HandleState; 4] = [CompletedIo, CompletedShared, CompletedLocal, Idle];
+        const _: () = assert!(chain_ok(Submitted, &PATH));
+        let _ = result;
+        let index = io.index();
+        let slot = self
+            .inner
+            .slots
+            .get_mut(index)
+            .ok_or(AioError::BadIndex { index, capacity: N })?;
+        if slot.generation != io.generation() {
+            return Err(AioError::Stale {
+                index,
+                expected: io.generation(),
+                current: slot.generation,
+            });
+        }
+        if slot.state != Submitted {
+            return Err(AioError::IllegalTransition {
+                index,
+                from: slot.state,
+                to: PATH[0],
+            });
+        }
+        slot.state = PATH[PATH.len() - 1];
+        slot.generation = slot.generation.wrapping_add(1);
+        slot.desc = None;
+        slot.result = None;
+        // Invariant: a set bit means Idle. The bit was clear (the handle was held).
+        self.aio.free.release(index).map_err(AioError::Slots)
     }
 }
 
@@ -624,6 +654,45 @@ impl<const N: usize, const W: usize> Aio<N, W> {
             }
             slot.desc = Some(desc);
             slot.state = PATH[PATH.len() - 1];
+            // `index < N <= 65536`, so it fits.
+            Ok(IoRef::new(index as u16, slot.generation))
+        })
+    }
+
+    /// The issuer's path when it gives the I/O to its device at once (a reactor's local fast
+    /// path): [`Aio::start`] and [`Aio::submit`] together
+    /// (`Idle -> HandedOut -> Defined -> Staged -> Submitted`) in one critical section.
+    ///
+    /// The caller makes the I/O visible to the device only after this returns (write the
+    /// command, then ring the doorbell). If the device layer then refuses it, it completes
+    /// like any submitted I/O ([`Aio::complete_and_share`] with the error). Fixed path,
+    /// checked at compile time like [`Aio::start`].
+    ///
+    /// # Errors
+    /// [`AioError::NoFreeHandle`] when every handle is in use.
+    #[inline(always)]
+    pub fn start_submitted(&self, desc: IoDesc) -> Result<IoRef, AioError> {
+        use HandleState::*;
+        const PATH: [HandleState; 4] = [HandedOut, Defined, Staged, Submitted];
+        const _: () = assert!(chain_ok(Idle, &PATH));
+        let index = self.free.acquire().ok_or(AioError::NoFreeHandle)?;
+        self.inner.with(|inner| {
+            let next_seq = &mut inner.next_seq;
+            let slot = inner
+                .slots
+                .get_mut(index)
+                .ok_or(AioError::BadIndex { index, capacity: N })?;
+            if slot.state != Idle {
+                return Err(AioError::IllegalTransition {
+                    index,
+                    from: slot.state,
+                    to: PATH[0],
+                });
+            }
+            slot.desc = Some(desc);
+            slot.state = PATH[PATH.len() - 1];
+            slot.seq = *next_seq;
+            *next_seq = next_seq.wrapping_add(1);
             // `index < N <= 65536`, so it fits.
             Ok(IoRef::new(index as u16, slot.generation))
         })

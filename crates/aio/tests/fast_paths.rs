@@ -92,3 +92,37 @@ fn batch_applies_each_transition_with_the_same_checks() {
     assert_eq!(aio.complete_local_and_reclaim(a).unwrap(), Ok(3));
     assert_eq!(aio.free_count(), N);
 }
+
+#[test]
+fn start_submitted_is_start_then_submit() {
+    let aio = A::new();
+    let io = aio.start_submitted(desc()).unwrap();
+    let snap = aio.snapshot(io.index()).unwrap();
+    assert_eq!(
+        (snap.state, snap.generation, snap.result),
+        (HandleState::Submitted, io.generation(), None)
+    );
+    // Already submitted: a second submit is refused and changes nothing.
+    assert!(matches!(
+        aio.submit(io),
+        Err(AioError::IllegalTransition { .. })
+    ));
+    // Counted as in flight (waiters may wait on it), and completes like any submitted I/O.
+    assert_eq!(aio.in_flight(), 1);
+    assert_eq!(
+        aio.wait(io, &mut || {
+            aio.complete(io, Ok(9)).unwrap();
+            true
+        })
+        .unwrap(),
+        keel_aio::WaitOutcome::Done(Ok(9))
+    );
+    assert_eq!(aio.finish(io).unwrap(), Ok(9));
+    assert_eq!(aio.free_count(), N);
+    // Exhaustion is reported, not a panic, and the held handles are all Submitted.
+    let held: Vec<_> = (0..N)
+        .map(|_| aio.start_submitted(desc()).unwrap())
+        .collect();
+    assert_eq!(aio.start_submitted(desc()), Err(AioError::NoFreeHandle));
+    assert_eq!(aio.in_flight(), held.len());
+}

@@ -172,6 +172,13 @@ pub trait BlockQueue {
     /// Reaps up to `max` device completions and reports finished tags through `on_done`, each
     /// accepted tag exactly once. Returns how many tags were reported.
     fn poll(&mut self, max: usize, on_done: &mut dyn FnMut(u32, Result<(), IoError>)) -> usize;
+    /// Whether [`poll`](Self::poll) has anything to do now: a completion to reap, a result
+    /// to report, a flush or a timeout scan due. A hint that consumes nothing, for callers
+    /// that wrap `poll` in costlier work (a critical section, say) and would skip it when idle;
+    /// `true` when unsure, which is always correct.
+    fn poll_due(&self) -> bool {
+        true
+    }
     /// How many device commands the queue can hold at once.
     fn depth(&self) -> usize;
     /// Tags accepted and not yet reported.

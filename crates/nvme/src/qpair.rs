@@ -293,6 +293,119 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         self.shadow.take()
     }
 
+    /// Diagnostics: the device's ceiling. Keeps `qd` copies of one prebuilt 4 KiB-or-smaller
+    /// read (`blocks` blocks at `lba` of namespace `ns` into `buf`) in flight, writing a copy
+    /// back onto the ring for each completion, with one SQ doorbell per pass and CQ doorbells
+    /// as the pair's policy says (see [`Config::lazy_cq_doorbell`]), until `keep_going()` says
+    /// stop; then drains. No command slots, no tags, no checks
+    /// beyond the phase bit: what it measures is the device and the platform's doorbell, i.e.
+    /// the most any driver could get from them at this depth. Runs only on an idle pair (no
+    /// command in flight) and leaves it idle and consistent. Returns (completions, error
+    /// statuses).
+    ///
+    /// # Errors
+    /// [`SubmitError::QueueFull`] when commands are in flight or `qd` exceeds the command slots,
+    /// [`SubmitError::InvalidNamespace`], [`SubmitError::BufferLength`] for a buffer that is not
+    /// `blocks` blocks within one page, [`SubmitError::DeviceUnavailable`] if the device stops
+    /// completing (the pair then needs a reset).
+    pub fn device_ceiling(
+        &mut self,
+        ns: NsId,
+        lba: u64,
+        blocks: u32,
+        buf: keel_blockdev::BufRef,
+        qd: u16,
+        keep_going: &mut dyn FnMut() -> bool,
+    ) -> Result<(u64, u64), SubmitError> {
+        if self.failed {
+            return Err(SubmitError::DeviceUnavailable);
+        }
+        if self.busy != 0 || self.unreported != 0 || qd == 0 || qd > self.nslots {
+            return Err(SubmitError::QueueFull);
+        }
+        let ns = self.ns(ns).ok_or(SubmitError::InvalidNamespace)?;
+        Self::check_range(&ns, lba, blocks)?;
+        let len = blocks as u64 * ns.block_size as u64;
+        let addr = buf.bus_addr();
+        if blocks == 0
+            || buf.len() as u64 != len
+            || addr % 4 != 0
+            || addr % PAGE_SIZE as u64 + len > PAGE_SIZE as u64
+        {
+            return Err(SubmitError::BufferLength);
+        }
+        let mut e = SqEntry::new(io_op::READ, 0, ns.nsid);
+        e.prp1 = addr;
+        e.cdw10 = lba as u32;
+        e.cdw11 = (lba >> 32) as u32;
+        e.cdw12 = blocks - 1;
+        // A stalled device gets the pair's own command timeout (at least 1 ms) to make progress.
+        let timeout = self.timeout_ns.max(1_000_000);
+        let (mut done, mut errors, mut outstanding) = (0u64, 0u64, 0u16);
+        let mut last_progress = self.clock.now_ns();
+        let mut stopping = false;
+        let mut to_submit = qd;
+        let mut idle = 0u32;
+        loop {
+            for _ in 0..to_submit {
+                e.set_cid(outstanding);
+                self.sq
+                    .write(self.sq_tail as usize * 64, &e)
+                    .map_err(|_| SubmitError::DeviceUnavailable)?;
+                self.sq_tail = self.next_pos(self.sq_tail);
+                outstanding += 1;
+            }
+            to_submit = 0;
+            self.flush_submissions();
+            let mut n = 0u16;
+            loop {
+                let off = self.cq_head as usize * 16;
+                let Ok(word) = self.cq.read_u16(off + spec::CQE_STATUS_OFFSET) else {
+                    break;
+                };
+                if (word & 1 != 0) != self.phase || n == outstanding {
+                    break;
+                }
+                if word >> 1 != 0 {
+                    errors += 1;
+                }
+                self.cq_head += 1;
+                if self.cq_head == self.entries {
+                    self.cq_head = 0;
+                    self.phase = !self.phase;
+                }
+                n += 1;
+            }
+            if n > 0 {
+                // The pair's own CQ doorbell policy (lazy or eager), as `poll` applies it.
+                self.cq_unacked = self.cq_unacked.saturating_add(n);
+                if self.cq_unacked >= self.cq_slack {
+                    let (new, old) = (self.cq_head, self.cq_acked);
+                    self.ring(true, new, old);
+                    self.cq_acked = new;
+                    self.cq_unacked = 0;
+                }
+                done += n as u64;
+                outstanding -= n;
+                stopping = stopping || !keep_going();
+                if !stopping {
+                    to_submit = n;
+                }
+                last_progress = self.clock.now_ns();
+            } else {
+                // The clock only every so often: an idle pass here is a few loads.
+                idle = idle.wrapping_add(1);
+                if idle % 64 == 0 && self.clock.now_ns().saturating_sub(last_progress) > timeout {
+                    self.needs_reset = true;
+                    return Err(SubmitError::DeviceUnavailable);
+                }
+            }
+            if stopping && outstanding == 0 {
+                return Ok((done, errors));
+            }
+        }
+    }
+
     pub(crate) fn release(self, dma: &impl DmaAllocator) {
         dma.free(self.sq);
         dma.free(self.cq);
@@ -898,6 +1011,19 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
         // Retries queued by `handle` go out with one doorbell.
         self.flush_submissions();
         reported
+    }
+
+    fn poll_due(&self) -> bool {
+        if self.ready_head != NONE || self.sq_tail != self.sq_tail_rung || self.failed {
+            return true;
+        }
+        // A peek at the phase bit of the next entry only: `poll` copies the entry before use.
+        let off = self.cq_head as usize * 16 + spec::CQE_STATUS_OFFSET;
+        let posted = self
+            .cq
+            .read_u16(off)
+            .map_or(true, |w| (w & 1 != 0) == self.phase);
+        posted || (self.busy != 0 && self.clock.now_ns() >= self.next_scan)
     }
 
     fn depth(&self) -> usize {

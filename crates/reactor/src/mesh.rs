@@ -1,20 +1,25 @@
 //! The message mesh: `C × C` SPSC rings of capacity `N - 1` (heapless' convention), ring `[i][j]`
 //! carrying messages from core `i` to core `j`. [`split`] hands every core its [`Links`]: the
 //! producer ends of its outbound rings and the consumer ends of its inbound rings. Each end has
-//! exactly one owner, so no locks are involved.
+//! exactly one owner, so no locks are involved. Each core also has a [`MailFlag`]: senders set
+//! it after enqueueing, so a core with no mail finds that out with one load instead of looking
+//! at every inbound ring.
 
 use heapless::spsc::{Consumer, Producer, Queue};
+use keel_slots::MailFlag;
 
 /// Storage for every ring. Lives as long as the links split from it (a `static` on the board,
 /// a leaked box in host tests).
 pub struct MeshStorage<M, const C: usize, const N: usize> {
     rings: [[Queue<M, N>; C]; C],
+    mail: [MailFlag; C],
 }
 
 impl<M, const C: usize, const N: usize> MeshStorage<M, C, N> {
     pub const fn new() -> Self {
         Self {
             rings: [const { [const { Queue::new() }; C] }; C],
+            mail: [const { MailFlag::new() }; C],
         }
     }
 }
@@ -40,6 +45,8 @@ pub struct Links<'a, M, const C: usize> {
     tx: [Option<Producer<'a, M>>; C],
     rx: [Option<Consumer<'a, M>>; C],
     next_rx: usize,
+    /// Every core's mail flag (this core's is `mail[core]`).
+    mail: &'a [MailFlag; C],
 }
 
 impl<'a, M, const C: usize> Links<'a, M, C> {
@@ -52,7 +59,11 @@ impl<'a, M, const C: usize> Links<'a, M, C> {
     pub fn send(&mut self, to: usize, msg: M) -> Result<(), SendError<M>> {
         match self.tx.get_mut(to).and_then(|p| p.as_mut()) {
             None => Err(SendError::NoRoute(msg)),
-            Some(p) => p.enqueue(msg).map_err(SendError::Full),
+            Some(p) => {
+                p.enqueue(msg).map_err(SendError::Full)?;
+                self.mail[to].notify();
+                Ok(())
+            }
         }
     }
 
@@ -68,12 +79,17 @@ impl<'a, M, const C: usize> Links<'a, M, C> {
     /// cannot starve the others. `accept` sees the message first: when it returns `false` the
     /// message stays at the head of its ring (the receiver is not ready: backpressure).
     pub fn recv_if(&mut self, mut accept: impl FnMut(&M) -> bool) -> Option<M> {
+        if !self.mail[self.core].take() {
+            return None;
+        }
         for i in 0..C {
             let from = (self.next_rx + i) % C;
             let Some(c) = self.rx[from].as_mut() else {
                 continue;
             };
             if let Some(m) = c.peek() {
+                // Something is (still) waiting: keep the flag up for the next look.
+                self.mail[self.core].notify();
                 if accept(m) {
                     self.next_rx = (from + 1) % C;
                     return c.dequeue();
@@ -81,6 +97,13 @@ impl<'a, M, const C: usize> Links<'a, M, C> {
             }
         }
         None
+    }
+
+    /// Whether another core may have sent this one something since it last found its inbound
+    /// rings empty (a hint: one load; `recv` is still what takes messages).
+    #[inline]
+    pub fn has_mail(&self) -> bool {
+        self.mail[self.core].peek()
     }
 
     /// The next inbound message (see [`Links::recv_if`]).
@@ -98,13 +121,16 @@ impl<'a, M, const C: usize> Links<'a, M, C> {
 pub fn split<M, const C: usize, const N: usize>(
     storage: &mut MeshStorage<M, C, N>,
 ) -> [Links<'_, M, C>; C] {
+    let MeshStorage { rings, mail } = storage;
+    let mail = &*mail;
     let mut links: [Links<'_, M, C>; C] = core::array::from_fn(|core| Links {
         core,
         tx: [const { None }; C],
         rx: [const { None }; C],
         next_rx: 0,
+        mail,
     });
-    for (from, row) in storage.rings.iter_mut().enumerate() {
+    for (from, row) in rings.iter_mut().enumerate() {
         for (to, q) in row.iter_mut().enumerate() {
             if from == to {
                 continue;
@@ -115,4 +141,30 @@ pub fn split<M, const C: usize, const N: usize>(
         }
     }
     links
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mail_flag_keeps_every_message_reachable() {
+        let mut storage = MeshStorage::<u32, 3, 4>::new();
+        let [mut a, mut b, mut c] = split(&mut storage);
+        assert_eq!(c.recv(), None, "no mail");
+        a.send(2, 1).unwrap();
+        b.send(2, 2).unwrap();
+        a.send(2, 3).unwrap();
+        // Declined messages stay, and so does the flag that leads back to them.
+        assert_eq!(c.recv_if(|_| false), None);
+        assert_eq!(c.pending(), 3);
+        let mut got = [c.recv(), c.recv(), c.recv()].map(Option::unwrap);
+        got.sort_unstable();
+        assert_eq!(got, [1, 2, 3], "all three, after one declined look");
+        assert_eq!((c.recv(), c.pending()), (None, 0));
+        // Mail for one core does not wake another.
+        b.send(0, 9).unwrap();
+        assert_eq!(c.recv(), None);
+        assert_eq!(a.recv(), Some(9));
+    }
 }

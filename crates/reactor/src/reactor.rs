@@ -9,8 +9,10 @@
 //! complete_local → reclaim ◀─Msg::Done─┘   (local I/O: both halves on one core)
 //! ```
 //!
-//! Staged I/Os are submitted in one burst per poll pass with one doorbell. A request that does
-//! not fit on the queue stays staged (never dropped). Device tags are untrusted: the owner keeps
+//! Staged I/Os are submitted in one burst per poll pass with one doorbell. A local I/O issued
+//! while nothing waits ahead of it takes a shorter path: acquire → … → submit in one critical
+//! section, then straight onto the queue (the doorbell still rings once per pass). A request
+//! that does not fit on the queue stays staged (never dropped). Device tags are untrusted: the owner keeps
 //! the `IoRef` it submitted for each handle and accepts a completion only if the tag matches it.
 
 use heapless::Deque;
@@ -49,7 +51,8 @@ pub struct Completion {
     pub result: Result<(), IoError>,
 }
 
-/// Counters; `submitted == completed_ok + failed + in_flight()` holds at every poll boundary.
+/// Counters; `submitted == completed_ok + failed + (in_flight() - staged())` (the I/Os on the
+/// queue pair) holds at every poll boundary.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Stats {
@@ -93,6 +96,17 @@ pub enum ReactorError {
     NotAccepting,
     /// `take_queue` while I/O is in flight or staged.
     Busy { in_flight: usize },
+}
+
+/// An I/O waiting for room on this core's queue pair.
+#[derive(Clone, Copy)]
+struct Staged {
+    io: IoRef,
+    op: BlockOp,
+    origin: Origin,
+    /// Already `Submitted` in the handle array (the local fast path met a full queue); otherwise
+    /// `Staged`, marked Submitted when it goes on the queue.
+    marked: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -200,11 +214,8 @@ pub struct Reactor<'a, Q, const C: usize, const N: usize, const W: usize> {
     queue: Option<Q>,
     links: Links<'a, Msg, C>,
     aio: &'a Aio<N, W>,
-    /// Owner side: staged I/Os waiting for room on the queue.
-    staged: Deque<(IoRef, BlockOp, Origin), N>,
-    /// Owner side: local I/Os the queue accepted straight from `submit` (the fast path), still
-    /// Staged in the handle array; marked Submitted in one batch before the doorbell rings.
-    unmarked: heapless::Vec<IoRef, N>,
+    /// Owner side: I/Os waiting for room on the queue.
+    staged: Deque<Staged, N>,
     /// Owner side, by handle index: the I/O submitted on this queue and who issued it.
     on_queue: [Option<(IoRef, Origin)>; N],
     on_queue_count: usize,
@@ -226,7 +237,6 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             links,
             aio,
             staged: Deque::new(),
-            unmarked: heapless::Vec::new(),
             on_queue: [None; N],
             on_queue_count: 0,
             cookies: [0; N],
@@ -305,6 +315,41 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 return Err(ReactorError::Backpressure);
             }
         }
+        if local && self.staged.is_empty() {
+            // Fast path: nothing waits ahead of it, so it goes on the queue now. acquire ->
+            // define -> stage -> submit in one critical section, before the command is written
+            // (the device sees it only at the doorbell, which rings once per pass).
+            let io = self
+                .aio
+                .start_submitted(desc(&op))
+                .map_err(|_| ReactorError::NoSlot)?;
+            self.cookies[io.index()] = cookie;
+            self.issued += 1;
+            let origin = Origin::Local;
+            if let Some(q) = self.queue.as_mut() {
+                match q.submit(op, tag_of(io)) {
+                    Ok(()) => {
+                        self.on_queue[io.index()] = Some((io, origin));
+                        self.on_queue_count += 1;
+                        self.stats.submitted += 1;
+                        return Ok(());
+                    }
+                    Err(SubmitError::QueueFull) => {}
+                    Err(e) => {
+                        // Refused outright: completes like any submitted I/O.
+                        self.refuse(io, origin, submit_error(e), true);
+                        return Ok(());
+                    }
+                }
+            }
+            self.stage(Staged {
+                io,
+                op,
+                origin,
+                marked: true,
+            });
+            return Ok(());
+        }
         // acquire -> define -> stage, in one critical section.
         let io = self
             .aio
@@ -313,34 +358,12 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         self.cookies[io.index()] = cookie;
         self.issued += 1;
         if local {
-            // Fast path: nothing waits ahead of it, so put it on the queue now (no doorbell:
-            // that rings once per poll pass, after the batch is marked Submitted).
-            if self.staged.is_empty() {
-                if let Some(q) = self.queue.as_mut() {
-                    match q.submit(op, tag_of(io)) {
-                        Ok(()) => {
-                            self.on_queue[io.index()] = Some((io, Origin::Local));
-                            self.on_queue_count += 1;
-                            self.stats.submitted += 1;
-                            if self.unmarked.push(io).is_err() {
-                                self.stats.dropped += 1;
-                            }
-                            return Ok(());
-                        }
-                        Err(SubmitError::QueueFull) => {}
-                        Err(e) => {
-                            // Refused outright: completes through the whole lifecycle, as a
-                            // staged refusal would.
-                            self.refuse(io, Origin::Local, submit_error(e));
-                            return Ok(());
-                        }
-                    }
-                }
-            }
-            // Room is guaranteed: `staged` holds N and there are only N handles.
-            if self.staged.push_back((io, op, Origin::Local)).is_err() {
-                self.stats.dropped += 1;
-            }
+            self.stage(Staged {
+                io,
+                op,
+                origin: Origin::Local,
+                marked: false,
+            });
             return Ok(());
         }
         match self.links.send(
@@ -361,6 +384,14 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 self.fail_local(io, IoError::Aborted);
                 Err(ReactorError::Backpressure)
             }
+        }
+    }
+
+    /// Queues an I/O behind the others waiting for room on the queue.
+    fn stage(&mut self, s: Staged) {
+        // Room is guaranteed: `staged` holds N and there are only N handles.
+        if self.staged.push_back(s).is_err() {
+            self.stats.dropped += 1;
         }
     }
 
@@ -392,7 +423,11 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         let mut work = self.submit_staged();
         work += self.reap();
         work += self.flush_replies();
-        let inbound = self.drain_inbox(4 * N);
+        let inbound = if self.links.has_mail() {
+            self.drain_inbox(4 * N)
+        } else {
+            0
+        };
         if inbound > 0 {
             // Requests from other cores that just arrived go out in this pass too.
             work += inbound + self.submit_staged();
@@ -404,10 +439,10 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         work
     }
 
-    /// Puts what this core queued since the last pass on the device now (marks it Submitted,
-    /// rings the doorbell) instead of at the next [`Reactor::poll`]: for a caller that just
-    /// finished a burst and wants its latency. Returns how many went out from the staged list
-    /// (fast-path submissions are already on the queue and only get the doorbell).
+    /// Puts what this core queued since the last pass on the device now (submits what is
+    /// staged, rings the doorbell) instead of at the next [`Reactor::poll`]: for a caller that
+    /// just finished a burst and wants its latency. Returns how many went out from the staged
+    /// list (fast-path submissions are already on the queue and only get the doorbell).
     pub fn flush(&mut self) -> usize {
         self.submit_staged()
     }
@@ -494,9 +529,14 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 Msg::Io { op, io, from } => {
                     let origin = Origin::Remote { core: from };
                     if !self.accepting || self.queue.is_none() {
-                        self.refuse(io, origin, IoError::Aborted);
-                    } else if self.staged.push_back((io, op, origin)).is_err() {
-                        self.stats.dropped += 1;
+                        self.refuse(io, origin, IoError::Aborted, false);
+                    } else {
+                        self.stage(Staged {
+                            io,
+                            op,
+                            origin,
+                            marked: false,
+                        });
                     }
                 }
                 Msg::Done { io, result } => {
@@ -512,10 +552,15 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         n
     }
 
-    /// Owner-side refusal of a staged I/O: it still goes through submit/complete so the
-    /// issuer sees an ordinary completion.
-    fn refuse(&mut self, io: IoRef, origin: Origin, e: IoError) {
-        let r = self.aio.submit(io).map(|_| ()).and_then(|()| {
+    /// Owner-side refusal of a staged I/O (`submitted`: already marked Submitted): it still
+    /// goes through submit/complete so the issuer sees an ordinary completion.
+    fn refuse(&mut self, io: IoRef, origin: Origin, e: IoError, submitted: bool) {
+        let marked = if submitted {
+            Ok(())
+        } else {
+            self.aio.submit(io).map(|_| ())
+        };
+        let r = marked.and_then(|()| {
             self.aio
                 .complete_and_share(io, Err(keel_aio::IoError::Aborted))
         });
@@ -526,15 +571,24 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     }
 
     fn submit_staged(&mut self) -> usize {
-        // Fast-path submissions first: marked Submitted before any doorbell makes them visible.
-        let fast = self.unmarked.len();
-        mark_submitted(self.aio, &mut self.stats, &self.unmarked);
-        self.unmarked.clear();
+        if self.staged.is_empty() {
+            // Fast-path submissions (already marked Submitted) only need the doorbell.
+            if let Some(q) = self.queue.as_mut() {
+                q.flush_submissions();
+            }
+            return 0;
+        }
         let mut n = 0;
         // Handles accepted by the queue, marked Submitted together in one critical section
         // before the doorbell (the device cannot see them earlier).
         let mut accepted: heapless::Vec<IoRef, REAP_BATCH> = heapless::Vec::new();
-        while let Some(&(io, op, origin)) = self.staged.front() {
+        while let Some(&Staged {
+            io,
+            op,
+            origin,
+            marked,
+        }) = self.staged.front()
+        {
             let Some(q) = self.queue.as_mut() else { break };
             match q.submit(op, tag_of(io)) {
                 Ok(()) => {
@@ -546,6 +600,9 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                         self.stats.remote_served += 1;
                     }
                     n += 1;
+                    if marked {
+                        continue;
+                    }
                     if accepted.push(io).is_err() {
                         mark_submitted(self.aio, &mut self.stats, &accepted);
                         accepted.clear();
@@ -555,15 +612,13 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 Err(SubmitError::QueueFull) => break, // stays staged
                 Err(e) => {
                     self.staged.pop_front();
-                    self.refuse(io, origin, submit_error(e));
+                    self.refuse(io, origin, submit_error(e), marked);
                 }
             }
         }
         mark_submitted(self.aio, &mut self.stats, &accepted);
-        if n + fast > 0 {
-            if let Some(q) = self.queue.as_mut() {
-                q.flush_submissions();
-            }
+        if let Some(q) = self.queue.as_mut() {
+            q.flush_submissions();
         }
         n
     }
@@ -598,6 +653,11 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         let Some(q) = queue.as_mut() else {
             return 0;
         };
+        // Idle passes skip the critical section (it masks interrupts and, under emulation,
+        // costs more than the check).
+        if !q.poll_due() {
+            return 0;
+        }
         // The whole batch's lifecycle work in one critical section, on the completing core:
         // shared completion for every I/O, and for this core's own I/O the local completion
         // and the reclaim too, each handed on as it is reaped (no intermediate batch copy).

@@ -50,7 +50,7 @@ fn invariant(r: &R) {
     let s = r.stats();
     assert_eq!(
         s.submitted,
-        s.completed_ok + s.failed + r.in_flight() as u64,
+        s.completed_ok + s.failed + (r.in_flight() - r.staged()) as u64,
         "core {}: {s:?}",
         r.core()
     );
@@ -119,6 +119,42 @@ fn full_ring_is_backpressure_not_loss() {
         rs[1].submit_to(0, read(99), 99).is_ok(),
         "room again once the owner polled"
     );
+}
+
+#[test]
+fn local_io_past_queue_depth_waits_and_refusals_complete() {
+    // Depth 4: the fifth local I/O meets a full queue on the fast path (its handle is already
+    // Submitted) and waits staged; later ones queue behind it. LBA 1000+ is refused outright.
+    let mut q = FakeQueue::new(4, 1);
+    q.refuse_lba_from = 1000;
+    let (mut rs, a) = reactors::<8>(q);
+    for i in 0..10u32 {
+        let lba = if i == 2 { 1000 } else { i as u64 };
+        rs[0].submit(read(lba), i).unwrap();
+    }
+    assert_eq!(rs[0].staged(), 5, "4 on the queue, 1 refused, 5 waiting");
+    assert_eq!(
+        a.in_flight(),
+        5,
+        "fast-path handles are Submitted, queued ones Staged"
+    );
+    let mut done = HashMap::new();
+    for _ in 0..20 {
+        rs[0].poll();
+        collect(&mut rs[0], &mut done);
+        invariant(&rs[0]);
+    }
+    assert_eq!(done.len(), 10, "every I/O completed once");
+    assert_eq!(
+        done[&(0, 2)],
+        Err(keel_blockdev::IoError::OutOfRange),
+        "the refusal came back as a completion"
+    );
+    assert!(done.iter().all(|(&(_, c), r)| c == 2 || r.is_ok()));
+    let s = rs[0].stats();
+    assert_eq!((s.lifecycle_errors, s.dropped, s.bad_tags), (0, 0, 0));
+    assert_eq!((rs[0].issued(), rs[0].in_flight()), (0, 0));
+    assert_eq!(a.free_count(), N, "every handle back in the array");
 }
 
 #[test]

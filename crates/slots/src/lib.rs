@@ -10,6 +10,8 @@
 //! * [`Teardown`]: exactly-once close of an object shared by several cores (the HAProxy
 //!   `FD_MUST_CLOSE` fix): the close is decided only by atomically clearing a must-close flag,
 //!   never by "I seem to be the last user".
+//! * [`MailFlag`]: "you have mail" for a consumer of several queues, so an idle poll is one
+//!   load instead of one per queue.
 //!
 //! All atomics come from one internal `sync` module, which swaps in loom's under `--cfg loom`
 //! (so under loom the constructors are not `const`).
@@ -35,6 +37,7 @@
 mod array;
 mod bitmap;
 mod handle;
+mod mail;
 mod pool;
 pub(crate) mod sync;
 mod teardown;
@@ -42,5 +45,6 @@ mod teardown;
 pub use array::SlotArray;
 pub use bitmap::{words_for, FreeBitmap};
 pub use handle::{Handle, SlotError, GENERATION_BITS, INDEX_BITS, MAX_SLOTS};
+pub use mail::MailFlag;
 pub use pool::SlotPool;
 pub use teardown::{CloseDuty, Refused, Teardown, TeardownError, UserId, MAX_USERS};

@@ -11,7 +11,7 @@ use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::sync::Arc;
 use loom::thread;
 
-use keel_slots::{CloseDuty, Refused, SlotError, SlotPool, Teardown, UserId};
+use keel_slots::{CloseDuty, MailFlag, Refused, SlotError, SlotPool, Teardown, UserId};
 
 /// Two threads acquire, hold and release slots of a 2-slot pool, twice each (a third thread
 /// takes loom past seven minutes on this machine). Bound: `LOOM_MAX_PREEMPTIONS` (3). Checks: a slot is never
@@ -140,5 +140,49 @@ fn teardown_closes_exactly_once() {
         deleter.join().unwrap();
         assert_eq!(closes.load(Ordering::Relaxed), 1);
         assert!(t.is_close_claimed());
+    });
+}
+
+/// Two producers each publish one message (a per-producer "queue" word, Release) and notify;
+/// the consumer polls with the mail-flag protocol while they run, then once more after they
+/// finish, scanning only when `take` says there is mail. Checks: no message is ever missed
+/// (every publication was seen by a scan `take` allowed). With `notify` as a plain store this
+/// fails: the consumer can read the second producer's flag write, which does not carry the
+/// first producer's publication. Bound: 3 preemptions.
+#[test]
+fn mail_flag_never_misses_a_message() {
+    loom::model(|| {
+        let flag = Arc::new(MailFlag::new());
+        let queues = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let producer = |i: usize| {
+            let flag = flag.clone();
+            let queues = queues.clone();
+            thread::spawn(move || {
+                queues[i].store(1, Ordering::Release);
+                flag.notify();
+            })
+        };
+        let p0 = producer(0);
+        let p1 = producer(1);
+        // The consumer's scan: take each published message once (a queue word goes 1 -> 2).
+        let mut seen = [false; 2];
+        let scan = |queues: &[AtomicUsize; 2], seen: &mut [bool; 2]| {
+            for (q, s) in queues.iter().zip(seen.iter_mut()) {
+                if !*s && q.load(Ordering::Acquire) == 1 {
+                    *s = true;
+                }
+            }
+        };
+        for _ in 0..2 {
+            if flag.take() {
+                scan(&queues, &mut seen);
+            }
+        }
+        p0.join().unwrap();
+        p1.join().unwrap();
+        if flag.take() {
+            scan(&queues, &mut seen);
+        }
+        assert_eq!(seen, [true, true], "a published message was never scanned");
     });
 }

@@ -63,6 +63,15 @@ pub fn start_timer(hz: u32) {
     write(TIMER_INIT, count);
 }
 
+/// Masks (or unmasks) this core's timer interrupt at its source, the LVT entry. Returns
+/// whether it was masked before.
+pub fn mask_timer(masked: bool) -> bool {
+    const MASK: u32 = 1 << 16;
+    let lvt = read(LVT_TIMER);
+    write(LVT_TIMER, if masked { lvt | MASK } else { lvt & !MASK });
+    lvt & MASK != 0
+}
+
 fn send_ipi(apic_id: u32, low: u32) {
     write(ICR_HIGH, apic_id << 24);
     write(ICR_LOW, low);

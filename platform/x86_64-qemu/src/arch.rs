@@ -218,6 +218,28 @@ pub fn init_core(index: usize) {
     unsafe { x86_64::instructions::tables::lidt(&ptr) };
 }
 
+/// Runs `f` as a polled I/O core, SPDK style: no interrupt reaches this core while `f` runs.
+/// The local timer is masked at its source first (while interrupts are still enabled, so a
+/// tick already pending is taken now, not left pending), then interrupts are masked; both are
+/// restored afterwards. A critical section inside `f` is then only its cross-core lock.
+///
+/// Nothing is left pending on purpose: under emulation a pending interrupt the core cannot take
+/// sends every exit from translated code through the emulator's global lock, which the
+/// emulated devices need too.
+pub fn polled<R>(f: impl FnOnce() -> R) -> R {
+    let timer_was_masked = crate::apic::mask_timer(true);
+    let were_enabled = x86_64::instructions::interrupts::are_enabled();
+    x86_64::instructions::interrupts::disable();
+    let r = f();
+    if !timer_was_masked {
+        crate::apic::mask_timer(false);
+    }
+    if were_enabled {
+        x86_64::instructions::interrupts::enable();
+    }
+    r
+}
+
 /// Moves the legacy 8259 PICs to vectors 0xE0..0xEF and masks every line: all interrupts come
 /// through the local APIC, and a stray PIC interrupt can't land on an exception vector.
 pub fn disable_pic() {

@@ -386,6 +386,15 @@ fn layer_rows(p: &Platform, row: &mut impl FnMut(&'static str, u64)) -> Result<(
         "null queue: submit+poll (per I/O)",
         crate::time::ticks_to_ns(rdtsc() - t0) / ios,
     );
+    // One I/O at a time (queue depth 1): the latency each layer adds to every I/O.
+    let qd1 = per_call(20_000, |i| {
+        let _ = q.submit(op(i), 0);
+        q.flush_submissions();
+        q.poll(usize::MAX, &mut |t, _| {
+            black_box(t);
+        });
+    });
+    row("null queue: QD1 round trip", qd1);
     {
         let mut mesh2 = MeshStorage::<Msg, { crate::cpu::MAX_CORES }, 4>::new();
         let [mut l0, ..] = split(&mut mesh2);
@@ -420,6 +429,29 @@ fn layer_rows(p: &Platform, row: &mut impl FnMut(&'static str, u64)) -> Result<(
         t_poll += t2 - t1;
         t_take += t3 - t2;
     }
+    let mut parts = [0u64; 4];
+    let qd1 = per_call(20_000, |i| {
+        let t0 = rdtsc();
+        let _ = r.submit(op(i), 0);
+        let t1 = rdtsc();
+        r.flush();
+        let t2 = rdtsc();
+        r.poll();
+        let t3 = rdtsc();
+        while let Some(c) = r.next_completion() {
+            black_box(c);
+        }
+        let t4 = rdtsc();
+        for (p, d) in parts.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2, t4 - t3]) {
+            *p += d;
+        }
+    });
+    row("reactor: QD1 round trip", qd1);
+    let part = |t: u64| crate::time::ticks_to_ns(t) / 20_000;
+    row("  of which submit", part(parts[0]));
+    row("  of which flush", part(parts[1]));
+    row("  of which poll", part(parts[2]));
+    row("  of which next_completion", part(parts[3]));
     let idle = per_call(20_000, |_| {
         black_box(r.poll());
     });

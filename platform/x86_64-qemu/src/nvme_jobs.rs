@@ -290,9 +290,13 @@ struct CoreBench {
     bufs: heapless::Vec<DmaRegion, 256>,
     /// `raw=both`: alternate raw and full-stack rounds on the same queue pair.
     both: bool,
+    /// `raw=ceiling`: the device's ceiling (`IoQueuePair::device_ceiling`), not the raw loop.
+    ceiling: bool,
     result: Option<BenchResult>,
     /// With `both`: the raw rounds' result (`result` holds the full stack's).
     raw_result: Option<BenchResult>,
+    /// With `both`: the device-ceiling rounds' result.
+    ceiling_result: Option<BenchResult>,
 }
 
 /// Rounds of each kind in a `raw=both` run.
@@ -310,18 +314,48 @@ fn add(total: &mut BenchResult, r: &BenchResult) {
     total.t_idle += r.t_idle;
 }
 
-/// Core `core`'s result: the full stack's (or the raw loop's, with `raw_rounds`).
-fn core_result(core: usize, raw_rounds: bool) -> BenchResult {
+/// Which of a core's results to fetch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Rounds {
+    /// The job's own (the full stack's with `raw=both`).
+    Main,
+    /// `raw=both`: the raw loop's rounds.
+    Raw,
+    /// `raw=both`: the device-ceiling rounds.
+    Ceiling,
+}
+
+/// Core `core`'s result of the given rounds.
+fn core_result(core: usize, rounds: Rounds) -> BenchResult {
     critical_section::with(|cs| {
-        BENCH[core].borrow_ref_mut(cs).as_ref().and_then(|b| {
-            if raw_rounds {
-                b.raw_result
-            } else {
-                b.result
-            }
-        })
+        BENCH[core]
+            .borrow_ref_mut(cs)
+            .as_ref()
+            .and_then(|b| match rounds {
+                Rounds::Main => b.result,
+                Rounds::Raw => b.raw_result,
+                Rounds::Ceiling => b.ceiling_result,
+            })
     })
     .unwrap_or_default()
+}
+
+/// Sum of every core's `rounds` (I/Os and errors) and the longest elapsed time: (IOPS, errors).
+fn rounds_iops(cores: usize, rounds: Rounds) -> (u64, u64) {
+    let (mut ios, mut elapsed, mut errors) = (0u64, 0u64, 0u64);
+    for core in 0..cores {
+        let r = core_result(core, rounds);
+        ios += r.ios;
+        errors += r.errors;
+        elapsed = elapsed.max(r.elapsed_ns);
+    }
+    (ios * 1_000_000_000 / elapsed.max(1), errors)
+}
+
+/// `a / b` as (units, thousandths), for `{=u64}.{=u64:03}`.
+fn ratio(a: u64, b: u64) -> (u64, u64) {
+    let permille = a * 1000 / b.max(1);
+    (permille / 1000, permille % 1000)
 }
 
 /// Nanoseconds per I/O spent submitting, ringing, reaping and in idle polls.
@@ -337,18 +371,20 @@ fn run_core_bench(core: usize, _arg: usize) {
         return;
     };
     let mut hist = [0u32; 4097];
-    let r = match (b.qp.take(), b.links.take()) {
+    let r = crate::arch::polled(|| match (b.qp.take(), b.links.take()) {
         (Some(qp), Some(links)) if b.both => {
             // Same queue pair, same boot, interleaved: what the layers cost, with the device
             // and the host's noise shared by both sides.
             let mut stack = crate::reactor_job::Stack(crate::reactor_job::bench_reactor(links, qp));
             let mut cfg = b.cfg;
-            cfg.duration_ns = (b.cfg.duration_ns / (2 * BOTH_ROUNDS)).max(1);
+            cfg.duration_ns = (b.cfg.duration_ns / (3 * BOTH_ROUNDS)).max(1);
             let (mut raw_total, mut full_total) = (BenchResult::default(), BenchResult::default());
+            let mut ceiling_total = BenchResult::default();
             for _ in 0..BOTH_ROUNDS {
                 if let Ok(mut qp) = stack.0.take_queue() {
                     let r = storage::bench(&mut storage::Raw(&mut qp), &cfg, &b.bufs, &mut hist);
                     add(&mut raw_total, &r);
+                    add(&mut ceiling_total, &ceiling(&mut qp, &cfg, &b.bufs));
                     let _ = stack.0.adopt_queue(qp);
                 }
                 let r = storage::bench(&mut stack, &cfg, &b.bufs, &mut hist);
@@ -356,8 +392,10 @@ fn run_core_bench(core: usize, _arg: usize) {
                 add(&mut full_total, &r);
             }
             b.raw_result = Some(raw_total);
+            b.ceiling_result = Some(ceiling_total);
             full_total
         }
+        (Some(mut qp), None) if b.ceiling => ceiling(&mut qp, &b.cfg, &b.bufs),
         (Some(mut qp), None) => {
             storage::bench(&mut storage::Raw(&mut qp), &b.cfg, &b.bufs, &mut hist)
         }
@@ -375,9 +413,45 @@ fn run_core_bench(core: usize, _arg: usize) {
             r
         }
         _ => BenchResult::default(),
-    };
+    });
     b.result = Some(r);
     critical_section::with(|cs| *BENCH[core].borrow_ref_mut(cs) = Some(b));
+}
+
+/// `raw=ceiling`: `cfg.qd` copies of one prebuilt read kept in flight with no per-I/O driver
+/// work (see `IoQueuePair::device_ceiling`): the most any driver could get from this device
+/// and platform at this depth. Its average latency follows from the depth (Little's law); it
+/// has no latency histogram or time split.
+fn ceiling(qp: &mut Qp, cfg: &BenchCfg, bufs: &[DmaRegion]) -> BenchResult {
+    let mut r = BenchResult::default();
+    let Some(buf) = bufs.first() else {
+        return r;
+    };
+    let blocks = (cfg.bs as u64 / cfg.block_size.max(1) as u64).max(1) as u32;
+    let tsc_hz = crate::time::tsc_hz();
+    let start = crate::cpu::rdtsc();
+    let end = start + (cfg.duration_ns as u128 * tsc_hz as u128 / 1_000_000_000) as u64;
+    let qd = cfg.qd.min(u16::MAX as usize) as u16;
+    match qp.device_ceiling(
+        cfg.ns,
+        cfg.lba0,
+        blocks,
+        keel_blockdev::BufRef::whole(buf),
+        qd,
+        &mut || crate::cpu::rdtsc() < end,
+    ) {
+        Ok((ios, errors)) => {
+            r.ios = ios;
+            r.errors = errors;
+        }
+        Err(e) => {
+            keel_log::error!("bench: device ceiling refused: {}", e);
+            r.errors = 1;
+        }
+    }
+    r.elapsed_ns = crate::time::ticks_to_ns(crate::cpu::rdtsc() - start);
+    r.lat_sum_ns = r.elapsed_ns.saturating_mul(qd as u64);
+    r
 }
 
 /// `bench`: fio-like load, one queue pair per core, each driven by its own core.
@@ -394,8 +468,9 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     let secs = cl.u64("secs", 2)?;
     let cores = (cl.u64("cores", 1)? as usize).clamp(1, p.cores);
     let nsid = cl.u64("ns", 1)? as u32;
-    let mode = cl.choice("raw", &["off", "on", "both"], "off")?;
-    let (raw, both) = (mode == "on", mode == "both");
+    let mode = cl.choice("raw", &["off", "on", "both", "ceiling"], "off")?;
+    let ceiling = mode == "ceiling";
+    let (raw, both) = (mode == "on" || ceiling, mode == "both");
     let mut ctrl = open(p, cl)?;
     cl.finish()?;
     if qd == 0 || qd > 255 || bs == 0 || !bs.is_multiple_of(512) {
@@ -437,8 +512,10 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
                 cfg,
                 bufs,
                 both,
+                ceiling,
                 result: None,
                 raw_result: None,
+                ceiling_result: None,
             })
         });
     }
@@ -449,7 +526,9 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
         qd,
         cores,
         secs,
-        if raw {
+        if ceiling {
+            "one prebuilt read resubmitted with no driver work (the device's ceiling)"
+        } else if raw {
             "the raw queue-pair loop"
         } else if both {
             "the full stack and the raw loop, alternating rounds on the same queue pairs"
@@ -469,7 +548,7 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     let mut worst_p99 = 0;
     let mut elapsed = 0;
     for core in 0..cores {
-        let r = core_result(core, false);
+        let r = core_result(core, Rounds::Main);
         let iops = r.ios * 1_000_000_000 / r.elapsed_ns.max(1);
         keel_log::info!(
             "bench core={=usize} ios={=u64} iops={=u64} mbps={=u64} avg_us={=u64}.{=u64:02} p99_us={=u64} errors={=u64}",
@@ -490,15 +569,11 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     keel_log::info!(
         "bench total iops={=u64} mbps={=u64} avg_us={=u64}.{=u64:02} p99_us={=u64} errors={=u64} cores={=usize} stack={=str}",
         iops, iops * bs as u64 / 1_000_000, total.lat_sum_ns / total.ios.max(1) / 1000, total.lat_sum_ns / total.ios.max(1) / 10 % 100, worst_p99, total.errors, cores,
-        if raw { "raw" } else { "full" }
+        if ceiling { "ceiling" } else if raw { "raw" } else { "full" }
     );
     if both {
-        let (mut raw_ios, mut raw_elapsed, mut raw_errors) = (0u64, 0u64, 0u64);
         for core in 0..cores {
-            let r = core_result(core, true);
-            raw_ios += r.ios;
-            raw_errors += r.errors;
-            raw_elapsed = raw_elapsed.max(r.elapsed_ns);
+            let r = core_result(core, Rounds::Raw);
             let [sub, kick, reap, idle] = time_split(&r);
             keel_log::info!(
                 "bench core={=usize} raw rounds: ios={=u64} avg_us={=u64}.{=u64:02}; ns per I/O: submit {=u64}, doorbell {=u64}, reap {=u64}, idle polls {=u64}",
@@ -506,13 +581,20 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
                 sub, kick, reap, idle
             );
         }
-        let raw_iops = raw_ios * 1_000_000_000 / raw_elapsed.max(1);
-        let permille = iops * 1000 / raw_iops.max(1);
+        let (raw_iops, raw_errors) = rounds_iops(cores, Rounds::Raw);
+        let (ceiling_iops, ceiling_errors) = rounds_iops(cores, Rounds::Ceiling);
+        let (fr, fr_m) = ratio(iops, raw_iops);
+        let (fc, fc_m) = ratio(iops, ceiling_iops);
+        let (rc, rc_m) = ratio(raw_iops, ceiling_iops);
         keel_log::info!(
             "bench raw iops={=u64}; full stack / raw = {=u64}.{=u64:03} ({=u64} interleaved rounds of each)",
-            raw_iops, permille / 1000, permille % 1000, BOTH_ROUNDS
+            raw_iops, fr, fr_m, BOTH_ROUNDS
         );
-        total.errors += raw_errors;
+        keel_log::info!(
+            "bench ceiling iops={=u64}; full stack / ceiling = {=u64}.{=u64:03}; raw / ceiling = {=u64}.{=u64:03}",
+            ceiling_iops, fc, fc_m, rc, rc_m
+        );
+        total.errors += raw_errors + ceiling_errors;
     }
     if total.errors > 0 || total.ios == 0 {
         return Err(JobError::Failed("bench saw I/O errors"));

@@ -15,6 +15,8 @@ pub struct FakeQueue {
     pub forged: Vec<u32>,
     pub doorbells: u64,
     pub fail_lba_from: u64,
+    /// Submissions at or past this LBA are refused outright (`OutOfRange`), never queued.
+    pub refuse_lba_from: u64,
 }
 
 impl FakeQueue {
@@ -28,6 +30,7 @@ impl FakeQueue {
             forged: vec![],
             doorbells: 0,
             fail_lba_from: u64::MAX,
+            refuse_lba_from: u64::MAX,
         }
     }
     /// Completes every stalled tag with `Timeout` (what the driver's per-command timeout does).
@@ -40,6 +43,11 @@ impl FakeQueue {
 
 impl BlockQueue for FakeQueue {
     fn submit(&mut self, op: BlockOp, tag: u32) -> Result<(), SubmitError> {
+        if let BlockOp::Read { lba, .. } | BlockOp::Write { lba, .. } = op {
+            if lba >= self.refuse_lba_from {
+                return Err(SubmitError::OutOfRange);
+            }
+        }
         if self.inflight.len() + self.stalled.len() >= self.depth {
             return Err(SubmitError::QueueFull);
         }
