@@ -1,7 +1,8 @@
 //! Pinned-core reactors, SPDK style.
 //!
 //! * [`mesh`]: one fixed-capacity single-producer/single-consumer ring per ordered pair of cores.
-//!   A full ring is backpressure returned to the sender, never a silent drop.
+//!   A full ring is backpressure returned to the sender, never a silent drop. A per-core mail
+//!   flag lets an idle core find out it has no messages with one load.
 //! * [`Reactor`]: the run-to-completion loop of one core. It owns at most one queue pair
 //!   (anything implementing [`keel_blockdev::BlockQueue`]), polls its completions, its inbound
 //!   rings and its registered pollers, and never blocks. Requests from other cores arrive as
@@ -10,9 +11,9 @@
 //!   poller hands work over and keeps polling; it never waits on something that needs a poller
 //!   to make progress (seed 003's deadlock).
 //!
-//! Every I/O a reactor accepts gets a slot from a [`keel_slots::SlotPool`]; the device tag is the
-//! slot handle (index + generation), so a completion for a recycled or forged tag is detected and
-//! counted instead of being routed to the wrong requester.
+//! Every I/O a reactor accepts is carried by a `keel-aio` handle through its whole lifecycle; the
+//! device tag is the handle's index and generation, so a completion for a recycled or forged tag
+//! is detected and counted instead of being routed to the wrong requester.
 #![no_std]
 #![forbid(unsafe_code)]
 

@@ -285,7 +285,11 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
 
     /// Issues `op` on this core's own queue pair. Its completion comes back through
     /// [`Reactor::next_completion`] with `cookie`; the doorbell rings on the next poll pass.
+    #[inline]
     pub fn submit(&mut self, op: BlockOp, cookie: u32) -> Result<(), ReactorError> {
+        if self.accepting && self.queue.is_some() && self.staged.is_empty() {
+            return self.submit_now(op, cookie);
+        }
         let core = self.core;
         self.submit_to(core, op, cookie)
     }
@@ -316,39 +320,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             }
         }
         if local && self.staged.is_empty() {
-            // Fast path: nothing waits ahead of it, so it goes on the queue now. acquire ->
-            // define -> stage -> submit in one critical section, before the command is written
-            // (the device sees it only at the doorbell, which rings once per pass).
-            let io = self
-                .aio
-                .start_submitted(desc(&op))
-                .map_err(|_| ReactorError::NoSlot)?;
-            self.cookies[io.index()] = cookie;
-            self.issued += 1;
-            let origin = Origin::Local;
-            if let Some(q) = self.queue.as_mut() {
-                match q.submit(op, tag_of(io)) {
-                    Ok(()) => {
-                        self.on_queue[io.index()] = Some((io, origin));
-                        self.on_queue_count += 1;
-                        self.stats.submitted += 1;
-                        return Ok(());
-                    }
-                    Err(SubmitError::QueueFull) => {}
-                    Err(e) => {
-                        // Refused outright: completes like any submitted I/O.
-                        self.refuse(io, origin, submit_error(e), true);
-                        return Ok(());
-                    }
-                }
-            }
-            self.stage(Staged {
-                io,
-                op,
-                origin,
-                marked: true,
-            });
-            return Ok(());
+            return self.submit_now(op, cookie);
         }
         // acquire -> define -> stage, in one critical section.
         let io = self
@@ -387,6 +359,44 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         }
     }
 
+    /// The local fast path (this core accepts I/O, owns a queue pair and nothing is staged):
+    /// the I/O goes on the queue now. acquire -> define -> stage -> submit in one critical
+    /// section, before the command is written (the device sees it only at the doorbell, which
+    /// rings once per pass).
+    #[inline(always)]
+    fn submit_now(&mut self, op: BlockOp, cookie: u32) -> Result<(), ReactorError> {
+        let io = self
+            .aio
+            .start_submitted(desc(&op))
+            .map_err(|_| ReactorError::NoSlot)?;
+        self.cookies[io.index()] = cookie;
+        self.issued += 1;
+        let origin = Origin::Local;
+        if let Some(q) = self.queue.as_mut() {
+            match q.submit(op, tag_of(io)) {
+                Ok(()) => {
+                    self.on_queue[io.index()] = Some((io, origin));
+                    self.on_queue_count += 1;
+                    self.stats.submitted += 1;
+                    return Ok(());
+                }
+                Err(SubmitError::QueueFull) => {}
+                Err(e) => {
+                    // Refused outright: completes like any submitted I/O.
+                    self.refuse(io, origin, submit_error(e), true);
+                    return Ok(());
+                }
+            }
+        }
+        self.stage(Staged {
+            io,
+            op,
+            origin,
+            marked: true,
+        });
+        Ok(())
+    }
+
     /// Queues an I/O behind the others waiting for room on the queue.
     fn stage(&mut self, s: Staged) {
         // Room is guaranteed: `staged` holds N and there are only N handles.
@@ -416,6 +426,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     /// One run-to-completion pass: answers owed to other cores, inbound messages, staged I/O
     /// (one doorbell, after marking the pass's submissions Submitted), device completions,
     /// registered pollers. Never blocks.
+    #[inline]
     pub fn poll(&mut self) -> usize {
         self.stats.passes += 1;
         // This core's own submissions first, then completions (found as early in the pass as
@@ -570,6 +581,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         self.route(io, origin, Err(e));
     }
 
+    #[inline(always)]
     fn submit_staged(&mut self) -> usize {
         if self.staged.is_empty() {
             // Fast-path submissions (already marked Submitted) only need the doorbell.
@@ -578,6 +590,11 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             }
             return 0;
         }
+        self.submit_staged_list()
+    }
+
+    #[inline(never)]
+    fn submit_staged_list(&mut self) -> usize {
         let mut n = 0;
         // Handles accepted by the queue, marked Submitted together in one critical section
         // before the doorbell (the device cannot see them earlier).

@@ -122,6 +122,7 @@ impl<const W: usize> FreeBitmap<W> {
     }
 
     /// Claims a free slot and returns its index, or `None` if none was free during the scan.
+    #[inline]
     pub fn acquire(&self) -> Option<usize> {
         self.acquire_probed(|| {})
     }
@@ -129,6 +130,7 @@ impl<const W: usize> FreeBitmap<W> {
     /// [`Self::acquire`] with `between` run after each read of a word and before the claim of
     /// a bit seen in it: the window where other parties may race. For deterministic
     /// interleaving tests; `acquire` passes a no-op.
+    #[inline]
     fn acquire_probed(&self, mut between: impl FnMut()) -> Option<usize> {
         if W == 0 {
             return None;

@@ -76,7 +76,7 @@ fn send_ipi(apic_id: u32, low: u32) {
     write(ICR_HIGH, apic_id << 24);
     write(ICR_LOW, low);
     while read(ICR_LOW) & (1 << 12) != 0 {
-        core::hint::spin_loop();
+        crate::cpu::relax();
     }
 }
 

@@ -55,6 +55,36 @@ pub fn core_index() -> usize {
     i.min(MAX_CORES - 1)
 }
 
+/// One step of a spin-wait. `pause` on hardware and under KVM; nothing under TCG, where
+/// `pause` leaves translated code and takes QEMU's global lock on the way back in, which
+/// stalls the emulated devices every core is waiting for.
+#[inline(always)]
+pub fn relax() {
+    if !UNDER_TCG.load(core::sync::atomic::Ordering::Relaxed) {
+        core::hint::spin_loop();
+    }
+}
+
+/// Set at boot when CPUID says QEMU's TCG is running us (hypervisor leaf "TCGTCGTCGTCG").
+pub static UNDER_TCG: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Whether CPUID reports QEMU's TCG as the hypervisor.
+pub fn detect_tcg() -> bool {
+    use core::arch::x86_64::__cpuid;
+    // Leaf 1 ECX bit 31: running under a hypervisor; leaf 0x4000_0000 (which exists when
+    // that bit is set): its signature.
+    let hv = __cpuid(1).ecx & (1 << 31) != 0;
+    if !hv {
+        return false;
+    }
+    let l = __cpuid(0x4000_0000);
+    let mut sig = [0u8; 12];
+    sig[..4].copy_from_slice(&l.ebx.to_le_bytes());
+    sig[4..8].copy_from_slice(&l.ecx.to_le_bytes());
+    sig[8..].copy_from_slice(&l.edx.to_le_bytes());
+    &sig == b"TCGTCGTCGTCG"
+}
+
 #[inline(always)]
 pub fn rdtsc() -> u64 {
     // SAFETY: rdtsc has no side effects.

@@ -30,7 +30,9 @@ unsafe impl critical_section::Impl for KeelCs {
                 .compare_exchange_weak(NO_OWNER, me, Ordering::Acquire, Ordering::Relaxed)
                 .is_err()
             {
-                core::hint::spin_loop();
+                while OWNER.load(Ordering::Relaxed) != NO_OWNER {
+                    crate::cpu::relax();
+                }
             }
             token |= TOOK_LOCK;
         }

@@ -97,7 +97,7 @@ pub fn run<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
             cl.finish()?;
             keel_log::info!("job hang: start");
             loop {
-                core::hint::spin_loop();
+                crate::cpu::relax();
             }
         }
         _ => {
@@ -140,7 +140,7 @@ fn boot<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
         if (waited >= wait_ms * 1_000_000 && ticked >= 2) || waited >= 2_000_000_000 {
             break;
         }
-        core::hint::spin_loop();
+        crate::cpu::relax();
     }
     let wait_ms = (crate::time::now_ns() - t0) / 1_000_000;
     let ticks = crate::arch::TICKS.load(Ordering::Relaxed) - ticks0;
@@ -197,7 +197,7 @@ fn cs_worker(_core: usize, _arg: usize) {
             let v = c.get();
             if i % 8 == 0 {
                 // A nested section on the same core must not deadlock.
-                critical_section::with(|_| core::hint::spin_loop());
+                critical_section::with(|_| crate::cpu::relax());
             }
             c.set(v + 1);
         });
@@ -219,7 +219,7 @@ fn cs_stress<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     }
     cs_worker(0, 0);
     while !(1..p.cores).all(crate::smp::done) {
-        core::hint::spin_loop();
+        crate::cpu::relax();
     }
     let total = critical_section::with(|cs| CS_COUNTER.borrow(cs).get());
     let want = (iters * p.cores) as u64;

@@ -65,17 +65,19 @@ extern "C" fn keel_boot_main(start_info: u32) -> ! {
         println!("keel: paging: {:?}", e);
         exit::failure()
     }
+    cpu::UNDER_TCG.store(cpu::detect_tcg(), core::sync::atomic::Ordering::Relaxed);
     arch::disable_pic();
     apic::enable();
     cpu::init_local(0, apic::id());
     apic::start_timer(TIMER_HZ);
     x86_64::instructions::interrupts::enable();
     keel_log::info!(
-        "boot core up: tsc {=u64} MHz, {=u64} MiB RAM in {=usize} regions, timer {=u32} Hz",
+        "boot core up: tsc {=u64} MHz, {=u64} MiB RAM in {=usize} regions, timer {=u32} Hz, TCG {=bool}",
         time::tsc_hz() / 1_000_000,
         info.ram_bytes() >> 20,
         info.memmap.len(),
-        TIMER_HZ
+        TIMER_HZ,
+        cpu::UNDER_TCG.load(core::sync::atomic::Ordering::Relaxed)
     );
 
     let line = match info.cmdline() {

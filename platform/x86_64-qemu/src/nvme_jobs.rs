@@ -542,7 +542,7 @@ pub fn bench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     }
     run_core_bench(0, 0);
     while !(1..cores).all(crate::smp::done) {
-        core::hint::spin_loop();
+        crate::cpu::relax();
     }
     let mut total = BenchResult::default();
     let mut worst_p99 = 0;
@@ -768,7 +768,7 @@ pub fn cfs<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
         if crate::time::now_ns() - t0 > 2_000_000_000 {
             return Err(JobError::Failed("the controller never reported CSTS.CFS"));
         }
-        core::hint::spin_loop();
+        crate::cpu::relax();
     }
     keel_log::info!(
         "cfs: controller fatal status after {=u64} us; resetting",

@@ -324,7 +324,7 @@ pub fn run<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     }
     core_main(0, 0);
     while !(1..cores).all(crate::smp::done) {
-        core::hint::spin_loop();
+        crate::cpu::relax();
     }
     let ms = (crate::time::now_ns() - t0) / 1_000_000;
 

@@ -71,7 +71,7 @@ pub fn start_aps(wanted: usize) -> usize {
             while !ONLINE[core].load(Ordering::Acquire)
                 && crate::time::now_ns() - start < 200_000_000
             {
-                core::hint::spin_loop();
+                crate::cpu::relax();
             }
             if ONLINE[core].load(Ordering::Acquire) {
                 break;

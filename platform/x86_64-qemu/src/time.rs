@@ -70,6 +70,6 @@ pub fn micros() -> u64 {
 pub fn delay_us(us: u64) {
     let end = rdtsc() + us * tsc_hz() / 1_000_000;
     while rdtsc() < end {
-        core::hint::spin_loop();
+        crate::cpu::relax();
     }
 }
