@@ -646,6 +646,9 @@ impl<const N: usize, const W: usize> Aio<N, W> {
                 .get_mut(index)
                 .ok_or(AioError::BadIndex { index, capacity: N })?;
             if slot.state != Idle {
+                // The bitmap said free but the handle is not Idle (a broken invariant): give
+                // the bit back rather than lose the slot, and report it.
+                let _ = self.free.release(index);
                 return Err(AioError::IllegalTransition {
                     index,
                     from: slot.state,
@@ -683,6 +686,9 @@ impl<const N: usize, const W: usize> Aio<N, W> {
                 .get_mut(index)
                 .ok_or(AioError::BadIndex { index, capacity: N })?;
             if slot.state != Idle {
+                // The bitmap said free but the handle is not Idle (a broken invariant): give
+                // the bit back rather than lose the slot, and report it.
+                let _ = self.free.release(index);
                 return Err(AioError::IllegalTransition {
                     index,
                     from: slot.state,

@@ -167,7 +167,8 @@ pub enum IoError {
 pub trait BlockQueue {
     /// Queues `op` under `tag`. Does not notify the device. On `Err`, nothing was queued.
     fn submit(&mut self, op: BlockOp, tag: u32) -> Result<(), SubmitError>;
-    /// Tells the device about everything queued since the last flush (one doorbell write).
+    /// Tells the device about everything queued since the last flush (one doorbell write), and
+    /// does nothing when nothing was queued: callers may call it on every pass.
     fn flush_submissions(&mut self);
     /// Reaps up to `max` device completions and reports finished tags through `on_done`, each
     /// accepted tag exactly once. Returns how many tags were reported.

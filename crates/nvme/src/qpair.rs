@@ -297,17 +297,20 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     /// read (`blocks` blocks at `lba` of namespace `ns` into `buf`) in flight, writing a copy
     /// back onto the ring for each completion, with one SQ doorbell per pass and CQ doorbells
     /// as the pair's policy says (see [`Config::lazy_cq_doorbell`]), until `keep_going()` says
-    /// stop; then drains. No command slots, no tags, no checks
-    /// beyond the phase bit: what it measures is the device and the platform's doorbell, i.e.
-    /// the most any driver could get from them at this depth. Runs only on an idle pair (no
-    /// command in flight) and leaves it idle and consistent. Returns (completions, error
-    /// statuses).
+    /// stop; then drains. No command slots and no tags: each completion's status and command id
+    /// are read (the id must name one of this loop's commands still in flight, and is reused
+    /// for the copy that replaces it, so ids stay unique among outstanding commands), nothing
+    /// else. What it measures is the device and the platform's doorbell: the most any driver
+    /// could get from them at this depth. Runs only on an idle pair and leaves it idle and
+    /// consistent. Returns (completions, error statuses and stray completions).
     ///
     /// # Errors
     /// [`SubmitError::QueueFull`] when commands are in flight or `qd` exceeds the command slots,
-    /// [`SubmitError::InvalidNamespace`], [`SubmitError::BufferLength`] for a buffer that is not
-    /// `blocks` blocks within one page, [`SubmitError::DeviceUnavailable`] if the device stops
-    /// completing (the pair then needs a reset).
+    /// [`SubmitError::InvalidNamespace`], [`SubmitError::OutOfRange`],
+    /// [`SubmitError::BufferLength`] for a buffer that is not `blocks` blocks within one page,
+    /// [`SubmitError::DeviceUnavailable`] if the pair has failed, or if the device stops
+    /// completing: then commands this loop no longer tracks may still be on the device, so the
+    /// pair refuses work until `Controller::reset` ([`IoQueuePair::needs_reset`]).
     pub fn device_ceiling(
         &mut self,
         ns: NsId,
@@ -339,71 +342,106 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         e.cdw10 = lba as u32;
         e.cdw11 = (lba >> 32) as u32;
         e.cdw12 = blocks - 1;
+        // Command ids 0..qd: `free` holds those to (re)issue, `on_device` those in flight.
+        let mut free = [0u16; MAX_COMMANDS];
+        let mut on_device = [false; MAX_COMMANDS];
+        for (i, f) in free.iter_mut().enumerate().take(qd as usize) {
+            *f = i as u16;
+        }
+        let mut n_free = qd as usize;
         // A stalled device gets the pair's own command timeout (at least 1 ms) to make progress.
         let timeout = self.timeout_ns.max(1_000_000);
         let (mut done, mut errors, mut outstanding) = (0u64, 0u64, 0u16);
         let mut last_progress = self.clock.now_ns();
         let mut stopping = false;
-        let mut to_submit = qd;
         let mut idle = 0u32;
         loop {
-            for _ in 0..to_submit {
-                e.set_cid(outstanding);
-                self.sq
-                    .write(self.sq_tail as usize * 64, &e)
-                    .map_err(|_| SubmitError::DeviceUnavailable)?;
-                self.sq_tail = self.next_pos(self.sq_tail);
-                outstanding += 1;
+            if !stopping {
+                while n_free > 0 {
+                    n_free -= 1;
+                    let cid = free[n_free];
+                    e.set_cid(cid);
+                    if self.sq.write(self.sq_tail as usize * 64, &e).is_err() {
+                        return Err(self.abandon(outstanding));
+                    }
+                    self.sq_tail = self.next_pos(self.sq_tail);
+                    on_device[cid as usize] = true;
+                    outstanding += 1;
+                }
             }
-            to_submit = 0;
             self.flush_submissions();
             let mut n = 0u16;
-            loop {
+            let mut consumed = 0u16;
+            // At most `outstanding` entries per pass (a device posting junk cannot keep us here).
+            while consumed < outstanding {
                 let off = self.cq_head as usize * 16;
                 let Ok(word) = self.cq.read_u16(off + spec::CQE_STATUS_OFFSET) else {
                     break;
                 };
-                if (word & 1 != 0) != self.phase || n == outstanding {
+                if (word & 1 != 0) != self.phase {
                     break;
                 }
-                if word >> 1 != 0 {
-                    errors += 1;
-                }
+                fence(Ordering::Acquire);
+                let cid = self
+                    .cq
+                    .read_u16(off + spec::CQE_CID_OFFSET)
+                    .unwrap_or(u16::MAX);
                 self.cq_head += 1;
                 if self.cq_head == self.entries {
                     self.cq_head = 0;
                     self.phase = !self.phase;
                 }
-                n += 1;
+                consumed += 1;
+                match on_device.get_mut(cid as usize) {
+                    Some(live) if *live && cid < qd => {
+                        *live = false;
+                        free[n_free] = cid;
+                        n_free += 1;
+                        n += 1;
+                        if word >> 1 != 0 {
+                            errors += 1;
+                        }
+                    }
+                    // A duplicate or an id we never issued: counted, nothing reissued.
+                    _ => errors += 1,
+                }
             }
-            if n > 0 {
+            if consumed > 0 {
                 // The pair's own CQ doorbell policy (lazy or eager), as `poll` applies it.
-                self.cq_unacked = self.cq_unacked.saturating_add(n);
+                self.cq_unacked = self.cq_unacked.saturating_add(consumed);
                 if self.cq_unacked >= self.cq_slack {
                     let (new, old) = (self.cq_head, self.cq_acked);
                     self.ring(true, new, old);
                     self.cq_acked = new;
                     self.cq_unacked = 0;
                 }
+            }
+            if n > 0 {
                 done += n as u64;
                 outstanding -= n;
                 stopping = stopping || !keep_going();
-                if !stopping {
-                    to_submit = n;
-                }
                 last_progress = self.clock.now_ns();
             } else {
                 // The clock only every so often: an idle pass here is a few loads.
                 idle = idle.wrapping_add(1);
                 if idle % 64 == 0 && self.clock.now_ns().saturating_sub(last_progress) > timeout {
-                    self.needs_reset = true;
-                    return Err(SubmitError::DeviceUnavailable);
+                    return Err(self.abandon(outstanding));
                 }
             }
             if stopping && outstanding == 0 {
                 return Ok((done, errors));
             }
         }
+    }
+
+    /// `device_ceiling` gives up with `outstanding` commands it no longer tracks possibly still
+    /// on the device: the pair must not be used until a controller reset.
+    fn abandon(&mut self, outstanding: u16) -> SubmitError {
+        if outstanding > 0 || self.sq_tail != self.sq_tail_rung {
+            self.needs_reset = true;
+            self.failed = true;
+        }
+        SubmitError::DeviceUnavailable
     }
 
     pub(crate) fn release(self, dma: &impl DmaAllocator) {

@@ -162,6 +162,9 @@ const_assert_eq!(offset_of!(CqEntry, cid), 12);
 /// Byte offset of the status/phase word inside a CQ entry.
 pub const CQE_STATUS_OFFSET: usize = 14;
 const_assert_eq!(offset_of!(CqEntry, status), CQE_STATUS_OFFSET);
+/// Byte offset of the command identifier in a completion entry.
+pub const CQE_CID_OFFSET: usize = 12;
+const_assert_eq!(offset_of!(CqEntry, cid), CQE_CID_OFFSET);
 
 impl CqEntry {
     pub fn phase(&self) -> bool {

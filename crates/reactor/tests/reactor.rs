@@ -158,6 +158,28 @@ fn local_io_past_queue_depth_waits_and_refusals_complete() {
 }
 
 #[test]
+fn one_doorbell_per_burst_none_when_idle() {
+    let (mut rs, _a) = reactors::<8>(FakeQueue::new(64, 1));
+    for _ in 0..50 {
+        rs[0].poll();
+    }
+    let bells = |r: &mut R| r.with_queue(|q| q.doorbells).unwrap();
+    assert_eq!(bells(&mut rs[0]), 0, "idle passes ring nothing");
+    for i in 0..5 {
+        rs[0].submit(read(i), i as u32).unwrap();
+    }
+    rs[0].flush();
+    rs[0].poll();
+    assert_eq!(bells(&mut rs[0]), 1, "a burst of five, one doorbell");
+    let mut done = HashMap::new();
+    for _ in 0..5 {
+        rs[0].poll();
+        collect(&mut rs[0], &mut done);
+    }
+    assert_eq!((done.len(), bells(&mut rs[0])), (5, 1));
+}
+
+#[test]
 fn forged_and_stale_tags_are_counted_not_routed() {
     let (mut rs, a) = reactors::<8>(FakeQueue::new(8, 1));
     let r = &mut rs[0];

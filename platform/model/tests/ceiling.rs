@@ -152,4 +152,52 @@ fn a_stalled_device_ends_in_an_error_not_a_hang() {
         Err(SubmitError::DeviceUnavailable)
     );
     assert!(qp.needs_reset(), "the pair asks for a reset");
+    assert!(qp.is_failed(), "and refuses work until then");
+    let op = BlockOp::Read {
+        ns: 1,
+        lba: 0,
+        blocks: 1,
+        buf: BufRef::new(&buf, 0, 512).unwrap(),
+    };
+    assert_eq!(qp.submit(op, 1), Err(SubmitError::DeviceUnavailable));
+}
+
+#[test]
+fn duplicate_and_forged_completions_are_counted_never_reissued() {
+    let (model, dma, mut qp) = setup(Config {
+        io_timeout_ms: 5,
+        ..Config::default()
+    });
+    let buf = dma.alloc(4096, 4096).unwrap();
+    model.set_fault(Fault::DuplicateCompletion);
+    let mut budget = 40;
+    let (done, errors) = qp
+        .device_ceiling(1, 0, 8, BufRef::whole(&buf), 4, &mut || {
+            budget -= 1;
+            budget > 0
+        })
+        .unwrap();
+    assert!(done >= 40);
+    // Every duplicate is counted, none taken for a completion; the last one may arrive after
+    // the loop finished, and the pair's own poll then drops it as stale.
+    assert!(errors == done || errors + 1 == done, "{errors} of {done}");
+    let mut reported = 0;
+    for _ in 0..10 {
+        reported += qp.poll(8, &mut |_, _| {});
+    }
+    assert_eq!(
+        reported, 0,
+        "no tag reported for a command the pair never issued"
+    );
+    assert_eq!(qp.stats().stale_cid, done - errors);
+    model.set_fault(Fault::CorruptCid(0x80));
+    let mut budget = 1;
+    assert_eq!(
+        qp.device_ceiling(1, 0, 8, BufRef::whole(&buf), 4, &mut || {
+            budget -= 1;
+            budget > 0
+        }),
+        Err(SubmitError::DeviceUnavailable),
+        "ids it never issued complete nothing: the loop times out instead of hanging"
+    );
 }

@@ -13,7 +13,9 @@ pub struct FakeQueue {
     pub stalled: Vec<u32>,
     pub stall_next: bool,
     pub forged: Vec<u32>,
+    /// Doorbell writes: flushes that had something queued to announce.
     pub doorbells: u64,
+    unflushed: bool,
     pub fail_lba_from: u64,
     /// Submissions at or past this LBA are refused outright (`OutOfRange`), never queued.
     pub refuse_lba_from: u64,
@@ -29,6 +31,7 @@ impl FakeQueue {
             stall_next: false,
             forged: vec![],
             doorbells: 0,
+            unflushed: false,
             fail_lba_from: u64::MAX,
             refuse_lba_from: u64::MAX,
         }
@@ -51,6 +54,7 @@ impl BlockQueue for FakeQueue {
         if self.inflight.len() + self.stalled.len() >= self.depth {
             return Err(SubmitError::QueueFull);
         }
+        self.unflushed = true;
         if std::mem::take(&mut self.stall_next) {
             self.stalled.push(tag);
             return Ok(());
@@ -65,7 +69,9 @@ impl BlockQueue for FakeQueue {
         Ok(())
     }
     fn flush_submissions(&mut self) {
-        self.doorbells += 1;
+        if std::mem::take(&mut self.unflushed) {
+            self.doorbells += 1;
+        }
     }
     fn poll(&mut self, max: usize, on_done: &mut dyn FnMut(u32, Result<(), IoError>)) -> usize {
         let mut n = 0;
