@@ -704,6 +704,63 @@ impl<const N: usize, const W: usize> Aio<N, W> {
         })
     }
 
+    /// [`Aio::start_submitted`] for a burst of `n`: in **one** critical section, claims a
+    /// handle for each and takes it `Idle -> ... -> Submitted` with description `desc(k)`,
+    /// reporting it as `started(k, io)` (keep that short: interrupts are masked). Returns how
+    /// many started, in order `0..`: fewer than `n` when handles run out. Same
+    /// compile-time-checked path as the single call.
+    ///
+    /// # Errors
+    /// With the count of those that did start: [`AioError::NoFreeHandle`] if none was free,
+    /// [`AioError::IllegalTransition`] if the bitmap and a handle disagree (a broken
+    /// invariant; the burst stops there and that bit is given back).
+    pub fn start_submitted_burst(
+        &self,
+        n: usize,
+        mut desc: impl FnMut(usize) -> IoDesc,
+        mut started: impl FnMut(usize, IoRef),
+    ) -> (usize, Result<(), AioError>) {
+        use HandleState::*;
+        const PATH: [HandleState; 4] = [HandedOut, Defined, Staged, Submitted];
+        const _: () = assert!(chain_ok(Idle, &PATH));
+        if n == 0 {
+            return (0, Ok(()));
+        }
+        self.inner.with(|inner| {
+            for k in 0..n {
+                // The bitmap is lock-free; claiming inside the section keeps the burst to one.
+                let Some(index) = self.free.acquire() else {
+                    let r = if k == 0 {
+                        Err(AioError::NoFreeHandle)
+                    } else {
+                        Ok(())
+                    };
+                    return (k, r);
+                };
+                let next_seq = &mut inner.next_seq;
+                let Some(slot) = inner.slots.get_mut(index).filter(|s| s.state == Idle) else {
+                    let from = inner.slots.get(index).map_or(Idle, |s| s.state);
+                    let _ = self.free.release(index);
+                    return (
+                        k,
+                        Err(AioError::IllegalTransition {
+                            index,
+                            from,
+                            to: PATH[0],
+                        }),
+                    );
+                };
+                slot.desc = Some(desc(k));
+                slot.state = PATH[PATH.len() - 1];
+                slot.seq = *next_seq;
+                *next_seq = next_seq.wrapping_add(1);
+                // `index < N <= 65536`, so it fits.
+                started(k, IoRef::new(index as u16, slot.generation));
+            }
+            (n, Ok(()))
+        })
+    }
+
     /// The completing core's path: record the device's result and do the shared completion
     /// work (`Submitted -> CompletedIo -> CompletedShared`) in one critical section.
     ///

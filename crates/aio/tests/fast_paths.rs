@@ -126,3 +126,46 @@ fn start_submitted_is_start_then_submit() {
     assert_eq!(aio.start_submitted(desc()), Err(AioError::NoFreeHandle));
     assert_eq!(aio.in_flight(), held.len());
 }
+
+#[test]
+fn start_submitted_burst_starts_what_it_can_in_order() {
+    let aio = A::new();
+    let descs: Vec<IoDesc> = (0..5)
+        .map(|i| IoDesc {
+            op: IoOp::Read,
+            lba: i,
+            blocks: 1,
+        })
+        .collect();
+    let mut out = vec![];
+    let burst = |out: &mut Vec<(usize, keel_aio::IoRef)>| {
+        out.clear();
+        aio.start_submitted_burst(5, |k| descs[k], |k, io| out.push((k, io)))
+    };
+    assert_eq!(burst(&mut out), (5, Ok(())));
+    assert_eq!(out.iter().map(|o| o.0).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+    let mut indexes: Vec<usize> = out.iter().map(|o| o.1.index()).collect();
+    indexes.sort_unstable();
+    indexes.dedup();
+    assert_eq!(indexes.len(), 5, "five distinct handles");
+    for &(_, io) in &out {
+        let snap = aio.snapshot(io.index()).unwrap();
+        assert_eq!(
+            (snap.state, snap.generation),
+            (HandleState::Submitted, io.generation())
+        );
+        assert_eq!(aio.batch(|b| b.complete_and_share(io, Ok(0))), Ok(()));
+    }
+    assert_eq!(aio.in_flight(), 5);
+    // Only 3 handles left: a burst of 5 starts 3; then none are free.
+    assert_eq!(burst(&mut out), (3, Ok(())));
+    assert_eq!(out.len(), 3);
+    assert_eq!(burst(&mut out), (0, Err(AioError::NoFreeHandle)));
+    assert!(out.is_empty());
+    // An empty burst is not an error.
+    assert_eq!(
+        aio.start_submitted_burst(0, |k| descs[k], |_, _| {}),
+        (0, Ok(()))
+    );
+    assert_eq!(aio.free_count(), 0);
+}

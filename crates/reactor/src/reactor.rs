@@ -294,6 +294,66 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         self.submit_to(core, op, cookie)
     }
 
+    /// Issues a burst of I/Os (`(op, cookie)` pairs) on this core's own queue pair, as
+    /// [`Reactor::submit`] would one by one, but with one critical section for the whole burst
+    /// when nothing is staged ahead of it. Returns how many were accepted, in order: fewer than
+    /// `ops.len()` only when I/O handles run out ([`ReactorError::NoSlot`] if none was) or the
+    /// first refusal stops it.
+    pub fn submit_burst(&mut self, ops: &[(BlockOp, u32)]) -> Result<usize, ReactorError> {
+        if !(self.accepting && self.queue.is_some() && self.staged.is_empty()) {
+            let mut n = 0;
+            for &(op, cookie) in ops {
+                match self.submit(op, cookie) {
+                    Ok(()) => n += 1,
+                    Err(e) if n == 0 => return Err(e),
+                    Err(_) => break,
+                }
+            }
+            return Ok(n);
+        }
+        if let [(op, cookie)] = *ops {
+            return self.submit_now(op, cookie).map(|()| 1);
+        }
+        const CHUNK: usize = 32;
+        let mut total = 0;
+        for chunk in ops.chunks(CHUNK) {
+            let mut ios = [IoRef::new(0, 0); CHUNK];
+            // acquire -> define -> stage -> submit for the whole chunk, one critical section.
+            let (started, r) = self.aio.start_submitted_burst(
+                chunk.len(),
+                |k| {
+                    chunk.get(k).map_or(
+                        IoDesc {
+                            op: IoOp::Flush,
+                            lba: 0,
+                            blocks: 0,
+                        },
+                        |(op, _)| desc(op),
+                    )
+                },
+                |k, io| {
+                    if let Some(slot) = ios.get_mut(k) {
+                        *slot = io;
+                    }
+                },
+            );
+            if r.is_err() && started == 0 {
+                if total == 0 {
+                    return Err(ReactorError::NoSlot);
+                }
+                break;
+            }
+            for (&io, &(op, cookie)) in ios.iter().zip(chunk).take(started) {
+                self.place_submitted(io, op, cookie);
+            }
+            total += started;
+            if started < chunk.len() {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
     /// Issues `op` on the queue pair of core `owner` (this core or another: then as a message).
     pub fn submit_to(
         &mut self,
@@ -369,22 +429,32 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             .aio
             .start_submitted(desc(&op))
             .map_err(|_| ReactorError::NoSlot)?;
+        self.place_submitted(io, op, cookie);
+        Ok(())
+    }
+
+    /// Puts a local I/O whose handle is already Submitted on the queue (or, when the queue is
+    /// full, first in line on the staged list; when the queue refuses it, completes it).
+    #[inline(always)]
+    fn place_submitted(&mut self, io: IoRef, op: BlockOp, cookie: u32) {
         self.cookies[io.index()] = cookie;
         self.issued += 1;
         let origin = Origin::Local;
-        if let Some(q) = self.queue.as_mut() {
+        // Nothing goes on the queue ahead of what is already waiting (a burst's earlier I/O
+        // that met a full queue).
+        if let Some(q) = self.queue.as_mut().filter(|_| self.staged.is_empty()) {
             match q.submit(op, tag_of(io)) {
                 Ok(()) => {
                     self.on_queue[io.index()] = Some((io, origin));
                     self.on_queue_count += 1;
                     self.stats.submitted += 1;
-                    return Ok(());
+                    return;
                 }
                 Err(SubmitError::QueueFull) => {}
                 Err(e) => {
                     // Refused outright: completes like any submitted I/O.
                     self.refuse(io, origin, submit_error(e), true);
-                    return Ok(());
+                    return;
                 }
             }
         }
@@ -394,7 +464,6 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             origin,
             marked: true,
         });
-        Ok(())
     }
 
     /// Queues an I/O behind the others waiting for room on the queue.

@@ -158,6 +158,57 @@ fn local_io_past_queue_depth_waits_and_refusals_complete() {
 }
 
 #[test]
+fn a_burst_past_queue_depth_keeps_its_order_and_every_handle() {
+    // Depth 4, 32 handles. A burst of 10 (one refused outright) fills the queue, stages the
+    // rest already Submitted, in order; a second burst queues behind it; a third finds too few
+    // handles and is cut short.
+    let mut q = FakeQueue::new(4, 0);
+    q.refuse_lba_from = 1000;
+    let (mut rs, a) = reactors::<8>(q);
+    let burst = |from: u32, n: u32| -> Vec<(keel_blockdev::BlockOp, u32)> {
+        (from..from + n)
+            .map(|i| (read(if i == 3 { 1000 } else { i as u64 }), i))
+            .collect()
+    };
+    assert_eq!(rs[0].submit_burst(&burst(0, 10)), Ok(10));
+    assert_eq!(rs[0].staged(), 5, "4 on the queue, 1 refused, 5 waiting");
+    assert_eq!(
+        rs[0].submit_burst(&burst(10, 10)),
+        Ok(10),
+        "behind the first"
+    );
+    assert_eq!(rs[0].staged(), 15);
+    // 32 handles; 19 hold I/O (the refused one completed): 13 left for a burst of 20.
+    assert_eq!(rs[0].submit_burst(&burst(20, 20)), Ok(13));
+    let mut order = vec![];
+    for _ in 0..40 {
+        rs[0].poll();
+        while let Some(c) = rs[0].next_completion() {
+            order.push((c.cookie, c.result));
+        }
+        invariant(&rs[0]);
+    }
+    assert_eq!(order.len(), 33, "every accepted I/O completed once");
+    let cookies: Vec<u32> = order.iter().map(|o| o.0).filter(|&c| c != 3).collect();
+    assert!(
+        cookies.windows(2).all(|w| w[0] < w[1]),
+        "in order: {cookies:?}"
+    );
+    assert!(order
+        .iter()
+        .all(|&(c, r)| (c == 3) == (r == Err(keel_blockdev::IoError::OutOfRange))));
+    let s = rs[0].stats();
+    assert_eq!((s.lifecycle_errors, s.dropped), (0, 0));
+    assert_eq!(a.free_count(), N, "every handle back in the array");
+    // No handles at all: NoSlot, nothing queued.
+    let held: Vec<_> = (0..N).map(|_| a.acquire().unwrap()).collect();
+    assert_eq!(rs[0].submit_burst(&burst(50, 3)), Err(ReactorError::NoSlot));
+    for h in held {
+        a.release(h).unwrap();
+    }
+}
+
+#[test]
 fn one_doorbell_per_burst_none_when_idle() {
     let (mut rs, _a) = reactors::<8>(FakeQueue::new(64, 1));
     for _ in 0..50 {

@@ -390,6 +390,9 @@ impl crate::storage::BenchTarget for Stack {
     fn submit(&mut self, op: BlockOp, tag: u32) -> bool {
         self.0.submit(op, tag).is_ok()
     }
+    fn submit_burst(&mut self, ops: &[(BlockOp, u32)]) -> usize {
+        self.0.submit_burst(ops).unwrap_or(0)
+    }
     fn kick(&mut self) {
         self.0.flush();
     }

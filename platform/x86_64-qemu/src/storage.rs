@@ -302,6 +302,17 @@ pub struct BenchResult {
 pub trait BenchTarget {
     /// Queues one operation; `false` means "full, poll first".
     fn submit(&mut self, op: BlockOp, tag: u32) -> bool;
+    /// Queues a burst in order; returns how many were queued (the rest: "full, poll first").
+    fn submit_burst(&mut self, ops: &[(BlockOp, u32)]) -> usize {
+        let mut n = 0;
+        for &(op, tag) in ops {
+            if !self.submit(op, tag) {
+                break;
+            }
+            n += 1;
+        }
+        n
+    }
     /// Rings the doorbell for what was queued.
     fn kick(&mut self);
     /// Reports finished tags.
@@ -358,8 +369,8 @@ pub fn bench(
     let mut in_flight = 0usize;
     let mut t = start;
     loop {
-        // Fill the queue.
-        let mut submitted = false;
+        // Fill the queue: every free slot's operation, handed over as one burst.
+        let mut burst: heapless::Vec<(BlockOp, u32), 256> = heapless::Vec::new();
         while let Some(tag) = if stopping { None } else { free.pop() } {
             let slot = if cfg.pattern.is_random() {
                 rng ^= rng << 13;
@@ -390,14 +401,14 @@ pub fn bench(
             };
             // One timestamp per burst: the I/Os of a burst reach the device with one doorbell.
             issued_at[tag as usize] = t;
-            if q.submit(op, tag) {
-                submitted = true;
-                in_flight += 1;
-            } else {
-                let _ = free.push(tag);
-                break;
-            }
+            let _ = burst.push((op, tag));
         }
+        let queued = q.submit_burst(&burst);
+        for &(_, tag) in &burst[queued..] {
+            let _ = free.push(tag);
+        }
+        in_flight += queued;
+        let submitted = queued > 0;
         let t1 = crate::cpu::rdtsc();
         r.t_submit += t1 - t;
         if submitted {
