@@ -687,6 +687,8 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
                     "cost | MMIO write (NVMe INTMS = 0) |",
                     "cost | nvme submit (queued, per I/O) |",
                     "cost | nvme reap (per completion) |",
+                    "cost | reactor: QD1 round trip |",
+                    "cost | mesh: recv, all rings empty |",
                 ]
                 .iter()
                 .all(|r| o.has(r))

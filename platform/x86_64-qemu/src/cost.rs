@@ -38,7 +38,7 @@ pub fn cost<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     };
     cl.finish()?;
     keel_log::info!("job cost: start");
-    let mut rows: heapless::Vec<(&'static str, u64), 32> = heapless::Vec::new();
+    let mut rows: heapless::Vec<(&'static str, u64), 48> = heapless::Vec::new();
     let mut row = |name, ns| {
         let _ = rows.push((name, ns));
         keel_log::info!("cost | {=str} | {=u64} ns", name, ns);
