@@ -53,6 +53,11 @@ type Load = (
 /// A measured row: (name, stack, cores, device settings, result).
 type Row = (&'static str, &'static str, usize, &'static str, BenchLine);
 
+/// QEMU arguments that turn on the NVMe device's ioeventfd doorbells.
+fn ioeventfd_args() -> Vec<String> {
+    vec!["-global".to_string(), "nvme.ioeventfd=on".to_string()]
+}
+
 pub fn run_matrix(fw: &Path, secs: u64, cores: &[usize]) -> Result<()> {
     let work = crate::work_dir();
     std::fs::create_dir_all(&work)?;
@@ -133,11 +138,7 @@ pub fn run_matrix(fw: &Path, secs: u64, cores: &[usize]) -> Result<()> {
             false,
             &format!("xtask: [{}/{}] {cmdline}{note}", i + 1, loads.len()),
         );
-        let qemu_args = if ioeventfd {
-            vec!["-global".to_string(), "nvme.ioeventfd=on".to_string()]
-        } else {
-            vec![]
-        };
+        let qemu_args = if ioeventfd { ioeventfd_args() } else { vec![] };
         let vm = VmOpts {
             accel,
             smp: c,
@@ -193,41 +194,58 @@ pub fn run_matrix(fw: &Path, secs: u64, cores: &[usize]) -> Result<()> {
     };
     let qd1 = "4K randread QD1";
     let qd32 = "4K randread QD32";
-    ratio(
-        format!("{qd1:<18} full stack / raw loop IOPS (goal >= 0.90)"),
-        find(qd1, "full", 1, "ioeventfd"),
-        find(qd1, "raw", 1, "ioeventfd"),
-    );
-    ratio(
-        format!("{qd32:<18} full stack / raw loop IOPS (goal >= 0.90)"),
-        find(qd32, "full", 1, "ioeventfd"),
-        find(qd32, "raw", 1, "ioeventfd"),
-    );
-    ratio(
-        format!("{qd32:<18} raw loop / device ceiling IOPS"),
-        find(qd32, "raw", 1, "ioeventfd"),
-        find(qd32, "ceil", 1, "ioeventfd"),
-    );
-    ratio(
-        format!("{qd32:<18} full stack / device ceiling IOPS"),
-        find(qd32, "full", 1, "ioeventfd"),
-        find(qd32, "ceil", 1, "ioeventfd"),
-    );
-    ratio(
-        format!("{qd1:<18} raw, ioeventfd / default device IOPS"),
-        find(qd1, "raw", 1, "ioeventfd"),
-        find(qd1, "raw", 1, "default"),
-    );
-    ratio(
-        format!("{qd1:<18} raw, dbbuf / default device IOPS"),
-        find(qd1, "raw", 1, "dbbuf"),
-        find(qd1, "raw", 1, "default"),
-    );
-    ratio(
-        format!("{qd32:<18} raw, ioeventfd / default device IOPS"),
-        find(qd32, "raw", 1, "ioeventfd"),
-        find(qd32, "raw", 1, "default"),
-    );
+    let io = "ioeventfd";
+    // (workload, what, numerator (stack, device), denominator (stack, device)), one core.
+    for (w, what, (ns, nd), (ds, dd)) in [
+        (
+            qd1,
+            "full stack / raw loop IOPS (goal >= 0.90)",
+            ("full", io),
+            ("raw", io),
+        ),
+        (
+            qd32,
+            "full stack / raw loop IOPS (goal >= 0.90)",
+            ("full", io),
+            ("raw", io),
+        ),
+        (
+            qd32,
+            "raw loop / device ceiling IOPS",
+            ("raw", io),
+            ("ceil", io),
+        ),
+        (
+            qd32,
+            "full stack / device ceiling IOPS",
+            ("full", io),
+            ("ceil", io),
+        ),
+        (
+            qd1,
+            "raw, ioeventfd / default device IOPS",
+            ("raw", io),
+            ("raw", "default"),
+        ),
+        (
+            qd1,
+            "raw, dbbuf / default device IOPS",
+            ("raw", "dbbuf"),
+            ("raw", "default"),
+        ),
+        (
+            qd32,
+            "raw, ioeventfd / default device IOPS",
+            ("raw", io),
+            ("raw", "default"),
+        ),
+    ] {
+        ratio(
+            format!("{w:<18} {what}"),
+            find(w, ns, 1, nd),
+            find(w, ds, 1, dd),
+        );
+    }
     // The reference: SPDK v24.09 spdk_nvme_perf on this machine's QEMU (TCG), same
     // device shape, null backend, one core: ~327k IOPS at QD32, ~39k IOPS (25 µs) at QD1.
     if let Some(f) = find(qd32, "full", 1, "ioeventfd") {
@@ -257,18 +275,8 @@ pub fn run_matrix(fw: &Path, secs: u64, cores: &[usize]) -> Result<()> {
     println!();
     println!("full stack vs raw loop vs device ceiling, interleaved rounds in one boot (same queue pair):");
     for (label, qd, dev_args, fw_extra) in [
-        (
-            "4K randread QD1 ",
-            1,
-            vec!["-global".to_string(), "nvme.ioeventfd=on".to_string()],
-            "",
-        ),
-        (
-            "4K randread QD32",
-            32,
-            vec!["-global".to_string(), "nvme.ioeventfd=on".to_string()],
-            "",
-        ),
+        ("4K randread QD1 ", 1, ioeventfd_args(), ""),
+        ("4K randread QD32", 32, ioeventfd_args(), ""),
     ] {
         qemu::progress(false, &format!("xtask: interleaved full/raw, {label}"));
         let vm = VmOpts {

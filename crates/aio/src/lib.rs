@@ -636,30 +636,9 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     /// [`AioError::NoFreeHandle`] when every handle is in use.
     #[inline(always)]
     pub fn start(&self, desc: IoDesc) -> Result<IoRef, AioError> {
-        use HandleState::*;
-        const PATH: [HandleState; 3] = [HandedOut, Defined, Staged];
-        const _: () = assert!(chain_ok(Idle, &PATH));
         let index = self.free.acquire().ok_or(AioError::NoFreeHandle)?;
-        self.inner.with(|inner| {
-            let slot = inner
-                .slots
-                .get_mut(index)
-                .ok_or(AioError::BadIndex { index, capacity: N })?;
-            if slot.state != Idle {
-                // The bitmap said free but the handle is not Idle (a broken invariant): give
-                // the bit back rather than lose the slot, and report it.
-                let _ = self.free.release(index);
-                return Err(AioError::IllegalTransition {
-                    index,
-                    from: slot.state,
-                    to: PATH[0],
-                });
-            }
-            slot.desc = Some(desc);
-            slot.state = PATH[PATH.len() - 1];
-            // `index < N <= 65536`, so it fits.
-            Ok(IoRef::new(index as u16, slot.generation))
-        })
+        self.inner
+            .with(|inner| self.start_claimed(inner, index, desc, false))
     }
 
     /// The issuer's path when it gives the I/O to its device at once (a reactor's local fast
@@ -675,33 +654,9 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     /// [`AioError::NoFreeHandle`] when every handle is in use.
     #[inline(always)]
     pub fn start_submitted(&self, desc: IoDesc) -> Result<IoRef, AioError> {
-        use HandleState::*;
-        const PATH: [HandleState; 4] = [HandedOut, Defined, Staged, Submitted];
-        const _: () = assert!(chain_ok(Idle, &PATH));
         let index = self.free.acquire().ok_or(AioError::NoFreeHandle)?;
-        self.inner.with(|inner| {
-            let next_seq = &mut inner.next_seq;
-            let slot = inner
-                .slots
-                .get_mut(index)
-                .ok_or(AioError::BadIndex { index, capacity: N })?;
-            if slot.state != Idle {
-                // The bitmap said free but the handle is not Idle (a broken invariant): give
-                // the bit back rather than lose the slot, and report it.
-                let _ = self.free.release(index);
-                return Err(AioError::IllegalTransition {
-                    index,
-                    from: slot.state,
-                    to: PATH[0],
-                });
-            }
-            slot.desc = Some(desc);
-            slot.state = PATH[PATH.len() - 1];
-            slot.seq = *next_seq;
-            *next_seq = next_seq.wrapping_add(1);
-            // `index < N <= 65536`, so it fits.
-            Ok(IoRef::new(index as u16, slot.generation))
-        })
+        self.inner
+            .with(|inner| self.start_claimed(inner, index, desc, true))
     }
 
     /// [`Aio::start_submitted`] for a burst of `n`: in **one** critical section, claims a
@@ -720,9 +675,6 @@ impl<const N: usize, const W: usize> Aio<N, W> {
         mut desc: impl FnMut(usize) -> IoDesc,
         mut started: impl FnMut(usize, IoRef),
     ) -> (usize, Result<(), AioError>) {
-        use HandleState::*;
-        const PATH: [HandleState; 4] = [HandedOut, Defined, Staged, Submitted];
-        const _: () = assert!(chain_ok(Idle, &PATH));
         if n == 0 {
             return (0, Ok(()));
         }
@@ -737,28 +689,59 @@ impl<const N: usize, const W: usize> Aio<N, W> {
                     };
                     return (k, r);
                 };
-                let next_seq = &mut inner.next_seq;
-                let Some(slot) = inner.slots.get_mut(index).filter(|s| s.state == Idle) else {
-                    let from = inner.slots.get(index).map_or(Idle, |s| s.state);
-                    let _ = self.free.release(index);
-                    return (
-                        k,
-                        Err(AioError::IllegalTransition {
-                            index,
-                            from,
-                            to: PATH[0],
-                        }),
-                    );
-                };
-                slot.desc = Some(desc(k));
-                slot.state = PATH[PATH.len() - 1];
-                slot.seq = *next_seq;
-                *next_seq = next_seq.wrapping_add(1);
-                // `index < N <= 65536`, so it fits.
-                started(k, IoRef::new(index as u16, slot.generation));
+                match self.start_claimed(inner, index, desc(k), true) {
+                    Ok(io) => started(k, io),
+                    Err(e) => return (k, Err(e)),
+                }
             }
             (n, Ok(()))
         })
+    }
+
+    /// The start paths' one step, inside their critical section: handle `index`, whose free
+    /// bit the caller just claimed, goes `Idle -> HandedOut -> Defined -> Staged` (and on to
+    /// `Submitted` with `submit`). Both chains are checked against the legality table at
+    /// compile time; at run time only the handle's state is.
+    #[inline(always)]
+    fn start_claimed(
+        &self,
+        inner: &mut Inner<N>,
+        index: usize,
+        desc: IoDesc,
+        submit: bool,
+    ) -> Result<IoRef, AioError> {
+        use HandleState::*;
+        const STAGED: [HandleState; 3] = [HandedOut, Defined, Staged];
+        const SUBMITTED: [HandleState; 4] = [HandedOut, Defined, Staged, Submitted];
+        const _: () = assert!(chain_ok(Idle, &STAGED) && chain_ok(Idle, &SUBMITTED));
+        let next_seq = &mut inner.next_seq;
+        let slot = match inner.slots.get_mut(index) {
+            Some(slot) if slot.state == Idle => slot,
+            other => {
+                // The bitmap said free but the handle is not Idle (a broken invariant): give
+                // the bit back rather than lose the slot, and report it.
+                let from = other.map_or(Idle, |s| s.state);
+                let _ = self.free.release(index);
+                return Err(match from {
+                    Idle => AioError::BadIndex { index, capacity: N },
+                    from => AioError::IllegalTransition {
+                        index,
+                        from,
+                        to: HandedOut,
+                    },
+                });
+            }
+        };
+        slot.desc = Some(desc);
+        if submit {
+            slot.state = SUBMITTED[SUBMITTED.len() - 1];
+            slot.seq = *next_seq;
+            *next_seq = next_seq.wrapping_add(1);
+        } else {
+            slot.state = STAGED[STAGED.len() - 1];
+        }
+        // `index < N <= 65536`, so it fits.
+        Ok(IoRef::new(index as u16, slot.generation))
     }
 
     /// The completing core's path: record the device's result and do the shared completion

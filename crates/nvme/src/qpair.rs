@@ -374,23 +374,15 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             let mut consumed = 0u16;
             // At most `outstanding` entries per pass (a device posting junk cannot keep us here).
             while consumed < outstanding {
-                let off = self.cq_head as usize * 16;
-                let Ok(word) = self.cq.read_u16(off + spec::CQE_STATUS_OFFSET) else {
+                let Some(word) = self.cq_posted() else {
                     break;
                 };
-                if (word & 1 != 0) != self.phase {
-                    break;
-                }
                 fence(Ordering::Acquire);
                 let cid = self
                     .cq
-                    .read_u16(off + spec::CQE_CID_OFFSET)
+                    .read_u16(self.cq_head as usize * 16 + spec::CQE_CID_OFFSET)
                     .unwrap_or(u16::MAX);
-                self.cq_head += 1;
-                if self.cq_head == self.entries {
-                    self.cq_head = 0;
-                    self.phase = !self.phase;
-                }
+                self.advance_cq_head();
                 consumed += 1;
                 match on_device.get_mut(cid as usize) {
                     Some(live) if *live && cid < qd => {
@@ -406,16 +398,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                     _ => errors += 1,
                 }
             }
-            if consumed > 0 {
-                // The pair's own CQ doorbell policy (lazy or eager), as `poll` applies it.
-                self.cq_unacked = self.cq_unacked.saturating_add(consumed);
-                if self.cq_unacked >= self.cq_slack {
-                    let (new, old) = (self.cq_head, self.cq_acked);
-                    self.ring(true, new, old);
-                    self.cq_acked = new;
-                    self.cq_unacked = 0;
-                }
-            }
+            self.ack_consumed(consumed);
             if n > 0 {
                 done += n as u64;
                 outstanding -= n;
@@ -470,6 +453,43 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     fn put_req(&mut self, i: u16, r: &ReqRec) {
         if let Some(d) = self.reqs.get_mut(i as usize) {
             *d = *r;
+        }
+    }
+
+    /// The status word of the CQ entry at the head, if the device has posted it (its phase
+    /// bit is the current phase). Read once; the caller copies what else it needs after an
+    /// acquire fence.
+    #[inline]
+    fn cq_posted(&self) -> Option<u16> {
+        let off = self.cq_head as usize * 16 + spec::CQE_STATUS_OFFSET;
+        let word = self.cq.read_u16(off).ok()?;
+        ((word & 1 != 0) == self.phase).then_some(word)
+    }
+
+    /// Moves the CQ head past the entry just consumed (flipping the phase at the wrap).
+    #[inline]
+    fn advance_cq_head(&mut self) {
+        self.cq_head += 1;
+        if self.cq_head == self.entries {
+            self.cq_head = 0;
+            self.phase = !self.phase;
+        }
+    }
+
+    /// The CQ head doorbell after consuming `consumed` entries. Eager (no slack): one per pass
+    /// that consumed entries. Lazy: only once the unacknowledged entries reach the slack, which
+    /// keeps room for every command that can still be in flight.
+    #[inline]
+    fn ack_consumed(&mut self, consumed: u16) {
+        if consumed == 0 {
+            return;
+        }
+        self.cq_unacked = self.cq_unacked.saturating_add(consumed);
+        if self.cq_unacked >= self.cq_slack {
+            let (new, old) = (self.cq_head, self.cq_acked);
+            self.ring(true, new, old);
+            self.cq_acked = new;
+            self.cq_unacked = 0;
         }
     }
 
@@ -1010,40 +1030,21 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
         let mut reported = self.drain_ready(on_done);
         let mut consumed = 0usize;
         while consumed < max {
-            let off = self.cq_head as usize * 16;
-            let Ok(word) = self.cq.read_u16(off + spec::CQE_STATUS_OFFSET) else {
-                break;
-            };
-            if (word & 1 != 0) != self.phase {
+            if self.cq_posted().is_none() {
                 break;
             }
             fence(Ordering::Acquire);
-            let Ok(e) = self.cq.read::<CqEntry>(off) else {
+            let Ok(e) = self.cq.read::<CqEntry>(self.cq_head as usize * 16) else {
                 break;
             };
             if e.phase() != self.phase {
                 break; // torn view; look again next pass
             }
-            self.cq_head += 1;
-            if self.cq_head == self.entries {
-                self.cq_head = 0;
-                self.phase = !self.phase;
-            }
+            self.advance_cq_head();
             consumed += 1;
             self.handle(&e);
         }
-        if consumed > 0 {
-            // Eager (no slack): one CQ doorbell per pass that consumed entries. Lazy: only once
-            // the unacknowledged entries reach the slack, which keeps room for every command
-            // that can still be in flight.
-            self.cq_unacked = self.cq_unacked.saturating_add(consumed as u16);
-            if self.cq_unacked >= self.cq_slack {
-                let (new, old) = (self.cq_head, self.cq_acked);
-                self.ring(true, new, old);
-                self.cq_acked = new;
-                self.cq_unacked = 0;
-            }
-        }
+        self.ack_consumed(u16::try_from(consumed).unwrap_or(u16::MAX));
         reported += self.drain_ready(on_done);
         reported += self.scan_timeouts(on_done);
         // Retries queued by `handle` go out with one doorbell.
@@ -1056,12 +1057,7 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
             return true;
         }
         // A peek at the phase bit of the next entry only: `poll` copies the entry before use.
-        let off = self.cq_head as usize * 16 + spec::CQE_STATUS_OFFSET;
-        let posted = self
-            .cq
-            .read_u16(off)
-            .map_or(true, |w| (w & 1 != 0) == self.phase);
-        posted || (self.busy != 0 && self.clock.now_ns() >= self.next_scan)
+        self.cq_posted().is_some() || (self.busy != 0 && self.clock.now_ns() >= self.next_scan)
     }
 
     fn depth(&self) -> usize {

@@ -287,7 +287,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     /// [`Reactor::next_completion`] with `cookie`; the doorbell rings on the next poll pass.
     #[inline]
     pub fn submit(&mut self, op: BlockOp, cookie: u32) -> Result<(), ReactorError> {
-        if self.accepting && self.queue.is_some() && self.staged.is_empty() {
+        if self.fast_path_open() {
             return self.submit_now(op, cookie);
         }
         let core = self.core;
@@ -300,7 +300,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     /// `ops.len()` only when I/O handles run out ([`ReactorError::NoSlot`] if none was) or the
     /// first refusal stops it.
     pub fn submit_burst(&mut self, ops: &[(BlockOp, u32)]) -> Result<usize, ReactorError> {
-        if !(self.accepting && self.queue.is_some() && self.staged.is_empty()) {
+        if !self.fast_path_open() {
             let mut n = 0;
             for &(op, cookie) in ops {
                 match self.submit(op, cookie) {
@@ -319,17 +319,13 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         for chunk in ops.chunks(CHUNK) {
             let mut ios = [IoRef::new(0, 0); CHUNK];
             // acquire -> define -> stage -> submit for the whole chunk, one critical section.
+            // `k < chunk.len()` always; the fallback only keeps the lookup panic-free.
             let (started, r) = self.aio.start_submitted_burst(
                 chunk.len(),
                 |k| {
-                    chunk.get(k).map_or(
-                        IoDesc {
-                            op: IoOp::Flush,
-                            lba: 0,
-                            blocks: 0,
-                        },
-                        |(op, _)| desc(op),
-                    )
+                    chunk
+                        .get(k)
+                        .map_or(desc(&BlockOp::Flush { ns: 0 }), |(op, _)| desc(op))
                 },
                 |k, io| {
                     if let Some(slot) = ios.get_mut(k) {
@@ -379,7 +375,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 return Err(ReactorError::Backpressure);
             }
         }
-        if local && self.staged.is_empty() {
+        if local && self.fast_path_open() {
             return self.submit_now(op, cookie);
         }
         // acquire -> define -> stage, in one critical section.
@@ -413,13 +409,20 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             Err(SendError::Full(_) | SendError::NoRoute(_)) => {
                 // Unreachable (checked above); never leak the handle if it happens.
                 self.stats.lifecycle_errors += 1;
-                self.fail_local(io, IoError::Aborted);
+                self.refuse(io, Origin::Local, IoError::Aborted, false);
                 Err(ReactorError::Backpressure)
             }
         }
     }
 
-    /// The local fast path (this core accepts I/O, owns a queue pair and nothing is staged):
+    /// Whether a local I/O may take the fast path: this core accepts I/O, owns a queue pair,
+    /// and nothing is staged ahead of it.
+    #[inline(always)]
+    fn fast_path_open(&self) -> bool {
+        self.accepting && self.queue.is_some() && self.staged.is_empty()
+    }
+
+    /// The local fast path (see [`Reactor::fast_path_open`]):
     /// the I/O goes on the queue now. acquire -> define -> stage -> submit in one critical
     /// section, before the command is written (the device sees it only at the doorbell, which
     /// rings once per pass).
@@ -492,9 +495,9 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         self.done.pop_front()
     }
 
-    /// One run-to-completion pass: answers owed to other cores, inbound messages, staged I/O
-    /// (one doorbell, after marking the pass's submissions Submitted), device completions,
-    /// registered pollers. Never blocks.
+    /// One run-to-completion pass: staged I/O (one doorbell), device completions, answers
+    /// owed to other cores, inbound messages (and what they staged), registered pollers.
+    /// Never blocks.
     #[inline]
     pub fn poll(&mut self) -> usize {
         self.stats.passes += 1;
@@ -545,18 +548,6 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             &mut self.stats,
         );
         deliver_to(issued, done, cookies, stats, io, result);
-    }
-
-    /// Fails an I/O of ours that never reached a device, through the whole lifecycle.
-    fn fail_local(&mut self, io: IoRef, e: IoError) {
-        let r = self.aio.submit(io).map(|_| ()).and_then(|()| {
-            self.aio
-                .complete_and_share(io, Err(keel_aio::IoError::Aborted))
-        });
-        if r.is_err() {
-            self.stats.lifecycle_errors += 1;
-        }
-        self.finish_local(io, Err(e));
     }
 
     /// Owner-side: an I/O of `origin` finished (on the device or refused before it).
@@ -632,8 +623,8 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         n
     }
 
-    /// Owner-side refusal of a staged I/O (`submitted`: already marked Submitted): it still
-    /// goes through submit/complete so the issuer sees an ordinary completion.
+    /// Refusal of an I/O that never reached a device (`submitted`: already marked Submitted):
+    /// it still goes through submit/complete so the issuer sees an ordinary completion.
     fn refuse(&mut self, io: IoRef, origin: Origin, e: IoError, submitted: bool) {
         let marked = if submitted {
             Ok(())

@@ -22,6 +22,24 @@ fn setup(
     (model, dma, qp)
 }
 
+/// A `keep_going` that says yes `n - 1` times, then stops.
+fn passes(mut n: u32) -> impl FnMut() -> bool {
+    move || {
+        n = n.saturating_sub(1);
+        n > 0
+    }
+}
+
+/// One 512-byte read of `lba` into the start of `buf`.
+fn read(buf: &keel_hal::DmaRegion, lba: u64) -> BlockOp {
+    BlockOp::Read {
+        ns: 1,
+        lba,
+        blocks: 1,
+        buf: BufRef::new(buf, 0, 512).unwrap(),
+    }
+}
+
 #[test]
 fn runs_counts_and_leaves_the_pair_usable() {
     for lazy in [false, true] {
@@ -31,12 +49,8 @@ fn runs_counts_and_leaves_the_pair_usable() {
         });
         let buf = dma.alloc(4096, 4096).unwrap();
         let before = model.io_commands();
-        let mut budget = 500;
         let (done, errors) = qp
-            .device_ceiling(1, 8, 8, BufRef::whole(&buf), 16, &mut || {
-                budget -= 1;
-                budget > 0
-            })
+            .device_ceiling(1, 8, 8, BufRef::whole(&buf), 16, &mut passes(500))
             .unwrap();
         assert_eq!(errors, 0);
         assert!(done >= 500, "every completion counted ({done})");
@@ -48,13 +62,7 @@ fn runs_counts_and_leaves_the_pair_usable() {
         // Idle and consistent afterwards: ordinary I/O still works, many times round the ring.
         assert_eq!(qp.busy_slots(), 0);
         for round in 0..100u32 {
-            let op = BlockOp::Read {
-                ns: 1,
-                lba: round as u64,
-                blocks: 1,
-                buf: BufRef::new(&buf, 0, 512).unwrap(),
-            };
-            qp.submit(op, round).unwrap();
+            qp.submit(read(&buf, round as u64), round).unwrap();
             let mut got = None;
             for _ in 0..100 {
                 qp.poll(8, &mut |t, r| got = Some((t, r)));
@@ -73,19 +81,13 @@ fn refuses_bad_arguments_and_busy_pairs() {
     let buf = dma.alloc(8192, 4096).unwrap();
     let mut never = || false;
     let whole = BufRef::whole(&buf);
+    let page = BufRef::new(&buf, 0, 4096).unwrap();
     assert_eq!(
-        qp.device_ceiling(9, 0, 8, BufRef::new(&buf, 0, 4096).unwrap(), 4, &mut never),
+        qp.device_ceiling(9, 0, 8, page, 4, &mut never),
         Err(SubmitError::InvalidNamespace)
     );
     assert_eq!(
-        qp.device_ceiling(
-            1,
-            8191,
-            8,
-            BufRef::new(&buf, 0, 4096).unwrap(),
-            4,
-            &mut never
-        ),
+        qp.device_ceiling(1, 8191, 8, page, 4, &mut never),
         Err(SubmitError::OutOfRange)
     );
     assert_eq!(
@@ -94,30 +96,17 @@ fn refuses_bad_arguments_and_busy_pairs() {
         "more than one page"
     );
     assert_eq!(
-        qp.device_ceiling(1, 0, 8, BufRef::new(&buf, 0, 4096).unwrap(), 0, &mut never),
+        qp.device_ceiling(1, 0, 8, page, 0, &mut never),
         Err(SubmitError::QueueFull)
     );
     assert_eq!(
-        qp.device_ceiling(
-            1,
-            0,
-            8,
-            BufRef::new(&buf, 0, 4096).unwrap(),
-            4096,
-            &mut never
-        ),
+        qp.device_ceiling(1, 0, 8, page, 4096, &mut never),
         Err(SubmitError::QueueFull),
         "deeper than the pair's command slots"
     );
-    let op = BlockOp::Read {
-        ns: 1,
-        lba: 0,
-        blocks: 1,
-        buf: BufRef::new(&buf, 0, 512).unwrap(),
-    };
-    qp.submit(op, 1).unwrap();
+    qp.submit(read(&buf, 0), 1).unwrap();
     assert_eq!(
-        qp.device_ceiling(1, 0, 8, BufRef::new(&buf, 0, 4096).unwrap(), 4, &mut never),
+        qp.device_ceiling(1, 0, 8, page, 4, &mut never),
         Err(SubmitError::QueueFull),
         "real I/O in flight"
     );
@@ -128,12 +117,8 @@ fn error_statuses_are_counted() {
     let (model, dma, mut qp) = setup(Config::default());
     let buf = dma.alloc(4096, 4096).unwrap();
     model.set_fault(Fault::PermanentError);
-    let mut budget = 50;
     let (done, errors) = qp
-        .device_ceiling(1, 0, 8, BufRef::whole(&buf), 4, &mut || {
-            budget -= 1;
-            budget > 0
-        })
+        .device_ceiling(1, 0, 8, BufRef::whole(&buf), 4, &mut passes(50))
         .unwrap();
     assert_eq!(errors, done);
     assert!(done >= 50);
@@ -153,13 +138,10 @@ fn a_stalled_device_ends_in_an_error_not_a_hang() {
     );
     assert!(qp.needs_reset(), "the pair asks for a reset");
     assert!(qp.is_failed(), "and refuses work until then");
-    let op = BlockOp::Read {
-        ns: 1,
-        lba: 0,
-        blocks: 1,
-        buf: BufRef::new(&buf, 0, 512).unwrap(),
-    };
-    assert_eq!(qp.submit(op, 1), Err(SubmitError::DeviceUnavailable));
+    assert_eq!(
+        qp.submit(read(&buf, 0), 1),
+        Err(SubmitError::DeviceUnavailable)
+    );
 }
 
 #[test]
@@ -170,12 +152,8 @@ fn duplicate_and_forged_completions_are_counted_never_reissued() {
     });
     let buf = dma.alloc(4096, 4096).unwrap();
     model.set_fault(Fault::DuplicateCompletion);
-    let mut budget = 40;
     let (done, errors) = qp
-        .device_ceiling(1, 0, 8, BufRef::whole(&buf), 4, &mut || {
-            budget -= 1;
-            budget > 0
-        })
+        .device_ceiling(1, 0, 8, BufRef::whole(&buf), 4, &mut passes(40))
         .unwrap();
     assert!(done >= 40);
     // Every duplicate is counted, none taken for a completion; the last one may arrive after
@@ -191,12 +169,8 @@ fn duplicate_and_forged_completions_are_counted_never_reissued() {
     );
     assert_eq!(qp.stats().stale_cid, done - errors);
     model.set_fault(Fault::CorruptCid(0x80));
-    let mut budget = 1;
     assert_eq!(
-        qp.device_ceiling(1, 0, 8, BufRef::whole(&buf), 4, &mut || {
-            budget -= 1;
-            budget > 0
-        }),
+        qp.device_ceiling(1, 0, 8, BufRef::whole(&buf), 4, &mut passes(1)),
         Err(SubmitError::DeviceUnavailable),
         "ids it never issued complete nothing: the loop times out instead of hanging"
     );

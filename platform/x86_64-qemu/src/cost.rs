@@ -15,12 +15,11 @@ use crate::jobs::{JobError, Platform};
 
 /// Runs `f` `n` times and returns nanoseconds per call (loop overhead included).
 fn per_call(n: u64, mut f: impl FnMut(u64)) -> u64 {
-    let hz = crate::time::tsc_hz();
     let t0 = rdtsc();
     for i in 0..n {
         f(i);
     }
-    (rdtsc() - t0) * 1_000_000_000 / hz / n.max(1)
+    crate::time::ticks_to_ns(rdtsc() - t0) / n.max(1)
 }
 
 #[inline(never)]
@@ -410,29 +409,44 @@ fn layer_rows(p: &Platform, row: &mut impl FnMut(&'static str, u64)) -> Result<(
     let [links, ..] = split(&mut mesh);
     let mut r: Reactor<'_, NullQueue, { crate::cpu::MAX_CORES }, HANDLES, W> =
         Reactor::new(links, &aio, Some(q));
-    let (mut t_sub, mut t_poll, mut t_take) = (0u64, 0u64, 0u64);
+    // Bursts of 32, then one I/O at a time (the latency each I/O pays at queue depth 1).
+    let burst = reactor_rounds(&mut r, &op, rounds, 32)?;
+    let single = reactor_rounds(&mut r, &op, 20_000, 1)?;
+    let per = |t: u64, n: u64| crate::time::ticks_to_ns(t) / n;
+    row("reactor: QD1 round trip", per(single.iter().sum(), 20_000));
+    row("  of which submit", per(single[0], 20_000));
+    row("  of which flush", per(single[1], 20_000));
+    row("  of which poll", per(single[2], 20_000));
+    row("  of which next_completion", per(single[3], 20_000));
+    let idle = per_call(20_000, |_| {
+        black_box(r.poll());
+    });
+    row("reactor: idle poll pass", idle);
+    row("reactor: submit (per I/O)", per(burst[0], ios));
+    row(
+        "reactor: poll pass (per I/O)",
+        per(burst[1] + burst[2], ios),
+    );
+    row("reactor: next_completion (per I/O)", per(burst[3], ios));
+    Ok(())
+}
+
+/// `rounds` rounds of `burst` submissions through `r`, then its doorbell, one poll pass and
+/// the hand-out of the completions: TSC ticks spent in each of those four steps.
+fn reactor_rounds<const C: usize, const N: usize, const W: usize>(
+    r: &mut keel_reactor::Reactor<'_, NullQueue, C, N, W>,
+    op: &impl Fn(u64) -> keel_blockdev::BlockOp,
+    rounds: u64,
+    burst: u64,
+) -> Result<[u64; 4], &'static str> {
+    let mut parts = [0u64; 4];
     for round in 0..rounds {
         let t0 = rdtsc();
-        for i in 0..32 {
-            if r.submit(op(round * 32 + i), i as u32).is_err() {
+        for i in 0..burst {
+            if r.submit(op(round * burst + i), i as u32).is_err() {
                 return Err("reactor refused a submission");
             }
         }
-        let t1 = rdtsc();
-        r.poll();
-        let t2 = rdtsc();
-        while let Some(c) = r.next_completion() {
-            black_box(c);
-        }
-        let t3 = rdtsc();
-        t_sub += t1 - t0;
-        t_poll += t2 - t1;
-        t_take += t3 - t2;
-    }
-    let mut parts = [0u64; 4];
-    let qd1 = per_call(20_000, |i| {
-        let t0 = rdtsc();
-        let _ = r.submit(op(i), 0);
         let t1 = rdtsc();
         r.flush();
         let t2 = rdtsc();
@@ -445,20 +459,6 @@ fn layer_rows(p: &Platform, row: &mut impl FnMut(&'static str, u64)) -> Result<(
         for (p, d) in parts.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2, t4 - t3]) {
             *p += d;
         }
-    });
-    row("reactor: QD1 round trip", qd1);
-    let part = |t: u64| crate::time::ticks_to_ns(t) / 20_000;
-    row("  of which submit", part(parts[0]));
-    row("  of which flush", part(parts[1]));
-    row("  of which poll", part(parts[2]));
-    row("  of which next_completion", part(parts[3]));
-    let idle = per_call(20_000, |_| {
-        black_box(r.poll());
-    });
-    let per = |t: u64| crate::time::ticks_to_ns(t) / ios;
-    row("reactor: idle poll pass", idle);
-    row("reactor: submit (per I/O)", per(t_sub));
-    row("reactor: poll pass (per I/O)", per(t_poll));
-    row("reactor: next_completion (per I/O)", per(t_take));
-    Ok(())
+    }
+    Ok(parts)
 }

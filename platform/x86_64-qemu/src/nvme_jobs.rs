@@ -428,9 +428,8 @@ fn ceiling(qp: &mut Qp, cfg: &BenchCfg, bufs: &[DmaRegion]) -> BenchResult {
         return r;
     };
     let blocks = (cfg.bs as u64 / cfg.block_size.max(1) as u64).max(1) as u32;
-    let tsc_hz = crate::time::tsc_hz();
     let start = crate::cpu::rdtsc();
-    let end = start + (cfg.duration_ns as u128 * tsc_hz as u128 / 1_000_000_000) as u64;
+    let end = start + crate::time::ns_to_ticks(cfg.duration_ns);
     let qd = cfg.qd.min(u16::MAX as usize) as u16;
     match qp.device_ceiling(
         cfg.ns,

@@ -359,7 +359,7 @@ pub fn bench(
     let mut r = BenchResult::default();
     hist.fill(0);
     let start = crate::cpu::rdtsc();
-    let end = start + (cfg.duration_ns as u128 * tsc_hz as u128 / 1_000_000_000) as u64;
+    let end = start + crate::time::ns_to_ticks(cfg.duration_ns);
     // Latencies are kept in ticks and bucketed by a shift (no division per I/O): a bucket is
     // the largest power-of-two tick count not above 1 µs, converted back when reporting.
     let us_ticks = (tsc_hz / 1_000_000).max(1);

@@ -61,6 +61,12 @@ pub fn ticks_to_ns(ticks: u64) -> u64 {
     ((ticks as u128 * NS_PER_TICK_Q32.load(Ordering::Relaxed) as u128) >> 32) as u64
 }
 
+/// Nanoseconds to TSC ticks (for deadlines; one division, not for hot paths).
+#[inline]
+pub fn ns_to_ticks(ns: u64) -> u64 {
+    (ns as u128 * tsc_hz() as u128 / 1_000_000_000) as u64
+}
+
 /// Microseconds since the TSC was zero, which is roughly since QEMU started the machine.
 pub fn micros() -> u64 {
     let t = rdtsc() as u128;
@@ -68,7 +74,7 @@ pub fn micros() -> u64 {
 }
 
 pub fn delay_us(us: u64) {
-    let end = rdtsc() + us * tsc_hz() / 1_000_000;
+    let end = rdtsc() + ns_to_ticks(us.saturating_mul(1000));
     while rdtsc() < end {
         crate::cpu::relax();
     }
