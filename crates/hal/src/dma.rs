@@ -90,6 +90,7 @@ impl DmaRegion {
         self.bus
     }
 
+    #[inline]
     fn check(&self, offset: usize, len: usize) -> Result<(), DmaError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len => Ok(()),
@@ -102,6 +103,7 @@ impl DmaRegion {
     }
 
     /// Reads a `T` at `offset` with one volatile copy of its bytes.
+    #[inline]
     pub fn read<T: FromBytes + IntoBytes>(&self, offset: usize) -> Result<T, DmaError> {
         let mut out = T::new_zeroed();
         self.read_bytes(offset, out.as_mut_bytes())?;
@@ -109,6 +111,7 @@ impl DmaRegion {
     }
 
     /// Writes `value` at `offset`.
+    #[inline]
     pub fn write<T: IntoBytes + Immutable>(
         &self,
         offset: usize,
@@ -118,6 +121,7 @@ impl DmaRegion {
     }
 
     /// Reads one `u16` with a single volatile load (for phase-bit polling). `offset` must be even.
+    #[inline]
     pub fn read_u16(&self, offset: usize) -> Result<u16, DmaError> {
         self.check(offset, 2)?;
         if !offset.is_multiple_of(2) {
@@ -129,6 +133,7 @@ impl DmaRegion {
     }
 
     /// Writes one `u32` with a single volatile store. `offset` must be a multiple of 4.
+    #[inline]
     pub fn write_u32(&self, offset: usize, value: u32) -> Result<(), DmaError> {
         self.check(offset, 4)?;
         if !offset.is_multiple_of(4) {
@@ -146,20 +151,22 @@ impl DmaRegion {
     }
 
     /// Copies `dst.len()` bytes out of the region, starting at `offset`.
+    #[inline]
     pub fn read_bytes(&self, offset: usize, dst: &mut [u8]) -> Result<(), DmaError> {
         self.check(offset, dst.len())?;
         // SAFETY: the source range is in bounds (checked) and valid per `from_raw`; `dst` is a
         // distinct Rust allocation, so the ranges do not overlap.
-        unsafe { copy_volatile(self.ptr.as_ptr().add(offset), dst.as_mut_ptr(), dst.len()) };
+        unsafe { copy_from_device(self.ptr.as_ptr().add(offset), dst.as_mut_ptr(), dst.len()) };
         Ok(())
     }
 
     /// Copies `src` into the region at `offset`.
+    #[inline]
     pub fn write_bytes(&self, offset: usize, src: &[u8]) -> Result<(), DmaError> {
         self.check(offset, src.len())?;
         // SAFETY: the destination range is in bounds (checked) and valid per `from_raw`; `src`
         // is a distinct Rust allocation.
-        unsafe { copy_volatile(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len()) };
+        unsafe { copy_to_device(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len()) };
         Ok(())
     }
 
@@ -174,19 +181,49 @@ impl DmaRegion {
     }
 }
 
-/// Copies with volatile accesses (8 bytes at a time when both sides are 8-aligned), so the
-/// compiler neither elides them nor turns them into a `memcpy` call, and each source byte is read
-/// exactly once.
+/// Copies out of device-visible memory: volatile loads (8 bytes at a time when the device side
+/// is 8-aligned), so the compiler neither elides them nor turns them into a `memcpy` call and
+/// each source byte is read exactly once; plain stores into the caller's memory, which the
+/// compiler may keep in registers.
 ///
 /// # Safety
 /// `src..src+len` readable, `dst..dst+len` writable, not overlapping.
-unsafe fn copy_volatile(src: *const u8, dst: *mut u8, len: usize) {
+#[inline(always)]
+unsafe fn copy_from_device(src: *const u8, dst: *mut u8, len: usize) {
     let mut i = 0;
-    if (src as usize).is_multiple_of(8) && (dst as usize).is_multiple_of(8) {
+    if (src as usize).is_multiple_of(8) {
         while i + 8 <= len {
-            // SAFETY: `i + 8 <= len`, both ranges valid per the caller, both 8-aligned.
+            // SAFETY: `i + 8 <= len`, both ranges valid per the caller; the source is 8-aligned,
+            // the destination is written unaligned.
             unsafe {
                 let v = src.add(i).cast::<u64>().read_volatile();
+                dst.add(i).cast::<u64>().write_unaligned(v);
+            }
+            i += 8;
+        }
+    }
+    while i < len {
+        // SAFETY: `i < len`, both ranges valid per the caller.
+        unsafe { *dst.add(i) = src.add(i).read_volatile() };
+        i += 1;
+    }
+}
+
+/// Copies into device-visible memory: plain loads from the caller's memory (a value just built
+/// can be stored straight from registers), volatile stores (8 bytes at a time when the device
+/// side is 8-aligned), so every byte reaches the device's memory exactly as written.
+///
+/// # Safety
+/// `src..src+len` readable, `dst..dst+len` writable, not overlapping.
+#[inline(always)]
+unsafe fn copy_to_device(src: *const u8, dst: *mut u8, len: usize) {
+    let mut i = 0;
+    if (dst as usize).is_multiple_of(8) {
+        while i + 8 <= len {
+            // SAFETY: `i + 8 <= len`, both ranges valid per the caller; the destination is
+            // 8-aligned, the source is read unaligned.
+            unsafe {
+                let v = src.add(i).cast::<u64>().read_unaligned();
                 dst.add(i).cast::<u64>().write_volatile(v);
             }
             i += 8;
@@ -194,7 +231,7 @@ unsafe fn copy_volatile(src: *const u8, dst: *mut u8, len: usize) {
     }
     while i < len {
         // SAFETY: `i < len`, both ranges valid per the caller.
-        unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
+        unsafe { dst.add(i).write_volatile(*src.add(i)) };
         i += 1;
     }
 }

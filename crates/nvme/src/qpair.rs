@@ -27,6 +27,8 @@ const PENDING: u8 = 3;
 /// queue pair itself (plain memory): it is host-private, so it needs no volatile copies, and
 /// under emulation every access to it is cheap.
 pub const MAX_COMMANDS: usize = 256;
+// CIDs hold the slot index in their low bits and a generation of at least 8 bits above it.
+static_assertions::const_assert!(MAX_COMMANDS <= 256);
 
 /// Per command slot bookkeeping (never given to the device).
 #[derive(Debug, Clone, Copy, Default)]
@@ -133,6 +135,10 @@ pub struct IoQueuePair<M: Mmio, C: Clock> {
     phase: bool,
     nslots: u16,
     slot_bits: u32,
+    /// Generation bits (above the slot index in a CID), all ones.
+    gen_mask: u16,
+    /// The last slot with the all-ones generation would be CID 0xFFFF: that generation is skipped.
+    top_gen_reserved: bool,
     free_slot: u16,
     free_slots: u16,
     free_req: u16,
@@ -200,6 +206,8 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             phase: true,
             nslots,
             slot_bits: slot_bits.max(1),
+            gen_mask: u16::MAX >> slot_bits.max(1),
+            top_gen_reserved: (1u32 << slot_bits.max(1)) - 1 == (nslots - 1) as u32,
             free_slot: NONE,
             free_slots: 0,
             free_req: NONE,
@@ -503,25 +511,21 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         }
     }
 
+    #[inline]
     fn cid_of(&self, slot: u16, gen: u16) -> u16 {
         slot | (gen << self.slot_bits)
     }
 
+    /// The generation after `gen` (wrapping within the bits above the slot index). Never one
+    /// that would make CID 0xFFFF (reserved as "no command" in error logs).
+    #[inline]
     fn next_gen(&self, gen: u16) -> u16 {
-        let gen_bits = 16 - self.slot_bits;
-        let mask = if gen_bits >= 16 {
-            u16::MAX
+        let g = gen.wrapping_add(1) & self.gen_mask;
+        if self.top_gen_reserved && g == self.gen_mask {
+            0
         } else {
-            (1u16 << gen_bits) - 1
-        };
-        let mut g = gen.wrapping_add(1) & mask;
-        // Never produce CID 0xFFFF (reserved as "no command" in error logs).
-        if self.cid_of(self.nslots - 1, g) == 0xFFFF
-            && (1u32 << self.slot_bits) - 1 == (self.nslots - 1) as u32
-        {
-            g = 0;
+            g
         }
-        g
     }
 
     fn alloc_slot(&mut self) -> Option<u16> {
@@ -700,14 +704,18 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         }
     }
 
-    fn handle(&mut self, e: &CqEntry) {
+    /// Handles one completion entry (already copied out of the ring). Returns the tag of a
+    /// request it finished successfully and that can be reported at once (the common case:
+    /// one command, first report); everything else goes through the ready list.
+    #[inline]
+    fn handle(&mut self, e: &CqEntry) -> Option<u32> {
         if e.sq_id != self.qid {
             self.stats.bad_sqid += 1;
-            return;
+            return None;
         }
         if e.sq_head >= self.entries {
             self.stats.bad_sq_head += 1;
-            return;
+            return None;
         }
         let mask = (1u16 << self.slot_bits).wrapping_sub(1);
         let i = e.cid & mask;
@@ -718,21 +726,50 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         };
         if i >= self.nslots {
             self.stats.bad_cid += 1;
-            return;
+            return None;
         }
-        let s = self.slot(i);
-        if s.gen != gen || (s.state != ACTIVE && s.state != ZOMBIE) {
+        let Some(&SlotRec {
+            gen: live_gen,
+            state,
+            req,
+            ..
+        }) = self.slots.get(i as usize)
+        else {
+            self.stats.bad_cid += 1;
+            return None;
+        };
+        if live_gen != gen || (state != ACTIVE && state != ZOMBIE) {
             self.stats.stale_cid += 1;
             keel_log::warn!("nvme: q{} stale/duplicate cid {}", self.qid, e.cid);
-            return;
+            return None;
         }
         self.stats.completions += 1;
+        if state == ACTIVE && e.status >> 1 == 0 {
+            // Success: free the slot (only its list link and state change) and, for a request
+            // of one command not yet reported, report it now without the ready list.
+            if let Some(d) = self.slots.get_mut(i as usize) {
+                d.state = FREE;
+                d.next = self.free_slot;
+            }
+            self.free_slot = i;
+            self.free_slots += 1;
+            self.busy -= 1;
+            let r = self.req(req);
+            if r.outstanding == 1 && r.err == ERR_NONE && r.reported == 0 {
+                self.free_req_rec(req);
+                self.unreported -= 1;
+                return Some(r.tag);
+            }
+            self.finish_part(req, ERR_NONE, 0);
+            return None;
+        }
+        let s = self.slot(i);
         let status = e.status();
         if s.state == ZOMBIE {
             self.stats.late_completions += 1;
             self.free_slot_rec(i, s);
             self.finish_part(s.req, ERR_NONE, 0);
-            return;
+            return None;
         }
         if !status.is_success()
             && status.is_retryable()
@@ -741,7 +778,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         {
             self.stats.retries += 1;
             if self.reissue(i, s) {
-                return;
+                return None;
             }
         }
         self.free_slot_rec(i, s);
@@ -750,6 +787,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         } else {
             self.finish_part(s.req, ERR_STATUS, e.status);
         }
+        None
     }
 
     fn scan_timeouts(&mut self, on_done: &mut dyn FnMut(u32, Result<(), IoError>)) -> usize {
@@ -862,20 +900,10 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         }
     }
 
-    fn ns(&self, nsid: NsId) -> Option<Namespace> {
-        self.namespaces.iter().find(|n| n.nsid == nsid).copied()
-    }
-
-    fn check_range(ns: &Namespace, lba: u64, blocks: u32) -> Result<(), SubmitError> {
-        match lba.checked_add(blocks as u64) {
-            Some(end) if blocks > 0 && end <= ns.blocks => Ok(()),
-            _ => Err(SubmitError::OutOfRange),
-        }
-    }
-}
-
-impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
-    fn submit(&mut self, op: BlockOp, tag: u32) -> Result<(), SubmitError> {
+    /// Any operation: validation with a typed error for each refusal, MDTS splitting, PRP
+    /// lists, DSM ranges.
+    #[inline(never)]
+    fn submit_general(&mut self, op: BlockOp, tag: u32) -> Result<(), SubmitError> {
         if self.failed {
             return Err(SubmitError::DeviceUnavailable);
         }
@@ -1017,6 +1045,129 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
         Ok(())
     }
 
+    /// The common case in one pass, with no intermediate records: a read or write on the first
+    /// namespace that needs one command (no MDTS split) and at most two pages (PRP1/PRP2, no
+    /// list). Returns `false`, having changed nothing, for anything else (including every
+    /// refusal): the general path then takes it and gives the typed error.
+    #[inline(always)]
+    fn submit_simple(&mut self, op: &BlockOp, tag: u32) -> bool {
+        let (opcode, nsid, lba, blocks, buf) = match *op {
+            BlockOp::Read {
+                ns,
+                lba,
+                blocks,
+                buf,
+            } => (io_op::READ, ns, lba, blocks, buf),
+            BlockOp::Write {
+                ns,
+                lba,
+                blocks,
+                buf,
+            } => (io_op::WRITE, ns, lba, blocks, buf),
+            _ => return false,
+        };
+        let Some(ns) = self.namespaces.first() else {
+            return false;
+        };
+        let len = blocks as u64 * ns.block_size as u64;
+        let addr = buf.bus_addr();
+        let in_range = matches!(lba.checked_add(blocks as u64), Some(end) if end <= ns.blocks);
+        if ns.nsid != nsid
+            || self.failed
+            || blocks == 0
+            || !in_range
+            || buf.len() as u64 != len
+            || len > self.max_transfer as u64
+            || addr % 4 != 0
+        {
+            return false;
+        }
+        let first = PAGE_SIZE as u64 - addr % PAGE_SIZE as u64;
+        let prp2 = if len <= first {
+            0
+        } else if len - first <= PAGE_SIZE as u64 {
+            addr + first
+        } else {
+            return false;
+        };
+        let (i, r) = (self.free_slot, self.free_req);
+        let (Some(old), Some(old_req)) = (self.slots.get(i as usize), self.reqs.get(r as usize))
+        else {
+            return false; // none free (NONE is past the arrays): the general path says QueueFull
+        };
+        let (next_slot, next_req, gen) = (old.next, old_req.next, self.next_gen(old.gen));
+        let e = SqEntry {
+            cdw0: opcode as u32 | ((self.cid_of(i, gen) as u32) << 16),
+            nsid,
+            prp1: addr,
+            prp2,
+            cdw10: lba as u32,
+            cdw11: (lba >> 32) as u32,
+            cdw12: blocks - 1,
+            ..SqEntry::default()
+        };
+        let pos = self.sq_tail;
+        if self.sq.write(pos as usize * 64, &e).is_err() {
+            return false;
+        }
+        let deadline = self.clock.now_ns().saturating_add(self.timeout_ns);
+        self.put_slot(
+            i,
+            &SlotRec {
+                deadline,
+                slba: lba,
+                buf: addr,
+                nsid,
+                nlb: blocks,
+                len: len as u32,
+                gen,
+                req: r,
+                next: NONE,
+                state: ACTIVE,
+                opcode,
+                retries: 0,
+            },
+        );
+        self.put_req(
+            r,
+            &ReqRec {
+                tag,
+                outstanding: 1,
+                next: NONE,
+                ..ReqRec::default()
+            },
+        );
+        self.free_slot = next_slot;
+        self.free_slots -= 1;
+        self.busy += 1;
+        self.free_req = next_req;
+        self.sq_tail = self.next_pos(pos);
+        self.unreported += 1;
+        self.stats.submitted_cmds += 1;
+        true
+    }
+
+    fn ns(&self, nsid: NsId) -> Option<Namespace> {
+        self.namespaces.iter().find(|n| n.nsid == nsid).copied()
+    }
+
+    fn check_range(ns: &Namespace, lba: u64, blocks: u32) -> Result<(), SubmitError> {
+        match lba.checked_add(blocks as u64) {
+            Some(end) if blocks > 0 && end <= ns.blocks => Ok(()),
+            _ => Err(SubmitError::OutOfRange),
+        }
+    }
+}
+
+impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
+    #[inline]
+    fn submit(&mut self, op: BlockOp, tag: u32) -> Result<(), SubmitError> {
+        if self.submit_simple(&op, tag) {
+            return Ok(());
+        }
+        self.submit_general(op, tag)
+    }
+
     fn flush_submissions(&mut self) {
         if self.sq_tail != self.sq_tail_rung {
             let (new, old) = (self.sq_tail, self.sq_tail_rung);
@@ -1042,7 +1193,10 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
             }
             self.advance_cq_head();
             consumed += 1;
-            self.handle(&e);
+            if let Some(tag) = self.handle(&e) {
+                on_done(tag, Ok(()));
+                reported += 1;
+            }
         }
         self.ack_consumed(u16::try_from(consumed).unwrap_or(u16::MAX));
         reported += self.drain_ready(on_done);
