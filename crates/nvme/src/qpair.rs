@@ -1160,7 +1160,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
 }
 
 impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
-    #[inline]
+    #[inline(always)]
     fn submit(&mut self, op: BlockOp, tag: u32) -> Result<(), SubmitError> {
         if self.submit_simple(&op, tag) {
             return Ok(());

@@ -250,6 +250,67 @@ fn write_read_sizes_and_alignments() {
     assert!(r.model.log().is_empty(), "{:?}", r.model.log());
 }
 
+/// The driver's one-pass submit takes a read or write of one command within two pages on the
+/// first namespace; everything else goes the general way. Both sides of each boundary move the
+/// right bytes, and refusals still come back typed.
+#[test]
+fn one_pass_and_general_paths_meet_at_their_boundaries() {
+    let mcfg = ModelConfig {
+        namespaces: vec![
+            NsConfig {
+                nsid: 1,
+                blocks: 4096,
+                lba_shift: 9,
+            },
+            NsConfig {
+                nsid: 2,
+                blocks: 1024,
+                lba_shift: 12,
+            },
+        ],
+        ..ModelConfig::default()
+    };
+    let mut r = rig(mcfg, Config::default());
+    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 64).unwrap();
+    // (blocks of 512 B, buffer offset): two pages exactly, just inside and just past two pages
+    // at an offset, the last LBA, and a transfer past MDTS (split).
+    for (lba, blocks, off) in [
+        (0, 16, 0),
+        (40, 15, 4),
+        (80, 16, 4),
+        (120, 8, 4092),
+        (4095, 1, 508),
+        (200, 1024, 0),
+    ] {
+        write_read_verify(&mut r, &mut qp, 1, lba, blocks, off);
+    }
+    // Another namespace (4 KiB blocks) goes the general way.
+    write_read_verify(&mut r, &mut qp, 2, 7, 1, 0);
+    write_read_verify(&mut r, &mut qp, 2, 1023, 1, 12);
+    let buf = r.dma.alloc(8192, 4096).unwrap();
+    let read = |ns, lba, blocks, len| BlockOp::Read {
+        ns,
+        lba,
+        blocks,
+        buf: BufRef::new(&buf, 0, len).unwrap(),
+    };
+    assert_eq!(
+        qp.submit(read(1, 4096, 1, 512), 1),
+        Err(SubmitError::OutOfRange)
+    );
+    assert_eq!(qp.submit(read(1, 0, 0, 0), 2), Err(SubmitError::OutOfRange));
+    assert_eq!(
+        qp.submit(read(1, 0, 2, 512), 3),
+        Err(SubmitError::BufferLength)
+    );
+    assert_eq!(
+        qp.submit(read(9, 0, 1, 512), 4),
+        Err(SubmitError::InvalidNamespace)
+    );
+    assert_eq!(qp.in_flight(), 0, "nothing refused is in flight");
+    assert!(r.model.log().is_empty(), "{:?}", r.model.log());
+}
+
 #[test]
 fn prp_list_chained_over_two_pages() {
     let mcfg = ModelConfig {
