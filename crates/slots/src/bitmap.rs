@@ -130,7 +130,7 @@ impl<const W: usize> FreeBitmap<W> {
     /// [`Self::acquire`] with `between` run after each read of a word and before the claim of
     /// a bit seen in it: the window where other parties may race. For deterministic
     /// interleaving tests; `acquire` passes a no-op.
-    #[inline]
+    #[inline(always)]
     fn acquire_probed(&self, mut between: impl FnMut()) -> Option<usize> {
         if W == 0 {
             return None;
@@ -167,6 +167,7 @@ impl<const W: usize> FreeBitmap<W> {
     /// # Errors
     /// [`SlotError::IndexOutOfRange`] for an index `>= len`; [`SlotError::NotAllocated`] if the
     /// slot was already free (a double release; the bitmap is left unchanged).
+    #[inline(always)]
     pub fn release(&self, index: usize) -> Result<(), SlotError> {
         self.check(index)?;
         let mask = 1u64 << (index % BITS);
