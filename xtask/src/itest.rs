@@ -602,6 +602,11 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
         timeout: 120,
         ..VmOpts::default()
     };
+    // Benches measure the driver and QEMU's emulation, not the host's disk.
+    let null_vm = |smp| VmOpts {
+        null_backend: true,
+        ..vm(smp)
+    };
     let mut v = vec![
         case(
             "selftest: 512 B LBAs, MDTS 512 KiB",
@@ -662,10 +667,7 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
         ),
         case(
             "bench: 4K randwrite QD32, 1 s",
-            VmOpts {
-                null_backend: true,
-                ..vm(1)
-            },
+            null_vm(1),
             "bench pattern=randwrite bs=4K qd=32 secs=1",
             true,
             vec![("I/Os counted, no errors", |o| {
@@ -674,10 +676,7 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
         ),
         case(
             "cost: per-primitive table, driver rows included",
-            VmOpts {
-                null_backend: true,
-                ..vm(1)
-            },
+            null_vm(1),
             "cost iters=20000",
             true,
             vec![("every row measured", |o| {
@@ -696,10 +695,7 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
         ),
         case(
             "bench: full stack and raw interleaved, 1 s",
-            VmOpts {
-                null_backend: true,
-                ..vm(1)
-            },
+            null_vm(1),
             "bench pattern=randread bs=4K qd=16 secs=1 raw=both",
             true,
             vec![
@@ -713,10 +709,7 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
         ),
         case(
             "bench: device ceiling (prebuilt read resubmitted), 1 s",
-            VmOpts {
-                null_backend: true,
-                ..vm(1)
-            },
+            null_vm(1),
             "bench pattern=randread bs=4K qd=32 secs=1 raw=ceiling",
             true,
             vec![("I/Os counted, no errors", |o| {
@@ -725,10 +718,7 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
         ),
         case(
             "bench: 2 cores, own queue pairs",
-            VmOpts {
-                null_backend: true,
-                ..vm(2)
-            },
+            null_vm(2),
             "bench pattern=randread bs=4K qd=8 secs=1 cores=2",
             true,
             vec![("both cores ran", |o| {
@@ -872,9 +862,8 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
     v.push(case(
         "logbench: writer vs raw, bypass copies nothing",
         VmOpts {
-            null_backend: true,
             disk_size: "1G".into(),
-            ..vm(1)
+            ..null_vm(1)
         },
         "logbench ms=200",
         true,

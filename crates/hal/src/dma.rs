@@ -156,7 +156,14 @@ impl DmaRegion {
         self.check(offset, dst.len())?;
         // SAFETY: the source range is in bounds (checked) and valid per `from_raw`; `dst` is a
         // distinct Rust allocation, so the ranges do not overlap.
-        unsafe { copy_from_device(self.ptr.as_ptr().add(offset), dst.as_mut_ptr(), dst.len()) };
+        unsafe {
+            copy_device(
+                self.ptr.as_ptr().add(offset),
+                dst.as_mut_ptr(),
+                dst.len(),
+                Device::Src,
+            )
+        };
         Ok(())
     }
 
@@ -166,7 +173,14 @@ impl DmaRegion {
         self.check(offset, src.len())?;
         // SAFETY: the destination range is in bounds (checked) and valid per `from_raw`; `src`
         // is a distinct Rust allocation.
-        unsafe { copy_to_device(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len()) };
+        unsafe {
+            copy_device(
+                src.as_ptr(),
+                self.ptr.as_ptr().add(offset),
+                src.len(),
+                Device::Dst,
+            )
+        };
         Ok(())
     }
 
@@ -181,57 +195,51 @@ impl DmaRegion {
     }
 }
 
-/// Copies out of device-visible memory: volatile loads (8 bytes at a time when the device side
-/// is 8-aligned), so the compiler neither elides them nor turns them into a `memcpy` call and
-/// each source byte is read exactly once; plain stores into the caller's memory, which the
-/// compiler may keep in registers.
-///
-/// # Safety
-/// `src..src+len` readable, `dst..dst+len` writable, not overlapping.
-#[inline(always)]
-unsafe fn copy_from_device(src: *const u8, dst: *mut u8, len: usize) {
-    let mut i = 0;
-    if (src as usize).is_multiple_of(8) {
-        while i + 8 <= len {
-            // SAFETY: `i + 8 <= len`, both ranges valid per the caller; the source is 8-aligned,
-            // the destination is written unaligned.
-            unsafe {
-                let v = src.add(i).cast::<u64>().read_volatile();
-                dst.add(i).cast::<u64>().write_unaligned(v);
-            }
-            i += 8;
-        }
-    }
-    while i < len {
-        // SAFETY: `i < len`, both ranges valid per the caller.
-        unsafe { *dst.add(i) = src.add(i).read_volatile() };
-        i += 1;
-    }
+/// Which side of a copy is device-visible memory.
+#[derive(Clone, Copy)]
+enum Device {
+    Src,
+    Dst,
 }
 
-/// Copies into device-visible memory: plain loads from the caller's memory (a value just built
-/// can be stored straight from registers), volatile stores (8 bytes at a time when the device
-/// side is 8-aligned), so every byte reaches the device's memory exactly as written.
+/// Copies `len` bytes with volatile accesses on the device's side only (8 bytes at a time when
+/// that side is 8-aligned): the compiler neither elides them nor turns them into a `memcpy`
+/// call, and each device byte is read or written exactly once. The other side is the caller's
+/// memory, accessed plainly, so a value just built is stored straight from registers and a
+/// value just read can stay in them. `device` is a constant at every call, so the branches on
+/// it fold away.
 ///
 /// # Safety
 /// `src..src+len` readable, `dst..dst+len` writable, not overlapping.
 #[inline(always)]
-unsafe fn copy_to_device(src: *const u8, dst: *mut u8, len: usize) {
+unsafe fn copy_device(src: *const u8, dst: *mut u8, len: usize, device: Device) {
+    let device_side = match device {
+        Device::Src => src as usize,
+        Device::Dst => dst as usize,
+    };
     let mut i = 0;
-    if (dst as usize).is_multiple_of(8) {
+    if device_side.is_multiple_of(8) {
         while i + 8 <= len {
-            // SAFETY: `i + 8 <= len`, both ranges valid per the caller; the destination is
-            // 8-aligned, the source is read unaligned.
+            // SAFETY: `i + 8 <= len`, both ranges valid per the caller; the device side is
+            // 8-aligned, the caller's side is accessed unaligned.
             unsafe {
-                let v = src.add(i).cast::<u64>().read_unaligned();
-                dst.add(i).cast::<u64>().write_volatile(v);
+                let (s, d) = (src.add(i).cast::<u64>(), dst.add(i).cast::<u64>());
+                match device {
+                    Device::Src => d.write_unaligned(s.read_volatile()),
+                    Device::Dst => d.write_volatile(s.read_unaligned()),
+                }
             }
             i += 8;
         }
     }
     while i < len {
         // SAFETY: `i < len`, both ranges valid per the caller.
-        unsafe { dst.add(i).write_volatile(*src.add(i)) };
+        unsafe {
+            match device {
+                Device::Src => *dst.add(i) = src.add(i).read_volatile(),
+                Device::Dst => dst.add(i).write_volatile(*src.add(i)),
+            }
+        }
         i += 1;
     }
 }

@@ -36,6 +36,20 @@ pub enum PrpError {
     ListRegion,
 }
 
+/// PRP2 for `len` bytes at `addr` when PRP1/PRP2 alone describe them (0 when they fit in
+/// PRP1's page), `None` when they need a list. `addr` must be dword-aligned, `len` nonzero.
+#[inline]
+pub fn direct(addr: u64, len: u64) -> Option<u64> {
+    let first = P - (addr % P);
+    if len <= first {
+        Some(0)
+    } else if len - first <= P {
+        Some(addr + first)
+    } else {
+        None
+    }
+}
+
 /// Builds PRP1/PRP2 for `len` bytes at bus address `addr`, writing any PRP list into `list`
 /// at byte offset `list_off` (`list_pages` whole pages, page-aligned in bus space).
 pub fn build(
@@ -48,16 +62,12 @@ pub fn build(
     if len == 0 || addr % 4 != 0 || addr.checked_add(len as u64).is_none() {
         return Err(PrpError::BadBuffer);
     }
+    if let Some(prp2) = direct(addr, len as u64) {
+        return Ok((addr, prp2));
+    }
     let first = P - (addr % P);
-    let len = len as u64;
-    if len <= first {
-        return Ok((addr, 0));
-    }
-    let rest = len - first;
+    let rest = len as u64 - first;
     let next = addr + first;
-    if rest <= P {
-        return Ok((addr, next));
-    }
     let entries = rest.div_ceil(P) as usize;
     if entries > list_capacity(list_pages) {
         return Err(PrpError::TooLong);
@@ -93,6 +103,33 @@ mod tests {
     use super::*;
     use keel_hal::DmaAllocator;
     use keel_model::HostDma;
+
+    #[test]
+    fn direct_covers_exactly_what_needs_no_list() {
+        assert_eq!(direct(0x10000, 4096), Some(0), "one page");
+        assert_eq!(
+            direct(0x10004, 4092),
+            Some(0),
+            "to the end of the first page"
+        );
+        assert_eq!(
+            direct(0x10004, 4093),
+            Some(0x11000),
+            "one byte into the second"
+        );
+        assert_eq!(direct(0x10000, 8192), Some(0x11000), "two whole pages");
+        assert_eq!(
+            direct(0x10004, 4092 + 4096),
+            Some(0x11000),
+            "to the end of the second"
+        );
+        assert_eq!(
+            direct(0x10004, 4092 + 4097),
+            None,
+            "a third page needs a list"
+        );
+        assert_eq!(direct(0x10000, 8193), None);
+    }
 
     fn entry(list: &DmaRegion, i: usize) -> u64 {
         list.read(i * 8).unwrap()

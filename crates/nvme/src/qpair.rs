@@ -345,11 +345,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         {
             return Err(SubmitError::BufferLength);
         }
-        let mut e = SqEntry::new(io_op::READ, 0, ns.nsid);
-        e.prp1 = addr;
-        e.cdw10 = lba as u32;
-        e.cdw11 = (lba >> 32) as u32;
-        e.cdw12 = blocks - 1;
+        let mut e = SqEntry::read_write(io_op::READ, 0, ns.nsid, lba, blocks, (addr, 0));
         // Command ids 0..qd: `free` holds those to (re)issue, `on_device` those in flight.
         let mut free = [0u16; MAX_COMMANDS];
         let mut on_device = [false; MAX_COMMANDS];
@@ -540,10 +536,13 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         Some(i)
     }
 
-    fn free_slot_rec(&mut self, i: u16, mut s: SlotRec) {
-        s.state = FREE;
-        s.next = self.free_slot;
-        self.put_slot(i, &s);
+    /// Returns slot `i` to the free list (only its state and list link change).
+    #[inline]
+    fn release_slot(&mut self, i: u16) {
+        if let Some(d) = self.slots.get_mut(i as usize) {
+            d.state = FREE;
+            d.next = self.free_slot;
+        }
         self.free_slot = i;
         self.free_slots += 1;
         self.busy -= 1;
@@ -599,6 +598,21 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         }
     }
 
+    /// A command of request `req` succeeded. Returns the request's tag when that finished it
+    /// and it can be reported at once (no failed part, no timeout report): the common case, a
+    /// request of one command. Otherwise as [`Self::finish_part`] (the ready list).
+    #[inline]
+    fn finish_ok(&mut self, req: u16) -> Option<u32> {
+        let r = self.req(req);
+        if r.outstanding == 1 && r.err == ERR_NONE && r.reported == 0 {
+            self.free_req_rec(req);
+            self.unreported -= 1;
+            return Some(r.tag);
+        }
+        self.finish_part(req, ERR_NONE, 0);
+        None
+    }
+
     fn drain_ready(&mut self, on_done: &mut dyn FnMut(u32, Result<(), IoError>)) -> usize {
         let mut n = 0;
         while self.ready_head != NONE {
@@ -624,17 +638,13 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
 
     /// Builds the SQ entry for slot `i` (writing its PRP list or DSM range).
     fn build_sqe(&self, i: u16, s: &SlotRec) -> Result<SqEntry, prp::PrpError> {
-        let mut e = SqEntry::new(s.opcode, self.cid_of(i, s.gen), s.nsid);
+        let cid = self.cid_of(i, s.gen);
+        let mut e = SqEntry::new(s.opcode, cid, s.nsid);
         let list_off = i as usize * self.list_pages * PAGE_SIZE;
         match s.opcode {
             io_op::READ | io_op::WRITE => {
-                let (p1, p2) =
-                    prp::build(s.buf, s.len as usize, &self.prp, list_off, self.list_pages)?;
-                e.prp1 = p1;
-                e.prp2 = p2;
-                e.cdw10 = s.slba as u32;
-                e.cdw11 = (s.slba >> 32) as u32;
-                e.cdw12 = s.nlb - 1;
+                let prp = prp::build(s.buf, s.len as usize, &self.prp, list_off, self.list_pages)?;
+                e = SqEntry::read_write(s.opcode, cid, s.nsid, s.slba, s.nlb, prp);
             }
             io_op::WRITE_ZEROES => {
                 e.cdw10 = s.slba as u32;
@@ -745,29 +755,14 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         }
         self.stats.completions += 1;
         if state == ACTIVE && e.status >> 1 == 0 {
-            // Success: free the slot (only its list link and state change) and, for a request
-            // of one command not yet reported, report it now without the ready list.
-            if let Some(d) = self.slots.get_mut(i as usize) {
-                d.state = FREE;
-                d.next = self.free_slot;
-            }
-            self.free_slot = i;
-            self.free_slots += 1;
-            self.busy -= 1;
-            let r = self.req(req);
-            if r.outstanding == 1 && r.err == ERR_NONE && r.reported == 0 {
-                self.free_req_rec(req);
-                self.unreported -= 1;
-                return Some(r.tag);
-            }
-            self.finish_part(req, ERR_NONE, 0);
-            return None;
+            self.release_slot(i);
+            return self.finish_ok(req);
         }
         let s = self.slot(i);
         let status = e.status();
         if s.state == ZOMBIE {
             self.stats.late_completions += 1;
-            self.free_slot_rec(i, s);
+            self.release_slot(i);
             self.finish_part(s.req, ERR_NONE, 0);
             return None;
         }
@@ -781,7 +776,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 return None;
             }
         }
-        self.free_slot_rec(i, s);
+        self.release_slot(i);
         if status.is_success() {
             self.finish_part(s.req, ERR_NONE, 0);
         } else {
@@ -853,7 +848,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             let mut s = self.slot(i);
             match s.state {
                 ZOMBIE => {
-                    self.free_slot_rec(i, s);
+                    self.release_slot(i);
                     self.finish_part(s.req, ERR_NONE, 0);
                 }
                 ACTIVE => {
@@ -875,7 +870,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             if s.retries < self.max_retries && self.reissue(i, s) {
                 self.stats.resubmitted_after_reset += 1;
             } else {
-                self.free_slot_rec(i, s);
+                self.release_slot(i);
                 self.finish_part(s.req, ERR_RESET, 0);
             }
         }
@@ -888,11 +883,11 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             let s = self.slot(i);
             match s.state {
                 PENDING | ACTIVE => {
-                    self.free_slot_rec(i, s);
+                    self.release_slot(i);
                     self.finish_part(s.req, ERR_RESET, 0);
                 }
                 ZOMBIE => {
-                    self.free_slot_rec(i, s);
+                    self.release_slot(i);
                     self.finish_part(s.req, ERR_NONE, 0);
                 }
                 _ => {}
@@ -1026,7 +1021,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             while i != NONE {
                 let s = self.slot(i);
                 let next = s.next;
-                self.free_slot_rec(i, s);
+                self.release_slot(i);
                 i = next;
             }
             self.free_req_rec(req);
@@ -1071,23 +1066,16 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         };
         let len = blocks as u64 * ns.block_size as u64;
         let addr = buf.bus_addr();
-        let in_range = matches!(lba.checked_add(blocks as u64), Some(end) if end <= ns.blocks);
         if ns.nsid != nsid
             || self.failed
-            || blocks == 0
-            || !in_range
+            || Self::check_range(ns, lba, blocks).is_err()
             || buf.len() as u64 != len
             || len > self.max_transfer as u64
             || addr % 4 != 0
         {
             return false;
         }
-        let first = PAGE_SIZE as u64 - addr % PAGE_SIZE as u64;
-        let prp2 = if len <= first {
-            0
-        } else if len - first <= PAGE_SIZE as u64 {
-            addr + first
-        } else {
+        let Some(prp2) = prp::direct(addr, len) else {
             return false;
         };
         let (i, r) = (self.free_slot, self.free_req);
@@ -1096,16 +1084,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             return false; // none free (NONE is past the arrays): the general path says QueueFull
         };
         let (next_slot, next_req, gen) = (old.next, old_req.next, self.next_gen(old.gen));
-        let e = SqEntry {
-            cdw0: opcode as u32 | ((self.cid_of(i, gen) as u32) << 16),
-            nsid,
-            prp1: addr,
-            prp2,
-            cdw10: lba as u32,
-            cdw11: (lba >> 32) as u32,
-            cdw12: blocks - 1,
-            ..SqEntry::default()
-        };
+        let e = SqEntry::read_write(opcode, self.cid_of(i, gen), nsid, lba, blocks, (addr, prp2));
         let pos = self.sq_tail;
         if self.sq.write(pos as usize * 64, &e).is_err() {
             return false;

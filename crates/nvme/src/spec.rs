@@ -130,6 +130,25 @@ impl SqEntry {
             ..Self::default()
         }
     }
+    /// A read or write (`opcode`) of `nlb` blocks (at least 1) at `slba`, data at PRP1/PRP2.
+    #[inline]
+    pub fn read_write(
+        opcode: u8,
+        cid: u16,
+        nsid: u32,
+        slba: u64,
+        nlb: u32,
+        prp: (u64, u64),
+    ) -> Self {
+        Self {
+            prp1: prp.0,
+            prp2: prp.1,
+            cdw10: slba as u32,
+            cdw11: (slba >> 32) as u32,
+            cdw12: nlb - 1,
+            ..Self::new(opcode, cid, nsid)
+        }
+    }
     pub fn opcode(&self) -> u8 {
         self.cdw0 as u8
     }

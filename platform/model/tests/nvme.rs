@@ -73,6 +73,15 @@ fn run_one(qp: &mut Qp, op: BlockOp) -> Result<(), IoError> {
     done[0].1
 }
 
+/// A namespace of `blocks` blocks of `1 << lba_shift` bytes.
+fn ns(nsid: u32, blocks: u64, lba_shift: u8) -> NsConfig {
+    NsConfig {
+        nsid,
+        blocks,
+        lba_shift,
+    }
+}
+
 fn write_read_verify(r: &mut Rig, qp: &mut Qp, nsid: u32, lba: u64, blocks: u32, buf_off: usize) {
     let bs = qp.block_size(nsid).unwrap() as usize;
     let len = blocks as usize * bs;
@@ -183,23 +192,7 @@ fn absurd_identify_is_rejected() {
 #[test]
 fn multiple_namespaces_512_and_4k() {
     let mcfg = ModelConfig {
-        namespaces: vec![
-            NsConfig {
-                nsid: 1,
-                blocks: 4096,
-                lba_shift: 9,
-            },
-            NsConfig {
-                nsid: 2,
-                blocks: 1024,
-                lba_shift: 12,
-            },
-            NsConfig {
-                nsid: 5,
-                blocks: 300,
-                lba_shift: 12,
-            },
-        ],
+        namespaces: vec![ns(1, 4096, 9), ns(2, 1024, 12), ns(5, 300, 12)],
         ..ModelConfig::default()
     };
     let mut r = rig(mcfg, Config::default());
@@ -256,18 +249,7 @@ fn write_read_sizes_and_alignments() {
 #[test]
 fn one_pass_and_general_paths_meet_at_their_boundaries() {
     let mcfg = ModelConfig {
-        namespaces: vec![
-            NsConfig {
-                nsid: 1,
-                blocks: 4096,
-                lba_shift: 9,
-            },
-            NsConfig {
-                nsid: 2,
-                blocks: 1024,
-                lba_shift: 12,
-            },
-        ],
+        namespaces: vec![ns(1, 4096, 9), ns(2, 1024, 12)],
         ..ModelConfig::default()
     };
     let mut r = rig(mcfg, Config::default());
@@ -315,11 +297,7 @@ fn one_pass_and_general_paths_meet_at_their_boundaries() {
 fn prp_list_chained_over_two_pages() {
     let mcfg = ModelConfig {
         mdts: 0,
-        namespaces: vec![NsConfig {
-            nsid: 1,
-            blocks: 16384,
-            lba_shift: 9,
-        }],
+        namespaces: vec![ns(1, 16384, 9)],
         ..ModelConfig::default()
     };
     let cfg = Config {
@@ -389,11 +367,7 @@ fn flush_write_zeroes_deallocate() {
 
     // Write zeroes bigger than one command's 65536-block limit is split too.
     let mcfg = ModelConfig {
-        namespaces: vec![NsConfig {
-            nsid: 1,
-            blocks: 140_000,
-            lba_shift: 9,
-        }],
+        namespaces: vec![ns(1, 140_000, 9)],
         ..ModelConfig::default()
     };
     let r2 = rig(mcfg, Config::default());
@@ -1040,18 +1014,7 @@ fn shadow_doorbells_survive_reset() {
 fn randomized_write_read_against_model() {
     let mcfg = ModelConfig {
         mdts: 2, // 16 KiB per command
-        namespaces: vec![
-            NsConfig {
-                nsid: 1,
-                blocks: 4096,
-                lba_shift: 9,
-            },
-            NsConfig {
-                nsid: 2,
-                blocks: 512,
-                lba_shift: 12,
-            },
-        ],
+        namespaces: vec![ns(1, 4096, 9), ns(2, 512, 12)],
         ..ModelConfig::default()
     };
     let mut r = rig(mcfg, Config::default());
