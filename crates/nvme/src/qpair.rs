@@ -3,7 +3,7 @@
 use core::sync::atomic::{fence, Ordering};
 
 use heapless::{Deque, Vec};
-use keel_blockdev::{BlockOp, BlockQueue, IoError, NsId, SubmitError};
+use keel_blockdev::{BlockOp, BlockQueue, IoError, NsId, OnDone, SubmitError};
 use keel_hal::{Clock, DmaAllocator, DmaRegion, Mmio};
 
 use crate::ctrl::{Config, Namespace, MAX_NAMESPACES};
@@ -601,7 +601,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     /// A command of request `req` succeeded. Returns the request's tag when that finished it
     /// and it can be reported at once (no failed part, no timeout report): the common case, a
     /// request of one command. Otherwise as [`Self::finish_part`] (the ready list).
-    #[inline]
+    #[inline(always)]
     fn finish_ok(&mut self, req: u16) -> Option<u32> {
         let r = self.req(req);
         if r.outstanding == 1 && r.err == ERR_NONE && r.reported == 0 {
@@ -613,6 +613,54 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         None
     }
 
+    /// The body of [`BlockQueue::poll`] and [`BlockQueue::poll_with`]: with a concrete
+    /// `on_done` the successful completion's report is inlined into the reaping loop; the cold
+    /// paths (ready list, timeouts) take it through one indirect call.
+    #[inline(always)]
+    fn poll_impl<D: OnDone + ?Sized>(&mut self, max: usize, on_done: &mut D) -> usize {
+        self.flush_submissions();
+        // The ready list is almost always empty: check it here, not in a call.
+        let mut reported = if self.ready_head != NONE {
+            self.drain_ready(&mut |t, r| on_done.done(t, r))
+        } else {
+            0
+        };
+        let mut consumed = 0usize;
+        while consumed < max {
+            if self.cq_posted().is_none() {
+                break;
+            }
+            fence(Ordering::Acquire);
+            let Ok(e) = self.cq.read::<CqEntry>(self.cq_head as usize * 16) else {
+                break;
+            };
+            if e.phase() != self.phase {
+                break; // torn view; look again next pass
+            }
+            self.advance_cq_head();
+            consumed += 1;
+            if let Some(tag) = self.handle(&e) {
+                on_done.done(tag, Ok(()));
+                reported += 1;
+            }
+        }
+        self.ack_consumed(u16::try_from(consumed).unwrap_or(u16::MAX));
+        if self.ready_head != NONE {
+            reported += self.drain_ready(&mut |t, r| on_done.done(t, r));
+        }
+        if self.busy != 0 {
+            let now = self.clock.now_ns();
+            if now >= self.next_scan {
+                reported += self.scan_timeouts(now, &mut |t, r| on_done.done(t, r));
+            }
+        }
+        // Retries queued by `handle` go out with one doorbell.
+        self.flush_submissions();
+        reported
+    }
+
+    /// Reports the requests on the ready list (rare: split requests, errors, timeouts).
+    #[inline(never)]
     fn drain_ready(&mut self, on_done: &mut dyn FnMut(u32, Result<(), IoError>)) -> usize {
         let mut n = 0;
         while self.ready_head != NONE {
@@ -717,7 +765,10 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     /// Handles one completion entry (already copied out of the ring). Returns the tag of a
     /// request it finished successfully and that can be reported at once (the common case:
     /// one command, first report); everything else goes through the ready list.
-    #[inline]
+    ///
+    /// Checks and the success fast path are inlined into the reaping loop (one call less per
+    /// completion under emulation); everything else is [`IoQueuePair::handle_other`].
+    #[inline(always)]
     fn handle(&mut self, e: &CqEntry) -> Option<u32> {
         if e.sq_id != self.qid {
             self.stats.bad_sqid += 1;
@@ -749,8 +800,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             return None;
         };
         if live_gen != gen || (state != ACTIVE && state != ZOMBIE) {
-            self.stats.stale_cid += 1;
-            keel_log::warn!("nvme: q{} stale/duplicate cid {}", self.qid, e.cid);
+            self.reject_stale(e.cid);
             return None;
         }
         self.stats.completions += 1;
@@ -758,13 +808,29 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             self.release_slot(i);
             return self.finish_ok(req);
         }
+        self.handle_other(e, i);
+        None
+    }
+
+    /// A completion whose command ID names no live command (stale, duplicate or forged).
+    #[cold]
+    #[inline(never)]
+    fn reject_stale(&mut self, cid: u16) {
+        self.stats.stale_cid += 1;
+        keel_log::warn!("nvme: q{} stale/duplicate cid {}", self.qid, cid);
+    }
+
+    /// [`IoQueuePair::handle`] for everything but a first-time success: a late completion of
+    /// an abandoned command, an error (retried or reported), or a part of a split request.
+    #[inline(never)]
+    fn handle_other(&mut self, e: &CqEntry, i: u16) {
         let s = self.slot(i);
         let status = e.status();
         if s.state == ZOMBIE {
             self.stats.late_completions += 1;
             self.release_slot(i);
             self.finish_part(s.req, ERR_NONE, 0);
-            return None;
+            return;
         }
         if !status.is_success()
             && status.is_retryable()
@@ -773,7 +839,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         {
             self.stats.retries += 1;
             if self.reissue(i, s) {
-                return None;
+                return;
             }
         }
         self.release_slot(i);
@@ -782,14 +848,15 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         } else {
             self.finish_part(s.req, ERR_STATUS, e.status);
         }
-        None
     }
 
-    fn scan_timeouts(&mut self, on_done: &mut dyn FnMut(u32, Result<(), IoError>)) -> usize {
-        let now = self.clock.now_ns();
-        if now < self.next_scan || self.busy == 0 {
-            return 0;
-        }
+    /// The periodic timeout scan, due at `now` (the caller checked `busy` and `next_scan`).
+    #[inline(never)]
+    fn scan_timeouts(
+        &mut self,
+        now: u64,
+        on_done: &mut dyn FnMut(u32, Result<(), IoError>),
+    ) -> usize {
         self.next_scan = now.saturating_add((self.timeout_ns / 8).max(1));
         let mut reported = 0;
         let mut any = false;
@@ -1156,40 +1223,12 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
     }
 
     fn poll(&mut self, max: usize, on_done: &mut dyn FnMut(u32, Result<(), IoError>)) -> usize {
-        self.flush_submissions();
-        // The ready list is almost always empty: check it here, not in a call.
-        let mut reported = if self.ready_head != NONE {
-            self.drain_ready(on_done)
-        } else {
-            0
-        };
-        let mut consumed = 0usize;
-        while consumed < max {
-            if self.cq_posted().is_none() {
-                break;
-            }
-            fence(Ordering::Acquire);
-            let Ok(e) = self.cq.read::<CqEntry>(self.cq_head as usize * 16) else {
-                break;
-            };
-            if e.phase() != self.phase {
-                break; // torn view; look again next pass
-            }
-            self.advance_cq_head();
-            consumed += 1;
-            if let Some(tag) = self.handle(&e) {
-                on_done(tag, Ok(()));
-                reported += 1;
-            }
-        }
-        self.ack_consumed(u16::try_from(consumed).unwrap_or(u16::MAX));
-        if self.ready_head != NONE {
-            reported += self.drain_ready(on_done);
-        }
-        reported += self.scan_timeouts(on_done);
-        // Retries queued by `handle` go out with one doorbell.
-        self.flush_submissions();
-        reported
+        self.poll_impl(max, on_done)
+    }
+
+    #[inline]
+    fn poll_with<D: OnDone>(&mut self, max: usize, on_done: &mut D) -> usize {
+        self.poll_impl(max, on_done)
     }
 
     fn poll_due(&self) -> bool {

@@ -181,6 +181,99 @@ fn answer_to<const C: usize, const N: usize>(
     }
 }
 
+/// The reactor's state a reaped completion touches (borrowed apart from the queue).
+struct Owner<'r, 'a, const C: usize, const N: usize> {
+    on_queue: &'r mut [Option<(IoRef, Origin)>; N],
+    on_queue_count: &'r mut usize,
+    cookies: &'r [u32; N],
+    issued: &'r mut usize,
+    done: &'r mut Deque<Completion, N>,
+    replies: &'r mut Deque<Reply, N>,
+    links: &'r mut Links<'a, Msg, C>,
+    stats: &'r mut Stats,
+}
+
+/// What [`Reactor::reap_batch`] hands the queue: inside the batch's critical section, each
+/// completion's lifecycle work and hand-off.
+struct Reap<'b, 'i, 'r, 'a, const C: usize, const N: usize, const W: usize> {
+    b: &'b mut keel_aio::Batch<'i, N, W>,
+    o: Owner<'r, 'a, C, N>,
+}
+
+impl<const C: usize, const N: usize, const W: usize> keel_blockdev::OnDone
+    for Reap<'_, '_, '_, '_, C, N, W>
+{
+    /// The tag came back from the device: range-check it and match it against what this core
+    /// submitted for that handle. The common case (this core's own I/O, succeeded) is inlined
+    /// into the queue's reaping loop; the rest is [`reaped_other`].
+    #[inline(always)]
+    fn done(&mut self, tag: u32, result: Result<(), IoError>) {
+        let o = &mut self.o;
+        let index = (tag & 0xFFFF) as usize;
+        if let (Some(entry), Ok(())) = (o.on_queue.get_mut(index), result) {
+            if let Some((io, Origin::Local)) = *entry {
+                if tag_of(io) == tag {
+                    *entry = None;
+                    *o.on_queue_count -= 1;
+                    o.stats.completed_ok += 1;
+                    if self.b.complete_and_reclaim(io, Ok(0)).is_err() {
+                        o.stats.lifecycle_errors += 1;
+                    }
+                    deliver_to(o.issued, o.done, o.cookies, o.stats, io, result);
+                    return;
+                }
+            }
+        }
+        reaped_other(self.b, o, tag, result);
+    }
+}
+
+/// A reaped completion other than a local success: a failure, another core's I/O, or a tag
+/// that names no I/O this core submitted (dropped and counted).
+#[inline(never)]
+fn reaped_other<const C: usize, const N: usize, const W: usize>(
+    b: &mut keel_aio::Batch<'_, N, W>,
+    o: &mut Owner<'_, '_, C, N>,
+    tag: u32,
+    result: Result<(), IoError>,
+) {
+    let index = (tag & 0xFFFF) as usize;
+    let Some(Some((io, origin))) = o.on_queue.get(index).copied() else {
+        o.stats.bad_tags += 1;
+        return;
+    };
+    if tag_of(io) != tag {
+        o.stats.bad_tags += 1;
+        return;
+    }
+    o.on_queue[index] = None;
+    *o.on_queue_count -= 1;
+    let aio_result = match result {
+        Ok(()) => Ok(0),
+        Err(IoError::Device { code }) => Err(keel_aio::IoError::Device { status: code }),
+        Err(_) => Err(keel_aio::IoError::Aborted),
+    };
+    if result.is_ok() {
+        o.stats.completed_ok += 1;
+    } else {
+        o.stats.failed += 1;
+    }
+    match origin {
+        Origin::Local => {
+            if b.complete_and_reclaim(io, aio_result).is_err() {
+                o.stats.lifecycle_errors += 1;
+            }
+            deliver_to(o.issued, o.done, o.cookies, o.stats, io, result);
+        }
+        Origin::Remote { core } => {
+            if b.complete_and_share(io, aio_result).is_err() {
+                o.stats.lifecycle_errors += 1;
+            }
+            answer_to(o.links, o.replies, o.stats, core, io, result);
+        }
+    }
+}
+
 /// Marks `ios` (accepted by the queue, not yet rung) Submitted in one critical section.
 fn mark_submitted<const N: usize, const W: usize>(
     aio: &Aio<N, W>,
@@ -317,10 +410,14 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         const CHUNK: usize = 32;
         let mut total = 0;
         for chunk in ops.chunks(CHUNK) {
-            let mut ios = [IoRef::new(0, 0); CHUNK];
-            // acquire -> define -> stage -> submit for the whole chunk, one critical section.
-            // `k < chunk.len()` always; the fallback only keeps the lookup panic-free.
-            let (started, r) = self.aio.start_submitted_burst(
+            // acquire -> define -> stage -> submit for the whole chunk in one critical section,
+            // each I/O put on the queue as soon as its handle is Submitted (the device sees the
+            // commands only at the doorbell). Refusals are completed after the section: that
+            // takes the handle array again. `k < chunk.len()` always; the fallbacks only keep
+            // the lookups panic-free.
+            let mut refused: heapless::Vec<(IoRef, SubmitError), CHUNK> = heapless::Vec::new();
+            let aio = self.aio;
+            let (started, r) = aio.start_submitted_burst(
                 chunk.len(),
                 |k| {
                     chunk
@@ -328,19 +425,21 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                         .map_or(desc(&BlockOp::Flush { ns: 0 }), |(op, _)| desc(op))
                 },
                 |k, io| {
-                    if let Some(slot) = ios.get_mut(k) {
-                        *slot = io;
+                    if let Some(&(op, cookie)) = chunk.get(k) {
+                        if let Err(e) = self.place_submitted(io, op, cookie) {
+                            let _ = refused.push((io, e));
+                        }
                     }
                 },
             );
+            for &(io, e) in &refused {
+                self.refuse(io, Origin::Local, submit_error(e), true);
+            }
             if r.is_err() && started == 0 {
                 if total == 0 {
                     return Err(ReactorError::NoSlot);
                 }
                 break;
-            }
-            for (&io, &(op, cookie)) in ios.iter().zip(chunk).take(started) {
-                self.place_submitted(io, op, cookie);
             }
             total += started;
             if started < chunk.len() {
@@ -432,14 +531,17 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             .aio
             .start_submitted(desc(&op))
             .map_err(|_| ReactorError::NoSlot)?;
-        self.place_submitted(io, op, cookie);
+        if let Err(e) = self.place_submitted(io, op, cookie) {
+            self.refuse(io, Origin::Local, submit_error(e), true);
+        }
         Ok(())
     }
 
     /// Puts a local I/O whose handle is already Submitted on the queue (or, when the queue is
-    /// full, first in line on the staged list; when the queue refuses it, completes it).
+    /// full, first in line on the staged list). When the queue refuses it outright, returns why:
+    /// the caller completes it with [`Reactor::refuse`] (outside any handle-array section).
     #[inline(always)]
-    fn place_submitted(&mut self, io: IoRef, op: BlockOp, cookie: u32) {
+    fn place_submitted(&mut self, io: IoRef, op: BlockOp, cookie: u32) -> Result<(), SubmitError> {
         self.cookies[io.index()] = cookie;
         self.issued += 1;
         let origin = Origin::Local;
@@ -451,14 +553,11 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                     self.on_queue[io.index()] = Some((io, origin));
                     self.on_queue_count += 1;
                     self.stats.submitted += 1;
-                    return;
+                    return Ok(());
                 }
                 Err(SubmitError::QueueFull) => {}
-                Err(e) => {
-                    // Refused outright: completes like any submitted I/O.
-                    self.refuse(io, origin, submit_error(e), true);
-                    return;
-                }
+                // Refused outright: completes like any submitted I/O (by the caller).
+                Err(e) => return Err(e),
             }
         }
         self.stage(Staged {
@@ -467,6 +566,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             origin,
             marked: true,
         });
+        Ok(())
     }
 
     /// Queues an I/O behind the others waiting for room on the queue.
@@ -742,47 +842,22 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         // queue poll: at most `REAP_BATCH` completion entries, plus the queue's own periodic
         // timeout scan over its command slots.
         aio.batch(|b| {
-            q.poll(REAP_BATCH, &mut |tag, result| {
-                // The tag came back from the device: range-check it and match it against what
-                // this core submitted for that handle.
-                let index = (tag & 0xFFFF) as usize;
-                let Some(Some((io, origin))) = on_queue.get(index).copied() else {
-                    stats.bad_tags += 1;
-                    return;
-                };
-                if tag_of(io) != tag {
-                    stats.bad_tags += 1;
-                    return;
-                }
-                on_queue[index] = None;
-                *on_queue_count -= 1;
-                let aio_result = match result {
-                    Ok(()) => Ok(0),
-                    Err(IoError::Device { code }) => {
-                        Err(keel_aio::IoError::Device { status: code })
-                    }
-                    Err(_) => Err(keel_aio::IoError::Aborted),
-                };
-                if result.is_ok() {
-                    stats.completed_ok += 1;
-                } else {
-                    stats.failed += 1;
-                }
-                match origin {
-                    Origin::Local => {
-                        if b.complete_and_reclaim(io, aio_result).is_err() {
-                            stats.lifecycle_errors += 1;
-                        }
-                        deliver_to(issued, done, cookies, stats, io, result);
-                    }
-                    Origin::Remote { core } => {
-                        if b.complete_and_share(io, aio_result).is_err() {
-                            stats.lifecycle_errors += 1;
-                        }
-                        answer_to(links, replies, stats, core, io, result);
-                    }
-                }
-            })
+            q.poll_with(
+                REAP_BATCH,
+                &mut Reap {
+                    b,
+                    o: Owner {
+                        on_queue,
+                        on_queue_count,
+                        cookies,
+                        issued,
+                        done,
+                        replies,
+                        links,
+                        stats,
+                    },
+                },
+            )
         })
     }
 
