@@ -679,9 +679,11 @@ impl<const N: usize, const W: usize> Aio<N, W> {
             return (0, Ok(()));
         }
         self.inner.with(|inner| {
-            for k in 0..n {
+            let mut k = 0;
+            while k < n {
                 // The bitmap is lock-free; claiming inside the section keeps the burst to one.
-                let Some(index) = self.free.acquire() else {
+                // Handles are claimed a word at a time: one atomic operation for up to 64.
+                let Some(mut run) = self.free.acquire_many(n - k) else {
                     let r = if k == 0 {
                         Err(AioError::NoFreeHandle)
                     } else {
@@ -689,9 +691,16 @@ impl<const N: usize, const W: usize> Aio<N, W> {
                     };
                     return (k, r);
                 };
-                match self.start_claimed(inner, index, desc(k), true) {
-                    Ok(io) => started(k, io),
-                    Err(e) => return (k, Err(e)),
+                while let Some(index) = run.next() {
+                    match self.start_claimed(inner, index, desc(k), true) {
+                        Ok(io) => started(k, io),
+                        Err(e) => {
+                            // Give back the rest of the run (`start_claimed` gave back its own).
+                            let _ = self.free.release_claimed(run);
+                            return (k, Err(e));
+                        }
+                    }
+                    k += 1;
                 }
             }
             (n, Ok(()))

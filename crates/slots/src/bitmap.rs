@@ -162,6 +162,75 @@ impl<const W: usize> FreeBitmap<W> {
         None
     }
 
+    /// Claims up to `max` free slots of **one** word with one atomic read-modify-write (a
+    /// burst's worth of acquires for the price of one), starting where the previous acquire
+    /// left off. Returns the claimed slots as a [`Claimed`] run (iterate it for the indices;
+    /// give back what the caller does not use with [`Self::release_claimed`]), or `None` if
+    /// `max` is 0 or no slot was free during the scan. May return fewer than `max` even when
+    /// other words have free slots: call again for more.
+    #[inline(always)]
+    pub fn acquire_many(&self, max: usize) -> Option<Claimed> {
+        self.acquire_many_probed(max, || {})
+    }
+
+    /// [`Self::acquire_many`] with `between` run after each read of a word and before the
+    /// claim of the bits seen in it (the race window), for deterministic interleaving tests.
+    #[inline(always)]
+    fn acquire_many_probed(&self, max: usize, mut between: impl FnMut()) -> Option<Claimed> {
+        if W == 0 || max == 0 {
+            return None;
+        }
+        let start = self.hint.load(Ordering::Relaxed) % W;
+        for k in 0..W {
+            let w = (start + k) % W;
+            let mut seen = self.words[w].load(Ordering::Relaxed);
+            while seen != 0 {
+                let take = lowest_bits(seen, max);
+                between();
+                // Clearing a bit that someone else already cleared changes nothing, so the
+                // bits this call owns are exactly those set in `prev`. Acquire pairs with the
+                // Release `fetch_or` of each slot's last release.
+                let prev = self.words[w].fetch_and(!take, Ordering::Acquire);
+                let won = prev & take;
+                if won != 0 {
+                    let next = if prev & !take == 0 { (w + 1) % W } else { w };
+                    if next != start {
+                        self.hint.store(next, Ordering::Relaxed);
+                    }
+                    return Some(Claimed { word: w, bits: won });
+                }
+                // Every bit was claimed by others first; retry with what the word holds now.
+                seen = prev & !take;
+            }
+        }
+        None
+    }
+
+    /// Gives back the slots of `c` not taken from it (one `fetch_or`).
+    ///
+    /// # Errors
+    /// [`SlotError::NotAllocated`] (for the lowest such slot) if any of them was already free:
+    /// a broken invariant, since a [`Claimed`] run holds its bits.
+    pub fn release_claimed(&self, c: Claimed) -> Result<(), SlotError> {
+        let Some(word) = self.words.get(c.word) else {
+            return Err(SlotError::IndexOutOfRange {
+                index: c.word * BITS,
+                capacity: self.len,
+            });
+        };
+        if c.bits == 0 {
+            return Ok(());
+        }
+        let prev = word.fetch_or(c.bits, Ordering::Release);
+        let twice = prev & c.bits;
+        if twice != 0 {
+            return Err(SlotError::NotAllocated {
+                index: c.word * BITS + twice.trailing_zeros() as usize,
+            });
+        }
+        Ok(())
+    }
+
     /// Marks `index` free with one `fetch_or` (no loop, no wait).
     ///
     /// # Errors
@@ -209,9 +278,60 @@ impl<const W: usize> FreeBitmap<W> {
     }
 }
 
+/// The lowest `n` set bits of `x` (all of them if it has fewer).
+#[inline(always)]
+fn lowest_bits(x: u64, n: usize) -> u64 {
+    if n >= x.count_ones() as usize {
+        return x;
+    }
+    let mut rest = x;
+    for _ in 0..n {
+        rest &= rest - 1;
+    }
+    x & !rest
+}
+
+/// Slots claimed together by [`FreeBitmap::acquire_many`], all in one word; the caller holds
+/// each one as if [`FreeBitmap::acquire`] had returned it. Iterating yields their indices in
+/// ascending order and takes them out of the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "claimed slots are held until released"]
+pub struct Claimed {
+    word: usize,
+    bits: u64,
+}
+
+impl Claimed {
+    /// How many slots the run still holds.
+    pub const fn len(&self) -> usize {
+        self.bits.count_ones() as usize
+    }
+
+    /// Whether the run holds no slot.
+    pub const fn is_empty(&self) -> bool {
+        self.bits == 0
+    }
+}
+
+impl Iterator for Claimed {
+    type Item = usize;
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<usize> {
+        if self.bits == 0 {
+            return None;
+        }
+        let bit = self.bits.trailing_zeros() as usize;
+        self.bits &= self.bits - 1;
+        Some(self.word * BITS + bit)
+    }
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
+    extern crate std;
     use super::*;
+    use std::{vec, vec::Vec};
 
     #[test]
     fn initial_words_cover_exactly_len() {
@@ -360,6 +480,93 @@ mod tests {
         assert_eq!(other, Some(1));
         assert_eq!(got, 2, "ours retried with the next free bit");
         assert!(accounted(&[0, 3, 1, 2], |i| ours.is_free(i).unwrap(), 4));
+    }
+
+    #[test]
+    fn acquire_many_takes_the_lowest_bits_of_one_word_up_to_max() {
+        let b = FreeBitmap::<2>::new(70).unwrap();
+        let c = b.acquire_many(5).unwrap();
+        assert_eq!(c.len(), 5);
+        assert_eq!(c.collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+        // One word per call: 59 left in word 0 even when asked for 100.
+        let c = b.acquire_many(100).unwrap();
+        assert_eq!(c.collect::<Vec<_>>(), (5..64).collect::<Vec<_>>());
+        let c = b.acquire_many(100).unwrap();
+        assert_eq!(c.collect::<Vec<_>>(), (64..70).collect::<Vec<_>>());
+        assert_eq!(b.acquire_many(1), None, "all 70 held");
+        assert_eq!(b.free_count(), 0);
+        assert_eq!(b.acquire_many(0), None);
+        assert_eq!(FreeBitmap::<0>::new(0).unwrap().acquire_many(3), None);
+        assert_eq!(lowest_bits(0b1011_0100, 2), 0b0001_0100);
+        assert_eq!(lowest_bits(0b1011_0100, 9), 0b1011_0100);
+        assert_eq!(lowest_bits(u64::MAX, 64), u64::MAX);
+        assert_eq!(lowest_bits(u64::MAX, 0), 0);
+    }
+
+    #[test]
+    fn acquire_many_gives_back_what_is_not_used() {
+        let b = FreeBitmap::<1>::new(8).unwrap();
+        let mut c = b.acquire_many(6).unwrap();
+        assert_eq!((c.next(), c.next()), (Some(0), Some(1)));
+        b.release_claimed(c).unwrap();
+        assert_eq!(b.free_count(), 6, "2..6 back, 0 and 1 still held");
+        assert!(!b.is_free(0).unwrap() && !b.is_free(1).unwrap());
+        // Giving back a run whose slots are already free is a broken invariant, reported.
+        let c = b.acquire_many(1).unwrap();
+        assert_eq!(c.clone().next(), Some(2));
+        b.release(2).unwrap();
+        assert_eq!(
+            b.release_claimed(c),
+            Err(SlotError::NotAllocated { index: 2 })
+        );
+    }
+
+    #[test]
+    fn acquire_many_under_races_never_hands_out_twice_or_loses_a_slot() {
+        // Slots 1, 2 and 5 free. Between our read and our claim another core takes slot 1 and
+        // releases slot 3 (held elsewhere): we own exactly 2 and 5, slot 3 stays free.
+        let b = FreeBitmap::<1>::new(8).unwrap();
+        for _ in 0..8 {
+            b.acquire().unwrap();
+        }
+        for i in [1, 2, 5] {
+            b.release(i).unwrap();
+        }
+        let mut other = None;
+        let got: Vec<usize> = b
+            .acquire_many_probed(4, || {
+                if other.is_none() {
+                    other = b.acquire();
+                    b.release(3).unwrap();
+                }
+            })
+            .unwrap()
+            .collect();
+        assert_eq!(other, Some(1));
+        assert_eq!(got, vec![2, 5]);
+        assert!(b.is_free(3).unwrap(), "the concurrent release survived");
+        assert!(accounted(
+            &[0, 4, 6, 7, 1, 2, 5],
+            |i| b.is_free(i).unwrap(),
+            8
+        ));
+        // Every bit seen was taken by others first: the call retries with what is left.
+        let b = FreeBitmap::<1>::new(4).unwrap();
+        for _ in 0..4 {
+            b.acquire().unwrap();
+        }
+        b.release(0).unwrap();
+        b.release(2).unwrap();
+        let mut stolen = vec![];
+        let got: Vec<usize> = b
+            .acquire_many_probed(1, || {
+                if stolen.is_empty() {
+                    stolen.push(b.acquire().unwrap());
+                }
+            })
+            .unwrap()
+            .collect();
+        assert_eq!((stolen, got), (vec![0], vec![2]));
     }
 
     #[test]

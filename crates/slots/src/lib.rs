@@ -43,7 +43,7 @@ pub(crate) mod sync;
 mod teardown;
 
 pub use array::SlotArray;
-pub use bitmap::{words_for, FreeBitmap};
+pub use bitmap::{words_for, Claimed, FreeBitmap};
 pub use handle::{Handle, SlotError, GENERATION_BITS, INDEX_BITS, MAX_SLOTS};
 pub use mail::MailFlag;
 pub use pool::SlotPool;
