@@ -106,6 +106,9 @@ pub(crate) struct QpairParams<M, C> {
     pub cfg: Config,
 }
 
+/// How many timeout checks share one clock read (see `IoQueuePair::scan_due`).
+pub const CLOCK_EVERY: u16 = 32;
+
 /// One I/O submission/completion queue pair. Move it to the core that uses it; it needs no
 /// locks. Implements [`BlockQueue`].
 pub struct IoQueuePair<M: Mmio, C: Clock> {
@@ -156,6 +159,8 @@ pub struct IoQueuePair<M: Mmio, C: Clock> {
     timeout_ns: u64,
     max_retries: u8,
     next_scan: u64,
+    /// Polls left before the timeout check next reads the clock (see `scan_due`).
+    clock_countdown: core::cell::Cell<u16>,
     failed: bool,
     needs_reset: bool,
     aborts: Deque<u16, 16>,
@@ -223,6 +228,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             timeout_ns: p.cfg.io_timeout_ms.saturating_mul(1_000_000),
             max_retries: p.cfg.max_retries,
             next_scan: 0,
+            clock_countdown: core::cell::Cell::new(1),
             failed: false,
             needs_reset: false,
             aborts: Deque::new(),
@@ -648,11 +654,9 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         if self.ready_head != NONE {
             reported += self.drain_ready(&mut |t, r| on_done.done(t, r));
         }
-        if self.busy != 0 {
+        if self.scan_due() {
             let now = self.clock.now_ns();
-            if now >= self.next_scan {
-                reported += self.scan_timeouts(now, &mut |t, r| on_done.done(t, r));
-            }
+            reported += self.scan_timeouts(now, &mut |t, r| on_done.done(t, r));
         }
         // Retries queued by `handle` go out with one doorbell.
         self.flush_submissions();
@@ -848,6 +852,30 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         } else {
             self.finish_part(s.req, ERR_STATUS, e.status);
         }
+    }
+
+    /// Whether the periodic timeout scan is due: commands are outstanding and the clock has
+    /// passed `next_scan`. The clock is read on every [`CLOCK_EVERY`]th check only: under
+    /// emulation a TSC read is a call into the emulator that takes a lock its device thread
+    /// also takes, and at queue depth 32 a poller checks ~10 times per I/O. A scan comes due
+    /// at most `CLOCK_EVERY` polls late (microseconds for a spinning poller, against a scan
+    /// period of an eighth of the command timeout). Once the clock says due it stays due until
+    /// the scan has run, whichever of `poll_due` and `poll` asked.
+    #[inline(always)]
+    fn scan_due(&self) -> bool {
+        if self.busy == 0 {
+            return false;
+        }
+        let left = self.clock_countdown.get();
+        if left > 1 {
+            self.clock_countdown.set(left - 1);
+            return false;
+        }
+        if self.clock.now_ns() >= self.next_scan {
+            return true; // the countdown stays at 1: the next check reads the clock again
+        }
+        self.clock_countdown.set(CLOCK_EVERY);
+        false
     }
 
     /// The periodic timeout scan, due at `now` (the caller checked `busy` and `next_scan`).
@@ -1236,7 +1264,7 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
             return true;
         }
         // A peek at the phase bit of the next entry only: `poll` copies the entry before use.
-        self.cq_posted().is_some() || (self.busy != 0 && self.clock.now_ns() >= self.next_scan)
+        self.cq_posted().is_some() || self.scan_due()
     }
 
     fn depth(&self) -> usize {
