@@ -132,34 +132,8 @@ impl<const W: usize> FreeBitmap<W> {
     /// interleaving tests; `acquire` passes a no-op.
     #[inline(always)]
     fn acquire_probed(&self, mut between: impl FnMut()) -> Option<usize> {
-        if W == 0 {
-            return None;
-        }
-        let start = self.hint.load(Ordering::Relaxed) % W;
-        for k in 0..W {
-            let w = (start + k) % W;
-            let mut seen = self.words[w].load(Ordering::Relaxed);
-            while seen != 0 {
-                let bit = seen.trailing_zeros() as usize;
-                let mask = 1u64 << bit;
-                between();
-                // Acquire pairs with the Release `fetch_or` of the slot's last release.
-                let prev = self.words[w].fetch_and(!mask, Ordering::Acquire);
-                if prev & mask != 0 {
-                    let rest = prev & !mask;
-                    let next = if rest == 0 { (w + 1) % W } else { w };
-                    // Write the shared hint only when it moves: a store on every acquire
-                    // would bounce its cache line between cores for nothing.
-                    if next != start {
-                        self.hint.store(next, Ordering::Relaxed);
-                    }
-                    return Some(w * BITS + bit);
-                }
-                // Somebody else claimed that bit; retry with what the word holds now.
-                seen = prev & !mask;
-            }
-        }
-        None
+        self.acquire_many_probed(1, &mut between)
+            .and_then(|mut c| c.next())
     }
 
     /// Claims up to `max` free slots of **one** word with one atomic read-modify-write (a
@@ -175,33 +149,63 @@ impl<const W: usize> FreeBitmap<W> {
 
     /// [`Self::acquire_many`] with `between` run after each read of a word and before the
     /// claim of the bits seen in it (the race window), for deterministic interleaving tests.
+    ///
+    /// The word the hint names is tried inline; the scan of the others is out of line, so the
+    /// common case stays a few instructions in its caller (under emulation, code size and
+    /// jumps between pages of code cost more than the instructions).
     #[inline(always)]
     fn acquire_many_probed(&self, max: usize, mut between: impl FnMut()) -> Option<Claimed> {
         if W == 0 || max == 0 {
             return None;
         }
         let start = self.hint.load(Ordering::Relaxed) % W;
-        for k in 0..W {
-            let w = (start + k) % W;
-            let mut seen = self.words[w].load(Ordering::Relaxed);
-            while seen != 0 {
-                let take = lowest_bits(seen, max);
-                between();
-                // Clearing a bit that someone else already cleared changes nothing, so the
-                // bits this call owns are exactly those set in `prev`. Acquire pairs with the
-                // Release `fetch_or` of each slot's last release.
-                let prev = self.words[w].fetch_and(!take, Ordering::Acquire);
-                let won = prev & take;
-                if won != 0 {
-                    let next = if prev & !take == 0 { (w + 1) % W } else { w };
-                    if next != start {
-                        self.hint.store(next, Ordering::Relaxed);
-                    }
-                    return Some(Claimed { word: w, bits: won });
+        match self.claim_in_word(start, start, max, &mut between) {
+            Some(c) => Some(c),
+            None => self.acquire_many_scan(start, max, &mut between),
+        }
+    }
+
+    /// The rest of [`Self::acquire_many_probed`]'s scan: every word after `start`, wrapping.
+    #[inline(never)]
+    fn acquire_many_scan(
+        &self,
+        start: usize,
+        max: usize,
+        between: &mut dyn FnMut(),
+    ) -> Option<Claimed> {
+        (1..W).find_map(|k| self.claim_in_word((start + k) % W, start, max, &mut *between))
+    }
+
+    /// Claims up to `max` of the free slots of word `w` (`start`: the word the hint named).
+    #[inline(always)]
+    fn claim_in_word(
+        &self,
+        w: usize,
+        start: usize,
+        max: usize,
+        mut between: impl FnMut(),
+    ) -> Option<Claimed> {
+        let word = self.words.get(w)?;
+        let mut seen = word.load(Ordering::Relaxed);
+        while seen != 0 {
+            let take = lowest_bits(seen, max);
+            between();
+            // Clearing a bit that someone else already cleared changes nothing, so the bits
+            // this call owns are exactly those set in `prev`. Acquire pairs with the Release
+            // `fetch_or` of each slot's last release.
+            let prev = word.fetch_and(!take, Ordering::Acquire);
+            let won = prev & take;
+            if won != 0 {
+                // Write the shared hint only when it moves: a store on every acquire would
+                // bounce its cache line between cores for nothing.
+                let next = if prev & !take == 0 { (w + 1) % W } else { w };
+                if next != start {
+                    self.hint.store(next, Ordering::Relaxed);
                 }
-                // Every bit was claimed by others first; retry with what the word holds now.
-                seen = prev & !take;
+                return Some(Claimed { word: w, bits: won });
             }
+            // Every bit was claimed by others first; retry with what the word holds now.
+            seen = prev & !take;
         }
         None
     }
@@ -281,6 +285,9 @@ impl<const W: usize> FreeBitmap<W> {
 /// The lowest `n` set bits of `x` (all of them if it has fewer).
 #[inline(always)]
 fn lowest_bits(x: u64, n: usize) -> u64 {
+    if n == 1 {
+        return x & x.wrapping_neg();
+    }
     if n >= x.count_ones() as usize {
         return x;
     }
