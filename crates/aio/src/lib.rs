@@ -661,8 +661,11 @@ impl<const N: usize, const W: usize> Aio<N, W> {
 
     /// [`Aio::start_submitted`] for a burst of `n`: in **one** critical section, claims a
     /// handle for each and takes it `Idle -> ... -> Submitted` with description `desc(k)`,
-    /// reporting it as `started(k, io)` (keep that short: interrupts are masked). Returns how
-    /// many started, in order `0..`: fewer than `n` when handles run out. Same
+    /// reporting it as `started(k, io)`. Both hooks run inside the section: keep them short
+    /// (interrupts are masked and other cores' handle transitions wait) and never call into
+    /// this `Aio` from them (the section's cell is borrowed: that would panic). Handles are
+    /// claimed from the free bitmap a word at a time ([`keel_slots::FreeBitmap::acquire_many`]).
+    /// Returns how many started, in order `0..`: fewer than `n` when handles run out. Same
     /// compile-time-checked path as the single call.
     ///
     /// # Errors
@@ -696,7 +699,8 @@ impl<const N: usize, const W: usize> Aio<N, W> {
                         Ok(io) => started(k, io),
                         Err(e) => {
                             // Give back the rest of the run (`start_claimed` gave back its own).
-                            let _ = self.free.release_claimed(run);
+                            let given_back = self.free.release_claimed(run);
+                            debug_assert!(given_back.is_ok(), "{given_back:?}");
                             return (k, Err(e));
                         }
                     }

@@ -32,7 +32,9 @@ impl<T> CsCell<T> {
     }
 
     /// Runs `f` on the value with interrupts masked. `f` must not call back into `with` on the
-    /// same cell (nothing in this crate does: callers' hooks always run outside).
+    /// same cell (it would panic on the second borrow). The hooks callers pass into a section
+    /// ([`crate::Aio::batch`], `start_submitted_burst`'s `desc` and `started`) run inside it,
+    /// so they must not call into the same `Aio`.
     #[cfg(not(loom))]
     #[inline(always)]
     pub(crate) fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {

@@ -200,9 +200,10 @@ pub trait BlockQueue {
         self.poll(max, &mut |tag, result| on_done.done(tag, result))
     }
     /// Whether [`poll`](Self::poll) has anything to do now: a completion to reap, a result
-    /// to report, a flush or a timeout scan due. A hint that consumes nothing, for callers
-    /// that wrap `poll` in costlier work (a critical section, say) and would skip it when idle;
-    /// `true` when unsure, which is always correct.
+    /// to report, a flush or a timeout scan due. A hint that reaps and reports nothing (a
+    /// queue may count it as one of its timeout checks), for callers that wrap `poll` in
+    /// costlier work (a critical section, say) and would skip it when idle; `true` when
+    /// unsure, which is always correct. Once it says `true`, the next `poll` does the work.
     fn poll_due(&self) -> bool {
         true
     }

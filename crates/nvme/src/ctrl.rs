@@ -41,6 +41,12 @@ pub struct Config {
     /// never find the completion queue full, and most passes write no doorbell at all. Under
     /// emulation, where each doorbell write is expensive, this is a large saving.
     pub lazy_cq_doorbell: bool,
+    /// How many timeout checks (`poll` / `poll_due` calls with commands outstanding) share one
+    /// clock read (>= 1; 1 reads the clock on every call). A scan comes due at most this many
+    /// checks late: microseconds for a poller that spins, but a caller that polls from a
+    /// timer tick should set it to 1. Under emulation a clock read is costly (see
+    /// `IoQueuePair::scan_due`), so the default shares one among 32.
+    pub timeout_check_polls: u16,
 }
 
 impl Default for Config {
@@ -53,6 +59,7 @@ impl Default for Config {
             prp_list_pages: 1,
             io_queues: 8,
             lazy_cq_doorbell: false,
+            timeout_check_polls: 32,
         }
     }
 }

@@ -73,5 +73,5 @@ pub use ctrl::{
     MAX_IO_QUEUES, MAX_NAMESPACES,
 };
 pub use error::{BadIdentify, NvmeError, Step};
-pub use qpair::{IoQueuePair, QueueStats, CLOCK_EVERY, MAX_COMMANDS};
+pub use qpair::{IoQueuePair, QueueStats, MAX_COMMANDS};
 pub use spec::{Status, StatusKind};

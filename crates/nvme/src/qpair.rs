@@ -106,9 +106,6 @@ pub(crate) struct QpairParams<M, C> {
     pub cfg: Config,
 }
 
-/// How many timeout checks share one clock read (see `IoQueuePair::scan_due`).
-pub const CLOCK_EVERY: u16 = 32;
-
 /// One I/O submission/completion queue pair. Move it to the core that uses it; it needs no
 /// locks. Implements [`BlockQueue`].
 pub struct IoQueuePair<M: Mmio, C: Clock> {
@@ -161,6 +158,8 @@ pub struct IoQueuePair<M: Mmio, C: Clock> {
     next_scan: u64,
     /// Polls left before the timeout check next reads the clock (see `scan_due`).
     clock_countdown: core::cell::Cell<u16>,
+    /// `Config::timeout_check_polls`.
+    clock_every: u16,
     failed: bool,
     needs_reset: bool,
     aborts: Deque<u16, 16>,
@@ -229,6 +228,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             max_retries: p.cfg.max_retries,
             next_scan: 0,
             clock_countdown: core::cell::Cell::new(1),
+            clock_every: p.cfg.timeout_check_polls.max(1),
             failed: false,
             needs_reset: false,
             aborts: Deque::new(),
@@ -654,8 +654,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         if self.ready_head != NONE {
             reported += self.drain_ready(&mut |t, r| on_done.done(t, r));
         }
-        if self.scan_due() {
-            let now = self.clock.now_ns();
+        if let Some(now) = self.scan_due() {
             reported += self.scan_timeouts(now, &mut |t, r| on_done.done(t, r));
         }
         // Retries queued by `handle` go out with one doorbell.
@@ -854,28 +853,30 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         }
     }
 
-    /// Whether the periodic timeout scan is due: commands are outstanding and the clock has
-    /// passed `next_scan`. The clock is read on every [`CLOCK_EVERY`]th check only: under
-    /// emulation a TSC read is a call into the emulator that takes a lock its device thread
-    /// also takes, and at queue depth 32 a poller checks ~10 times per I/O. A scan comes due
-    /// at most `CLOCK_EVERY` polls late (microseconds for a spinning poller, against a scan
-    /// period of an eighth of the command timeout). Once the clock says due it stays due until
-    /// the scan has run, whichever of `poll_due` and `poll` asked.
+    /// The time, if the periodic timeout scan is due: commands are outstanding and the clock
+    /// has passed `next_scan`. The clock is read on every `Config::timeout_check_polls`-th
+    /// check only (32 by default): under emulation a TSC read is a call into the emulator that
+    /// takes a lock its device thread also takes, and at queue depth 32 a poller checks ~10
+    /// times per I/O. So a scan comes due at most that many checks late (microseconds for a
+    /// spinning poller, against a scan period of an eighth of the command timeout). Once the
+    /// clock says due it stays due until the scan has run, whichever of `poll_due` and `poll`
+    /// asked.
     #[inline(always)]
-    fn scan_due(&self) -> bool {
+    fn scan_due(&self) -> Option<u64> {
         if self.busy == 0 {
-            return false;
+            return None;
         }
         let left = self.clock_countdown.get();
         if left > 1 {
             self.clock_countdown.set(left - 1);
-            return false;
+            return None;
         }
-        if self.clock.now_ns() >= self.next_scan {
-            return true; // the countdown stays at 1: the next check reads the clock again
+        let now = self.clock.now_ns();
+        if now >= self.next_scan {
+            return Some(now); // the countdown stays at 1: the next check reads the clock again
         }
-        self.clock_countdown.set(CLOCK_EVERY);
-        false
+        self.clock_countdown.set(self.clock_every);
+        None
     }
 
     /// The periodic timeout scan, due at `now` (the caller checked `busy` and `next_scan`).
@@ -1264,7 +1265,7 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
             return true;
         }
         // A peek at the phase bit of the next entry only: `poll` copies the entry before use.
-        self.cq_posted().is_some() || self.scan_due()
+        self.cq_posted().is_some() || self.scan_due().is_some()
     }
 
     fn depth(&self) -> usize {

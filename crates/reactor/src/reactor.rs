@@ -390,8 +390,14 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     /// Issues a burst of I/Os (`(op, cookie)` pairs) on this core's own queue pair, as
     /// [`Reactor::submit`] would one by one, but with one critical section for the whole burst
     /// when nothing is staged ahead of it. Returns how many were accepted, in order: fewer than
-    /// `ops.len()` only when I/O handles run out ([`ReactorError::NoSlot`] if none was) or the
-    /// first refusal stops it.
+    /// `ops.len()` only when I/O handles run out ([`ReactorError::NoSlot`] if none was), or,
+    /// with something staged ahead, when [`Reactor::submit`] refuses one. An operation the
+    /// queue pair refuses outright (range, namespace, buffer) counts as accepted and comes
+    /// back through [`Reactor::next_completion`] with its error, as with `submit`.
+    ///
+    /// Interrupts stay masked (and other cores' handle transitions wait) while a chunk of up
+    /// to 32 operations is started and written to the submission queue: that one critical
+    /// section per chunk is the point of a burst.
     pub fn submit_burst(&mut self, ops: &[(BlockOp, u32)]) -> Result<usize, ReactorError> {
         if !self.fast_path_open() {
             let mut n = 0;
@@ -427,7 +433,9 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 |k, io| {
                     if let Some(&(op, cookie)) = chunk.get(k) {
                         if let Err(e) = self.place_submitted(io, op, cookie) {
-                            let _ = refused.push((io, e));
+                            // Room for every I/O of the chunk: `refused` holds CHUNK.
+                            let kept = refused.push((io, e));
+                            debug_assert!(kept.is_ok());
                         }
                     }
                 },

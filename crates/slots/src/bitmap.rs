@@ -213,12 +213,15 @@ impl<const W: usize> FreeBitmap<W> {
     /// Gives back the slots of `c` not taken from it (one `fetch_or`).
     ///
     /// # Errors
-    /// [`SlotError::NotAllocated`] (for the lowest such slot) if any of them was already free:
-    /// a broken invariant, since a [`Claimed`] run holds its bits.
+    /// * [`SlotError::IndexOutOfRange`] if the run names slots this bitmap does not track (a
+    ///   run from another bitmap): nothing is released.
+    /// * [`SlotError::NotAllocated`] (for the lowest such slot) if any of them was already
+    ///   free: a broken invariant, since a run holds its bits. The others are released.
     pub fn release_claimed(&self, c: Claimed) -> Result<(), SlotError> {
-        let Some(word) = self.words.get(c.word) else {
+        let tracked = initial_word(c.word, self.len);
+        let (Some(word), 0) = (self.words.get(c.word), c.bits & !tracked) else {
             return Err(SlotError::IndexOutOfRange {
-                index: c.word * BITS,
+                index: c.word * BITS + (c.bits & !tracked).trailing_zeros().min(63) as usize,
                 capacity: self.len,
             });
         };
@@ -300,8 +303,11 @@ fn lowest_bits(x: u64, n: usize) -> u64 {
 
 /// Slots claimed together by [`FreeBitmap::acquire_many`], all in one word; the caller holds
 /// each one as if [`FreeBitmap::acquire`] had returned it. Iterating yields their indices in
-/// ascending order and takes them out of the run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// ascending order and takes them out of the run; what is left must be given back with
+/// [`FreeBitmap::release_claimed`] (a run dropped with slots in it leaks them). Neither `Copy`
+/// nor `Clone`: a copy iterated apart from the original would let the same slots be used and
+/// given back.
+#[derive(Debug, PartialEq, Eq)]
 #[must_use = "claimed slots are held until released"]
 pub struct Claimed {
     word: usize,
@@ -332,7 +338,13 @@ impl Iterator for Claimed {
         self.bits &= self.bits - 1;
         Some(self.word * BITS + bit)
     }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.len(), Some(self.len()))
+    }
 }
+
+impl ExactSizeIterator for Claimed {}
 
 #[cfg(all(test, not(loom)))]
 mod tests {
@@ -520,12 +532,27 @@ mod tests {
         assert!(!b.is_free(0).unwrap() && !b.is_free(1).unwrap());
         // Giving back a run whose slots are already free is a broken invariant, reported.
         let c = b.acquire_many(1).unwrap();
-        assert_eq!(c.clone().next(), Some(2));
+        assert_eq!((c.len(), c.size_hint()), (1, (1, Some(1))));
         b.release(2).unwrap();
         assert_eq!(
             b.release_claimed(c),
             Err(SlotError::NotAllocated { index: 2 })
         );
+        // A run from another bitmap is refused and releases nothing here.
+        let free = b.free_count();
+        let other = FreeBitmap::<2>::new(128).unwrap();
+        let first = other.acquire_many(10).unwrap(); // slots 0..10 of word 0
+        assert!(matches!(
+            b.release_claimed(first),
+            Err(SlotError::IndexOutOfRange { index: 8, .. })
+        ));
+        let _ = other.acquire_many(64).unwrap();
+        let second = other.acquire_many(3).unwrap(); // word 1
+        assert!(matches!(
+            b.release_claimed(second),
+            Err(SlotError::IndexOutOfRange { .. })
+        ));
+        assert_eq!(b.free_count(), free);
     }
 
     #[test]

@@ -729,14 +729,17 @@ fn timeout_reports_once_and_offers_abort() {
 }
 
 #[test]
-fn a_timeout_is_seen_within_clock_every_polls_when_gated_by_poll_due() {
-    // The timeout check reads the clock on every CLOCK_EVERY-th poll only. A caller that polls
-    // only when `poll_due` says so (the reactor) must still see the timeout within that many
-    // checks after the deadline, and a "due" seen by `poll_due` must not be lost before `poll`.
+fn a_timeout_is_seen_within_timeout_check_polls_when_gated_by_poll_due() {
+    // The timeout check reads the clock on every `timeout_check_polls`-th poll only. A caller
+    // that polls only when `poll_due` says so (the reactor) must still see the timeout within
+    // that many checks after the deadline, and a "due" seen by `poll_due` must not be lost
+    // before `poll`.
     let cfg = Config {
         io_timeout_ms: 100,
         ..Config::default()
     };
+    let every = cfg.timeout_check_polls as usize;
+    assert!(every > 1, "the default shares clock reads");
     let mut r = rig(ModelConfig::default(), cfg);
     let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
     r.model.set_fault(Fault::Stall);
@@ -750,17 +753,34 @@ fn a_timeout_is_seen_within_clock_every_polls_when_gated_by_poll_due() {
     assert!(got.is_empty(), "nothing is due before the deadline");
     r.clock.advance_ms(150);
     let mut checks = 0;
-    while got.is_empty() && checks < 2 * keel_nvme::CLOCK_EVERY as usize {
+    while got.is_empty() && checks < 2 * every {
         checks += 1;
         if qp.poll_due() {
             qp.poll(8, &mut |t, res| got.push((t, res)));
         }
     }
     assert_eq!(got, vec![(7, Err(IoError::Timeout))]);
-    assert!(
-        checks <= keel_nvme::CLOCK_EVERY as usize,
-        "seen after {checks} checks"
-    );
+    assert!(checks <= every, "seen after {checks} checks");
+    // A caller that polls from a timer tick sets `timeout_check_polls: 1`: the first poll
+    // after the deadline sees the timeout.
+    let cfg = Config {
+        io_timeout_ms: 100,
+        timeout_check_polls: 1,
+        ..Config::default()
+    };
+    let mut r = rig(ModelConfig::default(), cfg);
+    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
+    r.model.set_fault(Fault::Stall);
+    qp.submit(BlockOp::Flush { ns: 1 }, 8).unwrap();
+    qp.flush_submissions();
+    let mut got = Vec::new();
+    for _ in 0..45 {
+        qp.poll(8, &mut |t, res| got.push((t, res)));
+    }
+    r.clock.advance_ms(150);
+    assert!(qp.poll_due());
+    qp.poll(8, &mut |t, res| got.push((t, res)));
+    assert_eq!(got, vec![(8, Err(IoError::Timeout))]);
 }
 
 #[test]
