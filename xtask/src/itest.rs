@@ -286,7 +286,21 @@ fn cases() -> Vec<Case> {
             vm(1),
             "boot bogus=1",
             false,
-            vec![("names the option", |o| o.has("unknown option 'bogus'"))],
+            vec![
+                ("names the option", |o| o.has("unknown option 'bogus'")),
+                ("lists what the job takes", |o| {
+                    o.has("job 'boot' takes: wait_ms")
+                }),
+            ],
+        ),
+        case(
+            "value outside the choices",
+            vm(1),
+            "fault kind=bogus",
+            false,
+            vec![("lists the choices", |o| {
+                o.has("option kind=bogus: expected one of ud2, pf, gp")
+            })],
         ),
         case(
             "unknown job",

@@ -9,11 +9,14 @@
 #[cfg(test)]
 extern crate std;
 
-use core::cell::Cell;
+use core::cell::{Cell, RefCell};
 use core::fmt;
 
 /// Most options one command line may carry.
 pub const MAX_OPTIONS: usize = 24;
+
+/// Most distinct option names one job may ask for (see [`Cmdline::asked`]).
+pub const MAX_ASKED: usize = 32;
 
 /// What went wrong with a command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +34,12 @@ pub enum CmdlineError<'a> {
         key: &'a str,
         value: &'a str,
         expected: &'static str,
+    },
+    /// An option whose value is not one of the job's choices.
+    NotAChoice {
+        key: &'a str,
+        value: &'a str,
+        choices: &'static [&'static str],
     },
     /// A job name nobody knows.
     UnknownJob(&'a str),
@@ -50,6 +59,17 @@ impl fmt::Display for CmdlineError<'_> {
             } => {
                 write!(f, "option {key}={value}: expected {expected}")
             }
+            Self::NotAChoice {
+                key,
+                value,
+                choices,
+            } => {
+                write!(f, "option {key}={value}: expected one of ")?;
+                for (i, c) in choices.iter().enumerate() {
+                    write!(f, "{}{c}", if i == 0 { "" } else { ", " })?;
+                }
+                Ok(())
+            }
             Self::UnknownJob(j) => write!(f, "unknown job '{j}'"),
         }
     }
@@ -60,6 +80,8 @@ impl fmt::Display for CmdlineError<'_> {
 pub struct Cmdline<'a> {
     job: &'a str,
     opts: heapless::Vec<(&'a str, &'a str, Cell<bool>), MAX_OPTIONS>,
+    /// Every option name the job asked for, given or not, in order (for error messages).
+    asked: RefCell<heapless::Vec<&'a str, MAX_ASKED>>,
 }
 
 impl<'a> Cmdline<'a> {
@@ -82,7 +104,11 @@ impl<'a> Cmdline<'a> {
             opts.push((k, v, Cell::new(false)))
                 .map_err(|_| CmdlineError::TooManyOptions)?;
         }
-        Ok(Self { job, opts })
+        Ok(Self {
+            job,
+            opts,
+            asked: RefCell::new(heapless::Vec::new()),
+        })
     }
 
     /// The job name (first word).
@@ -91,7 +117,13 @@ impl<'a> Cmdline<'a> {
     }
 
     /// The raw value of `key`, marking it used.
-    pub fn str(&self, key: &str) -> Option<&'a str> {
+    pub fn str(&self, key: &'a str) -> Option<&'a str> {
+        if let Ok(mut asked) = self.asked.try_borrow_mut() {
+            if !asked.contains(&key) {
+                // Past MAX_ASKED names the list is only incomplete, never wrong.
+                let _ = asked.push(key);
+            }
+        }
         self.opts
             .iter()
             .find(|(k, _, _)| *k == key)
@@ -150,17 +182,23 @@ impl<'a> Cmdline<'a> {
                 .iter()
                 .copied()
                 .find(|c| *c == v)
-                .ok_or(CmdlineError::BadValue {
+                .ok_or(CmdlineError::NotAChoice {
                     key,
                     value: v,
-                    expected: "one of the listed choices",
+                    choices,
                 }),
         }
     }
 
     /// Marks `key` as known without reading it (options consumed by the platform, not the job).
-    pub fn accept(&self, key: &str) {
+    pub fn accept(&self, key: &'a str) {
         let _ = self.str(key);
+    }
+
+    /// The option names the job has asked for so far, given or not, in the order it asked:
+    /// after [`Cmdline::finish`] fails, what the job does take.
+    pub fn asked(&self) -> heapless::Vec<&'a str, MAX_ASKED> {
+        self.asked.borrow().clone()
     }
 
     /// Fails on the first option nobody read.
@@ -228,6 +266,29 @@ mod tests {
         let c = Cmdline::parse("boot bogus=1 qd=2", "boot").unwrap();
         c.u64("qd", 1).unwrap();
         assert_eq!(c.finish(), Err(CmdlineError::UnknownOption("bogus")));
+    }
+
+    #[test]
+    fn what_the_job_takes_is_listed() {
+        // `duration` is not an option; the job asked for `qd`, `secs` and `pattern` (given or
+        // not, each once, in order), which is what an error message can offer instead.
+        let c = Cmdline::parse("bench duration=8 qd=2", "boot").unwrap();
+        c.u64("qd", 1).unwrap();
+        c.u64("secs", 2).unwrap();
+        c.u64("qd", 1).unwrap();
+        let e = c.choice("pattern", &["read", "randread"], "read");
+        assert_eq!(e, Ok("read"));
+        assert_eq!(c.finish(), Err(CmdlineError::UnknownOption("duration")));
+        assert_eq!(c.asked().as_slice(), &["qd", "secs", "pattern"]);
+        // A value outside the choices names them.
+        let c = Cmdline::parse("bench pattern=seq", "boot").unwrap();
+        let e = c
+            .choice("pattern", &["read", "randread"], "read")
+            .unwrap_err();
+        assert_eq!(
+            std::format!("{e}"),
+            "option pattern=seq: expected one of read, randread"
+        );
     }
 
     #[test]

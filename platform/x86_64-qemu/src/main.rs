@@ -132,6 +132,12 @@ extern "C" fn keel_boot_main(start_info: u32) -> ! {
         }
         Err(jobs::JobError::Cmdline(e)) => {
             report_cmdline_error(e);
+            if let keel_cmdline::CmdlineError::UnknownOption(_) = e {
+                let asked = cmdline.asked();
+                if !asked.is_empty() {
+                    println!("keel: job '{}' takes: {}", cmdline.job(), Joined(&asked));
+                }
+            }
             exit::failure()
         }
         Err(e) => {
@@ -165,6 +171,18 @@ fn check_flash_image() {
             );
             exit::failure()
         }
+    }
+}
+
+/// Words joined by spaces, for a message.
+struct Joined<'a>(&'a [&'a str]);
+
+impl core::fmt::Display for Joined<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for (i, w) in self.0.iter().enumerate() {
+            write!(f, "{}{w}", if i == 0 { "" } else { " " })?;
+        }
+        Ok(())
     }
 }
 
