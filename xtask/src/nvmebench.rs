@@ -200,13 +200,13 @@ pub fn run_matrix(fw: &Path, secs: u64, cores: &[usize]) -> Result<()> {
     for (w, what, (ns, nd), (ds, dd)) in [
         (
             qd1,
-            "full stack / raw loop IOPS (goal >= 0.90)",
+            "full stack / raw loop IOPS, separate boots (goal: interleaved rows below)",
             ("full", io),
             ("raw", io),
         ),
         (
             qd32,
-            "full stack / raw loop IOPS (goal >= 0.90)",
+            "full stack / raw loop IOPS, separate boots (goal: interleaved rows below)",
             ("full", io),
             ("raw", io),
         ),
