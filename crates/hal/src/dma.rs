@@ -155,7 +155,8 @@ impl DmaRegion {
     pub fn read_bytes(&self, offset: usize, dst: &mut [u8]) -> Result<(), DmaError> {
         self.check(offset, dst.len())?;
         // SAFETY: the source range is in bounds (checked) and valid per `from_raw`; `dst` is a
-        // distinct Rust allocation, so the ranges do not overlap.
+        // distinct Rust allocation, so the ranges do not overlap. The region is the device side
+        // (`Device::Src`): only its bytes are read volatile, each once.
         unsafe {
             copy_device(
                 self.ptr.as_ptr().add(offset),
@@ -172,7 +173,8 @@ impl DmaRegion {
     pub fn write_bytes(&self, offset: usize, src: &[u8]) -> Result<(), DmaError> {
         self.check(offset, src.len())?;
         // SAFETY: the destination range is in bounds (checked) and valid per `from_raw`; `src`
-        // is a distinct Rust allocation.
+        // is a distinct Rust allocation, so the ranges do not overlap. The region is the device
+        // side (`Device::Dst`): only its bytes are written volatile, each once.
         unsafe {
             copy_device(
                 src.as_ptr(),
@@ -233,7 +235,8 @@ unsafe fn copy_device(src: *const u8, dst: *mut u8, len: usize, device: Device) 
         }
     }
     while i < len {
-        // SAFETY: `i < len`, both ranges valid per the caller.
+        // SAFETY: `i < len`, both ranges valid per the caller; byte accesses need no alignment.
+        // Volatile on the device side only, as in the loop above.
         unsafe {
             match device {
                 Device::Src => *dst.add(i) = src.add(i).read_volatile(),

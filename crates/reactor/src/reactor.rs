@@ -195,20 +195,20 @@ struct Owner<'r, 'a, const C: usize, const N: usize> {
 
 /// What [`Reactor::reap_batch`] hands the queue: inside the batch's critical section, each
 /// completion's lifecycle work and hand-off.
-struct Reap<'b, 'i, 'r, 'a, const C: usize, const N: usize, const W: usize> {
+struct Reap<'b, 'i, 'o, 'r, 'a, const C: usize, const N: usize, const W: usize> {
     b: &'b mut keel_aio::Batch<'i, N, W>,
-    o: Owner<'r, 'a, C, N>,
+    o: &'o mut Owner<'r, 'a, C, N>,
 }
 
 impl<const C: usize, const N: usize, const W: usize> keel_blockdev::OnDone
-    for Reap<'_, '_, '_, '_, C, N, W>
+    for Reap<'_, '_, '_, '_, '_, C, N, W>
 {
     /// The tag came back from the device: range-check it and match it against what this core
     /// submitted for that handle. The common case (this core's own I/O, succeeded) is inlined
     /// into the queue's reaping loop; the rest is [`reaped_other`].
     #[inline(always)]
     fn done(&mut self, tag: u32, result: Result<(), IoError>) {
-        let o = &mut self.o;
+        let o = &mut *self.o;
         let index = (tag & 0xFFFF) as usize;
         if let (Some(entry), Ok(())) = (o.on_queue.get_mut(index), result) {
             if let Some((io, Origin::Local)) = *entry {
@@ -822,20 +822,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     }
 
     fn reap_batch(&mut self) -> usize {
-        let Self {
-            queue,
-            aio,
-            on_queue,
-            on_queue_count,
-            cookies,
-            issued,
-            done,
-            replies,
-            links,
-            stats,
-            ..
-        } = self;
-        let Some(q) = queue.as_mut() else {
+        let Some(q) = self.queue.as_mut() else {
             return 0;
         };
         // Idle passes skip the critical section (it masks interrupts and, under emulation,
@@ -849,24 +836,18 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         // Interrupts stay masked (and other cores' handle transitions wait) for one bounded
         // queue poll: at most `REAP_BATCH` completion entries, plus the queue's own periodic
         // timeout scan over its command slots.
-        aio.batch(|b| {
-            q.poll_with(
-                REAP_BATCH,
-                &mut Reap {
-                    b,
-                    o: Owner {
-                        on_queue,
-                        on_queue_count,
-                        cookies,
-                        issued,
-                        done,
-                        replies,
-                        links,
-                        stats,
-                    },
-                },
-            )
-        })
+        let mut o = Owner {
+            on_queue: &mut self.on_queue,
+            on_queue_count: &mut self.on_queue_count,
+            cookies: &self.cookies,
+            issued: &mut self.issued,
+            done: &mut self.done,
+            replies: &mut self.replies,
+            links: &mut self.links,
+            stats: &mut self.stats,
+        };
+        self.aio
+            .batch(|b| q.poll_with(REAP_BATCH, &mut Reap { b, o: &mut o }))
     }
 
     /// Stops accepting new I/O (local callers get `NotAccepting`; requests from other cores

@@ -728,30 +728,39 @@ fn timeout_reports_once_and_offers_abort() {
     assert_eq!(qp.busy_slots(), 0);
 }
 
+/// A queue pair (I/O timeout 100 ms, `timeout_check_polls` as given) whose one command, tag
+/// `tag`, the device never completes; polled 45 times before the deadline (leaving the clock
+/// countdown anywhere in its range), then the clock moved past it.
+fn stalled_past_deadline(timeout_check_polls: u16, tag: u32) -> (Rig, Qp) {
+    let cfg = Config {
+        io_timeout_ms: 100,
+        timeout_check_polls,
+        ..Config::default()
+    };
+    let mut r = rig(ModelConfig::default(), cfg);
+    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
+    r.model.set_fault(Fault::Stall);
+    qp.submit(BlockOp::Flush { ns: 1 }, tag).unwrap();
+    qp.flush_submissions();
+    for _ in 0..45 {
+        qp.poll(8, &mut |t, res| {
+            panic!("reported before the deadline: {t} {res:?}")
+        });
+    }
+    r.clock.advance_ms(150);
+    (r, qp)
+}
+
 #[test]
 fn a_timeout_is_seen_within_timeout_check_polls_when_gated_by_poll_due() {
     // The timeout check reads the clock on every `timeout_check_polls`-th poll only. A caller
     // that polls only when `poll_due` says so (the reactor) must still see the timeout within
     // that many checks after the deadline, and a "due" seen by `poll_due` must not be lost
     // before `poll`.
-    let cfg = Config {
-        io_timeout_ms: 100,
-        ..Config::default()
-    };
-    let every = cfg.timeout_check_polls as usize;
+    let every = Config::default().timeout_check_polls;
     assert!(every > 1, "the default shares clock reads");
-    let mut r = rig(ModelConfig::default(), cfg);
-    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
-    r.model.set_fault(Fault::Stall);
-    qp.submit(BlockOp::Flush { ns: 1 }, 7).unwrap();
-    qp.flush_submissions();
+    let (_r, mut qp) = stalled_past_deadline(every, 7);
     let mut got = Vec::new();
-    // Some polls before the deadline leave the countdown anywhere in its range.
-    for _ in 0..45 {
-        qp.poll(8, &mut |t, res| got.push((t, res)));
-    }
-    assert!(got.is_empty(), "nothing is due before the deadline");
-    r.clock.advance_ms(150);
     let mut checks = 0;
     while got.is_empty() && checks < 2 * every {
         checks += 1;
@@ -763,22 +772,9 @@ fn a_timeout_is_seen_within_timeout_check_polls_when_gated_by_poll_due() {
     assert!(checks <= every, "seen after {checks} checks");
     // A caller that polls from a timer tick sets `timeout_check_polls: 1`: the first poll
     // after the deadline sees the timeout.
-    let cfg = Config {
-        io_timeout_ms: 100,
-        timeout_check_polls: 1,
-        ..Config::default()
-    };
-    let mut r = rig(ModelConfig::default(), cfg);
-    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
-    r.model.set_fault(Fault::Stall);
-    qp.submit(BlockOp::Flush { ns: 1 }, 8).unwrap();
-    qp.flush_submissions();
-    let mut got = Vec::new();
-    for _ in 0..45 {
-        qp.poll(8, &mut |t, res| got.push((t, res)));
-    }
-    r.clock.advance_ms(150);
+    let (_r, mut qp) = stalled_past_deadline(1, 8);
     assert!(qp.poll_due());
+    let mut got = Vec::new();
     qp.poll(8, &mut |t, res| got.push((t, res)));
     assert_eq!(got, vec![(8, Err(IoError::Timeout))]);
 }

@@ -427,8 +427,8 @@ fn layer_rows(p: &Platform, row: &mut impl FnMut(&'static str, u64)) -> Result<(
     let mut r: Reactor<'_, NullQueue, { crate::cpu::MAX_CORES }, HANDLES, W> =
         Reactor::new(links, &aio, Some(q));
     // Bursts of 32, then one I/O at a time (the latency each I/O pays at queue depth 1).
-    let burst = reactor_rounds(&mut r, &op, rounds, 32)?;
-    let single = reactor_rounds(&mut r, &op, 20_000, 1)?;
+    let burst = reactor_rounds(&mut r, rounds, |r, round| submit_each(r, &op, round, 32))?;
+    let single = reactor_rounds(&mut r, 20_000, |r, round| submit_each(r, &op, round, 1))?;
     let per = |t: u64, n: u64| crate::time::ticks_to_ns(t) / n;
     row("reactor: QD1 round trip", per(single.iter().sum(), 20_000));
     row("  of which submit", per(single[0], 20_000));
@@ -448,28 +448,22 @@ fn layer_rows(p: &Platform, row: &mut impl FnMut(&'static str, u64)) -> Result<(
     // Shaped like the bench loop: interrupts masked (`arch::polled`), bursts through
     // `submit_burst`, the raw queue and the reactor measured back to back in the same boot;
     // the best of five runs of each (the host's noise only ever adds).
-    for (k, names) in [
+    const PARTS: [&str; 4] = [
+        "  of which submit_burst",
+        "  of which flush",
+        "  of which poll",
+        "  of which next_completion",
+    ];
+    for (k, raw_name, full_name) in [
         (
             32usize,
-            [
-                "polled, 32 per pass: null queue (per I/O)",
-                "polled, 32 per pass: reactor (per I/O)",
-                "  of which submit_burst",
-                "  of which flush",
-                "  of which poll",
-                "  of which next_completion",
-            ],
+            "polled, 32 per pass: null queue (per I/O)",
+            "polled, 32 per pass: reactor (per I/O)",
         ),
         (
             4,
-            [
-                "polled, 4 per pass: null queue (per I/O)",
-                "polled, 4 per pass: reactor (per I/O)",
-                "  of which submit_burst",
-                "  of which flush",
-                "  of which poll",
-                "  of which next_completion",
-            ],
+            "polled, 4 per pass: null queue (per I/O)",
+            "polled, 4 per pass: reactor (per I/O)",
         ),
     ] {
         let ops: heapless::Vec<(BlockOp, u32), 32> =
@@ -493,53 +487,40 @@ fn layer_rows(p: &Platform, row: &mut impl FnMut(&'static str, u64)) -> Result<(
                         rdtsc() - t0
                     })
                     .unwrap_or(0);
-                let mut parts = [0u64; 4];
-                for _ in 0..n {
-                    let t0 = rdtsc();
-                    let _ = r.submit_burst(&ops);
-                    let t1 = rdtsc();
-                    r.flush();
-                    let t2 = rdtsc();
-                    r.poll();
-                    let t3 = rdtsc();
-                    while let Some(c) = r.next_completion() {
-                        black_box(c.cookie);
-                    }
-                    let t4 = rdtsc();
-                    for (p, d) in parts.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2, t4 - t3]) {
-                        *p += d;
-                    }
-                }
+                let parts = reactor_rounds(&mut r, n, |r, _| {
+                    r.submit_burst(&ops)
+                        .map(|_| ())
+                        .map_err(|_| "reactor refused a burst")
+                })?;
                 let sum = parts.iter().sum();
-                [t_raw, sum, parts[0], parts[1], parts[2], parts[3]]
-            });
+                Ok::<_, &'static str>([t_raw, sum, parts[0], parts[1], parts[2], parts[3]])
+            })?;
             for (b, t) in best.iter_mut().zip(t) {
                 *b = (*b).min(t);
             }
         }
-        for (name, t) in names.into_iter().zip(best) {
+        let names = [raw_name, full_name].into_iter().chain(PARTS);
+        for (name, t) in names.zip(best) {
             row(name, per(t, n * k as u64));
         }
     }
     Ok(())
 }
 
-/// `rounds` rounds of `burst` submissions through `r`, then its doorbell, one poll pass and
-/// the hand-out of the completions: TSC ticks spent in each of those four steps.
+/// `rounds` rounds of `submit(r, round)`, then the reactor's doorbell, one poll pass and the
+/// hand-out of the completions: TSC ticks spent in each of those four steps.
 fn reactor_rounds<const C: usize, const N: usize, const W: usize>(
     r: &mut keel_reactor::Reactor<'_, NullQueue, C, N, W>,
-    op: &impl Fn(u64) -> keel_blockdev::BlockOp,
     rounds: u64,
-    burst: u64,
+    mut submit: impl FnMut(
+        &mut keel_reactor::Reactor<'_, NullQueue, C, N, W>,
+        u64,
+    ) -> Result<(), &'static str>,
 ) -> Result<[u64; 4], &'static str> {
     let mut parts = [0u64; 4];
     for round in 0..rounds {
         let t0 = rdtsc();
-        for i in 0..burst {
-            if r.submit(op(round * burst + i), i as u32).is_err() {
-                return Err("reactor refused a submission");
-            }
-        }
+        submit(r, round)?;
         let t1 = rdtsc();
         r.flush();
         let t2 = rdtsc();
@@ -554,4 +535,18 @@ fn reactor_rounds<const C: usize, const N: usize, const W: usize>(
         }
     }
     Ok(parts)
+}
+
+/// One round of `burst` single submissions (`Reactor::submit`, one critical section each).
+fn submit_each<const C: usize, const N: usize, const W: usize>(
+    r: &mut keel_reactor::Reactor<'_, NullQueue, C, N, W>,
+    op: &impl Fn(u64) -> keel_blockdev::BlockOp,
+    round: u64,
+    burst: u64,
+) -> Result<(), &'static str> {
+    for i in 0..burst {
+        r.submit(op(round * burst + i), i as u32)
+            .map_err(|_| "reactor refused a submission")?;
+    }
+    Ok(())
 }
