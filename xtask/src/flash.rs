@@ -93,7 +93,8 @@ pub fn check_job(line: &str) -> Result<(), FlashError> {
     if line.len() >= img::CONFIG_LEN || line.contains('\0') {
         return Err(FlashError::JobTooLong(line.len()));
     }
-    keel_cmdline::Cmdline::parse(line, "boot")
+    // The firmware's own job table: an unknown job, option or value is refused here already.
+    keel_cmdline::Cmdline::parse_for(line, "boot", keel_jobs::JOBS)
         .map(|_| ())
         .map_err(|e| FlashError::BadJob {
             line: line.into(),
@@ -355,6 +356,13 @@ pub fn self_check(fw: &Path) -> Vec<(String, bool)> {
             .is_ok_and(|i| img::verify(i).is_ok() && img::config(i) == Ok("boot wait_ms=10")),
     );
     row(
+        "rejects a job the firmware does not have",
+        matches!(
+            build_image(&elf, "frobnicate"),
+            Err(FlashError::BadJob { .. })
+        ),
+    );
+    row(
         "rejects a job line that does not parse",
         matches!(
             build_image(&elf, "boot wait_ms"),
@@ -435,6 +443,19 @@ mod tests {
             check_job("boot a=1 a=2"),
             Err(FlashError::BadJob { .. })
         ));
+        // Checked against the firmware's job table: unknown job, option, value, choice.
+        for bad in [
+            "frobnicate",
+            "boot bogus=1",
+            "boot wait_ms=soon",
+            "fault kind=bogus",
+        ] {
+            assert!(
+                matches!(check_job(bad), Err(FlashError::BadJob { .. })),
+                "{bad}"
+            );
+        }
+        assert!(check_job("bench qd=8 raw=both").is_ok());
         assert!(matches!(
             check_job(&"y".repeat(600)),
             Err(FlashError::JobTooLong(600))

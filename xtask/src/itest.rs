@@ -29,10 +29,14 @@ pub fn test_all(with_qemu: bool, crash_states_per_gap: usize) -> Result<()> {
     c.args(["clippy", "--all-targets", "--quiet", "--", "-D", "warnings"]);
     let (ok1, t1) = step("cargo clippy --all-targets -- -D warnings", c);
     let mut c = cargo_cmd();
+    let pkg = &crate::board::get().package;
     c.args([
-        "clippy", "-p", "keel-fw", "--bins", "--quiet", "--", "-D", "warnings",
+        "clippy", "-p", pkg, "--lib", "--bins", "--quiet", "--", "-D", "warnings",
     ]);
-    let (ok2, t2) = step("cargo clippy -p keel-fw --bins -- -D warnings", c);
+    let (ok2, t2) = step(
+        &format!("cargo clippy -p {pkg} --lib --bins -- -D warnings"),
+        c,
+    );
     rows.push((
         "cargo clippy -D warnings (crates, xtask, firmware)".into(),
         ok1 && ok2,

@@ -4,6 +4,7 @@
 //! streaming output, a hard timeout and a kill on hang, which xshell does not do, and for the
 //! plain cargo steps the std version is just as short.
 
+mod board;
 mod flash;
 mod fuzz;
 mod instr;
@@ -33,6 +34,7 @@ enum Cmd {
     /// Section sizes of the firmware and its stripped size.
     Size,
     /// Build, create the disk images, boot QEMU, run a job and print decoded logs.
+    #[command(after_long_help = jobs_help())]
     Run {
         #[command(flatten)]
         vm: qemu::VmOpts,
@@ -88,6 +90,18 @@ enum Cmd {
     Instr,
 }
 
+/// The firmware's jobs and their options, from its job table (`keel_jobs::JOBS`).
+fn jobs_help() -> String {
+    let mut s = String::from("Jobs (after `--`: JOB key=value ...; default `demo`):\n");
+    for j in keel_jobs::JOBS {
+        s += &format!("  {:10} {}\n", j.name, j.help);
+        for o in j.options() {
+            s += &format!("      {o}\n");
+        }
+    }
+    s
+}
+
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -115,7 +129,17 @@ fn cargo() -> Command {
 /// Builds the firmware and returns the path of its (unstripped) ELF.
 pub fn build_firmware() -> Result<PathBuf> {
     let mut c = cargo();
-    c.args(["build", "--quiet", "--profile", "firmware", "-p", "keel-fw"]);
+    let b = board::get();
+    c.args([
+        "build",
+        "--quiet",
+        "--profile",
+        "firmware",
+        "-p",
+        &b.package,
+        "--bin",
+        &b.bin,
+    ]);
     if std::env::var_os("DEFMT_LOG").is_none() {
         c.env("DEFMT_LOG", "info");
     }
@@ -123,7 +147,7 @@ pub fn build_firmware() -> Result<PathBuf> {
     if !st.success() {
         bail!("firmware build failed");
     }
-    Ok(target_dir().join("firmware").join("keel-fw"))
+    Ok(target_dir().join("firmware").join(&b.bin))
 }
 
 fn main() {
@@ -250,7 +274,7 @@ fn run(vm: qemu::VmOpts, boot: FlashBoot, job: Vec<String>) -> Result<()> {
 }
 
 fn size() -> Result<()> {
-    use object::{Object, ObjectSection, SectionKind};
+    use object::{Object, ObjectSection, ObjectSymbol, SectionKind};
     let fw = build_firmware()?;
     let data = std::fs::read(&fw)?;
     let obj = object::File::parse(&*data)?;
@@ -266,7 +290,7 @@ fn size() -> Result<()> {
             _ => {}
         }
     }
-    let stripped = work_dir().join("keel-fw.stripped");
+    let stripped = work_dir().join(format!("{}.stripped", board::get().bin));
     std::fs::create_dir_all(work_dir())?;
     let st = Command::new("strip")
         .arg("-o")
@@ -289,7 +313,75 @@ fn size() -> Result<()> {
     }
     println!("{:<14} {:>10}", "ELF (debug)", data.len());
     println!("{:<14} {:>10}", "stripped", stripped_len);
+
+    // Code and static RAM by the crate each symbol belongs to.
+    let mut by_crate: std::collections::BTreeMap<String, [u64; 4]> = Default::default();
+    for sym in obj.symbols() {
+        let (Some(idx), size) = (sym.section_index(), sym.size()) else {
+            continue;
+        };
+        if size == 0 {
+            continue;
+        }
+        let kind = match obj.section_by_index(idx).map(|s| s.kind()) {
+            Ok(SectionKind::Text) => 0,
+            Ok(SectionKind::ReadOnlyData | SectionKind::ReadOnlyString) => 1,
+            Ok(SectionKind::Data) => 2,
+            Ok(SectionKind::UninitializedData) => 3,
+            _ => continue,
+        };
+        let name = sym.name().unwrap_or("");
+        by_crate.entry(crate_of(name)).or_default()[kind] += size;
+    }
+    let mut rows: Vec<_> = by_crate.into_iter().collect();
+    rows.sort_by_key(|(_, v)| std::cmp::Reverse(v[0] + v[1] + v[2] + v[3]));
+    println!();
+    println!(
+        "{:<24} {:>9} {:>9} {:>9} {:>10}",
+        "crate", "text", "rodata", "data", "bss (RAM)"
+    );
+    println!("{:-<24} {:->9} {:->9} {:->9} {:->10}", "", "", "", "", "");
+    let mut sum = [0u64; 4];
+    for (name, v) in &rows {
+        println!(
+            "{name:<24} {:>9} {:>9} {:>9} {:>10}",
+            v[0], v[1], v[2], v[3]
+        );
+        for (s, x) in sum.iter_mut().zip(v) {
+            *s += x;
+        }
+    }
+    println!(
+        "{:<24} {:>9} {:>9} {:>9} {:>10}",
+        "(symbols, total)", sum[0], sum[1], sum[2], sum[3]
+    );
+    println!("static RAM (data + bss): {} KiB", (dat + bss) / 1024);
     Ok(())
+}
+
+/// The crate a (mangled) symbol belongs to: the first path segment of its demangled name, or
+/// of the type in `<Type as Trait>::f`; symbols from assembly or C say so.
+fn crate_of(mangled: &str) -> String {
+    let d = format!("{:#}", rustc_demangle::demangle(mangled));
+    let mut s = d.as_str();
+    loop {
+        let t = s.trim_start_matches(['<', '&', '*', '(', '[', ' ']);
+        let t = t
+            .strip_prefix("mut ")
+            .or_else(|| t.strip_prefix("const "))
+            .or_else(|| t.strip_prefix("dyn "))
+            .unwrap_or(t);
+        if t.len() == s.len() {
+            break;
+        }
+        s = t;
+    }
+    match s.split_once("::") {
+        Some((c, _)) if !c.is_empty() && c.chars().all(|c| c.is_alphanumeric() || c == '_') => {
+            c.to_string()
+        }
+        _ => "(asm, C, linker)".to_string(),
+    }
 }
 
 fn bench(secs: u64, cores: &[usize], nvme_only: bool) -> Result<()> {

@@ -123,14 +123,16 @@ impl Default for VmOpts {
     }
 }
 
-/// Finds qemu-system-x86_64; installs it on Debian when running as root, else says what to install.
+/// Finds the board's QEMU; installs it on Debian when running as root, else says what to install.
 pub fn ensure_qemu() -> Result<()> {
-    if which("qemu-system-x86_64") {
+    let board = crate::board::get();
+    let (qemu, pkg) = (board.qemu.as_str(), board.qemu_package.as_str());
+    if which(qemu) {
         return Ok(());
     }
     let root = running_as_root();
     if root && Path::new("/etc/debian_version").exists() {
-        eprintln!("xtask: qemu-system-x86_64 not found; installing Debian package qemu-system-x86 (apt-get)...");
+        eprintln!("xtask: {qemu} not found; installing Debian package {pkg} (apt-get)...");
         let ok = Command::new("apt-get")
             .arg("update")
             .arg("-qq")
@@ -138,23 +140,17 @@ pub fn ensure_qemu() -> Result<()> {
             .map(|s| s.success())
             .unwrap_or(false)
             && Command::new("apt-get")
-                .args([
-                    "install",
-                    "-y",
-                    "-qq",
-                    "--no-install-recommends",
-                    "qemu-system-x86",
-                ])
+                .args(["install", "-y", "-qq", "--no-install-recommends", pkg])
                 .env("DEBIAN_FRONTEND", "noninteractive")
                 .status()
                 .map(|s| s.success())
                 .unwrap_or(false);
-        if ok && which("qemu-system-x86_64") {
+        if ok && which(qemu) {
             return Ok(());
         }
-        bail!("installing qemu-system-x86 failed; install it by hand: apt-get install qemu-system-x86");
+        bail!("installing {pkg} failed; install it by hand: apt-get install {pkg}");
     }
-    bail!("qemu-system-x86_64 is missing. Install Debian's package: sudo apt-get install qemu-system-x86")
+    bail!("{qemu} is missing. Install Debian's package: sudo apt-get install {pkg}")
 }
 
 fn running_as_root() -> bool {
@@ -376,7 +372,8 @@ pub fn run(fw: &Path, o: &VmOpts, cmdline: &str, work: &Path, v: Verbosity) -> R
         Accel::Kvm => ("kvm", "KVM".to_string()),
         _ => ("tcg", "TCG".to_string()),
     };
-    let mut cmd = Command::new("qemu-system-x86_64");
+    let board = crate::board::get();
+    let mut cmd = Command::new(&board.qemu);
     cmd.args([
         "-machine",
         match o.machine {
@@ -388,20 +385,17 @@ pub fn run(fw: &Path, o: &VmOpts, cmdline: &str, work: &Path, v: Verbosity) -> R
         "-accel",
         accel_arg,
         "-cpu",
-        if o.accel == Accel::Kvm { "host" } else { "max" },
+        if o.accel == Accel::Kvm {
+            &board.cpu_kvm
+        } else {
+            &board.cpu_tcg
+        },
     ])
     .args(["-m", &format!("{}M", o.memory), "-smp", &o.smp.to_string()])
-    .args([
-        "-nodefaults",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-monitor",
-        "none",
-    ])
+    .args(["-display", "none", "-monitor", "none"])
+    .args(&board.machine_args)
     .args(["-serial", &format!("file:{}", com1.display())])
     .args(["-serial", &format!("file:{}", com2.display())])
-    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
     .args(nvme_args(o, work)?)
     .args(&o.qemu_args)
     .stdin(Stdio::null())
@@ -428,7 +422,9 @@ pub fn run(fw: &Path, o: &VmOpts, cmdline: &str, work: &Path, v: Verbosity) -> R
         }
     }
     let start = Instant::now();
-    let mut child = cmd.spawn().context("starting qemu-system-x86_64")?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", board.qemu))?;
     let mut dec = table.new_stream_decoder();
     let mut out = Outcome {
         status: None,

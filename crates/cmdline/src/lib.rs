@@ -1,22 +1,26 @@
-//! The boot command line: `JOB [key=value]...`, e.g. `selftest ns=all size=1M`.
+//! The boot command line: `JOB [key=value]...`, e.g. `bench qd=32 bs=4K`, checked against the
+//! job's [`JobSpec`].
 //!
-//! A job reads its options by name ([`Cmdline::u64`], [`Cmdline::size`], [`Cmdline::str`], ...);
-//! each read marks the option used. [`Cmdline::finish`] then rejects whatever is left, so an
-//! option no job asked for is reported by name instead of being silently ignored.
+//! A [`JobSpec`] names a job, gives a line of help and lists its options ([`OptSpec`]: name,
+//! type, default, choices, help). [`Cmdline::bind`] checks a parsed line against the spec
+//! before the job runs: an option the job does not take, a value that does not parse or one
+//! outside the choices is a typed error naming it. The job then reads its options by name
+//! ([`Cmdline::int`], [`Cmdline::size`], [`Cmdline::flag`], [`Cmdline::choice`],
+//! [`Cmdline::text`]); defaults come from the spec, so the spec is the one place an option is
+//! described. The firmware, `cargo xtask run --help` and `cargo xtask flash`'s job-line check
+//! all use the same specs.
 #![no_std]
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 #[cfg(test)]
 extern crate std;
 
-use core::cell::{Cell, RefCell};
+use core::cell::Cell;
 use core::fmt;
 
 /// Most options one command line may carry.
 pub const MAX_OPTIONS: usize = 24;
-
-/// Most distinct option names one job may ask for (see [`Cmdline::asked`]).
-pub const MAX_ASKED: usize = 32;
 
 /// What went wrong with a command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,18 +35,26 @@ pub enum CmdlineError<'a> {
     UnknownOption(&'a str),
     /// An option whose value does not parse.
     BadValue {
+        /// The option.
         key: &'a str,
+        /// What was given.
         value: &'a str,
+        /// What would have parsed.
         expected: &'static str,
     },
     /// An option whose value is not one of the job's choices.
     NotAChoice {
+        /// The option.
         key: &'a str,
+        /// What was given.
         value: &'a str,
+        /// What the job takes.
         choices: &'static [&'static str],
     },
     /// A job name nobody knows.
     UnknownJob(&'a str),
+    /// The job read an option its spec does not list (a bug in the job, found by its tests).
+    NotInSpec(&'static str),
 }
 
 impl fmt::Display for CmdlineError<'_> {
@@ -71,7 +83,187 @@ impl fmt::Display for CmdlineError<'_> {
                 Ok(())
             }
             Self::UnknownJob(j) => write!(f, "unknown job '{j}'"),
+            Self::NotInSpec(k) => write!(f, "the job read option '{k}', which its spec lacks"),
         }
+    }
+}
+
+/// The type, default and choices of one option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptKind {
+    /// A decimal or `0x` hex integer.
+    Int(u64),
+    /// A size with an optional `K`/`M`/`G` suffix.
+    Size(u64),
+    /// `on`/`off` (also `true`/`false`, `1`/`0`, `yes`/`no`).
+    Flag(bool),
+    /// One of a fixed set of words.
+    Choice {
+        /// The words.
+        choices: &'static [&'static str],
+        /// The default (one of `choices`).
+        default: &'static str,
+    },
+    /// Any word.
+    Text(&'static str),
+}
+
+/// One option a job takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptSpec {
+    /// The key in `key=value`.
+    pub name: &'static str,
+    /// Type and default.
+    pub kind: OptKind,
+    /// One line of help.
+    pub help: &'static str,
+}
+
+impl OptSpec {
+    /// An integer option.
+    pub const fn int(name: &'static str, default: u64, help: &'static str) -> Self {
+        Self {
+            name,
+            kind: OptKind::Int(default),
+            help,
+        }
+    }
+    /// A size option (`4K`, `1M`).
+    pub const fn size(name: &'static str, default: u64, help: &'static str) -> Self {
+        Self {
+            name,
+            kind: OptKind::Size(default),
+            help,
+        }
+    }
+    /// An on/off option.
+    pub const fn flag(name: &'static str, default: bool, help: &'static str) -> Self {
+        Self {
+            name,
+            kind: OptKind::Flag(default),
+            help,
+        }
+    }
+    /// One of `choices`; `choices[0]` is the default.
+    pub const fn choice(
+        name: &'static str,
+        choices: &'static [&'static str],
+        help: &'static str,
+    ) -> Self {
+        Self {
+            name,
+            kind: OptKind::Choice {
+                choices,
+                default: choices[0],
+            },
+            help,
+        }
+    }
+    /// Free text.
+    pub const fn text(name: &'static str, default: &'static str, help: &'static str) -> Self {
+        Self {
+            name,
+            kind: OptKind::Text(default),
+            help,
+        }
+    }
+
+    /// Checks one value against this option's type and choices.
+    pub fn check<'a>(&self, value: &'a str) -> Result<(), CmdlineError<'a>> {
+        let key = self.name;
+        let bad = |expected| CmdlineError::BadValue {
+            key,
+            value,
+            expected,
+        };
+        match self.kind {
+            OptKind::Int(_) => parse_u64(value).map(|_| ()).ok_or(bad("an integer")),
+            OptKind::Size(_) => parse_size(value)
+                .map(|_| ())
+                .ok_or(bad("a size like 4096, 4K, 1M")),
+            OptKind::Flag(_) => parse_bool(value).map(|_| ()).ok_or(bad("on or off")),
+            OptKind::Choice { choices, .. } => {
+                if choices.contains(&value) {
+                    Ok(())
+                } else {
+                    Err(CmdlineError::NotAChoice {
+                        key,
+                        value,
+                        choices,
+                    })
+                }
+            }
+            OptKind::Text(_) => Ok(()),
+        }
+    }
+}
+
+impl fmt::Display for OptSpec {
+    /// `name=default  help (one of: a, b)`, for `--help` output.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut buf = heapless::String::<32>::new();
+        let _ = match self.kind {
+            OptKind::Int(d) | OptKind::Size(d) => {
+                fmt::write(&mut buf, format_args!("{}={d}", self.name))
+            }
+            OptKind::Flag(d) => fmt::write(
+                &mut buf,
+                format_args!("{}={}", self.name, if d { "on" } else { "off" }),
+            ),
+            OptKind::Choice { default, .. } => {
+                fmt::write(&mut buf, format_args!("{}={default}", self.name))
+            }
+            OptKind::Text(d) => fmt::write(&mut buf, format_args!("{}={d}", self.name)),
+        };
+        write!(f, "{buf:<22} {}", self.help)?;
+        if let OptKind::Choice { choices, .. } = self.kind {
+            f.write_str(" (")?;
+            for (i, c) in choices.iter().enumerate() {
+                write!(f, "{}{c}", if i == 0 { "" } else { "|" })?;
+            }
+            f.write_str(")")?;
+        }
+        Ok(())
+    }
+}
+
+/// A job: its name, a line of help and its options (in groups, so jobs can share a group).
+#[derive(Debug, Clone, Copy)]
+pub struct JobSpec {
+    /// The first word of the command line.
+    pub name: &'static str,
+    /// One line of help.
+    pub help: &'static str,
+    /// The options, in groups.
+    pub opts: &'static [&'static [OptSpec]],
+}
+
+impl JobSpec {
+    /// Every option, in order.
+    pub fn options(&self) -> impl Iterator<Item = &'static OptSpec> + '_ {
+        self.opts.iter().flat_map(|g| g.iter())
+    }
+
+    /// The option called `name`.
+    pub fn option(&self, name: &str) -> Option<&'static OptSpec> {
+        self.options().find(|o| o.name == name)
+    }
+
+    /// The spec of job `name` among `jobs`.
+    pub fn find<'j>(jobs: &'j [JobSpec], name: &str) -> Option<&'j JobSpec> {
+        jobs.iter().find(|j| j.name == name)
+    }
+}
+
+/// The option names of a job, joined by spaces (for "job X takes: ..." messages).
+pub struct OptionNames<'a>(pub &'a JobSpec);
+
+impl fmt::Display for OptionNames<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, o) in self.0.options().enumerate() {
+            write!(f, "{}{}", if i == 0 { "" } else { " " }, o.name)?;
+        }
+        Ok(())
     }
 }
 
@@ -79,9 +271,10 @@ impl fmt::Display for CmdlineError<'_> {
 #[derive(Debug)]
 pub struct Cmdline<'a> {
     job: &'a str,
-    opts: heapless::Vec<(&'a str, &'a str, Cell<bool>), MAX_OPTIONS>,
-    /// Every option name the job asked for, given or not, in order (for error messages).
-    asked: RefCell<heapless::Vec<&'a str, MAX_ASKED>>,
+    opts: heapless::Vec<(&'a str, &'a str), MAX_OPTIONS>,
+    spec: Cell<Option<&'static JobSpec>>,
+    /// Bit `i`: the job read the spec's option `i` (for [`Cmdline::unread`]).
+    read: Cell<u64>,
 }
 
 impl<'a> Cmdline<'a> {
@@ -89,26 +282,48 @@ impl<'a> Cmdline<'a> {
     pub fn parse(line: &'a str, default_job: &'a str) -> Result<Self, CmdlineError<'a>> {
         let mut words = line.split_ascii_whitespace();
         let job = words.next().unwrap_or(default_job);
-        let mut opts = heapless::Vec::new();
+        let mut opts: heapless::Vec<(&str, &str), MAX_OPTIONS> = heapless::Vec::new();
         for w in words {
             let (k, v) = w.split_once('=').ok_or(CmdlineError::NotKeyValue(w))?;
             if k.is_empty() {
                 return Err(CmdlineError::NotKeyValue(w));
             }
-            if opts
-                .iter()
-                .any(|(k2, _, _): &(&str, &str, Cell<bool>)| *k2 == k)
-            {
+            if opts.iter().any(|(k2, _)| *k2 == k) {
                 return Err(CmdlineError::Duplicate(k));
             }
-            opts.push((k, v, Cell::new(false)))
+            opts.push((k, v))
                 .map_err(|_| CmdlineError::TooManyOptions)?;
         }
         Ok(Self {
             job,
             opts,
-            asked: RefCell::new(heapless::Vec::new()),
+            spec: Cell::new(None),
+            read: Cell::new(0),
         })
+    }
+
+    /// Parses `line` and binds it to its job's spec among `jobs` (see [`Cmdline::bind`]).
+    pub fn parse_for(
+        line: &'a str,
+        default_job: &'a str,
+        jobs: &'static [JobSpec],
+    ) -> Result<Self, CmdlineError<'a>> {
+        let c = Self::parse(line, default_job)?;
+        let spec = JobSpec::find(jobs, c.job).ok_or(CmdlineError::UnknownJob(c.job))?;
+        c.bind(spec)?;
+        Ok(c)
+    }
+
+    /// Checks every given option against `spec` (known, parses, one of its choices) and makes
+    /// `spec` the source of defaults for the readers below.
+    pub fn bind(&self, spec: &'static JobSpec) -> Result<(), CmdlineError<'a>> {
+        for &(k, v) in &self.opts {
+            spec.option(k)
+                .ok_or(CmdlineError::UnknownOption(k))?
+                .check(v)?;
+        }
+        self.spec.set(Some(spec));
+        Ok(())
     }
 
     /// The job name (first word).
@@ -116,69 +331,136 @@ impl<'a> Cmdline<'a> {
         self.job
     }
 
-    /// The raw value of `key`, marking it used.
-    pub fn str(&self, key: &'a str) -> Option<&'a str> {
-        if let Ok(mut asked) = self.asked.try_borrow_mut() {
-            if !asked.contains(&key) {
-                // Past MAX_ASKED names the list is only incomplete, never wrong.
-                let _ = asked.push(key);
-            }
-        }
-        self.opts
-            .iter()
-            .find(|(k, _, _)| *k == key)
-            .map(|(_, v, used)| {
-                used.set(true);
-                *v
-            })
+    /// The spec this line was bound to.
+    pub fn spec(&self) -> Option<&'static JobSpec> {
+        self.spec.get()
     }
 
-    /// A decimal (or `0x` hex) integer, or `default` when absent.
-    pub fn u64(&self, key: &'a str, default: u64) -> Result<u64, CmdlineError<'a>> {
-        match self.str(key) {
-            None => Ok(default),
-            Some(v) => parse_u64(v).ok_or(CmdlineError::BadValue {
+    /// The spec's options the job never read (a test of the job finds dead spec entries).
+    pub fn unread(&self) -> impl Iterator<Item = &'static OptSpec> + '_ {
+        let read = self.read.get();
+        self.spec
+            .get()
+            .into_iter()
+            .flat_map(|s| s.options())
+            .enumerate()
+            .filter(move |(i, _)| read & 1u64.checked_shl(*i as u32).unwrap_or(0) == 0)
+            .map(|(_, o)| o)
+    }
+
+    /// The options given, in order.
+    pub fn given(&self) -> impl Iterator<Item = (&'a str, &'a str)> + '_ {
+        self.opts.iter().copied()
+    }
+
+    /// `key`'s spec and the value given for it (if any).
+    fn lookup(
+        &self,
+        key: &'static str,
+    ) -> Result<(&'static OptSpec, Option<&'a str>), CmdlineError<'a>> {
+        let (i, spec) = self
+            .spec
+            .get()
+            .and_then(|s| s.options().enumerate().find(|(_, o)| o.name == key))
+            .ok_or(CmdlineError::NotInSpec(key))?;
+        self.read
+            .set(self.read.get() | 1u64.checked_shl(i as u32).unwrap_or(0));
+        let v = self.opts.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+        Ok((spec, v))
+    }
+
+    /// An integer option.
+    pub fn int(&self, key: &'static str) -> Result<u64, CmdlineError<'a>> {
+        match self.lookup(key)? {
+            (
+                OptSpec {
+                    kind: OptKind::Int(d),
+                    ..
+                },
+                None,
+            ) => Ok(*d),
+            (
+                OptSpec {
+                    kind: OptKind::Int(_),
+                    ..
+                },
+                Some(v),
+            ) => parse_u64(v).ok_or(CmdlineError::BadValue {
                 key,
                 value: v,
                 expected: "an integer",
             }),
+            _ => Err(CmdlineError::NotInSpec(key)),
         }
     }
 
-    /// A size with an optional `K`/`M`/`G` (binary) suffix, or `default` when absent.
-    pub fn size(&self, key: &'a str, default: u64) -> Result<u64, CmdlineError<'a>> {
-        match self.str(key) {
-            None => Ok(default),
-            Some(v) => parse_size(v).ok_or(CmdlineError::BadValue {
+    /// A size option.
+    pub fn size(&self, key: &'static str) -> Result<u64, CmdlineError<'a>> {
+        match self.lookup(key)? {
+            (
+                OptSpec {
+                    kind: OptKind::Size(d),
+                    ..
+                },
+                None,
+            ) => Ok(*d),
+            (
+                OptSpec {
+                    kind: OptKind::Size(_),
+                    ..
+                },
+                Some(v),
+            ) => parse_size(v).ok_or(CmdlineError::BadValue {
                 key,
                 value: v,
                 expected: "a size like 4096, 4K, 1M",
             }),
+            _ => Err(CmdlineError::NotInSpec(key)),
         }
     }
 
-    /// `on/off/true/false/1/0/yes/no`, or `default` when absent.
-    pub fn bool(&self, key: &'a str, default: bool) -> Result<bool, CmdlineError<'a>> {
-        match self.str(key) {
-            None => Ok(default),
-            Some(v) => parse_bool(v).ok_or(CmdlineError::BadValue {
+    /// An on/off option.
+    pub fn flag(&self, key: &'static str) -> Result<bool, CmdlineError<'a>> {
+        match self.lookup(key)? {
+            (
+                OptSpec {
+                    kind: OptKind::Flag(d),
+                    ..
+                },
+                None,
+            ) => Ok(*d),
+            (
+                OptSpec {
+                    kind: OptKind::Flag(_),
+                    ..
+                },
+                Some(v),
+            ) => parse_bool(v).ok_or(CmdlineError::BadValue {
                 key,
                 value: v,
                 expected: "on or off",
             }),
+            _ => Err(CmdlineError::NotInSpec(key)),
         }
     }
 
-    /// One of `choices`, or `default` when absent.
-    pub fn choice(
-        &self,
-        key: &'a str,
-        choices: &'static [&'static str],
-        default: &'static str,
-    ) -> Result<&'static str, CmdlineError<'a>> {
-        match self.str(key) {
-            None => Ok(default),
-            Some(v) => choices
+    /// A choice option: one of the spec's words.
+    pub fn choice(&self, key: &'static str) -> Result<&'static str, CmdlineError<'a>> {
+        match self.lookup(key)? {
+            (
+                OptSpec {
+                    kind: OptKind::Choice { default, .. },
+                    ..
+                },
+                None,
+            ) => Ok(default),
+            (
+                OptSpec {
+                    kind: OptKind::Choice { choices, .. },
+                    ..
+                },
+                Some(v),
+            ) => choices
                 .iter()
                 .copied()
                 .find(|c| *c == v)
@@ -187,25 +469,28 @@ impl<'a> Cmdline<'a> {
                     value: v,
                     choices,
                 }),
+            _ => Err(CmdlineError::NotInSpec(key)),
         }
     }
 
-    /// Marks `key` as known without reading it (options consumed by the platform, not the job).
-    pub fn accept(&self, key: &'a str) {
-        let _ = self.str(key);
-    }
-
-    /// The option names the job has asked for so far, given or not, in the order it asked:
-    /// after [`Cmdline::finish`] fails, what the job does take.
-    pub fn asked(&self) -> heapless::Vec<&'a str, MAX_ASKED> {
-        self.asked.borrow().clone()
-    }
-
-    /// Fails on the first option nobody read.
-    pub fn finish(&self) -> Result<(), CmdlineError<'a>> {
-        match self.opts.iter().find(|(_, _, used)| !used.get()) {
-            Some((k, _, _)) => Err(CmdlineError::UnknownOption(k)),
-            None => Ok(()),
+    /// A text option.
+    pub fn text(&self, key: &'static str) -> Result<&'a str, CmdlineError<'a>> {
+        match self.lookup(key)? {
+            (
+                OptSpec {
+                    kind: OptKind::Text(d),
+                    ..
+                },
+                None,
+            ) => Ok(d),
+            (
+                OptSpec {
+                    kind: OptKind::Text(_),
+                    ..
+                },
+                Some(v),
+            ) => Ok(v),
+            _ => Err(CmdlineError::NotInSpec(key)),
         }
     }
 }
@@ -235,6 +520,7 @@ pub fn parse_size(v: &str) -> Option<u64> {
     n.checked_mul(1u64 << shift)
 }
 
+/// `on`/`off`, `true`/`false`, `1`/`0`, `yes`/`no`.
 pub fn parse_bool(v: &str) -> Option<bool> {
     match v {
         "1" | "on" | "true" | "yes" => Some(true),
@@ -247,55 +533,83 @@ pub fn parse_bool(v: &str) -> Option<bool> {
 mod tests {
     use super::*;
 
+    const COMMON: &[OptSpec] = &[OptSpec::flag("dbbuf", false, "shadow doorbells")];
+    const BENCH: &[OptSpec] = &[
+        OptSpec::int("qd", 32, "queue depth"),
+        OptSpec::size("bs", 4096, "block size"),
+        OptSpec::choice("pattern", &["randread", "read"], "access pattern"),
+        OptSpec::text("msg", "hello", "text"),
+    ];
+    static JOBS: &[JobSpec] = &[
+        JobSpec {
+            name: "bench",
+            help: "load",
+            opts: &[BENCH, COMMON],
+        },
+        JobSpec {
+            name: "boot",
+            help: "boot",
+            opts: &[],
+        },
+    ];
+
     #[test]
-    fn job_and_options() {
-        let c = Cmdline::parse("bench qd=32 bs=4K pattern=randread", "boot").unwrap();
+    fn job_options_and_defaults() {
+        let c = Cmdline::parse_for("bench qd=7 bs=4K pattern=read dbbuf=on", "boot", JOBS).unwrap();
         assert_eq!(c.job(), "bench");
-        assert_eq!(c.u64("qd", 1), Ok(32));
-        assert_eq!(c.size("bs", 512), Ok(4096));
+        assert_eq!(c.int("qd"), Ok(7));
+        assert_eq!(c.size("bs"), Ok(4096));
+        assert_eq!(c.choice("pattern"), Ok("read"));
+        assert_eq!(c.flag("dbbuf"), Ok(true));
+        assert_eq!(c.text("msg"), Ok("hello"));
+        let c = Cmdline::parse_for("bench", "boot", JOBS).unwrap();
+        assert_eq!((c.int("qd"), c.choice("pattern")), (Ok(32), Ok("randread")));
         assert_eq!(
-            c.choice("pattern", &["read", "randread"], "read"),
-            Ok("randread")
+            c.unread().map(|o| o.name).collect::<std::vec::Vec<_>>(),
+            ["bs", "msg", "dbbuf"]
         );
-        assert_eq!(c.u64("cores", 1), Ok(1));
-        assert_eq!(c.finish(), Ok(()));
+        // Reading an option the spec lacks, or as the wrong type, is the job's bug.
+        assert_eq!(c.int("cores"), Err(CmdlineError::NotInSpec("cores")));
+        assert_eq!(c.flag("qd"), Err(CmdlineError::NotInSpec("qd")));
     }
 
     #[test]
-    fn unknown_option_is_named() {
-        let c = Cmdline::parse("boot bogus=1 qd=2", "boot").unwrap();
-        c.u64("qd", 1).unwrap();
-        assert_eq!(c.finish(), Err(CmdlineError::UnknownOption("bogus")));
-    }
-
-    #[test]
-    fn what_the_job_takes_is_listed() {
-        // `duration` is not an option; the job asked for `qd`, `secs` and `pattern` (given or
-        // not, each once, in order), which is what an error message can offer instead.
-        let c = Cmdline::parse("bench duration=8 qd=2", "boot").unwrap();
-        c.u64("qd", 1).unwrap();
-        c.u64("secs", 2).unwrap();
-        c.u64("qd", 1).unwrap();
-        let e = c.choice("pattern", &["read", "randread"], "read");
-        assert_eq!(e, Ok("read"));
-        assert_eq!(c.finish(), Err(CmdlineError::UnknownOption("duration")));
-        assert_eq!(c.asked().as_slice(), &["qd", "secs", "pattern"]);
-        // A value outside the choices names them.
-        let c = Cmdline::parse("bench pattern=seq", "boot").unwrap();
-        let e = c
-            .choice("pattern", &["read", "randread"], "read")
-            .unwrap_err();
+    fn bind_rejects_what_the_spec_does_not_allow() {
+        assert_eq!(
+            Cmdline::parse_for("boot bogus=1", "boot", JOBS).unwrap_err(),
+            CmdlineError::UnknownOption("bogus")
+        );
+        assert!(matches!(
+            Cmdline::parse_for("bench qd=lots", "boot", JOBS),
+            Err(CmdlineError::BadValue { key: "qd", .. })
+        ));
+        let e = Cmdline::parse_for("bench pattern=seq", "boot", JOBS).unwrap_err();
         assert_eq!(
             std::format!("{e}"),
-            "option pattern=seq: expected one of read, randread"
+            "option pattern=seq: expected one of randread, read"
+        );
+        assert_eq!(
+            Cmdline::parse_for("frob", "boot", JOBS).unwrap_err(),
+            CmdlineError::UnknownJob("frob")
+        );
+        assert_eq!(
+            std::format!("{}", OptionNames(&JOBS[0])),
+            "qd bs pattern msg dbbuf"
+        );
+    }
+
+    #[test]
+    fn help_lines() {
+        assert_eq!(
+            std::format!("{}", BENCH[2]),
+            "pattern=randread       access pattern (randread|read)"
         );
     }
 
     #[test]
     fn empty_line_is_default_job() {
-        let c = Cmdline::parse("  ", "boot").unwrap();
+        let c = Cmdline::parse_for("  ", "boot", JOBS).unwrap();
         assert_eq!(c.job(), "boot");
-        assert_eq!(c.finish(), Ok(()));
     }
 
     #[test]
@@ -312,11 +626,6 @@ mod tests {
             Cmdline::parse("boot a=1 a=2", "b").unwrap_err(),
             CmdlineError::Duplicate("a")
         );
-        let c = Cmdline::parse("boot qd=lots", "b").unwrap();
-        assert!(matches!(
-            c.u64("qd", 1),
-            Err(CmdlineError::BadValue { key: "qd", .. })
-        ));
         assert_eq!(parse_size("1M"), Some(1 << 20));
         assert_eq!(parse_size("4KiB"), Some(4096));
         assert_eq!(parse_size("0x10"), Some(16));
@@ -327,21 +636,23 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn never_panics(s in "\\PC{0,80}") {
-            if let Ok(c) = Cmdline::parse(&s, "boot") {
-                let _ = c.u64("a", 0);
-                let _ = c.size("b", 0);
-                let _ = c.finish();
+            if let Ok(c) = Cmdline::parse_for(&s, "boot", JOBS) {
+                let _ = c.int("qd");
+                let _ = c.size("bs");
+                let _ = c.choice("pattern");
             }
         }
 
         #[test]
-        fn every_unread_option_is_reported(keys in proptest::collection::hash_set("[a-z]{1,6}", 1..8)) {
+        fn every_unknown_option_is_reported(keys in proptest::collection::hash_set("[a-z]{1,6}", 1..8)) {
+            let keys: std::vec::Vec<_> = keys.into_iter().filter(|k| JOBS[0].option(k).is_none()).collect();
+            proptest::prop_assume!(!keys.is_empty());
             let line: std::string::String = keys.iter().map(|k| std::format!(" {k}=1")).collect();
-            let line = std::format!("job{line}");
-            let c = Cmdline::parse(&line, "boot").unwrap();
-            let first = keys.iter().next().unwrap();
-            for k in keys.iter().skip(1) { c.accept(k); }
-            proptest::prop_assert_eq!(c.finish(), Err(CmdlineError::UnknownOption(first.as_str())));
+            let line = std::format!("bench qd=1{line}");
+            proptest::prop_assert_eq!(
+                Cmdline::parse_for(&line, "boot", JOBS).unwrap_err(),
+                CmdlineError::UnknownOption(keys[0].as_str())
+            );
         }
     }
 }

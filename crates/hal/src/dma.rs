@@ -13,8 +13,11 @@ use zerocopy::{FromBytes, Immutable, IntoBytes};
 pub enum DmaError {
     /// The access `[offset, offset+len)` does not lie within the region.
     OutOfBounds {
+        /// Start of the access.
         offset: usize,
+        /// Its length.
         len: usize,
+        /// The region's length.
         region: usize,
     },
     /// The allocator has no block of that size and alignment left.
@@ -54,10 +57,12 @@ impl DmaRegion {
         (self.ptr, self.bus, self.len)
     }
 
+    /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// `true` for a zero-length region.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -412,6 +412,12 @@ impl keel_hal::Mmio for ModelMmio {
         self.write32(offset, value as u32);
         self.write32(offset + 4, (value >> 32) as u32);
     }
+    /// Every register access takes the model's mutex, which orders the driver's earlier
+    /// stores to (heap) DMA memory before the model reads them.
+    #[inline(always)]
+    fn doorbell_barrier(&self) {
+        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 fn le16(b: &[u8], o: usize) -> u16 {

@@ -24,7 +24,7 @@ const unsafe fn const_port(port: u16) -> Uart16550<PioBackend> {
     }
 }
 
-pub fn init() {
+pub(crate) fn init() {
     critical_section::with(|cs| {
         let _ = COM1.borrow_ref_mut(cs).init(Config::default());
         let _ = COM2.borrow_ref_mut(cs).init(Config::default());
@@ -32,7 +32,7 @@ pub fn init() {
 }
 
 /// Raw bytes to COM2 (defmt frames). The caller holds the critical section.
-pub fn com2_write(cs: critical_section::CriticalSection<'_>, bytes: &[u8]) {
+pub(crate) fn com2_write(cs: critical_section::CriticalSection<'_>, bytes: &[u8]) {
     COM2.borrow_ref_mut(cs).send_bytes_exact(bytes);
 }
 
@@ -50,6 +50,7 @@ impl Write for Com1<'_> {
     }
 }
 
+/// Writes `args` to COM1 (`\n` becomes `\r\n`).
 pub fn print(args: fmt::Arguments<'_>) {
     critical_section::with(|cs| {
         let _ = Com1(cs).write_fmt(args);
@@ -57,8 +58,9 @@ pub fn print(args: fmt::Arguments<'_>) {
 }
 
 /// The UART has no buffer beyond its FIFO, which QEMU drains at once; nothing to wait for.
-pub fn flush() {}
+pub(crate) fn flush() {}
 
+/// `println!` to COM1, the text console.
 #[macro_export]
 macro_rules! println {
     () => { $crate::console::print(format_args!("\n")) };

@@ -19,7 +19,7 @@ pub struct MmioWindow {
 impl MmioWindow {
     /// # Safety
     /// `[base, base+len)` must be a device register window, mapped uncached, and stay so.
-    pub unsafe fn new(base: u64, len: u64) -> Self {
+    pub(crate) unsafe fn new(base: u64, len: u64) -> Self {
         Self {
             base: base as usize,
             len: len as usize,
@@ -61,6 +61,12 @@ impl Mmio for MmioWindow {
             unsafe { ((self.base + off) as *mut u64).write_volatile(v) }
         }
     }
+    /// x86_64 does not reorder stores to write-back memory (queue entries, PRP lists, data)
+    /// with a later store to uncached MMIO (the doorbell): stopping the compiler is enough.
+    #[inline(always)]
+    fn doorbell_barrier(&self) {
+        core::sync::atomic::compiler_fence(Ordering::SeqCst);
+    }
 }
 
 /// A bump allocator over one RAM range (identity-mapped write-back; x86 DMA is cache-coherent,
@@ -92,6 +98,7 @@ impl DmaPool {
         })
     }
 
+    /// Bytes in the pool.
     pub fn capacity(&self) -> u64 {
         self.end - self.start
     }
@@ -135,10 +142,26 @@ impl DmaAllocator for DmaPool {
 pub struct TscClock;
 
 impl Clock for TscClock {
+    #[inline]
     fn now_ns(&self) -> u64 {
         crate::time::now_ns()
     }
     fn delay_us(&self, us: u64) {
         crate::time::delay_us(us)
+    }
+    #[inline(always)]
+    fn ticks(&self) -> u64 {
+        crate::cpu::rdtsc()
+    }
+    fn ticks_per_sec(&self) -> u64 {
+        crate::time::tsc_hz()
+    }
+    #[inline]
+    fn ticks_to_ns(&self, ticks: u64) -> u64 {
+        crate::time::ticks_to_ns(ticks)
+    }
+    #[inline]
+    fn ns_to_ticks(&self, ns: u64) -> u64 {
+        crate::time::ns_to_ticks(ns)
     }
 }

@@ -1,6 +1,7 @@
 //! Application-processor bring-up (INIT-SIPI-SIPI through a trampoline copied to 0x8000) and the
 //! per-core poll loop that every AP enters. Work reaches an AP through its mailbox: the boot core
-//! posts a function, the AP runs it to completion and marks it done.
+//! posts a closure ([`run_on_each`]), the AP runs it to completion and marks it done, and the
+//! boot core waits for every AP before it returns, so the closure may borrow its stack.
 
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -24,10 +25,10 @@ static STACKS: Stacks = Stacks(core::cell::UnsafeCell::new(
 static ONLINE: [AtomicBool; MAX_CORES] = [const { AtomicBool::new(false) }; MAX_CORES];
 static ONLINE_COUNT: AtomicUsize = AtomicUsize::new(1);
 
-/// A job for one core: `fn(core_index, arg)`.
-pub type Work = fn(usize, usize);
+/// Work for a core: `work(core)`.
+type Work<'w> = &'w (dyn Fn(usize) + Sync);
+/// The address of a [`Work`] that lives on the boot core's stack during [`run_on_each`] (0: none).
 static MAILBOX: [AtomicUsize; MAX_CORES] = [const { AtomicUsize::new(0) }; MAX_CORES];
-static MAILBOX_ARG: [AtomicUsize; MAX_CORES] = [const { AtomicUsize::new(0) }; MAX_CORES];
 static BUSY: [AtomicBool; MAX_CORES] = [const { AtomicBool::new(false) }; MAX_CORES];
 
 pub fn online() -> usize {
@@ -37,6 +38,9 @@ pub fn online() -> usize {
 pub fn is_online(core: usize) -> bool {
     core < MAX_CORES && ONLINE[core].load(Ordering::Acquire)
 }
+
+/// Time between INIT and the first SIPI.
+const INIT_SETTLE_US: u64 = 10;
 
 /// Starts cores 1..wanted (APIC IDs equal core indices under QEMU). Returns how many are online.
 pub fn start_aps(wanted: usize) -> usize {
@@ -64,7 +68,10 @@ pub fn start_aps(wanted: usize) -> usize {
         core::sync::atomic::fence(Ordering::SeqCst);
         let apic_id = core as u32;
         crate::apic::send_init(apic_id);
-        crate::time::delay_us(10_000);
+        // The MP spec's 10 ms between INIT and SIPI is for processors from before the
+        // Pentium 4; like Linux on modern CPUs (`init_udelay = 0`) we give it only a moment.
+        // It was 10 ms of every boot per core.
+        crate::time::delay_us(INIT_SETTLE_US);
         for _ in 0..2 {
             crate::apic::send_sipi(apic_id, (crate::boot::AP_TRAMPOLINE >> 12) as u8);
             let start = crate::time::now_ns();
@@ -121,10 +128,11 @@ fn poll_loop(core: usize) -> ! {
     loop {
         let w = MAILBOX[core].load(Ordering::Acquire);
         if w != 0 {
-            let arg = MAILBOX_ARG[core].load(Ordering::Relaxed);
-            // SAFETY: only `post` stores into MAILBOX, and only values cast from a `Work`.
-            let f: Work = unsafe { core::mem::transmute::<usize, Work>(w) };
-            f(core, arg);
+            // SAFETY: only `run_on_each` stores into MAILBOX: the address of a `Work` on the
+            // boot core's stack, which stays alive (and its closure borrowed) until this core
+            // clears BUSY below, because `run_on_each` waits for that before returning.
+            let work: Work<'_> = unsafe { *(w as *const Work<'_>) };
+            work(core);
             if !canary_intact(core) {
                 keel_log::error!(
                     "core {=usize}: stack overflow detected (canary overwritten)",
@@ -148,29 +156,34 @@ fn poll_loop(core: usize) -> ! {
     }
 }
 
-#[derive(Debug, defmt::Format, PartialEq, Eq)]
-pub enum PostError {
-    NotOnline,
-    Busy,
-}
-
-/// Hands `work(core, arg)` to an application processor's poll loop.
-pub fn post(core: usize, work: Work, arg: usize) -> Result<(), PostError> {
-    if core == 0 || !is_online(core) {
-        return Err(PostError::NotOnline);
+/// Runs `work(core)` on cores `0..n` (this, the boot core, runs `work(0)`) and returns when
+/// every core has returned from it. The caller checked `n` against the cores online.
+pub fn run_on_each(n: usize, work: &(dyn Fn(usize) + Sync)) -> Result<(), keel_hal::CoresError> {
+    let n = n.min(MAX_CORES);
+    let slot: Work<'_> = work;
+    let addr = &slot as *const Work<'_> as usize;
+    let mut posted = 0;
+    for core in 1..n {
+        if !is_online(core) || BUSY[core].swap(true, Ordering::AcqRel) {
+            break;
+        }
+        MAILBOX[core].store(addr, Ordering::Release);
+        if let Some(id) = crate::cpu::apic_id_of(core) {
+            crate::apic::send_fixed(id, crate::arch::WAKE_VECTOR);
+        }
+        posted = core;
     }
-    if BUSY[core].swap(true, Ordering::AcqRel) {
-        return Err(PostError::Busy);
+    if posted + 1 == n.max(1) {
+        work(0);
     }
-    MAILBOX_ARG[core].store(arg, Ordering::Relaxed);
-    MAILBOX[core].store(work as usize, Ordering::Release);
-    if let Some(id) = crate::cpu::apic_id_of(core) {
-        crate::apic::send_fixed(id, crate::arch::WAKE_VECTOR);
+    // Wait for every core that took the work, even when one could not be posted: they
+    // borrow `slot` and what `work` borrows.
+    while !(1..=posted).all(|c| !BUSY[c].load(Ordering::Acquire)) {
+        crate::cpu::relax();
     }
-    Ok(())
-}
-
-/// `true` once the work last posted to `core` has returned.
-pub fn done(core: usize) -> bool {
-    core < MAX_CORES && !BUSY[core].load(Ordering::Acquire)
+    if posted + 1 == n.max(1) {
+        Ok(())
+    } else {
+        Err(keel_hal::CoresError::Busy)
+    }
 }

@@ -3,17 +3,28 @@
 //! the disk image) and `bench` (fio-like load with per-core IOPS, MB/s, average and p99 latency).
 
 use keel_blockdev::{BlockOp, BlockQueue, BufRef, IoError, NsId, SubmitError};
-use keel_hal::{DmaAllocator, DmaRegion};
+use keel_hal::{Clock, DmaAllocator, DmaRegion};
 
-use crate::hw::DmaPool;
-
-#[derive(Debug, Clone, Copy, defmt::Format)]
+/// Why a storage step failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum StorageError {
+    /// The queue refused the operation.
     Submit(SubmitError),
+    /// The device failed it.
     Io(IoError),
+    /// A DMA buffer could not be had or accessed.
     Dma,
-    Mismatch { lba: u64, offset: usize },
+    /// Data read back differs from what was written.
+    Mismatch {
+        /// First block that differs.
+        lba: u64,
+        /// Byte offset in it.
+        offset: usize,
+    },
+    /// The tag never came back (a driver bug: the driver times commands out itself).
     Timeout,
+    /// No such namespace.
     NoSuchNamespace(NsId),
 }
 
@@ -28,7 +39,11 @@ impl From<SubmitError> for StorageError {
 const SYNC_TIMEOUT_NS: u64 = 5_000_000_000;
 
 /// Submits one operation and polls until its tag comes back.
-pub fn sync_op<Q: BlockQueue>(q: &mut Q, op: BlockOp) -> Result<(), StorageError> {
+pub fn sync_op<Q: BlockQueue, C: Clock>(
+    q: &mut Q,
+    clock: &C,
+    op: BlockOp,
+) -> Result<(), StorageError> {
     const TAG: u32 = 0x5EED;
     loop {
         match q.submit(op, TAG) {
@@ -40,7 +55,7 @@ pub fn sync_op<Q: BlockQueue>(q: &mut Q, op: BlockOp) -> Result<(), StorageError
         }
     }
     q.flush_submissions();
-    let start = crate::time::now_ns();
+    let start = clock.now_ns();
     let mut result = None;
     while result.is_none() {
         q.poll(usize::MAX, &mut |tag, r| {
@@ -48,7 +63,7 @@ pub fn sync_op<Q: BlockQueue>(q: &mut Q, op: BlockOp) -> Result<(), StorageError
                 result = Some(r);
             }
         });
-        if crate::time::now_ns() - start > SYNC_TIMEOUT_NS {
+        if clock.now_ns() - start > SYNC_TIMEOUT_NS {
             return Err(StorageError::Timeout);
         }
     }
@@ -123,16 +138,20 @@ fn verify(
 
 /// One row of the selftest table.
 pub struct Shape {
+    /// What the row checks.
     pub name: &'static str,
     /// Byte offset of the data inside its DMA buffer (non-zero: PRP1 with an offset).
     pub buf_offset: usize,
+    /// Blocks transferred.
     pub blocks: u32,
+    /// Where.
     pub lba: u64,
 }
 
 /// Write → read → verify one shape; then the zeroes/deallocate/flush checks are run by the caller.
-pub fn write_read_verify<Q: BlockQueue>(
+pub fn write_read_verify<Q: BlockQueue, C: Clock>(
     q: &mut Q,
+    clock: &C,
     ns: NsId,
     s: &Shape,
     wbuf: &DmaRegion,
@@ -148,6 +167,7 @@ pub fn write_read_verify<Q: BlockQueue>(
     let r = BufRef::new(rbuf, s.buf_offset, len).map_err(|_| StorageError::Dma)?;
     sync_op(
         q,
+        clock,
         BlockOp::Write {
             ns,
             lba: s.lba,
@@ -157,6 +177,7 @@ pub fn write_read_verify<Q: BlockQueue>(
     )?;
     sync_op(
         q,
+        clock,
         BlockOp::Read {
             ns,
             lba: s.lba,
@@ -168,8 +189,9 @@ pub fn write_read_verify<Q: BlockQueue>(
 }
 
 /// Write zeroes over a written range and check it reads back as zeroes.
-pub fn zeroes_verify<Q: BlockQueue>(
+pub fn zeroes_verify<Q: BlockQueue, C: Clock>(
     q: &mut Q,
+    clock: &C,
     ns: NsId,
     lba: u64,
     blocks: u32,
@@ -177,10 +199,11 @@ pub fn zeroes_verify<Q: BlockQueue>(
 ) -> Result<(), StorageError> {
     let bs = q.block_size(ns).ok_or(StorageError::NoSuchNamespace(ns))? as usize;
     let len = blocks as usize * bs;
-    sync_op(q, BlockOp::WriteZeroes { ns, lba, blocks })?;
+    sync_op(q, clock, BlockOp::WriteZeroes { ns, lba, blocks })?;
     rbuf.fill(0, len, 0xA5).map_err(|_| StorageError::Dma)?;
     sync_op(
         q,
+        clock,
         BlockOp::Read {
             ns,
             lba,
@@ -192,8 +215,9 @@ pub fn zeroes_verify<Q: BlockQueue>(
 }
 
 /// CRC32C (Castagnoli) of `blocks` blocks from `lba`, read in chunks of `chunk` bytes.
-pub fn scrub<Q: BlockQueue>(
+pub fn scrub<Q: BlockQueue, C: Clock>(
     q: &mut Q,
+    clock: &C,
     ns: NsId,
     lba: u64,
     blocks: u64,
@@ -210,6 +234,7 @@ pub fn scrub<Q: BlockQueue>(
         let len = (n * bs) as usize;
         sync_op(
             q,
+            clock,
             BlockOp::Read {
                 ns,
                 lba: at,
@@ -231,22 +256,29 @@ pub fn scrub<Q: BlockQueue>(
 }
 
 /// Allocates a DMA buffer or fails the job with a typed error.
-pub fn dma(pool: &DmaPool, len: usize) -> Result<DmaRegion, StorageError> {
+pub fn dma<D: DmaAllocator + ?Sized>(pool: &D, len: usize) -> Result<DmaRegion, StorageError> {
     pool.alloc(len, 4096).map_err(|_| StorageError::Dma)
 }
 
 // ---------------------------------------------------------------------------------------------
 // bench
 
-#[derive(Clone, Copy, PartialEq, Eq, defmt::Format)]
+/// The access pattern of a bench.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Pattern {
+    /// Sequential reads.
     Read,
+    /// Sequential writes.
     Write,
+    /// Uniformly random reads.
     RandRead,
+    /// Uniformly random writes.
     RandWrite,
 }
 
 impl Pattern {
+    /// From its name (`read`, `write`, `randread`, `randwrite`).
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "read" => Self::Read,
@@ -264,37 +296,69 @@ impl Pattern {
     }
 }
 
+/// What one core's bench does.
 #[derive(Clone, Copy)]
 pub struct BenchCfg {
+    /// Access pattern.
     pub pattern: Pattern,
+    /// Namespace.
     pub ns: NsId,
+    /// Bytes per I/O.
     pub bs: usize,
+    /// I/Os kept in flight.
     pub qd: usize,
+    /// How long.
     pub duration_ns: u64,
     /// Region of the namespace this core uses (so cores do not overlap): [lba0, lba0 + blocks).
     pub lba0: u64,
+    /// Blocks in the region.
     pub blocks: u64,
     /// The namespace's logical block size.
     pub block_size: u32,
 }
 
 /// Latency histogram: 1 µs buckets up to 4 ms, then one overflow bucket.
-const HIST: usize = 4096;
+pub const HIST: usize = 4096;
 
-#[derive(Clone, Copy, Default, defmt::Format)]
+/// What one bench run measured.
+#[derive(Clone, Copy, Default, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct BenchResult {
+    /// I/Os completed.
     pub ios: u64,
+    /// Of those, failed.
     pub errors: u64,
+    /// Wall time.
     pub elapsed_ns: u64,
+    /// Sum of latencies.
     pub lat_sum_ns: u64,
+    /// 99th percentile latency.
     pub p99_us: u64,
     /// Where this core's time went, in TSC ticks: building and queueing submissions, the
     /// doorbell (`kick`), polls that found completions (with their handling), and polls that
     /// found none (waiting for the device).
     pub t_submit: u64,
+    /// Ticks in doorbells.
     pub t_kick: u64,
+    /// Ticks in polls that found completions.
     pub t_reap: u64,
+    /// Ticks in polls that found none.
     pub t_idle: u64,
+}
+
+impl BenchResult {
+    /// Adds `r` (sums; the worst p99).
+    pub fn add(&mut self, r: &BenchResult) {
+        self.ios += r.ios;
+        self.errors += r.errors;
+        self.elapsed_ns += r.elapsed_ns;
+        self.lat_sum_ns += r.lat_sum_ns;
+        self.p99_us = self.p99_us.max(r.p99_us);
+        self.t_submit += r.t_submit;
+        self.t_kick += r.t_kick;
+        self.t_reap += r.t_reap;
+        self.t_idle += r.t_idle;
+    }
 }
 
 /// What the bench loop drives: a raw queue pair, or the full stack (a reactor with I/O
@@ -317,6 +381,7 @@ pub trait BenchTarget {
     fn kick(&mut self);
     /// Reports finished tags.
     fn reap(&mut self, on_done: &mut dyn FnMut(u32, Result<(), IoError>));
+    /// The namespace's block size, if the target knows it.
     fn block_size(&self, ns: NsId) -> Option<u32>;
 }
 
@@ -341,8 +406,9 @@ impl<Q: BlockQueue> BenchTarget for Raw<'_, Q> {
 /// Drives `q` with `cfg` for its duration: keeps `qd` operations in flight, one doorbell per
 /// burst, and measures each operation's latency from submit to completion with the TSC.
 /// `bufs` holds `qd` buffers of `cfg.bs` bytes, one per in-flight slot.
-pub fn bench(
+pub fn bench<C: Clock>(
     q: &mut dyn BenchTarget,
+    clock: &C,
     cfg: &BenchCfg,
     bufs: &[DmaRegion],
     hist: &mut [u32; HIST + 1],
@@ -355,16 +421,16 @@ pub fn bench(
     let qd = cfg.qd.min(bufs.len()).max(1);
     let mut issued_at = [0u64; 256];
     let mut free: heapless::Vec<u32, 256> = (0..qd.min(256) as u32).rev().collect();
-    let tsc_hz = crate::time::tsc_hz();
+    let tsc_hz = clock.ticks_per_sec();
     let mut r = BenchResult::default();
     hist.fill(0);
-    let start = crate::cpu::rdtsc();
-    let end = start + crate::time::ns_to_ticks(cfg.duration_ns);
+    let start = clock.ticks();
+    let end = start + clock.ns_to_ticks(cfg.duration_ns);
     // Latencies are kept in ticks and bucketed by a shift (no division per I/O): a bucket is
     // the largest power-of-two tick count not above 1 µs, converted back when reporting.
     let us_ticks = (tsc_hz / 1_000_000).max(1);
     let shift = 63 - us_ticks.leading_zeros();
-    let bucket_ns = crate::time::ticks_to_ns(1 << shift).max(1);
+    let bucket_ns = clock.ticks_to_ns(1 << shift).max(1);
     let mut stopping = false;
     let mut in_flight = 0usize;
     let mut t = start;
@@ -411,10 +477,10 @@ pub fn bench(
         // An idle pass (nothing to submit) reads the TSC once, at its end: under TCG every
         // `rdtsc` is a call into the emulator that takes a lock its device thread also takes.
         let t2 = if queued > 0 {
-            let t1 = crate::cpu::rdtsc();
+            let t1 = clock.ticks();
             r.t_submit += t1 - t;
             q.kick();
-            let t2 = crate::cpu::rdtsc();
+            let t2 = clock.ticks();
             r.t_kick += t2 - t1;
             t2
         } else {
@@ -436,7 +502,7 @@ pub fn bench(
             let _ = free.push(tag);
         };
         q.reap(now_poll);
-        t = crate::cpu::rdtsc();
+        t = clock.ticks();
         if r.ios != before {
             r.t_reap += t - t2;
         } else {
@@ -449,8 +515,8 @@ pub fn bench(
             break;
         }
     }
-    r.elapsed_ns = crate::time::ticks_to_ns(crate::cpu::rdtsc() - start);
-    r.lat_sum_ns = crate::time::ticks_to_ns(r.lat_sum_ns);
+    r.elapsed_ns = clock.ticks_to_ns(clock.ticks() - start);
+    r.lat_sum_ns = clock.ticks_to_ns(r.lat_sum_ns);
     let target = r.ios - r.ios / 100;
     let mut acc = 0u64;
     for (b, n) in hist.iter().enumerate() {

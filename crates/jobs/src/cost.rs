@@ -6,20 +6,28 @@
 use core::hint::black_box;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use keel_cmdline::Cmdline;
-use keel_hal::{DmaAllocator, Mmio};
+use keel_cmdline::{Cmdline, OptSpec};
+use keel_hal::{Board, Clock, Cores, DmaAllocator, Mmio};
 
-use crate::cpu::rdtsc;
-use crate::hw::MmioWindow;
-use crate::jobs::{JobError, Platform};
+use crate::{JobError, JobResult, MAX_CORES};
+
+/// `cost`'s options.
+pub const OPTS: &[OptSpec] = &[
+    OptSpec::int("iters", 200_000, "iterations per row"),
+    OptSpec::flag(
+        "nvme",
+        true,
+        "include the driver's rows (needs a controller)",
+    ),
+];
 
 /// Runs `f` `n` times and returns nanoseconds per call (loop overhead included).
-fn per_call(n: u64, mut f: impl FnMut(u64)) -> u64 {
-    let t0 = rdtsc();
+fn per_call<C: Clock>(clock: &C, n: u64, mut f: impl FnMut(u64)) -> u64 {
+    let t0 = clock.ticks();
     for i in 0..n {
         f(i);
     }
-    crate::time::ticks_to_ns(rdtsc() - t0) / n.max(1)
+    clock.ticks_to_ns(clock.ticks() - t0) / n.max(1)
 }
 
 #[inline(never)]
@@ -27,15 +35,18 @@ fn direct(x: u64) -> u64 {
     x.wrapping_mul(3)
 }
 
-pub fn cost<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
-    let n = cl.u64("iters", 200_000)?.max(1);
-    let with_nvme = cl.bool("nvme", true)?;
+/// `cost`: the table of primitive costs.
+pub fn cost<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
+    let n = cl.int("iters")?.max(1);
+    let with_nvme = cl.flag("nvme")?;
     let ctrl = if with_nvme {
-        Some(crate::nvme_jobs::open(p, cl)?)
+        Some(crate::nvme::open(p, cl)?)
     } else {
         None
     };
-    cl.finish()?;
+    let clk = p.clock();
+    let clock = &clk;
+    let rdtsc = || clock.ticks();
     keel_log::info!("job cost: start");
     let mut rows: heapless::Vec<(&'static str, u64), 48> = heapless::Vec::new();
     let mut row = |name, ns| {
@@ -44,19 +55,19 @@ pub fn cost<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     };
     row(
         "empty loop iteration",
-        per_call(n, |i| {
+        per_call(clock, n, |i| {
             black_box(i);
         }),
     );
     row(
         "rdtsc",
-        per_call(n, |_| {
+        per_call(clock, n, |_| {
             black_box(rdtsc());
         }),
     );
     row(
         "direct call (not inlined)",
-        per_call(n, |i| {
+        per_call(clock, n, |i| {
             black_box(direct(black_box(i)));
         }),
     );
@@ -64,20 +75,20 @@ pub fn cost<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     let f = black_box(f);
     row(
         "indirect call (dyn Fn)",
-        per_call(n, |i| {
+        per_call(clock, n, |i| {
             black_box(f(i));
         }),
     );
     let a = AtomicU64::new(0);
     row(
         "atomic compare-exchange",
-        per_call(n, |i| {
+        per_call(clock, n, |i| {
             let _ = black_box(&a).compare_exchange(i, i + 1, Ordering::AcqRel, Ordering::Relaxed);
         }),
     );
     row(
         "critical section (empty)",
-        per_call(n, |_| {
+        per_call(clock, n, |_| {
             critical_section::with(|cs| {
                 black_box(cs);
             });
@@ -85,12 +96,12 @@ pub fn cost<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     );
     row(
         "pause (spin-loop hint)",
-        per_call(n.min(20_000), |_| core::hint::spin_loop()),
+        per_call(clock, n.min(20_000), |_| core::hint::spin_loop()),
     );
     row(
         "critical section, interrupts already masked",
-        x86_64::instructions::interrupts::without_interrupts(|| {
-            per_call(n, |_| {
+        p.cores().interrupts_masked(|| {
+            per_call(clock, n, |_| {
                 critical_section::with(|cs| {
                     black_box(cs);
                 })
@@ -99,13 +110,13 @@ pub fn cost<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     );
     row(
         "u64 division",
-        per_call(n, |i| {
+        per_call(clock, n, |i| {
             black_box(black_box(i * 1_000_000_007) / black_box(2_400_000_011u64));
         }),
     );
     {
         use keel_aio::{Aio, IoDesc, IoOp};
-        static AIO: Aio<512, { keel_slots::words_for(512) }> = Aio::new();
+        let aio: Aio<512, { keel_slots::words_for(512) }> = Aio::new();
         let desc = IoDesc {
             op: IoOp::Read,
             lba: 0,
@@ -114,12 +125,12 @@ pub fn cost<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
         let (mut t_start, mut t_rest) = (0u64, 0u64);
         for _ in 0..n.min(50_000) {
             let t0 = rdtsc();
-            let io = AIO.start(desc);
+            let io = aio.start(desc);
             let t1 = rdtsc();
             if let Ok(io) = io {
-                let _ = AIO.submit(io);
-                let _ = AIO.complete_and_share(io, Ok(0));
-                let _ = AIO.complete_local_and_reclaim(io);
+                let _ = aio.submit(io);
+                let _ = aio.complete_and_share(io, Ok(0));
+                let _ = aio.complete_local_and_reclaim(io);
             }
             t_start += t1 - t0;
             t_rest += rdtsc() - t1;
@@ -127,32 +138,31 @@ pub fn cost<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
         let m = n.min(50_000);
         row(
             "aio batch, empty",
-            per_call(m, |_| {
-                AIO.batch(|b| {
+            per_call(clock, m, |_| {
+                aio.batch(|b| {
                     black_box(b);
                 })
             }),
         );
-        static BITS: keel_slots::FreeBitmap<{ keel_slots::words_for(512) }> =
+        let bits: keel_slots::FreeBitmap<{ keel_slots::words_for(512) }> =
             keel_slots::FreeBitmap::new_saturating(512);
         row(
             "free bitmap acquire + release",
-            per_call(m, |_| {
-                if let Some(i) = BITS.acquire() {
-                    let _ = BITS.release(i);
+            per_call(clock, m, |_| {
+                if let Some(i) = bits.acquire() {
+                    let _ = bits.release(i);
                 }
             }),
         );
         // The floor for a start: the bitmap claim and a critical section around a few stores.
-        type Floor = critical_section::Mutex<core::cell::RefCell<[(u8, u32, u64, u64); 512]>>;
-        static FLOOR: Floor =
-            critical_section::Mutex::new(core::cell::RefCell::new([(0, 0, 0, 0); 512]));
+        let floor =
+            critical_section::Mutex::new(core::cell::RefCell::new([(0u8, 0u32, 0u64, 0u64); 512]));
         row(
             "floor: bitmap + section + stores",
-            per_call(m, |i| {
-                if let Some(k) = BITS.acquire() {
+            per_call(clock, m, |i| {
+                if let Some(k) = bits.acquire() {
                     critical_section::with(|cs| {
-                        let mut f = FLOOR.borrow_ref_mut(cs);
+                        let mut f = floor.borrow_ref_mut(cs);
                         if let Some(e) = f.get_mut(k) {
                             if e.0 == 0 {
                                 *e = (3, e.1.wrapping_add(1), i, i);
@@ -160,35 +170,35 @@ pub fn cost<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
                             e.0 = 0;
                         }
                     });
-                    let _ = BITS.release(k);
+                    let _ = bits.release(k);
                 }
             }),
         );
         row(
             "aio start (acquire+define+stage)",
-            crate::time::ticks_to_ns(t_start) / m,
+            clock.ticks_to_ns(t_start) / m,
         );
         row(
             "aio submit, complete, reclaim",
-            crate::time::ticks_to_ns(t_rest) / m,
+            clock.ticks_to_ns(t_rest) / m,
         );
     }
     layer_rows(p, &mut row).map_err(JobError::Failed)?;
     let dma = p
-        .dma
+        .dma()
         .alloc(4096, 4096)
         .map_err(|_| JobError::Failed("DMA pool exhausted"))?;
     let sqe = [0x5Au8; 64];
     row(
         "DmaRegion 64-byte volatile write",
-        per_call(n, |i| {
+        per_call(clock, n, |i| {
             let _ = dma.write_bytes((i as usize % 64) * 64, black_box(&sqe));
         }),
     );
     let mut plain = [[0u8; 64]; 64];
     row(
         "plain 64-byte copy",
-        per_call(n, |i| {
+        per_call(clock, n, |i| {
             plain[i as usize % 64] = black_box(sqe);
             black_box(&plain);
         }),
@@ -197,33 +207,28 @@ pub fn cost<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     let big_b = [7u8; 1024];
     row(
         "memcpy 1 KiB",
-        per_call(n.min(5_000), |i| {
+        per_call(clock, n.min(5_000), |i| {
             let len = black_box(1024 - (i as usize & 1));
-            // SAFETY: both arrays are 1024 bytes and distinct; len <= 1024.
-            unsafe { core::ptr::copy_nonoverlapping(big_b.as_ptr(), big_a.as_mut_ptr(), len) };
+            big_a[..len].copy_from_slice(&big_b[..len]);
             black_box(&big_a);
         }),
     );
     row(
         "memset 1 KiB",
-        per_call(n.min(5_000), |i| {
+        per_call(clock, n.min(5_000), |i| {
             let len = black_box(1024 - (i as usize & 1));
-            // SAFETY: the array is 1024 bytes; len <= 1024.
-            unsafe { core::ptr::write_bytes(big_a.as_mut_ptr(), i as u8, len) };
+            big_a[..len].fill(i as u8);
             black_box(&big_a);
         }),
     );
-    p.dma.free(dma);
-    if let Some(dev) = p.devices.iter().find(|d| d.is_nvme()) {
-        let bar = dev.bars[0];
-        if bar.base != 0 && bar.size != 0 {
-            // SAFETY: BAR0 of an NVMe function, assigned and mapped uncached by `pci::enumerate`.
-            let mmio = unsafe { MmioWindow::new(bar.base, bar.size) };
+    p.dma().free(dma);
+    if let Some(dev) = p.pci_functions().iter().find(|d| d.is_nvme()) {
+        if let Ok(mmio) = p.map_bar(dev, 0) {
             let m = n.min(20_000);
             // CSTS: a read with no side effects.
             row(
                 "MMIO read (NVMe CSTS)",
-                per_call(m, |_| {
+                per_call(clock, m, |_| {
                     black_box(mmio.read32(0x1C));
                 }),
             );
@@ -231,35 +236,38 @@ pub fn cost<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
             // path through QEMU without the queue work.
             row(
                 "MMIO write (NVMe INTMS = 0)",
-                per_call(m, |_| {
+                per_call(clock, m, |_| {
                     mmio.write32(0x0C, 0);
                 }),
             );
         }
     }
-    if let Some(ctrl) = ctrl {
+    if let Some((ctrl, _)) = ctrl {
         nvme_rows(ctrl, p, &mut row)?;
     }
-    crate::println!(
+    p.print(format_args!(
         "cost of one primitive under this accelerator ({} iterations):",
         n
-    );
+    ));
     for (name, ns) in &rows {
-        crate::println!("  {:34} {:>6} ns", name, ns);
+        p.print(format_args!("  {:34} {:>6} ns", name, ns));
     }
     Ok(())
 }
 
 /// Driver costs with the device idle: a burst of submissions queued without a doorbell, then
 /// one doorbell, then the completions reaped; per I/O, over several rounds.
-fn nvme_rows<'a>(
-    mut ctrl: crate::nvme_jobs::Ctrl,
-    p: &Platform,
+fn nvme_rows<'a, B: Board>(
+    mut ctrl: crate::Ctrl<B>,
+    p: &B,
     row: &mut impl FnMut(&'static str, u64),
 ) -> Result<(), JobError<'a>> {
     use keel_blockdev::{BlockOp, BlockQueue, BufRef};
-    let mut qp = crate::nvme_jobs::qpair(&mut ctrl, p, 1)?;
-    let buf = crate::storage::dma(&p.dma, 4096).map_err(|_| JobError::Failed("DMA pool"))?;
+    let clk = p.clock();
+    let clock = &clk;
+    let rdtsc = || clock.ticks();
+    let mut qp = crate::nvme::qpair(&mut ctrl, p, 1)?;
+    let buf = crate::storage::dma(p.dma(), 4096).map_err(|_| JobError::Failed("DMA pool"))?;
     let ns = ctrl
         .namespaces()
         .first()
@@ -296,11 +304,11 @@ fn nvme_rows<'a>(
         t_db += t2 - t1;
         ios += burst;
     }
-    let idle = per_call(20_000, |_| {
+    let idle = per_call(clock, 20_000, |_| {
         black_box(qp.poll(usize::MAX, &mut |_, _| {}));
     });
     row("nvme idle poll pass", idle);
-    let ns_per = |t: u64| crate::time::ticks_to_ns(t) / ios.max(1);
+    let ns_per = |t: u64| clock.ticks_to_ns(t) / ios.max(1);
     row("nvme submit (queued, per I/O)", ns_per(t_sub));
     row("nvme SQ doorbell, device idle", ns_per(t_db) * burst);
     row("nvme reap (per completion)", ns_per(t_reap));
@@ -371,12 +379,18 @@ impl NullQueue {
 
 /// Per I/O (bursts of 32) over [`NullQueue`]: straight calls, then a reactor with I/O handles
 /// (the bench's configuration: 512 handles, the full core mesh).
-fn layer_rows(p: &Platform, row: &mut impl FnMut(&'static str, u64)) -> Result<(), &'static str> {
+fn layer_rows<B: Board>(
+    p: &B,
+    row: &mut impl FnMut(&'static str, u64),
+) -> Result<(), &'static str> {
     use keel_blockdev::{BlockOp, BlockQueue, BufRef};
     use keel_reactor::{split, MeshStorage, Msg, Reactor};
     const HANDLES: usize = 512;
     const W: usize = keel_slots::words_for(HANDLES);
-    let buf = crate::storage::dma(&p.dma, 4096).map_err(|_| "DMA pool")?;
+    let clk = p.clock();
+    let clock = &clk;
+    let rdtsc = || clock.ticks();
+    let buf = crate::storage::dma(p.dma(), 4096).map_err(|_| "DMA pool")?;
     let op = |i: u64| BlockOp::Read {
         ns: 1,
         lba: i * 8,
@@ -400,10 +414,10 @@ fn layer_rows(p: &Platform, row: &mut impl FnMut(&'static str, u64)) -> Result<(
     }
     row(
         "null queue: submit+poll (per I/O)",
-        crate::time::ticks_to_ns(rdtsc() - t0) / ios,
+        clock.ticks_to_ns(rdtsc() - t0) / ios,
     );
     // One I/O at a time (queue depth 1): the latency each layer adds to every I/O.
-    let qd1 = per_call(20_000, |i| {
+    let qd1 = per_call(clock, 20_000, |i| {
         let _ = q.submit(op(i), 0);
         q.flush_submissions();
         q.poll(usize::MAX, &mut |t, _| {
@@ -412,30 +426,33 @@ fn layer_rows(p: &Platform, row: &mut impl FnMut(&'static str, u64)) -> Result<(
     });
     row("null queue: QD1 round trip", qd1);
     {
-        let mut mesh2 = MeshStorage::<Msg, { crate::cpu::MAX_CORES }, 4>::new();
+        let mut mesh2 = MeshStorage::<Msg, MAX_CORES, 4>::new();
         let [mut l0, ..] = split(&mut mesh2);
         row(
             "mesh: recv, all rings empty",
-            per_call(20_000, |_| {
+            per_call(clock, 20_000, |_| {
                 black_box(l0.recv());
             }),
         );
     }
     let aio = keel_aio::Aio::<HANDLES, W>::new();
-    let mut mesh = MeshStorage::<Msg, { crate::cpu::MAX_CORES }, 4>::new();
+    let mut mesh = MeshStorage::<Msg, MAX_CORES, 4>::new();
     let [links, ..] = split(&mut mesh);
-    let mut r: Reactor<'_, NullQueue, { crate::cpu::MAX_CORES }, HANDLES, W> =
-        Reactor::new(links, &aio, Some(q));
+    let mut r: Reactor<'_, NullQueue, MAX_CORES, HANDLES, W> = Reactor::new(links, &aio, Some(q));
     // Bursts of 32, then one I/O at a time (the latency each I/O pays at queue depth 1).
-    let burst = reactor_rounds(&mut r, rounds, |r, round| submit_each(r, &op, round, 32))?;
-    let single = reactor_rounds(&mut r, 20_000, |r, round| submit_each(r, &op, round, 1))?;
-    let per = |t: u64, n: u64| crate::time::ticks_to_ns(t) / n;
+    let burst = reactor_rounds(clock, &mut r, rounds, |r, round| {
+        submit_each(r, &op, round, 32)
+    })?;
+    let single = reactor_rounds(clock, &mut r, 20_000, |r, round| {
+        submit_each(r, &op, round, 1)
+    })?;
+    let per = |t: u64, n: u64| clock.ticks_to_ns(t) / n;
     row("reactor: QD1 round trip", per(single.iter().sum(), 20_000));
     row("  of which submit", per(single[0], 20_000));
     row("  of which flush", per(single[1], 20_000));
     row("  of which poll", per(single[2], 20_000));
     row("  of which next_completion", per(single[3], 20_000));
-    let idle = per_call(20_000, |_| {
+    let idle = per_call(clock, 20_000, |_| {
         black_box(r.poll());
     });
     row("reactor: idle poll pass", idle);
@@ -471,7 +488,7 @@ fn layer_rows(p: &Platform, row: &mut impl FnMut(&'static str, u64)) -> Result<(
         let n = ios / k as u64;
         let mut best = [u64::MAX; 6];
         for _ in 0..5 {
-            let t = crate::arch::polled(|| {
+            let t = p.cores().polled(|| {
                 let t_raw = r
                     .with_queue(|q| {
                         let t0 = rdtsc();
@@ -487,7 +504,7 @@ fn layer_rows(p: &Platform, row: &mut impl FnMut(&'static str, u64)) -> Result<(
                         rdtsc() - t0
                     })
                     .unwrap_or(0);
-                let parts = reactor_rounds(&mut r, n, |r, _| {
+                let parts = reactor_rounds(clock, &mut r, n, |r, _| {
                     r.submit_burst(&ops)
                         .map(|_| ())
                         .map_err(|_| "reactor refused a burst")
@@ -509,7 +526,8 @@ fn layer_rows(p: &Platform, row: &mut impl FnMut(&'static str, u64)) -> Result<(
 
 /// `rounds` rounds of `submit(r, round)`, then the reactor's doorbell, one poll pass and the
 /// hand-out of the completions: TSC ticks spent in each of those four steps.
-fn reactor_rounds<const C: usize, const N: usize, const W: usize>(
+fn reactor_rounds<K: Clock, const C: usize, const N: usize, const W: usize>(
+    clock: &K,
     r: &mut keel_reactor::Reactor<'_, NullQueue, C, N, W>,
     rounds: u64,
     mut submit: impl FnMut(
@@ -517,6 +535,7 @@ fn reactor_rounds<const C: usize, const N: usize, const W: usize>(
         u64,
     ) -> Result<(), &'static str>,
 ) -> Result<[u64; 4], &'static str> {
+    let rdtsc = || clock.ticks();
     let mut parts = [0u64; 4];
     for round in 0..rounds {
         let t0 = rdtsc();

@@ -4,21 +4,28 @@
 //! pair down in the middle of I/O. At the end every core reports, and the job asserts:
 //! submitted == completed + failed on every reactor, every I/O handle back in its array,
 //! every issued request answered exactly once, and every queue pair deleted exactly once.
+//!
+//! Everything the cores share lives in one [`Shared`] value on core 0's stack, borrowed by the
+//! work every core runs: no statics.
 
-use core::cell::{RefCell, UnsafeCell};
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use core::cell::RefCell;
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use critical_section::Mutex;
 use keel_aio::Aio;
-use keel_blockdev::{BlockOp, BufRef};
-use keel_cmdline::Cmdline;
-use keel_hal::DmaRegion;
+use keel_blockdev::{BlockOp, BlockQueue, BufRef};
+use keel_cmdline::{Cmdline, OptSpec};
+use keel_hal::{Board, Clock, DmaRegion};
 use keel_reactor::{split, Links, MeshStorage, Msg, Reactor, ReactorError};
 use keel_slots::{words_for, CloseDuty, Teardown};
 
-use crate::cpu::MAX_CORES;
-use crate::jobs::{JobError, Platform};
-use crate::nvme_jobs::{self, Qp};
+use crate::{JobError, JobResult, Qp, MAX_CORES};
+
+/// `reactor`'s options.
+pub const OPTS: &[OptSpec] = &[
+    OptSpec::int("ios", 2000, "I/Os per core"),
+    OptSpec::int("qd", 16, "I/Os in flight per core (at most 32)"),
+];
 
 /// I/O handles shared by every reactor.
 pub const HANDLES: usize = 512;
@@ -26,33 +33,17 @@ const W: usize = words_for(HANDLES);
 const RING: usize = 64;
 const MAX_QD: usize = 32;
 
-pub type R = Reactor<'static, Qp, MAX_CORES, HANDLES, W>;
+/// The I/O handle array every reactor of a job shares.
+pub type Handles = Aio<HANDLES, W>;
+/// The message rings between the cores.
+pub type Mesh = MeshStorage<Msg, MAX_CORES, RING>;
+/// One core's ends of the [`Mesh`].
+pub type MeshLinks<'m> = Links<'m, Msg, MAX_CORES>;
+/// A reactor over queue pairs of type `Q`.
+pub type R<'m, Q> = Reactor<'m, Q, MAX_CORES, HANDLES, W>;
 
-static AIO: Aio<HANDLES, W> = Aio::new();
-
-struct MeshCell(UnsafeCell<MeshStorage<Msg, MAX_CORES, RING>>);
-// SAFETY: the storage is borrowed mutably exactly once (guarded by MESH_TAKEN) to split it;
-// afterwards only the SPSC ends touch it, each owned by one core.
-unsafe impl Sync for MeshCell {}
-static MESH: MeshCell = MeshCell(UnsafeCell::new(MeshStorage::new()));
-static MESH_TAKEN: AtomicBool = AtomicBool::new(false);
-
-fn take_mesh() -> Option<[Links<'static, Msg, MAX_CORES>; MAX_CORES]> {
-    if MESH_TAKEN.swap(true, Ordering::AcqRel) {
-        return None;
-    }
-    // SAFETY: MESH_TAKEN makes this the only mutable borrow ever taken of MESH.
-    Some(split(unsafe { &mut *MESH.0.get() }))
-}
-
-/// What core 0 hands each core before it starts.
-struct CoreCtx {
-    links: Links<'static, Msg, MAX_CORES>,
-    queue: Option<Qp>,
-    bufs: heapless::Vec<DmaRegion, MAX_QD>,
-}
-
-#[derive(Clone, Copy, Default, defmt::Format)]
+#[derive(Clone, Copy, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 struct CoreReport {
     issued: u64,
     ok: u64,
@@ -62,40 +53,32 @@ struct CoreReport {
     shut_down: bool,
 }
 
-static CTX: [Mutex<RefCell<Option<CoreCtx>>>; MAX_CORES] =
-    [const { Mutex::new(RefCell::new(None)) }; MAX_CORES];
-static REPORT: [Mutex<RefCell<Option<CoreReport>>>; MAX_CORES] =
-    [const { Mutex::new(RefCell::new(None)) }; MAX_CORES];
-/// Queue pairs given back for deletion, each guarded by its must-close flag.
-static PARKED: [Mutex<RefCell<Option<Qp>>>; MAX_CORES] =
-    [const { Mutex::new(RefCell::new(None)) }; MAX_CORES];
-static TEARDOWN: [Teardown; MAX_CORES] = [const { Teardown::new() }; MAX_CORES];
-static DELETIONS: AtomicUsize = AtomicUsize::new(0);
-/// A queue pair in transit from core 1 to the spare core.
-static HANDOFF: Mutex<RefCell<Option<Qp>>> = Mutex::new(RefCell::new(None));
-/// Which core serves the I/O that used to go to core 1 (changes at handoff).
-static OWNER_OF_1: AtomicUsize = AtomicUsize::new(1);
-static FINISHED: AtomicUsize = AtomicUsize::new(0);
-static CFG_IOS: AtomicU64 = AtomicU64::new(0);
-static CFG_QD: AtomicUsize = AtomicUsize::new(0);
-static CFG_CORES: AtomicUsize = AtomicUsize::new(0);
-static CFG_BLOCKS_PER_CORE: AtomicU64 = AtomicU64::new(0);
+/// A value one core leaves for another.
+type Slot<T> = Mutex<RefCell<Option<T>>>;
 
-/// Sent by core 1 as a `Msg::Call` to the spare core: the queue pair is waiting in HANDOFF.
-/// The call runs inside the spare's poll pass, which holds its reactor, so it only raises a
-/// flag; the spare's loop adopts the queue right after the pass.
-fn adopt_handoff(_core: usize, _arg: usize) {
-    ADOPT_PENDING.store(true, Ordering::Release);
+/// What the cores of one `reactor` run share.
+struct Shared<Q> {
+    ios: u64,
+    qd: usize,
+    cores: usize,
+    blocks_per_core: u64,
+    /// A queue pair in transit from core 1 to the spare core.
+    handoff: Mutex<RefCell<Option<Q>>>,
+    /// Set by the message core 1 sends the spare: the queue pair is waiting in `handoff`.
+    adopt_pending: AtomicBool,
+    /// Which core serves the I/O that used to go to core 1 (changes at handoff).
+    owner_of_1: AtomicUsize,
+    finished: AtomicUsize,
+    /// Queue pairs given back at the end, and whether their owner claimed the close mid-run
+    /// (core 0, which owns the admin queue, deletes them once every core has returned).
+    retired: [Slot<(Q, bool)>; MAX_CORES],
+    /// Each queue pair's must-close flag (seed 002): whoever clears it closes.
+    teardown: [Teardown; MAX_CORES],
 }
-static ADOPT_PENDING: AtomicBool = AtomicBool::new(false);
-/// Queue pairs whose owner claimed the close mid-run; core 0 (which owns the admin queue)
-/// executes those deletions.
-static TO_DELETE: [Mutex<RefCell<Option<Qp>>>; MAX_CORES] =
-    [const { Mutex::new(RefCell::new(None)) }; MAX_CORES];
 
 /// Where I/O number `i` of `core` goes: three in four to its own queue pair, the rest to
 /// another core's; a core without a queue pair (spare, handed off, shut down) sends elsewhere.
-fn owner_for(core: usize, i: u64, owners: usize, has_queue: bool) -> usize {
+fn owner_for<Q>(sh: &Shared<Q>, core: usize, i: u64, owners: usize, has_queue: bool) -> usize {
     let mut t = if i % 4 == 3 || !has_queue {
         (core + 1 + (i as usize / 4)) % owners
     } else {
@@ -105,7 +88,7 @@ fn owner_for(core: usize, i: u64, owners: usize, has_queue: bool) -> usize {
         t = 0;
     }
     if t == 1 {
-        OWNER_OF_1.load(Ordering::Acquire)
+        sh.owner_of_1.load(Ordering::Acquire)
     } else {
         t
     }
@@ -113,7 +96,7 @@ fn owner_for(core: usize, i: u64, owners: usize, has_queue: bool) -> usize {
 
 /// Quiesces `r`, reporting progress while it waits (the wait must end: every I/O either
 /// completes or times out in the driver).
-fn quiesce(core: usize, r: &mut R) -> usize {
+fn quiesce<Q: BlockQueue>(core: usize, r: &mut R<'_, Q>) -> usize {
     let mut rounds = 0u64;
     loop {
         let left = r.quiesce(100_000);
@@ -134,17 +117,23 @@ fn quiesce(core: usize, r: &mut R) -> usize {
     }
 }
 
-fn core_main(core: usize, _arg: usize) {
-    let Some(ctx) = critical_section::with(|cs| CTX[core].borrow_ref_mut(cs).take()) else {
-        return;
-    };
-    let cores = CFG_CORES.load(Ordering::Acquire);
-    let ios = CFG_IOS.load(Ordering::Acquire);
-    let qd = CFG_QD.load(Ordering::Acquire).min(ctx.bufs.len()).max(1);
-    let blocks_per_core = CFG_BLOCKS_PER_CORE.load(Ordering::Acquire);
+/// One core's reactor: issues `ios` I/Os (reads and writes of 8 blocks) at `qd`, serves
+/// other cores' requests, and plays its part in the handoff and the shutdown.
+fn core_main<Q: BlockQueue>(
+    core: usize,
+    sh: &Shared<Q>,
+    aio: &Handles,
+    links: MeshLinks<'_>,
+    queue: Option<Q>,
+    bufs: &[DmaRegion],
+) -> CoreReport {
+    let cores = sh.cores;
+    let ios = sh.ios;
+    let qd = sh.qd.min(bufs.len()).max(1);
+    let blocks_per_core = sh.blocks_per_core;
     let spare = cores - 1;
     let owners = spare; // cores 0..spare-1 start with a queue pair
-    let mut r: R = Reactor::new(ctx.links, &AIO, ctx.queue);
+    let mut r: R<'_, Q> = Reactor::new(links, aio, queue);
     let mut rep = CoreReport::default();
     let mut free: heapless::Vec<u32, MAX_QD> = (0..qd as u32).collect();
     let mut i = 0u64;
@@ -155,16 +144,16 @@ fn core_main(core: usize, _arg: usize) {
         if spins.is_multiple_of(1 << 24) {
             keel_log::warn!(
                 "core {=usize}: still running: issued {=u64}, outstanding {=usize}, reactor unanswered {=usize}, in flight here {=usize}, staged {=usize}, finished {=usize}, has queue {=bool}, aio free {=usize}",
-                core, i, qd - free.len(), r.issued(), r.in_flight(), r.staged(), FINISHED.load(Ordering::Relaxed), r.has_queue(), AIO.free_count()
+                core, i, qd - free.len(), r.issued(), r.in_flight(), r.staged(), sh.finished.load(Ordering::Relaxed), r.has_queue(), aio.free_count()
             );
         }
         // Issue.
         while i < ios {
             let Some(&buf_ix) = free.last() else { break };
-            let owner = owner_for(core, i, owners, r.has_queue());
+            let owner = owner_for(sh, core, i, owners, r.has_queue());
             let lba =
                 core as u64 * blocks_per_core + (i * 8) % blocks_per_core.saturating_sub(8).max(1);
-            let buf = BufRef::whole(&ctx.bufs[buf_ix as usize]);
+            let buf = BufRef::whole(&bufs[buf_ix as usize]);
             let op = if i.is_multiple_of(2) {
                 BlockOp::Write {
                     ns: 1,
@@ -201,8 +190,10 @@ fn core_main(core: usize, _arg: usize) {
             let left = quiesce(core, &mut r);
             match r.take_queue() {
                 Ok(q) => {
-                    critical_section::with(|cs| *HANDOFF.borrow_ref_mut(cs) = Some(q));
-                    let _ = r.call(spare, adopt_handoff, 0);
+                    critical_section::with(|cs| *sh.handoff.borrow_ref_mut(cs) = Some(q));
+                    // The spare adopts it right after its next poll pass (a pass holds its
+                    // reactor, so the flag is what tells it).
+                    sh.adopt_pending.store(true, Ordering::Release);
                     rep.handed_off = true;
                     keel_log::info!("core 1: handed its queue pair to core {=usize} with {=usize} I/Os in flight ({=usize} left after quiesce)", spare, in_flight, left);
                 }
@@ -216,11 +207,10 @@ fn core_main(core: usize, _arg: usize) {
             if let Ok(q) = r.take_queue() {
                 // Whoever clears the must-close flag closes (seed 002). The owner claims it here;
                 // core 0 will ask too at the end and must then leave this queue pair alone.
-                if TEARDOWN[core].request_close() == CloseDuty::RunClose {
-                    critical_section::with(|cs| *TO_DELETE[core].borrow_ref_mut(cs) = Some(q));
-                } else {
-                    critical_section::with(|cs| *PARKED[core].borrow_ref_mut(cs) = Some(q));
-                }
+                let claimed = sh.teardown[core].request_close() == CloseDuty::RunClose;
+                critical_section::with(|cs| {
+                    *sh.retired[core].borrow_ref_mut(cs) = Some((q, claimed))
+                });
                 rep.shut_down = true;
                 keel_log::info!("core 2: shut its queue pair down with {=usize} I/Os in flight ({=usize} left after quiesce)", in_flight, left);
             }
@@ -234,10 +224,10 @@ fn core_main(core: usize, _arg: usize) {
                 rep.failed += 1;
             }
         }
-        if core == spare && ADOPT_PENDING.swap(false, Ordering::AcqRel) {
-            if let Some(q) = critical_section::with(|cs| HANDOFF.borrow_ref_mut(cs).take()) {
+        if core == spare && sh.adopt_pending.swap(false, Ordering::AcqRel) {
+            if let Some(q) = critical_section::with(|cs| sh.handoff.borrow_ref_mut(cs).take()) {
                 if r.adopt_queue(q).is_ok() {
-                    OWNER_OF_1.store(spare, Ordering::Release);
+                    sh.owner_of_1.store(spare, Ordering::Release);
                     keel_log::info!("core {=usize}: adopted core 1's queue pair", core);
                 }
             }
@@ -245,10 +235,10 @@ fn core_main(core: usize, _arg: usize) {
         let outstanding = qd - free.len();
         if i >= ios && outstanding == 0 && !done_flagged {
             done_flagged = true;
-            FINISHED.fetch_add(1, Ordering::AcqRel);
+            sh.finished.fetch_add(1, Ordering::AcqRel);
         }
         // Keep serving others until every core has all its answers.
-        if done_flagged && FINISHED.load(Ordering::Acquire) == cores {
+        if done_flagged && sh.finished.load(Ordering::Acquire) == cores {
             break;
         }
     }
@@ -262,92 +252,100 @@ fn core_main(core: usize, _arg: usize) {
     }
     rep.stats = r.stats();
     if let Ok(q) = r.take_queue() {
-        critical_section::with(|cs| *PARKED[core].borrow_ref_mut(cs) = Some(q));
+        critical_section::with(|cs| *sh.retired[core].borrow_ref_mut(cs) = Some((q, false)));
     }
-    critical_section::with(|cs| *REPORT[core].borrow_ref_mut(cs) = Some(rep));
+    rep
 }
 
-#[allow(clippy::needless_range_loop)] // `core` indexes several per-core tables at once
-pub fn run<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
-    let ios = cl.u64("ios", 2000)?;
-    let qd = (cl.u64("qd", 16)? as usize).clamp(1, MAX_QD);
-    let mut ctrl = nvme_jobs::open(p, cl)?;
-    cl.finish()?;
+/// `reactor`: see the module docs.
+pub fn run<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
+    let ios = cl.int("ios")?;
+    let qd = (cl.int("qd")? as usize).clamp(1, MAX_QD);
+    let (ctrl, _) = crate::nvme::open(p, cl)?;
     keel_log::info!("job reactor: start");
-    let cores = p.cores;
+    let cores = keel_hal::Cores::count(p.cores()).min(MAX_CORES);
     if cores < 2 {
         return Err(JobError::Failed("the reactor job needs at least 2 cores"));
     }
     let ns = *ctrl
         .namespace(1)
         .ok_or(JobError::Failed("no namespace 1"))?;
-    let blocks_per_core = ns.blocks / cores as u64;
-    CFG_IOS.store(ios, Ordering::Release);
-    CFG_QD.store(qd, Ordering::Release);
-    CFG_CORES.store(cores, Ordering::Release);
-    CFG_BLOCKS_PER_CORE.store(blocks_per_core, Ordering::Release);
-    let links = take_mesh().ok_or(JobError::Failed("mesh already in use"))?;
     let spare = cores - 1;
-    let mut qpairs = 0;
-    for (core, l) in links.into_iter().enumerate().take(cores) {
-        let queue = if core != spare || cores == 2 {
-            qpairs += 1;
+    let with_queue = |core: usize| core != spare || cores == 2;
+    let qpairs = (0..cores).filter(|&c| with_queue(c)).count();
+    let sh: Shared<Qp<B>> = Shared {
+        ios,
+        qd,
+        cores,
+        blocks_per_core: ns.blocks / cores as u64,
+        handoff: Mutex::new(RefCell::new(None)),
+        adopt_pending: AtomicBool::new(false),
+        owner_of_1: AtomicUsize::new(1),
+        finished: AtomicUsize::new(0),
+        retired: core::array::from_fn(|_| Mutex::new(RefCell::new(None))),
+        teardown: core::array::from_fn(|_| Teardown::new()),
+    };
+    let aio = Handles::new();
+    let mut mesh = Mesh::new();
+    let links: [Mutex<RefCell<Option<MeshLinks<'_>>>>; MAX_CORES] = {
+        let mut it = split(&mut mesh).into_iter();
+        core::array::from_fn(|_| Mutex::new(RefCell::new(it.next())))
+    };
+    let ctrl = spin::Mutex::new(ctrl);
+    keel_log::info!("reactor: {=usize} cores, {=usize} queue pairs, core {=usize} spare; {=u64} I/Os per core at QD {=usize}, {=usize} shared I/O handles", cores, qpairs, spare, ios, qd, HANDLES);
+    let clock = p.clock();
+    let t0 = clock.now_ns();
+    let reports = crate::on_cores(p, cores, |core| -> Result<CoreReport, &'static str> {
+        // Each core creates its own queue pair (queue id = core + 1) and buffers.
+        let queue = if with_queue(core) {
             Some(
-                ctrl.create_io_qpair(&p.dma, core as u16 + 1, 256)
+                ctrl.lock()
+                    .create_io_qpair(p.dma(), core as u16 + 1, 256)
                     .map_err(|e| {
                         keel_log::error!("create queue pair: {}", e);
-                        JobError::Failed("queue pair")
+                        "queue pair"
                     })?,
             )
         } else {
             None
         };
-        let mut bufs = heapless::Vec::new();
+        let mut bufs: heapless::Vec<DmaRegion, MAX_QD> = heapless::Vec::new();
         for _ in 0..qd {
-            let b = crate::storage::dma(&p.dma, 4096)
-                .map_err(|_| JobError::Failed("DMA pool exhausted"))?;
+            let b = crate::storage::dma(p.dma(), 4096).map_err(|_| "DMA pool exhausted")?;
             let _ = bufs.push(b);
         }
-        critical_section::with(|cs| {
-            *CTX[core].borrow_ref_mut(cs) = Some(CoreCtx {
-                links: l,
-                queue,
-                bufs,
-            })
-        });
-    }
-    keel_log::info!("reactor: {=usize} cores, {=usize} queue pairs, core {=usize} spare; {=u64} I/Os per core at QD {=usize}, {=usize} shared I/O handles", cores, qpairs, spare, ios, qd, HANDLES);
-    let t0 = crate::time::now_ns();
-    for core in 1..cores {
-        crate::smp::post(core, core_main, 0)
-            .map_err(|_| JobError::Failed("could not start a reactor"))?;
-    }
-    core_main(0, 0);
-    while !(1..cores).all(crate::smp::done) {
-        crate::cpu::relax();
-    }
-    let ms = (crate::time::now_ns() - t0) / 1_000_000;
+        let l = critical_section::with(|cs| links[core].borrow_ref_mut(cs).take())
+            .ok_or("no message links")?;
+        let rep = core_main(core, &sh, &aio, l, queue, &bufs);
+        for b in bufs {
+            keel_hal::DmaAllocator::free(p.dma(), b);
+        }
+        Ok(rep)
+    })?;
+    let ms = (clock.now_ns() - t0) / 1_000_000;
 
     // Teardown: delete every queue pair exactly once. Core 0 asks to close every queue pair
     // (a controller shutdown racing the owners): it deletes those whose flag it cleared, and
     // executes the deletions owners claimed earlier.
+    let mut ctrl = ctrl.into_inner();
+    let mut deleted = 0;
     for core in 0..cores {
-        let mut victims: heapless::Vec<Qp, 2> = heapless::Vec::new();
-        if TEARDOWN[core].request_close() == CloseDuty::RunClose {
-            if let Some(q) = critical_section::with(|cs| PARKED[core].borrow_ref_mut(cs).take()) {
-                let _ = victims.push(q);
-            }
+        let closing = sh.teardown[core].request_close() == CloseDuty::RunClose;
+        let Some((q, claimed)) =
+            critical_section::with(|cs| sh.retired[core].borrow_ref_mut(cs).take())
+        else {
+            continue;
+        };
+        if closing == claimed {
+            keel_log::error!(
+                "queue pair of core {=usize}: close claimed by both or neither",
+                core
+            );
+            continue;
         }
-        if let Some(q) = critical_section::with(|cs| TO_DELETE[core].borrow_ref_mut(cs).take()) {
-            let _ = victims.push(q);
-        }
-        for q in victims {
-            match ctrl.delete_io_qpair(&p.dma, q) {
-                Ok(()) => {
-                    DELETIONS.fetch_add(1, Ordering::AcqRel);
-                }
-                Err((e, _)) => keel_log::error!("delete queue pair of core {=usize}: {}", core, e),
-            }
+        match ctrl.delete_io_qpair(p.dma(), q) {
+            Ok(()) => deleted += 1,
+            Err((e, _)) => keel_log::error!("delete queue pair of core {=usize}: {}", core, e),
         }
     }
 
@@ -356,10 +354,18 @@ pub fn run<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
     keel_log::info!("reactor results ({=u64} ms):", ms);
     keel_log::info!("core | issued | ok | failed | submitted here | remote served | completed | failed here | bad tags | lifecycle errs | notes");
     for core in 0..cores {
-        let Some(rep) = critical_section::with(|cs| *REPORT[core].borrow_ref(cs)) else {
-            keel_log::error!("core {=usize} reported nothing", core);
-            ok = false;
-            continue;
+        let rep = match reports.get(core) {
+            Some(Ok(r)) => *r,
+            Some(Err(e)) => {
+                keel_log::error!("core {=usize}: {=str}", core, e);
+                ok = false;
+                continue;
+            }
+            None => {
+                keel_log::error!("core {=usize} reported nothing", core);
+                ok = false;
+                continue;
+            }
         };
         let s = rep.stats;
         keel_log::info!(
@@ -374,8 +380,7 @@ pub fn run<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
         sub += s.submitted;
         comp += s.completed_ok + s.failed;
     }
-    let free = AIO.free_count();
-    let deleted = DELETIONS.load(Ordering::Acquire);
+    let free = aio.free_count();
     keel_log::info!("reactor: submitted {=u64} == completed + failed {=u64}: {=bool}; I/O handles back in the array: {=usize} of {=usize}; queue pairs deleted: {=usize} of {=usize}", sub, comp, sub == comp, free, HANDLES, deleted, qpairs);
     if !ok || sub != comp || free != HANDLES || deleted != qpairs {
         return Err(JobError::Failed("reactor invariants violated"));
@@ -384,9 +389,9 @@ pub fn run<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
 }
 
 /// The full stack for `bench`: a reactor with I/O handles from the shared array.
-pub struct Stack(pub R);
+pub struct Stack<'m, Q>(pub R<'m, Q>);
 
-impl crate::storage::BenchTarget for Stack {
+impl<Q: BlockQueue> crate::storage::BenchTarget for Stack<'_, Q> {
     fn submit(&mut self, op: BlockOp, tag: u32) -> bool {
         self.0.submit(op, tag).is_ok()
     }
@@ -407,12 +412,7 @@ impl crate::storage::BenchTarget for Stack {
     }
 }
 
-/// Takes this boot's mesh for `bench` (one job per boot).
-pub fn bench_links() -> Option<[Links<'static, Msg, MAX_CORES>; MAX_CORES]> {
-    take_mesh()
-}
-
 /// A reactor over `qp` for one bench core.
-pub fn bench_reactor(links: Links<'static, Msg, MAX_CORES>, qp: Qp) -> R {
-    Reactor::new(links, &AIO, Some(qp))
+pub fn bench_reactor<'m, Q: BlockQueue>(links: MeshLinks<'m>, aio: &'m Handles, qp: Q) -> R<'m, Q> {
+    Reactor::new(links, aio, Some(qp))
 }

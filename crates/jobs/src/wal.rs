@@ -3,13 +3,38 @@
 //! (after a clean run, a killed QEMU, or a power-cut image rebuilt by `cargo xtask test`) and
 //! verifies every record it returns byte for byte against the payload the `log` job wrote.
 
-use keel_cmdline::Cmdline;
+use keel_cmdline::{Cmdline, OptSpec};
+use keel_hal::{Board, Clock};
 use keel_wal::{Cursor, Wal};
 use keel_writer::{Config as WriterConfig, NeverCancel};
 
-use crate::hw::TscClock;
-use crate::jobs::{JobError, Platform};
-use crate::nvme_jobs;
+use crate::nvme as nvme_jobs;
+use crate::{JobError, JobResult};
+
+/// The log's place on namespace 1 (`log`, `recover`).
+pub const WAL_OPTS: &[OptSpec] = &[OptSpec::int(
+    "blocks",
+    4096,
+    "blocks of namespace 1 the log may use",
+)];
+/// `log`'s options.
+pub const LOG_OPTS: &[OptSpec] = &[
+    OptSpec::int("records", 400, "records to append"),
+    OptSpec::int("sync_every", 10, "records per sync (acknowledgement)"),
+    OptSpec::choice(
+        "on_error",
+        &["fail", "report"],
+        "a device error fails the run, or ends it after reporting what was acknowledged",
+    ),
+];
+/// `recover`'s options.
+pub const RECOVER_OPTS: &[OptSpec] = &[OptSpec::int(
+    "expect",
+    0,
+    "fail unless at least this many records come back",
+)];
+/// `logbench`'s options.
+pub const LOGBENCH_OPTS: &[OptSpec] = &[OptSpec::int("ms", 1000, "milliseconds per path")];
 
 /// Largest payload the `log` job writes.
 const MAX_PAYLOAD: usize = 300;
@@ -29,33 +54,33 @@ fn payload(seq: u64, buf: &mut [u8; MAX_PAYLOAD]) -> usize {
 
 fn wal_err<'a>(what: &'static str) -> impl FnOnce(keel_wal::Error) -> JobError<'a> {
     move |e| {
-        keel_log::error!("{=str}: {}", what, defmt::Debug2Format(&e));
+        keel_log::error!("{=str}: {}", what, keel_log::Debug2Format(&e));
         JobError::Failed(what)
     }
 }
 
 fn config<'a>(cl: &Cmdline<'a>) -> Result<WriterConfig, JobError<'a>> {
-    let blocks = cl.u64("blocks", 4096)?;
+    let blocks = cl.int("blocks")?;
     Ok(WriterConfig::new(1, 0, blocks))
 }
 
 /// `log`: format the log, append `records` records, sync every `sync_every`.
-pub fn log<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
-    let records = cl.u64("records", 400)?;
-    let sync_every = cl.u64("sync_every", 10)?.max(1);
+pub fn log<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
+    let records = cl.int("records")?;
+    let sync_every = cl.int("sync_every")?.max(1);
     // `report`: a device error ends the run normally after saying how many records were
     // acknowledged (for tests that inject errors); `fail` (default): the run fails.
-    let on_error = cl.choice("on_error", &["fail", "report"], "fail")?;
+    let on_error = cl.choice("on_error")?;
     let cfg = config(cl)?;
-    let mut ctrl = nvme_jobs::open(p, cl)?;
-    cl.finish()?;
+    let (mut ctrl, _) = nvme_jobs::open(p, cl)?;
+    let clock = p.clock();
     keel_log::info!("job log: start");
     let qp = nvme_jobs::qpair(&mut ctrl, p, 1)?;
     let mut wal =
-        Wal::format(qp, &p.dma, TscClock, NeverCancel, cfg).map_err(wal_err("log: format"))?;
+        Wal::format(qp, p.dma(), p.clock(), NeverCancel, cfg).map_err(wal_err("log: format"))?;
     keel_log::info!("log: formatted, epoch {=u32}", wal.epoch());
     let mut buf = [0u8; MAX_PAYLOAD];
-    let t0 = crate::time::now_ns();
+    let t0 = clock.now_ns();
     let mut bytes = 0u64;
     for seq in 0..records {
         let n = payload(seq, &mut buf);
@@ -71,7 +96,7 @@ pub fn log<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
             keel_log::info!(
                 "log: stopped by a device error after {=u64} acknowledged records: {}",
                 wal.acked().seq,
-                defmt::Debug2Format(&e)
+                keel_log::Debug2Format(&e)
             );
             return if on_error == "report" {
                 Ok(())
@@ -80,24 +105,23 @@ pub fn log<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
             };
         }
     }
-    let us = (crate::time::now_ns() - t0) / 1000;
+    let us = (clock.now_ns() - t0) / 1000;
     keel_log::info!(
         "log: appended {=u64} records ({=u64} payload bytes), acknowledged {=u64}, in {=u64} us; writer {}",
-        records, bytes, wal.acked().seq, us, defmt::Debug2Format(&wal.writer().stats())
+        records, bytes, wal.acked().seq, us, keel_log::Debug2Format(&wal.writer().stats())
     );
     Ok(())
 }
 
 /// `recover`: recovery, then every record returned is checked against its expected payload.
 /// `expect=N` fails the run if fewer than N records come back (N acknowledged ones).
-pub fn recover<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
-    let expect = cl.u64("expect", 0)?;
+pub fn recover<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
+    let expect = cl.int("expect")?;
     let cfg = config(cl)?;
-    let mut ctrl = nvme_jobs::open(p, cl)?;
-    cl.finish()?;
+    let (mut ctrl, _) = nvme_jobs::open(p, cl)?;
     keel_log::info!("job recover: start");
     let qp = nvme_jobs::qpair(&mut ctrl, p, 1)?;
-    let (mut wal, rec) = match Wal::open(qp, &p.dma, TscClock, NeverCancel, cfg) {
+    let (mut wal, rec) = match Wal::open(qp, p.dma(), p.clock(), NeverCancel, cfg) {
         Ok(r) => r,
         // The format itself never became durable: there is no log, so no record was ever
         // acknowledged. That is a correct recovery of nothing, unless records were expected.
@@ -151,12 +175,12 @@ pub fn recover<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
 /// `logbench`: in one boot, the driver's raw sequential write (64 KiB commands, QD 8) against
 /// the writer's appends: 4 KiB appends copied into its buffers, and 64 KiB appends from a DMA
 /// buffer that bypass the copy. Prints MB/s, the ratio to raw, and bytes copied per byte appended.
-pub fn logbench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> {
+pub fn logbench<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
     use keel_hal::DmaAllocator;
     use keel_writer::Writer;
-    let ms = cl.u64("ms", 1000)?;
-    let mut ctrl = nvme_jobs::open(p, cl)?;
-    cl.finish()?;
+    let ms = cl.int("ms")?;
+    let (mut ctrl, _) = nvme_jobs::open(p, cl)?;
+    let clock = p.clock();
     keel_log::info!("job logbench: start");
     let ns = *ctrl
         .namespace(1)
@@ -169,7 +193,7 @@ pub fn logbench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> 
     let mut bufs: heapless::Vec<keel_hal::DmaRegion, 8> = heapless::Vec::new();
     for _ in 0..8 {
         let _ = bufs.push(
-            crate::storage::dma(&p.dma, 64 * 1024)
+            crate::storage::dma(p.dma(), 64 * 1024)
                 .map_err(|_| JobError::Failed("DMA pool exhausted"))?,
         );
     }
@@ -186,6 +210,7 @@ pub fn logbench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> 
     let mut hist = [0u32; 4097];
     let r = crate::storage::bench(
         &mut crate::storage::Raw(&mut raw_qp),
+        &clock,
         &cfg,
         &bufs,
         &mut hist,
@@ -204,14 +229,14 @@ pub fn logbench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> 
             max_io_bytes: 64 * 1024,
             ..WriterConfig::new(1, third * (1 + mode as u64), third)
         };
-        let mut w = Writer::new(qp, &p.dma, TscClock, NeverCancel, wcfg)
+        let mut w = Writer::new(qp, p.dma(), p.clock(), NeverCancel, wcfg)
             .map_err(|_| JobError::Failed("writer"))?;
         let chunk = [0x5Au8; 4096];
         let dbuf = p
-            .dma
+            .dma()
             .alloc(64 * 1024, 4096)
             .map_err(|_| JobError::Failed("DMA pool exhausted"))?;
-        let t0 = crate::time::now_ns();
+        let t0 = clock.now_ns();
         loop {
             let res = if mode == 0 {
                 w.append(&chunk)
@@ -223,12 +248,12 @@ pub fn logbench<'a>(cl: &Cmdline<'a>, p: &Platform) -> Result<(), JobError<'a>> 
                 Err(keel_writer::Error::Full) => break,
                 Err(_) => return Err(JobError::Failed("writer append")),
             }
-            if crate::time::now_ns() - t0 >= limit_ns {
+            if clock.now_ns() - t0 >= limit_ns {
                 break;
             }
         }
         w.sync().map_err(|_| JobError::Failed("writer sync"))?;
-        let elapsed = crate::time::now_ns() - t0;
+        let elapsed = clock.now_ns() - t0;
         let st = w.stats();
         *slot = (
             st.bytes_appended * 1000 / elapsed.max(1),

@@ -1,0 +1,854 @@
+//! The NVMe jobs: `selftest`, `scrub`, `scan`, `cfs` and `bench`. Bring-up through
+//! `keel-nvme` over the board's MMIO window, DMA memory and clock; the data path is
+//! `keel_blockdev::BlockQueue`.
+
+use core::cell::RefCell;
+
+use critical_section::Mutex;
+use keel_blockdev::{BlockOp, BlockQueue, BufRef};
+use keel_cmdline::{Cmdline, OptSpec};
+use keel_hal::{Board, Clock, Cores, DmaRegion, PciFunction};
+use keel_nvme::{Config, Controller};
+
+use crate::storage::{self, BenchCfg, BenchResult, Pattern, Shape, StorageError};
+use crate::{Ctrl, JobError, JobResult, Qp, MAX_CORES};
+
+/// `selftest`'s options.
+pub const SELFTEST_OPTS: &[OptSpec] = &[
+    OptSpec::int("ns", 0, "only this namespace (0: every one)"),
+    OptSpec::int("seed", 0x6b65_656c, "seed of the data pattern"),
+];
+/// A namespace range (`scrub`, `scan`).
+pub const RANGE_OPTS: &[OptSpec] = &[
+    OptSpec::int("ns", 1, "namespace"),
+    OptSpec::int("lba", 0, "first block"),
+    OptSpec::int("blocks", 0, "blocks (0: to the end)"),
+];
+/// `scan`'s options.
+pub const SCAN_OPTS: &[OptSpec] = &[
+    OptSpec::int("chunk", 64, "blocks per read before bisecting"),
+    OptSpec::flag("write", false, "write a pattern instead of reading"),
+];
+/// `cfs`'s options.
+pub const CFS_OPTS: &[OptSpec] = &[OptSpec::int(
+    "inflight",
+    16,
+    "reads in flight when the controller fails",
+)];
+/// `bench`'s options.
+pub const BENCH_OPTS: &[OptSpec] = &[
+    OptSpec::choice("pattern", &["randread", "randwrite", "read", "write"], "access pattern"),
+    OptSpec::size("bs", 4096, "bytes per I/O"),
+    OptSpec::int("qd", 32, "I/Os in flight per core (1..=255)"),
+    OptSpec::int("secs", 2, "seconds"),
+    OptSpec::int("ms", 0, "milliseconds instead of secs (when not 0)"),
+    OptSpec::int("cores", 1, "cores, each with its own queue pair"),
+    OptSpec::int("ns", 1, "namespace"),
+    OptSpec::choice(
+        "raw",
+        &["off", "on", "both", "ceiling"],
+        "off: full stack; on: raw queue-pair loop; both: interleaved rounds of full, raw and ceiling; ceiling: the device's own",
+    ),
+];
+
+/// Queue depth of every I/O queue pair (entries; depth - 1 commands in flight).
+/// 512 so that with lazy CQ doorbells (half the ring is completion slack) 255 commands fit.
+const QUEUE_ENTRIES: u16 = 512;
+
+fn fail<'a>(what: &'static str) -> impl FnOnce(StorageError) -> JobError<'a> {
+    move |e| {
+        keel_log::error!("{=str}: {}", what, e);
+        JobError::Failed(what)
+    }
+}
+
+/// Finds the first NVMe controller and brings it up (`dbbuf`, `lazycq` from the command line).
+pub fn open<'a, B: Board>(b: &B, cl: &Cmdline<'a>) -> Result<(Ctrl<B>, PciFunction), JobError<'a>> {
+    let shadow = cl.flag("dbbuf")?;
+    let lazy_cq = cl.flag("lazycq")?;
+    // One per core, and a few spare for jobs that use several queue pairs on one core.
+    let io_queues = b.cores().count().max(4) as u16;
+    let dev = *b
+        .pci_functions()
+        .iter()
+        .find(|d| d.is_nvme())
+        .ok_or(JobError::Failed("no NVMe controller on PCI"))?;
+    let mmio = b.map_bar(&dev, 0).map_err(|e| {
+        keel_log::error!("nvme: BAR0: {}", e);
+        JobError::Failed("NVMe BAR0 unusable")
+    })?;
+    let cfg = Config {
+        shadow_doorbells: shadow,
+        io_queues,
+        lazy_cq_doorbell: lazy_cq,
+        ..Config::default()
+    };
+    let ctrl = Controller::init(mmio, b.dma(), b.clock(), cfg).map_err(|e| {
+        keel_log::error!("nvme: bring-up failed: {}", e);
+        JobError::Failed("NVMe bring-up failed")
+    })?;
+    let id = ctrl.identify();
+    keel_log::info!(
+        "nvme {=u8:02x}:{=u8:02x}.{=u8}: model '{=str}' serial '{=str}' version {=u32:#x}, {=usize} namespaces, MDTS {=usize} KiB, {=u16} I/O queues, volatile write cache {=bool}, shadow doorbells {=bool}",
+        dev.bus, dev.dev, dev.func, id.model_str(), id.serial_str(), id.version,
+        ctrl.namespaces().len(), id.max_transfer / 1024, id.io_queues, id.vwc, id.shadow_doorbells
+    );
+    for ns in ctrl.namespaces() {
+        keel_log::info!(
+            "nvme ns {=u32}: {=u64} blocks of {=u32} B ({=u64} MiB)",
+            ns.nsid,
+            ns.blocks,
+            ns.block_size,
+            (ns.blocks * ns.block_size as u64) >> 20
+        );
+    }
+    Ok((ctrl, dev))
+}
+
+/// Creates I/O queue pair `qid` with the jobs' depth.
+pub fn qpair<'a, B: Board>(ctrl: &mut Ctrl<B>, b: &B, qid: u16) -> Result<Qp<B>, JobError<'a>> {
+    ctrl.create_io_qpair(b.dma(), qid, QUEUE_ENTRIES)
+        .map_err(|e| {
+            keel_log::error!("nvme: create I/O queue pair {=u16}: {}", qid, e);
+            JobError::Failed("could not create an I/O queue pair")
+        })
+}
+
+/// `selftest`: every namespace, every transfer shape, verified byte for byte.
+pub fn selftest<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
+    let only = cl.int("ns")? as u32;
+    let seed = cl.int("seed")?;
+    let (mut ctrl, _) = open(p, cl)?;
+    keel_log::info!("job selftest: start");
+    let clock = p.clock();
+    let clock = &clock;
+    let mut qp = qpair(&mut ctrl, p, 1)?;
+    let max_transfer = qp.max_transfer();
+    let big = (2 * max_transfer + 64 * 1024).max(2 * 1024 * 1024 + 8192);
+    let wbuf = storage::dma(p.dma(), big + 8192).map_err(fail("DMA pool exhausted"))?;
+    let rbuf = storage::dma(p.dma(), big + 8192).map_err(fail("DMA pool exhausted"))?;
+    let namespaces: heapless::Vec<_, 16> = ctrl
+        .namespaces()
+        .iter()
+        .copied()
+        .filter(|n| only == 0 || n.nsid == only)
+        .collect();
+    if namespaces.is_empty() {
+        return Err(JobError::Failed("no such namespace"));
+    }
+    let mut checks = 0;
+    for ns in &namespaces {
+        let bs = ns.block_size as usize;
+        let blocks_of = |bytes: usize| bytes.div_ceil(bs) as u32;
+        let shapes = [
+            Shape {
+                name: "one block",
+                buf_offset: 0,
+                blocks: 1,
+                lba: 0,
+            },
+            Shape {
+                name: "4 KiB",
+                buf_offset: 0,
+                blocks: blocks_of(4096),
+                lba: 64,
+            },
+            Shape {
+                name: "odd length, buffer offset 1 KiB (PRP1 offset)",
+                buf_offset: 1024,
+                blocks: blocks_of(5 * 4096 + bs),
+                lba: 256,
+            },
+            Shape {
+                name: "larger than MDTS (split)",
+                buf_offset: 0,
+                blocks: blocks_of(max_transfer + 3 * 4096),
+                lba: 4096,
+            },
+            Shape {
+                name: "2 MiB + 8 KiB at offset 512 (PRP list)",
+                buf_offset: 512,
+                blocks: blocks_of(2 * 1024 * 1024 + 8192),
+                lba: 8192,
+            },
+        ];
+        keel_log::info!(
+            "selftest ns {=u32} ({=u32} B blocks, max transfer {=usize} KiB):",
+            ns.nsid,
+            ns.block_size,
+            max_transfer / 1024
+        );
+        for s in &shapes {
+            let bytes = s.blocks as usize * bs;
+            if s.lba + s.blocks as u64 > ns.blocks || bytes + s.buf_offset > wbuf.len() {
+                keel_log::warn!(
+                    "selftest ns {=u32} | {=str} | skipped (namespace or buffer too small)",
+                    ns.nsid,
+                    s.name
+                );
+                continue;
+            }
+            storage::write_read_verify(&mut qp, clock, ns.nsid, s, &wbuf, &rbuf, seed ^ s.lba)
+                .map_err(|e| {
+                    keel_log::error!(
+                        "selftest ns {=u32} | {=str} | lba {=u64} | blocks {=u32} | FAILED: {}",
+                        ns.nsid,
+                        s.name,
+                        s.lba,
+                        s.blocks,
+                        e
+                    );
+                    JobError::Failed("selftest: data mismatch or I/O error")
+                })?;
+            checks += 1;
+            keel_log::info!(
+                "selftest ns {=u32} | {=str} | lba {=u64} | blocks {=u32} | bytes {=usize} | ok",
+                ns.nsid,
+                s.name,
+                s.lba,
+                s.blocks,
+                bytes
+            );
+        }
+        storage::sync_op(&mut qp, clock, BlockOp::Flush { ns: ns.nsid }).map_err(fail("flush"))?;
+        checks += 1;
+        keel_log::info!("selftest ns {=u32} | {=str} | ok", ns.nsid, "flush");
+        let zb = blocks_of(4096);
+        if ctrl.identify().write_zeroes {
+            storage::zeroes_verify(&mut qp, clock, ns.nsid, 64, zb, &rbuf)
+                .map_err(fail("write zeroes"))?;
+            checks += 1;
+            keel_log::info!(
+                "selftest ns {=u32} | {=str} | lba {=u64} | blocks {=u32} | ok",
+                ns.nsid,
+                "write zeroes, read back zeroes",
+                64,
+                zb
+            );
+        }
+        if ctrl.identify().deallocate {
+            storage::sync_op(
+                &mut qp,
+                clock,
+                BlockOp::Deallocate {
+                    ns: ns.nsid,
+                    lba: 256,
+                    blocks: zb,
+                },
+            )
+            .map_err(fail("deallocate"))?;
+            checks += 1;
+            keel_log::info!(
+                "selftest ns {=u32} | {=str} | lba {=u64} | blocks {=u32} | ok",
+                ns.nsid,
+                "deallocate",
+                256,
+                zb
+            );
+        }
+        // Bad input from the caller gets a typed error, not a device command.
+        let past_end = BlockOp::Read {
+            ns: ns.nsid,
+            lba: ns.blocks,
+            blocks: 1,
+            buf: BufRef::new(&rbuf, 0, bs).map_err(|_| JobError::Failed("buf"))?,
+        };
+        match qp.submit(past_end, 1) {
+            Err(keel_blockdev::SubmitError::OutOfRange) => checks += 1,
+            other => {
+                keel_log::error!("read past the end was not refused: {}", other);
+                return Err(JobError::Failed("out-of-range read accepted"));
+            }
+        }
+    }
+    let st = qp.stats();
+    keel_log::info!(
+        "selftest: {=usize} checks passed on {=usize} namespaces; queue stats {}",
+        checks,
+        namespaces.len(),
+        st
+    );
+    Ok(())
+}
+
+/// `scrub`: CRC32C of a namespace range, for the host to compare against the disk image.
+pub fn scrub<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
+    let nsid = cl.int("ns")? as u32;
+    let lba = cl.int("lba")?;
+    let blocks_opt = cl.int("blocks")?;
+    let (mut ctrl, _) = open(p, cl)?;
+    let clock = p.clock();
+    keel_log::info!("job scrub: start");
+    let ns = *ctrl
+        .namespace(nsid)
+        .ok_or(JobError::Failed("no such namespace"))?;
+    let blocks = if blocks_opt == 0 {
+        ns.blocks.saturating_sub(lba)
+    } else {
+        blocks_opt
+    };
+    if lba.checked_add(blocks).is_none_or(|e| e > ns.blocks) {
+        return Err(JobError::Failed(
+            "scrub range past the end of the namespace",
+        ));
+    }
+    let mut qp = qpair(&mut ctrl, p, 1)?;
+    let buf = storage::dma(p.dma(), qp.max_transfer().min(1 << 20))
+        .map_err(fail("DMA pool exhausted"))?;
+    let t0 = clock.now_ns();
+    let crc =
+        storage::scrub(&mut qp, &clock, nsid, lba, blocks, &buf).map_err(fail("scrub read"))?;
+    let ms = (clock.now_ns() - t0) / 1_000_000;
+    keel_log::info!(
+        "scrub ns={=u32} lba={=u64} blocks={=u64} block_size={=u32} crc32c={=u32:08x} ({=u64} ms)",
+        nsid,
+        lba,
+        blocks,
+        ns.block_size,
+        crc,
+        ms
+    );
+    Ok(())
+}
+
+// ---- scan: find exactly which blocks fail, report them, keep going ------------------------
+
+/// Most failing ranges one scan reports.
+const MAX_BAD_RANGES: usize = 32;
+
+/// `scan`: reads (or writes a pattern to) a range in chunks; a failing chunk is bisected to
+/// single blocks so the exact failing LBA ranges are reported, and the scan continues.
+pub fn scan<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
+    let nsid = cl.int("ns")? as u32;
+    let lba0 = cl.int("lba")?;
+    let blocks_opt = cl.int("blocks")?;
+    let chunk = cl.int("chunk")?.clamp(1, 256) as u32;
+    let write = cl.flag("write")?;
+    let (mut ctrl, _) = open(p, cl)?;
+    let clock = p.clock();
+    let clock = &clock;
+    keel_log::info!("job scan: start");
+    let ns = *ctrl
+        .namespace(nsid)
+        .ok_or(JobError::Failed("no such namespace"))?;
+    let blocks = if blocks_opt == 0 {
+        ns.blocks.saturating_sub(lba0)
+    } else {
+        blocks_opt
+    };
+    if lba0.checked_add(blocks).is_none_or(|e| e > ns.blocks) {
+        return Err(JobError::Failed("scan range past the end of the namespace"));
+    }
+    let mut qp = qpair(&mut ctrl, p, 1)?;
+    let bs = ns.block_size as usize;
+    let buf = storage::dma(p.dma(), chunk as usize * bs).map_err(fail("DMA pool exhausted"))?;
+    let op = |lba: u64, n: u32| -> Result<BlockOp, JobError<'a>> {
+        let b = BufRef::new(&buf, 0, n as usize * bs).map_err(|_| JobError::Failed("buffer"))?;
+        Ok(if write {
+            BlockOp::Write {
+                ns: nsid,
+                lba,
+                blocks: n,
+                buf: b,
+            }
+        } else {
+            BlockOp::Read {
+                ns: nsid,
+                lba,
+                blocks: n,
+                buf: b,
+            }
+        })
+    };
+    let mut bad: heapless::Vec<(u64, u64), MAX_BAD_RANGES> = heapless::Vec::new();
+    let mut bad_blocks = 0u64;
+    let mut at = lba0;
+    while at < lba0 + blocks {
+        let n = (chunk as u64).min(lba0 + blocks - at) as u32;
+        if storage::sync_op(&mut qp, clock, op(at, n)?).is_err() {
+            // Bisect the chunk to single blocks.
+            for lba in at..at + n as u64 {
+                if let Err(e) = storage::sync_op(&mut qp, clock, op(lba, 1)?) {
+                    bad_blocks += 1;
+                    match bad.last_mut() {
+                        Some((_, end)) if *end + 1 == lba => *end = lba,
+                        _ => {
+                            if bad.push((lba, lba)).is_err() {
+                                keel_log::warn!(
+                                    "scan: more than {=usize} bad ranges; counting only",
+                                    MAX_BAD_RANGES
+                                );
+                            }
+                        }
+                    }
+                    keel_log::debug!("scan: lba {=u64}: {}", lba, e);
+                }
+            }
+        }
+        at += n as u64;
+    }
+    let what = if write { "write" } else { "read" };
+    for (a, b) in &bad {
+        keel_log::info!(
+            "scan: {=str} error at lba {=u64}..={=u64} ({=u64} blocks)",
+            what,
+            *a,
+            *b,
+            b - a + 1
+        );
+    }
+    keel_log::info!(
+        "scan ns={=u32} lba={=u64} blocks={=u64} {=str}: {=u64} bad blocks in {=usize} ranges, the rest ok; queue stats {}",
+        nsid, lba0, blocks, what, bad_blocks, bad.len(), qp.stats()
+    );
+    Ok(())
+}
+
+// ---- cfs: a queue pointed at unmapped memory, controller fatal status, recovery ------------
+
+/// `cfs`: creates an extra I/O queue pair by hand whose submission queue lives at an address no
+/// RAM backs, rings its doorbell so the controller fails to fetch a command and sets CSTS.CFS,
+/// then recovers with a controller reset. Commands that were on a healthy queue pair at the
+/// time are resubmitted or failed (each reported exactly once), and new I/O is verified.
+pub fn cfs<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
+    use keel_hal::{DmaAllocator, Mmio};
+    use keel_nvme::spec::{admin_op, sq_doorbell, SqEntry};
+    let inflight = cl.int("inflight")?.clamp(1, 64) as u32;
+    let (mut ctrl, dev) = open(p, cl)?;
+    let clock = p.clock();
+    keel_log::info!("job cfs: start");
+    let ns = *ctrl
+        .namespace(1)
+        .ok_or(JobError::Failed("no namespace 1"))?;
+    let mut qp = qpair(&mut ctrl, p, 1)?;
+    let bs = ns.block_size as usize;
+    let bufs = storage::dma(p.dma(), inflight as usize * bs).map_err(fail("DMA pool exhausted"))?;
+    // Half of these reach the device before the failure (doorbell rung), half only sit in the SQ.
+    for tag in 0..inflight {
+        let buf =
+            BufRef::new(&bufs, tag as usize * bs, bs).map_err(|_| JobError::Failed("buffer"))?;
+        qp.submit(
+            BlockOp::Read {
+                ns: 1,
+                lba: tag as u64,
+                blocks: 1,
+                buf,
+            },
+            tag,
+        )
+        .map_err(|_| JobError::Failed("submit"))?;
+        if tag == inflight / 2 {
+            qp.flush_submissions();
+        }
+    }
+
+    // The hostile queue: a real completion queue, a submission queue at an unbacked address.
+    let qid: u16 = 2; // the driver's own pair is qid 1
+    let cq = p
+        .dma()
+        .alloc(4096, 4096)
+        .map_err(|_| JobError::Failed("DMA pool exhausted"))?;
+    let mut c = SqEntry::new(admin_op::CREATE_IO_CQ, 0, 0);
+    c.prp1 = cq.bus_addr();
+    c.cdw10 = (1u32 << 16) | qid as u32; // 2 entries
+    c.cdw11 = 1; // physically contiguous, no interrupts
+    ctrl.admin_command(c).map_err(|e| {
+        keel_log::error!("create CQ: {}", e);
+        JobError::Failed("create CQ")
+    })?;
+    let mut s = SqEntry::new(admin_op::CREATE_IO_SQ, 0, 0);
+    s.prp1 = 0x7F_0000_0000; // 508 GiB: no memory there
+    s.cdw10 = (1u32 << 16) | qid as u32;
+    s.cdw11 = ((qid as u32) << 16) | 1;
+    ctrl.admin_command(s).map_err(|e| {
+        keel_log::error!("create SQ: {}", e);
+        JobError::Failed("create SQ")
+    })?;
+    let bar0 = p
+        .map_bar(&dev, 0)
+        .map_err(|_| JobError::Failed("NVMe BAR0 unusable"))?;
+    let stride = ctrl.cap().doorbell_stride();
+    let t0 = clock.now_ns();
+    bar0.write32(sq_doorbell(qid, stride), 1);
+    while !ctrl.is_fatal() {
+        if clock.now_ns() - t0 > 2_000_000_000 {
+            return Err(JobError::Failed("the controller never reported CSTS.CFS"));
+        }
+        p.cores().relax();
+    }
+    keel_log::info!(
+        "cfs: controller fatal status after {=u64} us; resetting",
+        (clock.now_ns() - t0) / 1000
+    );
+
+    ctrl.reset(&mut [&mut qp]).map_err(|e| {
+        keel_log::error!("reset: {}", e);
+        JobError::Failed("controller reset failed")
+    })?;
+    let (mut ok, mut failed, mut seen) = (0u32, 0u32, [0u8; 64]);
+    let t1 = clock.now_ns();
+    while ok + failed < inflight {
+        qp.poll(usize::MAX, &mut |tag, r| {
+            if let Some(n) = seen.get_mut(tag as usize) {
+                *n += 1;
+            }
+            if r.is_ok() {
+                ok += 1;
+            } else {
+                failed += 1;
+            }
+        });
+        if clock.now_ns() - t1 > 5_000_000_000 {
+            keel_log::error!(
+                "cfs: only {=u32} of {=u32} in-flight commands reported",
+                ok + failed,
+                inflight
+            );
+            return Err(JobError::Failed("in-flight commands lost across the reset"));
+        }
+    }
+    if seen[..inflight as usize].iter().any(|&n| n != 1) {
+        return Err(JobError::Failed("a command was reported twice or never"));
+    }
+    keel_log::info!(
+        "cfs: {=u32} commands in flight at the failure: {=u32} completed after resubmission, {=u32} failed, 0 lost; queue stats {}",
+        inflight, ok, failed, qp.stats()
+    );
+    let wbuf = storage::dma(p.dma(), 64 * 1024).map_err(fail("DMA pool exhausted"))?;
+    let rbuf = storage::dma(p.dma(), 64 * 1024).map_err(fail("DMA pool exhausted"))?;
+    let shape = Shape {
+        name: "after reset",
+        buf_offset: 0,
+        blocks: (16 * 1024 / bs) as u32,
+        lba: 2048,
+    };
+    storage::write_read_verify(&mut qp, &clock, 1, &shape, &wbuf, &rbuf, 0xC5)
+        .map_err(fail("I/O after the reset"))?;
+    keel_log::info!(
+        "cfs: controller recovered; new I/O verified; admin stats {}",
+        ctrl.stats()
+    );
+    Ok(())
+}
+
+// ---- bench -------------------------------------------------------------------------------
+
+/// Rounds of each kind in a `raw=both` run.
+const BOTH_ROUNDS: u64 = 16;
+
+/// What `bench` runs on each core.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The full stack (reactor + I/O handles).
+    Full,
+    /// The raw queue-pair loop.
+    Raw,
+    /// Interleaved rounds of full stack, raw loop and device ceiling on one queue pair.
+    Both,
+    /// The device's ceiling (`IoQueuePair::device_ceiling`).
+    Ceiling,
+}
+
+/// One core's bench results.
+#[derive(Clone, Copy, Default)]
+struct CoreResults {
+    /// The job's own (the full stack's with `raw=both`).
+    main: BenchResult,
+    /// `raw=both`: the raw loop's rounds.
+    raw: BenchResult,
+    /// `raw=both`: the device-ceiling rounds.
+    ceiling: BenchResult,
+    /// Set when the core could not run its part.
+    error: Option<&'static str>,
+}
+
+/// Sum of `rounds` (I/Os and errors) over the cores and the longest elapsed time:
+/// (IOPS, errors).
+fn rounds_iops(rounds: impl Iterator<Item = BenchResult>) -> (u64, u64) {
+    let (mut ios, mut elapsed, mut errors) = (0u64, 0u64, 0u64);
+    for r in rounds {
+        ios += r.ios;
+        errors += r.errors;
+        elapsed = elapsed.max(r.elapsed_ns);
+    }
+    (ios * 1_000_000_000 / elapsed.max(1), errors)
+}
+
+/// Nanoseconds per I/O spent submitting, ringing, reaping and in idle polls.
+fn time_split<C: Clock>(clock: &C, r: &BenchResult) -> [u64; 4] {
+    [r.t_submit, r.t_kick, r.t_reap, r.t_idle].map(|t| clock.ticks_to_ns(t) / r.ios.max(1))
+}
+
+/// One core's part of `bench`: its own queue pair (created here, deleted at the end), its
+/// buffers, and the loop `mode` asks for, run with the core's interrupts masked.
+#[allow(clippy::too_many_arguments)]
+fn core_bench<B: Board>(
+    b: &B,
+    core: usize,
+    ctrl: &spin::Mutex<Ctrl<B>>,
+    links: &Mutex<RefCell<Option<crate::reactor::MeshLinks<'_>>>>,
+    aio: &crate::reactor::Handles,
+    cfg: BenchCfg,
+    mode: Mode,
+) -> CoreResults {
+    let mut out = CoreResults::default();
+    let clock = b.clock();
+    let qp = match ctrl
+        .lock()
+        .create_io_qpair(b.dma(), core as u16 + 1, QUEUE_ENTRIES)
+    {
+        Ok(q) => q,
+        Err(e) => {
+            keel_log::error!("bench core {=usize}: create I/O queue pair: {}", core, e);
+            out.error = Some("could not create an I/O queue pair");
+            return out;
+        }
+    };
+    let mut bufs: heapless::Vec<DmaRegion, 256> = heapless::Vec::new();
+    for _ in 0..cfg.qd {
+        match storage::dma(b.dma(), cfg.bs) {
+            Ok(d) => {
+                let _ = bufs.push(d);
+            }
+            Err(_) => {
+                out.error = Some("DMA pool exhausted");
+                return out;
+            }
+        }
+    }
+    let links = critical_section::with(|cs| links.borrow_ref_mut(cs).take());
+    let mut hist = [0u32; storage::HIST + 1];
+    let qp = b.cores().polled(|| match (mode, links) {
+        (Mode::Both, Some(links)) => {
+            // Same queue pair, same boot, interleaved: what the layers cost, with the device
+            // and the host's noise shared by both sides.
+            let mut stack = crate::reactor::Stack(crate::reactor::bench_reactor(links, aio, qp));
+            let mut round = cfg;
+            round.duration_ns = (cfg.duration_ns / (3 * BOTH_ROUNDS)).max(1);
+            for _ in 0..BOTH_ROUNDS {
+                if let Ok(mut qp) = stack.0.take_queue() {
+                    let r = storage::bench(
+                        &mut storage::Raw(&mut qp),
+                        &clock,
+                        &round,
+                        &bufs,
+                        &mut hist,
+                    );
+                    out.raw.add(&r);
+                    out.ceiling.add(&ceiling(&mut qp, &clock, &round, &bufs));
+                    let _ = stack.0.adopt_queue(qp);
+                }
+                let r = storage::bench(&mut stack, &clock, &round, &bufs, &mut hist);
+                let _ = stack.0.quiesce(1_000_000);
+                out.main.add(&r);
+            }
+            stack.0.take_queue().ok()
+        }
+        (Mode::Full, Some(links)) => {
+            let mut stack = crate::reactor::Stack(crate::reactor::bench_reactor(links, aio, qp));
+            out.main = storage::bench(&mut stack, &clock, &cfg, &bufs, &mut hist);
+            let _ = stack.0.quiesce(1_000_000);
+            let qs = stack.0.with_queue(|q| q.stats());
+            keel_log::info!(
+                "bench core={=usize} reactor {} queue {}",
+                core,
+                stack.0.stats(),
+                qs
+            );
+            stack.0.take_queue().ok()
+        }
+        (Mode::Ceiling, _) => {
+            let mut qp = qp;
+            out.main = ceiling(&mut qp, &clock, &cfg, &bufs);
+            Some(qp)
+        }
+        (Mode::Raw, _) => {
+            let mut qp = qp;
+            out.main = storage::bench(&mut storage::Raw(&mut qp), &clock, &cfg, &bufs, &mut hist);
+            Some(qp)
+        }
+        (_, None) => {
+            out.error = Some("no message links for the reactor");
+            Some(qp)
+        }
+    });
+    match qp {
+        Some(qp) => {
+            if let Err((e, _)) = ctrl.lock().delete_io_qpair(b.dma(), qp) {
+                keel_log::warn!("bench core {=usize}: delete queue pair: {}", core, e);
+            }
+        }
+        None => out.error = Some("the reactor kept I/O in flight"),
+    }
+    for d in bufs {
+        keel_hal::DmaAllocator::free(b.dma(), d);
+    }
+    out
+}
+
+/// `raw=ceiling`: `cfg.qd` copies of one prebuilt read kept in flight with no per-I/O driver
+/// work (see `IoQueuePair::device_ceiling`): the most any driver could get from this device
+/// and platform at this depth. Its average latency follows from the depth (Little's law); it
+/// has no latency histogram or time split.
+fn ceiling<Q, C: Clock>(
+    qp: &mut keel_nvme::IoQueuePair<Q, C>,
+    clock: &C,
+    cfg: &BenchCfg,
+    bufs: &[DmaRegion],
+) -> BenchResult
+where
+    Q: keel_hal::Mmio,
+{
+    let mut r = BenchResult::default();
+    let Some(buf) = bufs.first() else {
+        return r;
+    };
+    let blocks = (cfg.bs as u64 / cfg.block_size.max(1) as u64).max(1) as u32;
+    let start = clock.ticks();
+    let end = start + clock.ns_to_ticks(cfg.duration_ns);
+    let qd = cfg.qd.min(u16::MAX as usize) as u16;
+    match qp.device_ceiling(
+        cfg.ns,
+        cfg.lba0,
+        blocks,
+        BufRef::whole(buf),
+        qd,
+        &mut || clock.ticks() < end,
+    ) {
+        Ok((ios, errors)) => {
+            r.ios = ios;
+            r.errors = errors;
+        }
+        Err(e) => {
+            keel_log::error!("bench: device ceiling refused: {}", e);
+            r.errors = 1;
+        }
+    }
+    r.elapsed_ns = clock.ticks_to_ns(clock.ticks() - start);
+    r.lat_sum_ns = r.elapsed_ns.saturating_mul(qd as u64);
+    r
+}
+
+/// `bench`: fio-like load, one queue pair per core, each driven by its own core.
+pub fn bench<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
+    let pattern = Pattern::parse(cl.choice("pattern")?).unwrap_or(Pattern::RandRead);
+    let bs = cl.size("bs")? as usize;
+    let qd = cl.int("qd")? as usize;
+    let secs = cl.int("secs")?;
+    let duration_ns = match cl.int("ms")? {
+        0 => secs.saturating_mul(1_000_000_000),
+        ms => ms.saturating_mul(1_000_000),
+    };
+    let cores = (cl.int("cores")? as usize).clamp(1, p.cores().count().min(MAX_CORES));
+    let nsid = cl.int("ns")? as u32;
+    let mode = match cl.choice("raw")? {
+        "on" => Mode::Raw,
+        "both" => Mode::Both,
+        "ceiling" => Mode::Ceiling,
+        _ => Mode::Full,
+    };
+    let (ctrl, _) = open(p, cl)?;
+    if qd == 0 || qd > 255 || bs == 0 || !bs.is_multiple_of(512) {
+        return Err(JobError::Failed(
+            "bench: qd must be 1..=255 and bs a multiple of 512",
+        ));
+    }
+    keel_log::info!("job bench: start");
+    let ns = *ctrl
+        .namespace(nsid)
+        .ok_or(JobError::Failed("no such namespace"))?;
+    let per_core_blocks = ns.blocks / cores as u64;
+    let ctrl = spin::Mutex::new(ctrl);
+    let aio = crate::reactor::Handles::new();
+    let mut mesh = crate::reactor::Mesh::new();
+    let links: [Mutex<RefCell<Option<crate::reactor::MeshLinks<'_>>>>; MAX_CORES] = {
+        let mut it = keel_reactor::split(&mut mesh).into_iter();
+        core::array::from_fn(|_| Mutex::new(RefCell::new(it.next())))
+    };
+    keel_log::info!(
+        "bench {} bs={=usize} qd={=usize} cores={=usize} for {=u64} ms through {=str}",
+        pattern,
+        bs,
+        qd,
+        cores,
+        duration_ns / 1_000_000,
+        match mode {
+            Mode::Ceiling =>
+                "one prebuilt read resubmitted with no driver work (the device's ceiling)",
+            Mode::Raw => "the raw queue-pair loop",
+            Mode::Both =>
+                "the full stack and the raw loop, alternating rounds on the same queue pairs",
+            Mode::Full => "the full stack (reactor + I/O handles)",
+        }
+    );
+    let results = crate::on_cores(p, cores, |core| {
+        let cfg = BenchCfg {
+            pattern,
+            ns: nsid,
+            bs,
+            qd,
+            duration_ns,
+            lba0: core as u64 * per_core_blocks,
+            blocks: per_core_blocks,
+            block_size: ns.block_size,
+        };
+        core_bench(p, core, &ctrl, &links[core], &aio, cfg, mode)
+    })?;
+    if let Some(e) = results.iter().find_map(|r| r.error) {
+        return Err(JobError::Failed(e));
+    }
+    let clock = p.clock();
+    let mut total = BenchResult::default();
+    let mut elapsed = 0;
+    for (core, r) in results.iter().map(|r| r.main).enumerate() {
+        let iops = r.ios * 1_000_000_000 / r.elapsed_ns.max(1);
+        keel_log::info!(
+            "bench core={=usize} ios={=u64} iops={=u64} mbps={=u64} avg_us={=u64}.{=u64:02} p99_us={=u64} errors={=u64}",
+            core, r.ios, iops, iops * bs as u64 / 1_000_000, r.lat_sum_ns / r.ios.max(1) / 1000, r.lat_sum_ns / r.ios.max(1) / 10 % 100, r.p99_us, r.errors
+        );
+        let [sub, kick, reap, idle] = time_split(&clock, &r);
+        keel_log::info!(
+            "bench core={=usize} ns per I/O: submit {=u64}, doorbell {=u64}, reap {=u64}, idle polls {=u64}",
+            core, sub, kick, reap, idle
+        );
+        total.ios += r.ios;
+        total.errors += r.errors;
+        total.lat_sum_ns += r.lat_sum_ns;
+        total.p99_us = total.p99_us.max(r.p99_us);
+        elapsed = elapsed.max(r.elapsed_ns);
+    }
+    let iops = total.ios * 1_000_000_000 / elapsed.max(1);
+    keel_log::info!(
+        "bench total iops={=u64} mbps={=u64} avg_us={=u64}.{=u64:02} p99_us={=u64} errors={=u64} cores={=usize} stack={=str}",
+        iops, iops * bs as u64 / 1_000_000, total.lat_sum_ns / total.ios.max(1) / 1000, total.lat_sum_ns / total.ios.max(1) / 10 % 100, total.p99_us, total.errors, cores,
+        match mode { Mode::Ceiling => "ceiling", Mode::Raw => "raw", _ => "full" }
+    );
+    if mode == Mode::Both {
+        for (core, r) in results.iter().map(|r| r.raw).enumerate() {
+            let [sub, kick, reap, idle] = time_split(&clock, &r);
+            keel_log::info!(
+                "bench core={=usize} raw rounds: ios={=u64} avg_us={=u64}.{=u64:02}; ns per I/O: submit {=u64}, doorbell {=u64}, reap {=u64}, idle polls {=u64}",
+                core, r.ios, r.lat_sum_ns / r.ios.max(1) / 1000, r.lat_sum_ns / r.ios.max(1) / 10 % 100,
+                sub, kick, reap, idle
+            );
+        }
+        let (raw_iops, raw_errors) = rounds_iops(results.iter().map(|r| r.raw));
+        let (ceiling_iops, ceiling_errors) = rounds_iops(results.iter().map(|r| r.ceiling));
+        let (fr, fr_m) = crate::ratio(iops, raw_iops);
+        let (fc, fc_m) = crate::ratio(iops, ceiling_iops);
+        let (rc, rc_m) = crate::ratio(raw_iops, ceiling_iops);
+        keel_log::info!(
+            "bench raw iops={=u64}; full stack / raw = {=u64}.{=u64:03} ({=u64} interleaved rounds of each)",
+            raw_iops, fr, fr_m, BOTH_ROUNDS
+        );
+        keel_log::info!(
+            "bench ceiling iops={=u64}; full stack / ceiling = {=u64}.{=u64:03}; raw / ceiling = {=u64}.{=u64:03}",
+            ceiling_iops, fc, fc_m, rc, rc_m
+        );
+        total.errors += raw_errors + ceiling_errors;
+    }
+    if total.errors > 0 || total.ios == 0 {
+        return Err(JobError::Failed("bench saw I/O errors"));
+    }
+    Ok(())
+}
