@@ -7,7 +7,10 @@ use keel_hal::{Clock, DmaAllocator, DmaRegion, Mmio};
 
 use crate::error::{BadIdentify, NvmeError, Step};
 use crate::qpair::{IoQueuePair, QpairParams};
-use crate::spec::{self, admin_op, cns, feature, reg, Cap, CqEntry, SqEntry, PAGE_SIZE};
+use crate::spec::{
+    self, admin_op, cns, feature, reg, Aqa, Cap, Cc, CqEntry, Csts, Shn, Shst, SqEntry, Vs,
+    PAGE_SIZE,
+};
 
 /// Most namespaces a [`Controller`] keeps (extra active namespaces are ignored with a warning).
 pub const MAX_NAMESPACES: usize = 16;
@@ -85,7 +88,7 @@ pub struct ControllerInfo {
     pub serial: [u8; 20],
     pub model: [u8; 40],
     pub firmware: [u8; 8],
-    /// VS register (major << 16 | minor << 8 | tertiary).
+    /// The raw VS register (major << 16 | minor << 8 | tertiary); [`Vs::from_bits`] decodes it.
     pub version: u32,
     /// MDTS in bytes; `None` = no limit.
     pub mdts_bytes: Option<u32>,
@@ -180,9 +183,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         if cfg.prp_list_pages == 0 {
             return Err(NvmeError::InvalidArgument("prp_list_pages must be >= 1"));
         }
-        let cap = Cap {
-            raw: mmio.read64(reg::CAP),
-        };
+        let cap = Cap::from_bits(mmio.read64(reg::CAP));
         if !cap.css_nvm() {
             return Err(NvmeError::Unsupported("NVM command set"));
         }
@@ -259,9 +260,9 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             // device and, once it reports it stopped (RDY = 0), give the admin queues and the
             // scratch page back instead of leaking them on every attempt. A device that does
             // not stop may still write there, so then the memory stays leaked on purpose.
-            let cc = ctrl.mmio.read32(reg::CC);
-            ctrl.mmio.write32(reg::CC, cc & !reg::CC_EN);
-            if ctrl.wait_csts(reg::CSTS_RDY, 0, Step::Disable).is_ok() {
+            let cc = ctrl.cc();
+            ctrl.set_cc(cc.with_en(false));
+            if ctrl.wait_csts(|c| !c.rdy(), Step::Disable).is_ok() {
                 dma.free(ctrl.admin.sq);
                 dma.free(ctrl.admin.cq);
                 dma.free(ctrl.scratch);
@@ -297,24 +298,36 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
 
     /// `true` when CSTS.CFS (controller fatal status) is set: call [`Controller::reset`].
     pub fn is_fatal(&self) -> bool {
-        let csts = self.mmio.read32(reg::CSTS);
         // All-ones: the device fell off the bus; treat as fatal.
-        csts == u32::MAX || csts & reg::CSTS_CFS != 0
+        self.csts().fatal()
     }
 
-    fn wait_csts(&self, mask: u32, want: u32, step: Step) -> Result<(), NvmeError> {
+    fn cc(&self) -> Cc {
+        Cc::from_bits(self.mmio.read32(reg::CC))
+    }
+
+    fn set_cc(&self, cc: Cc) {
+        self.mmio.write32(reg::CC, cc.into_bits());
+    }
+
+    fn csts(&self) -> Csts {
+        Csts::from_bits(self.mmio.read32(reg::CSTS))
+    }
+
+    /// Polls CSTS until `done` says so, for at most CAP.TO (and at least 500 ms).
+    fn wait_csts(&self, done: impl Fn(Csts) -> bool, step: Step) -> Result<(), NvmeError> {
         // CAP.TO is the worst case for RDY transitions; never wait less than 500 ms.
         let limit_ms = self.cap.timeout_ms().max(500);
         let deadline = self.clock.now_ns().saturating_add(limit_ms * 1_000_000);
         loop {
-            let csts = self.mmio.read32(reg::CSTS);
-            if csts == u32::MAX {
-                return Err(NvmeError::ControllerFatal); // device gone
+            let csts = self.csts();
+            if csts.device_gone() {
+                return Err(NvmeError::ControllerFatal);
             }
-            if csts & mask == want {
+            if done(csts) {
                 return Ok(());
             }
-            if csts & reg::CSTS_CFS != 0 && step == Step::Enable {
+            if csts.cfs() && step == Step::Enable {
                 return Err(NvmeError::ControllerFatal);
             }
             if self.clock.now_ns() > deadline {
@@ -325,16 +338,16 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
     }
 
     fn disable(&mut self) -> Result<(), NvmeError> {
-        let cc = self.mmio.read32(reg::CC);
-        if cc & reg::CC_EN != 0 {
-            let csts = self.mmio.read32(reg::CSTS);
-            if csts & reg::CSTS_RDY == 0 && csts & reg::CSTS_CFS == 0 {
+        let cc = self.cc();
+        if cc.en() {
+            let csts = self.csts();
+            if !csts.rdy() && !csts.cfs() {
                 // EN 1 -> 0 while RDY is still 0 is undefined: let it finish enabling first.
-                let _ = self.wait_csts(reg::CSTS_RDY, reg::CSTS_RDY, Step::Enable);
+                let _ = self.wait_csts(|c| c.rdy(), Step::Enable);
             }
         }
-        self.mmio.write32(reg::CC, cc & !reg::CC_EN);
-        self.wait_csts(reg::CSTS_RDY, 0, Step::Disable)
+        self.set_cc(cc.with_en(false));
+        self.wait_csts(|c| !c.rdy(), Step::Disable)
     }
 
     fn enable(&mut self) -> Result<(), NvmeError> {
@@ -342,19 +355,22 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         self.admin.tail = 0;
         self.admin.head = 0;
         self.admin.phase = true;
-        let q = (ADMIN_DEPTH - 1) as u32;
-        self.mmio.write32(reg::AQA, (q << 16) | q);
+        let q = ADMIN_DEPTH - 1;
+        let aqa = Aqa::new().with_asqs(q).with_acqs(q);
+        self.mmio.write32(reg::AQA, aqa.into_bits());
         self.mmio.write64(reg::ASQ, self.admin.sq.bus_addr());
         self.mmio.write64(reg::ACQ, self.admin.cq.bus_addr());
-        let cc = reg::CC_EN
-            | reg::CC_CSS_NVM
-            | (0 << reg::CC_MPS_SHIFT)
-            | reg::CC_AMS_RR
-            | (spec::SQES_LOG2 << reg::CC_IOSQES_SHIFT)
-            | (spec::CQES_LOG2 << reg::CC_IOCQES_SHIFT);
+        // MPS = 0: 4 KiB pages (PAGE_SIZE); a fresh value, so reserved bits are written as 0.
+        let cc = Cc::new()
+            .with_en(true)
+            .with_css(Cc::CSS_NVM)
+            .with_mps(0)
+            .with_ams(Cc::AMS_ROUND_ROBIN)
+            .with_iosqes(spec::SQES_LOG2 as u8)
+            .with_iocqes(spec::CQES_LOG2 as u8);
         fence(Ordering::SeqCst);
-        self.mmio.write32(reg::CC, cc);
-        self.wait_csts(reg::CSTS_RDY, reg::CSTS_RDY, Step::Enable)
+        self.set_cc(cc);
+        self.wait_csts(|c| c.rdy(), Step::Enable)
     }
 
     /// Runs one admin command to completion (polled). Returns the completion's DW0.
@@ -487,7 +503,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
     fn scan_namespaces(&mut self) -> Result<(), NvmeError> {
         self.namespaces.clear();
         let mut ids: Vec<u32, MAX_NAMESPACES> = Vec::new();
-        if self.info.version >= 0x0001_0100 {
+        if Vs::from_bits(self.info.version).at_least(1, 1) {
             self.identify_raw(cns::ACTIVE_NS_LIST, 0)?;
             let mut prev = 0u32;
             for i in 0..1024 {
@@ -515,7 +531,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         for nsid in ids {
             self.identify_raw(cns::NAMESPACE, nsid)?;
             let id: spec::IdentifyNamespace = self.scratch.read(0)?;
-            if id.nsze.get() == 0 && self.info.version < 0x0001_0100 {
+            if id.nsze.get() == 0 && !Vs::from_bits(self.info.version).at_least(1, 1) {
                 continue; // inactive namespace on a pre-1.1 controller
             }
             let ns = parse_namespace(nsid, &id)?;
@@ -790,10 +806,9 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
 
     /// Normal shutdown (CC.SHN), waiting for CSTS.SHST = complete.
     pub fn shutdown(&mut self) -> Result<(), NvmeError> {
-        let cc = self.mmio.read32(reg::CC);
-        self.mmio
-            .write32(reg::CC, (cc & !reg::CC_SHN_MASK) | reg::CC_SHN_NORMAL);
-        self.wait_csts(reg::CSTS_SHST_MASK, reg::CSTS_SHST_COMPLETE, Step::Shutdown)
+        let cc = self.cc();
+        self.set_cc(cc.with_shn(Shn::Normal));
+        self.wait_csts(|c| c.shst() == Shst::Complete, Step::Shutdown)
     }
 }
 

@@ -915,8 +915,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         }
         if any {
             self.needs_reset = true;
-            let csts = self.mmio.read32(spec::reg::CSTS);
-            if csts == u32::MAX || csts & spec::reg::CSTS_CFS != 0 {
+            if spec::Csts::from_bits(self.mmio.read32(spec::reg::CSTS)).fatal() {
                 keel_log::error!("nvme: controller fatal status");
                 self.failed = true;
             }

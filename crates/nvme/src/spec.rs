@@ -3,6 +3,7 @@
 //! All multi-byte fields are little-endian on the wire; Keel only targets little-endian CPUs
 //! (checked below), so native integers are used for queue entries.
 
+use bitfield_struct::{bitenum, bitfield};
 use core::mem::{offset_of, size_of};
 use static_assertions::const_assert_eq;
 use zerocopy::little_endian::{U16, U32, U64};
@@ -18,72 +19,256 @@ pub const SQES_LOG2: u32 = 6;
 /// log2 of the CQ entry size (CC.IOCQES).
 pub const CQES_LOG2: u32 = 4;
 
-/// Controller register offsets in BAR0 (NVMe 1.4, 3.1).
+/// Controller register offsets in BAR0 (NVMe 1.4, 3.1). The registers' contents are the typed
+/// [`Cap`], [`Vs`], [`Cc`], [`Csts`] and [`Aqa`].
 pub mod reg {
+    /// Controller Capabilities ([`Cap`](super::Cap), 64 bits).
     pub const CAP: usize = 0x00;
+    /// Version ([`Vs`](super::Vs)).
     pub const VS: usize = 0x08;
+    /// Interrupt Mask Set.
     pub const INTMS: usize = 0x0C;
+    /// Interrupt Mask Clear.
     pub const INTMC: usize = 0x10;
+    /// Controller Configuration ([`Cc`](super::Cc)).
     pub const CC: usize = 0x14;
+    /// Controller Status ([`Csts`](super::Csts)).
     pub const CSTS: usize = 0x1C;
+    /// NVM Subsystem Reset.
     pub const NSSR: usize = 0x20;
+    /// Admin Queue Attributes ([`Aqa`](super::Aqa)).
     pub const AQA: usize = 0x24;
+    /// Admin Submission Queue base address (64 bits).
     pub const ASQ: usize = 0x28;
+    /// Admin Completion Queue base address (64 bits).
     pub const ACQ: usize = 0x30;
     /// First doorbell (admin SQ tail).
     pub const DOORBELL_BASE: usize = 0x1000;
-
-    pub const CC_EN: u32 = 1 << 0;
-    pub const CC_CSS_NVM: u32 = 0 << 4;
-    pub const CC_MPS_SHIFT: u32 = 7;
-    pub const CC_AMS_RR: u32 = 0 << 11;
-    pub const CC_SHN_NORMAL: u32 = 1 << 14;
-    pub const CC_SHN_MASK: u32 = 3 << 14;
-    pub const CC_IOSQES_SHIFT: u32 = 16;
-    pub const CC_IOCQES_SHIFT: u32 = 20;
-
-    pub const CSTS_RDY: u32 = 1 << 0;
-    pub const CSTS_CFS: u32 = 1 << 1;
-    pub const CSTS_SHST_MASK: u32 = 3 << 2;
-    pub const CSTS_SHST_COMPLETE: u32 = 2 << 2;
 }
 
-/// Decoded CAP register (read once at bring-up).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+// The controller registers as bitfield types (`bitfield-struct`): each field is named as in the
+// specification, with a getter, and (for registers the host writes) `with_`/`set_` methods.
+// Only bring-up, reset, shutdown and the fatal-status check touch them; the completion path
+// decodes CQ entries by hand (see `CqEntry`, `IoQueuePair::handle`).
+
+/// CAP, Controller Capabilities (offset 0x00, NVMe 1.4 Figure 69). Read-only.
+#[bitfield(u64, defmt = cfg(feature = "defmt"))]
+#[derive(PartialEq, Eq)]
 pub struct Cap {
-    pub raw: u64,
+    /// MQES: maximum entries per I/O queue, 0-based (see [`Cap::max_queue_entries`]).
+    #[bits(16, access = RO)]
+    pub mqes: u16,
+    /// CQR: I/O queues must be physically contiguous.
+    #[bits(1, access = RO)]
+    pub cqr: bool,
+    /// AMS: optional arbitration mechanisms (bit 0 weighted round robin, bit 1 vendor).
+    #[bits(2, access = RO)]
+    pub ams: u8,
+    #[bits(5)]
+    __rsvd19: u8,
+    /// TO: worst-case time for CSTS.RDY to change, in 500 ms units (see [`Cap::timeout_ms`]).
+    #[bits(8, access = RO)]
+    pub to: u8,
+    /// DSTRD: doorbell stride, `4 << DSTRD` bytes (see [`Cap::doorbell_stride`]).
+    #[bits(4, access = RO)]
+    pub dstrd: u8,
+    /// NSSRS: NVM subsystem reset supported.
+    #[bits(1, access = RO)]
+    pub nssrs: bool,
+    /// CSS: command sets supported (bit 0 NVM, bit 7 admin only).
+    #[bits(8, access = RO)]
+    pub css: u8,
+    /// BPS: boot partitions supported.
+    #[bits(1, access = RO)]
+    pub bps: bool,
+    #[bits(2)]
+    __rsvd46: u8,
+    /// MPSMIN: minimum memory page size, `2 ^ (12 + MPSMIN)` bytes.
+    #[bits(4, access = RO)]
+    pub mpsmin: u8,
+    /// MPSMAX: maximum memory page size, `2 ^ (12 + MPSMAX)` bytes.
+    #[bits(4, access = RO)]
+    pub mpsmax: u8,
+    /// PMRS: persistent memory region supported.
+    #[bits(1, access = RO)]
+    pub pmrs: bool,
+    /// CMBS: controller memory buffer supported.
+    #[bits(1, access = RO)]
+    pub cmbs: bool,
+    #[bits(6)]
+    __rsvd58: u8,
 }
 
 impl Cap {
     /// Maximum queue entries supported, 1-based (MQES is 0-based).
     pub fn max_queue_entries(&self) -> u32 {
-        (self.raw & 0xFFFF) as u32 + 1
-    }
-    /// Contiguous queues required.
-    pub fn cqr(&self) -> bool {
-        self.raw & (1 << 16) != 0
+        self.mqes() as u32 + 1
     }
     /// Worst-case time to become ready, in milliseconds (CAP.TO is in 500 ms units).
     pub fn timeout_ms(&self) -> u64 {
-        ((self.raw >> 24) & 0xFF) * 500
+        self.to() as u64 * 500
     }
     /// Doorbell stride in bytes: `4 << DSTRD`.
     pub fn doorbell_stride(&self) -> usize {
-        4usize << ((self.raw >> 32) & 0xF)
+        4usize << self.dstrd()
     }
     /// NVM command set supported (CSS bit 0).
     pub fn css_nvm(&self) -> bool {
-        (self.raw >> 37) & 1 != 0
+        self.css() & 1 != 0
     }
     /// Minimum memory page size in bytes.
     pub fn mps_min(&self) -> usize {
-        1usize << (12 + ((self.raw >> 48) & 0xF))
+        1usize << (12 + self.mpsmin())
     }
     /// Maximum memory page size in bytes.
     pub fn mps_max(&self) -> usize {
-        1usize << (12 + ((self.raw >> 52) & 0xF))
+        1usize << (12 + self.mpsmax())
     }
+}
+
+/// VS, Version (offset 0x08, NVMe 1.4 Figure 70). Read-only.
+#[bitfield(u32, defmt = cfg(feature = "defmt"))]
+#[derive(PartialEq, Eq)]
+pub struct Vs {
+    /// TER: tertiary version.
+    #[bits(8, access = RO)]
+    pub ter: u8,
+    /// MNR: minor version.
+    #[bits(8, access = RO)]
+    pub mnr: u8,
+    /// MJR: major version.
+    #[bits(16, access = RO)]
+    pub mjr: u16,
+}
+
+impl Vs {
+    /// `true` when the controller implements version `major.minor` or later.
+    pub fn at_least(&self, major: u16, minor: u8) -> bool {
+        (self.mjr(), self.mnr()) >= (major, minor)
+    }
+}
+
+/// CC.SHN, the shutdown notification the host writes.
+#[bitenum]
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Shn {
+    /// No notification; no effect.
+    #[fallback]
+    None = 0,
+    /// Normal shutdown notification.
+    Normal = 1,
+    /// Abrupt shutdown notification.
+    Abrupt = 2,
+    /// Reserved.
+    Reserved = 3,
+}
+
+/// CC, Controller Configuration (offset 0x14, NVMe 1.4 Figure 73).
+#[bitfield(u32, defmt = cfg(feature = "defmt"))]
+#[derive(PartialEq, Eq)]
+pub struct Cc {
+    /// EN: enable; 1 -> 0 resets the controller.
+    #[bits(1)]
+    pub en: bool,
+    #[bits(3)]
+    __rsvd1: u8,
+    /// CSS: I/O command set selected ([`Cc::CSS_NVM`]).
+    #[bits(3)]
+    pub css: u8,
+    /// MPS: memory page size, `2 ^ (12 + MPS)` bytes.
+    #[bits(4)]
+    pub mps: u8,
+    /// AMS: arbitration mechanism selected ([`Cc::AMS_ROUND_ROBIN`]).
+    #[bits(3)]
+    pub ams: u8,
+    /// SHN: shutdown notification.
+    #[bits(2)]
+    pub shn: Shn,
+    /// IOSQES: I/O submission queue entry size, log2 bytes.
+    #[bits(4)]
+    pub iosqes: u8,
+    /// IOCQES: I/O completion queue entry size, log2 bytes.
+    #[bits(4)]
+    pub iocqes: u8,
+    #[bits(8)]
+    __rsvd24: u8,
+}
+
+impl Cc {
+    /// CC.CSS: the NVM command set.
+    pub const CSS_NVM: u8 = 0;
+    /// CC.AMS: round robin.
+    pub const AMS_ROUND_ROBIN: u8 = 0;
+}
+
+/// CSTS.SHST, the shutdown status the controller reports.
+#[bitenum]
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Shst {
+    /// Normal operation, no shutdown requested.
+    #[fallback]
+    Normal = 0,
+    /// Shutdown processing occurring.
+    Occurring = 1,
+    /// Shutdown processing complete.
+    Complete = 2,
+    /// Reserved.
+    Reserved = 3,
+}
+
+/// CSTS, Controller Status (offset 0x1C, NVMe 1.4 Figure 74). Read-only here (NSSRO is
+/// write-1-to-clear and not used by Keel).
+#[bitfield(u32, defmt = cfg(feature = "defmt"))]
+#[derive(PartialEq, Eq)]
+pub struct Csts {
+    /// RDY: ready to process commands.
+    #[bits(1, access = RO)]
+    pub rdy: bool,
+    /// CFS: controller fatal status.
+    #[bits(1, access = RO)]
+    pub cfs: bool,
+    /// SHST: shutdown status.
+    #[bits(2, access = RO)]
+    pub shst: Shst,
+    /// NSSRO: an NVM subsystem reset occurred.
+    #[bits(1, access = RO)]
+    pub nssro: bool,
+    /// PP: processing paused.
+    #[bits(1, access = RO)]
+    pub pp: bool,
+    #[bits(26)]
+    __rsvd6: u32,
+}
+
+impl Csts {
+    /// All ones: reads of a device that fell off the bus return this.
+    pub fn device_gone(&self) -> bool {
+        self.0 == u32::MAX
+    }
+    /// Fatal: CFS set, or the device is gone.
+    pub fn fatal(&self) -> bool {
+        self.device_gone() || self.cfs()
+    }
+}
+
+/// AQA, Admin Queue Attributes (offset 0x24, NVMe 1.4 Figure 76).
+#[bitfield(u32, defmt = cfg(feature = "defmt"))]
+#[derive(PartialEq, Eq)]
+pub struct Aqa {
+    /// ASQS: admin submission queue size, 0-based entries.
+    #[bits(12)]
+    pub asqs: u16,
+    #[bits(4)]
+    __rsvd12: u8,
+    /// ACQS: admin completion queue size, 0-based entries.
+    #[bits(12)]
+    pub acqs: u16,
+    #[bits(4)]
+    __rsvd28: u8,
 }
 
 /// Offset of the SQ `qid` tail doorbell.
@@ -573,15 +758,90 @@ mod tests {
 
     #[test]
     fn cap_decode() {
-        let cap = Cap {
-            raw: 0x0000_0020_1400_07FF | (1 << 37) | (2u64 << 32),
-        };
+        // MQES 0x7FF, CQR, AMS 0b01, TO 0x14, DSTRD 2, NSSRS, CSS = NVM, MPSMIN 0, MPSMAX 4.
+        let raw = 0x07FF | 1 << 16 | 1 << 17 | 0x14 << 24 | 2 << 32 | 1 << 36 | 1 << 37 | 4 << 52;
+        let cap = Cap::from_bits(raw);
+        assert_eq!(cap.mqes(), 0x7FF);
         assert_eq!(cap.max_queue_entries(), 2048);
+        assert!(cap.cqr());
+        assert_eq!(cap.ams(), 1);
+        assert_eq!(cap.to(), 0x14);
         assert_eq!(cap.timeout_ms(), 0x14 * 500);
+        assert_eq!(cap.dstrd(), 2);
         assert_eq!(cap.doorbell_stride(), 16);
+        assert!(cap.nssrs());
+        assert_eq!(cap.css(), 1);
         assert!(cap.css_nvm());
+        assert!(!cap.bps());
         assert_eq!(cap.mps_min(), 4096);
+        assert_eq!(cap.mps_max(), 64 * 1024);
+        assert!(!cap.pmrs() && !cap.cmbs());
+        assert_eq!(cap.into_bits(), raw);
+        // Each single-bit field at its own bit, nothing else set.
+        assert!(Cap::from_bits(1 << 56).pmrs());
+        assert!(Cap::from_bits(1 << 57).cmbs());
+        assert!(Cap::from_bits(1 << 45).bps());
+        assert_eq!(Cap::from_bits(0xF << 48).mpsmin(), 0xF);
+        assert_eq!(Cap::from_bits(0xF << 48).mpsmax(), 0);
         assert_eq!(sq_doorbell(1, 4), 0x1008);
         assert_eq!(cq_doorbell(1, 4), 0x100C);
+    }
+
+    #[test]
+    fn vs_decode() {
+        let vs = Vs::from_bits(0x0001_0400);
+        assert_eq!((vs.mjr(), vs.mnr(), vs.ter()), (1, 4, 0));
+        assert!(vs.at_least(1, 1) && vs.at_least(1, 4) && !vs.at_least(1, 5));
+        assert!(!Vs::from_bits(0x0001_0000).at_least(1, 1));
+        assert!(Vs::from_bits(0x0002_0000).at_least(1, 4));
+        assert_eq!(Vs::from_bits(0x0001_0203).ter(), 3);
+    }
+
+    #[test]
+    fn cc_encode() {
+        let cc = Cc::new()
+            .with_en(true)
+            .with_css(Cc::CSS_NVM)
+            .with_mps(0)
+            .with_ams(Cc::AMS_ROUND_ROBIN)
+            .with_iosqes(SQES_LOG2 as u8)
+            .with_iocqes(CQES_LOG2 as u8);
+        assert_eq!(cc.into_bits(), 0x0046_0001);
+        assert_eq!(cc.with_shn(Shn::Normal).into_bits(), 0x0046_4001);
+        assert_eq!(cc.with_shn(Shn::Abrupt).into_bits(), 0x0046_8001);
+        assert_eq!(Cc::new().with_css(7).into_bits(), 7 << 4);
+        assert_eq!(Cc::new().with_mps(0xF).into_bits(), 0xF << 7);
+        assert_eq!(Cc::new().with_ams(7).into_bits(), 7 << 11);
+        // Decoding keeps reserved bits (a read-modify-write preserves them).
+        let read = Cc::from_bits(0xFF00_4001);
+        assert!(read.en());
+        assert_eq!(read.shn(), Shn::Normal);
+        assert_eq!(read.with_en(false).into_bits(), 0xFF00_4000);
+    }
+
+    #[test]
+    fn csts_decode() {
+        let c = Csts::from_bits(0b1001);
+        assert!(c.rdy() && !c.cfs());
+        assert_eq!(c.shst(), Shst::Complete);
+        assert!(!c.fatal());
+        assert!(Csts::from_bits(0b10).fatal());
+        assert_eq!(Csts::from_bits(0b0100).shst(), Shst::Occurring);
+        assert!(Csts::from_bits(1 << 4).nssro());
+        assert!(Csts::from_bits(1 << 5).pp());
+        let gone = Csts::from_bits(u32::MAX);
+        assert!(gone.device_gone() && gone.fatal());
+    }
+
+    #[test]
+    fn aqa_encode() {
+        let aqa = Aqa::new().with_asqs(31).with_acqs(15);
+        assert_eq!(aqa.into_bits(), 0x000F_001F);
+        assert_eq!(
+            Aqa::new().with_asqs(0xFFF).with_acqs(0xFFF).into_bits(),
+            0x0FFF_0FFF
+        );
+        let read = Aqa::from_bits(0xFFFF_FFFF);
+        assert_eq!((read.asqs(), read.acqs()), (0xFFF, 0xFFF));
     }
 }
