@@ -2,6 +2,7 @@
 
 use core::sync::atomic::{fence, Ordering};
 
+use bitvec::BitArr;
 use heapless::Vec;
 use keel_hal::{Clock, DmaAllocator, DmaRegion, Mmio};
 
@@ -19,6 +20,9 @@ pub const MAX_IO_QUEUES: u16 = 64;
 /// Largest I/O queue depth Keel creates (leaves at least 4 generation bits in each CID).
 pub const MAX_IO_DEPTH: u16 = 4096;
 const ADMIN_DEPTH: u16 = 32;
+
+/// A set of I/O queue ids (bit `qid`; bit 0, the admin queue, unused).
+type QidSet = BitArr!(for MAX_IO_QUEUES as usize + 1);
 
 /// Driver configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,8 +169,8 @@ pub struct Controller<M: Mmio, C: Clock> {
     info: ControllerInfo,
     namespaces: Vec<Namespace, MAX_NAMESPACES>,
     shadow: Option<Shadow>,
-    /// Bit `qid - 1` set while that I/O queue pair exists.
-    live: u64,
+    /// The I/O queue pairs that exist on the device.
+    live: QidSet,
     failed: bool,
     stats: AdminStats,
 }
@@ -234,7 +238,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             info,
             namespaces: Vec::new(),
             shadow: None,
-            live: 0,
+            live: QidSet::ZERO,
             failed: false,
             stats: AdminStats::default(),
         };
@@ -635,7 +639,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         if depth < 2 || depth as u32 > max_depth {
             return Err(NvmeError::InvalidArgument("depth"));
         }
-        if self.live & (1 << (qid - 1)) != 0 {
+        if self.live[qid as usize] {
             return Err(NvmeError::QueueInUse(qid));
         }
         if self.mmio.len() < spec::cq_doorbell(qid, self.stride) + 4 {
@@ -671,7 +675,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             }
             return Err(e);
         }
-        self.live |= 1 << (qid - 1);
+        self.live.set(qid as usize, true);
         keel_log::info!("nvme: io queue {} depth {}", qid, depth);
         Ok(qp)
     }
@@ -719,7 +723,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         if let Err(e) = self.admin_command(cq) {
             return Err((e, qp));
         }
-        self.live &= !(1 << (qid - 1));
+        self.live.set(qid as usize, false);
         if let (Some(sh), Some(part)) = (self.shadow.as_mut(), qp.take_shadow()) {
             let _ = part.0.fill(0, part.0.len(), 0);
             sh.parts[qid as usize] = Some(part);
@@ -755,8 +759,8 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
     /// reported (for example as timed out) are not reported again. If recovery fails, every
     /// pending tag is failed, the pairs refuse new work and the controller is marked failed.
     pub fn reset(&mut self, qpairs: &mut [&mut IoQueuePair<M, C>]) -> Result<(), NvmeError> {
-        for qid in 1..=MAX_IO_QUEUES {
-            if self.live & (1 << (qid - 1)) != 0 && !qpairs.iter().any(|q| q.qid() == qid) {
+        for qid in self.live.iter_ones().map(|q| q as u16) {
+            if !qpairs.iter().any(|q| q.qid() == qid) {
                 return Err(NvmeError::MissingQueuePair(qid));
             }
         }
