@@ -75,6 +75,7 @@ impl Default for Config {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Namespace {
+    /// Namespace ID.
     pub nsid: u32,
     /// Size in logical blocks (NSZE).
     pub blocks: u64,
@@ -88,9 +89,13 @@ pub struct Namespace {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct ControllerInfo {
+    /// PCI vendor ID (VID).
     pub vid: u16,
+    /// Serial number (SN), ASCII padded with spaces; see [`ControllerInfo::serial_str`].
     pub serial: [u8; 20],
+    /// Model number (MN), ASCII padded with spaces; see [`ControllerInfo::model_str`].
     pub model: [u8; 40],
+    /// Firmware revision (FR), ASCII padded with spaces; see [`ControllerInfo::firmware_str`].
     pub firmware: [u8; 8],
     /// The raw VS register (major << 16 | minor << 8 | tertiary); [`Vs::from_bits`] decodes it.
     pub version: u32,
@@ -100,12 +105,17 @@ pub struct ControllerInfo {
     pub max_transfer: usize,
     /// Volatile write cache present.
     pub vwc: bool,
+    /// Write Zeroes supported (ONCS bit 3).
     pub write_zeroes: bool,
+    /// Dataset Management (deallocate) supported (ONCS bit 2).
     pub deallocate: bool,
+    /// Doorbell Buffer Config supported (OACS bit 8).
     pub doorbell_buffer: bool,
     /// Shadow doorbells are in use.
     pub shadow_doorbells: bool,
+    /// Number of namespaces (NN, the highest valid NSID).
     pub nn: u32,
+    /// Entries per I/O queue the controller supports (CAP.MQES + 1).
     pub max_queue_entries: u32,
     /// I/O queue pairs granted (Set Features Number of Queues), capped at [`MAX_IO_QUEUES`].
     pub io_queues: u16,
@@ -117,12 +127,15 @@ fn trim(bytes: &[u8]) -> &str {
 }
 
 impl ControllerInfo {
+    /// The model number without its padding.
     pub fn model_str(&self) -> &str {
         trim(&self.model)
     }
+    /// The serial number without its padding.
     pub fn serial_str(&self) -> &str {
         trim(&self.serial)
     }
+    /// The firmware revision without its padding.
     pub fn firmware_str(&self) -> &str {
         trim(&self.firmware)
     }
@@ -132,9 +145,11 @@ impl ControllerInfo {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct AdminStats {
+    /// Admin commands submitted.
     pub commands: u64,
     /// Completions with an unexpected CID or SQID (dropped).
     pub stale_completions: u64,
+    /// Controller resets ([`Controller::reset`] calls).
     pub resets: u64,
 }
 
@@ -276,26 +291,32 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         Ok(ctrl)
     }
 
+    /// What Identify Controller (and queue negotiation) said.
     pub fn identify(&self) -> &ControllerInfo {
         &self.info
     }
 
+    /// The active namespaces the driver uses (at most [`MAX_NAMESPACES`]).
     pub fn namespaces(&self) -> &[Namespace] {
         &self.namespaces
     }
 
+    /// The namespace with this NSID, if active.
     pub fn namespace(&self, nsid: u32) -> Option<&Namespace> {
         self.namespaces.iter().find(|n| n.nsid == nsid)
     }
 
+    /// The configuration given to [`Controller::init`].
     pub fn config(&self) -> &Config {
         &self.cfg
     }
 
+    /// The CAP register as read at bring-up.
     pub fn cap(&self) -> Cap {
         self.cap
     }
 
+    /// Admin-queue counters.
     pub fn stats(&self) -> AdminStats {
         self.stats
     }

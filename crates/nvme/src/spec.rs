@@ -289,17 +289,29 @@ pub fn cq_doorbell(qid: u16, stride: usize) -> usize {
 pub struct SqEntry {
     /// Opcode (7:0), FUSE (9:8), PSDT (15:14, 0 = PRPs), CID (31:16).
     pub cdw0: u32,
+    /// Namespace ID (0 for most admin commands).
     pub nsid: u32,
+    /// Command dword 2 (command specific).
     pub cdw2: u32,
+    /// Command dword 3 (command specific).
     pub cdw3: u32,
+    /// Metadata pointer (unused by Keel).
     pub mptr: u64,
+    /// PRP entry 1: the first data page (or the whole buffer).
     pub prp1: u64,
+    /// PRP entry 2: the second page, or the bus address of a PRP list.
     pub prp2: u64,
+    /// Command dword 10 (for reads and writes: SLBA bits 31:0).
     pub cdw10: u32,
+    /// Command dword 11 (for reads and writes: SLBA bits 63:32).
     pub cdw11: u32,
+    /// Command dword 12 (for reads and writes: NLB, 0-based, in bits 15:0).
     pub cdw12: u32,
+    /// Command dword 13.
     pub cdw13: u32,
+    /// Command dword 14.
     pub cdw14: u32,
+    /// Command dword 15.
     pub cdw15: u32,
 }
 const_assert_eq!(size_of::<SqEntry>(), 64);
@@ -308,6 +320,7 @@ const_assert_eq!(offset_of!(SqEntry, cdw10), 40);
 const_assert_eq!(offset_of!(SqEntry, cdw15), 60);
 
 impl SqEntry {
+    /// An entry with `opcode`, command id `cid` and `nsid`; everything else zero.
     pub fn new(opcode: u8, cid: u16, nsid: u32) -> Self {
         Self {
             cdw0: opcode as u32 | ((cid as u32) << 16),
@@ -334,12 +347,15 @@ impl SqEntry {
             ..Self::new(opcode, cid, nsid)
         }
     }
+    /// The opcode (CDW0 bits 7:0).
     pub fn opcode(&self) -> u8 {
         self.cdw0 as u8
     }
+    /// The command identifier (CDW0 bits 31:16).
     pub fn cid(&self) -> u16 {
         (self.cdw0 >> 16) as u16
     }
+    /// Sets the command identifier.
     pub fn set_cid(&mut self, cid: u16) {
         self.cdw0 = (self.cdw0 & 0xFFFF) | ((cid as u32) << 16);
     }
@@ -353,9 +369,13 @@ impl SqEntry {
 pub struct CqEntry {
     /// Command specific result.
     pub dw0: u32,
+    /// Dword 1 (reserved or command specific).
     pub dw1: u32,
+    /// SQ head pointer: how far the controller has consumed the submission queue.
     pub sq_head: u16,
+    /// The submission queue the command came from.
     pub sq_id: u16,
+    /// The command identifier of the completed command.
     pub cid: u16,
     /// Phase tag (bit 0) and status field (15:1).
     pub status: u16,
@@ -371,9 +391,11 @@ pub const CQE_CID_OFFSET: usize = 12;
 const_assert_eq!(offset_of!(CqEntry, cid), CQE_CID_OFFSET);
 
 impl CqEntry {
+    /// The phase tag (status bit 0).
     pub fn phase(&self) -> bool {
         self.status & 1 != 0
     }
+    /// The status field, decoded (phase bit ignored).
     pub fn status(&self) -> Status {
         Status::from_field(self.status)
     }
@@ -381,36 +403,55 @@ impl CqEntry {
 
 /// Admin opcodes.
 pub mod admin_op {
+    /// Delete I/O Submission Queue.
     pub const DELETE_IO_SQ: u8 = 0x00;
+    /// Create I/O Submission Queue.
     pub const CREATE_IO_SQ: u8 = 0x01;
+    /// Get Log Page.
     pub const GET_LOG_PAGE: u8 = 0x02;
+    /// Delete I/O Completion Queue.
     pub const DELETE_IO_CQ: u8 = 0x04;
+    /// Create I/O Completion Queue.
     pub const CREATE_IO_CQ: u8 = 0x05;
+    /// Identify.
     pub const IDENTIFY: u8 = 0x06;
+    /// Abort.
     pub const ABORT: u8 = 0x08;
+    /// Set Features.
     pub const SET_FEATURES: u8 = 0x09;
+    /// Get Features.
     pub const GET_FEATURES: u8 = 0x0A;
+    /// Doorbell Buffer Config (shadow doorbells).
     pub const DOORBELL_BUFFER_CONFIG: u8 = 0x7C;
 }
 
 /// NVM command set opcodes.
 pub mod io_op {
+    /// Flush.
     pub const FLUSH: u8 = 0x00;
+    /// Write.
     pub const WRITE: u8 = 0x01;
+    /// Read.
     pub const READ: u8 = 0x02;
+    /// Write Zeroes.
     pub const WRITE_ZEROES: u8 = 0x08;
+    /// Dataset Management (deallocate).
     pub const DATASET_MANAGEMENT: u8 = 0x09;
 }
 
 /// Identify CNS values.
 pub mod cns {
+    /// Identify Namespace (for one NSID).
     pub const NAMESPACE: u32 = 0x00;
+    /// Identify Controller.
     pub const CONTROLLER: u32 = 0x01;
+    /// Active Namespace ID list.
     pub const ACTIVE_NS_LIST: u32 = 0x02;
 }
 
 /// Feature identifiers.
 pub mod feature {
+    /// Number of Queues (I/O SQs and CQs, 0-based, in CDW11).
     pub const NUMBER_OF_QUEUES: u32 = 0x07;
 }
 
@@ -418,30 +459,45 @@ pub mod feature {
 #[repr(C)]
 #[derive(Clone, FromBytes, IntoBytes, Immutable, KnownLayout)]
 pub struct IdentifyController {
+    /// PCI vendor ID.
     pub vid: U16,
+    /// PCI subsystem vendor ID.
     pub ssvid: U16,
+    /// Serial number (ASCII, space padded).
     pub sn: [u8; 20],
+    /// Model number (ASCII, space padded).
     pub mn: [u8; 40],
+    /// Firmware revision (ASCII, space padded).
     pub fr: [u8; 8],
+    /// Recommended arbitration burst.
     pub rab: u8,
+    /// IEEE OUI identifier.
     pub ieee: [u8; 3],
+    /// Controller multi-path I/O and namespace sharing capabilities.
     pub cmic: u8,
     /// Maximum data transfer size, 2^n units of CAP.MPSMIN; 0 = no limit.
     pub mdts: u8,
+    /// Controller ID.
     pub cntlid: U16,
+    /// Version (same layout as the VS register, [`Vs`]).
     pub ver: U32,
     _rsvd84: [u8; 172],
     /// Optional admin command support; bit 8 = Doorbell Buffer Config.
     pub oacs: U16,
     _rsvd258: [u8; 254],
+    /// SQ entry size: required (3:0) and maximum (7:4), log2 bytes.
     pub sqes: u8,
+    /// CQ entry size: required (3:0) and maximum (7:4), log2 bytes.
     pub cqes: u8,
+    /// Maximum outstanding commands (0 = not reported).
     pub maxcmd: U16,
     /// Number of namespaces (highest valid NSID).
     pub nn: U32,
     /// Optional NVM command support; bit 2 = DSM, bit 3 = Write Zeroes.
     pub oncs: U16,
+    /// Fused operation support.
     pub fuses: U16,
+    /// Format NVM attributes.
     pub fna: u8,
     /// Volatile write cache present (bit 0).
     pub vwc: u8,
@@ -459,8 +515,11 @@ const_assert_eq!(offset_of!(IdentifyController, nn), 516);
 const_assert_eq!(offset_of!(IdentifyController, oncs), 520);
 const_assert_eq!(offset_of!(IdentifyController, vwc), 525);
 
+/// OACS bit: Doorbell Buffer Config supported.
 pub const OACS_DOORBELL_BUFFER_CONFIG: u16 = 1 << 8;
+/// ONCS bit: Dataset Management supported.
 pub const ONCS_DSM: u16 = 1 << 2;
+/// ONCS bit: Write Zeroes supported.
 pub const ONCS_WRITE_ZEROES: u16 = 1 << 3;
 
 /// LBA Format data structure (4 bytes).
@@ -484,16 +543,22 @@ pub struct IdentifyNamespace {
     pub nsze: U64,
     /// Namespace capacity in logical blocks.
     pub ncap: U64,
+    /// Namespace utilization in logical blocks.
     pub nuse: U64,
+    /// Namespace features.
     pub nsfeat: u8,
     /// Number of LBA formats, 0-based.
     pub nlbaf: u8,
     /// Formatted LBA size: index (3:0, and 6:5 as upper bits), extended-LBA metadata (bit 4).
     pub flbas: u8,
+    /// Metadata capabilities.
     pub mc: u8,
+    /// End-to-end data protection capabilities.
     pub dpc: u8,
+    /// End-to-end data protection type settings.
     pub dps: u8,
     _rsvd30: [u8; 98],
+    /// The LBA formats (NLBAF + 1 of them valid).
     pub lbaf: [LbaFormat; 64],
     _rsvd384: [u8; 3712],
 }
@@ -506,18 +571,26 @@ const_assert_eq!(offset_of!(IdentifyNamespace, lbaf), 128);
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
 pub struct DsmRange {
+    /// Context attributes (0: none).
     pub cattr: u32,
+    /// Length in logical blocks (1-based).
     pub nlb: u32,
+    /// Starting LBA.
     pub slba: u64,
 }
 const_assert_eq!(size_of::<DsmRange>(), 16);
 
 /// Status code types.
 pub mod sct {
+    /// Generic command status.
     pub const GENERIC: u8 = 0;
+    /// Command specific status.
     pub const COMMAND_SPECIFIC: u8 = 1;
+    /// Media and data integrity errors.
     pub const MEDIA: u8 = 2;
+    /// Path related status.
     pub const PATH: u8 = 3;
+    /// Vendor specific.
     pub const VENDOR: u8 = 7;
 }
 
@@ -541,34 +614,59 @@ pub struct Status {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum StatusKind {
+    /// Successful completion.
     Success,
+    /// Invalid command opcode.
     InvalidOpcode,
+    /// Invalid field in command.
     InvalidField,
+    /// Command ID conflict.
     CommandIdConflict,
+    /// Data transfer error.
     DataTransferError,
+    /// Commands aborted due to power loss notification.
     AbortedPowerLoss,
+    /// Internal error.
     InternalError,
+    /// Command abort requested.
     AbortRequested,
+    /// Command aborted due to SQ deletion.
     AbortedSqDeletion,
+    /// Invalid namespace or format.
     InvalidNamespace,
+    /// LBA out of range.
     LbaOutOfRange,
+    /// Capacity exceeded.
     CapacityExceeded,
+    /// Namespace not ready.
     NamespaceNotReady,
+    /// Invalid queue identifier (Create I/O queue).
     InvalidQueueId,
+    /// Invalid queue size (Create I/O queue).
     InvalidQueueSize,
+    /// Write fault (media).
     WriteFault,
+    /// Unrecovered read error (media).
     UnrecoveredRead,
+    /// End-to-end guard, application or reference tag check error, or compare failure.
     IntegrityError,
+    /// Access denied (media).
     AccessDenied,
+    /// Namespace or LBA range is write protected.
     WriteProtected,
+    /// Command interrupted (retry).
     CommandInterrupted,
+    /// Transient transport error.
     TransientTransport,
+    /// Format in progress.
     FormatInProgress,
+    /// Reservation conflict.
     ReservationConflict,
     /// Path-related status a retry may fix (internal path error, ANA transition, pathing errors).
     PathTransient,
     /// Path-related status a retry on this controller will not fix (ANA loss / inaccessible).
     PathError,
+    /// Any other status.
     Other,
 }
 
@@ -593,6 +691,7 @@ impl Status {
             | ((self.dnr as u16) << 15)
     }
 
+    /// `true` for Successful Completion (SCT 0, SC 0).
     pub fn is_success(&self) -> bool {
         self.sct == 0 && self.sc == 0
     }
@@ -602,6 +701,7 @@ impl Status {
         ((self.sct as u16) << 8) | self.sc as u16
     }
 
+    /// What the status means, for the codes Keel distinguishes.
     pub fn kind(&self) -> StatusKind {
         use StatusKind::*;
         match (self.sct, self.sc) {
