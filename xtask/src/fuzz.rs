@@ -1,4 +1,4 @@
-//! `cargo xtask fuzz`: the device-responses libFuzzer target (`platform/model/fuzz`), built with
+//! `cargo xtask fuzz`: the device-responses libFuzzer target (`crates/nvme/fuzz`), built with
 //! nightly and SanitizerCoverage the way cargo-fuzz does it (cargo-fuzz itself is not needed),
 //! and the misbehaviour-matrix step of `cargo xtask test`.
 
@@ -16,7 +16,7 @@ const SANCOV: &str = "-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-lev
     --cfg fuzzing -Cdebug-assertions -Coverflow-checks";
 
 fn fuzz_dir() -> PathBuf {
-    crate::root().join("platform/model/fuzz")
+    crate::root().join("crates/nvme/fuzz")
 }
 
 fn out_dir() -> PathBuf {
@@ -121,13 +121,13 @@ pub fn test_steps(fuzz_secs: u64) -> Vec<(String, bool, f64)> {
         "test",
         "--quiet",
         "-p",
-        "keel-model",
+        "keel-nvme",
         "--test",
         "hostile",
         "--",
         "--nocapture",
     ]);
-    let (ok, t) = crate::step("misbehaviour matrix (platform/model/tests/hostile.rs)", c);
+    let (ok, t) = crate::step("misbehaviour matrix (crates/nvme/tests/hostile.rs)", c);
     rows.push(("misbehaviour matrix".into(), ok, t));
     eprintln!("xtask: ── fuzz {TARGET} ({fuzz_secs} s) ──");
     let t = Instant::now();

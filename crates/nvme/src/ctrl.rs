@@ -2,12 +2,16 @@
 
 use core::sync::atomic::{fence, Ordering};
 
+use bitvec::BitArr;
 use heapless::Vec;
 use keel_hal::{Clock, DmaAllocator, DmaRegion, Mmio};
 
 use crate::error::{BadIdentify, NvmeError, Step};
 use crate::qpair::{IoQueuePair, QpairParams};
-use crate::spec::{self, admin_op, cns, feature, reg, Cap, CqEntry, SqEntry, PAGE_SIZE};
+use crate::spec::{
+    self, admin_op, cns, feature, reg, Aqa, Cap, Cc, CqEntry, Csts, Shn, Shst, SqEntry, Vs,
+    PAGE_SIZE,
+};
 
 /// Most namespaces a [`Controller`] keeps (extra active namespaces are ignored with a warning).
 pub const MAX_NAMESPACES: usize = 16;
@@ -16,6 +20,9 @@ pub const MAX_IO_QUEUES: u16 = 64;
 /// Largest I/O queue depth Keel creates (leaves at least 4 generation bits in each CID).
 pub const MAX_IO_DEPTH: u16 = 4096;
 const ADMIN_DEPTH: u16 = 32;
+
+/// A set of I/O queue ids (bit `qid`; bit 0, the admin queue, unused).
+type QidSet = BitArr!(for MAX_IO_QUEUES as usize + 1);
 
 /// Driver configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +75,7 @@ impl Default for Config {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Namespace {
+    /// Namespace ID.
     pub nsid: u32,
     /// Size in logical blocks (NSZE).
     pub blocks: u64,
@@ -81,11 +89,15 @@ pub struct Namespace {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct ControllerInfo {
+    /// PCI vendor ID (VID).
     pub vid: u16,
+    /// Serial number (SN), ASCII padded with spaces; see [`ControllerInfo::serial_str`].
     pub serial: [u8; 20],
+    /// Model number (MN), ASCII padded with spaces; see [`ControllerInfo::model_str`].
     pub model: [u8; 40],
+    /// Firmware revision (FR), ASCII padded with spaces; see [`ControllerInfo::firmware_str`].
     pub firmware: [u8; 8],
-    /// VS register (major << 16 | minor << 8 | tertiary).
+    /// The raw VS register (major << 16 | minor << 8 | tertiary); [`Vs::from_bits`] decodes it.
     pub version: u32,
     /// MDTS in bytes; `None` = no limit.
     pub mdts_bytes: Option<u32>,
@@ -93,12 +105,17 @@ pub struct ControllerInfo {
     pub max_transfer: usize,
     /// Volatile write cache present.
     pub vwc: bool,
+    /// Write Zeroes supported (ONCS bit 3).
     pub write_zeroes: bool,
+    /// Dataset Management (deallocate) supported (ONCS bit 2).
     pub deallocate: bool,
+    /// Doorbell Buffer Config supported (OACS bit 8).
     pub doorbell_buffer: bool,
     /// Shadow doorbells are in use.
     pub shadow_doorbells: bool,
+    /// Number of namespaces (NN, the highest valid NSID).
     pub nn: u32,
+    /// Entries per I/O queue the controller supports (CAP.MQES + 1).
     pub max_queue_entries: u32,
     /// I/O queue pairs granted (Set Features Number of Queues), capped at [`MAX_IO_QUEUES`].
     pub io_queues: u16,
@@ -110,12 +127,15 @@ fn trim(bytes: &[u8]) -> &str {
 }
 
 impl ControllerInfo {
+    /// The model number without its padding.
     pub fn model_str(&self) -> &str {
         trim(&self.model)
     }
+    /// The serial number without its padding.
     pub fn serial_str(&self) -> &str {
         trim(&self.serial)
     }
+    /// The firmware revision without its padding.
     pub fn firmware_str(&self) -> &str {
         trim(&self.firmware)
     }
@@ -125,9 +145,11 @@ impl ControllerInfo {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct AdminStats {
+    /// Admin commands submitted.
     pub commands: u64,
     /// Completions with an unexpected CID or SQID (dropped).
     pub stale_completions: u64,
+    /// Controller resets ([`Controller::reset`] calls).
     pub resets: u64,
 }
 
@@ -162,8 +184,8 @@ pub struct Controller<M: Mmio, C: Clock> {
     info: ControllerInfo,
     namespaces: Vec<Namespace, MAX_NAMESPACES>,
     shadow: Option<Shadow>,
-    /// Bit `qid - 1` set while that I/O queue pair exists.
-    live: u64,
+    /// The I/O queue pairs that exist on the device.
+    live: QidSet,
     failed: bool,
     stats: AdminStats,
 }
@@ -180,9 +202,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         if cfg.prp_list_pages == 0 {
             return Err(NvmeError::InvalidArgument("prp_list_pages must be >= 1"));
         }
-        let cap = Cap {
-            raw: mmio.read64(reg::CAP),
-        };
+        let cap = Cap::from_bits(mmio.read64(reg::CAP));
         if !cap.css_nvm() {
             return Err(NvmeError::Unsupported("NVM command set"));
         }
@@ -233,7 +253,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             info,
             namespaces: Vec::new(),
             shadow: None,
-            live: 0,
+            live: QidSet::ZERO,
             failed: false,
             stats: AdminStats::default(),
         };
@@ -259,9 +279,9 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             // device and, once it reports it stopped (RDY = 0), give the admin queues and the
             // scratch page back instead of leaking them on every attempt. A device that does
             // not stop may still write there, so then the memory stays leaked on purpose.
-            let cc = ctrl.mmio.read32(reg::CC);
-            ctrl.mmio.write32(reg::CC, cc & !reg::CC_EN);
-            if ctrl.wait_csts(reg::CSTS_RDY, 0, Step::Disable).is_ok() {
+            let cc = ctrl.cc();
+            ctrl.set_cc(cc.with_en(false));
+            if ctrl.wait_csts(|c| !c.rdy(), Step::Disable).is_ok() {
                 dma.free(ctrl.admin.sq);
                 dma.free(ctrl.admin.cq);
                 dma.free(ctrl.scratch);
@@ -271,50 +291,68 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         Ok(ctrl)
     }
 
+    /// What Identify Controller (and queue negotiation) said.
     pub fn identify(&self) -> &ControllerInfo {
         &self.info
     }
 
+    /// The active namespaces the driver uses (at most [`MAX_NAMESPACES`]).
     pub fn namespaces(&self) -> &[Namespace] {
         &self.namespaces
     }
 
+    /// The namespace with this NSID, if active.
     pub fn namespace(&self, nsid: u32) -> Option<&Namespace> {
         self.namespaces.iter().find(|n| n.nsid == nsid)
     }
 
+    /// The configuration given to [`Controller::init`].
     pub fn config(&self) -> &Config {
         &self.cfg
     }
 
+    /// The CAP register as read at bring-up.
     pub fn cap(&self) -> Cap {
         self.cap
     }
 
+    /// Admin-queue counters.
     pub fn stats(&self) -> AdminStats {
         self.stats
     }
 
     /// `true` when CSTS.CFS (controller fatal status) is set: call [`Controller::reset`].
     pub fn is_fatal(&self) -> bool {
-        let csts = self.mmio.read32(reg::CSTS);
         // All-ones: the device fell off the bus; treat as fatal.
-        csts == u32::MAX || csts & reg::CSTS_CFS != 0
+        self.csts().fatal()
     }
 
-    fn wait_csts(&self, mask: u32, want: u32, step: Step) -> Result<(), NvmeError> {
+    fn cc(&self) -> Cc {
+        Cc::from_bits(self.mmio.read32(reg::CC))
+    }
+
+    fn set_cc(&self, cc: Cc) {
+        self.mmio.write32(reg::CC, cc.into_bits());
+    }
+
+    fn csts(&self) -> Csts {
+        Csts::from_bits(self.mmio.read32(reg::CSTS))
+    }
+
+    /// Polls CSTS until `done` says so, for at most CAP.TO (and at least 500 ms).
+    fn wait_csts(&self, done: impl Fn(Csts) -> bool, step: Step) -> Result<(), NvmeError> {
         // CAP.TO is the worst case for RDY transitions; never wait less than 500 ms.
         let limit_ms = self.cap.timeout_ms().max(500);
         let deadline = self.clock.now_ns().saturating_add(limit_ms * 1_000_000);
         loop {
-            let csts = self.mmio.read32(reg::CSTS);
-            if csts == u32::MAX {
-                return Err(NvmeError::ControllerFatal); // device gone
+            let csts = self.csts();
+            if csts.device_gone() {
+                return Err(NvmeError::ControllerFatal);
             }
-            if csts & mask == want {
+            if done(csts) {
                 return Ok(());
             }
-            if csts & reg::CSTS_CFS != 0 && step == Step::Enable {
+            if csts.cfs() && step == Step::Enable {
                 return Err(NvmeError::ControllerFatal);
             }
             if self.clock.now_ns() > deadline {
@@ -325,16 +363,16 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
     }
 
     fn disable(&mut self) -> Result<(), NvmeError> {
-        let cc = self.mmio.read32(reg::CC);
-        if cc & reg::CC_EN != 0 {
-            let csts = self.mmio.read32(reg::CSTS);
-            if csts & reg::CSTS_RDY == 0 && csts & reg::CSTS_CFS == 0 {
+        let cc = self.cc();
+        if cc.en() {
+            let csts = self.csts();
+            if !csts.rdy() && !csts.cfs() {
                 // EN 1 -> 0 while RDY is still 0 is undefined: let it finish enabling first.
-                let _ = self.wait_csts(reg::CSTS_RDY, reg::CSTS_RDY, Step::Enable);
+                let _ = self.wait_csts(|c| c.rdy(), Step::Enable);
             }
         }
-        self.mmio.write32(reg::CC, cc & !reg::CC_EN);
-        self.wait_csts(reg::CSTS_RDY, 0, Step::Disable)
+        self.set_cc(cc.with_en(false));
+        self.wait_csts(|c| !c.rdy(), Step::Disable)
     }
 
     fn enable(&mut self) -> Result<(), NvmeError> {
@@ -342,19 +380,22 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         self.admin.tail = 0;
         self.admin.head = 0;
         self.admin.phase = true;
-        let q = (ADMIN_DEPTH - 1) as u32;
-        self.mmio.write32(reg::AQA, (q << 16) | q);
+        let q = ADMIN_DEPTH - 1;
+        let aqa = Aqa::new().with_asqs(q).with_acqs(q);
+        self.mmio.write32(reg::AQA, aqa.into_bits());
         self.mmio.write64(reg::ASQ, self.admin.sq.bus_addr());
         self.mmio.write64(reg::ACQ, self.admin.cq.bus_addr());
-        let cc = reg::CC_EN
-            | reg::CC_CSS_NVM
-            | (0 << reg::CC_MPS_SHIFT)
-            | reg::CC_AMS_RR
-            | (spec::SQES_LOG2 << reg::CC_IOSQES_SHIFT)
-            | (spec::CQES_LOG2 << reg::CC_IOCQES_SHIFT);
+        // MPS = 0: 4 KiB pages (PAGE_SIZE); a fresh value, so reserved bits are written as 0.
+        let cc = Cc::new()
+            .with_en(true)
+            .with_css(Cc::CSS_NVM)
+            .with_mps(0)
+            .with_ams(Cc::AMS_ROUND_ROBIN)
+            .with_iosqes(spec::SQES_LOG2 as u8)
+            .with_iocqes(spec::CQES_LOG2 as u8);
         fence(Ordering::SeqCst);
-        self.mmio.write32(reg::CC, cc);
-        self.wait_csts(reg::CSTS_RDY, reg::CSTS_RDY, Step::Enable)
+        self.set_cc(cc);
+        self.wait_csts(|c| c.rdy(), Step::Enable)
     }
 
     /// Runs one admin command to completion (polled). Returns the completion's DW0.
@@ -487,7 +528,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
     fn scan_namespaces(&mut self) -> Result<(), NvmeError> {
         self.namespaces.clear();
         let mut ids: Vec<u32, MAX_NAMESPACES> = Vec::new();
-        if self.info.version >= 0x0001_0100 {
+        if Vs::from_bits(self.info.version).at_least(1, 1) {
             self.identify_raw(cns::ACTIVE_NS_LIST, 0)?;
             let mut prev = 0u32;
             for i in 0..1024 {
@@ -515,7 +556,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         for nsid in ids {
             self.identify_raw(cns::NAMESPACE, nsid)?;
             let id: spec::IdentifyNamespace = self.scratch.read(0)?;
-            if id.nsze.get() == 0 && self.info.version < 0x0001_0100 {
+            if id.nsze.get() == 0 && !Vs::from_bits(self.info.version).at_least(1, 1) {
                 continue; // inactive namespace on a pre-1.1 controller
             }
             let ns = parse_namespace(nsid, &id)?;
@@ -619,7 +660,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         if depth < 2 || depth as u32 > max_depth {
             return Err(NvmeError::InvalidArgument("depth"));
         }
-        if self.live & (1 << (qid - 1)) != 0 {
+        if self.live[qid as usize] {
             return Err(NvmeError::QueueInUse(qid));
         }
         if self.mmio.len() < spec::cq_doorbell(qid, self.stride) + 4 {
@@ -655,7 +696,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             }
             return Err(e);
         }
-        self.live |= 1 << (qid - 1);
+        self.live.set(qid as usize, true);
         keel_log::info!("nvme: io queue {} depth {}", qid, depth);
         Ok(qp)
     }
@@ -703,7 +744,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         if let Err(e) = self.admin_command(cq) {
             return Err((e, qp));
         }
-        self.live &= !(1 << (qid - 1));
+        self.live.set(qid as usize, false);
         if let (Some(sh), Some(part)) = (self.shadow.as_mut(), qp.take_shadow()) {
             let _ = part.0.fill(0, part.0.len(), 0);
             sh.parts[qid as usize] = Some(part);
@@ -739,8 +780,8 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
     /// reported (for example as timed out) are not reported again. If recovery fails, every
     /// pending tag is failed, the pairs refuse new work and the controller is marked failed.
     pub fn reset(&mut self, qpairs: &mut [&mut IoQueuePair<M, C>]) -> Result<(), NvmeError> {
-        for qid in 1..=MAX_IO_QUEUES {
-            if self.live & (1 << (qid - 1)) != 0 && !qpairs.iter().any(|q| q.qid() == qid) {
+        for qid in self.live.iter_ones().map(|q| q as u16) {
+            if !qpairs.iter().any(|q| q.qid() == qid) {
                 return Err(NvmeError::MissingQueuePair(qid));
             }
         }
@@ -790,10 +831,9 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
 
     /// Normal shutdown (CC.SHN), waiting for CSTS.SHST = complete.
     pub fn shutdown(&mut self) -> Result<(), NvmeError> {
-        let cc = self.mmio.read32(reg::CC);
-        self.mmio
-            .write32(reg::CC, (cc & !reg::CC_SHN_MASK) | reg::CC_SHN_NORMAL);
-        self.wait_csts(reg::CSTS_SHST_MASK, reg::CSTS_SHST_COMPLETE, Step::Shutdown)
+        let cc = self.cc();
+        self.set_cc(cc.with_shn(Shn::Normal));
+        self.wait_csts(|c| c.shst() == Shst::Complete, Step::Shutdown)
     }
 }
 

@@ -7,9 +7,13 @@ use keel_hal::DmaError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Step {
+    /// Disabling the controller (CC.EN = 0, waiting for CSTS.RDY = 0).
     Disable,
+    /// Enabling the controller (CC.EN = 1, waiting for CSTS.RDY = 1).
     Enable,
+    /// Normal shutdown (CC.SHN, waiting for CSTS.SHST = complete).
     Shutdown,
+    /// The admin command with this opcode.
     AdminCommand(u8),
 }
 
@@ -37,10 +41,14 @@ pub enum BadIdentify {
 pub enum NvmeError {
     /// DMA memory could not be allocated or accessed.
     DmaOutOfBounds {
+        /// Offset of the access in the region.
         offset: usize,
+        /// Length of the access.
         len: usize,
     },
+    /// The DMA allocator has no memory left.
     DmaExhausted,
+    /// A DMA request the allocator refuses (size or alignment).
     DmaBadRequest,
     /// The controller did not reach the wanted state (or complete an admin command) in time.
     Timeout(Step),
@@ -50,7 +58,9 @@ pub enum NvmeError {
     Unsupported(&'static str),
     /// An admin command failed with this status.
     AdminStatus {
+        /// The command's opcode.
         opcode: u8,
+        /// The completion status.
         status: Status,
     },
     /// Identify data is absurd.

@@ -61,6 +61,7 @@
 #![no_std]
 #![forbid(unsafe_code)]
 #![forbid(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
 
 pub mod ctrl;
 pub mod error;

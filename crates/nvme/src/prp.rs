@@ -26,6 +26,7 @@ pub const fn max_transfer(list_pages: usize) -> usize {
     }
 }
 
+/// Why a buffer cannot be described with PRPs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrpError {
     /// Buffer not dword-aligned, empty, or wrapping the address space.

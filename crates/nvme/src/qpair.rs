@@ -68,7 +68,9 @@ static_assertions::const_assert!(core::mem::size_of::<ReqRec>() <= 12);
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct QueueStats {
+    /// Device commands submitted (a split request counts each part; retries count again).
     pub submitted_cmds: u64,
+    /// Completions accepted (naming a live command).
     pub completions: u64,
     /// Completions whose CID named a free slot or an old generation (duplicates, stale).
     pub stale_cid: u64,
@@ -80,10 +82,15 @@ pub struct QueueStats {
     pub bad_sq_head: u64,
     /// Completions of commands that had already timed out.
     pub late_completions: u64,
+    /// Commands resubmitted after a transient error status.
     pub retries: u64,
+    /// Commands that timed out.
     pub timeouts: u64,
+    /// Commands resubmitted after a controller reset.
     pub resubmitted_after_reset: u64,
+    /// SQ tail doorbell writes (MMIO).
     pub sq_doorbells: u64,
+    /// CQ head doorbell writes (MMIO).
     pub cq_doorbells: u64,
     /// Doorbell updates that went only to the shadow buffer (EventIdx said no MMIO needed).
     pub shadow_suppressed: u64,
@@ -258,6 +265,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         Ok(qp)
     }
 
+    /// The queue id of this pair (its SQ and CQ share it).
     pub fn qid(&self) -> u16 {
         self.qid
     }
@@ -271,6 +279,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     pub(crate) fn cq_bus(&self) -> u64 {
         self.cq.bus_addr()
     }
+    /// The pair's counters.
     pub fn stats(&self) -> QueueStats {
         self.stats
     }
@@ -915,8 +924,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         }
         if any {
             self.needs_reset = true;
-            let csts = self.mmio.read32(spec::reg::CSTS);
-            if csts == u32::MAX || csts & spec::reg::CSTS_CFS != 0 {
+            if spec::Csts::from_bits(self.mmio.read32(spec::reg::CSTS)).fatal() {
                 keel_log::error!("nvme: controller fatal status");
                 self.failed = true;
             }

@@ -3,6 +3,7 @@
 //! All multi-byte fields are little-endian on the wire; Keel only targets little-endian CPUs
 //! (checked below), so native integers are used for queue entries.
 
+use bitfield_struct::{bitenum, bitfield};
 use core::mem::{offset_of, size_of};
 use static_assertions::const_assert_eq;
 use zerocopy::little_endian::{U16, U32, U64};
@@ -18,72 +19,256 @@ pub const SQES_LOG2: u32 = 6;
 /// log2 of the CQ entry size (CC.IOCQES).
 pub const CQES_LOG2: u32 = 4;
 
-/// Controller register offsets in BAR0 (NVMe 1.4, 3.1).
+/// Controller register offsets in BAR0 (NVMe 1.4, 3.1). The registers' contents are the typed
+/// [`Cap`], [`Vs`], [`Cc`], [`Csts`] and [`Aqa`].
 pub mod reg {
+    /// Controller Capabilities ([`Cap`](super::Cap), 64 bits).
     pub const CAP: usize = 0x00;
+    /// Version ([`Vs`](super::Vs)).
     pub const VS: usize = 0x08;
+    /// Interrupt Mask Set.
     pub const INTMS: usize = 0x0C;
+    /// Interrupt Mask Clear.
     pub const INTMC: usize = 0x10;
+    /// Controller Configuration ([`Cc`](super::Cc)).
     pub const CC: usize = 0x14;
+    /// Controller Status ([`Csts`](super::Csts)).
     pub const CSTS: usize = 0x1C;
+    /// NVM Subsystem Reset.
     pub const NSSR: usize = 0x20;
+    /// Admin Queue Attributes ([`Aqa`](super::Aqa)).
     pub const AQA: usize = 0x24;
+    /// Admin Submission Queue base address (64 bits).
     pub const ASQ: usize = 0x28;
+    /// Admin Completion Queue base address (64 bits).
     pub const ACQ: usize = 0x30;
     /// First doorbell (admin SQ tail).
     pub const DOORBELL_BASE: usize = 0x1000;
-
-    pub const CC_EN: u32 = 1 << 0;
-    pub const CC_CSS_NVM: u32 = 0 << 4;
-    pub const CC_MPS_SHIFT: u32 = 7;
-    pub const CC_AMS_RR: u32 = 0 << 11;
-    pub const CC_SHN_NORMAL: u32 = 1 << 14;
-    pub const CC_SHN_MASK: u32 = 3 << 14;
-    pub const CC_IOSQES_SHIFT: u32 = 16;
-    pub const CC_IOCQES_SHIFT: u32 = 20;
-
-    pub const CSTS_RDY: u32 = 1 << 0;
-    pub const CSTS_CFS: u32 = 1 << 1;
-    pub const CSTS_SHST_MASK: u32 = 3 << 2;
-    pub const CSTS_SHST_COMPLETE: u32 = 2 << 2;
 }
 
-/// Decoded CAP register (read once at bring-up).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+// The controller registers as bitfield types (`bitfield-struct`): each field is named as in the
+// specification, with a getter, and (for registers the host writes) `with_`/`set_` methods.
+// Only bring-up, reset, shutdown and the fatal-status check touch them; the completion path
+// decodes CQ entries by hand (see `CqEntry`, `IoQueuePair::handle`).
+
+/// CAP, Controller Capabilities (offset 0x00, NVMe 1.4 Figure 69). Read-only.
+#[bitfield(u64, defmt = cfg(feature = "defmt"))]
+#[derive(PartialEq, Eq)]
 pub struct Cap {
-    pub raw: u64,
+    /// MQES: maximum entries per I/O queue, 0-based (see [`Cap::max_queue_entries`]).
+    #[bits(16, access = RO)]
+    pub mqes: u16,
+    /// CQR: I/O queues must be physically contiguous.
+    #[bits(1, access = RO)]
+    pub cqr: bool,
+    /// AMS: optional arbitration mechanisms (bit 0 weighted round robin, bit 1 vendor).
+    #[bits(2, access = RO)]
+    pub ams: u8,
+    #[bits(5)]
+    __rsvd19: u8,
+    /// TO: worst-case time for CSTS.RDY to change, in 500 ms units (see [`Cap::timeout_ms`]).
+    #[bits(8, access = RO)]
+    pub to: u8,
+    /// DSTRD: doorbell stride, `4 << DSTRD` bytes (see [`Cap::doorbell_stride`]).
+    #[bits(4, access = RO)]
+    pub dstrd: u8,
+    /// NSSRS: NVM subsystem reset supported.
+    #[bits(1, access = RO)]
+    pub nssrs: bool,
+    /// CSS: command sets supported (bit 0 NVM, bit 7 admin only).
+    #[bits(8, access = RO)]
+    pub css: u8,
+    /// BPS: boot partitions supported.
+    #[bits(1, access = RO)]
+    pub bps: bool,
+    #[bits(2)]
+    __rsvd46: u8,
+    /// MPSMIN: minimum memory page size, `2 ^ (12 + MPSMIN)` bytes.
+    #[bits(4, access = RO)]
+    pub mpsmin: u8,
+    /// MPSMAX: maximum memory page size, `2 ^ (12 + MPSMAX)` bytes.
+    #[bits(4, access = RO)]
+    pub mpsmax: u8,
+    /// PMRS: persistent memory region supported.
+    #[bits(1, access = RO)]
+    pub pmrs: bool,
+    /// CMBS: controller memory buffer supported.
+    #[bits(1, access = RO)]
+    pub cmbs: bool,
+    #[bits(6)]
+    __rsvd58: u8,
 }
 
 impl Cap {
     /// Maximum queue entries supported, 1-based (MQES is 0-based).
     pub fn max_queue_entries(&self) -> u32 {
-        (self.raw & 0xFFFF) as u32 + 1
-    }
-    /// Contiguous queues required.
-    pub fn cqr(&self) -> bool {
-        self.raw & (1 << 16) != 0
+        self.mqes() as u32 + 1
     }
     /// Worst-case time to become ready, in milliseconds (CAP.TO is in 500 ms units).
     pub fn timeout_ms(&self) -> u64 {
-        ((self.raw >> 24) & 0xFF) * 500
+        self.to() as u64 * 500
     }
     /// Doorbell stride in bytes: `4 << DSTRD`.
     pub fn doorbell_stride(&self) -> usize {
-        4usize << ((self.raw >> 32) & 0xF)
+        4usize << self.dstrd()
     }
     /// NVM command set supported (CSS bit 0).
     pub fn css_nvm(&self) -> bool {
-        (self.raw >> 37) & 1 != 0
+        self.css() & 1 != 0
     }
     /// Minimum memory page size in bytes.
     pub fn mps_min(&self) -> usize {
-        1usize << (12 + ((self.raw >> 48) & 0xF))
+        1usize << (12 + self.mpsmin())
     }
     /// Maximum memory page size in bytes.
     pub fn mps_max(&self) -> usize {
-        1usize << (12 + ((self.raw >> 52) & 0xF))
+        1usize << (12 + self.mpsmax())
     }
+}
+
+/// VS, Version (offset 0x08, NVMe 1.4 Figure 70). Read-only.
+#[bitfield(u32, defmt = cfg(feature = "defmt"))]
+#[derive(PartialEq, Eq)]
+pub struct Vs {
+    /// TER: tertiary version.
+    #[bits(8, access = RO)]
+    pub ter: u8,
+    /// MNR: minor version.
+    #[bits(8, access = RO)]
+    pub mnr: u8,
+    /// MJR: major version.
+    #[bits(16, access = RO)]
+    pub mjr: u16,
+}
+
+impl Vs {
+    /// `true` when the controller implements version `major.minor` or later.
+    pub fn at_least(&self, major: u16, minor: u8) -> bool {
+        (self.mjr(), self.mnr()) >= (major, minor)
+    }
+}
+
+/// CC.SHN, the shutdown notification the host writes.
+#[bitenum]
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Shn {
+    /// No notification; no effect.
+    #[fallback]
+    None = 0,
+    /// Normal shutdown notification.
+    Normal = 1,
+    /// Abrupt shutdown notification.
+    Abrupt = 2,
+    /// Reserved.
+    Reserved = 3,
+}
+
+/// CC, Controller Configuration (offset 0x14, NVMe 1.4 Figure 73).
+#[bitfield(u32, defmt = cfg(feature = "defmt"))]
+#[derive(PartialEq, Eq)]
+pub struct Cc {
+    /// EN: enable; 1 -> 0 resets the controller.
+    #[bits(1)]
+    pub en: bool,
+    #[bits(3)]
+    __rsvd1: u8,
+    /// CSS: I/O command set selected ([`Cc::CSS_NVM`]).
+    #[bits(3)]
+    pub css: u8,
+    /// MPS: memory page size, `2 ^ (12 + MPS)` bytes.
+    #[bits(4)]
+    pub mps: u8,
+    /// AMS: arbitration mechanism selected ([`Cc::AMS_ROUND_ROBIN`]).
+    #[bits(3)]
+    pub ams: u8,
+    /// SHN: shutdown notification.
+    #[bits(2)]
+    pub shn: Shn,
+    /// IOSQES: I/O submission queue entry size, log2 bytes.
+    #[bits(4)]
+    pub iosqes: u8,
+    /// IOCQES: I/O completion queue entry size, log2 bytes.
+    #[bits(4)]
+    pub iocqes: u8,
+    #[bits(8)]
+    __rsvd24: u8,
+}
+
+impl Cc {
+    /// CC.CSS: the NVM command set.
+    pub const CSS_NVM: u8 = 0;
+    /// CC.AMS: round robin.
+    pub const AMS_ROUND_ROBIN: u8 = 0;
+}
+
+/// CSTS.SHST, the shutdown status the controller reports.
+#[bitenum]
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Shst {
+    /// Normal operation, no shutdown requested.
+    #[fallback]
+    Normal = 0,
+    /// Shutdown processing occurring.
+    Occurring = 1,
+    /// Shutdown processing complete.
+    Complete = 2,
+    /// Reserved.
+    Reserved = 3,
+}
+
+/// CSTS, Controller Status (offset 0x1C, NVMe 1.4 Figure 74). Read-only here (NSSRO is
+/// write-1-to-clear and not used by Keel).
+#[bitfield(u32, defmt = cfg(feature = "defmt"))]
+#[derive(PartialEq, Eq)]
+pub struct Csts {
+    /// RDY: ready to process commands.
+    #[bits(1, access = RO)]
+    pub rdy: bool,
+    /// CFS: controller fatal status.
+    #[bits(1, access = RO)]
+    pub cfs: bool,
+    /// SHST: shutdown status.
+    #[bits(2, access = RO)]
+    pub shst: Shst,
+    /// NSSRO: an NVM subsystem reset occurred.
+    #[bits(1, access = RO)]
+    pub nssro: bool,
+    /// PP: processing paused.
+    #[bits(1, access = RO)]
+    pub pp: bool,
+    #[bits(26)]
+    __rsvd6: u32,
+}
+
+impl Csts {
+    /// All ones: reads of a device that fell off the bus return this.
+    pub fn device_gone(&self) -> bool {
+        self.0 == u32::MAX
+    }
+    /// Fatal: CFS set, or the device is gone.
+    pub fn fatal(&self) -> bool {
+        self.device_gone() || self.cfs()
+    }
+}
+
+/// AQA, Admin Queue Attributes (offset 0x24, NVMe 1.4 Figure 76).
+#[bitfield(u32, defmt = cfg(feature = "defmt"))]
+#[derive(PartialEq, Eq)]
+pub struct Aqa {
+    /// ASQS: admin submission queue size, 0-based entries.
+    #[bits(12)]
+    pub asqs: u16,
+    #[bits(4)]
+    __rsvd12: u8,
+    /// ACQS: admin completion queue size, 0-based entries.
+    #[bits(12)]
+    pub acqs: u16,
+    #[bits(4)]
+    __rsvd28: u8,
 }
 
 /// Offset of the SQ `qid` tail doorbell.
@@ -104,17 +289,29 @@ pub fn cq_doorbell(qid: u16, stride: usize) -> usize {
 pub struct SqEntry {
     /// Opcode (7:0), FUSE (9:8), PSDT (15:14, 0 = PRPs), CID (31:16).
     pub cdw0: u32,
+    /// Namespace ID (0 for most admin commands).
     pub nsid: u32,
+    /// Command dword 2 (command specific).
     pub cdw2: u32,
+    /// Command dword 3 (command specific).
     pub cdw3: u32,
+    /// Metadata pointer (unused by Keel).
     pub mptr: u64,
+    /// PRP entry 1: the first data page (or the whole buffer).
     pub prp1: u64,
+    /// PRP entry 2: the second page, or the bus address of a PRP list.
     pub prp2: u64,
+    /// Command dword 10 (for reads and writes: SLBA bits 31:0).
     pub cdw10: u32,
+    /// Command dword 11 (for reads and writes: SLBA bits 63:32).
     pub cdw11: u32,
+    /// Command dword 12 (for reads and writes: NLB, 0-based, in bits 15:0).
     pub cdw12: u32,
+    /// Command dword 13.
     pub cdw13: u32,
+    /// Command dword 14.
     pub cdw14: u32,
+    /// Command dword 15.
     pub cdw15: u32,
 }
 const_assert_eq!(size_of::<SqEntry>(), 64);
@@ -123,6 +320,7 @@ const_assert_eq!(offset_of!(SqEntry, cdw10), 40);
 const_assert_eq!(offset_of!(SqEntry, cdw15), 60);
 
 impl SqEntry {
+    /// An entry with `opcode`, command id `cid` and `nsid`; everything else zero.
     pub fn new(opcode: u8, cid: u16, nsid: u32) -> Self {
         Self {
             cdw0: opcode as u32 | ((cid as u32) << 16),
@@ -149,12 +347,15 @@ impl SqEntry {
             ..Self::new(opcode, cid, nsid)
         }
     }
+    /// The opcode (CDW0 bits 7:0).
     pub fn opcode(&self) -> u8 {
         self.cdw0 as u8
     }
+    /// The command identifier (CDW0 bits 31:16).
     pub fn cid(&self) -> u16 {
         (self.cdw0 >> 16) as u16
     }
+    /// Sets the command identifier.
     pub fn set_cid(&mut self, cid: u16) {
         self.cdw0 = (self.cdw0 & 0xFFFF) | ((cid as u32) << 16);
     }
@@ -168,9 +369,13 @@ impl SqEntry {
 pub struct CqEntry {
     /// Command specific result.
     pub dw0: u32,
+    /// Dword 1 (reserved or command specific).
     pub dw1: u32,
+    /// SQ head pointer: how far the controller has consumed the submission queue.
     pub sq_head: u16,
+    /// The submission queue the command came from.
     pub sq_id: u16,
+    /// The command identifier of the completed command.
     pub cid: u16,
     /// Phase tag (bit 0) and status field (15:1).
     pub status: u16,
@@ -186,9 +391,11 @@ pub const CQE_CID_OFFSET: usize = 12;
 const_assert_eq!(offset_of!(CqEntry, cid), CQE_CID_OFFSET);
 
 impl CqEntry {
+    /// The phase tag (status bit 0).
     pub fn phase(&self) -> bool {
         self.status & 1 != 0
     }
+    /// The status field, decoded (phase bit ignored).
     pub fn status(&self) -> Status {
         Status::from_field(self.status)
     }
@@ -196,36 +403,55 @@ impl CqEntry {
 
 /// Admin opcodes.
 pub mod admin_op {
+    /// Delete I/O Submission Queue.
     pub const DELETE_IO_SQ: u8 = 0x00;
+    /// Create I/O Submission Queue.
     pub const CREATE_IO_SQ: u8 = 0x01;
+    /// Get Log Page.
     pub const GET_LOG_PAGE: u8 = 0x02;
+    /// Delete I/O Completion Queue.
     pub const DELETE_IO_CQ: u8 = 0x04;
+    /// Create I/O Completion Queue.
     pub const CREATE_IO_CQ: u8 = 0x05;
+    /// Identify.
     pub const IDENTIFY: u8 = 0x06;
+    /// Abort.
     pub const ABORT: u8 = 0x08;
+    /// Set Features.
     pub const SET_FEATURES: u8 = 0x09;
+    /// Get Features.
     pub const GET_FEATURES: u8 = 0x0A;
+    /// Doorbell Buffer Config (shadow doorbells).
     pub const DOORBELL_BUFFER_CONFIG: u8 = 0x7C;
 }
 
 /// NVM command set opcodes.
 pub mod io_op {
+    /// Flush.
     pub const FLUSH: u8 = 0x00;
+    /// Write.
     pub const WRITE: u8 = 0x01;
+    /// Read.
     pub const READ: u8 = 0x02;
+    /// Write Zeroes.
     pub const WRITE_ZEROES: u8 = 0x08;
+    /// Dataset Management (deallocate).
     pub const DATASET_MANAGEMENT: u8 = 0x09;
 }
 
 /// Identify CNS values.
 pub mod cns {
+    /// Identify Namespace (for one NSID).
     pub const NAMESPACE: u32 = 0x00;
+    /// Identify Controller.
     pub const CONTROLLER: u32 = 0x01;
+    /// Active Namespace ID list.
     pub const ACTIVE_NS_LIST: u32 = 0x02;
 }
 
 /// Feature identifiers.
 pub mod feature {
+    /// Number of Queues (I/O SQs and CQs, 0-based, in CDW11).
     pub const NUMBER_OF_QUEUES: u32 = 0x07;
 }
 
@@ -233,30 +459,45 @@ pub mod feature {
 #[repr(C)]
 #[derive(Clone, FromBytes, IntoBytes, Immutable, KnownLayout)]
 pub struct IdentifyController {
+    /// PCI vendor ID.
     pub vid: U16,
+    /// PCI subsystem vendor ID.
     pub ssvid: U16,
+    /// Serial number (ASCII, space padded).
     pub sn: [u8; 20],
+    /// Model number (ASCII, space padded).
     pub mn: [u8; 40],
+    /// Firmware revision (ASCII, space padded).
     pub fr: [u8; 8],
+    /// Recommended arbitration burst.
     pub rab: u8,
+    /// IEEE OUI identifier.
     pub ieee: [u8; 3],
+    /// Controller multi-path I/O and namespace sharing capabilities.
     pub cmic: u8,
     /// Maximum data transfer size, 2^n units of CAP.MPSMIN; 0 = no limit.
     pub mdts: u8,
+    /// Controller ID.
     pub cntlid: U16,
+    /// Version (same layout as the VS register, [`Vs`]).
     pub ver: U32,
     _rsvd84: [u8; 172],
     /// Optional admin command support; bit 8 = Doorbell Buffer Config.
     pub oacs: U16,
     _rsvd258: [u8; 254],
+    /// SQ entry size: required (3:0) and maximum (7:4), log2 bytes.
     pub sqes: u8,
+    /// CQ entry size: required (3:0) and maximum (7:4), log2 bytes.
     pub cqes: u8,
+    /// Maximum outstanding commands (0 = not reported).
     pub maxcmd: U16,
     /// Number of namespaces (highest valid NSID).
     pub nn: U32,
     /// Optional NVM command support; bit 2 = DSM, bit 3 = Write Zeroes.
     pub oncs: U16,
+    /// Fused operation support.
     pub fuses: U16,
+    /// Format NVM attributes.
     pub fna: u8,
     /// Volatile write cache present (bit 0).
     pub vwc: u8,
@@ -274,8 +515,11 @@ const_assert_eq!(offset_of!(IdentifyController, nn), 516);
 const_assert_eq!(offset_of!(IdentifyController, oncs), 520);
 const_assert_eq!(offset_of!(IdentifyController, vwc), 525);
 
+/// OACS bit: Doorbell Buffer Config supported.
 pub const OACS_DOORBELL_BUFFER_CONFIG: u16 = 1 << 8;
+/// ONCS bit: Dataset Management supported.
 pub const ONCS_DSM: u16 = 1 << 2;
+/// ONCS bit: Write Zeroes supported.
 pub const ONCS_WRITE_ZEROES: u16 = 1 << 3;
 
 /// LBA Format data structure (4 bytes).
@@ -299,16 +543,22 @@ pub struct IdentifyNamespace {
     pub nsze: U64,
     /// Namespace capacity in logical blocks.
     pub ncap: U64,
+    /// Namespace utilization in logical blocks.
     pub nuse: U64,
+    /// Namespace features.
     pub nsfeat: u8,
     /// Number of LBA formats, 0-based.
     pub nlbaf: u8,
     /// Formatted LBA size: index (3:0, and 6:5 as upper bits), extended-LBA metadata (bit 4).
     pub flbas: u8,
+    /// Metadata capabilities.
     pub mc: u8,
+    /// End-to-end data protection capabilities.
     pub dpc: u8,
+    /// End-to-end data protection type settings.
     pub dps: u8,
     _rsvd30: [u8; 98],
+    /// The LBA formats (NLBAF + 1 of them valid).
     pub lbaf: [LbaFormat; 64],
     _rsvd384: [u8; 3712],
 }
@@ -321,18 +571,26 @@ const_assert_eq!(offset_of!(IdentifyNamespace, lbaf), 128);
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
 pub struct DsmRange {
+    /// Context attributes (0: none).
     pub cattr: u32,
+    /// Length in logical blocks (1-based).
     pub nlb: u32,
+    /// Starting LBA.
     pub slba: u64,
 }
 const_assert_eq!(size_of::<DsmRange>(), 16);
 
 /// Status code types.
 pub mod sct {
+    /// Generic command status.
     pub const GENERIC: u8 = 0;
+    /// Command specific status.
     pub const COMMAND_SPECIFIC: u8 = 1;
+    /// Media and data integrity errors.
     pub const MEDIA: u8 = 2;
+    /// Path related status.
     pub const PATH: u8 = 3;
+    /// Vendor specific.
     pub const VENDOR: u8 = 7;
 }
 
@@ -356,34 +614,59 @@ pub struct Status {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum StatusKind {
+    /// Successful completion.
     Success,
+    /// Invalid command opcode.
     InvalidOpcode,
+    /// Invalid field in command.
     InvalidField,
+    /// Command ID conflict.
     CommandIdConflict,
+    /// Data transfer error.
     DataTransferError,
+    /// Commands aborted due to power loss notification.
     AbortedPowerLoss,
+    /// Internal error.
     InternalError,
+    /// Command abort requested.
     AbortRequested,
+    /// Command aborted due to SQ deletion.
     AbortedSqDeletion,
+    /// Invalid namespace or format.
     InvalidNamespace,
+    /// LBA out of range.
     LbaOutOfRange,
+    /// Capacity exceeded.
     CapacityExceeded,
+    /// Namespace not ready.
     NamespaceNotReady,
+    /// Invalid queue identifier (Create I/O queue).
     InvalidQueueId,
+    /// Invalid queue size (Create I/O queue).
     InvalidQueueSize,
+    /// Write fault (media).
     WriteFault,
+    /// Unrecovered read error (media).
     UnrecoveredRead,
+    /// End-to-end guard, application or reference tag check error, or compare failure.
     IntegrityError,
+    /// Access denied (media).
     AccessDenied,
+    /// Namespace or LBA range is write protected.
     WriteProtected,
+    /// Command interrupted (retry).
     CommandInterrupted,
+    /// Transient transport error.
     TransientTransport,
+    /// Format in progress.
     FormatInProgress,
+    /// Reservation conflict.
     ReservationConflict,
     /// Path-related status a retry may fix (internal path error, ANA transition, pathing errors).
     PathTransient,
     /// Path-related status a retry on this controller will not fix (ANA loss / inaccessible).
     PathError,
+    /// Any other status.
     Other,
 }
 
@@ -408,6 +691,7 @@ impl Status {
             | ((self.dnr as u16) << 15)
     }
 
+    /// `true` for Successful Completion (SCT 0, SC 0).
     pub fn is_success(&self) -> bool {
         self.sct == 0 && self.sc == 0
     }
@@ -417,6 +701,7 @@ impl Status {
         ((self.sct as u16) << 8) | self.sc as u16
     }
 
+    /// What the status means, for the codes Keel distinguishes.
     pub fn kind(&self) -> StatusKind {
         use StatusKind::*;
         match (self.sct, self.sc) {
@@ -573,15 +858,90 @@ mod tests {
 
     #[test]
     fn cap_decode() {
-        let cap = Cap {
-            raw: 0x0000_0020_1400_07FF | (1 << 37) | (2u64 << 32),
-        };
+        // MQES 0x7FF, CQR, AMS 0b01, TO 0x14, DSTRD 2, NSSRS, CSS = NVM, MPSMIN 0, MPSMAX 4.
+        let raw = 0x07FF | 1 << 16 | 1 << 17 | 0x14 << 24 | 2 << 32 | 1 << 36 | 1 << 37 | 4 << 52;
+        let cap = Cap::from_bits(raw);
+        assert_eq!(cap.mqes(), 0x7FF);
         assert_eq!(cap.max_queue_entries(), 2048);
+        assert!(cap.cqr());
+        assert_eq!(cap.ams(), 1);
+        assert_eq!(cap.to(), 0x14);
         assert_eq!(cap.timeout_ms(), 0x14 * 500);
+        assert_eq!(cap.dstrd(), 2);
         assert_eq!(cap.doorbell_stride(), 16);
+        assert!(cap.nssrs());
+        assert_eq!(cap.css(), 1);
         assert!(cap.css_nvm());
+        assert!(!cap.bps());
         assert_eq!(cap.mps_min(), 4096);
+        assert_eq!(cap.mps_max(), 64 * 1024);
+        assert!(!cap.pmrs() && !cap.cmbs());
+        assert_eq!(cap.into_bits(), raw);
+        // Each single-bit field at its own bit, nothing else set.
+        assert!(Cap::from_bits(1 << 56).pmrs());
+        assert!(Cap::from_bits(1 << 57).cmbs());
+        assert!(Cap::from_bits(1 << 45).bps());
+        assert_eq!(Cap::from_bits(0xF << 48).mpsmin(), 0xF);
+        assert_eq!(Cap::from_bits(0xF << 48).mpsmax(), 0);
         assert_eq!(sq_doorbell(1, 4), 0x1008);
         assert_eq!(cq_doorbell(1, 4), 0x100C);
+    }
+
+    #[test]
+    fn vs_decode() {
+        let vs = Vs::from_bits(0x0001_0400);
+        assert_eq!((vs.mjr(), vs.mnr(), vs.ter()), (1, 4, 0));
+        assert!(vs.at_least(1, 1) && vs.at_least(1, 4) && !vs.at_least(1, 5));
+        assert!(!Vs::from_bits(0x0001_0000).at_least(1, 1));
+        assert!(Vs::from_bits(0x0002_0000).at_least(1, 4));
+        assert_eq!(Vs::from_bits(0x0001_0203).ter(), 3);
+    }
+
+    #[test]
+    fn cc_encode() {
+        let cc = Cc::new()
+            .with_en(true)
+            .with_css(Cc::CSS_NVM)
+            .with_mps(0)
+            .with_ams(Cc::AMS_ROUND_ROBIN)
+            .with_iosqes(SQES_LOG2 as u8)
+            .with_iocqes(CQES_LOG2 as u8);
+        assert_eq!(cc.into_bits(), 0x0046_0001);
+        assert_eq!(cc.with_shn(Shn::Normal).into_bits(), 0x0046_4001);
+        assert_eq!(cc.with_shn(Shn::Abrupt).into_bits(), 0x0046_8001);
+        assert_eq!(Cc::new().with_css(7).into_bits(), 7 << 4);
+        assert_eq!(Cc::new().with_mps(0xF).into_bits(), 0xF << 7);
+        assert_eq!(Cc::new().with_ams(7).into_bits(), 7 << 11);
+        // Decoding keeps reserved bits (a read-modify-write preserves them).
+        let read = Cc::from_bits(0xFF00_4001);
+        assert!(read.en());
+        assert_eq!(read.shn(), Shn::Normal);
+        assert_eq!(read.with_en(false).into_bits(), 0xFF00_4000);
+    }
+
+    #[test]
+    fn csts_decode() {
+        let c = Csts::from_bits(0b1001);
+        assert!(c.rdy() && !c.cfs());
+        assert_eq!(c.shst(), Shst::Complete);
+        assert!(!c.fatal());
+        assert!(Csts::from_bits(0b10).fatal());
+        assert_eq!(Csts::from_bits(0b0100).shst(), Shst::Occurring);
+        assert!(Csts::from_bits(1 << 4).nssro());
+        assert!(Csts::from_bits(1 << 5).pp());
+        let gone = Csts::from_bits(u32::MAX);
+        assert!(gone.device_gone() && gone.fatal());
+    }
+
+    #[test]
+    fn aqa_encode() {
+        let aqa = Aqa::new().with_asqs(31).with_acqs(15);
+        assert_eq!(aqa.into_bits(), 0x000F_001F);
+        assert_eq!(
+            Aqa::new().with_asqs(0xFFF).with_acqs(0xFFF).into_bits(),
+            0x0FFF_0FFF
+        );
+        let read = Aqa::from_bits(0xFFFF_FFFF);
+        assert_eq!((read.asqs(), read.acqs()), (0xFFF, 0xFFF));
     }
 }

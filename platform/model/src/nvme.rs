@@ -182,6 +182,69 @@ fn lock(st: &Mutex<State>) -> MutexGuard<'_, State> {
 
 const BAR_LEN: usize = 0x4000;
 
+/// Controller registers as the model decodes them: on its own, from the spec's bit positions,
+/// not with keel-nvme's register types (keel-model does not depend on keel-nvme; and a layout
+/// mistake in the driver's types then shows up as a disagreement with the model in tests).
+mod regs {
+    pub const CAP: usize = 0x00;
+    pub const VS: usize = 0x08;
+    pub const CC: usize = 0x14;
+    pub const CSTS: usize = 0x1C;
+    pub const AQA: usize = 0x24;
+    pub const ASQ: usize = 0x28;
+    pub const ACQ: usize = 0x30;
+    pub const DOORBELLS: usize = 0x1000;
+
+    /// What the model reports in VS: NVMe 1.4.0.
+    pub const VERSION_1_4: u32 = 1 << 16 | 4 << 8;
+
+    /// `width` bits of `v` from bit `lo` up.
+    pub const fn field(v: u32, lo: u32, width: u32) -> u32 {
+        (v >> lo) & ((1 << width) - 1)
+    }
+
+    // CAP bit positions.
+    pub const CAP_CQR: u32 = 16;
+    pub const CAP_TO: u32 = 24;
+    pub const CAP_DSTRD: u32 = 32;
+    pub const CAP_CSS: u32 = 37;
+    pub const CAP_MPSMAX: u32 = 52;
+
+    /// CC as the model reads it.
+    pub struct Cc {
+        pub en: bool,
+        pub css: u32,
+        pub mps: u32,
+        pub shn: u32,
+        pub iosqes: u32,
+        pub iocqes: u32,
+    }
+
+    impl Cc {
+        pub fn decode(v: u32) -> Self {
+            Self {
+                en: field(v, 0, 1) != 0,
+                css: field(v, 4, 3),
+                mps: field(v, 7, 4),
+                shn: field(v, 14, 2),
+                iosqes: field(v, 16, 4),
+                iocqes: field(v, 20, 4),
+            }
+        }
+    }
+
+    pub const CSTS_RDY: u32 = 1 << 0;
+    pub const CSTS_CFS: u32 = 1 << 1;
+    pub const CSTS_SHST_MASK: u32 = 3 << 2;
+    pub const CSTS_SHST_COMPLETE: u32 = 2 << 2;
+
+    /// AQA: (ASQS, ACQS), both 0-based.
+    pub fn aqa(v: u32) -> (u32, u32) {
+        (field(v, 0, 12), field(v, 16, 12))
+    }
+}
+use regs::{CSTS_CFS, CSTS_RDY};
+
 impl NvmeModel {
     pub fn new(cfg: ModelConfig, mem: HostDma) -> Self {
         let disks = cfg
@@ -373,16 +436,16 @@ impl keel_hal::Mmio for ModelMmio {
     fn read32(&self, offset: usize) -> u32 {
         let st = lock(&self.st);
         match offset {
-            0x00 => st.cap() as u32,
-            0x04 => (st.cap() >> 32) as u32,
-            0x08 => 0x0001_0400,
-            0x14 => st.cc,
-            0x1C => st.csts,
-            0x24 => st.aqa,
-            0x28 => st.asq as u32,
-            0x2C => (st.asq >> 32) as u32,
-            0x30 => st.acq as u32,
-            0x34 => (st.acq >> 32) as u32,
+            regs::CAP => st.cap() as u32,
+            o if o == regs::CAP + 4 => (st.cap() >> 32) as u32,
+            regs::VS => regs::VERSION_1_4,
+            regs::CC => st.cc,
+            regs::CSTS => st.csts,
+            regs::AQA => st.aqa,
+            regs::ASQ => st.asq as u32,
+            o if o == regs::ASQ + 4 => (st.asq >> 32) as u32,
+            regs::ACQ => st.acq as u32,
+            o if o == regs::ACQ + 4 => (st.acq >> 32) as u32,
             _ => 0,
         }
     }
@@ -390,20 +453,20 @@ impl keel_hal::Mmio for ModelMmio {
     fn write32(&self, offset: usize, value: u32) {
         let mut st = lock(&self.st);
         match offset {
-            0x14 => st.write_cc(value),
-            0x24 => st.aqa = value,
-            0x28 => st.asq = (st.asq & !0xFFFF_FFFF) | value as u64,
-            0x2C => st.asq = (st.asq & 0xFFFF_FFFF) | ((value as u64) << 32),
-            0x30 => st.acq = (st.acq & !0xFFFF_FFFF) | value as u64,
-            0x34 => st.acq = (st.acq & 0xFFFF_FFFF) | ((value as u64) << 32),
-            o if (0x1000..BAR_LEN).contains(&o) => st.doorbell(o, value),
+            regs::CC => st.write_cc(value),
+            regs::AQA => st.aqa = value,
+            regs::ASQ => st.asq = (st.asq & !0xFFFF_FFFF) | value as u64,
+            o if o == regs::ASQ + 4 => st.asq = (st.asq & 0xFFFF_FFFF) | ((value as u64) << 32),
+            regs::ACQ => st.acq = (st.acq & !0xFFFF_FFFF) | value as u64,
+            o if o == regs::ACQ + 4 => st.acq = (st.acq & 0xFFFF_FFFF) | ((value as u64) << 32),
+            o if (regs::DOORBELLS..BAR_LEN).contains(&o) => st.doorbell(o, value),
             _ => {}
         }
     }
 
     fn read64(&self, offset: usize) -> u64 {
         match offset {
-            0x00 => lock(&self.st).cap(),
+            regs::CAP => lock(&self.st).cap(),
             _ => self.read32(offset) as u64 | ((self.read32(offset + 4) as u64) << 32),
         }
     }
@@ -454,12 +517,13 @@ impl State {
     }
 
     fn cap(&self) -> u64 {
-        self.cfg.mqes as u64
-            | (1 << 16) // CQR
-            | (20 << 24) // TO = 10 s
-            | ((self.cfg.dstrd as u64 & 0xF) << 32)
-            | (1 << 37) // CSS: NVM
-            | (4u64 << 52) // MPSMAX = 64 KiB
+        use regs::*;
+        self.cfg.mqes as u64 // MQES
+            | (1 << CAP_CQR)
+            | (20 << CAP_TO) // 10 s
+            | ((self.cfg.dstrd as u64 & 0xF) << CAP_DSTRD)
+            | (1 << CAP_CSS) // bit 0: the NVM command set
+            | (4u64 << CAP_MPSMAX) // 64 KiB; MPSMIN = 0: 4 KiB
     }
 
     fn note(&mut self, s: String) {
@@ -467,28 +531,27 @@ impl State {
     }
 
     fn write_cc(&mut self, v: u32) {
-        let was = self.cc & 1;
+        let was = regs::Cc::decode(self.cc).en;
         self.cc = v;
-        if was == 0 && v & 1 == 1 {
-            let iosqes = (v >> 16) & 0xF;
-            let iocqes = (v >> 20) & 0xF;
+        let cc = regs::Cc::decode(v);
+        if !was && cc.en {
             if self.fault == Fault::FatalOnEnable {
-                self.csts |= 2;
+                self.csts |= CSTS_CFS;
                 return;
             }
-            if (v >> 7) & 0xF != 0 || (v >> 4) & 7 != 0 {
+            if cc.mps != 0 || cc.css != 0 {
                 self.note(format!("CC: unsupported MPS/CSS {v:#x}"));
-                self.csts |= 2;
+                self.csts |= CSTS_CFS;
                 return;
             }
-            if iosqes != 6 || iocqes != 4 {
-                self.note(format!("CC: IOSQES {iosqes} IOCQES {iocqes}"));
+            if cc.iosqes != 6 || cc.iocqes != 4 {
+                self.note(format!("CC: IOSQES {} IOCQES {}", cc.iosqes, cc.iocqes));
             }
-            let sqs = (self.aqa & 0xFFF) as u16 + 1;
-            let cqs = ((self.aqa >> 16) & 0xFFF) as u16 + 1;
+            let (asqs, acqs) = regs::aqa(self.aqa);
+            let (sqs, cqs) = (asqs as u16 + 1, acqs as u16 + 1);
             if self.asq % PAGE != 0 || self.acq % PAGE != 0 || sqs < 2 || cqs < 2 {
                 self.note("CC.EN with bad admin queue registers".into());
-                self.csts |= 2;
+                self.csts |= CSTS_CFS;
                 return;
             }
             self.sqs.insert(
@@ -515,26 +578,26 @@ impl State {
             self.csts = if self.fault == Fault::NeverReady {
                 0
             } else {
-                1
+                CSTS_RDY
             };
-        } else if was == 1 && v & 1 == 0 {
+        } else if was && !cc.en {
             self.sqs.clear();
             self.cqs.clear();
             self.dbbuf = None;
             self.granted = 0;
             self.csts = 0;
-        } else if v & 1 == 1 && (v >> 14) & 3 != 0 {
-            self.csts = (self.csts & !(3 << 2)) | (2 << 2); // shutdown complete
+        } else if cc.en && cc.shn != 0 {
+            self.csts = (self.csts & !regs::CSTS_SHST_MASK) | regs::CSTS_SHST_COMPLETE;
         }
     }
 
     fn doorbell(&mut self, off: usize, value: u32) {
-        let idx = (off - 0x1000) / self.stride();
+        let idx = (off - regs::DOORBELLS) / self.stride();
         let qid = (idx / 2) as u16;
-        if (off - 0x1000) % self.stride() != 0 {
+        if (off - regs::DOORBELLS) % self.stride() != 0 {
             return;
         }
-        if self.csts & 1 == 0 || self.csts & 2 != 0 {
+        if self.csts & CSTS_RDY == 0 || self.csts & CSTS_CFS != 0 {
             return;
         }
         if idx % 2 == 0 {
@@ -549,7 +612,7 @@ impl State {
             }
             sq.tail = value as u16;
             if qid != 0 && self.fault == Fault::FatalStatus {
-                self.csts |= 2;
+                self.csts |= CSTS_CFS;
                 return;
             }
             self.process_sq(qid);
@@ -620,7 +683,7 @@ impl State {
             return;
         }
         loop {
-            if self.csts & 2 != 0 {
+            if self.csts & CSTS_CFS != 0 {
                 return;
             }
             let Some(sq) = self.sqs.get_mut(&qid) else {
@@ -635,7 +698,7 @@ impl State {
             let mut cmd = [0u8; 64];
             if self.mem.read(addr, &mut cmd).is_err() {
                 self.note(format!("SQ {qid}: entry at {addr:#x} not in DMA memory"));
-                self.csts |= 2;
+                self.csts |= CSTS_CFS;
                 return;
             }
             let mut cid = le16(&cmd, 2);
@@ -833,7 +896,7 @@ impl State {
                 pad(&mut d[24..64], "Keel NVMe Model");
                 pad(&mut d[64..72], "1.0");
                 d[77] = self.cfg.mdts;
-                d[80..84].copy_from_slice(&0x0001_0400u32.to_le_bytes());
+                d[80..84].copy_from_slice(&regs::VERSION_1_4.to_le_bytes());
                 let oacs: u16 = if self.cfg.doorbell_buffer { 1 << 8 } else { 0 };
                 d[256..258].copy_from_slice(&oacs.to_le_bytes());
                 d[512] = 0x66;

@@ -1,5 +1,5 @@
 //! Fuzz harness shared by the libFuzzer target (`fuzz_targets/device_responses.rs`) and the
-//! seeded run in `platform/model/tests/hostile.rs`: the input bytes decide what the device
+//! seeded run in `crates/nvme/tests/hostile.rs`: the input bytes decide what the device
 //! answers (Identify contents, MDTS, faults, injected completions with arbitrary CID / SQID /
 //! SQ head / status, timing, resets) while the driver does I/O. Invariants checked (a panic is a
 //! finding): no panic or out-of-bounds access in the driver, every loop bounded, each tag
