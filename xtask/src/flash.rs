@@ -279,7 +279,17 @@ pub fn make_sized(
 ) -> Result<Header> {
     let elf = fs::read(fw).with_context(|| format!("reading {}", fw.display()))?;
     let image = build_image_sized(&elf, job, size)?;
-    write_image(out, &image, force)
+    let h = write_image(out, &image, force)?;
+    // The unstripped ELF beside the image: `cargo xtask run --image` decodes its logs with it.
+    fs::write(elf_beside(out), &elf)?;
+    Ok(h)
+}
+
+/// Where [`make`] keeps the ELF an image was built from: `<image>.elf`.
+pub fn elf_beside(image: &Path) -> PathBuf {
+    let mut p = image.as_os_str().to_owned();
+    p.push(".elf");
+    PathBuf::from(p)
 }
 
 pub fn flash(args: FlashArgs) -> Result<()> {

@@ -198,7 +198,7 @@ struct FlashBoot {
 
 fn run(vm: qemu::VmOpts, boot: FlashBoot, job: Vec<String>) -> Result<()> {
     qemu::ensure_qemu()?;
-    let fw = build_firmware()?;
+    let mut fw = build_firmware()?;
     let work = work_dir();
     std::fs::create_dir_all(&work)?;
     let (accel, why) = qemu::choose_accel(vm.accel, &fw, &work);
@@ -223,6 +223,12 @@ fn run(vm: qemu::VmOpts, boot: FlashBoot, job: Vec<String>) -> Result<()> {
         (false, Some(img)) => {
             let (h, bytes) = flash::verify_file(&img)?;
             let stored = keel_flashimg::config(&bytes)?.to_string();
+            // The ELF the image was built from, kept beside it by `cargo xtask flash`, decodes
+            // its defmt logs; otherwise the current build's.
+            let beside = flash::elf_beside(&img);
+            if std::fs::read(&beside).is_ok_and(|e| keel_flashimg::build_id(&e) == h.build_id) {
+                fw = beside;
+            }
             let elf = std::fs::read(&fw)?;
             if keel_flashimg::build_id(&elf) != h.build_id {
                 eprintln!(

@@ -393,7 +393,8 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             .with_ams(Cc::AMS_ROUND_ROBIN)
             .with_iosqes(spec::SQES_LOG2 as u8)
             .with_iocqes(spec::CQES_LOG2 as u8);
-        fence(Ordering::SeqCst);
+        // The admin queues' memory before CC.EN lets the controller read it.
+        self.mmio.doorbell_barrier();
         self.set_cc(cc);
         self.wait_csts(|c| c.rdy(), Step::Enable)
     }
@@ -409,7 +410,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         sqe.set_cid(cid);
         self.admin.sq.write(self.admin.tail as usize * 64, &sqe)?;
         self.admin.tail = (self.admin.tail + 1) % ADMIN_DEPTH;
-        fence(Ordering::SeqCst);
+        self.mmio.doorbell_barrier();
         self.admin_doorbell(false, self.admin.tail);
         self.stats.commands += 1;
         let deadline = self
@@ -461,7 +462,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             // Keep the admin shadow in step too, but always ring: controllers differ on whether
             // the admin queue uses the shadow buffer.
             let _ = db.write_u32(if cq { self.stride } else { 0 }, value as u32);
-            fence(Ordering::SeqCst);
+            self.mmio.doorbell_barrier();
         }
         let off = if cq {
             spec::cq_doorbell(0, self.stride)

@@ -754,10 +754,14 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     }
 
     fn ring(&mut self, cq: bool, new: u16, old: u16) {
-        fence(Ordering::SeqCst);
+        // The SQ entries (and PRP lists, and a write's data) must reach the device before it
+        // sees the new tail: the board's barrier (keel-hal, "Doorbell ordering").
+        self.mmio.doorbell_barrier();
         if let Some((db, ei)) = &self.shadow {
             let off = if cq { self.stride } else { 0 };
             let _ = db.write_u32(off, new as u32);
+            // A store to the shadow doorbell, then a load of EventIdx, both in DMA memory:
+            // store-to-load order needs a full fence on every CPU (x86 included).
             fence(Ordering::SeqCst);
             let event = ei.read_u16(off).unwrap_or(old);
             if !spec::shadow_needs_mmio(event, new, old) {
