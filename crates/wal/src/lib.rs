@@ -32,9 +32,10 @@
 //!   "Valid records of the same epoch follow the bad one" is *not* used as the test: a power cut
 //!   may keep any subset of the unflushed writes, so a hole followed by valid records of the
 //!   current epoch is an ordinary torn tail.
-//!   Before anything new is written it bumps the superblock epoch and flushes it, so records left
-//!   behind a discarded tail by an earlier session (lower epoch) can never be mistaken for the
-//!   continuation of a later one. [`Wal::format`] starts a new `format_epoch` above the old
+//!   Before anything new is written it flushes (the records it found may sit in the device's
+//!   volatile cache), then writes the superblock with a bumped epoch and the recovered end as
+//!   the acknowledged end, and flushes it, so records left behind a discarded tail by an
+//!   earlier session (lower epoch) can never be mistaken for the continuation of a later one. [`Wal::format`] starts a new `format_epoch` above the old
 //!   superblock's epoch and above the epoch of any old record 0, so an older log stays invisible
 //!   even when its superblock was destroyed.
 //! * [`Wal::next`] iterates acknowledged records from any [`Cursor`] (the start, or an
@@ -356,8 +357,11 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Wal<Q, C, K> {
             });
         }
         let epoch = e.checked_add(1).ok_or(Error::Config)?;
-        // The recovered records become the acknowledged end: the Flush below makes them
-        // durable (they may have been read from a volatile cache) before it is recorded.
+        // The recovered records become the acknowledged end. They may have been read from the
+        // device's volatile cache (after a reboot without power loss): make them durable
+        // before the superblock claims them, or a power cut between the superblock write and
+        // its Flush could keep the claim and lose the records.
+        w.device_flush()?;
         let nsb = Super {
             format_epoch: fe,
             epoch,
