@@ -4,8 +4,8 @@
 //! The log owns `lba_count` blocks from `lba_start` of one namespace:
 //! * block `lba_start` is the **superblock**: magic, `format_epoch`, `epoch`, CRC32C over those
 //!   (bytes `0..20`), then the **acknowledged end** (`ack magic u64 | seq u64 | offset u64`) and a
-//!   CRC32C over bytes `0..44`. A superblock without the second part (an older layout) records
-//!   the acknowledged end as 0;
+//!   CRC32C over bytes `0..44`. A superblock without the second part (the older layout) is read
+//!   as recording an acknowledged end of 0;
 //! * the rest is a [`keel_writer::Writer`] byte stream of back-to-back **records**:
 //!   a 24-byte header (`magic u32 | len u32 | seq u64 | epoch u32 | crc u32`, little endian)
 //!   then `len` payload bytes. `crc` is CRC32C (`CRC_32_ISCSI`) over the record's stream offset,
@@ -35,9 +35,10 @@
 //!   Before anything new is written it flushes (the records it found may sit in the device's
 //!   volatile cache), then writes the superblock with a bumped epoch and the recovered end as
 //!   the acknowledged end, and flushes it, so records left behind a discarded tail by an
-//!   earlier session (lower epoch) can never be mistaken for the continuation of a later one. [`Wal::format`] starts a new `format_epoch` above the old
-//!   superblock's epoch and above the epoch of any old record 0, so an older log stays invisible
-//!   even when its superblock was destroyed.
+//!   earlier session (lower epoch) can never be mistaken for the continuation of a later one.
+//!   [`Wal::format`] starts a new `format_epoch` above the old superblock's epoch and above the
+//!   epoch of any old record 0, so an older log stays invisible even when its superblock was
+//!   destroyed.
 //! * [`Wal::next`] iterates acknowledged records from any [`Cursor`] (the start, or an
 //!   acknowledged record's [`Lsn`]).
 //!
