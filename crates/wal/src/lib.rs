@@ -2,7 +2,10 @@
 //!
 //! ## Layout
 //! The log owns `lba_count` blocks from `lba_start` of one namespace:
-//! * block `lba_start` is the **superblock**: magic, `format_epoch`, `epoch`, CRC32C;
+//! * block `lba_start` is the **superblock**: magic, `format_epoch`, `epoch`, CRC32C over those
+//!   (bytes `0..20`), then the **acknowledged end** (`ack magic u64 | seq u64 | offset u64`) and a
+//!   CRC32C over bytes `0..44`. A superblock without the second part (the older layout) is read
+//!   as recording an acknowledged end of 0;
 //! * the rest is a [`keel_writer::Writer`] byte stream of back-to-back **records**:
 //!   a 24-byte header (`magic u32 | len u32 | seq u64 | epoch u32 | crc u32`, little endian)
 //!   then `len` payload bytes. `crc` is CRC32C (`CRC_32_ISCSI`) over the record's stream offset,
@@ -12,20 +15,41 @@
 //! * [`Wal::append`] buffers a record (sequence numbers are dense from 0) and returns its
 //!   [`Lsn`]. It is **not acknowledged** yet.
 //! * [`Wal::sync`] writes everything out, waits for the writes, issues a device Flush and waits
-//!   for it; only then are the records acknowledged ([`Wal::acked`]).
+//!   for it, then records the new acknowledged end in the superblock (one block write, not
+//!   flushed: it becomes durable with the next Flush); only then are the records acknowledged
+//!   ([`Wal::acked`]). The end is written only *after* the Flush completed, so the superblock
+//!   never claims a record the device might not hold; a power cut may lose that write, and the
+//!   superblock then holds an older (smaller, still true) end.
 //! * [`Wal::open`] (recovery) scans from the start and accepts the longest prefix of records
 //!   whose header, CRC, sequence (previous + 1) and epoch (`format_epoch <= epoch <=` superblock
-//!   epoch, non-decreasing) are valid; a torn or partial tail ends the scan and is discarded.
-//!   Before anything new is written it bumps the superblock epoch and flushes it, so records left
-//!   behind a discarded tail by an earlier session (lower epoch) can never be mistaken for the
-//!   continuation of a later one. [`Wal::format`] starts a new `format_epoch` above the old
-//!   superblock's epoch and above the epoch of any old record 0, so an older log stays invisible
-//!   even when its superblock was destroyed.
+//!   epoch, non-decreasing) are valid. Where the scan stops decides what it found:
+//!   - at or past the superblock's acknowledged end: a **torn tail** (writes that were never
+//!     acknowledged, possibly with holes and valid records behind them); it is discarded;
+//!   - before it: an **acknowledged record is corrupt** (media corruption, a lost write). `open`
+//!     fails with [`Error::CorruptAcked`] naming the record's [`Lsn`] and writes nothing, so no
+//!     append can ever overwrite the acknowledged records behind it.
+//!
+//!   "Valid records of the same epoch follow the bad one" is *not* used as the test: a power cut
+//!   may keep any subset of the unflushed writes, so a hole followed by valid records of the
+//!   current epoch is an ordinary torn tail.
+//!   Before anything new is written it flushes (the records it found may sit in the device's
+//!   volatile cache), then writes the superblock with a bumped epoch and the recovered end as
+//!   the acknowledged end, and flushes it, so records left behind a discarded tail by an
+//!   earlier session (lower epoch) can never be mistaken for the continuation of a later one.
+//!   [`Wal::format`] starts a new `format_epoch` above the old superblock's epoch and above the
+//!   epoch of any old record 0, so an older log stays invisible even when its superblock was
+//!   destroyed.
 //! * [`Wal::next`] iterates acknowledged records from any [`Cursor`] (the start, or an
 //!   acknowledged record's [`Lsn`]).
 //!
 //! ## Guarantees
-//! * Every record acknowledged by a completed `sync` is returned by recovery, in order.
+//! * Every record acknowledged by a completed `sync` is returned by recovery, in order, or
+//!   recovery fails with a typed error: it never silently drops an acknowledged record below the
+//!   superblock's acknowledged end. That end is the last `sync`'s unless a power cut lost its
+//!   superblock write (then it is an earlier sync's): corruption inside the records of that last
+//!   sync is then indistinguishable from a torn tail, and is cut like one. With one Flush per
+//!   sync this window cannot be closed: a claim written before the Flush could be kept while the
+//!   records it names are lost.
 //! * Recovery never returns a corrupt record. With a device that drops every write not covered
 //!   by a completed Flush on power loss, it returns exactly the acknowledged records. If a power
 //!   cut persists *some* unflushed blocks, recovery may also return records appended after the
@@ -33,6 +57,7 @@
 //! * Iteration returns only acknowledged records; no allocation, no panics on bad input.
 #![no_std]
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 use crc::{Crc, CRC_32_ISCSI};
 use keel_blockdev::BlockQueue;
@@ -42,6 +67,7 @@ use keel_writer::{CancelToken, Config, Error as WError, Writer};
 const CRC32C: Crc<u32> = Crc::<u32>::new(&CRC_32_ISCSI);
 const SB_MAGIC: u64 = 0x4B45_454C_5741_4C31; // "KEELWAL1"
 const REC_MAGIC: u32 = 0x5245_434B; // "KCER"
+const ACK_MAGIC: u64 = 0x3143_4157_4C45_454B; // "KEELWAC1"
 /// Record header bytes.
 pub const HEADER: usize = 24;
 
@@ -53,9 +79,24 @@ pub enum Error {
     /// No valid superblock: run [`Wal::format`].
     NotFormatted,
     /// An acknowledged record failed validation while iterating (media corruption).
-    Corrupt { offset: u64 },
-    /// The caller's buffer is too small for the record's payload (`need` bytes).
-    BufferTooSmall { need: usize },
+    Corrupt {
+        /// Stream offset of the record.
+        offset: u64,
+    },
+    /// Recovery found an invalid record below the acknowledged end the superblock recorded at
+    /// `sync`: an acknowledged record is corrupt or missing. Nothing was written to the device;
+    /// the log cannot be opened for appending (which would overwrite the records behind it).
+    CorruptAcked {
+        /// The first record that failed validation: its sequence number and stream offset.
+        at: Lsn,
+        /// The acknowledged end the superblock recorded.
+        acked: Lsn,
+    },
+    /// The caller's buffer is too small for the record's payload.
+    BufferTooSmall {
+        /// The payload's length.
+        need: usize,
+    },
     /// Payload larger than `u32::MAX` or than the log.
     TooLarge,
     /// The cursor does not point into the acknowledged log.
@@ -73,7 +114,9 @@ impl From<WError> for Error {
 /// Where a record is: its sequence number and stream offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lsn {
+    /// Sequence number (dense from 0).
     pub seq: u64,
+    /// Stream offset of the record's header.
     pub offset: u64,
 }
 
@@ -99,6 +142,7 @@ impl Cursor {
             min_epoch: 0,
         }
     }
+    /// The record [`Wal::next`] reads next.
     pub fn position(&self) -> Lsn {
         self.next
     }
@@ -113,6 +157,16 @@ pub struct Recovered {
     pub end: u64,
     /// Epoch of this session.
     pub epoch: u32,
+    /// The acknowledged end the superblock had recorded; the scan found every record below it.
+    pub committed: Lsn,
+}
+
+/// The superblock's contents.
+#[derive(Debug, Clone, Copy)]
+struct Super {
+    format_epoch: u32,
+    epoch: u32,
+    acked: Lsn,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -155,6 +209,8 @@ pub struct Wal<Q: BlockQueue, C: Clock, K: CancelToken> {
     epoch: u32,
     next: Lsn,
     acked: Lsn,
+    /// The acknowledged end last written to the superblock.
+    sb_acked: Lsn,
 }
 
 impl<Q: BlockQueue, C: Clock, K: CancelToken> Wal<Q, C, K> {
@@ -176,35 +232,58 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Wal<Q, C, K> {
         Ok(Writer::new(q, dma, clock, cancel, wcfg)?)
     }
 
-    fn read_sb(w: &mut Writer<Q, C, K>, lba: u64) -> Result<Option<(u32, u32)>, Error> {
+    fn read_sb(w: &mut Writer<Q, C, K>, lba: u64) -> Result<Option<Super>, Error> {
         let mut b = [0u8; 4096];
         let bs = w.block_size().min(b.len());
         w.raw_read(lba, &mut b[..bs])?;
-        let mut m = [0u8; 8];
-        m.copy_from_slice(&b[0..8]);
-        let fe = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
-        let e = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
-        let crc = u32::from_le_bytes([b[16], b[17], b[18], b[19]]);
-        if u64::from_le_bytes(m) != SB_MAGIC || CRC32C.checksum(&b[0..16]) != crc || fe > e {
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut m = [0u8; 8];
+            m.copy_from_slice(&b[o..o + 8]);
+            u64::from_le_bytes(m)
+        };
+        let (fe, e) = (u32_at(8), u32_at(12));
+        if u64_at(0) != SB_MAGIC || CRC32C.checksum(&b[0..16]) != u32_at(16) || fe > e {
             return Ok(None);
         }
-        Ok(Some((fe, e)))
+        let mut acked = Lsn { seq: 0, offset: 0 };
+        if u64_at(20) == ACK_MAGIC {
+            if CRC32C.checksum(&b[0..44]) != u32_at(44) {
+                return Ok(None);
+            }
+            acked = Lsn {
+                seq: u64_at(28),
+                offset: u64_at(36),
+            };
+        }
+        Ok(Some(Super {
+            format_epoch: fe,
+            epoch: e,
+            acked,
+        }))
     }
 
-    fn write_sb(
-        w: &mut Writer<Q, C, K>,
-        lba: u64,
-        format_epoch: u32,
-        epoch: u32,
-    ) -> Result<(), Error> {
+    /// Writes the superblock (not flushed).
+    fn put_sb(w: &mut Writer<Q, C, K>, lba: u64, sb: Super) -> Result<(), Error> {
         let mut b = [0u8; 4096];
         let bs = w.block_size().min(b.len());
         b[0..8].copy_from_slice(&SB_MAGIC.to_le_bytes());
-        b[8..12].copy_from_slice(&format_epoch.to_le_bytes());
-        b[12..16].copy_from_slice(&epoch.to_le_bytes());
+        b[8..12].copy_from_slice(&sb.format_epoch.to_le_bytes());
+        b[12..16].copy_from_slice(&sb.epoch.to_le_bytes());
         let crc = CRC32C.checksum(&b[0..16]);
         b[16..20].copy_from_slice(&crc.to_le_bytes());
+        b[20..28].copy_from_slice(&ACK_MAGIC.to_le_bytes());
+        b[28..36].copy_from_slice(&sb.acked.seq.to_le_bytes());
+        b[36..44].copy_from_slice(&sb.acked.offset.to_le_bytes());
+        let crc = CRC32C.checksum(&b[0..44]);
+        b[44..48].copy_from_slice(&crc.to_le_bytes());
         w.raw_write(lba, &b[..bs])?;
+        Ok(())
+    }
+
+    /// Writes the superblock and flushes it.
+    fn write_sb(w: &mut Writer<Q, C, K>, lba: u64, sb: Super) -> Result<(), Error> {
+        Self::put_sb(w, lba, sb)?;
         w.device_flush()?;
         Ok(())
     }
@@ -219,7 +298,7 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Wal<Q, C, K> {
         cfg: Config,
     ) -> Result<Self, Error> {
         let mut w = Self::make_writer(q, dma, clock, cancel, cfg)?;
-        let old = Self::read_sb(&mut w, cfg.lba_start)?.map_or(0, |(_, e)| e);
+        let old = Self::read_sb(&mut w, cfg.lba_start)?.map_or(0, |sb| sb.epoch);
         // A recovery scan can only start with a record 0 at offset 0. If an older log's record 0
         // is still there (even with its superblock destroyed), the new format epoch must exceed
         // its epoch so that the scan rejects it, and with it everything behind it.
@@ -227,19 +306,29 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Wal<Q, C, K> {
         w.read_device_at(0, &mut hb)?;
         let first = parse_header(&hb).map_or(0, |h| h.epoch);
         let epoch = old.max(first).checked_add(1).ok_or(Error::Config)?;
-        Self::write_sb(&mut w, cfg.lba_start, epoch, epoch)?;
+        let zero = Lsn { seq: 0, offset: 0 };
+        let sb = Super {
+            format_epoch: epoch,
+            epoch,
+            acked: zero,
+        };
+        Self::write_sb(&mut w, cfg.lba_start, sb)?;
         Ok(Self {
             w,
             sb_lba: cfg.lba_start,
             format_epoch: epoch,
             epoch,
-            next: Lsn { seq: 0, offset: 0 },
-            acked: Lsn { seq: 0, offset: 0 },
+            next: zero,
+            acked: zero,
+            sb_acked: zero,
         })
     }
 
     /// Recovery: scans the log, keeps the valid prefix, starts a new epoch and resumes
     /// appending after the last valid record.
+    ///
+    /// Fails with [`Error::CorruptAcked`] (and writes nothing) when the valid prefix ends before
+    /// the acknowledged end the superblock recorded: see the crate documentation.
     pub fn open(
         q: Q,
         dma: &dyn DmaAllocator,
@@ -248,21 +337,44 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Wal<Q, C, K> {
         cfg: Config,
     ) -> Result<(Self, Recovered), Error> {
         let mut w = Self::make_writer(q, dma, clock, cancel, cfg)?;
-        let (fe, e) = Self::read_sb(&mut w, cfg.lba_start)?.ok_or(Error::NotFormatted)?;
+        let sb = Self::read_sb(&mut w, cfg.lba_start)?.ok_or(Error::NotFormatted)?;
+        let (fe, e) = (sb.format_epoch, sb.epoch);
+        let cap = w.capacity();
+        if sb.acked.offset > cap {
+            // Formatted with a larger region than `cfg` gives.
+            return Err(Error::Config);
+        }
         let mut pos = Lsn { seq: 0, offset: 0 };
         let mut prev_epoch = fe;
-        let cap = w.capacity();
         while let Some((h, next)) = Self::scan_one(&mut w, pos, prev_epoch, e, cap)? {
             prev_epoch = h.epoch;
             pos = next;
         }
+        if pos.seq < sb.acked.seq || pos.offset < sb.acked.offset {
+            // Not a torn tail: the record at `pos` was acknowledged. Nothing has been written.
+            return Err(Error::CorruptAcked {
+                at: pos,
+                acked: sb.acked,
+            });
+        }
         let epoch = e.checked_add(1).ok_or(Error::Config)?;
-        Self::write_sb(&mut w, cfg.lba_start, fe, epoch)?;
+        // The recovered records become the acknowledged end. They may have been read from the
+        // device's volatile cache (after a reboot without power loss): make them durable
+        // before the superblock claims them, or a power cut between the superblock write and
+        // its Flush could keep the claim and lose the records.
+        w.device_flush()?;
+        let nsb = Super {
+            format_epoch: fe,
+            epoch,
+            acked: pos,
+        };
+        Self::write_sb(&mut w, cfg.lba_start, nsb)?;
         w.resume(pos.offset)?;
         let rec = Recovered {
             records: pos.seq,
             end: pos.offset,
             epoch,
+            committed: sb.acked,
         };
         Ok((
             Self {
@@ -272,6 +384,7 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Wal<Q, C, K> {
                 epoch,
                 next: pos,
                 acked: pos,
+                sb_acked: pos,
             },
             rec,
         ))
@@ -352,12 +465,26 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Wal<Q, C, K> {
     }
 
     /// Makes every appended record durable and acknowledges it. Returns the acknowledged end.
+    ///
+    /// After the device Flush completed, the new acknowledged end is written to the superblock
+    /// (see the crate documentation). On `Err` nothing new is acknowledged ([`Wal::acked`] is
+    /// unchanged), even if the records did become durable.
     pub fn sync(&mut self) -> Result<Lsn, Error> {
         let target = self.next;
         let durable = self.w.sync()?;
-        if durable >= target.offset {
-            self.acked = target;
+        if durable < target.offset {
+            return Ok(self.acked);
         }
+        if target != self.sb_acked {
+            let sb = Super {
+                format_epoch: self.format_epoch,
+                epoch: self.epoch,
+                acked: target,
+            };
+            Self::put_sb(&mut self.w, self.sb_lba, sb)?;
+            self.sb_acked = target;
+        }
+        self.acked = target;
         Ok(self.acked)
     }
 
@@ -371,6 +498,7 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Wal<Q, C, K> {
         self.next
     }
 
+    /// This session's epoch (stamped on every record it appends).
     pub fn epoch(&self) -> u32 {
         self.epoch
     }
@@ -380,6 +508,7 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Wal<Q, C, K> {
         self.sb_lba
     }
 
+    /// The underlying writer (statistics, watermarks).
     pub fn writer(&self) -> &Writer<Q, C, K> {
         &self.w
     }

@@ -1,6 +1,7 @@
 //! keel-wal over keel-writer over the real NVMe driver and the software controller, with
 //! simulated power cuts (the model's volatile write cache).
 
+use keel_blockdev::{BlockOp, BlockQueue, IoError, SubmitError};
 use keel_model::{Fault, HostDma, ModelClock, ModelConfig, ModelMmio, NvmeModel};
 use keel_nvme::{Config as NvmeConfig, Controller, IoQueuePair};
 use keel_wal::{Cursor, Error, Lsn, Wal, HEADER};
@@ -197,43 +198,162 @@ fn unsynced_records_are_lost_on_power_cut_synced_ones_survive() {
     assert_eq!(collect(&mut log), expect);
 }
 
+/// Stream blocks of the log region, as bytes of the disk (superblock included).
+const REGION: usize = 2048 * 512;
+
+fn flip(d: &Dev, byte: usize) {
+    let b = d.model.disk_read(1, byte, 1)[0];
+    d.model.disk_write(1, byte, &[b ^ 1]);
+}
+
+/// Media corruption of an acknowledged record — in the middle of the log, in a header, in the
+/// very last acknowledged record, or a lost run of acknowledged blocks — is a typed error naming
+/// the record; recovery writes nothing, so no append can land over the acknowledged records
+/// behind it.
 #[test]
-fn torn_or_corrupt_tail_is_discarded() {
+fn corrupt_acknowledged_record_is_an_error_naming_it() {
     let mut d = Dev::new();
     let mut log = d.format();
     let mut lsns = Vec::new();
-    for i in 0..12 {
+    for i in 0..20 {
         lsns.push(log.append(&payload(i, 2, 300)).unwrap());
+        if i == 9 {
+            log.sync().unwrap();
+        }
     }
-    log.sync().unwrap();
+    let acked = log.sync().unwrap();
+    assert_eq!(acked.seq, 20);
     drop(log);
-    // Flip one payload byte of record 11 (a torn last write): records 0..11 remain.
-    let off = STREAM_BYTE + lsns[11].offset as usize + HEADER + 10;
-    let b = d.model.disk_read(1, off, 1)[0];
-    d.model.disk_write(1, off, &[b ^ 1]);
+    let pristine = d.model.disk_read(1, SB_BYTE, REGION);
+    // (what, the record named, first damaged byte inside it, bytes zeroed; 0 = flip one bit)
+    let cases = [
+        ("a payload byte of record 5", 5, HEADER + 10, 0),
+        ("the length field of record 5", 5, 4, 0),
+        ("the CRC of record 13", 13, 20, 0),
+        (
+            "the last acknowledged record (nothing follows)",
+            19,
+            HEADER + 299,
+            0,
+        ),
+        ("acknowledged blocks lost from record 8 on", 8, 0, 4096),
+    ];
+    for (what, k, at, zeroed) in cases {
+        d.model.disk_write(1, SB_BYTE, &pristine);
+        let byte = STREAM_BYTE + lsns[k].offset as usize + at;
+        if zeroed == 0 {
+            flip(&d, byte);
+        } else {
+            d.model.disk_write(1, byte, &vec![0u8; zeroed]);
+        }
+        let damaged = d.model.disk_read(1, SB_BYTE, REGION);
+        for attempt in 0..2 {
+            let q = d.qp();
+            let r = Wal::open(q, &d.dma, d.clock.clone(), NeverCancel, cfg());
+            assert_eq!(
+                r.err(),
+                Some(Error::CorruptAcked { at: lsns[k], acked }),
+                "{what} (open #{attempt})"
+            );
+            assert!(
+                d.model.disk_read(1, SB_BYTE, REGION) == damaged,
+                "{what}: recovery wrote nothing (superblock and records behind the bad one intact)"
+            );
+        }
+    }
+    // The undamaged log opens with every record.
+    d.model.disk_write(1, SB_BYTE, &pristine);
     let (mut log, rec) = d.open();
-    assert_eq!(rec.records, 11);
-    assert_eq!(rec.end, lsns[11].offset);
-    assert_eq!(collect(&mut log).len(), 11);
-    // Zero the tail from record 8's header on (a truncated write stream).
-    drop(log);
-    let z = vec![0u8; 4096];
-    d.model
-        .disk_write(1, STREAM_BYTE + lsns[8].offset as usize, &z);
-    let (mut log, rec) = d.open();
-    assert_eq!(rec.records, 8);
+    assert_eq!((rec.records, rec.committed), (20, acked));
     let got = collect(&mut log);
+    assert_eq!(got.len(), 20);
     for (i, p) in got.iter().enumerate() {
         assert_eq!(p, &payload(i as u64, 2, 300));
     }
-    // Appending continues after the valid prefix, with the next sequence number.
-    let l = log.append(b"after").unwrap();
-    assert_eq!(l, lsns[8]);
+}
+
+/// A torn tail — unacknowledged writes, some kept by a power cut and some lost — is cut at the
+/// first missing record, even though valid records of the same epoch sit behind the hole; the
+/// log then continues there.
+#[test]
+fn torn_tail_with_valid_records_behind_a_hole_is_cut_cleanly() {
+    let mut d = Dev::new();
+    let mut log = d.format();
+    let epoch = log.epoch();
+    let mut lsns = Vec::new();
+    for i in 0..10 {
+        lsns.push(log.append(&payload(i, 6, 1000)).unwrap());
+    }
+    let acked = log.sync().unwrap();
+    for i in 10..16 {
+        lsns.push(log.append(&payload(i, 6, 1000)).unwrap()); // full buffers reach the device
+    }
+    assert!(
+        log.writer().written() >= lsns[14].offset,
+        "records 10..14 were written"
+    );
+    drop(log);
+    // Power cut: every unflushed block survives except the one holding record 11's header.
+    let hole = LBA0 + 1 + lsns[11].offset / 512;
+    assert!(LBA0 + 1 + lsns[12].offset / 512 > hole);
+    d.model.power_cut(|_, lba| lba != hole);
+    // Records 12 and 13 are intact on the media, with the session's epoch: "valid records of the
+    // same epoch after the bad one" does not make record 11 acknowledged.
+    for k in [12usize, 13] {
+        let h = d
+            .model
+            .disk_read(1, STREAM_BYTE + lsns[k].offset as usize, HEADER);
+        assert_eq!(u64::from_le_bytes(h[8..16].try_into().unwrap()), k as u64);
+        assert_eq!(u32::from_le_bytes(h[16..20].try_into().unwrap()), epoch);
+        let body = d
+            .model
+            .disk_read(1, STREAM_BYTE + lsns[k].offset as usize + HEADER, 1000);
+        assert_eq!(body, payload(k as u64, 6, 1000), "record {k} survived");
+    }
+    let (mut log, rec) = d.open();
+    assert_eq!(rec.committed, acked);
+    assert_eq!(rec.records, 11, "cut at the hole");
+    assert_eq!(rec.end, lsns[11].offset);
+    assert_eq!(collect(&mut log).len(), 11);
+    // Appending continues at the cut, with the next sequence number.
+    assert_eq!(log.append(b"after").unwrap(), lsns[11]);
+    log.sync().unwrap();
+    drop(log);
+    d.model.power_cut(|_, _| false);
+    let (mut log, rec) = d.open();
+    assert_eq!(rec.records, 12);
+    let got = collect(&mut log);
+    assert_eq!(got[11], b"after".to_vec());
+    assert_eq!(got[10], payload(10, 6, 1000));
+}
+
+/// Corruption inside the unacknowledged tail (a torn last write, no power cut) is cut too;
+/// a destroyed superblock is a typed error.
+#[test]
+fn corrupt_unacknowledged_tail_is_cut_and_appends_continue() {
+    let mut d = Dev::new();
+    let mut log = d.format();
+    let mut lsns = Vec::new();
+    for i in 0..10 {
+        lsns.push(log.append(&payload(i, 2, 1000)).unwrap());
+    }
+    log.sync().unwrap();
+    for i in 10..16 {
+        lsns.push(log.append(&payload(i, 2, 1000)).unwrap());
+    }
+    assert!(log.writer().written() >= lsns[13].offset);
+    drop(log);
+    flip(&d, STREAM_BYTE + lsns[12].offset as usize + HEADER + 500);
+    let (mut log, rec) = d.open();
+    assert_eq!(rec.records, 12);
+    assert_eq!(rec.end, lsns[12].offset);
+    assert_eq!(collect(&mut log).len(), 12);
+    assert_eq!(log.append(b"after").unwrap(), lsns[12]);
     log.sync().unwrap();
     drop(log);
     let (mut log, rec) = d.open();
-    assert_eq!(rec.records, 9);
-    assert_eq!(collect(&mut log)[8], b"after".to_vec());
+    assert_eq!(rec.records, 13);
+    assert_eq!(collect(&mut log)[12], b"after".to_vec());
     // A destroyed superblock is a typed error.
     drop(log);
     d.model.disk_write(1, SB_BYTE, &[0u8; 512]);
@@ -242,6 +362,76 @@ fn torn_or_corrupt_tail_is_discarded() {
         Wal::open(q, &d.dma, d.clock.clone(), NeverCancel, cfg()),
         Err(Error::NotFormatted)
     ));
+}
+
+/// A queue that refuses Flush commands while `refuse` is set (the sync fails after its writes).
+struct NoFlush {
+    q: Qp,
+    refuse: std::rc::Rc<std::cell::Cell<bool>>,
+}
+
+impl BlockQueue for NoFlush {
+    fn submit(&mut self, op: BlockOp, tag: u32) -> Result<(), SubmitError> {
+        if self.refuse.get() && matches!(op, BlockOp::Flush { .. }) {
+            return Err(SubmitError::Unsupported);
+        }
+        self.q.submit(op, tag)
+    }
+    fn flush_submissions(&mut self) {
+        self.q.flush_submissions()
+    }
+    fn poll(&mut self, max: usize, on_done: &mut dyn FnMut(u32, Result<(), IoError>)) -> usize {
+        self.q.poll(max, on_done)
+    }
+    fn depth(&self) -> usize {
+        self.q.depth()
+    }
+    fn in_flight(&self) -> usize {
+        self.q.in_flight()
+    }
+    fn block_size(&self, ns: u32) -> Option<u32> {
+        self.q.block_size(ns)
+    }
+    fn num_blocks(&self, ns: u32) -> Option<u64> {
+        self.q.num_blocks(ns)
+    }
+}
+
+/// The acknowledged end reaches the superblock only after the Flush: a sync whose Flush never
+/// ran must not leave a claim behind, even if the power cut keeps exactly the superblock block
+/// and drops the records.
+#[test]
+fn acknowledged_end_is_recorded_only_after_the_flush() {
+    let mut d = Dev::new();
+    drop(d.format());
+    let refuse = std::rc::Rc::new(std::cell::Cell::new(false));
+    let q = NoFlush {
+        q: d.qp(),
+        refuse: refuse.clone(),
+    };
+    let (mut log, _) = Wal::open(q, &d.dma, d.clock.clone(), NeverCancel, cfg()).unwrap();
+    for i in 0..5 {
+        log.append(&payload(i, 7, 200)).unwrap();
+    }
+    let acked = log.sync().unwrap();
+    for i in 5..30 {
+        log.append(&payload(i, 7, 200)).unwrap();
+    }
+    refuse.set(true);
+    assert_eq!(
+        log.sync(),
+        Err(Error::Writer(WError::Submit(SubmitError::Unsupported)))
+    );
+    assert_eq!(log.acked(), acked);
+    drop(log);
+    d.model.power_cut(|_, lba| lba == LBA0);
+    let (mut log, rec) = d.open();
+    assert_eq!(
+        rec.records, 5,
+        "the records of the failed sync are gone, nothing else"
+    );
+    assert_eq!(rec.committed, acked);
+    assert_eq!(collect(&mut log).len(), 5);
 }
 
 /// A stale record behind a hole, at exactly the offset and sequence number a later session
@@ -332,10 +522,7 @@ fn failed_sync_acknowledges_nothing() {
     assert_eq!(log.sync().unwrap().seq, 1);
     d.model.set_fault(Fault::WriteFault);
     log.append(b"two").unwrap();
-    assert_eq!(
-        log.sync(),
-        Err(Error::Writer(WError::Io(keel_blockdev::IoError::Media)))
-    );
+    assert_eq!(log.sync(), Err(Error::Writer(WError::Io(IoError::Media))));
     assert_eq!(log.acked().seq, 1);
     assert_eq!(collect(&mut log), vec![b"one".to_vec()]);
     assert!(log.append(b"three").is_err());
@@ -427,4 +614,66 @@ fn randomized_crash_recovery() {
         assert_eq!(got.len(), acked);
         assert_eq!(got, appended[..acked].to_vec());
     }
+}
+
+/// A superblock of the older layout (no acknowledged end) still opens, as "nothing recorded";
+/// a damaged acknowledged-end part is a damaged superblock.
+#[test]
+fn older_superblock_layout_opens() {
+    let mut d = Dev::new();
+    let mut log = d.format();
+    for i in 0..7 {
+        log.append(&payload(i, 8, 100)).unwrap();
+    }
+    log.sync().unwrap();
+    drop(log);
+    let sb = d.model.disk_read(1, SB_BYTE, 512);
+    d.model.disk_write(1, SB_BYTE + 20, &[0u8; 28]);
+    let (mut log, rec) = d.open();
+    assert_eq!(rec.committed, Lsn { seq: 0, offset: 0 });
+    assert_eq!((rec.records, collect(&mut log).len()), (7, 7));
+    drop(log);
+    // open wrote the current layout again, recording the recovered end.
+    assert_eq!(d.open().1.committed.seq, 7);
+    let mut bad = sb.clone();
+    bad[30] ^= 1; // the acknowledged end's sequence number, under the second CRC
+    d.model.disk_write(1, SB_BYTE, &bad);
+    let q = d.qp();
+    assert!(matches!(
+        Wal::open(q, &d.dma, d.clock.clone(), NeverCancel, cfg()),
+        Err(Error::NotFormatted)
+    ));
+}
+
+/// Recovery itself may crash: records it found in the device's volatile cache are flushed
+/// before the superblock records them as the acknowledged end, so a power cut that keeps only
+/// the new superblock cannot leave a claim over lost records.
+#[test]
+fn crash_during_recovery_leaves_no_claim_over_cached_records() {
+    let mut d = Dev::new();
+    let mut log = d.format();
+    for i in 0..10 {
+        log.append(&payload(i, 9, 1000)).unwrap();
+    }
+    let acked = log.sync().unwrap();
+    for i in 10..20 {
+        log.append(&payload(i, 9, 1000)).unwrap();
+    }
+    assert!(log.writer().written() > log.acked().offset + 8000);
+    drop(log); // no power cut: the unflushed records stay in the device's cache
+    let refuse = std::rc::Rc::new(std::cell::Cell::new(true));
+    let q = NoFlush {
+        q: d.qp(),
+        refuse: refuse.clone(),
+    };
+    assert!(matches!(
+        Wal::open(q, &d.dma, d.clock.clone(), NeverCancel, cfg()),
+        Err(Error::Writer(WError::Submit(SubmitError::Unsupported)))
+    ));
+    // Power cut during that recovery: of the unflushed blocks only the superblock survives.
+    d.model.power_cut(|_, lba| lba == LBA0);
+    let (mut log, rec) = d.open();
+    assert_eq!(rec.records, 10);
+    assert_eq!(rec.committed, acked);
+    assert_eq!(collect(&mut log).len(), 10);
 }

@@ -21,10 +21,20 @@
 //!   the current buffer, from a sealed buffer (in flight, waiting for a retry, failed or
 //!   cancelled — a buffer is recycled only after its write succeeded), or from the device.
 //! * **Retries and cancellation.** Errors the [`Config::is_transient`] classifier accepts are
-//!   retried forever with exponential backoff timed by [`keel_hal::Clock`]. A [`CancelToken`] is
-//!   checked between attempts: once set, nothing new is submitted, commands already on the device
-//!   are still polled to completion (none is abandoned — the device may still be reading the
-//!   buffer), appends fail with [`Error::Cancelled`], and reads keep working. Permanent errors
+//!   retried forever with exponential backoff timed by [`keel_hal::Clock`]. **Every wait checks
+//!   the [`CancelToken`]**: on every polling pass (waiting for a free buffer, an op slot, writes
+//!   or a Flush to complete, a queue slot, a raw command) and at least every
+//!   [`CANCEL_CHECK_US`] of a backoff sleep. Once it is set, nothing new is submitted (no
+//!   retries, no raw writes or flushes), the waiting call returns [`Error::Cancelled`] at its
+//!   next check — a stuck device cannot hold it — and appends fail with `Cancelled` from then on.
+//!   Commands already on the device are not abandoned: they stay tracked
+//!   ([`Writer::in_flight`]), their pool buffers are never reused, and later calls
+//!   ([`Writer::poll`]) reap them. Reads keep working: from the buffers, or from the device —
+//!   a read asked for after cancellation is submitted once (no retry) and awaited, which the
+//!   queue's command timeout bounds. Two waits end only when the device is done with memory it
+//!   may be reading: [`Writer::append_dma`] waits for its own commands already on the device
+//!   (the caller's region is borrowed only for the call), and such a read waits for its command.
+//!   Don't drop a writer, or reuse its LBA range, while `in_flight()` is not 0. Permanent errors
 //!   surface as [`Error::Io`] and leave the writer read-only too.
 //! * **Zero-copy bypass.** [`Writer::append_dma`] takes the caller's DMA-able buffer. The unaligned
 //!   head and tail are copied into pool buffers; the block-aligned middle is written to the
@@ -45,6 +55,7 @@
 //! waits for that write, so the same blocks are never in two commands at once.
 #![no_std]
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -57,9 +68,13 @@ pub const MAX_BUFFERS: usize = 16;
 pub const MAX_OPS: usize = 64;
 /// The tag used for the writer's own synchronous reads/writes (never an op index).
 const RAW_TAG: u32 = u32::MAX - 7;
+/// Longest stretch of a backoff sleep between two checks of the [`CancelToken`], in
+/// microseconds.
+pub const CANCEL_CHECK_US: u64 = 100;
 
-/// A cancellation signal, checked between attempts.
+/// A cancellation signal, checked by every wait (see the crate documentation).
 pub trait CancelToken {
+    /// `true` once cancellation was requested (it should stay `true`).
     fn is_cancelled(&self) -> bool;
 }
 
@@ -100,6 +115,7 @@ pub fn default_is_transient(e: IoError) -> bool {
 /// Writer parameters.
 #[derive(Debug, Clone, Copy)]
 pub struct Config {
+    /// The namespace the stream lives on.
     pub ns: NsId,
     /// First block of the stream.
     pub lba_start: u64,
@@ -115,6 +131,7 @@ pub struct Config {
     pub max_io_bytes: usize,
     /// First retry delay; doubles per attempt up to `backoff_max_us`.
     pub backoff_base_us: u64,
+    /// Longest retry delay.
     pub backoff_max_us: u64,
     /// Which errors are retried (forever, until cancelled).
     pub is_transient: fn(IoError) -> bool,
@@ -338,9 +355,11 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Writer<Q, C, K> {
     pub fn capacity(&self) -> u64 {
         self.cap
     }
+    /// The namespace's block size in bytes.
     pub fn block_size(&self) -> usize {
         self.bs
     }
+    /// The counters.
     pub fn stats(&self) -> Stats {
         self.stats
     }
@@ -355,9 +374,11 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Writer<Q, C, K> {
     pub fn in_flight(&self) -> usize {
         self.in_flight + usize::from(self.raw_busy)
     }
+    /// The queue pair the writer drives.
     pub fn queue(&self) -> &Q {
         &self.q
     }
+    /// The configuration it was built with.
     pub fn config(&self) -> &Config {
         &self.cfg
     }
@@ -486,6 +507,17 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Writer<Q, C, K> {
     }
 
     fn finish_bypass_error(&mut self, base: u64) {
+        // The device may still be reading the caller's region, which is borrowed only for this
+        // call: wait until it reported every bypass command it holds, whatever the token says
+        // (nothing is retried or submitted meanwhile; the queue's command timeout bounds it).
+        while self
+            .ops
+            .iter()
+            .flatten()
+            .any(|o| matches!(o.kind, Kind::Direct { .. }) && o.st == St::InFlight)
+        {
+            self.pump();
+        }
         // Bypass bytes count as appended only as far as they are contiguously on the device.
         self.appended = base.max(self.written);
         self.stats.bytes_appended += self.appended - base;
@@ -679,10 +711,27 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Writer<Q, C, K> {
         self.raw_op(op)
     }
 
-    /// Runs one command under `RAW_TAG` to completion, retrying transient errors with backoff
-    /// until cancelled.
+    /// Runs one command under `RAW_TAG` to completion, retrying transient errors with backoff.
+    ///
+    /// Cancellation: a raw write or flush is refused once the token is set; every wait below
+    /// (a queue slot, the completion, a backoff) ends with `Cancelled` when the token is set
+    /// during it. A read asked for after cancellation (read availability) is submitted once and
+    /// its completion awaited, never retried.
     fn raw_op(&mut self, op: BlockOp) -> Result<(), Error> {
+        let late = self.cancel.is_cancelled();
+        if late && !matches!(op, BlockOp::Read { .. }) {
+            return Err(self.cancelled());
+        }
+        if self.raw_busy {
+            // A cancelled wait left the previous raw command on the device: the bounce buffer
+            // and the tag are still its own until it is reaped.
+            self.pump();
+            if self.raw_busy {
+                return Err(self.cancelled());
+            }
+        }
         let mut attempts = 0u32;
+        let mut full = false;
         loop {
             match self.q.submit(op, RAW_TAG) {
                 Ok(()) => {
@@ -691,35 +740,69 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Writer<Q, C, K> {
                     self.q.flush_submissions();
                 }
                 Err(SubmitError::QueueFull) => {
+                    // Polling frees slots; after one more try a cancellation ends the wait.
+                    if full && self.cancel.is_cancelled() {
+                        return Err(self.cancelled());
+                    }
+                    full = true;
                     self.pump();
                     continue;
                 }
                 Err(SubmitError::DeviceUnavailable) => {
-                    if self.cancel.is_cancelled() {
-                        return Err(Error::Cancelled);
-                    }
                     attempts += 1;
-                    self.clock.delay_us(self.backoff_us(attempts));
+                    self.backoff(attempts)?;
                     continue;
                 }
                 Err(e) => return Err(Error::Submit(e)),
             }
             while self.raw_busy {
                 self.pump();
+                if self.raw_busy && !late && self.cancel.is_cancelled() {
+                    // The command stays the writer's: `raw_busy` keeps the bounce buffer and the
+                    // tag reserved until a later pump reaps it.
+                    return Err(self.cancelled());
+                }
             }
             match self.raw_result.take() {
                 Some(Ok(())) => return Ok(()),
                 Some(Err(e)) if (self.cfg.is_transient)(e) => {
                     self.stats.retries += 1;
-                    if self.cancel.is_cancelled() {
-                        return Err(Error::Cancelled);
-                    }
                     attempts += 1;
-                    self.clock.delay_us(self.backoff_us(attempts));
+                    self.backoff(attempts)?;
                 }
                 Some(Err(e)) => return Err(Error::Io(e)),
                 None => return Err(Error::Io(IoError::Aborted)),
             }
+        }
+    }
+
+    /// Marks the writer cancelled; returns `Error::Cancelled`.
+    fn cancelled(&mut self) -> Error {
+        self.fail(Error::Cancelled);
+        Error::Cancelled
+    }
+
+    /// The backoff before retry `attempts`, ended early by cancellation.
+    fn backoff(&mut self, attempts: u32) -> Result<(), Error> {
+        let until = self
+            .clock
+            .now_ns()
+            .saturating_add(self.backoff_us(attempts).saturating_mul(1000));
+        self.sleep_until(until)
+    }
+
+    /// Sleeps until `until_ns`, checking the token at least every [`CANCEL_CHECK_US`].
+    fn sleep_until(&mut self, until_ns: u64) -> Result<(), Error> {
+        loop {
+            if self.cancel.is_cancelled() {
+                return Err(self.cancelled());
+            }
+            let now = self.clock.now_ns();
+            if now >= until_ns {
+                return Ok(());
+            }
+            self.clock
+                .delay_us((until_ns - now).div_ceil(1000).min(CANCEL_CHECK_US));
         }
     }
 
@@ -804,7 +887,8 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Writer<Q, C, K> {
         Ok(())
     }
 
-    /// Pumps until `done`, or until the writer is cancelled/failed and has nothing on the device.
+    /// Pumps until `done`; until the writer failed and has nothing on the device; or, once
+    /// cancelled, at once (commands still on the device stay tracked and are reaped later).
     fn wait(&mut self, done: impl Fn(&Self) -> bool) -> Result<(), Error> {
         loop {
             self.pump();
@@ -812,7 +896,7 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Writer<Q, C, K> {
                 return Ok(());
             }
             if let Some(e) = self.health {
-                if self.in_flight == 0 {
+                if self.in_flight == 0 || e == Error::Cancelled || self.cancel.is_cancelled() {
                     return Err(e);
                 }
             }
@@ -827,7 +911,7 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Writer<Q, C, K> {
                     .map(|o| o.retry_at)
                     .min();
                 match due {
-                    Some(t) if t > now => self.clock.delay_us((t - now).div_ceil(1000)),
+                    Some(t) if t > now => self.sleep_until(t)?,
                     Some(_) => {}
                     None => return Err(Error::Config("nothing to wait for")),
                 }

@@ -1,13 +1,15 @@
 //! keel-writer over the real NVMe driver (keel-nvme) and the software controller (keel-model).
 
 use std::cell::Cell;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 
-use keel_blockdev::{BlockQueue, IoError};
+use keel_blockdev::{BlockOp, BlockQueue, BufRef, IoError, SubmitError};
 use keel_hal::{Clock, DmaAllocator};
 use keel_model::{Fault, HostDma, ModelClock, ModelConfig, ModelMmio, NvmeModel};
 use keel_nvme::{Config as NvmeConfig, Controller, IoQueuePair};
-use keel_writer::{CancelToken, Config, Error, NeverCancel, Writer};
+use keel_writer::{CancelToken, Config, Error, NeverCancel, Writer, CANCEL_CHECK_US};
 
 type Qp = IoQueuePair<ModelMmio, ModelClock>;
 
@@ -20,16 +22,23 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_with(64, NvmeConfig::default().io_timeout_ms)
+}
+
+/// A rig whose I/O queue pair has `depth` entries (`depth - 1` command slots) and whose driver
+/// reports a command `Timeout` after `io_timeout_ms`.
+fn rig_with(depth: u16, io_timeout_ms: u64) -> Rig {
     let dma = HostDma::new();
     let model = NvmeModel::new(ModelConfig::default(), dma.clone());
     let clock = ModelClock::new();
     // No driver-level retries: the writer's own retry loop is under test.
     let ncfg = NvmeConfig {
         max_retries: 0,
+        io_timeout_ms,
         ..NvmeConfig::default()
     };
     let mut ctrl = Controller::init(model.mmio(), &dma, clock.clone(), ncfg).expect("init");
-    let qp = ctrl.create_io_qpair(&dma, 1, 64).expect("qpair");
+    let qp = ctrl.create_io_qpair(&dma, 1, depth).expect("qpair");
     Rig {
         model,
         dma,
@@ -68,7 +77,10 @@ fn disk(m: &NvmeModel, off: u64, len: usize) -> Vec<u8> {
     m.disk_read(1, (LBA0 * 512 + off) as usize, len)
 }
 
-fn read_all<K: CancelToken>(w: &mut Writer<Qp, ModelClock, K>, len: usize) -> Vec<u8> {
+fn read_all<Q: BlockQueue, K: CancelToken>(
+    w: &mut Writer<Q, ModelClock, K>,
+    len: usize,
+) -> Vec<u8> {
     let mut v = vec![0u8; len];
     w.read_at(0, &mut v).expect("read_at");
     v
@@ -457,4 +469,453 @@ fn large_unaligned_bypass_ratio() {
     let mut back = vec![0u8; len];
     w.read_at(100, &mut back).unwrap();
     assert_eq!(&back[..], &data[12..12 + len]);
+}
+
+// ---- Cancellation of every wait (issue 16) and seed 001 (issue 18) ----
+//
+// Every test below runs against a device that does not answer, and bounds everything in steps
+// and virtual time: a `Probe` queue panics with `HANG` once the code under test has polled it
+// `BUDGET` times (a hang detector that counts polls, not wall time), and the `CancelAt` token
+// fires at a chosen instant of the model clock. "Prompt" means the call returned within
+// `PROMPT_NS` of virtual time after the token fired.
+
+const HANG: &str = "poll budget exhausted: the call never returned";
+const BUDGET: u64 = 200_000;
+const PROMPT_NS: u64 = 2 * CANCEL_CHECK_US * 1000;
+
+/// A queue pair wrapper: counts polls and submissions, panics with [`HANG`] past its poll
+/// budget, and refuses submissions with `refuse` while that is set. Each poll costs 1 us of
+/// virtual time (a polling loop takes time whether or not it reads the clock).
+struct Probe<Q> {
+    q: Q,
+    clock: ModelClock,
+    polls: u64,
+    submits: u64,
+    refuse: Rc<Cell<Option<SubmitError>>>,
+}
+
+impl<Q> Probe<Q> {
+    fn new(q: Q, clock: &ModelClock) -> Self {
+        Self {
+            q,
+            clock: clock.clone(),
+            polls: 0,
+            submits: 0,
+            refuse: Rc::new(Cell::new(None)),
+        }
+    }
+}
+
+impl<Q: BlockQueue> BlockQueue for Probe<Q> {
+    fn submit(&mut self, op: BlockOp, tag: u32) -> Result<(), SubmitError> {
+        if let Some(e) = self.refuse.get() {
+            return Err(e);
+        }
+        self.q.submit(op, tag)?;
+        self.submits += 1;
+        Ok(())
+    }
+    fn flush_submissions(&mut self) {
+        self.q.flush_submissions()
+    }
+    fn poll(&mut self, max: usize, on_done: &mut dyn FnMut(u32, Result<(), IoError>)) -> usize {
+        self.polls += 1;
+        assert!(self.polls <= BUDGET, "{HANG}");
+        self.clock.delay_us(1);
+        self.q.poll(max, on_done)
+    }
+    fn depth(&self) -> usize {
+        self.q.depth()
+    }
+    fn in_flight(&self) -> usize {
+        self.q.in_flight()
+    }
+    fn block_size(&self, ns: u32) -> Option<u32> {
+        self.q.block_size(ns)
+    }
+    fn num_blocks(&self, ns: u32) -> Option<u64> {
+        self.q.num_blocks(ns)
+    }
+}
+
+/// `true` if `f` ran into the poll budget (it would have hung).
+fn hangs<T>(f: impl FnOnce() -> T) -> bool {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(_) => false,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            assert!(msg.contains(HANG), "unexpected panic: {msg}");
+            true
+        }
+    }
+}
+
+/// Fires once the model clock reaches the armed instant.
+struct CancelAt {
+    clock: ModelClock,
+    at: Cell<u64>,
+}
+
+impl CancelAt {
+    fn new(clock: &ModelClock) -> Self {
+        Self {
+            clock: clock.clone(),
+            at: Cell::new(u64::MAX),
+        }
+    }
+    /// Fires `ns` of virtual time from now.
+    fn arm_in(&self, ns: u64) {
+        self.at.set(self.clock.now_ns() + ns);
+    }
+    /// Asserts that the call that just returned did so within `PROMPT_NS` after the token fired.
+    fn assert_prompt(&self, what: &str) {
+        let now = self.clock.now_ns();
+        let at = self.at.get();
+        assert!(now >= at, "{what}: returned before the token fired");
+        assert!(
+            now - at <= PROMPT_NS,
+            "{what}: returned {} us (virtual) after cancellation",
+            (now - at) / 1000
+        );
+    }
+}
+
+impl CancelToken for CancelAt {
+    fn is_cancelled(&self) -> bool {
+        self.clock.now_ns() >= self.at.get()
+    }
+}
+
+type Probed<'a> = Writer<Probe<Qp>, ModelClock, &'a CancelAt>;
+
+fn probed<'a>(dma: &HostDma, qp: Qp, token: &'a CancelAt, c: Config) -> Probed<'a> {
+    Writer::new(
+        Probe::new(qp, &token.clock),
+        dma,
+        token.clock.clone(),
+        token,
+        c,
+    )
+    .unwrap()
+}
+
+/// Polls until the writer has nothing on the device (bounded).
+fn drain<K: CancelToken>(w: &mut Writer<Probe<Qp>, ModelClock, K>) {
+    for _ in 0..1000 {
+        if w.in_flight() == 0 {
+            return;
+        }
+        w.poll();
+    }
+    panic!("the writer's commands never came back");
+}
+
+/// Seed 001: cancellation while the device is stuck (it fetches no command; the driver's 30 s
+/// timeout is far away) returns `Cancelled` promptly in virtual time, the stuck writes stay the
+/// writer's, and everything appended stays readable: from the buffers while the device is
+/// stuck, and from the device once it answers again.
+#[test]
+fn seed001_cancel_with_the_device_stuck_is_prompt_and_the_writer_stays_readable() {
+    let r = rig();
+    let token = CancelAt::new(&r.clock);
+    let mut w = probed(&r.dma, r.qp, &token, cfg());
+    let first = pattern(20, BUF + 300);
+    w.append(&first).unwrap();
+    assert_eq!(w.sync().unwrap(), first.len() as u64);
+    r.model.set_fault(Fault::Stall);
+    let data = pattern(21, 3 * BUF + 11);
+    w.append(&data).unwrap();
+    assert!(w.in_flight() >= 3, "writes on the stuck device");
+    token.arm_in(1_000_000);
+    assert_eq!(w.sync(), Err(Error::Cancelled));
+    token.assert_prompt("sync");
+    let stuck = w.in_flight();
+    assert!(
+        stuck >= 3,
+        "the stuck writes are still tracked, not abandoned"
+    );
+    assert_eq!(w.append(b"x"), Err(Error::Cancelled));
+    assert_eq!(w.sync(), Err(Error::Cancelled));
+    // Read availability with the device still stuck: the unacknowledged part is in the buffers.
+    let submits = w.queue().submits;
+    let mut got = vec![0u8; data.len()];
+    w.read_at(first.len() as u64, &mut got).unwrap();
+    assert_eq!(got, data);
+    assert_eq!(w.queue().submits, submits, "served without the device");
+    // The device answers again: the writes are reaped, everything reads back.
+    r.model.set_fault(Fault::None);
+    r.model.step();
+    drain(&mut w);
+    assert_eq!(w.queue().in_flight(), 0);
+    let mut all = first.clone();
+    all.extend_from_slice(&data);
+    assert_eq!(read_all(&mut w, all.len()), all);
+    assert_eq!(
+        disk(&r.model, 0, first.len()),
+        first,
+        "acknowledged bytes intact"
+    );
+}
+
+/// Seed 001's naive baseline, the seed's own design (neon's `BufferedWriter` flush before
+/// #11052): a flush retried forever, with no cancellation check in its retry/wait loop.
+struct NaiveWriter<Q> {
+    q: Q,
+    buf: keel_hal::DmaRegion,
+}
+
+impl<Q: BlockQueue> NaiveWriter<Q> {
+    /// Writes the buffer at `lba` and retries until it succeeds. `_cancel` is never looked at.
+    fn flush(&mut self, lba: u64, _cancel: &dyn CancelToken) {
+        let op = BlockOp::Write {
+            ns: 1,
+            lba,
+            blocks: (self.buf.len() / 512) as u32,
+            buf: BufRef::whole(&self.buf),
+        };
+        loop {
+            if self.q.submit(op, 1).is_err() {
+                self.q.poll(8, &mut |_, _| {});
+                continue;
+            }
+            self.q.flush_submissions();
+            let mut res = None;
+            while res.is_none() {
+                self.q.poll(8, &mut |_, r| res = Some(r));
+            }
+            if res == Some(Ok(())) {
+                return;
+            }
+        }
+    }
+}
+
+/// Seed 001's baseline hangs: with the device stuck and the token set, the naive flush loop
+/// never returns (its retries go on: the driver times each attempt out), and neither does the
+/// writer when nothing can cancel it; the writer with a token returns `Cancelled`.
+#[test]
+fn seed001_baseline_without_cancellation_hangs() {
+    let r = rig_with(64, 1); // the driver times a stuck command out after 1 ms
+    r.model.set_fault(Fault::Stall);
+    let set = AtomicBool::new(true);
+    let mut naive = NaiveWriter {
+        q: Probe::new(r.qp, &r.clock),
+        buf: r.dma.alloc(BUF, 4096).unwrap(),
+    };
+    assert!(
+        hangs(|| naive.flush(LBA0, &set)),
+        "the naive flush loop returned"
+    );
+    assert!(
+        naive.q.submits > 10,
+        "it kept retrying: {}",
+        naive.q.submits
+    );
+
+    let r = rig_with(64, 1);
+    r.model.set_fault(Fault::Stall);
+    let mut w = Writer::new(
+        Probe::new(r.qp, &r.clock),
+        &r.dma,
+        r.clock.clone(),
+        NeverCancel,
+        cfg(),
+    )
+    .unwrap();
+    w.append(&pattern(22, 100)).unwrap();
+    assert!(
+        hangs(|| w.sync()),
+        "a writer that cannot be cancelled returned"
+    );
+    assert!(w.stats().retries > 1, "it kept retrying: {:?}", w.stats());
+
+    let r = rig_with(64, 1);
+    r.model.set_fault(Fault::Stall);
+    let token = CancelAt::new(&r.clock);
+    let mut w = probed(&r.dma, r.qp, &token, cfg());
+    w.append(&pattern(22, 100)).unwrap();
+    token.arm_in(5_000_000);
+    assert_eq!(w.sync(), Err(Error::Cancelled));
+    token.assert_prompt("sync, retrying on timeouts");
+}
+
+/// Waiting for a free pool buffer (every buffer sealed and stuck on the device) ends.
+#[test]
+fn cancel_ends_the_wait_for_a_free_buffer() {
+    let r = rig();
+    let token = CancelAt::new(&r.clock);
+    let c = Config {
+        buffers: 2,
+        ..cfg()
+    };
+    let mut w = probed(&r.dma, r.qp, &token, c);
+    r.model.set_fault(Fault::Stall);
+    let data = pattern(23, 3 * BUF);
+    token.arm_in(1_000_000);
+    assert_eq!(w.append(&data), Err(Error::Cancelled));
+    token.assert_prompt("append waiting for a buffer");
+    let n = w.appended() as usize;
+    assert_eq!(n, 2 * BUF, "the prefix that fit was appended");
+    assert_eq!(w.in_flight(), 2);
+    assert_eq!(
+        read_all(&mut w, n),
+        &data[..n],
+        "readable from the stuck buffers"
+    );
+}
+
+/// `raw_op` spinning on `QueueFull` (every slot taken by stuck writes) ends.
+#[test]
+fn cancel_ends_a_raw_op_waiting_for_a_queue_slot() {
+    let r = rig_with(4, 30_000); // 3 command slots
+    let token = CancelAt::new(&r.clock);
+    let c = Config {
+        max_in_flight: 3,
+        ..cfg()
+    };
+    let mut w = probed(&r.dma, r.qp, &token, c);
+    r.model.set_fault(Fault::Stall);
+    w.append(&pattern(24, 3 * BUF)).unwrap();
+    assert_eq!(w.queue().in_flight(), 3, "the queue is full");
+    let submits = w.queue().submits;
+    token.arm_in(1_000_000);
+    let mut b = [0u8; 512];
+    assert_eq!(w.raw_read(0, &mut b), Err(Error::Cancelled));
+    token.assert_prompt("raw_read waiting for a slot");
+    assert_eq!(w.queue().submits, submits, "never submitted");
+}
+
+/// `raw_op` waiting for its command's completion ends; the command stays the writer's (a
+/// second raw op is refused while it is on the device); once it is reaped, a read asked for
+/// after cancellation works (read availability), a write does not start.
+#[test]
+fn cancel_ends_a_raw_op_waiting_for_its_completion() {
+    let r = rig();
+    r.model.disk_write(1, 0, &pattern(25, 512));
+    let token = CancelAt::new(&r.clock);
+    let mut w = probed(&r.dma, r.qp, &token, cfg());
+    r.model.set_fault(Fault::Stall);
+    token.arm_in(1_000_000);
+    let mut b = [0u8; 512];
+    assert_eq!(w.raw_read(0, &mut b), Err(Error::Cancelled));
+    token.assert_prompt("raw_read waiting for completion");
+    assert_eq!(w.in_flight(), 1, "the read is still the writer's");
+    let submits = w.queue().submits;
+    assert_eq!(w.raw_read(0, &mut b), Err(Error::Cancelled));
+    assert_eq!(
+        w.queue().submits,
+        submits,
+        "bounce buffer still the device's"
+    );
+    r.model.set_fault(Fault::None);
+    r.model.step();
+    drain(&mut w);
+    w.raw_read(0, &mut b).unwrap();
+    assert_eq!(
+        &b[..],
+        &pattern(25, 512)[..],
+        "a read after cancellation works"
+    );
+    assert_eq!(w.raw_write(0, &[1u8; 512]), Err(Error::Cancelled));
+    assert_eq!(w.device_flush(), Err(Error::Cancelled));
+    assert_eq!(
+        r.model.disk_read(1, 0, 512),
+        pattern(25, 512),
+        "nothing written"
+    );
+}
+
+fn slow_backoff() -> Config {
+    Config {
+        backoff_base_us: 1_000_000,
+        backoff_max_us: 1_000_000,
+        ..cfg()
+    }
+}
+
+/// `raw_op`'s backoff after `DeviceUnavailable` and after a transient error ends.
+#[test]
+fn cancel_ends_raw_op_backoffs() {
+    for transient in [false, true] {
+        let r = rig();
+        let token = CancelAt::new(&r.clock);
+        let mut w = probed(&r.dma, r.qp, &token, slow_backoff());
+        if transient {
+            r.model.set_fault(Fault::TransientError(u32::MAX));
+        } else {
+            w.queue().refuse.set(Some(SubmitError::DeviceUnavailable));
+        }
+        token.arm_in(1_500_000);
+        let mut b = [0u8; 512];
+        assert_eq!(w.raw_read(0, &mut b), Err(Error::Cancelled));
+        token.assert_prompt(if transient {
+            "raw_read backing off after a transient error"
+        } else {
+            "raw_read backing off on DeviceUnavailable"
+        });
+    }
+}
+
+/// The background writes' retry backoff (after a transient error, and after
+/// `DeviceUnavailable`), slept in `wait`, ends.
+#[test]
+fn cancel_ends_the_backoff_of_background_writes() {
+    for transient in [false, true] {
+        let r = rig();
+        let token = CancelAt::new(&r.clock);
+        let mut w = probed(&r.dma, r.qp, &token, slow_backoff());
+        if transient {
+            r.model.set_fault(Fault::TransientError(u32::MAX));
+        } else {
+            w.queue().refuse.set(Some(SubmitError::DeviceUnavailable));
+        }
+        w.append(&pattern(26, BUF + 5)).unwrap();
+        token.arm_in(1_500_000);
+        assert_eq!(w.sync(), Err(Error::Cancelled));
+        token.assert_prompt(if transient {
+            "sync backing off after a transient error"
+        } else {
+            "sync backing off on DeviceUnavailable"
+        });
+        assert_eq!(read_all(&mut w, BUF + 5), pattern(26, BUF + 5));
+    }
+}
+
+/// A cancelled `append_dma` returns only once the device gave back every bypass command it
+/// held (they read the caller's region, which is borrowed for the call only): it waits for the
+/// driver's verdict on the stuck commands (a 5 ms timeout here), retries and submits nothing.
+#[test]
+fn cancelled_append_dma_returns_once_the_device_is_done_with_the_callers_memory() {
+    let r = rig_with(64, 5);
+    let token = CancelAt::new(&r.clock);
+    let c = Config {
+        max_in_flight: 2,
+        ..cfg()
+    };
+    let mut w = probed(&r.dma, r.qp, &token, c);
+    let src = r.dma.alloc(64 * 1024, 4096).unwrap();
+    src.write_bytes(0, &pattern(27, 64 * 1024)).unwrap();
+    r.model.set_fault(Fault::Stall);
+    let t0 = r.clock.now_ns();
+    token.arm_in(1_000_000);
+    assert_eq!(w.append_dma(&src, 0, 64 * 1024), Err(Error::Cancelled));
+    assert_eq!(
+        w.in_flight(),
+        0,
+        "no command references the caller's region"
+    );
+    assert_eq!(
+        w.queue().submits,
+        2,
+        "two commands reached the device, none retried"
+    );
+    assert!(
+        r.clock.now_ns() - t0 >= 5_000_000,
+        "the driver timed them out"
+    );
+    assert_eq!(w.appended(), 0);
 }
