@@ -120,11 +120,14 @@ static BOARD: static_cell::StaticCell<QemuBoard> = static_cell::StaticCell::new(
 
 #[unsafe(no_mangle)]
 extern "C" fn keel_boot_main(start_info: u32) -> ! {
+    // TSC at each step (QEMU starts the TSC at 0 at reset), for the boot-phase line.
+    let t_entry = cpu::rdtsc();
     cpu::init_local(0, 0);
     console::init();
     arch::init_idt();
     arch::init_core(0);
     time::calibrate();
+    let t_calibrated = cpu::rdtsc();
     println!("keel: x86_64-qemu firmware {}", env!("CARGO_PKG_VERSION"));
     check_flash_image();
 
@@ -161,6 +164,7 @@ extern "C" fn keel_boot_main(start_info: u32) -> ! {
         exit::failure()
     }
 
+    let t_platform = cpu::rdtsc();
     let ram_top = info
         .memmap
         .iter()
@@ -193,9 +197,20 @@ extern "C" fn keel_boot_main(start_info: u32) -> ! {
             }),
         });
     }
+    let t_pci = cpu::rdtsc();
     let wanted = pvh::cpu_count();
     let online = smp::start_aps(wanted);
     keel_log::info!("cores online: {=usize} of {=usize}", online, wanted);
+    let t_cores = cpu::rdtsc();
+    let us = |t: u64| time::ticks_to_ns(t) / 1000;
+    keel_log::info!(
+        "boot phases (us since reset): reset to Rust {=u64} (BIOS, loader), TSC calibration {=u64}, flash check + paging + APIC {=u64}, PCI {=u64}, application processors {=u64}",
+        us(t_entry),
+        us(t_calibrated - t_entry),
+        us(t_platform - t_calibrated),
+        us(t_pci - t_platform),
+        us(t_cores - t_pci)
+    );
 
     let Some(dma) = hw::DmaPool::from_memmap(&info.memmap, DMA_POOL_BYTES) else {
         keel_log::error!("no RAM for the DMA pool");
