@@ -70,8 +70,9 @@ pub fn sync_op<Q: BlockQueue, C: Clock>(
     result.unwrap_or(Ok(())).map_err(StorageError::Io)
 }
 
-/// The pattern word at byte offset `off` of block `lba` of namespace `ns` for run `seed`.
-fn pattern(ns: NsId, lba: u64, off: usize, seed: u64) -> u64 {
+/// The pattern word at byte offset `off` of block `lba` of namespace `ns` for run `seed` (what
+/// `selftest` writes; tests recompute it to check a disk image).
+pub fn pattern(ns: NsId, lba: u64, off: usize, seed: u64) -> u64 {
     let mut z = seed ^ (ns as u64) << 56 ^ lba.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ off as u64;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

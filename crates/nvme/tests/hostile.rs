@@ -5,7 +5,10 @@
 //!
 //! `matrix` runs every row and prints a table; the table is also the assertion message, so it
 //! is visible even when output is captured.
-#![allow(unsafe_code, reason = "the fuzz harness frees the model's DMA memory after each input (HostDma::free_all)")]
+#![allow(
+    unsafe_code,
+    reason = "the fuzz harness frees the model's DMA memory after each input (HostDma::free_all)"
+)]
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -7,7 +7,10 @@
 //! * [`ModelBoard`]: all of it as a [`keel_hal::Board`] (cores are threads), so the firmware's
 //!   jobs (`keel-jobs`) run here too.
 #![forbid(unsafe_op_in_unsafe_fn)]
-#![allow(unsafe_code, reason = "HostDma hands heap memory to the driver as DMA regions")]
+#![allow(
+    unsafe_code,
+    reason = "HostDma hands heap memory to the driver as DMA regions"
+)]
 
 pub mod board;
 pub mod clock;
