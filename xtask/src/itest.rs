@@ -902,7 +902,7 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
     // scrub: the driver's reads against the host's view of the same image.
     let img = work.join("scrub-src.img");
     let crc = random_image(&img, 8 << 20)?;
-    let want = format!("crc32c={crc:08x}");
+    let want = format!("drive=0 ns=1 lba=0 blocks=16384 block_size=512 crc32c={crc:08x}");
     v.push(Case {
         name: "scrub: CRC32C matches the host's".into(),
         vm: VmOpts {

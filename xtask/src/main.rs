@@ -130,8 +130,10 @@ fn cargo() -> Command {
 pub fn build_firmware() -> Result<PathBuf> {
     let mut c = cargo();
     let b = board::get();
+    // `cargo rustc`: flags after `--` reach the firmware binary alone, which is where the
+    // whole-program (LTO) optimisation runs; `KEEL_FW_RUSTFLAGS` adds some for experiments.
     c.args([
-        "build",
+        "rustc",
         "--quiet",
         "--profile",
         "firmware",
@@ -140,6 +142,9 @@ pub fn build_firmware() -> Result<PathBuf> {
         "--bin",
         &b.bin,
     ]);
+    if let Ok(extra) = std::env::var("KEEL_FW_RUSTFLAGS") {
+        c.arg("--").args(extra.split_whitespace());
+    }
     if std::env::var_os("DEFMT_LOG").is_none() {
         c.env("DEFMT_LOG", "info");
     }

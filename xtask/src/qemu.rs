@@ -66,6 +66,15 @@ pub struct VmOpts {
     /// No NVMe controller at all.
     #[arg(long)]
     pub no_nvme: bool,
+    /// Number of NVMe controllers ("drives"), each with its own disk images; drive 0 takes
+    /// the shape options above, the others the same unless `--drive` says otherwise.
+    #[arg(long, default_value_t = 1)]
+    pub drives: usize,
+    /// The shape of one drive, in order from drive 0 (repeatable; implies enough drives):
+    /// comma-separated `ns=N`, `lba=512|4096`, `mdts=N`, `qpairs=N`, `size=64M`, `wc=on|off`,
+    /// and `nsopt=K=V` for any other QEMU `nvme-ns` property (e.g. `nsopt=ms=8`).
+    #[arg(long = "drive")]
+    pub drive_shapes: Vec<String>,
     /// Extra QEMU arguments (repeatable), e.g. --qemu-arg=-device --qemu-arg=...
     #[arg(long = "qemu-arg", allow_hyphen_values = true)]
     pub qemu_args: Vec<String>,
@@ -111,6 +120,8 @@ impl Default for VmOpts {
             max_ioqpairs: 64,
             write_cache: "on".into(),
             no_nvme: false,
+            drives: 1,
+            drive_shapes: vec![],
             qemu_args: vec![],
             seabios: false,
             null_backend: false,
@@ -288,70 +299,141 @@ pub fn parse_size(s: &str) -> Result<u64> {
 }
 
 /// Creates (or reuses) the namespace images and returns the QEMU arguments for the controller.
+/// One controller's shape.
+#[derive(Clone, Debug)]
+pub struct DriveShape {
+    pub namespaces: u32,
+    pub lba_size: u32,
+    pub mdts: u32,
+    pub max_ioqpairs: u32,
+    pub size: u64,
+    pub write_cache: bool,
+    /// Extra `nvme-ns` properties (`ms=8,pi=1`, ...).
+    pub ns_props: Vec<String>,
+}
+
+impl VmOpts {
+    /// Every drive's shape: the global options, overridden per drive by `--drive`.
+    pub fn drive_list(&self) -> Result<Vec<DriveShape>> {
+        let base = DriveShape {
+            namespaces: self.namespaces.max(1),
+            lba_size: self.lba_size,
+            mdts: self.mdts,
+            max_ioqpairs: self.max_ioqpairs,
+            size: parse_size(&self.disk_size)?,
+            write_cache: matches!(self.write_cache.as_str(), "on" | "true" | "1"),
+            ns_props: vec![],
+        };
+        let n = self.drives.max(self.drive_shapes.len()).max(1);
+        let mut out = vec![base.clone(); n];
+        for (d, spec) in self.drive_shapes.iter().enumerate() {
+            let s = &mut out[d];
+            for kv in spec.split(',').filter(|w| !w.is_empty()) {
+                let (k, v) = kv
+                    .split_once('=')
+                    .with_context(|| format!("--drive {spec}: '{kv}' is not key=value"))?;
+                let num = || -> Result<u32> {
+                    v.parse()
+                        .with_context(|| format!("--drive {spec}: {k}={v} is not a number"))
+                };
+                match k {
+                    "ns" => s.namespaces = num()?.max(1),
+                    "lba" => s.lba_size = num()?,
+                    "mdts" => s.mdts = num()?,
+                    "qpairs" => s.max_ioqpairs = num()?.max(1),
+                    "size" => s.size = parse_size(v)?,
+                    "wc" => s.write_cache = matches!(v, "on" | "true" | "1"),
+                    "nsopt" => s.ns_props.push(v.to_string()),
+                    _ => bail!(
+                        "--drive {spec}: unknown key '{k}' (ns, lba, mdts, qpairs, size, wc, nsopt)"
+                    ),
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The disk image of namespace `ns` of drive `d` (drive 0 keeps the names of one-drive runs).
+pub fn ns_image(work: &Path, d: usize, ns: u32) -> PathBuf {
+    if d == 0 {
+        work.join(format!("nvme-ns{ns}.img"))
+    } else {
+        work.join(format!("nvme{d}-ns{ns}.img"))
+    }
+}
+
 fn nvme_args(o: &VmOpts, work: &Path) -> Result<Vec<String>> {
     if o.no_nvme {
         return Ok(vec![]);
     }
-    let size = parse_size(&o.disk_size)?;
-    let wc = matches!(o.write_cache.as_str(), "on" | "true" | "1");
-    let mut a = vec![
-        "-device".into(),
-        "nvme-subsys,id=subsys0,nqn=keel".into(),
-        "-device".into(),
-        format!(
-            "nvme,id=nvme0,serial=KEEL0001,subsys=subsys0,mdts={},max_ioqpairs={}",
-            o.mdts, o.max_ioqpairs
-        ),
-    ];
-    for ns in 1..=o.namespaces.max(1) {
-        if o.null_backend {
-            a.push("-drive".into());
-            a.push(format!(
-                "driver=null-co,size={size},read-zeroes=on,if=none,id=ns{ns}"
-            ));
-            a.push("-device".into());
-            a.push(format!("nvme-ns,drive=ns{ns},bus=nvme0,nsid={ns},logical_block_size={bs},physical_block_size={bs}", bs = o.lba_size));
-            continue;
-        }
-        let path = match (&o.disk, ns) {
-            (Some(p), 1) => p.clone(),
-            _ => {
-                let p = work.join(format!("nvme-ns{ns}.img"));
-                let f = fs::OpenOptions::new()
-                    .create(true)
-                    .write(true)
-                    .truncate(true)
-                    .open(&p)?;
-                f.set_len(size)?;
-                p
-            }
-        };
-        a.push("-drive".into());
-        let file = match (&o.blkdebug, ns) {
-            (Some(conf), 1) => format!("blkdebug:{}:{}", conf.display(), path.display()),
-            _ => path.display().to_string(),
-        };
-        match (&o.write_log, ns) {
-            // No cache=unsafe here: the guest's flushes must reach the log.
-            (Some(log), 1) => {
-                // The file driver opens, it does not create.
-                std::fs::File::create(log)?;
-                a.push(format!(
-                    "driver=blklogwrites,file.driver=file,file.filename={},log.driver=file,log.filename={},log-sector-size=512,if=none,id=ns{ns}",
-                    path.display(),
-                    log.display()
-                ));
-            }
-            _ => a.push(format!(
-                "file={file},if=none,id=ns{ns},format=raw,cache=unsafe"
-            )),
-        }
+    let mut a: Vec<String> = vec![];
+    for (d, shape) in o.drive_list()?.iter().enumerate() {
+        let size = shape.size;
+        a.push("-device".into());
+        a.push(format!("nvme-subsys,id=subsys{d},nqn=keel{d}"));
         a.push("-device".into());
         a.push(format!(
-            "nvme-ns,drive=ns{ns},bus=nvme0,nsid={ns},logical_block_size={bs},physical_block_size={bs},write-cache={wc}",
-            bs = o.lba_size,
-            wc = if wc { "on" } else { "off" }
+            "nvme,id=nvme{d},serial=KEEL{:04},subsys=subsys{d},mdts={},max_ioqpairs={}",
+            d + 1,
+            shape.mdts,
+            shape.max_ioqpairs
         ));
+        let extra: String = shape.ns_props.iter().map(|p| format!(",{p}")).collect();
+        for ns in 1..=shape.namespaces {
+            let id = format!("d{d}ns{ns}");
+            let bs = shape.lba_size;
+            let wc = if shape.write_cache { "on" } else { "off" };
+            if o.null_backend {
+                a.push("-drive".into());
+                a.push(format!(
+                    "driver=null-co,size={size},read-zeroes=on,if=none,id={id}"
+                ));
+                a.push("-device".into());
+                a.push(format!("nvme-ns,drive={id},bus=nvme{d},nsid={ns},logical_block_size={bs},physical_block_size={bs}{extra}"));
+                continue;
+            }
+            // Options that name one image (`--disk`, `--blkdebug`, `--write-log`) are for
+            // drive 0, namespace 1.
+            let first = d == 0 && ns == 1;
+            let path = match (&o.disk, first) {
+                (Some(p), true) => p.clone(),
+                _ => {
+                    let p = ns_image(work, d, ns);
+                    let f = fs::OpenOptions::new()
+                        .create(true)
+                        .write(true)
+                        .truncate(true)
+                        .open(&p)?;
+                    f.set_len(size)?;
+                    p
+                }
+            };
+            a.push("-drive".into());
+            let file = match (&o.blkdebug, first) {
+                (Some(conf), true) => format!("blkdebug:{}:{}", conf.display(), path.display()),
+                _ => path.display().to_string(),
+            };
+            match (&o.write_log, first) {
+                // No cache=unsafe here: the guest's flushes must reach the log.
+                (Some(log), true) => {
+                    // The file driver opens, it does not create.
+                    std::fs::File::create(log)?;
+                    a.push(format!(
+                        "driver=blklogwrites,file.driver=file,file.filename={},log.driver=file,log.filename={},log-sector-size=512,if=none,id={id}",
+                        path.display(),
+                        log.display()
+                    ));
+                }
+                _ => a.push(format!(
+                    "file={file},if=none,id={id},format=raw,cache=unsafe"
+                )),
+            }
+            a.push("-device".into());
+            a.push(format!(
+                "nvme-ns,drive={id},bus=nvme{d},nsid={ns},logical_block_size={bs},physical_block_size={bs},write-cache={wc}{extra}"
+            ));
+        }
     }
     Ok(a)
 }

@@ -9,6 +9,7 @@
 //! involved; the caller keeps the memory alive and untouched until the tag completes.
 #![no_std]
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 use keel_hal::DmaRegion;
 
@@ -54,14 +55,17 @@ impl BufRef {
         Self { bus, len }
     }
 
+    /// The device-visible (bus) address of the first byte.
     pub const fn bus_addr(&self) -> u64 {
         self.bus
     }
 
+    /// Length in bytes.
     pub const fn len(&self) -> usize {
         self.len
     }
 
+    /// `true` for a zero-length buffer.
     pub const fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -81,24 +85,49 @@ pub enum BufError {
 pub enum BlockOp {
     /// Read `blocks` blocks into `buf` (`buf.len()` must be `blocks * block_size`).
     Read {
+        /// Namespace.
         ns: NsId,
+        /// First block.
         lba: u64,
+        /// Blocks.
         blocks: u32,
+        /// Where the data goes.
         buf: BufRef,
     },
     /// Write `blocks` blocks from `buf` (`buf.len()` must be `blocks * block_size`).
     Write {
+        /// Namespace.
         ns: NsId,
+        /// First block.
         lba: u64,
+        /// Blocks.
         blocks: u32,
+        /// Where the data comes from.
         buf: BufRef,
     },
     /// Make all completed writes to `ns` durable.
-    Flush { ns: NsId },
+    Flush {
+        /// Namespace.
+        ns: NsId,
+    },
     /// Set `blocks` blocks to zero without a data transfer.
-    WriteZeroes { ns: NsId, lba: u64, blocks: u32 },
+    WriteZeroes {
+        /// Namespace.
+        ns: NsId,
+        /// First block.
+        lba: u64,
+        /// Blocks.
+        blocks: u32,
+    },
     /// Tell the device the blocks are no longer in use (TRIM / deallocate).
-    Deallocate { ns: NsId, lba: u64, blocks: u32 },
+    Deallocate {
+        /// Namespace.
+        ns: NsId,
+        /// First block.
+        lba: u64,
+        /// Blocks.
+        blocks: u32,
+    },
 }
 
 impl BlockOp {
@@ -156,7 +185,10 @@ pub enum IoError {
     /// The device reports the namespace or medium as write-protected.
     WriteProtected,
     /// Any other device status; `code` is device-specific (NVMe: `SCT << 8 | SC`).
-    Device { code: u16 },
+    Device {
+        /// The device's status code.
+        code: u16,
+    },
 }
 
 /// Receives the finished tags of [`BlockQueue::poll_with`]. Any
@@ -164,6 +196,7 @@ pub enum IoError {
 /// `#[inline(always)]`, which a closure cannot, so that its work is inlined into the queue's
 /// reaping loop.
 pub trait OnDone {
+    /// `tag` finished with `result`.
     fn done(&mut self, tag: u32, result: Result<(), IoError>);
 }
 

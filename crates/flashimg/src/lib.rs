@@ -15,20 +15,28 @@
 //! CRC field read as zero: config, table, segments, filler and stub. The image length is a multiple of [`BLOCK`] (QEMU wants 64 KiB multiples).
 #![no_std]
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 #[cfg(test)]
 extern crate std;
 
 use core::fmt;
 
+/// The first eight bytes of every image.
 pub const MAGIC: [u8; 8] = *b"KEELFLSH";
+/// The layout version this crate writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
+/// Bytes of header at the start of the image.
 pub const HEADER_LEN: usize = 64;
+/// Where the config area (the job line) starts.
 pub const CONFIG_OFFSET: usize = HEADER_LEN;
 /// Capacity of the config area, including the terminating NUL.
 pub const CONFIG_LEN: usize = 512;
+/// Where the segment table starts.
 pub const SEGTAB_OFFSET: usize = CONFIG_OFFSET + CONFIG_LEN;
+/// Bytes per segment table entry.
 pub const SEGMENT_ENTRY_LEN: usize = 16;
+/// Most PT_LOAD segments an image carries.
 pub const MAX_SEGMENTS: usize = 16;
 /// The reset stub occupies the last 4 KiB, i.e. 0xFFFF_F000..4 GiB once mapped.
 pub const STUB_LEN: usize = 4096;
@@ -68,12 +76,15 @@ pub fn base_paddr(image_len: usize) -> u64 {
 /// The image header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
+    /// [`FORMAT_VERSION`] of the writer.
     pub version: u32,
     /// Whole image length in bytes.
     pub image_len: u32,
     /// [`image_crc`]: CRC32C of the image with this field read as zero.
     pub crc: u32,
+    /// [`build_id`] of the ELF the image was built from.
     pub build_id: u64,
+    /// Entries in the segment table.
     pub seg_count: u32,
     /// 32-bit entry the stub jumps to (informational: the stub has it built in).
     pub entry: u32,
@@ -86,20 +97,26 @@ pub enum ImageError {
     TooShort(usize),
     /// Not a Keel image at all.
     BadMagic,
+    /// A format version this crate does not read.
     UnsupportedVersion(u32),
     /// The header's length field disagrees with the image's size.
     LengthMismatch {
+        /// What the header says.
         header: u32,
+        /// The image's size.
         actual: usize,
     },
     /// Length not a multiple of [`BLOCK`], too large, or too small for its tables.
     BadLength(usize),
+    /// More segments than [`MAX_SEGMENTS`].
     TooManySegments(u32),
     /// A segment table entry points outside the image.
     BadSegment(u32),
     /// The payload's CRC32C differs from the header's.
     CrcMismatch {
+        /// The header's CRC.
         expected: u32,
+        /// The image's.
         actual: u32,
     },
     /// The config area has no NUL terminator or is not UTF-8.
@@ -150,6 +167,7 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 const H_VERSION: usize = 8;
 const H_HEADER_LEN: usize = 12;
 const H_IMAGE_LEN: usize = 16;
+/// Offset of the header's CRC field.
 pub const H_CRC: usize = 20;
 const H_BUILD_ID: usize = 24;
 /// Read by the reset stub: offset of the config area.
@@ -207,13 +225,18 @@ impl Header {
 /// `memsz` is zeroed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
+    /// Physical load address.
     pub paddr: u32,
+    /// Offset of its bytes in the image.
     pub offset: u32,
+    /// Bytes stored.
     pub filesz: u32,
+    /// Bytes in memory (the rest zeroed).
     pub memsz: u32,
 }
 
 impl Segment {
+    /// Encodes the entry into `out` (at least [`SEGMENT_ENTRY_LEN`] bytes).
     pub fn write(&self, out: &mut [u8]) {
         for (i, v) in [self.paddr, self.offset, self.filesz, self.memsz]
             .into_iter()

@@ -14,6 +14,7 @@
 
 pub mod basic;
 pub mod cost;
+pub mod drives;
 pub mod nvme;
 pub mod reactor;
 pub mod storage;
@@ -146,20 +147,20 @@ macro_rules! jobs {
 jobs! {
     "demo" => basic::demo, "what `cargo xtask run` runs: selftest on every namespace, then a 1 s bench", [];
     "boot" => basic::boot, "report cores, PCI devices and timer ticks; every core runs work", [basic::BOOT_OPTS];
-    "cost" => cost::cost, "nanoseconds per primitive (MMIO, clock, critical section, driver, reactor) here", [cost::OPTS, NVME_OPTS];
+    "cost" => cost::cost, "nanoseconds per primitive (MMIO, clock, critical section, driver, reactor) here", [cost::OPTS, drives::ONE_DRIVE, NVME_OPTS];
     "fault" => basic::fault, "raise a CPU exception on purpose", [basic::FAULT_OPTS];
     "panic" => basic::panic, "panic on purpose", [basic::PANIC_OPTS];
     "hang" => basic::hang, "spin forever (tests the host-side timeout)", [];
     "cs" => basic::cs, "every core does non-atomic increments inside nested critical sections", [basic::CS_OPTS];
-    "selftest" => nvme::selftest, "write, read back and verify every namespace and transfer shape", [nvme::SELFTEST_OPTS, NVME_OPTS];
-    "scrub" => nvme::scrub, "CRC32C of a namespace range (for the host to compare with the image)", [nvme::RANGE_OPTS, NVME_OPTS];
-    "scan" => nvme::scan, "read (or write) a range; failing chunks bisected to the exact bad LBAs", [nvme::RANGE_OPTS, nvme::SCAN_OPTS, NVME_OPTS];
-    "cfs" => nvme::cfs, "a queue at unmapped memory makes the controller fatal; reset, nothing lost", [nvme::CFS_OPTS, NVME_OPTS];
-    "bench" => nvme::bench, "fio-like load: a queue pair per core, full stack, raw loop or device ceiling", [nvme::BENCH_OPTS, NVME_OPTS];
-    "reactor" => reactor::run, "a reactor per core: cross-core I/O, queue-pair handoff and shutdown mid-I/O", [reactor::OPTS, NVME_OPTS];
-    "log" => wal::log, "append records to a write-ahead log on namespace 1, syncing every few", [wal::LOG_OPTS, wal::WAL_OPTS, NVME_OPTS];
-    "recover" => wal::recover, "recover the write-ahead log and verify every record", [wal::RECOVER_OPTS, wal::WAL_OPTS, NVME_OPTS];
-    "logbench" => wal::logbench, "the writer against the raw queue pair: MB/s and bytes copied", [wal::LOGBENCH_OPTS, NVME_OPTS];
+    "selftest" => nvme::selftest, "write, read back and verify every namespace and transfer shape, on every drive", [nvme::SELFTEST_OPTS, drives::ALL_DRIVES, NVME_OPTS];
+    "scrub" => nvme::scrub, "CRC32C of a namespace range on every drive (for the host to compare with the images)", [nvme::RANGE_OPTS, drives::ALL_DRIVES, NVME_OPTS];
+    "scan" => nvme::scan, "read (or write) a range; failing chunks bisected to the exact bad LBAs", [nvme::RANGE_OPTS, nvme::SCAN_OPTS, drives::ONE_DRIVE, NVME_OPTS];
+    "cfs" => nvme::cfs, "a queue at unmapped memory makes the controller fatal; reset, nothing lost", [nvme::CFS_OPTS, drives::ONE_DRIVE, NVME_OPTS];
+    "bench" => nvme::bench, "fio-like load: a queue pair per core, full stack, raw loop or device ceiling", [nvme::BENCH_OPTS, drives::ONE_DRIVE, NVME_OPTS];
+    "reactor" => reactor::run, "a reactor per core: cross-core I/O, queue-pair handoff and shutdown mid-I/O", [reactor::OPTS, drives::ONE_DRIVE, NVME_OPTS];
+    "log" => wal::log, "append records to a write-ahead log on namespace 1, syncing every few", [wal::LOG_OPTS, wal::WAL_OPTS, drives::ONE_DRIVE, NVME_OPTS];
+    "recover" => wal::recover, "recover the write-ahead log and verify every record", [wal::RECOVER_OPTS, wal::WAL_OPTS, drives::ONE_DRIVE, NVME_OPTS];
+    "logbench" => wal::logbench, "the writer against the raw queue pair: MB/s and bytes copied", [wal::LOGBENCH_OPTS, drives::ONE_DRIVE, NVME_OPTS];
 }
 
 /// Prints the job table on the console (for an unknown job).

@@ -8,7 +8,6 @@ use critical_section::Mutex;
 use keel_blockdev::{BlockOp, BlockQueue, BufRef};
 use keel_cmdline::{Cmdline, OptSpec};
 use keel_hal::{Board, Clock, Cores, DmaRegion, PciFunction};
-use keel_nvme::{Config, Controller};
 
 use crate::storage::{self, BenchCfg, BenchResult, Pattern, Shape, StorageError};
 use crate::{Ctrl, JobError, JobResult, Qp, MAX_CORES};
@@ -62,47 +61,11 @@ fn fail<'a>(what: &'static str) -> impl FnOnce(StorageError) -> JobError<'a> {
     }
 }
 
-/// Finds the first NVMe controller and brings it up (`dbbuf`, `lazycq` from the command line).
+/// Brings up the drive `drive=N` names (`dbbuf`, `lazycq` from the command line too).
 pub fn open<'a, B: Board>(b: &B, cl: &Cmdline<'a>) -> Result<(Ctrl<B>, PciFunction), JobError<'a>> {
-    let shadow = cl.flag("dbbuf")?;
-    let lazy_cq = cl.flag("lazycq")?;
-    // One per core, and a few spare for jobs that use several queue pairs on one core.
-    let io_queues = b.cores().count().max(4) as u16;
-    let dev = *b
-        .pci_functions()
-        .iter()
-        .find(|d| d.is_nvme())
-        .ok_or(JobError::Failed("no NVMe controller on PCI"))?;
-    let mmio = b.map_bar(&dev, 0).map_err(|e| {
-        keel_log::error!("nvme: BAR0: {}", e);
-        JobError::Failed("NVMe BAR0 unusable")
-    })?;
-    let cfg = Config {
-        shadow_doorbells: shadow,
-        io_queues,
-        lazy_cq_doorbell: lazy_cq,
-        ..Config::default()
-    };
-    let ctrl = Controller::init(mmio, b.dma(), b.clock(), cfg).map_err(|e| {
-        keel_log::error!("nvme: bring-up failed: {}", e);
-        JobError::Failed("NVMe bring-up failed")
-    })?;
-    let id = ctrl.identify();
-    keel_log::info!(
-        "nvme {=u8:02x}:{=u8:02x}.{=u8}: model '{=str}' serial '{=str}' version {=u32:#x}, {=usize} namespaces, MDTS {=usize} KiB, {=u16} I/O queues, volatile write cache {=bool}, shadow doorbells {=bool}",
-        dev.bus, dev.dev, dev.func, id.model_str(), id.serial_str(), id.version,
-        ctrl.namespaces().len(), id.max_transfer / 1024, id.io_queues, id.vwc, id.shadow_doorbells
-    );
-    for ns in ctrl.namespaces() {
-        keel_log::info!(
-            "nvme ns {=u32}: {=u64} blocks of {=u32} B ({=u64} MiB)",
-            ns.nsid,
-            ns.blocks,
-            ns.block_size,
-            (ns.blocks * ns.block_size as u64) >> 20
-        );
-    }
-    Ok((ctrl, dev))
+    let index = cl.int("drive")? as usize;
+    let d = crate::drives::open_one(b, cl, index)?;
+    Ok((d.ctrl.into_inner(), d.pci))
 }
 
 /// Creates I/O queue pair `qid` with the jobs' depth.
@@ -118,17 +81,37 @@ pub fn qpair<'a, B: Board>(ctrl: &mut Ctrl<B>, b: &B, qid: u16) -> Result<Qp<B>,
 pub fn selftest<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
     let only = cl.int("ns")? as u32;
     let seed = cl.int("seed")?;
-    let (mut ctrl, _) = open(p, cl)?;
+    let drives = crate::drives::open_all(p, cl)?;
+    let which = drives.selected(cl)?;
     keel_log::info!("job selftest: start");
+    let mut checks = 0;
+    for &i in &which {
+        checks += selftest_drive(p, &drives.list[i], only, seed)?;
+    }
+    keel_log::info!(
+        "selftest: {=usize} checks passed on {=usize} drives",
+        checks,
+        which.len()
+    );
+    Ok(())
+}
+
+/// `selftest` on one drive: its own queue pair, every namespace (or `only`), every shape.
+fn selftest_drive<'a, B: Board>(
+    p: &B,
+    d: &crate::drives::Drive<B>,
+    only: u32,
+    seed: u64,
+) -> Result<usize, JobError<'a>> {
     let clock = p.clock();
     let clock = &clock;
-    let mut qp = qpair(&mut ctrl, p, 1)?;
+    let mut qp = qpair(&mut d.ctrl.lock(), p, 1)?;
     let max_transfer = qp.max_transfer();
     let big = (2 * max_transfer + 64 * 1024).max(2 * 1024 * 1024 + 8192);
     let wbuf = storage::dma(p.dma(), big + 8192).map_err(fail("DMA pool exhausted"))?;
     let rbuf = storage::dma(p.dma(), big + 8192).map_err(fail("DMA pool exhausted"))?;
-    let namespaces: heapless::Vec<_, 16> = ctrl
-        .namespaces()
+    let namespaces: heapless::Vec<_, 16> = d
+        .namespaces
         .iter()
         .copied()
         .filter(|n| only == 0 || n.nsid == only)
@@ -173,7 +156,8 @@ pub fn selftest<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
             },
         ];
         keel_log::info!(
-            "selftest ns {=u32} ({=u32} B blocks, max transfer {=usize} KiB):",
+            "selftest drive {=usize} ns {=u32} ({=u32} B blocks, max transfer {=usize} KiB):",
+            d.index,
             ns.nsid,
             ns.block_size,
             max_transfer / 1024
@@ -214,7 +198,7 @@ pub fn selftest<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         checks += 1;
         keel_log::info!("selftest ns {=u32} | {=str} | ok", ns.nsid, "flush");
         let zb = blocks_of(4096);
-        if ctrl.identify().write_zeroes {
+        if d.info.write_zeroes {
             storage::zeroes_verify(&mut qp, clock, ns.nsid, 64, zb, &rbuf)
                 .map_err(fail("write zeroes"))?;
             checks += 1;
@@ -226,7 +210,7 @@ pub fn selftest<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
                 zb
             );
         }
-        if ctrl.identify().deallocate {
+        if d.info.deallocate {
             storage::sync_op(
                 &mut qp,
                 clock,
@@ -263,51 +247,67 @@ pub fn selftest<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
     }
     let st = qp.stats();
     keel_log::info!(
-        "selftest: {=usize} checks passed on {=usize} namespaces; queue stats {}",
+        "selftest drive {=usize}: {=usize} checks passed on {=usize} namespaces; queue stats {}",
+        d.index,
         checks,
         namespaces.len(),
         st
     );
-    Ok(())
+    if let Err((e, _)) = d.ctrl.lock().delete_io_qpair(p.dma(), qp) {
+        keel_log::warn!("selftest drive {=usize}: delete queue pair: {}", d.index, e);
+    }
+    keel_hal::DmaAllocator::free(p.dma(), wbuf);
+    keel_hal::DmaAllocator::free(p.dma(), rbuf);
+    Ok(checks)
 }
 
-/// `scrub`: CRC32C of a namespace range, for the host to compare against the disk image.
+/// `scrub`: CRC32C of a namespace range on every selected drive, for the host to compare
+/// against each disk image.
 pub fn scrub<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
     let nsid = cl.int("ns")? as u32;
     let lba = cl.int("lba")?;
     let blocks_opt = cl.int("blocks")?;
-    let (mut ctrl, _) = open(p, cl)?;
+    let drives = crate::drives::open_all(p, cl)?;
+    let which = drives.selected(cl)?;
     let clock = p.clock();
     keel_log::info!("job scrub: start");
-    let ns = *ctrl
-        .namespace(nsid)
-        .ok_or(JobError::Failed("no such namespace"))?;
-    let blocks = if blocks_opt == 0 {
-        ns.blocks.saturating_sub(lba)
-    } else {
-        blocks_opt
-    };
-    if lba.checked_add(blocks).is_none_or(|e| e > ns.blocks) {
-        return Err(JobError::Failed(
-            "scrub range past the end of the namespace",
-        ));
+    for &i in &which {
+        let d = &drives.list[i];
+        let ns = *d
+            .namespace(nsid)
+            .ok_or(JobError::Failed("no such namespace"))?;
+        let blocks = if blocks_opt == 0 {
+            ns.blocks.saturating_sub(lba)
+        } else {
+            blocks_opt
+        };
+        if lba.checked_add(blocks).is_none_or(|e| e > ns.blocks) {
+            return Err(JobError::Failed(
+                "scrub range past the end of the namespace",
+            ));
+        }
+        let mut qp = qpair(&mut d.ctrl.lock(), p, 1)?;
+        let buf = storage::dma(p.dma(), qp.max_transfer().min(1 << 20))
+            .map_err(fail("DMA pool exhausted"))?;
+        let t0 = clock.now_ns();
+        let crc =
+            storage::scrub(&mut qp, &clock, nsid, lba, blocks, &buf).map_err(fail("scrub read"))?;
+        let ms = (clock.now_ns() - t0) / 1_000_000;
+        keel_log::info!(
+            "scrub drive={=usize} ns={=u32} lba={=u64} blocks={=u64} block_size={=u32} crc32c={=u32:08x} ({=u64} ms)",
+            d.index,
+            nsid,
+            lba,
+            blocks,
+            ns.block_size,
+            crc,
+            ms
+        );
+        if let Err((e, _)) = d.ctrl.lock().delete_io_qpair(p.dma(), qp) {
+            keel_log::warn!("scrub drive {=usize}: delete queue pair: {}", d.index, e);
+        }
+        keel_hal::DmaAllocator::free(p.dma(), buf);
     }
-    let mut qp = qpair(&mut ctrl, p, 1)?;
-    let buf = storage::dma(p.dma(), qp.max_transfer().min(1 << 20))
-        .map_err(fail("DMA pool exhausted"))?;
-    let t0 = clock.now_ns();
-    let crc =
-        storage::scrub(&mut qp, &clock, nsid, lba, blocks, &buf).map_err(fail("scrub read"))?;
-    let ms = (clock.now_ns() - t0) / 1_000_000;
-    keel_log::info!(
-        "scrub ns={=u32} lba={=u64} blocks={=u64} block_size={=u32} crc32c={=u32:08x} ({=u64} ms)",
-        nsid,
-        lba,
-        blocks,
-        ns.block_size,
-        crc,
-        ms
-    );
     Ok(())
 }
 

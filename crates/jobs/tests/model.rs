@@ -76,6 +76,29 @@ fn selftest_on_every_namespace_and_shape() {
 }
 
 #[test]
+fn selftest_and_scrub_on_every_drive() {
+    // Three controllers; the middle one fails bring-up (it never becomes ready): the other
+    // two are tested, and each drive's disk holds what its selftest wrote.
+    let dma = HostDma::new();
+    let nvme: Vec<_> = (0..3).map(|_| NvmeModel::new(big(), dma.clone())).collect();
+    nvme[1].set_fault(keel_model::Fault::NeverReady);
+    let b = ModelBoard::new(2, dma, nvme);
+    run(&b, "selftest").unwrap();
+    run(&b, "scrub blocks=64").unwrap();
+    let seed = 0x6b65_656c_u64;
+    for (d, written) in [(0, true), (1, false), (2, true)] {
+        let disk = b.nvme()[d].disk_read(1, 8192 * 512, 512);
+        let want = keel_jobs::storage::pattern(1, 8192, 0, seed ^ 8192);
+        let got = u64::from_le_bytes(disk[..8].try_into().unwrap());
+        assert_eq!(got == want, written, "drive {d}");
+    }
+    // One drive by index; an index with no drive is an error.
+    run(&b, "selftest drive=2").unwrap();
+    assert!(run(&b, "selftest drive=1").is_err());
+    assert!(run(&b, "selftest drive=7").is_err());
+}
+
+#[test]
 fn scrub_crc_matches_the_hosts() {
     let b = board(1, big());
     let pattern: Vec<u8> = (0..64 * 512).map(|i| (i * 7 + 3) as u8).collect();
@@ -85,7 +108,7 @@ fn scrub_crc_matches_the_hosts() {
     // same job code path instead: storage::scrub over a queue pair against the host's CRC.
     let crc = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI).checksum(&pattern);
     let (mut ctrl, _) = {
-        let cl = Cmdline::parse_for("scrub", "boot", JOBS).unwrap();
+        let cl = Cmdline::parse_for("scan", "boot", JOBS).unwrap();
         keel_jobs::nvme::open(&b, &cl).unwrap()
     };
     let mut qp = keel_jobs::nvme::qpair(&mut ctrl, &b, 1).unwrap();
@@ -183,6 +206,7 @@ fn the_panic_job_panics_and_unknown_input_is_named() {
         .iter()
         .any(|l| l == "keel: unknown job 'frobnicate'; jobs:"));
     assert!(console.iter().any(|l| l.starts_with("  selftest ")));
-    assert!(console.iter().any(|l| l
-        .starts_with("keel: job 'bench' takes: pattern bs qd secs ms cores ns raw dbbuf lazycq")));
+    assert!(console.iter().any(|l| l.starts_with(
+        "keel: job 'bench' takes: pattern bs qd secs ms cores ns raw drive dbbuf lazycq"
+    )));
 }
