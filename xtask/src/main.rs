@@ -37,7 +37,7 @@ enum Cmd {
     #[command(after_long_help = jobs_help())]
     Run {
         #[command(flatten)]
-        vm: qemu::VmOpts,
+        vm: Box<qemu::VmOpts>,
         /// Boot as the machine's firmware from a flash image instead of PVH: writes
         /// target/keel/keel-flash.bin (as `cargo xtask flash` does) with the job in its config area.
         #[arg(long)]
@@ -167,7 +167,7 @@ fn main() {
             pflash,
             job,
         } => run(
-            vm,
+            *vm,
             FlashBoot {
                 flash,
                 image,
