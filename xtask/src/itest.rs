@@ -497,6 +497,21 @@ fn print_boot_times(table: &[(String, Option<f64>, Option<f64>)]) {
 }
 
 /// Boots every case; prints a table; returns one bool per case.
+/// `cargo xtask cases FILTER`: builds the firmware and runs only the QEMU cases whose name
+/// contains `filter` (for working on one part; `cargo xtask test` runs them all).
+pub fn cases_only(filter: &str) -> Result<()> {
+    qemu::ensure_qemu()?;
+    let fw = crate::build_firmware()?;
+    std::env::set_var("KEEL_CASES", filter);
+    let r = qemu_tests(&fw)?;
+    let failed = r.iter().filter(|ok| !**ok).count();
+    println!("keel: {} passed, {failed} failed", r.len() - failed);
+    if failed > 0 {
+        bail!("{failed} case(s) failed");
+    }
+    Ok(())
+}
+
 fn qemu_tests(fw: &Path) -> Result<Vec<bool>> {
     let work = crate::work_dir();
     std::fs::create_dir_all(&work)?;
@@ -505,6 +520,10 @@ fn qemu_tests(fw: &Path) -> Result<Vec<bool>> {
     prepare_flash_images(fw)?;
     let mut cases = cases();
     cases.extend(nvme_cases(&work)?);
+    // `cargo xtask cases FILTER`: only the cases whose name contains FILTER.
+    if let Ok(f) = std::env::var("KEEL_CASES") {
+        cases.retain(|c| c.name.contains(&f));
+    }
     let mut results = Vec::new();
     let mut boot_times = Vec::new();
     let mut table = Vec::new();
@@ -899,6 +918,47 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             }),
         ],
     ));
+    // Several drives: every controller brought up, each selftested, and the host reads each
+    // drive's own image for the pattern the selftest wrote there.
+    for (drives, shapes) in [
+        (2usize, vec![]),
+        (
+            3,
+            vec![
+                "ns=2,lba=4096".to_string(),
+                "ns=1".into(),
+                "qpairs=1".into(),
+            ],
+        ),
+    ] {
+        let w = work.to_path_buf();
+        let name = format!("{drives} drives: selftest on each, each image checked by the host");
+        v.push(Case {
+            name,
+            vm: VmOpts {
+                drives,
+                drive_shapes: shapes,
+                ..vm(2)
+            },
+            cmdline: "selftest",
+            expect_pass: true,
+            expect_timeout: false,
+            checks: vec![
+                (
+                    "every drive up",
+                    Box::new(move |o: &Outcome| {
+                        o.has(&format!("checks passed on {drives} drives"))
+                    }),
+                ),
+                (
+                    "each image holds its selftest pattern",
+                    Box::new(move |_o: &Outcome| {
+                        (0..drives).all(|d| selftest_pattern_on_disk(&w, d).unwrap_or(false))
+                    }),
+                ),
+            ],
+        });
+    }
     // scrub: the driver's reads against the host's view of the same image.
     let img = work.join("scrub-src.img");
     let crc = random_image(&img, 8 << 20)?;
@@ -918,6 +978,26 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
         )],
     });
     Ok(v)
+}
+
+/// Whether namespace 1 of drive `d` holds the selftest's "2 MiB + 8 KiB at LBA 8192" shape,
+/// byte for byte, as the firmware's pattern function defines it (the image's LBA size is
+/// told by its size: 64 MiB images of 512 B or 4 KiB blocks, found by trying both).
+fn selftest_pattern_on_disk(work: &std::path::Path, d: usize) -> Result<bool> {
+    let img = std::fs::read(qemu::ns_image(work, d, 1))?;
+    let seed = 0x6b65_656c_u64;
+    let ok = |bs: usize| {
+        let lba = 8192u64;
+        let blocks = (2 * 1024 * 1024 + 8192usize).div_ceil(bs);
+        (0..blocks).all(|b| {
+            let at = (lba as usize + b) * bs;
+            (0..bs).step_by(8).all(|off| {
+                let want = keel_jobs::storage::pattern(1, lba + b as u64, off, seed ^ lba);
+                img.get(at + off..at + off + 8) == Some(&want.to_le_bytes()[..])
+            })
+        })
+    };
+    Ok(ok(512) || ok(4096))
 }
 
 fn shapes_ok(o: &Outcome) -> bool {

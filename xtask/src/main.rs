@@ -88,6 +88,11 @@ enum Cmd {
     },
     /// Instructions per I/O (submit + complete) on the host model, counted with callgrind.
     Instr,
+    /// Only the QEMU integration cases whose name contains FILTER (a part of `test`).
+    Cases {
+        /// Substring of the case names to run.
+        filter: String,
+    },
 }
 
 /// The firmware's jobs and their options, from its job table (`keel_jobs::JOBS`).
@@ -187,6 +192,7 @@ fn main() {
         } => bench(secs, &cores, nvme_only),
         Cmd::Fuzz { time } => fuzz::run(time).map(|_| ()),
         Cmd::Instr => instr::run(),
+        Cmd::Cases { filter } => itest::cases_only(&filter),
     };
     if let Err(e) = r {
         eprintln!("xtask: error: {e:#}");
