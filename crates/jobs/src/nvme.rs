@@ -579,8 +579,20 @@ fn time_split<C: Clock>(clock: &C, r: &BenchResult) -> [u64; 4] {
     [r.t_submit, r.t_kick, r.t_reap, r.t_idle].map(|t| clock.ticks_to_ns(t) / r.ios.max(1))
 }
 
-/// One core's part of `bench`: its own queue pair (created here, deleted at the end), its
-/// buffers, and the loop `mode` asks for, run with the core's interrupts masked.
+/// How the cores of one `bench` share the controller's queues.
+struct Sharing {
+    /// Cores `0..owners` own a queue pair; the others send their I/O to core
+    /// `core % owners` (full stack only).
+    owners: usize,
+    /// Cores taking part.
+    cores: usize,
+    /// Cores whose own load is done (owners keep serving the others until all are).
+    finished: core::sync::atomic::AtomicUsize,
+}
+
+/// One core's part of `bench`: its own queue pair (created here, deleted at the end) if the
+/// controller granted one for it, its buffers, and the loop `mode` asks for, run with the
+/// core's interrupts masked.
 #[allow(clippy::too_many_arguments)]
 fn core_bench<B: Board>(
     b: &B,
@@ -590,8 +602,12 @@ fn core_bench<B: Board>(
     aio: &crate::reactor::Handles,
     cfg: BenchCfg,
     mode: Mode,
+    share: &Sharing,
 ) -> CoreResults {
     let mut out = CoreResults::default();
+    if core >= share.owners {
+        return remote_core_bench(b, core, links, aio, cfg, share);
+    }
     let clock = b.clock();
     let qp = match ctrl
         .lock()
@@ -647,6 +663,14 @@ fn core_bench<B: Board>(
         (Mode::Full, Some(links)) => {
             let mut stack = crate::reactor::Stack(crate::reactor::bench_reactor(links, aio, qp));
             out.main = storage::bench(&mut stack, &clock, &cfg, &bufs, &mut hist);
+            // Serve the cores without a queue pair of their own until every core is done.
+            share
+                .finished
+                .fetch_add(1, core::sync::atomic::Ordering::AcqRel);
+            while share.finished.load(core::sync::atomic::Ordering::Acquire) < share.cores {
+                stack.0.poll();
+                while stack.0.next_completion().is_some() {}
+            }
             let _ = stack.0.quiesce(1_000_000);
             let qs = stack.0.with_queue(|q| q.stats());
             keel_log::info!(
@@ -680,6 +704,65 @@ fn core_bench<B: Board>(
         }
         None => out.error = Some("the reactor kept I/O in flight"),
     }
+    for d in bufs {
+        keel_hal::DmaAllocator::free(b.dma(), d);
+    }
+    out
+}
+
+/// `bench` on a core without a queue pair of its own (the controller granted fewer queues
+/// than there are cores): the full stack, every I/O sent over the message rings to the core
+/// that owns the queue (`core % owners`), completions back the same way.
+fn remote_core_bench<B: Board>(
+    b: &B,
+    core: usize,
+    links: &Mutex<RefCell<Option<crate::reactor::MeshLinks<'_>>>>,
+    aio: &crate::reactor::Handles,
+    cfg: BenchCfg,
+    share: &Sharing,
+) -> CoreResults {
+    let mut out = CoreResults::default();
+    let clock = b.clock();
+    let mut bufs: heapless::Vec<DmaRegion, 256> = heapless::Vec::new();
+    for _ in 0..cfg.qd {
+        match storage::dma(b.dma(), cfg.bs) {
+            Ok(d) => {
+                let _ = bufs.push(d);
+            }
+            Err(_) => {
+                out.error = Some("DMA pool exhausted");
+                return out;
+            }
+        }
+    }
+    let Some(links) = critical_section::with(|cs| links.borrow_ref_mut(cs).take()) else {
+        out.error = Some("no message links for the reactor");
+        return out;
+    };
+    let owner = core % share.owners.max(1);
+    let mut hist = [0u32; storage::HIST + 1];
+    b.cores().polled(|| {
+        let mut target = crate::reactor::Remote {
+            reactor: keel_reactor::Reactor::new(links, aio, None::<Qp<B>>),
+            owner,
+        };
+        out.main = storage::bench(&mut target, &clock, &cfg, &bufs, &mut hist);
+        share
+            .finished
+            .fetch_add(1, core::sync::atomic::Ordering::AcqRel);
+        // Answers still owed to other cores (none: this core owns no queue) and the last
+        // completions; then wait for the others to finish, so no ring end goes away early.
+        while share.finished.load(core::sync::atomic::Ordering::Acquire) < share.cores {
+            target.reactor.poll();
+            while target.reactor.next_completion().is_some() {}
+        }
+        keel_log::info!(
+            "bench core={=usize} (no queue of its own: I/O through core {=usize}) reactor {}",
+            core,
+            owner,
+            target.reactor.stats()
+        );
+    });
     for d in bufs {
         keel_hal::DmaAllocator::free(b.dma(), d);
     }
@@ -757,6 +840,22 @@ pub fn bench<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
     let ns = *ctrl
         .namespace(nsid)
         .ok_or(JobError::Failed("no such namespace"))?;
+    // Fewer queues than cores: the full stack sends the extra cores' I/O to queue owners; the
+    // raw loop and the ceiling drive queue pairs directly, so they run on the owners alone.
+    let granted = (ctrl.identify().io_queues as usize).max(1);
+    let owners = granted.min(cores);
+    let cores = if mode == Mode::Full { cores } else { owners };
+    if owners < cores {
+        keel_log::info!(
+            "bench: {=usize} I/O queues for {=usize} cores: cores {=usize}.. send their I/O to core k mod {=usize}",
+            granted, cores, owners, owners
+        );
+    }
+    let share = Sharing {
+        owners,
+        cores,
+        finished: core::sync::atomic::AtomicUsize::new(0),
+    };
     let per_core_blocks = ns.blocks / cores as u64;
     let ctrl = spin::Mutex::new(ctrl);
     let aio = crate::reactor::Handles::new();
@@ -792,7 +891,7 @@ pub fn bench<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
             blocks: per_core_blocks,
             block_size: ns.block_size,
         };
-        core_bench(p, core, &ctrl, &links[core], &aio, cfg, mode)
+        core_bench(p, core, &ctrl, &links[core], &aio, cfg, mode, &share)
     })?;
     if let Some(e) = results.iter().find_map(|r| r.error) {
         return Err(JobError::Failed(e));

@@ -412,6 +412,32 @@ impl<Q: BlockQueue> crate::storage::BenchTarget for Stack<'_, Q> {
     }
 }
 
+/// The full stack for `bench` on a core without a queue pair: every I/O goes to `owner`'s.
+pub struct Remote<'m, Q> {
+    /// This core's reactor (no queue of its own).
+    pub reactor: R<'m, Q>,
+    /// The core whose queue pair serves this one.
+    pub owner: usize,
+}
+
+impl<Q: BlockQueue> crate::storage::BenchTarget for Remote<'_, Q> {
+    fn submit(&mut self, op: BlockOp, tag: u32) -> bool {
+        self.reactor.submit_to(self.owner, op, tag).is_ok()
+    }
+    fn kick(&mut self) {
+        self.reactor.flush();
+    }
+    fn reap(&mut self, on_done: &mut dyn FnMut(u32, Result<(), keel_blockdev::IoError>)) {
+        self.reactor.poll();
+        while let Some(c) = self.reactor.next_completion() {
+            on_done(c.cookie, c.result);
+        }
+    }
+    fn block_size(&self, _ns: keel_blockdev::NsId) -> Option<u32> {
+        None
+    }
+}
+
 /// A reactor over `qp` for one bench core.
 pub fn bench_reactor<'m, Q: BlockQueue>(links: MeshLinks<'m>, aio: &'m Handles, qp: Q) -> R<'m, Q> {
     Reactor::new(links, aio, Some(qp))
