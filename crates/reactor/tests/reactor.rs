@@ -95,7 +95,7 @@ fn cross_core_requests_complete_exactly_once() {
 
 #[test]
 fn full_ring_is_backpressure_not_loss() {
-    // Ring capacity 3 (heapless keeps one slot empty); core 0 does not poll at first.
+    // Ring capacity 4 (every slot of the ring holds a message); core 0 does not poll at first.
     let (mut rs, _a) = reactors::<4>(FakeQueue::new(64, 1));
     let mut accepted = 0;
     let mut refused = 0;
@@ -106,15 +106,15 @@ fn full_ring_is_backpressure_not_loss() {
             Err(e) => panic!("{e:?}"),
         }
     }
-    assert_eq!((accepted, refused), (3, 7));
-    assert_eq!(rs[1].stats().backpressure, 7);
+    assert_eq!((accepted, refused), (4, 6));
+    assert_eq!(rs[1].stats().backpressure, 6);
     let mut done = HashMap::new();
     for _ in 0..10 {
         rs[0].poll();
         rs[1].poll();
         collect(&mut rs[1], &mut done);
     }
-    assert_eq!(done.len(), 3, "every accepted request answered");
+    assert_eq!(done.len(), 4, "every accepted request answered");
     assert!(
         rs[1].submit_to(0, read(99), 99).is_ok(),
         "room again once the owner polled"
