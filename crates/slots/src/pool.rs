@@ -41,6 +41,39 @@ impl<const N: usize, const W: usize> SlotPool<N, W> {
         }
     }
 
+    /// A pool with all `N` slots free, every generation `generation` (masked to
+    /// [`crate::GENERATION_BITS`]): for a pool rebuilt after a restart that must not hand out
+    /// the generations of handles issued before it, and for tests at the wrap boundary.
+    #[cfg(not(loom))]
+    pub const fn with_generation(generation: u32) -> Self {
+        let () = Self::SIZE_OK;
+        Self {
+            free: FreeBitmap::new_saturating(N),
+            generations: [const { AtomicU32::new(0) }; N],
+        }
+        .starting_at(generation & GENERATION_MASK)
+    }
+
+    /// As the `const` version (loom build: not `const`).
+    #[cfg(loom)]
+    pub fn with_generation(generation: u32) -> Self {
+        let () = Self::SIZE_OK;
+        Self {
+            free: FreeBitmap::new_saturating(N),
+            generations: core::array::from_fn(|_| AtomicU32::new(generation & GENERATION_MASK)),
+        }
+    }
+
+    #[cfg(not(loom))]
+    const fn starting_at(mut self, generation: u32) -> Self {
+        let mut i = 0;
+        while i < N {
+            self.generations[i] = AtomicU32::new(generation);
+            i += 1;
+        }
+        self
+    }
+
     /// The number of slots.
     pub const fn capacity(&self) -> usize {
         N
