@@ -27,14 +27,27 @@ use keel_blockdev::{BlockOp, BlockQueue, BufRef, IoError, NsId, SubmitError};
 use keel_reactor::{split, Completion, Links, MeshStorage, Msg, Reactor, ReactorError};
 use keel_slots::MailFlag;
 
-/// A queue pair that completes every command at the next poll (no data moves).
-#[derive(Default)]
+/// A queue pair that completes every command at the next poll (no data moves), holding at
+/// most `depth` commands (a full queue is `QueueFull`: the reactor keeps the rest staged).
 struct NullQueue {
     done: VecDeque<u32>,
+    depth: usize,
+}
+
+impl NullQueue {
+    fn new(depth: usize) -> Self {
+        Self {
+            done: VecDeque::new(),
+            depth,
+        }
+    }
 }
 
 impl BlockQueue for NullQueue {
     fn submit(&mut self, _op: BlockOp, tag: u32) -> Result<(), SubmitError> {
+        if self.done.len() >= self.depth {
+            return Err(SubmitError::QueueFull);
+        }
         self.done.push_back(tag);
         Ok(())
     }
@@ -54,7 +67,7 @@ impl BlockQueue for NullQueue {
         !self.done.is_empty()
     }
     fn depth(&self) -> usize {
-        64
+        self.depth
     }
     fn in_flight(&self) -> usize {
         self.done.len()
@@ -187,10 +200,8 @@ fn control_plain_store_notify_loses_mail() {
 ///
 /// Catches: a consumer whose flag clear is not Release, or a producer whose flag check is
 /// not Acquire (the producer's next write of the slot races the consumer's take of the
-/// previous value: loom reports the cell access); a consumer that leaves the flag down while a
-/// message is still waiting (`recv_if` not re-arming: with one slot and a producer that
-/// stops after the last message, the last one is never seen: loom reports the consumer
-/// spinning forever as a deadlock of all threads).
+/// previous value: loom reports the cell access). (A `recv_if` that does not re-arm the flag
+/// cannot fail here, one slot never leaves a message behind: the exchange model catches it.)
 #[test]
 fn mesh_slot_reuse_is_ordered_by_the_flags() {
     loom::model(|| {
@@ -243,7 +254,7 @@ fn exchange(mail: fn() -> [MailFlag; 2]) {
         let aio: &'static Aio<3, 1> = leak(Aio::new());
         let [l0, l1] = split(leak(MeshStorage::<Msg, 2, 2>::with_mail(mail())));
         let owner = thread::spawn(move || {
-            let mut r: Exchange = Reactor::new(l0, aio, Some(NullQueue::default()));
+            let mut r: Exchange = Reactor::new(l0, aio, Some(NullQueue::new(64)));
             for _ in 0..2 {
                 r.poll();
             }
@@ -322,18 +333,19 @@ fn adopt_call(_core: usize, _arg: usize) {
     ADOPT.store(true, Ordering::Release);
 }
 
-type Handoff = Reactor<'static, NullQueue, 2, 2, 1>;
+type Handoff = Reactor<'static, NullQueue, 2, 3, 1>;
 
 /// Queue-pair handoff from core 0 to core 1, the firmware's protocol: core 0 owns the queue
-/// pair; core 1 sends it one read. Core 0 polls once, quiesces (with `quiesce_first`; without,
+/// pair, of depth one; core 1 sends it two reads (so one can be staged behind the other).
+/// Core 0 polls once, quiesces (with `quiesce_first`; without,
 /// it relies on `take_queue` refusing while busy), takes its queue pair (polling while it is
 /// busy), parks it in a handoff cell (a mutex, the firmware's critical section),
 /// and tells core 1 with a `Msg::Call`; then it keeps polling (answering whatever still comes
 /// in). Core 1 polls, and adopts the queue pair when the call has run, then issues a read of
 /// its own on it. A deterministic drain finishes the job.
 ///
-/// Checks: the read sent to core 0 completes exactly once, `Ok` (served before the handoff) or
-/// `Aborted` (it reached core 0 after it stopped accepting); core 1's own read completes `Ok`
+/// Checks: each read sent to core 0 completes exactly once, `Ok` (served before the handoff)
+/// or `Aborted` (it reached core 0 after it stopped accepting); core 1's own read completes `Ok`
 /// on the adopted queue pair; no device tag is unknown to the core that reaps it (nothing was
 /// on the queue pair when it changed hands), no refused transition; every handle back.
 ///
@@ -344,13 +356,14 @@ type Handoff = Reactor<'static, NullQueue, 2, 2, 1>;
 /// without quiesce catches this one). Bound: 3 preemptions.
 fn handoff(quiesce_first: bool) {
     loom::model(move || {
-        let aio: &'static Aio<2, 1> = leak(Aio::new());
-        let [l0, l1] = split(leak(MeshStorage::<Msg, 2, 2>::new()));
+        let aio: &'static Aio<3, 1> = leak(Aio::new());
+        // Rings of three: core 0 may owe two answers and the call at once.
+        let [l0, l1] = split(leak(MeshStorage::<Msg, 2, 3>::new()));
         let cell: Arc<Mutex<Option<NullQueue>>> = Arc::new(Mutex::new(None));
         let old = {
             let cell = cell.clone();
             thread::spawn(move || {
-                let mut r: Handoff = Reactor::new(l0, aio, Some(NullQueue::default()));
+                let mut r: Handoff = Reactor::new(l0, aio, Some(NullQueue::new(1)));
                 r.poll();
                 if quiesce_first {
                     r.quiesce(3);
@@ -388,6 +401,7 @@ fn handoff(quiesce_first: bool) {
             thread::spawn(move || {
                 let mut r: Handoff = Reactor::new(l1, aio, None);
                 r.submit_to(0, read(1), 1).expect("room");
+                r.submit_to(0, read(3), 3).expect("room");
                 for _ in 0..2 {
                     r.poll();
                     adopt(&mut r, &cell);
@@ -408,17 +422,19 @@ fn handoff(quiesce_first: bool) {
             !r0.has_queue() && r1.has_queue(),
             "the queue pair moved once"
         );
-        assert_eq!(done.len(), 2, "both reads completed: {done:?}");
-        assert!(
-            matches!(done[&1], Ok(()) | Err(IoError::Aborted)),
-            "{:?}",
-            done[&1]
-        );
+        assert_eq!(done.len(), 3, "every read completed: {done:?}");
+        for c in [1, 3] {
+            assert!(
+                matches!(done[&c], Ok(()) | Err(IoError::Aborted)),
+                "{:?}",
+                done[&c]
+            );
+        }
         assert_eq!(done[&2], Ok(()));
         for r in [&r0, &r1] {
             sane(r);
         }
-        assert_eq!(aio.free_count(), 2, "a handle was lost");
+        assert_eq!(aio.free_count(), 3, "a handle was lost");
     });
 }
 
