@@ -162,8 +162,8 @@ fn loom_catches_the_naive_separate_reads() {
 ///
 /// Checks: the burst starts one or two handles, none twice and none still in flight; a reused
 /// 63 carries a new generation; the duplicate completion is refused and leaves the new owner's
-/// I/O Submitted; 62's issuer gets the device's result; once everything is completed, all 66
-/// handles are free.
+/// I/O Submitted; 62's issuer gets the device's result; the next burst starts every free
+/// handle, each of them Idle before; once everything is completed, all 66 handles are free.
 ///
 /// Catches: a reclaim that does not bump the generation (the duplicate completion then
 /// completes the burst's new I/O); a completion path that frees the bitmap bit before checking
@@ -211,7 +211,10 @@ fn burst_and_batch_reap_race_across_words() {
         let mut started = Vec::new();
         let (n, r) = aio.start_submitted_burst(2, |k| desc(100 + k), |_, io| started.push(io));
         assert_eq!(r, Ok(()), "burst refused");
-        assert!((1..=2).contains(&n) && n == started.len(), "{n} {started:?}");
+        assert!(
+            (1..=2).contains(&n) && n == started.len(),
+            "{n} {started:?}"
+        );
         assert_eq!(started[0].index(), 65, "word 1's free handle first");
         while !done.load(Ordering::Acquire) {
             thread::yield_now();
@@ -221,7 +224,11 @@ fn burst_and_batch_reap_race_across_words() {
         for (k, &io) in started.iter().enumerate() {
             assert_ne!(io.index(), 62, "62 was still in flight when the burst ran");
             if io.index() == 63 {
-                assert_eq!(io.generation(), io63.generation() + 1, "reused 63: new generation");
+                assert_eq!(
+                    io.generation(),
+                    io63.generation() + 1,
+                    "reused 63: new generation"
+                );
             }
             let now = aio.snapshot(io.index()).unwrap();
             assert_eq!(
@@ -230,6 +237,14 @@ fn burst_and_batch_reap_race_across_words() {
                 "the burst's I/O {k} was disturbed"
             );
         }
+        // The reactor's next pass: a burst of two gets every free handle (62, and 63 unless
+        // the burst above reused it), each Idle before (a bit freed for a handle in use would
+        // hand out a Submitted one: the burst stops with IllegalTransition).
+        let free = aio.free_count();
+        let mut next = Vec::new();
+        let (n, r) = aio.start_submitted_burst(2, |k| desc(200 + k), |_, io| next.push(io));
+        assert_eq!((n, r), (free, Ok(())), "the next burst: {next:?}");
+        started.extend(next);
         // Complete everything still in flight; every handle must come back.
         for io in held.iter().chain(&started) {
             if *io == io62 || *io == io63 {
