@@ -1,4 +1,7 @@
-//! Loom model checks for keel-aio.
+//! Loom model checks for keel-aio: the reactor's fast paths (`start_submitted_burst` across
+//! bitmap words, a reap `batch` with `complete_and_reclaim` and `complete_and_share`, the
+//! issuer's `complete_local_and_reclaim`, a duplicate completion) and the slow paths (`wait`,
+//! `wait_for_free`, seed 000's separate reads as a control that must fail).
 //!
 //! Run with (preemption bound 3; each test is exhaustive up to that bound):
 //!

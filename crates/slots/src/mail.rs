@@ -11,7 +11,10 @@ use crate::sync::{AtomicBool, Ordering};
 /// `notify` itself. No message is ever missed: a producer's `notify` either comes before the
 /// consumer's `take` in the flag's modification order (then `take` synchronises with it, so the
 /// scan sees the publication) or after it (then the flag stays set for the next `take`).
-/// Proven with loom in `tests/loom.rs`.
+/// Checked with loom on a stand-in publication here (`tests/loom.rs`), and on the real mesh
+/// (`keel_reactor::Links` over the firmware's rings) in keel-reactor's `tests/loom.rs`, where
+/// a control built with [`MailFlag::plain_store_control`] (loom build only) must lose a
+/// message and does.
 pub struct MailFlag {
     set: AtomicBool,
     /// Loom build only: `notify` is a plain store (see [`MailFlag::plain_store_control`]).

@@ -1,4 +1,8 @@
-//! Loom model checks for keel-slots.
+//! Loom model checks for keel-slots: the free bitmap (one word, and across words with the scan
+//! hint and its wrap), slot generations (and their wrap), the mail flag on a stand-in
+//! publication (the real mesh is modelled in keel-reactor), and teardown: the close race, a
+//! hand-over-hand takeover with re-entry, and seed 002's takeover race in the seed's own design
+//! (naive order must fail, fixed order passes). Each model's doc says the bug it catches.
 //!
 //! Run with (preemption bound 3; every test here is exhaustive up to that bound):
 //!
@@ -480,4 +484,95 @@ fn teardown_takeover_and_reentry_close_exactly_once() {
         assert!(t.is_close_claimed());
         assert_eq!(t.users(), 0);
     });
+}
+
+/// Seed 002's *first* race, the takeover (HAProxy, "close a race on closing connections after
+/// takeover"), in the seed's own design: an FD has an owner mask and a running mask. A poller
+/// (the owner) checks it owns the FD, marks itself running and handles the event; another
+/// thread takes the FD over (marks itself running, only if nobody is, replaces the owner mask,
+/// drops its running bit) and then uses it as its own. `fixed` picks the protocol:
+///
+/// * naive (before the fix): the poller checks the owner mask, then sets its running bit and
+///   goes ahead. A takeover that runs entirely between the check and the set leaves both
+///   threads believing the FD is theirs.
+/// * fixed: the poller sets its running bit (only when nobody else is running) and checks the
+///   owner mask *after* that; a takeover holds its running bit while it replaces the owner.
+///
+/// Checks: never two users of the FD at once (a counter of threads using it as its owner).
+fn seed_002_takeover(fixed: bool) {
+    const POLLER: u32 = 1 << 1;
+    const TAKER: u32 = 1 << 2;
+    loom::model(move || {
+        let owner = Arc::new(AtomicUsize::new(POLLER as usize));
+        let running = Arc::new(AtomicUsize::new(0));
+        let users = Arc::new(AtomicUsize::new(0));
+        let use_it = |users: &AtomicUsize, who: &str| {
+            let before = users.fetch_add(1, Ordering::AcqRel);
+            assert_eq!(
+                before, 0,
+                "both believe the FD is theirs ({who} is the second)"
+            );
+            users.fetch_sub(1, Ordering::AcqRel);
+        };
+        let taker = {
+            let (owner, running, users) = (owner.clone(), running.clone(), users.clone());
+            thread::spawn(move || {
+                // fd_takeover: only if nobody is running on the FD.
+                if running
+                    .compare_exchange(0, TAKER as usize, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+                {
+                    return;
+                }
+                owner.store(TAKER as usize, Ordering::Release);
+                running.fetch_and(!(TAKER as usize), Ordering::AcqRel);
+                // From now on it is ours.
+                use_it(&users, "the taker");
+            })
+        };
+        // fd_update_events on the poller.
+        let p = POLLER as usize;
+        if fixed {
+            loop {
+                if owner.load(Ordering::Acquire) & p == 0 {
+                    break;
+                }
+                if running
+                    .compare_exchange(0, p, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+                {
+                    thread::yield_now();
+                    continue;
+                }
+                // Running now: was it taken over meanwhile?
+                if owner.load(Ordering::Acquire) & p != 0 {
+                    use_it(&users, "the poller");
+                }
+                running.fetch_and(!p, Ordering::AcqRel);
+                break;
+            }
+        } else if owner.load(Ordering::Acquire) & p != 0 {
+            running.fetch_or(p, Ordering::AcqRel);
+            use_it(&users, "the poller");
+            running.fetch_and(!p, Ordering::AcqRel);
+        }
+        taker.join().unwrap();
+    });
+}
+
+/// The seed's takeover race, fixed order: never two owners. Bound: 3 preemptions.
+#[test]
+fn seed_002_takeover_fixed_never_two_owners() {
+    seed_002_takeover(true);
+}
+
+/// The seed's takeover race, naive order: loom finds the interleaving where both threads
+/// believe the FD is theirs (the control for the model above; loom prints the failing
+/// interleaving's panic message, that output is expected).
+#[test]
+fn seed_002_takeover_naive_finds_two_owners() {
+    let err = std::panic::catch_unwind(|| seed_002_takeover(false))
+        .expect_err("loom should have found two owners");
+    let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(msg.contains("both believe the FD is theirs"), "{msg}");
 }
