@@ -121,7 +121,28 @@ impl<const W: usize> FreeBitmap<W> {
         }
     }
 
-    /// A bitmap in an arbitrary (e.g. corrupted) state, for the crate's tests.
+    /// A bitmap tracking slots `0..len` whose words start as `words`, taken as they are: a set
+    /// bit means free, and bits past `len` are kept (a corrupted word has them). Every
+    /// operation stays bounded and in range whatever the words hold (see the type's docs); this
+    /// is how a consumer tests that it copes with what such a bitmap hands out.
+    ///
+    /// # Errors
+    /// [`SlotError::TooLarge`] if `len` exceeds [`Self::CAPACITY`].
+    pub fn from_words(words: [u64; W], len: usize) -> Result<Self, SlotError> {
+        if len > Self::CAPACITY {
+            return Err(SlotError::TooLarge {
+                requested: len,
+                max: Self::CAPACITY,
+            });
+        }
+        Ok(Self {
+            words: words.map(AtomicU64::new),
+            len,
+            hint: AtomicUsize::new(0),
+        })
+    }
+
+    /// A bitmap in an arbitrary (e.g. corrupted) state, hint included, for the crate's tests.
     #[cfg(all(test, not(loom)))]
     pub(crate) fn from_raw(words: [u64; W], len: usize, hint: usize) -> Self {
         Self {
