@@ -1225,6 +1225,36 @@ mod untrusted {
     }
 
     #[test]
+    fn a_burst_cut_short_gives_back_the_handles_left_in_its_run() {
+        // 70 handles, every bit of both words set (70..128 are corruption).
+        let aio = with_bits_past_the_end::<70, 2>();
+        let mut held = Vec::new();
+        let (n, _) = aio.start_submitted_burst(64, desc, |_, io| held.push(io));
+        assert_eq!(n, 64);
+        let in_use = aio.start_submitted(desc(64)).unwrap();
+        assert_eq!(in_use.index(), 64);
+        // A stray write sets the bit of handle 64, in flight. The next burst claims 64..72 in
+        // one run, meets 64 first and stops: 65..70 are Idle and must go back, 70 and 71 are
+        // corruption and stay clear.
+        aio.free.release(64).unwrap();
+        let (n, r) = aio.start_submitted_burst(8, desc, |_, io| held.push(io));
+        assert_eq!(n, 0);
+        assert!(matches!(
+            r,
+            Err(AioError::IllegalTransition { index: 64, .. })
+        ));
+        let mut next = Vec::new();
+        let (n, r) = aio.start_submitted_burst(8, desc, |_, io| next.push(io.index()));
+        assert_eq!(
+            next,
+            [65, 66, 67, 68, 69],
+            "the handles left in the run came back"
+        );
+        assert_eq!(n, 5);
+        assert!(matches!(r, Err(AioError::BadIndex { index: 72, .. })));
+    }
+
+    #[test]
     fn random_corruption_never_panics_or_hands_a_handle_out_twice() {
         use proptest::prelude::*;
         proptest!(|(words in any::<[u64; 2]>(),
