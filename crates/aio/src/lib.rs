@@ -670,8 +670,9 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     ///
     /// # Errors
     /// With the count of those that did start: [`AioError::NoFreeHandle`] if none was free,
-    /// [`AioError::IllegalTransition`] if the bitmap and a handle disagree (a broken
-    /// invariant; the burst stops there and that bit is given back).
+    /// [`AioError::IllegalTransition`] / [`AioError::BadIndex`] if the bitmap and the handles
+    /// disagree (a corrupted bitmap word: the burst stops there, that bit stays clear, so the
+    /// next burst does not meet it again).
     pub fn start_submitted_burst(
         &self,
         n: usize,
@@ -698,9 +699,7 @@ impl<const N: usize, const W: usize> Aio<N, W> {
                     match self.start_claimed(inner, index, desc(k), true) {
                         Ok(io) => started(k, io),
                         Err(e) => {
-                            // Give back the rest of the run (`start_claimed` gave back its own).
-                            let given_back = self.free.release_claimed(run);
-                            debug_assert!(given_back.is_ok(), "{given_back:?}");
+                            self.give_back_idle(inner, run);
                             return (k, Err(e));
                         }
                     }
@@ -709,6 +708,25 @@ impl<const N: usize, const W: usize> Aio<N, W> {
             }
             (n, Ok(()))
         })
+    }
+
+    /// The rest of a burst's run after a bit that named no handle or a handle in use (a
+    /// corrupted bitmap word; `start_claimed` kept that bit clear): gives back the bits of the
+    /// Idle handles, and keeps clear those that are corrupted too (past the last handle, or of
+    /// a handle in use), so no later claim meets them again. Cold: one `fetch_or` per bit.
+    #[inline(never)]
+    fn give_back_idle(&self, inner: &Inner<N>, run: keel_slots::Claimed) {
+        for index in run {
+            if inner
+                .slots
+                .get(index)
+                .is_some_and(|s| s.state == HandleState::Idle)
+            {
+                // The run held this bit, so it was clear: the release cannot fail.
+                let given_back = self.free.release(index);
+                debug_assert!(given_back.is_ok(), "{given_back:?}");
+            }
+        }
     }
 
     /// The start paths' one step, inside their critical section: handle `index`, whose free
@@ -731,10 +749,12 @@ impl<const N: usize, const W: usize> Aio<N, W> {
         let slot = match inner.slots.get_mut(index) {
             Some(slot) if slot.state == Idle => slot,
             other => {
-                // The bitmap said free but the handle is not Idle (a broken invariant): give
-                // the bit back rather than lose the slot, and report it.
+                // The bitmap said free but there is no such handle, or it is not Idle (a
+                // corrupted bitmap word): report it and keep the bit clear. Clearing it restores
+                // "a set bit means Idle"; a handle in use gets its bit back from its own return
+                // to Idle, and giving the bit back here would have the next claim meet the
+                // same handle again (every burst cut short at it for as long as it is in use).
                 let from = other.map_or(Idle, |s| s.state);
-                let _ = self.free.release(index);
                 return Err(match from {
                     Idle => AioError::BadIndex { index, capacity: N },
                     from => AioError::IllegalTransition {
@@ -1087,5 +1107,214 @@ impl<const N: usize, const W: usize> Aio<N, W> {
 impl<const N: usize, const W: usize> Default for Aio<N, W> {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Seed 004 for the handle array: the free bitmap is shared memory every core writes, so its
+/// words may be corrupted (bits past the last handle, bits of handles in use). No fast path may
+/// then panic, loop, index out of range, or keep failing on the same corrupted bit.
+#[cfg(all(test, not(loom)))]
+mod untrusted {
+    extern crate std;
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::vec::Vec;
+
+    fn desc(k: usize) -> IoDesc {
+        IoDesc {
+            op: IoOp::Read,
+            lba: k as u64,
+            blocks: 1,
+        }
+    }
+
+    /// An array of `N` handles whose bitmap (tracking the `N` handles) has every bit of its
+    /// words set: bits `N..W * 64` are corruption (no such handles).
+    fn with_bits_past_the_end<const N: usize, const W: usize>() -> Aio<N, W> {
+        Aio {
+            free: FreeBitmap::from_words([u64::MAX; W], N).unwrap(),
+            inner: CsCell::new(Inner {
+                slots: [Slot::IDLE; N],
+                next_seq: 0,
+            }),
+        }
+    }
+
+    #[test]
+    fn bits_past_the_last_handle_are_typed_errors_and_go_away() {
+        let aio = with_bits_past_the_end::<70, 2>();
+        let mut started = Vec::new();
+        let mut bad = 0;
+        // Bursts straddle the end: started handles come first (a run is in ascending order),
+        // then BadIndex, and the rest of that run is refused and stays clear.
+        for _ in 0..200 {
+            let (n, r) = aio.start_submitted_burst(16, desc, |_, io| started.push(io));
+            assert!(n <= 16);
+            match r {
+                Ok(()) => {}
+                Err(AioError::BadIndex {
+                    index,
+                    capacity: 70,
+                }) => {
+                    assert!((70..128).contains(&index));
+                    bad += 1;
+                }
+                Err(AioError::NoFreeHandle) => break,
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        assert_eq!(started.len(), 70, "every real handle started once");
+        let distinct: BTreeSet<usize> = started.iter().map(|io| io.index()).collect();
+        assert_eq!(distinct.len(), 70);
+        assert!(bad >= 1);
+        assert_eq!(aio.free_count(), 0, "the corrupted bits are gone");
+        assert_eq!(aio.start_submitted(desc(0)), Err(AioError::NoFreeHandle));
+        for io in started {
+            aio.batch(|b| b.complete_and_reclaim(io, Ok(0))).unwrap();
+        }
+        assert_eq!(aio.free_count(), 70);
+        // Singly, too: `start` and `acquire` meet a corrupted bit once each.
+        let aio = with_bits_past_the_end::<2, 1>();
+        let mut got = 0;
+        for _ in 0..70 {
+            match aio.start(desc(0)).or_else(|_| aio.acquire()) {
+                Ok(io) => {
+                    assert!(io.index() < 2);
+                    got += 1;
+                }
+                Err(AioError::BadIndex { .. }) => {}
+                Err(AioError::NoFreeHandle) => break,
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        assert_eq!((got, aio.free_count()), (2, 0));
+    }
+
+    #[test]
+    fn a_corrupted_bit_of_a_handle_in_use_is_met_once() {
+        let aio = Aio::<8, 1>::new();
+        let held = aio.start_submitted(desc(0)).unwrap();
+        // A stray write sets the free bit of handle 0, which is in flight.
+        aio.free.release(held.index()).unwrap();
+        let mut started = Vec::new();
+        let (n, r) = aio.start_submitted_burst(4, desc, |_, io| started.push(io));
+        assert_eq!(n, 0);
+        assert!(matches!(
+            r,
+            Err(AioError::IllegalTransition {
+                index: 0,
+                from: HandleState::Submitted,
+                ..
+            })
+        ));
+        assert_eq!(
+            aio.snapshot(0).unwrap().state,
+            HandleState::Submitted,
+            "the handle in use is untouched"
+        );
+        // The bit stayed clear: the next burst starts all four it asks for.
+        let (n, r) = aio.start_submitted_burst(4, desc, |_, io| started.push(io));
+        assert_eq!((n, r), (4, Ok(())));
+        assert!(started.iter().all(|io| io.index() != 0));
+        // And the handle in use returns to the free set normally.
+        aio.batch(|b| b.complete_and_reclaim(held, Ok(0))).unwrap();
+        for io in started {
+            aio.batch(|b| b.complete_and_reclaim(io, Ok(0))).unwrap();
+        }
+        assert_eq!(aio.free_count(), 8);
+    }
+
+    #[test]
+    fn a_burst_cut_short_gives_back_the_handles_left_in_its_run() {
+        // 70 handles, every bit of both words set (70..128 are corruption).
+        let aio = with_bits_past_the_end::<70, 2>();
+        let mut held = Vec::new();
+        let (n, _) = aio.start_submitted_burst(64, desc, |_, io| held.push(io));
+        assert_eq!(n, 64);
+        let in_use = aio.start_submitted(desc(64)).unwrap();
+        assert_eq!(in_use.index(), 64);
+        // A stray write sets the bit of handle 64, in flight. The next burst claims 64..72 in
+        // one run, meets 64 first and stops: 65..70 are Idle and must go back, 70 and 71 are
+        // corruption and stay clear.
+        aio.free.release(64).unwrap();
+        let (n, r) = aio.start_submitted_burst(8, desc, |_, io| held.push(io));
+        assert_eq!(n, 0);
+        assert!(matches!(
+            r,
+            Err(AioError::IllegalTransition { index: 64, .. })
+        ));
+        let mut next = Vec::new();
+        let (n, r) = aio.start_submitted_burst(8, desc, |_, io| next.push(io.index()));
+        assert_eq!(
+            next,
+            [65, 66, 67, 68, 69],
+            "the handles left in the run came back"
+        );
+        assert_eq!(n, 5);
+        assert!(matches!(r, Err(AioError::BadIndex { index: 72, .. })));
+    }
+
+    #[test]
+    fn random_corruption_never_panics_or_hands_a_handle_out_twice() {
+        use proptest::prelude::*;
+        proptest!(|(words in any::<[u64; 2]>(),
+                    ops in proptest::collection::vec((0u8..5, 0usize..70), 0..150))| {
+            // Any words at all: bits of handles that do not exist, bits of handles in use.
+            let mut aio = with_bits_past_the_end::<70, 2>();
+            aio.free = FreeBitmap::from_words(words, 70).unwrap();
+            let mut live: Vec<IoRef> = Vec::new();
+            // Handles free at the start, and every handle started later: none may be lost.
+            let mut ever: BTreeSet<usize> =
+                (0..70).filter(|&i| words[i / 64] >> (i % 64) & 1 == 1).collect();
+            for (op, x) in ops {
+                match op {
+                    0 => {
+                        let mut got = Vec::new();
+                        let (n, _) = aio.start_submitted_burst(x % 20 + 1, desc, |_, io| got.push(io));
+                        prop_assert_eq!(n, got.len());
+                        live.extend(got);
+                    }
+                    1 => {
+                        if let Ok(io) = aio.start_submitted(desc(x)) {
+                            live.push(io);
+                        }
+                    }
+                    2 => {
+                        if !live.is_empty() {
+                            let io = live.swap_remove(x % live.len());
+                            // A stray write may have set its bit already: reported, and the
+                            // handle is back in the free set either way.
+                            let r = aio.batch(|b| b.complete_and_reclaim(io, Ok(0)));
+                            let ok = matches!(r, Ok(()) | Err(AioError::Slots(SlotError::NotAllocated { .. })));
+                            prop_assert!(ok, "{:?}", r);
+                            prop_assert_eq!(aio.snapshot(io.index()).unwrap().state, HandleState::Idle);
+                        }
+                    }
+                    3 => {
+                        // A stray write: the free bit of some handle, in use or not.
+                        let _ = aio.free.release(x);
+                    }
+                    _ => {
+                        // A duplicate completion of something long gone: refused.
+                        let io = IoRef::new((x % 70) as u16, u32::MAX);
+                        prop_assert!(aio.batch(|b| b.complete_and_reclaim(io, Ok(0))).is_err());
+                    }
+                }
+                let indexes: BTreeSet<usize> = live.iter().map(|io| io.index()).collect();
+                prop_assert_eq!(indexes.len(), live.len(), "a handle in flight was started again");
+                prop_assert!(live.iter().all(|io| io.index() < 70));
+                ever.extend(indexes);
+            }
+            // Nothing is lost: once everything completes, every handle that was free at the
+            // start or started since is Idle and free again (a burst cut short by a corrupted
+            // bit gives the rest of its run back).
+            for io in live {
+                let _ = aio.batch(|b| b.complete_and_reclaim(io, Ok(0)));
+            }
+            for i in ever {
+                prop_assert_eq!(aio.snapshot(i).unwrap().state, HandleState::Idle);
+                prop_assert!(aio.free.is_free(i).unwrap(), "handle {} lost", i);
+            }
+        });
     }
 }

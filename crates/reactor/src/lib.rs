@@ -1,6 +1,7 @@
 //! Pinned-core reactors, SPDK style.
 //!
-//! * [`mesh`]: one fixed-capacity single-producer/single-consumer ring per ordered pair of cores.
+//! * [`mesh`]: one fixed-capacity single-producer/single-consumer ring ([`ring`]) per ordered
+//!   pair of cores.
 //!   A full ring is backpressure returned to the sender, never a silent drop. A per-core mail
 //!   flag lets an idle core find out it has no messages with one load.
 //! * [`Reactor`]: the run-to-completion loop of one core. It owns at most one queue pair
@@ -15,10 +16,14 @@
 //! device tag is the handle's index and generation, so a completion for a recycled or forged tag
 //! is detected and counted instead of being routed to the wrong requester.
 #![no_std]
-#![forbid(unsafe_code)]
+// The rings (`ring`) are the one place with `unsafe`: the cells of their slots.
+#![deny(unsafe_code)]
 
 pub mod mesh;
 mod reactor;
+#[allow(unsafe_code)]
+pub mod ring;
+mod sync;
 pub mod worker;
 
 pub use mesh::{split, Links, MeshStorage, SendError};

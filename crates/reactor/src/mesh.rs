@@ -1,25 +1,43 @@
-//! The message mesh: `C × C` SPSC rings of capacity `N - 1` (heapless' convention), ring `[i][j]`
+//! The message mesh: `C × C` SPSC rings of capacity `N` ([`crate::ring`]), ring `[i][j]`
 //! carrying messages from core `i` to core `j`. [`split`] hands every core its [`Links`]: the
 //! producer ends of its outbound rings and the consumer ends of its inbound rings. Each end has
 //! exactly one owner, so no locks are involved. Each core also has a [`MailFlag`]: senders set
 //! it after enqueueing, so a core with no mail finds that out with one load instead of looking
 //! at every inbound ring.
 
-use heapless::spsc::{Consumer, Producer, Queue};
 use keel_slots::MailFlag;
+
+use crate::ring::{Consumer, Producer, Ring};
 
 /// Storage for every ring. Lives as long as the links split from it (a `static` on the board,
 /// a leaked box in host tests).
 pub struct MeshStorage<M, const C: usize, const N: usize> {
-    rings: [[Queue<M, N>; C]; C],
+    rings: [[Ring<M, N>; C]; C],
     mail: [MailFlag; C],
 }
 
 impl<M, const C: usize, const N: usize> MeshStorage<M, C, N> {
+    #[cfg(not(loom))]
     pub const fn new() -> Self {
         Self {
-            rings: [const { [const { Queue::new() }; C] }; C],
+            rings: [const { [const { Ring::new() }; C] }; C],
             mail: [const { MailFlag::new() }; C],
+        }
+    }
+
+    /// Loom build: not `const`.
+    #[cfg(loom)]
+    pub fn new() -> Self {
+        Self::with_mail(core::array::from_fn(|_| MailFlag::new()))
+    }
+
+    /// Loom build: storage whose mail flags are `mail` (the models' controls pass flags built
+    /// to misbehave, e.g. `MailFlag::plain_store_control`).
+    #[cfg(loom)]
+    pub fn with_mail(mail: [MailFlag; C]) -> Self {
+        Self {
+            rings: core::array::from_fn(|_| core::array::from_fn(|_| Ring::new())),
+            mail,
         }
     }
 }
@@ -47,6 +65,8 @@ pub struct Links<'a, M, const C: usize> {
     next_rx: usize,
     /// Every core's mail flag (this core's is `mail[core]`).
     mail: &'a [MailFlag; C],
+    /// Inbound slots found flagged full with nothing in them (corrupted memory; repaired).
+    faults: u32,
 }
 
 impl<'a, M, const C: usize> Links<'a, M, C> {
@@ -87,16 +107,29 @@ impl<'a, M, const C: usize> Links<'a, M, C> {
             let Some(c) = self.rx[from].as_mut() else {
                 continue;
             };
-            if let Some(m) = c.peek() {
-                // Something is (still) waiting: keep the flag up for the next look.
-                self.mail[self.core].notify();
-                if accept(m) {
-                    self.next_rx = (from + 1) % C;
-                    return c.dequeue();
+            match c.peek_with(&mut accept) {
+                Ok(None) => {}
+                Ok(Some(accepted)) => {
+                    // Something is (still) waiting: keep the flag up for the next look.
+                    self.mail[self.core].notify();
+                    if accepted {
+                        self.next_rx = (from + 1) % C;
+                        match c.dequeue() {
+                            Ok(m) => return m,
+                            Err(_) => self.faults = self.faults.saturating_add(1),
+                        }
+                    }
                 }
+                Err(_) => self.faults = self.faults.saturating_add(1),
             }
         }
         None
+    }
+
+    /// How many inbound ring slots were found flagged full with nothing in them (a corrupted
+    /// flag; each is repaired when found, see [`crate::ring`]). Must stay 0.
+    pub fn ring_faults(&self) -> u32 {
+        self.faults
     }
 
     /// Whether another core may have sent this one something since it last found its inbound
@@ -129,6 +162,7 @@ pub fn split<M, const C: usize, const N: usize>(
         rx: [const { None }; C],
         next_rx: 0,
         mail,
+        faults: 0,
     });
     for (from, row) in rings.iter_mut().enumerate() {
         for (to, q) in row.iter_mut().enumerate() {

@@ -31,7 +31,8 @@ pub enum Msg {
         io: IoRef,
         result: Result<(), IoError>,
     },
-    /// Run `f(receiving core, arg)` inside the receiver's poll loop.
+    /// Run `f(receiving core, arg)` inside the receiver's poll loop. (The one message the
+    /// receiver cannot check: `f` is called as it is.)
     Call { f: fn(usize, usize), arg: usize },
 }
 
@@ -705,6 +706,15 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             let Some(m) = self.links.recv() else { break };
             n += 1;
             match m {
+                // Messages come from other cores' memory (seed 004): a handle index past the
+                // array, or a sender that is no other core, is counted and dropped, never
+                // indexed with or answered (an answer with no route would also hold up every
+                // answer queued behind it).
+                Msg::Io { io, from, .. }
+                    if io.index() >= N || from as usize >= C || from as usize == self.core =>
+                {
+                    self.stats.lifecycle_errors += 1;
+                }
                 Msg::Io { op, io, from } => {
                     let origin = Origin::Remote { core: from };
                     if !self.accepting || self.queue.is_none() {
@@ -719,8 +729,17 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                     }
                 }
                 Msg::Done { io, result } => {
-                    self.stats.remote_answered += 1;
-                    self.finish_local(io, result);
+                    // Only an answer for an I/O of this core's that is waiting for one reaches
+                    // the caller: a duplicate or forged `Done` (a stale generation, a handle in
+                    // another state, an index past the array) is counted, never delivered (it
+                    // would hand out the cookie of an I/O still in flight).
+                    match self.aio.complete_local_and_reclaim(io) {
+                        Ok(_) => {
+                            self.stats.remote_answered += 1;
+                            self.deliver(io, result);
+                        }
+                        Err(_) => self.stats.lifecycle_errors += 1,
+                    }
                 }
                 Msg::Call { f, arg } => {
                     self.stats.calls += 1;

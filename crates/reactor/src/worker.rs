@@ -6,19 +6,29 @@
 //! pass. The worker, in turn, may ask pollers for I/O through the same mesh without ever
 //! holding anything a poller needs.
 
-use heapless::spsc::{Consumer, Producer, Queue};
+use crate::ring::{Consumer, Producer, Ring};
 
-/// Rings for one poller ↔ worker pair (capacity `N - 1` each way).
+/// Rings for one poller ↔ worker pair (capacity `N` each way).
 pub struct Channel<Req, Resp, const N: usize> {
-    req: Queue<Req, N>,
-    resp: Queue<Resp, N>,
+    req: Ring<Req, N>,
+    resp: Ring<Resp, N>,
 }
 
 impl<Req, Resp, const N: usize> Channel<Req, Resp, N> {
+    #[cfg(not(loom))]
     pub const fn new() -> Self {
         Self {
-            req: Queue::new(),
-            resp: Queue::new(),
+            req: Ring::new(),
+            resp: Ring::new(),
+        }
+    }
+
+    /// Loom build: not `const`.
+    #[cfg(loom)]
+    pub fn new() -> Self {
+        Self {
+            req: Ring::new(),
+            resp: Ring::new(),
         }
     }
 
@@ -63,8 +73,9 @@ impl<Req, Resp> PollerEnd<'_, Req, Resp> {
 
     /// An answer, if one is ready.
     pub fn try_response(&mut self) -> Option<Resp> {
-        let r = self.rx.dequeue()?;
-        self.outstanding -= 1;
+        // A corrupted slot (reported by the ring and repaired) holds no answer.
+        let r = self.rx.dequeue().ok().flatten()?;
+        self.outstanding = self.outstanding.saturating_sub(1);
         Some(r)
     }
 
@@ -86,7 +97,10 @@ impl<Req, Resp> WorkerEnd<'_, Req, Resp> {
     pub fn serve(&mut self, mut f: impl FnMut(Req) -> Resp) -> usize {
         let mut n = 0;
         while self.tx.ready() {
-            let Some(req) = self.rx.dequeue() else { break };
+            // A corrupted slot (reported by the ring and repaired) holds no request.
+            let Ok(Some(req)) = self.rx.dequeue() else {
+                break;
+            };
             // `ready()` above guarantees room for exactly this answer.
             if self.tx.enqueue(f(req)).is_err() {
                 break;

@@ -95,7 +95,7 @@ fn cross_core_requests_complete_exactly_once() {
 
 #[test]
 fn full_ring_is_backpressure_not_loss() {
-    // Ring capacity 3 (heapless keeps one slot empty); core 0 does not poll at first.
+    // Ring capacity 4 (every slot of the ring holds a message); core 0 does not poll at first.
     let (mut rs, _a) = reactors::<4>(FakeQueue::new(64, 1));
     let mut accepted = 0;
     let mut refused = 0;
@@ -106,15 +106,15 @@ fn full_ring_is_backpressure_not_loss() {
             Err(e) => panic!("{e:?}"),
         }
     }
-    assert_eq!((accepted, refused), (3, 7));
-    assert_eq!(rs[1].stats().backpressure, 7);
+    assert_eq!((accepted, refused), (4, 6));
+    assert_eq!(rs[1].stats().backpressure, 6);
     let mut done = HashMap::new();
     for _ in 0..10 {
         rs[0].poll();
         rs[1].poll();
         collect(&mut rs[1], &mut done);
     }
-    assert_eq!(done.len(), 3, "every accepted request answered");
+    assert_eq!(done.len(), 4, "every accepted request answered");
     assert!(
         rs[1].submit_to(0, read(99), 99).is_ok(),
         "room again once the owner polled"
@@ -398,4 +398,50 @@ fn real_threads_hammer_one_owner() {
     for s in client_stats {
         assert_eq!(s.remote_answered, per_core as u64);
     }
+}
+
+/// Seed 004: messages come from other cores' memory. Forged ones (a handle index past the
+/// array, a sender that is no other core, an answer for an I/O that is not waiting for one)
+/// are counted and dropped: nothing panics or indexes out of range, no completion is invented,
+/// and the real traffic behind them goes on.
+#[test]
+fn forged_messages_from_other_cores_are_counted_not_followed() {
+    use keel_aio::IoRef;
+    let [l0, mut rogue, l2] = mesh::<8>();
+    let a = aio();
+    let mut r0: R = Reactor::new(l0, a, Some(FakeQueue::new(16, 1)));
+    let mut r2: R = Reactor::new(l2, a, None);
+    // A real request from core 2; its handle is now Staged and on its way to core 0.
+    r2.submit_to(0, read(5), 55).unwrap();
+    let forged = |io, from| Msg::Io {
+        op: read(1),
+        io,
+        from,
+    };
+    for m in [
+        forged(IoRef::new(0xFFFF, 0), 1), // no such handle
+        forged(IoRef::new(3, 0), 200),    // no such core
+        forged(IoRef::new(3, 0), 0),      // "from" the receiver itself
+    ] {
+        rogue.send(0, m).unwrap();
+    }
+    // Answers nobody is waiting for, ahead of the real one: for core 2's handle while it is
+    // still in flight, for a handle past the array, and a stale generation.
+    for io in [IoRef::new(0, 0), IoRef::new(0xFFFF, 0), IoRef::new(0, 7)] {
+        rogue.send(2, Msg::Done { io, result: Ok(()) }).unwrap();
+    }
+    let mut done = HashMap::new();
+    for _ in 0..10 {
+        r0.poll();
+        r2.poll();
+        collect(&mut r2, &mut done);
+    }
+    assert_eq!(done.len(), 1, "only the real answer: {done:?}");
+    assert_eq!(done[&(2, 55)], Ok(()));
+    assert_eq!(r0.stats().lifecycle_errors, 3, "three forged requests");
+    assert_eq!(r2.stats().lifecycle_errors, 3, "three forged answers");
+    assert_eq!(r2.stats().remote_answered, 1);
+    assert_eq!((r0.stats().dropped, r2.stats().dropped), (0, 0));
+    assert_eq!(r2.issued(), 0);
+    assert_eq!(a.free_count(), N, "every handle back in its array");
 }

@@ -30,6 +30,16 @@ const fn initial_word(word: usize, len: usize) -> u64 {
 /// * [`acquire`](Self::acquire) claims a set bit with `fetch_and`, starting at the word where
 ///   the previous acquire succeeded, so a run of acquires does not rescan from zero. It is
 ///   lock-free: a claim only fails because another acquirer claimed that bit.
+///
+/// Untrusted words (seed 004): whatever the words and the hint hold, every operation is a
+/// bounded number of atomic operations on words in range. Release is one `fetch_or` on a
+/// range-checked index. A scan looks at each word once, plus once more each time another party
+/// writes that word between the scan's load and its read-modify-write (with no such writer, at
+/// most `W` looks). Bits past [`len`](Self::len) exist only in a corrupted word; a claim takes
+/// them like any other bit, so the index it returns is then `>= len()` (but below
+/// [`CAPACITY`](Self::CAPACITY)) and that bit is clear afterwards (it is never handed out
+/// again). Consumers range-check before indexing: [`crate::SlotPool::acquire`] returns
+/// [`SlotError::IndexOutOfRange`], `keel_aio` returns `BadIndex`.
 #[derive(Debug)]
 pub struct FreeBitmap<const W: usize> {
     words: [AtomicU64; W],
@@ -109,6 +119,44 @@ impl<const W: usize> FreeBitmap<W> {
             len,
             hint: AtomicUsize::new(0),
         }
+    }
+
+    /// A bitmap tracking slots `0..len` whose words start as `words`, taken as they are: a set
+    /// bit means free, and bits past `len` are kept (a corrupted word has them). Every
+    /// operation stays bounded and in range whatever the words hold (see the type's docs); this
+    /// is how a consumer tests that it copes with what such a bitmap hands out.
+    ///
+    /// # Errors
+    /// [`SlotError::TooLarge`] if `len` exceeds [`Self::CAPACITY`].
+    pub fn from_words(words: [u64; W], len: usize) -> Result<Self, SlotError> {
+        if len > Self::CAPACITY {
+            return Err(SlotError::TooLarge {
+                requested: len,
+                max: Self::CAPACITY,
+            });
+        }
+        Ok(Self {
+            words: words.map(AtomicU64::new),
+            len,
+            hint: AtomicUsize::new(0),
+        })
+    }
+
+    /// A bitmap in an arbitrary (e.g. corrupted) state, hint included, for the crate's tests.
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn from_raw(words: [u64; W], len: usize, hint: usize) -> Self {
+        Self {
+            words: words.map(AtomicU64::new),
+            len,
+            hint: AtomicUsize::new(hint),
+        }
+    }
+
+    /// [`Self::acquire_many`] with a probe run at each look at a word (the race window), for
+    /// the crate's tests.
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn acquire_many_looking(&self, max: usize, look: impl FnMut()) -> Option<Claimed> {
+        self.acquire_many_probed(max, look)
     }
 
     /// The number of slots tracked.
@@ -611,5 +659,153 @@ mod tests {
         };
         assert_eq!(B.free_count(), 5);
         assert!(B.is_free(4).unwrap());
+    }
+
+    /// A second view of a run's slots, without taking them out of it.
+    fn peek(c: &Claimed) -> Claimed {
+        Claimed {
+            word: c.word,
+            bits: c.bits,
+        }
+    }
+
+    /// Seed 004: whatever the words and the hint hold, no operation panics or leaves range, a
+    /// scan looks at each word at most once (no concurrent writer), no slot is handed out
+    /// twice without a release in between, bits past `len` are handed out at most once (then
+    /// gone), and draining ends.
+    #[test]
+    fn corrupted_words_are_bounded_and_never_leave_range() {
+        use proptest::prelude::*;
+        use std::collections::BTreeSet;
+        const CAP: usize = FreeBitmap::<3>::CAPACITY;
+        /// Who has what: slots handed out (singly or still in a run), corrupted bits seen.
+        #[derive(Default)]
+        struct Book {
+            held: BTreeSet<usize>,
+            in_runs: BTreeSet<usize>,
+            past_len: BTreeSet<usize>,
+        }
+        impl Book {
+            fn take(&mut self, i: usize, len: usize, into_run: bool) {
+                assert!(i < CAP, "index {i} out of range");
+                if i >= len {
+                    assert!(
+                        self.past_len.insert(i),
+                        "corrupted bit {i} handed out twice"
+                    );
+                    return;
+                }
+                assert!(
+                    !self.held.contains(&i) && !self.in_runs.contains(&i),
+                    "slot {i} handed out twice"
+                );
+                if into_run {
+                    self.in_runs.insert(i);
+                } else {
+                    self.held.insert(i);
+                }
+            }
+        }
+        proptest!(|(words in any::<[u64; 3]>(), len in 0usize..=CAP, hint in any::<usize>(),
+                    ops in proptest::collection::vec((0u8..4, any::<usize>()), 0..120))| {
+            let b = FreeBitmap::<3>::from_raw(words, len, hint);
+            let mut book = Book::default();
+            let mut runs: Vec<Claimed> = Vec::new();
+            for (op, x) in ops {
+                match op {
+                    0 | 1 => {
+                        let mut looks = 0;
+                        let max = if op == 0 { 1 } else { x % 70 };
+                        let got = b.acquire_many_looking(max, || looks += 1);
+                        prop_assert!(looks <= 3, "{} looks at 3 words", looks);
+                        let Some(mut run) = got else { continue };
+                        prop_assert!(run.len() <= max);
+                        if op == 1 && x % 2 == 0 {
+                            // Use the first, keep the rest in the run to give back later.
+                            if let Some(i) = run.next() {
+                                book.take(i, len, false);
+                            }
+                            for i in peek(&run) {
+                                book.take(i, len, true);
+                            }
+                            runs.push(run);
+                        } else {
+                            for i in run {
+                                book.take(i, len, false);
+                            }
+                        }
+                    }
+                    2 => {
+                        let i = x % 256;
+                        if book.in_runs.contains(&i) {
+                            continue;
+                        }
+                        match b.release(i) {
+                            Ok(()) => prop_assert!(i < len),
+                            Err(SlotError::IndexOutOfRange { .. }) => prop_assert!(i >= len),
+                            Err(SlotError::NotAllocated { .. }) => {
+                                prop_assert!(i < len && !book.held.contains(&i));
+                            }
+                            Err(e) => prop_assert!(false, "{:?}", e),
+                        }
+                        book.held.remove(&i);
+                    }
+                    _ => {
+                        let Some(run) = runs.pop() else { continue };
+                        let ids: Vec<usize> = peek(&run).collect();
+                        let r = b.release_claimed(run);
+                        if ids.iter().all(|&i| i < len) {
+                            prop_assert_eq!(r, Ok(()));
+                        } else {
+                            let refused = matches!(r, Err(SlotError::IndexOutOfRange { .. }));
+                            prop_assert!(refused, "{:?}", r);
+                        }
+                        for i in ids {
+                            book.in_runs.remove(&i);
+                        }
+                    }
+                }
+                prop_assert!(b.free_count() <= CAP);
+            }
+            // Draining ends: at most CAPACITY claims, each index once, then None.
+            let mut drained = 0;
+            while let Some(run) = b.acquire_many(64) {
+                for i in run {
+                    book.take(i, len, false);
+                    drained += 1;
+                }
+                prop_assert!(drained <= CAP);
+            }
+            prop_assert_eq!(b.free_count(), 0);
+        });
+    }
+
+    /// Seed 004 with a hostile writer: another party stores an arbitrary value into the word
+    /// each time a scan is between its load and its claim, `k` times in all. The scan still
+    /// ends, after at most one look per word plus one per hostile write.
+    #[test]
+    fn a_hostile_writer_costs_one_look_per_write() {
+        use proptest::prelude::*;
+        proptest!(|(words in any::<[u64; 2]>(), hint in any::<usize>(),
+                    hostile in proptest::collection::vec(any::<u64>(), 0..20), max in 1usize..70)| {
+            let b = FreeBitmap::<2>::from_raw(words, 128, hint);
+            let mut writes = hostile.clone().into_iter();
+            let mut looks = 0;
+            let got = b.acquire_many_probed(max, || {
+                looks += 1;
+                if let Some(v) = writes.next() {
+                    // Hostile: overwrite both words (we do not know which one is being read).
+                    b.words[0].store(v, Ordering::Relaxed);
+                    b.words[1].store(v.rotate_left(17), Ordering::Relaxed);
+                }
+            });
+            prop_assert!(looks <= 2 + hostile.len(), "{} looks, {} hostile writes", looks, hostile.len());
+            if let Some(run) = got {
+                prop_assert!(run.len() <= max);
+                for i in run {
+                    prop_assert!(i < 128);
+                }
+            }
+        });
     }
 }

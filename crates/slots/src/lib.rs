@@ -41,6 +41,8 @@ mod mail;
 mod pool;
 pub(crate) mod sync;
 mod teardown;
+#[cfg(all(test, not(loom)))]
+mod untrusted;
 
 pub use array::SlotArray;
 pub use bitmap::{words_for, Claimed, FreeBitmap};

@@ -11,9 +11,15 @@ use crate::sync::{AtomicBool, Ordering};
 /// `notify` itself. No message is ever missed: a producer's `notify` either comes before the
 /// consumer's `take` in the flag's modification order (then `take` synchronises with it, so the
 /// scan sees the publication) or after it (then the flag stays set for the next `take`).
-/// Proven with loom in `tests/loom.rs`.
+/// Checked with loom on a stand-in publication here (`tests/loom.rs`), and on the real mesh
+/// (`keel_reactor::Links` over the firmware's rings) in keel-reactor's `tests/loom.rs`, where
+/// a control built with [`MailFlag::plain_store_control`] (loom build only) must lose a
+/// message and does.
 pub struct MailFlag {
     set: AtomicBool,
+    /// Loom build only: `notify` is a plain store (see [`MailFlag::plain_store_control`]).
+    #[cfg(loom)]
+    plain_store: bool,
 }
 
 impl MailFlag {
@@ -30,12 +36,29 @@ impl MailFlag {
     pub fn new() -> Self {
         Self {
             set: AtomicBool::new(false),
+            plain_store: false,
+        }
+    }
+
+    /// Loom build only: a flag whose `notify` is a plain `store(true, Release)` instead of a
+    /// read-modify-write. It exists only so the models can show that they catch that mistake
+    /// (a control that must fail); nothing else may use it.
+    #[cfg(loom)]
+    pub fn plain_store_control() -> Self {
+        Self {
+            set: AtomicBool::new(false),
+            plain_store: true,
         }
     }
 
     /// Producer side, after publishing: there is mail.
     #[inline]
     pub fn notify(&self) {
+        #[cfg(loom)]
+        if self.plain_store {
+            self.set.store(true, Ordering::Release);
+            return;
+        }
         // A read-modify-write, not a store: with two producers, the consumer's `take` may read
         // the second producer's write, and only an RMW carries the first producer's release
         // along with it (a plain store would break the release sequence and the consumer could

@@ -41,6 +41,48 @@ impl<const N: usize, const W: usize> SlotPool<N, W> {
         }
     }
 
+    /// A pool with all `N` slots free, every generation `generation` (masked to
+    /// [`crate::GENERATION_BITS`]): for a pool rebuilt after a restart that must not hand out
+    /// the generations of handles issued before it, and for tests at the wrap boundary.
+    #[cfg(not(loom))]
+    pub const fn with_generation(generation: u32) -> Self {
+        let () = Self::SIZE_OK;
+        Self {
+            free: FreeBitmap::new_saturating(N),
+            generations: [const { AtomicU32::new(0) }; N],
+        }
+        .starting_at(generation & GENERATION_MASK)
+    }
+
+    /// As the `const` version (loom build: not `const`).
+    #[cfg(loom)]
+    pub fn with_generation(generation: u32) -> Self {
+        let () = Self::SIZE_OK;
+        Self {
+            free: FreeBitmap::new_saturating(N),
+            generations: core::array::from_fn(|_| AtomicU32::new(generation & GENERATION_MASK)),
+        }
+    }
+
+    #[cfg(not(loom))]
+    const fn starting_at(mut self, generation: u32) -> Self {
+        let mut i = 0;
+        while i < N {
+            self.generations[i] = AtomicU32::new(generation);
+            i += 1;
+        }
+        self
+    }
+
+    /// A pool in an arbitrary (e.g. corrupted) state, for the crate's tests.
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn from_raw(free: FreeBitmap<W>, generations: [u32; N]) -> Self {
+        Self {
+            free,
+            generations: generations.map(AtomicU32::new),
+        }
+    }
+
     /// The number of slots.
     pub const fn capacity(&self) -> usize {
         N
@@ -54,12 +96,18 @@ impl<const N: usize, const W: usize> SlotPool<N, W> {
     /// Claims a free slot.
     ///
     /// # Errors
-    /// [`SlotError::Full`] if no slot is free.
+    /// [`SlotError::Full`] if no slot is free; [`SlotError::IndexOutOfRange`] if the bitmap
+    /// held a bit past the last slot (a corrupted word; that bit is cleared, so retrying works).
     pub fn acquire(&self) -> Result<Handle, SlotError> {
         let index = self.free.acquire().ok_or(SlotError::Full)?;
+        // Only a corrupted bitmap word has bits past the last slot: that bit is now clear
+        // again (claimed), and the caller gets a typed error, never an out-of-range index.
+        let Some(generation) = self.generations.get(index) else {
+            return Err(SlotError::IndexOutOfRange { index, capacity: N });
+        };
         // The generation was bumped before the slot's bit was set (release below), and our
         // Acquire `fetch_and` in the bitmap synchronises with that Release `fetch_or`.
-        let generation = self.generations[index].load(Ordering::Acquire);
+        let generation = generation.load(Ordering::Acquire);
         Ok(Handle::new(index, generation))
     }
 
