@@ -801,6 +801,40 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             })],
         ),
         case(
+            "one I/O queue for four cores: reactor",
+            VmOpts {
+                max_ioqpairs: 1,
+                ..vm(4)
+            },
+            "reactor ios=600 qd=8",
+            true,
+            vec![
+                ("the boot log says who owns the queue", |o| {
+                    o.has("nvme 0: 1 I/O queues for 4 cores")
+                }),
+                ("invariants hold with one queue pair", |o| {
+                    o.has(": true; I/O handles back in the array: 512 of 512")
+                        && o.has("queue pairs deleted: 1 of 1")
+                }),
+            ],
+        ),
+        case(
+            "one I/O queue for four cores: bench through core 0",
+            VmOpts {
+                max_ioqpairs: 1,
+                ..null_vm(4)
+            },
+            "bench pattern=randread bs=4K qd=8 secs=1 cores=4",
+            true,
+            vec![("cores 1-3 send their I/O through core 0", |o| {
+                (1..4).all(|c| {
+                    o.has(&format!(
+                        "bench core={c} (no queue of its own: I/O through core 0)"
+                    ))
+                }) && !o.has("errors=1")
+            })],
+        ),
+        case(
             "bench: bad option value",
             vm(1),
             "bench qd=lots",

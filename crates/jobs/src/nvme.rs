@@ -949,5 +949,8 @@ pub fn bench<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
     if total.errors > 0 || total.ios == 0 {
         return Err(JobError::Failed("bench saw I/O errors"));
     }
+    if results.iter().any(|r| r.main.ios == 0) {
+        return Err(JobError::Failed("a bench core completed no I/O"));
+    }
     Ok(())
 }

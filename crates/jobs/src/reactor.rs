@@ -58,6 +58,8 @@ type Slot<T> = Mutex<RefCell<Option<T>>>;
 
 /// What the cores of one `reactor` run share.
 struct Shared<Q> {
+    /// Cores `0..owners` start with a queue pair.
+    owners: usize,
     ios: u64,
     qd: usize,
     cores: usize,
@@ -132,7 +134,7 @@ fn core_main<Q: BlockQueue>(
     let qd = sh.qd.min(bufs.len()).max(1);
     let blocks_per_core = sh.blocks_per_core;
     let spare = cores - 1;
-    let owners = spare; // cores 0..spare-1 start with a queue pair
+    let owners = sh.owners; // cores 0..owners start with a queue pair
     let mut r: R<'_, Q> = Reactor::new(links, aio, queue);
     let mut rep = CoreReport::default();
     let mut free: heapless::Vec<u32, MAX_QD> = (0..qd as u32).collect();
@@ -185,7 +187,13 @@ fn core_main<Q: BlockQueue>(
         // Staged but not yet submitted or completed: the handoff and the shutdown below
         // happen with this I/O in flight.
         // Core 1 hands its queue pair to the spare core halfway, with I/O in flight.
-        if core == 1 && !rep.handed_off && i >= ios / 2 && cores >= 3 {
+        if core == 1
+            && !rep.handed_off
+            && i >= ios / 2
+            && cores >= 3
+            && owners >= 2
+            && owners < cores
+        {
             let in_flight = r.in_flight();
             let left = quiesce(core, &mut r);
             match r.take_queue() {
@@ -201,7 +209,7 @@ fn core_main<Q: BlockQueue>(
             }
         }
         // Core 2 shuts its queue pair down halfway, with I/O in flight.
-        if core == 2 && !rep.shut_down && i >= ios / 2 && cores >= 4 {
+        if core == 2 && !rep.shut_down && i >= ios / 2 && cores >= 4 && owners >= 3 {
             let in_flight = r.in_flight();
             let left = quiesce(core, &mut r);
             if let Ok(q) = r.take_queue() {
@@ -271,9 +279,15 @@ pub fn run<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         .namespace(1)
         .ok_or(JobError::Failed("no namespace 1"))?;
     let spare = cores - 1;
-    let with_queue = |core: usize| core != spare || cores == 2;
-    let qpairs = (0..cores).filter(|&c| with_queue(c)).count();
+    // Cores 0..owners start with a queue pair: every core but the spare (both cores when
+    // there are two), as far as the controller's grant goes; the others send their I/O to
+    // an owner over the rings.
+    let granted = (ctrl.identify().io_queues as usize).max(1);
+    let owners = granted.min(if cores == 2 { 2 } else { cores - 1 });
+    let with_queue = |core: usize| core < owners;
+    let qpairs = owners;
     let sh: Shared<Qp<B>> = Shared {
+        owners,
         ios,
         qd,
         cores,
@@ -292,7 +306,7 @@ pub fn run<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         core::array::from_fn(|_| Mutex::new(RefCell::new(it.next())))
     };
     let ctrl = spin::Mutex::new(ctrl);
-    keel_log::info!("reactor: {=usize} cores, {=usize} queue pairs, core {=usize} spare; {=u64} I/Os per core at QD {=usize}, {=usize} shared I/O handles", cores, qpairs, spare, ios, qd, HANDLES);
+    keel_log::info!("reactor: {=usize} cores, {=usize} queue pairs (cores 0..{=usize}), core {=usize} spare; {=u64} I/Os per core at QD {=usize}, {=usize} shared I/O handles", cores, qpairs, owners, spare, ios, qd, HANDLES);
     let clock = p.clock();
     let t0 = clock.now_ns();
     let reports = crate::on_cores(p, cores, |core| -> Result<CoreReport, &'static str> {

@@ -128,6 +128,21 @@ fn bench_every_mode_on_two_cores() {
 }
 
 #[test]
+fn bench_with_one_queue_for_four_cores() {
+    // The controller grants one I/O queue: cores 1..3 send their I/O through core 0.
+    let b = board(
+        4,
+        ModelConfig {
+            max_io_queues: 1,
+            ..big()
+        },
+    );
+    run(&b, "bench ms=2 qd=8 cores=4").unwrap();
+    run(&b, "bench ms=2 qd=8 cores=4 raw=on").unwrap();
+    run(&b, "reactor ios=200 qd=8").unwrap();
+}
+
+#[test]
 fn reactor_with_handoff_and_shutdown_on_four_cores() {
     let b = board(4, big());
     run(&b, "reactor ios=300 qd=8").unwrap();
