@@ -801,6 +801,35 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             })],
         ),
         case(
+            "16 cores: every core does I/O on its own queue pair",
+            VmOpts {
+                memory: 512,
+                timeout: 120,
+                ..null_vm(16)
+            },
+            "bench pattern=randread bs=4K qd=4 ms=400 cores=16",
+            true,
+            vec![("16 cores online, each with I/O", |o| {
+                o.has("cores online: 16 of 16")
+                    && (0..16).all(|c| o.has(&format!("bench core={c} ios=")))
+                    && o.has("errors=0 cores=16")
+            })],
+        ),
+        case(
+            "cores numbered apart from APIC ids (2 sockets x 3 cores)",
+            VmOpts {
+                topology: Some("sockets=2,cores=3".into()),
+                ..vm(6)
+            },
+            "boot wait_ms=10",
+            true,
+            vec![("core 3 is APIC id 4 (ids from the MADT)", |o| {
+                o.has("core 3 online (apic id 4)")
+                    && o.has("core 5 online (apic id 6)")
+                    && o.has("cores online: 6 of 6")
+            })],
+        ),
+        case(
             "one I/O queue for four cores: reactor",
             VmOpts {
                 max_ioqpairs: 1,

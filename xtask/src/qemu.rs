@@ -32,6 +32,10 @@ pub struct VmOpts {
     /// Number of cores (`-smp`).
     #[arg(long, default_value_t = 2)]
     pub smp: usize,
+    /// CPU topology for `-smp`, e.g. `sockets=2,cores=3` (QEMU then numbers the local APICs
+    /// per socket with gaps: 0,1,2,4,5,6), to show core numbers are not APIC ids.
+    #[arg(long)]
+    pub topology: Option<String>,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     pub memory: u32,
@@ -108,6 +112,7 @@ impl Default for VmOpts {
     fn default() -> Self {
         Self {
             smp: 2,
+            topology: None,
             memory: 256,
             machine: Machine::Q35,
             accel: Accel::Auto,
@@ -473,7 +478,11 @@ pub fn run(fw: &Path, o: &VmOpts, cmdline: &str, work: &Path, v: Verbosity) -> R
             &board.cpu_tcg
         },
     ])
-    .args(["-m", &format!("{}M", o.memory), "-smp", &o.smp.to_string()])
+    .args(["-m", &format!("{}M", o.memory), "-smp"])
+    .arg(match &o.topology {
+        Some(t) => format!("{},{t}", o.smp),
+        None => o.smp.to_string(),
+    })
     .args(["-display", "none", "-monitor", "none"])
     .args(&board.machine_args)
     .args(["-serial", &format!("file:{}", com1.display())])

@@ -30,7 +30,7 @@ use keel_hal::{Board, Cores, CoresError};
 pub use keel_cmdline::JobSpec;
 
 /// Most cores a job drives (per-core tables are this long).
-pub const MAX_CORES: usize = 8;
+pub const MAX_CORES: usize = 16;
 
 /// The NVMe controller type on board `B`.
 pub type Ctrl<B> = keel_nvme::Controller<<B as Board>::Mmio, <B as Board>::Clock>;

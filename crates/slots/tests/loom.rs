@@ -9,6 +9,10 @@
 //! ```text
 //! RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 cargo test -p keel-slots --release --test loom
 //! ```
+#![allow(
+    unsafe_code,
+    reason = "loom cells: the models write shared payloads through UnsafeCell::with_mut, which is what loom checks"
+)]
 #![cfg(loom)]
 
 use loom::sync::atomic::{AtomicUsize, Ordering};

@@ -189,7 +189,7 @@ keel_start_info:
 keel_boot_pml4:  .skip 4096
 keel_boot_pdpt:  .skip 4096
 keel_boot_pd:    .skip 4 * 4096
-keel_boot_stack: .skip 2 * 1024 * 1024
+keel_boot_stack: .skip 4 * 1024 * 1024
     .global keel_boot_stack_top
 keel_boot_stack_top:
     "#,

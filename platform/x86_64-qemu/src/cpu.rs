@@ -4,7 +4,7 @@ use core::arch::asm;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// Most cores this image supports.
-pub const MAX_CORES: usize = 8;
+pub const MAX_CORES: usize = 16;
 
 /// The first field is read through `%gs:0`, so it must stay first.
 #[repr(C)]
@@ -33,6 +33,13 @@ pub fn apic_id_of(index: usize) -> Option<u32> {
     LOCALS
         .get(index)
         .map(|l| l.apic_id.load(Ordering::Relaxed) as u32)
+}
+
+/// Records the APIC id core `index` will have (before it is started, for its wake-ups).
+pub fn set_apic_id(index: usize, apic_id: u32) {
+    if let Some(l) = LOCALS.get(index) {
+        l.apic_id.store(apic_id as usize, Ordering::Relaxed);
+    }
 }
 
 /// Points GS at core `index`'s block. Called first thing on every core.

@@ -151,6 +151,147 @@ fn fw_cfg_file(name: &[u8]) -> Option<(u16, u32)> {
     None
 }
 
+const FW_CFG_ID: u16 = 0x01;
+const FW_CFG_DMA_HI: u16 = 0x514;
+const FW_CFG_DMA_LO: u16 = 0x518;
+const DMA_ERROR: u32 = 1;
+const DMA_READ: u32 = 2;
+const DMA_SKIP: u32 = 4;
+const DMA_SELECT: u32 = 8;
+
+/// One fw_cfg DMA request (every field big-endian), as the device reads it from memory.
+#[repr(C, align(16))]
+struct DmaAccess {
+    control: u32,
+    length: u32,
+    address: u64,
+}
+
+/// Whether fw_cfg offers its DMA interface (FW_CFG_ID bit 1).
+fn fw_cfg_dma_present() -> bool {
+    if !fw_cfg_present() {
+        return false;
+    }
+    fw_cfg_select(FW_CFG_ID);
+    let mut id = [0u8; 4];
+    fw_cfg_bytes(&mut id);
+    u32::from_le_bytes(id) & 2 != 0
+}
+
+/// One fw_cfg DMA transfer: `control` (READ or SKIP, optionally SELECT), `len` bytes into
+/// `buf` (READ) or skipped. Port I/O moves one byte per exit; DMA moves a table at once.
+fn fw_cfg_dma(control: u32, buf: &mut [u8], len: u32) -> bool {
+    let len = if control & DMA_READ != 0 {
+        len.min(buf.len() as u32)
+    } else {
+        len
+    };
+    let acc = DmaAccess {
+        control: control.to_be(),
+        length: len.to_be(),
+        address: (buf.as_mut_ptr() as u64).to_be(),
+    };
+    let at = &acc as *const DmaAccess as u64;
+    // The port writes are `nomem` asm: without fences the compiler may keep `acc` in
+    // registers past them, and take `buf` as unchanged after the device filled it.
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    // The address register is big-endian; writing its low half starts the transfer.
+    crate::cpu::outl(FW_CFG_DMA_HI, ((at >> 32) as u32).swap_bytes());
+    crate::cpu::outl(FW_CFG_DMA_LO, (at as u32).swap_bytes());
+    for _ in 0..1_000_000 {
+        // SAFETY: `acc` is alive on this stack; the device clears `control` when done.
+        let c = u32::from_be(unsafe { core::ptr::addr_of!(acc.control).read_volatile() });
+        if c & !DMA_ERROR == 0 {
+            core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+            return c & DMA_ERROR == 0;
+        }
+    }
+    false
+}
+
+/// The local APIC ids of the machine's processors, in the order the firmware's ACPI MADT
+/// lists them (enabled or online-capable ones), read from fw_cfg's `etc/acpi/tables` (which
+/// QEMU builds for every boot path, flash included). Empty if there is no MADT to read.
+pub fn apic_ids<const N: usize>() -> Vec<u32, N> {
+    let mut ids = Vec::new();
+    if !fw_cfg_dma_present() {
+        return ids;
+    }
+    let Some((sel, size)) = fw_cfg_file(b"etc/acpi/tables") else {
+        return ids;
+    };
+    let mut hdr = [0u8; 36];
+    let mut at = 0u32;
+    let mut first = true;
+    while at + 36 <= size {
+        let ctl = if first {
+            DMA_SELECT | DMA_READ | (sel as u32) << 16
+        } else {
+            DMA_READ
+        };
+        first = false;
+        if !fw_cfg_dma(ctl, &mut hdr, 36) {
+            return ids;
+        }
+        let sig = &hdr[0..4];
+        let len = u32::from_le_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+        // Tables follow each other; anything that is not a table header ends the walk.
+        if !sig
+            .iter()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+            || len < 36
+            || at + len > size
+        {
+            return ids;
+        }
+        if sig == b"APIC" {
+            let mut body = [0u8; 4096];
+            let n = (len - 36) as usize;
+            if n > body.len() || !fw_cfg_dma(DMA_READ, &mut body, n as u32) {
+                return ids;
+            }
+            // No checksum check: in the fw_cfg blob checksums are still zero; QEMU's table
+            // loader has a BIOS fill them in once the tables are placed in memory. The walk
+            // checks structure instead (signatures, lengths within bounds).
+            // Local APIC address and flags (8 bytes), then entries: type, length, ...
+            let mut e = 8;
+            while e + 2 <= n {
+                let (kind, elen) = (body[e], body[e + 1] as usize);
+                if elen < 2 || e + elen > n {
+                    break;
+                }
+                let f = |o: usize| {
+                    u32::from_le_bytes([
+                        body[e + o],
+                        body[e + o + 1],
+                        body[e + o + 2],
+                        body[e + o + 3],
+                    ])
+                };
+                let id = match (kind, elen) {
+                    // Processor Local APIC: ACPI id, APIC id, flags (enabled | online capable).
+                    (0, 8) if f(4) & 3 != 0 => Some(body[e + 3] as u32),
+                    // Processor Local x2APIC: reserved, x2APIC id, flags, ACPI uid.
+                    (9, 16) if f(8) & 3 != 0 => Some(f(4)),
+                    _ => None,
+                };
+                if let Some(id) = id {
+                    if !ids.contains(&id) && ids.push(id).is_err() {
+                        break;
+                    }
+                }
+                e += elen;
+            }
+            return ids;
+        }
+        if !fw_cfg_dma(DMA_SKIP, &mut [], len - 36) {
+            return ids;
+        }
+        at += len;
+    }
+    ids
+}
+
 /// The memory map from fw_cfg's `etc/e820`, for loaders that give no PVH memory map.
 fn fw_cfg_e820(out: &mut Vec<MemRegion, MAX_MEMMAP>) {
     let Some((sel, size)) = fw_cfg_file(b"etc/e820") else {

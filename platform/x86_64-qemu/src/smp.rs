@@ -42,10 +42,34 @@ pub fn is_online(core: usize) -> bool {
 /// Time between INIT and the first SIPI.
 const INIT_SETTLE_US: u64 = 10;
 
-/// Starts cores 1..wanted (APIC IDs equal core indices under QEMU). Returns how many are online.
+/// Starts the application processors: core `i` is the `i`-th processor the platform lists
+/// (ACPI MADT order, the boot processor first), started at the local APIC id the platform
+/// reports for it, so core numbers need not equal APIC ids. Without a MADT the ids are taken
+/// to be `0..wanted`. Core numbers stay contiguous: a core that does not come online ends
+/// the start-up. Returns how many are online.
 pub fn start_aps(wanted: usize) -> usize {
     ONLINE[0].store(true, Ordering::Release);
-    let wanted = wanted.min(MAX_CORES);
+    let bsp = crate::apic::id();
+    let mut ids: heapless::Vec<u32, MAX_CORES> = heapless::Vec::new();
+    let _ = ids.push(bsp);
+    let listed: heapless::Vec<u32, 64> = crate::pvh::apic_ids();
+    if listed.is_empty() {
+        for id in (0..wanted as u32).filter(|&i| i != bsp) {
+            let _ = ids.push(id);
+        }
+    } else {
+        for &id in listed.iter().filter(|&&i| i != bsp) {
+            let _ = ids.push(id);
+        }
+    }
+    if listed.len() > MAX_CORES || wanted > MAX_CORES {
+        keel_log::warn!(
+            "{=usize} processors; this image drives at most {=usize}",
+            listed.len().max(wanted),
+            MAX_CORES
+        );
+    }
+    let wanted = wanted.min(ids.len());
     if wanted <= 1 {
         return 1;
     }
@@ -59,14 +83,15 @@ pub fn start_aps(wanted: usize) -> usize {
         unsafe { (dst.add(off) as *mut u64).write_volatile(v) }
     };
     patch(t.cr3_offset, crate::paging::root());
-    #[allow(clippy::needless_range_loop)] // `core` is also the APIC ID and the stack index
+    #[allow(clippy::needless_range_loop)] // `core` indexes the ids and the stacks
     for core in 1..wanted {
         // SAFETY: only the address of AP `core`'s stack is taken; the AP alone uses it.
         let top = unsafe { (*STACKS.0.get()).as_ptr().add(core) } as u64 + AP_STACK as u64;
         patch(t.stack_offset, top);
         patch(t.arg_offset, core as u64);
         core::sync::atomic::fence(Ordering::SeqCst);
-        let apic_id = core as u32;
+        let apic_id = ids[core];
+        crate::cpu::set_apic_id(core, apic_id);
         crate::apic::send_init(apic_id);
         // The MP spec's 10 ms between INIT and SIPI is for processors from before the
         // Pentium 4; like Linux on modern CPUs (`init_udelay = 0`) we give it only a moment.
@@ -85,7 +110,13 @@ pub fn start_aps(wanted: usize) -> usize {
             }
         }
         if !ONLINE[core].load(Ordering::Acquire) {
-            keel_log::error!("core {=usize} did not come online", core);
+            keel_log::error!(
+                "core {=usize} (apic id {=u32}) did not come online; {=usize} cores in use",
+                core,
+                apic_id,
+                core
+            );
+            break;
         }
     }
     online()
