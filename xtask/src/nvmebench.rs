@@ -318,6 +318,57 @@ pub fn run_matrix(fw: &Path, secs: u64, cores: &[usize]) -> Result<()> {
             _ => bail!("interleaved bench failed: {}", out.verdict()),
         }
     }
+    // Deployment shapes: two drives driven by one core, and four cores on two queues (cores
+    // 2 and 3 send their I/O through the queue owners). Per-drive and total rows.
+    println!();
+    println!("topology (4K randread QD32 per core, full stack, null-backed, ioeventfd):");
+    println!(
+        "  {:<38} {:>8} {:>11} {:>9} {:>9}",
+        "shape", "drive", "IOPS", "MB/s", "avg µs"
+    );
+    for (label, drives, smp, qpairs) in [
+        ("two drives, one core", 2usize, 1usize, 64u32),
+        ("four cores, two queues (one drive)", 1, 4, 2),
+    ] {
+        qemu::progress(false, &format!("xtask: topology: {label}"));
+        let vm = VmOpts {
+            accel,
+            smp,
+            drives,
+            max_ioqpairs: qpairs,
+            timeout: secs * 4 + 30,
+            null_backend: true,
+            qemu_args: ioeventfd_args(),
+            ..VmOpts::default()
+        };
+        let cmdline = format!("bench pattern=randread bs=4K qd=32 secs={secs} cores={smp}");
+        let out = qemu::run(fw, &vm, &cmdline, &work, qemu::Verbosity::Quiet)?;
+        let total = parse_total(&out.log);
+        if !out.passed() || total.is_none() {
+            bail!("topology bench '{label}' failed: {}", out.verdict());
+        }
+        for l in out.log.iter().filter(|l| l.contains("bench drive=")) {
+            let v = |k: &str| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k))
+                    .unwrap_or("-")
+                    .to_string()
+            };
+            println!(
+                "  {label:<38} {:>8} {:>11} {:>9} {:>9}",
+                v("drive="),
+                v("iops="),
+                v("mbps="),
+                "-"
+            );
+        }
+        if let Some(t) = total {
+            println!(
+                "  {label:<38} {:>8} {:>11.0} {:>9.1} {:>9.2}",
+                "total", t.iops, t.mbps, t.avg_us
+            );
+        }
+    }
     // The writer against the raw sequential write, in one boot.
     qemu::progress(false, "xtask: logbench (writer vs raw sequential write)");
     let vm = VmOpts {

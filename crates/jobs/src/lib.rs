@@ -156,7 +156,7 @@ jobs! {
     "scrub" => nvme::scrub, "CRC32C of a namespace range on every drive (for the host to compare with the images)", [nvme::RANGE_OPTS, drives::ALL_DRIVES, NVME_OPTS];
     "scan" => nvme::scan, "read (or write) a range; failing chunks bisected to the exact bad LBAs", [nvme::RANGE_OPTS, nvme::SCAN_OPTS, drives::ONE_DRIVE, NVME_OPTS];
     "cfs" => nvme::cfs, "a queue at unmapped memory makes the controller fatal; reset, nothing lost", [nvme::CFS_OPTS, drives::ONE_DRIVE, NVME_OPTS];
-    "bench" => nvme::bench, "fio-like load: a queue pair per core, full stack, raw loop or device ceiling", [nvme::BENCH_OPTS, drives::ONE_DRIVE, NVME_OPTS];
+    "bench" => nvme::bench, "fio-like load: a queue pair per core, full stack, raw loop or device ceiling", [nvme::BENCH_OPTS, drives::ALL_DRIVES, NVME_OPTS];
     "reactor" => reactor::run, "a reactor per core: cross-core I/O, queue-pair handoff and shutdown mid-I/O", [reactor::OPTS, drives::ONE_DRIVE, NVME_OPTS];
     "log" => wal::log, "append records to a write-ahead log on namespace 1, syncing every few", [wal::LOG_OPTS, wal::WAL_OPTS, drives::ONE_DRIVE, NVME_OPTS];
     "recover" => wal::recover, "recover the write-ahead log and verify every record", [wal::RECOVER_OPTS, wal::WAL_OPTS, drives::ONE_DRIVE, NVME_OPTS];

@@ -830,19 +830,66 @@ pub fn bench<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         "ceiling" => Mode::Ceiling,
         _ => Mode::Full,
     };
-    let (ctrl, _) = open(p, cl)?;
     if qd == 0 || qd > 255 || bs == 0 || !bs.is_multiple_of(512) {
         return Err(JobError::Failed(
             "bench: qd must be 1..=255 and bs a multiple of 512",
         ));
     }
+    let drives = crate::drives::open_all(p, cl)?;
+    let which = drives.selected(cl)?;
     keel_log::info!("job bench: start");
-    let ns = *ctrl
+    let load = Load {
+        pattern,
+        bs,
+        qd,
+        duration_ns,
+        cores,
+        nsid,
+        mode,
+    };
+    if let [one] = which[..] {
+        return bench_one(p, &drives.list[one], load);
+    }
+    if !matches!(mode, Mode::Full | Mode::Raw) {
+        return Err(JobError::Failed(
+            "raw=both and raw=ceiling measure one drive: add drive=N",
+        ));
+    }
+    let list: heapless::Vec<&crate::drives::Drive<B>, { crate::drives::MAX_DRIVES }> =
+        which.iter().map(|&i| &drives.list[i]).collect();
+    bench_many(p, &list, load)
+}
+
+/// What a `bench` run does on each core.
+#[derive(Clone, Copy)]
+struct Load {
+    pattern: Pattern,
+    bs: usize,
+    qd: usize,
+    duration_ns: u64,
+    cores: usize,
+    nsid: u32,
+    mode: Mode,
+}
+
+/// `bench` on one drive (the interleaved `raw=both` and `raw=ceiling` runs too).
+fn bench_one<'a, B: Board>(p: &B, d: &crate::drives::Drive<B>, load: Load) -> JobResult<'a> {
+    let Load {
+        pattern,
+        bs,
+        qd,
+        duration_ns,
+        cores,
+        nsid,
+        mode,
+    } = load;
+    let ctrl = &d.ctrl;
+    let ns = *d
         .namespace(nsid)
         .ok_or(JobError::Failed("no such namespace"))?;
     // Fewer queues than cores: the full stack sends the extra cores' I/O to queue owners; the
     // raw loop and the ceiling drive queue pairs directly, so they run on the owners alone.
-    let granted = (ctrl.identify().io_queues as usize).max(1);
+    let granted = d.queues().max(1);
     let owners = granted.min(cores);
     let cores = if mode == Mode::Full { cores } else { owners };
     if owners < cores {
@@ -857,7 +904,6 @@ pub fn bench<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         finished: core::sync::atomic::AtomicUsize::new(0),
     };
     let per_core_blocks = ns.blocks / cores as u64;
-    let ctrl = spin::Mutex::new(ctrl);
     let aio = crate::reactor::Handles::new();
     let mut mesh = crate::reactor::Mesh::new();
     let links: [Mutex<RefCell<Option<crate::reactor::MeshLinks<'_>>>>; MAX_CORES] = {
@@ -891,7 +937,7 @@ pub fn bench<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
             blocks: per_core_blocks,
             block_size: ns.block_size,
         };
-        core_bench(p, core, &ctrl, &links[core], &aio, cfg, mode, &share)
+        core_bench(p, core, ctrl, &links[core], &aio, cfg, mode, &share)
     })?;
     if let Some(e) = results.iter().find_map(|r| r.error) {
         return Err(JobError::Failed(e));
@@ -953,4 +999,290 @@ pub fn bench<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         return Err(JobError::Failed("a bench core completed no I/O"));
     }
     Ok(())
+}
+
+// ---- bench across several drives ----------------------------------------------------------
+
+/// One core's results across drives.
+#[derive(Clone, Copy, Default)]
+struct ManyResults {
+    main: BenchResult,
+    /// I/Os completed per drive (in the order of the drive list).
+    per_drive: [u64; crate::drives::MAX_DRIVES],
+    error: Option<&'static str>,
+}
+
+/// The bench loop's target over several drives: I/O `tag` goes to drive `tag % drives`.
+struct Multi<'t, T> {
+    targets: &'t mut [T],
+    per_drive: [u64; crate::drives::MAX_DRIVES],
+}
+
+impl<T: storage::BenchTarget> storage::BenchTarget for Multi<'_, T> {
+    fn submit(&mut self, op: BlockOp, tag: u32) -> bool {
+        let n = self.targets.len().max(1);
+        self.targets[tag as usize % n].submit(op, tag)
+    }
+    fn kick(&mut self) {
+        for t in self.targets.iter_mut() {
+            t.kick();
+        }
+    }
+    fn reap(&mut self, on_done: &mut dyn FnMut(u32, Result<(), keel_blockdev::IoError>)) {
+        let n = self.targets.len().max(1);
+        let per = &mut self.per_drive;
+        for t in self.targets.iter_mut() {
+            t.reap(&mut |tag, r| {
+                per[tag as usize % n] += 1;
+                on_done(tag, r)
+            });
+        }
+    }
+    fn block_size(&self, _ns: keel_blockdev::NsId) -> Option<u32> {
+        None
+    }
+}
+
+/// `bench` across several drives: every core drives a queue pair on each drive (or, past a
+/// drive's queue grant, sends that drive's I/O to a core that owns one), its I/Os spread over
+/// the drives; prints a row per drive and the total.
+fn bench_many<'a, B: Board>(p: &B, list: &[&crate::drives::Drive<B>], load: Load) -> JobResult<'a> {
+    let Load {
+        pattern,
+        bs,
+        qd,
+        duration_ns,
+        cores,
+        nsid,
+        mode,
+    } = load;
+    let nd = list.len();
+    let (mut blocks, mut block_size) = (u64::MAX, 0u32);
+    for d in list {
+        let ns = d
+            .namespace(nsid)
+            .ok_or(JobError::Failed("a drive lacks the namespace"))?;
+        blocks = blocks.min(ns.blocks);
+        if block_size != 0 && block_size != ns.block_size {
+            return Err(JobError::Failed(
+                "bench across drives needs one block size on all of them",
+            ));
+        }
+        block_size = ns.block_size;
+    }
+    let owners: heapless::Vec<usize, { crate::drives::MAX_DRIVES }> =
+        list.iter().map(|d| d.queues().max(1).min(cores)).collect();
+    // The raw loop drives queue pairs itself: only cores that own one on every drive.
+    let cores = match mode {
+        Mode::Full => cores,
+        _ => owners.iter().copied().min().unwrap_or(1),
+    };
+    let per_core_blocks = blocks / cores as u64;
+    let aio = crate::reactor::Handles::new();
+    // One mesh per drive (a core runs a reactor per drive); shallow rings keep them small.
+    let mut meshes: heapless::Vec<crate::reactor::SmallMesh, { crate::drives::MAX_DRIVES }> =
+        heapless::Vec::new();
+    for _ in 0..nd {
+        let _ = meshes.push(crate::reactor::SmallMesh::new());
+    }
+    type LinkSlot<'m> = Mutex<RefCell<Option<crate::reactor::MeshLinks<'m>>>>;
+    let mut links: heapless::Vec<[LinkSlot<'_>; MAX_CORES], { crate::drives::MAX_DRIVES }> =
+        heapless::Vec::new();
+    for m in meshes.iter_mut() {
+        let mut it = keel_reactor::split(m).into_iter();
+        let _ = links.push(core::array::from_fn(|_| {
+            Mutex::new(RefCell::new(it.next()))
+        }));
+    }
+    let finished = core::sync::atomic::AtomicUsize::new(0);
+    keel_log::info!(
+        "bench {} bs={=usize} qd={=usize} cores={=usize} drives={=usize} for {=u64} ms through {=str}",
+        pattern,
+        bs,
+        qd,
+        cores,
+        nd,
+        duration_ns / 1_000_000,
+        if mode == Mode::Raw { "the raw queue-pair loop" } else { "the full stack (a reactor per core per drive)" }
+    );
+    let results = crate::on_cores(p, cores, |core| {
+        let cfg = BenchCfg {
+            pattern,
+            ns: nsid,
+            bs,
+            qd,
+            duration_ns,
+            lba0: core as u64 * per_core_blocks,
+            blocks: per_core_blocks,
+            block_size,
+        };
+        core_bench_many(
+            p, core, list, &owners, &links, &aio, cfg, mode, &finished, cores,
+        )
+    })?;
+    if let Some(e) = results.iter().find_map(|r| r.error) {
+        return Err(JobError::Failed(e));
+    }
+    let mut total = BenchResult::default();
+    let mut elapsed = 0;
+    for (core, r) in results.iter().map(|r| r.main).enumerate() {
+        let iops = r.ios * 1_000_000_000 / r.elapsed_ns.max(1);
+        keel_log::info!(
+            "bench core={=usize} ios={=u64} iops={=u64} avg_us={=u64}.{=u64:02} p99_us={=u64} errors={=u64}",
+            core, r.ios, iops, r.lat_sum_ns / r.ios.max(1) / 1000, r.lat_sum_ns / r.ios.max(1) / 10 % 100, r.p99_us, r.errors
+        );
+        total.ios += r.ios;
+        total.errors += r.errors;
+        total.lat_sum_ns += r.lat_sum_ns;
+        total.p99_us = total.p99_us.max(r.p99_us);
+        elapsed = elapsed.max(r.elapsed_ns);
+    }
+    for (i, d) in list.iter().enumerate() {
+        let ios: u64 = results.iter().map(|r| r.per_drive[i]).sum();
+        let iops = ios * 1_000_000_000 / elapsed.max(1);
+        keel_log::info!(
+            "bench drive={=usize} ios={=u64} iops={=u64} mbps={=u64}",
+            d.index,
+            ios,
+            iops,
+            iops * bs as u64 / 1_000_000
+        );
+        if ios == 0 {
+            return Err(JobError::Failed("a drive completed no I/O"));
+        }
+    }
+    let iops = total.ios * 1_000_000_000 / elapsed.max(1);
+    keel_log::info!(
+        "bench total iops={=u64} mbps={=u64} avg_us={=u64}.{=u64:02} p99_us={=u64} errors={=u64} cores={=usize} drives={=usize} stack={=str}",
+        iops, iops * bs as u64 / 1_000_000, total.lat_sum_ns / total.ios.max(1) / 1000, total.lat_sum_ns / total.ios.max(1) / 10 % 100, total.p99_us, total.errors, cores, nd,
+        if mode == Mode::Raw { "raw" } else { "full" }
+    );
+    if total.errors > 0 || total.ios == 0 {
+        return Err(JobError::Failed("bench saw I/O errors"));
+    }
+    if results.iter().any(|r| r.main.ios == 0) {
+        return Err(JobError::Failed("a bench core completed no I/O"));
+    }
+    Ok(())
+}
+
+/// One core's part of a bench across drives.
+#[allow(clippy::too_many_arguments)]
+fn core_bench_many<B: Board>(
+    b: &B,
+    core: usize,
+    list: &[&crate::drives::Drive<B>],
+    owners: &[usize],
+    links: &[[Mutex<RefCell<Option<crate::reactor::MeshLinks<'_>>>>; MAX_CORES]],
+    aio: &crate::reactor::Handles,
+    cfg: BenchCfg,
+    mode: Mode,
+    finished: &core::sync::atomic::AtomicUsize,
+    cores: usize,
+) -> ManyResults {
+    use core::sync::atomic::Ordering;
+    let mut out = ManyResults::default();
+    let clock = b.clock();
+    let mut qps: heapless::Vec<Option<Qp<B>>, { crate::drives::MAX_DRIVES }> = heapless::Vec::new();
+    for (d, drive) in list.iter().enumerate() {
+        let qp = if core < owners[d] {
+            match drive
+                .ctrl
+                .lock()
+                .create_io_qpair(b.dma(), core as u16 + 1, QUEUE_ENTRIES)
+            {
+                Ok(q) => Some(q),
+                Err(e) => {
+                    keel_log::error!(
+                        "bench core {=usize} drive {=usize}: create I/O queue pair: {}",
+                        core,
+                        drive.index,
+                        e
+                    );
+                    out.error = Some("could not create an I/O queue pair");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let _ = qps.push(qp);
+    }
+    let mut bufs: heapless::Vec<DmaRegion, 256> = heapless::Vec::new();
+    for _ in 0..cfg.qd {
+        match storage::dma(b.dma(), cfg.bs) {
+            Ok(d) => {
+                let _ = bufs.push(d);
+            }
+            Err(_) => out.error = Some("DMA pool exhausted"),
+        }
+    }
+    if out.error.is_none() {
+        let mut hist = [0u32; storage::HIST + 1];
+        b.cores().polled(|| match mode {
+            Mode::Raw => {
+                let mut raws: heapless::Vec<
+                    storage::Raw<'_, Qp<B>>,
+                    { crate::drives::MAX_DRIVES },
+                > = qps
+                    .iter_mut()
+                    .filter_map(|q| q.as_mut().map(storage::Raw))
+                    .collect();
+                let mut m = Multi {
+                    targets: &mut raws,
+                    per_drive: [0; crate::drives::MAX_DRIVES],
+                };
+                out.main = storage::bench(&mut m, &clock, &cfg, &bufs, &mut hist);
+                out.per_drive = m.per_drive;
+            }
+            _ => {
+                let mut targets: heapless::Vec<
+                    crate::reactor::Remote<'_, Qp<B>>,
+                    { crate::drives::MAX_DRIVES },
+                > = heapless::Vec::new();
+                for (d, l) in links.iter().enumerate() {
+                    let Some(l) = critical_section::with(|cs| l[core].borrow_ref_mut(cs).take())
+                    else {
+                        out.error = Some("no message links for the reactor");
+                        return;
+                    };
+                    let _ = targets.push(crate::reactor::Remote {
+                        reactor: keel_reactor::Reactor::new(l, aio, qps[d].take()),
+                        owner: list[d].owner(core),
+                    });
+                }
+                let mut m = Multi {
+                    targets: &mut targets,
+                    per_drive: [0; crate::drives::MAX_DRIVES],
+                };
+                out.main = storage::bench(&mut m, &clock, &cfg, &bufs, &mut hist);
+                out.per_drive = m.per_drive;
+                // Serve the other cores until every core is done, then give the queues back.
+                finished.fetch_add(1, Ordering::AcqRel);
+                while finished.load(Ordering::Acquire) < cores {
+                    for t in targets.iter_mut() {
+                        t.reactor.poll();
+                        while t.reactor.next_completion().is_some() {}
+                    }
+                }
+                for (d, t) in targets.iter_mut().enumerate() {
+                    let _ = t.reactor.quiesce(1_000_000);
+                    qps[d] = t.reactor.take_queue().ok();
+                }
+            }
+        });
+    } else if mode == Mode::Full {
+        finished.fetch_add(1, Ordering::AcqRel);
+    }
+    for (d, qp) in qps.into_iter().enumerate() {
+        if let Some(qp) = qp {
+            if let Err((e, _)) = list[d].ctrl.lock().delete_io_qpair(b.dma(), qp) {
+                keel_log::warn!("bench core {=usize}: delete queue pair: {}", core, e);
+            }
+        }
+    }
+    for d in bufs {
+        keel_hal::DmaAllocator::free(b.dma(), d);
+    }
+    out
 }

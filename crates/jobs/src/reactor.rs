@@ -38,6 +38,9 @@ const MAX_QD: usize = 32;
 pub type Handles = Aio<HANDLES, W>;
 /// The message rings between the cores.
 pub type Mesh = MeshStorage<Msg, MAX_CORES, RING>;
+/// A mesh with shallow rings, for jobs that need one per drive (a core runs a reactor per
+/// drive): 8 messages per ring keeps four of them well within core 0's stack.
+pub type SmallMesh = MeshStorage<Msg, MAX_CORES, 8>;
 /// One core's ends of the [`Mesh`].
 pub type MeshLinks<'m> = Links<'m, Msg, MAX_CORES>;
 /// A reactor over queue pairs of type `Q`.

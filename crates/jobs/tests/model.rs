@@ -158,6 +158,31 @@ fn bench_with_one_queue_for_four_cores() {
 }
 
 #[test]
+fn bench_across_two_drives_one_of_them_with_one_queue() {
+    let dma = HostDma::new();
+    let one_queue = ModelConfig {
+        max_io_queues: 1,
+        ..big()
+    };
+    let b = ModelBoard::new(
+        3,
+        dma.clone(),
+        vec![
+            NvmeModel::new(big(), dma.clone()),
+            NvmeModel::new(one_queue, dma),
+        ],
+    );
+    run(&b, "bench ms=2 qd=8 cores=3").unwrap();
+    run(&b, "bench ms=2 qd=8 cores=1 pattern=randwrite").unwrap();
+    run(&b, "bench ms=2 qd=8 cores=3 raw=on").unwrap();
+    // Both drives saw I/O: the model counts commands per controller.
+    assert!(b.nvme().iter().all(|n| n.io_commands() > 100));
+    // The interleaved run measures one drive.
+    assert!(run(&b, "bench ms=2 raw=both").is_err());
+    run(&b, "bench ms=2 raw=both drive=1").unwrap();
+}
+
+#[test]
 fn reactor_with_handoff_and_shutdown_on_four_cores() {
     let b = board(4, big());
     run(&b, "reactor ios=300 qd=8").unwrap();

@@ -7,7 +7,8 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::cpu::MAX_CORES;
 
-const AP_STACK: usize = 256 * 1024;
+/// Each AP's stack: a core may run a reactor per drive (~66 KiB each) beside its queue pairs.
+const AP_STACK: usize = 1024 * 1024;
 /// Written at the bottom of every AP stack; checked after each piece of work (no guard pages:
 /// the identity map uses 2 MiB pages), so an overflow is reported instead of going unnoticed.
 const CANARY: u64 = 0x6b65_656c_5f53_544b;
