@@ -16,6 +16,7 @@
 //! device tag is the handle's index and generation, so a completion for a recycled or forged tag
 //! is detected and counted instead of being routed to the wrong requester.
 #![no_std]
+#![warn(missing_docs)]
 // The rings (`ring`) are the one place with `unsafe`: the cells of their slots.
 #![deny(unsafe_code)]
 

@@ -17,6 +17,7 @@ pub struct MeshStorage<M, const C: usize, const N: usize> {
 }
 
 impl<M, const C: usize, const N: usize> MeshStorage<M, C, N> {
+    /// Every ring empty, every mail flag clear.
     #[cfg(not(loom))]
     pub const fn new() -> Self {
         Self {

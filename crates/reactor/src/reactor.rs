@@ -25,15 +25,29 @@ use crate::mesh::{Links, SendError};
 #[derive(Clone, Copy, Debug)]
 pub enum Msg {
     /// Submit `op` (carried by staged handle `io`) on the receiver's queue pair for core `from`.
-    Io { op: BlockOp, io: IoRef, from: u8 },
+    Io {
+        /// The operation to put on the queue pair.
+        op: BlockOp,
+        /// The issuer's handle, already `Staged`; its index and generation become the device tag.
+        io: IoRef,
+        /// The issuing core, which the [`Msg::Done`] goes back to.
+        from: u8,
+    },
     /// The I/O `io` that this core issued has completed on its owner.
     Done {
+        /// The issuer's handle, as sent in the [`Msg::Io`]; now `CompletedShared`.
         io: IoRef,
+        /// What the device (or the owner's refusal) reported.
         result: Result<(), IoError>,
     },
     /// Run `f(receiving core, arg)` inside the receiver's poll loop. (The one message the
     /// receiver cannot check: `f` is called as it is.)
-    Call { f: fn(usize, usize), arg: usize },
+    Call {
+        /// The function, called with the receiving core's index and `arg`.
+        f: fn(usize, usize),
+        /// Passed through to `f` unchanged.
+        arg: usize,
+    },
 }
 
 /// Who issued an I/O a reactor submitted.
@@ -42,13 +56,18 @@ pub enum Origin {
     /// This core's own code ([`Reactor::submit`]).
     Local,
     /// Another core, answered with a [`Msg::Done`].
-    Remote { core: u8 },
+    Remote {
+        /// The issuing core's index.
+        core: u8,
+    },
 }
 
 /// A finished I/O, handed to this core's code by [`Reactor::next_completion`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Completion {
+    /// The cookie the I/O was submitted with.
     pub cookie: u32,
+    /// `Ok` when the device completed it successfully, else why it failed or was refused.
     pub result: Result<(), IoError>,
 }
 
@@ -59,12 +78,15 @@ pub struct Completion {
 pub struct Stats {
     /// I/Os put on this core's queue pair (local and on behalf of other cores).
     pub submitted: u64,
+    /// Device completions on this core's queue pair that reported success.
     pub completed_ok: u64,
+    /// Device completions on this core's queue pair that reported an error.
     pub failed: u64,
     /// Of `submitted`, how many came from other cores.
     pub remote_served: u64,
     /// I/Os this core issued to other cores / answers it received for them.
     pub remote_sent: u64,
+    /// [`Msg::Done`] answers received for I/Os this core sent to other cores.
     pub remote_answered: u64,
     /// Requests refused because a ring was full (returned to the caller as backpressure).
     pub backpressure: u64,
@@ -80,6 +102,7 @@ pub struct Stats {
     pub passes: u64,
 }
 
+/// Why a reactor refused a request (nothing was issued).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum ReactorError {
@@ -96,7 +119,10 @@ pub enum ReactorError {
     /// The reactor is shutting down or handing off its queue pair.
     NotAccepting,
     /// `take_queue` while I/O is in flight or staged.
-    Busy { in_flight: usize },
+    Busy {
+        /// I/Os staged or on the queue pair at the time ([`Reactor::in_flight`]).
+        in_flight: usize,
+    },
 }
 
 /// An I/O waiting for room on this core's queue pair.
@@ -324,6 +350,8 @@ pub struct Reactor<'a, Q, const C: usize, const N: usize, const W: usize> {
 }
 
 impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<'a, Q, C, N, W> {
+    /// A reactor for the core `links` belong to, sharing `aio`, owning `queue` if it has one
+    /// (accepting I/O, no pollers).
     pub fn new(links: Links<'a, Msg, C>, aio: &'a Aio<N, W>, queue: Option<Q>) -> Self {
         Self {
             core: links.core(),
@@ -343,10 +371,12 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         }
     }
 
+    /// This reactor's core index in the mesh.
     pub fn core(&self) -> usize {
         self.core
     }
 
+    /// A copy of the counters.
     pub fn stats(&self) -> Stats {
         self.stats
     }
@@ -366,6 +396,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         self.issued
     }
 
+    /// Whether this core owns a queue pair now.
     pub fn has_queue(&self) -> bool {
         self.queue.is_some()
     }

@@ -15,6 +15,7 @@ pub struct Channel<Req, Resp, const N: usize> {
 }
 
 impl<Req, Resp, const N: usize> Channel<Req, Resp, N> {
+    /// Both rings empty.
     #[cfg(not(loom))]
     pub const fn new() -> Self {
         Self {

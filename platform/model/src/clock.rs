@@ -11,11 +11,12 @@ pub struct ModelClock {
 }
 
 impl ModelClock {
+    /// A clock at 0 ns, with its own time (not shared with any other clock).
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Moves time forward.
+    /// Moves time forward by `ms` milliseconds, for this clock and every clone of it.
     pub fn advance_ms(&self, ms: u64) {
         self.ns.fetch_add(ms * 1_000_000, Ordering::SeqCst);
     }

@@ -10,7 +10,9 @@ use keel_hal::{DmaAllocator, DmaError, DmaRegion};
 /// A device access outside every live allocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemError {
+    /// Bus address of the first byte of the refused access.
     pub addr: u64,
+    /// Length of the refused access, in bytes.
     pub len: usize,
 }
 
@@ -29,6 +31,7 @@ pub struct HostDma {
 }
 
 impl HostDma {
+    /// An allocator with an empty registry of its own.
     pub fn new() -> Self {
         Self::default()
     }
@@ -101,18 +104,21 @@ impl HostDma {
         }
     }
 
+    /// Device read of a little-endian `u64` at bus address `addr`.
     pub fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
         let mut b = [0u8; 8];
         self.read(addr, &mut b)?;
         Ok(u64::from_le_bytes(b))
     }
 
+    /// Device read of a little-endian `u32` at bus address `addr`.
     pub fn read_u32(&self, addr: u64) -> Result<u32, MemError> {
         let mut b = [0u8; 4];
         self.read(addr, &mut b)?;
         Ok(u32::from_le_bytes(b))
     }
 
+    /// Device write of `v` as a little-endian `u32` at bus address `addr`.
     pub fn write_u32(&self, addr: u64, v: u32) -> Result<(), MemError> {
         self.write(addr, &v.to_le_bytes())
     }

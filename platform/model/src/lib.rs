@@ -7,6 +7,7 @@
 //! * [`ModelBoard`]: all of it as a [`keel_hal::Board`] (cores are threads), so the firmware's
 //!   jobs (`keel-jobs`) run here too.
 #![forbid(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
 #![allow(
     unsafe_code,
     reason = "HostDma hands heap memory to the driver as DMA regions"

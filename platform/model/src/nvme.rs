@@ -14,7 +14,10 @@ const PAGE: u64 = 4096;
 /// One namespace of the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NsConfig {
+    /// Namespace ID (1-based, as Identify reports it).
     pub nsid: u32,
+    /// Capacity in logical blocks (of `1 << lba_shift` bytes each); the model keeps them all in
+    /// memory.
     pub blocks: u64,
     /// log2 of the LBA data size (9 = 512 B, 12 = 4 KiB).
     pub lba_shift: u8,
@@ -23,6 +26,7 @@ pub struct NsConfig {
 /// Model parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelConfig {
+    /// The namespaces, each backed by zeroed memory at start.
     pub namespaces: Vec<NsConfig>,
     /// Identify MDTS (2^n * 4 KiB; 0 = unlimited).
     pub mdts: u8,
@@ -37,9 +41,12 @@ pub struct ModelConfig {
     /// With shadow doorbells: act like a controller that polls the shadow buffer and never asks
     /// for MMIO doorbells (EventIdx is left alone); call [`NvmeModel::step`] to let it "poll".
     pub shadow_polling: bool,
+    /// Identify Controller VWC: advertise a volatile write cache (advertising only; see
+    /// [`NvmeModel::set_volatile_cache`] to simulate one).
     pub vwc: bool,
-    /// Advertise Write Zeroes and Dataset Management.
+    /// Advertise (ONCS bit 3) and execute Write Zeroes.
     pub write_zeroes: bool,
+    /// Advertise (ONCS bit 2) and execute Dataset Management (Deallocate).
     pub dsm: bool,
 }
 
@@ -67,6 +74,7 @@ impl Default for ModelConfig {
 /// Ways to make the model misbehave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Fault {
+    /// Behave correctly.
     #[default]
     None,
     /// Fetch no I/O commands (they stay in the SQ until the fault is cleared and a doorbell or
@@ -246,6 +254,8 @@ mod regs {
 use regs::{CSTS_CFS, CSTS_RDY};
 
 impl NvmeModel {
+    /// A controller per `cfg`, disabled (CC.EN = 0), no fault, every namespace zeroed; it reaches
+    /// host memory (queues, PRPs, data) through `mem`, which checks every access.
     pub fn new(cfg: ModelConfig, mem: HostDma) -> Self {
         let disks = cfg
             .namespaces
@@ -283,12 +293,14 @@ impl NvmeModel {
         }
     }
 
+    /// A handle to this controller's BAR0 registers, for the driver.
     pub fn mmio(&self) -> ModelMmio {
         ModelMmio {
             st: self.st.clone(),
         }
     }
 
+    /// Replaces the active fault with `f` ([`Fault::None`] clears it).
     pub fn set_fault(&self, f: Fault) {
         lock(&self.st).fault = f;
     }
@@ -348,6 +360,9 @@ impl NvmeModel {
         d.data[byte_off..byte_off + len].to_vec()
     }
 
+    /// Writes `data` at byte `byte_off` of namespace `nsid`'s backing store, bypassing the
+    /// controller (and, with a volatile cache simulated, straight to the media image too).
+    /// Panics if there is no such namespace or the range is past its end.
     pub fn disk_write(&self, nsid: u32, byte_off: usize, data: &[u8]) {
         let mut st = lock(&self.st);
         let d = st
