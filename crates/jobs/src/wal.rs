@@ -34,6 +34,11 @@ pub const LOG_OPTS: &[OptSpec] = &[
         &["fixed", "varied"],
         "fixed: a sync every `sync_every` records; varied: after 1..=2*sync_every-1 (seeded by the record number)",
     ),
+    OptSpec::int(
+        "pause_us",
+        0,
+        "microseconds to wait after each append (a slower run, for tests that kill it)",
+    ),
     OptSpec::choice(
         "on_error",
         &["fail", "report"],
@@ -52,6 +57,11 @@ pub const RECOVER_OPTS: &[OptSpec] = &[
         "stride",
         0,
         "blocks from one log's start to the next (0: blocks)",
+    ),
+    OptSpec::int(
+        "touch_lba",
+        0,
+        "first zero this block, outside every log (0: don't): QEMU passes a flush down only after a write through it, so recovery's first flush then reaches a write log",
     ),
 ];
 /// `logbench`'s options.
@@ -119,6 +129,7 @@ pub fn log<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
     // `report`: a device error ends the run normally after saying how many records were
     // acknowledged (for tests that inject errors); `fail` (default): the run fails.
     let on_error = cl.choice("on_error")?;
+    let pause_us = cl.int("pause_us")?;
     let cfg = config(cl)?;
     let (mut ctrl, _) = nvme_jobs::open(p, cl)?;
     let clock = p.clock();
@@ -140,6 +151,9 @@ pub fn log<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
             }
             Ok(())
         });
+        if pause_us > 0 {
+            clock.delay_us(pause_us);
+        }
         if let Err(e) = step {
             keel_log::info!(
                 "log: stopped by a device error after {=u64} acknowledged records: {}",
@@ -243,6 +257,31 @@ fn recover_one<B: Board, Q: BlockQueue>(
     })
 }
 
+/// One Write Zeroes of block `lba` of namespace 1, waited for.
+fn zero_block<'a, B: Board, Q: BlockQueue>(q: &mut Q, p: &B, lba: u64) -> JobResult<'a> {
+    let op = BlockOp::WriteZeroes {
+        ns: 1,
+        lba,
+        blocks: 1,
+    };
+    q.submit(op, 0)
+        .map_err(|_| JobError::Failed("recover: touch_lba refused"))?;
+    q.flush_submissions();
+    let clock = p.clock();
+    let t0 = clock.now_ns();
+    let mut done = None;
+    while done.is_none() {
+        q.poll(1, &mut |_, r| done = Some(r));
+        if clock.now_ns() - t0 > 5_000_000_000 {
+            return Err(JobError::Failed("recover: touch_lba timed out"));
+        }
+    }
+    match done {
+        Some(Ok(())) => Ok(()),
+        _ => Err(JobError::Failed("recover: touch_lba failed")),
+    }
+}
+
 /// `recover`: recovery, then every record returned is checked against its expected payload.
 /// `expect=N` fails the run if fewer than N records come back (N acknowledged ones). With
 /// `images=N`, the same for each of N logs `stride` blocks apart, one line per log
@@ -258,6 +297,10 @@ pub fn recover<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
     let (mut ctrl, _) = nvme_jobs::open(p, cl)?;
     keel_log::info!("job recover: start");
     let mut qp = nvme_jobs::qpair(&mut ctrl, p, 1)?;
+    let touch = cl.int("touch_lba")?;
+    if touch > 0 {
+        zero_block(&mut qp, p, touch)?;
+    }
     let mut failure = None;
     for i in 0..images {
         let cfg = WriterConfig {
