@@ -220,6 +220,9 @@ pub struct Plan {
     pub seed: u64,
     /// Only gaps after this many flushes.
     pub from_flush: usize,
+    /// At most this many prefix and torn states per gap (a seeded sample of them when the gap
+    /// has more); 0: all of them.
+    pub max_per_gap: usize,
 }
 
 fn sectors_of(e: &Entry, ss: u64) -> u64 {
@@ -278,9 +281,10 @@ pub fn crash_states(entries: &[Entry], ss: u64, plan: &Plan) -> Vec<CrashState> 
                 }
             };
             out.push(state(Kind::Dropped, "unflushed dropped".into(), vec![]));
+            let mut ordered = Vec::new();
             for p in 1..=u.len() {
                 let kept = u[..p].iter().map(|&i| whole(i)).collect();
-                out.push(state(
+                ordered.push(state(
                     Kind::Prefix,
                     format!("first {p}/{} unflushed kept", u.len()),
                     kept,
@@ -318,7 +322,7 @@ pub fn crash_states(entries: &[Entry], ss: u64, plan: &Plan) -> Vec<CrashState> 
                         first: 0,
                         end: j,
                     });
-                    out.push(state(
+                    ordered.push(state(
                         Kind::Torn,
                         format!(
                             "write {}/{} torn: sectors 0..{j} of {n} kept",
@@ -333,7 +337,7 @@ pub fn crash_states(entries: &[Entry], ss: u64, plan: &Plan) -> Vec<CrashState> 
                         first: j,
                         end: n,
                     });
-                    out.push(state(
+                    ordered.push(state(
                         Kind::Torn,
                         format!(
                             "write {}/{} torn: sectors {j}..{n} of {n} kept",
@@ -344,6 +348,19 @@ pub fn crash_states(entries: &[Entry], ss: u64, plan: &Plan) -> Vec<CrashState> 
                     ));
                 }
             }
+            if plan.max_per_gap > 0 && ordered.len() > plan.max_per_gap {
+                // A seeded sample, in order (a partial Fisher-Yates over the indices).
+                let mut idx: Vec<usize> = (0..ordered.len()).collect();
+                for i in 0..plan.max_per_gap {
+                    let j = i + (next() as usize) % (idx.len() - i);
+                    idx.swap(i, j);
+                }
+                let mut pick = idx[..plan.max_per_gap].to_vec();
+                pick.sort_unstable();
+                let mut all: Vec<Option<CrashState>> = ordered.into_iter().map(Some).collect();
+                ordered = pick.into_iter().filter_map(|i| all[i].take()).collect();
+            }
+            out.extend(ordered);
         }
         if end == entries.len() {
             break;
@@ -477,6 +494,7 @@ pub enum Want {
 }
 
 /// What recovery must return for a crash state of one run (see the module documentation).
+#[derive(Clone)]
 pub struct Oracle {
     pub bs: u64,
     pub records: Vec<(usize, Vec<u8>)>,
@@ -951,6 +969,9 @@ struct Geometry {
     shape: Shape,
 }
 
+/// A run stops queueing states after this many failures (a broken WAL fails thousands).
+const MAX_FAILURES: usize = 200;
+
 /// Images per recovery boot.
 const BATCH: usize = 48;
 
@@ -1288,6 +1309,29 @@ fn replay_variant(
         judge_and_queue(fw, &oracle, s, img, &v.name(), &mut q, seen, t)?;
     }
     q.run(fw, seen, t, true)?;
+    // Guest crashes where the device's cache holds a sync's writes, its flush not yet done:
+    // halfway through the run and at the last sync.
+    let sync_flushes: Vec<usize> = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| **e == Entry::Flush)
+        .map(|(i, _)| i)
+        .skip(1)
+        .collect();
+    for cut in [
+        sync_flushes[sync_flushes.len() / 2],
+        sync_flushes[sync_flushes.len() - 1],
+    ] {
+        let c = Crash {
+            entries: &entries[..cut],
+            oracle: &oracle,
+            epoch,
+            extent,
+            g,
+        };
+        let what = format!("{}: guest crash", v.name());
+        crash_then_recover(fw, &c, &what, seen, t)?;
+    }
     qemu::progress(
         false,
         &format!(
@@ -1309,6 +1353,7 @@ pub fn replay_suite(fw: &Path, subsets: usize) -> Result<String> {
         subsets,
         seed: 0xC0FFEE,
         from_flush: 0,
+        max_per_gap: 0,
     };
     let mut seen = HashSet::new();
     let mut t = Tally::default();
@@ -1363,12 +1408,12 @@ pub fn replay_suite(fw: &Path, subsets: usize) -> Result<String> {
 /// died counts as lost (it may be in the image QEMU left: the two are compared and the
 /// difference reported, not judged).
 pub fn kill_suite(fw: &Path) -> Result<String> {
-    // ~0.35 ms a record: some 2500 records by the kill, a sync every 50 (several 4 KiB
-    // buffers written between two), so the kill usually finds unflushed writes.
+    // ~0.65 ms a record: some 1300 records by the kill, a sync every 100 and 2 KiB buffers
+    // (eight writes between two syncs), so the kill usually finds unflushed writes.
     let (bs, blocks, sync_every, records, pause_us) =
-        (512u64, 131_072u64, 50u64, 1_000_000u64, 300);
+        (512u64, 131_072u64, 100u64, 1_000_000u64, 600);
     let shape = Shape {
-        buf_size: 4096,
+        buf_size: 2048,
         buffers: 2,
         in_flight: 1,
     };
@@ -1414,7 +1459,7 @@ pub fn kill_suite(fw: &Path) -> Result<String> {
         .unwrap_or(bs)
         .next_multiple_of(bs) as usize;
     let acks = ack_schedule(records, sync_every, false);
-    let mut oracle = Oracle::for_log_run(&e1, bs, epoch, &acks, records_upto(epoch, bs, extent))?;
+    let oracle = Oracle::for_log_run(&e1, bs, epoch, &acks, records_upto(epoch, bs, extent))?;
     let acked = oracle.acked(e1.len());
     ensure!(
         seen_acked <= acked,
@@ -1437,10 +1482,13 @@ pub fn kill_suite(fw: &Path) -> Result<String> {
     let mut t = Tally::default();
     let mut seen = HashSet::new();
     // 1. A power cut at the kill.
+    // The tail at the kill is a few writes; a WAL that never flushed would make it the whole
+    // run, hence the cap.
     let plan = Plan {
-        subsets: 8,
+        subsets: 6,
         seed: 0xD1E,
         from_flush: flushes,
+        max_per_gap: 32,
     };
     let mut q = Queue::new(g);
     let mut b = Builder::new(&e1, bs, vec![0; extent]);
@@ -1460,93 +1508,15 @@ pub fn kill_suite(fw: &Path) -> Result<String> {
     let at_kill = t.distinct;
 
     // 2. A guest crash (the device kept every logged write), recovery recorded, a power cut.
-    let crashed = work.join("killed-crash.img");
-    {
-        let f = std::fs::File::create(&crashed)?;
-        f.set_len(stride * bs)?;
-        f.write_all_at(&full, 0)?;
-    }
-    let log2 = work.join("killed-recover.wlog");
-    let d = Disk {
-        path: &crashed,
-        bs,
-        log: Some(&log2),
-    };
-    let in_cache = oracle.intact(&full);
-    let out = boot(
-        fw,
-        &d,
-        300,
-        // The block zeroed past the log makes QEMU pass recovery's first flush down (it drops
-        // a flush with no write through this QEMU process since the last one), so the log
-        // shows whether recovery flushed before its claim.
-        &format!(
-            "recover blocks={stride} expect={seen_acked} touch_lba={} {}",
-            stride - 1,
-            shape.opts()
-        ),
-    )?;
-    t.boots += 1;
-    let got = parse_recover(&out, 1).remove(0);
-    let last_claim = oracle.claims.last().map_or(0, |c| c.records);
-    let want = Got::Opened {
-        records: in_cache,
-        verified: in_cache,
-        corrupt: 0,
-        claimed: last_claim,
-        epoch: u64::from(epoch) + 1,
-    };
-    if got.as_ref() != Some(&want) || !out.passed() {
-        dump(&out);
-        t.wrong += 1;
-        t.fail(format!(
-            "recovery after the guest crash said {got:?}, the oracle {want:?}"
-        ));
-    }
-    let e2 = read_log(&log2)?;
-    let mut all = e1.clone();
-    let touched = (stride - 1) * bs;
-    for e in &e2 {
-        match e {
-            // The zeroed block, past every image.
-            Entry::Write { offset, data, .. } if *offset == touched => {
-                ensure!(data.iter().all(|b| *b == 0), "touch_lba wrote data");
-            }
-            Entry::Write { offset, .. } => {
-                ensure!(*offset == 0, "recovery wrote outside its superblock");
-                oracle.claims.push(Claim {
-                    entry: all.len(),
-                    records: in_cache,
-                    epoch: epoch + 1,
-                });
-                oracle.acks.push((all.len(), in_cache));
-            }
-            Entry::Flush => oracle.flush_durable.push(None),
-            Entry::Discard { .. } => bail!("recovery discarded blocks"),
-        }
-        all.push(e.clone());
-    }
-    let plan = Plan {
-        subsets: 8,
-        seed: 0xD1E2,
-        from_flush: flushes,
-    };
     let (states_before, distinct_before) = (t.states, t.distinct);
-    let mut q = Queue::new(g);
-    let mut b = Builder::new(&all, bs, vec![0; extent]);
-    for s in crash_states(&all, bs, &plan) {
-        judge_and_queue(
-            fw,
-            &oracle,
-            &s,
-            b.build(&s),
-            "guest crash, recovery, power cut",
-            &mut q,
-            &mut seen,
-            &mut t,
-        )?;
-    }
-    q.run(fw, &mut seen, &mut t, true)?;
+    let c = Crash {
+        entries: &e1,
+        oracle: &oracle,
+        epoch,
+        extent,
+        g,
+    };
+    crash_then_recover(fw, &c, "guest crash at the kill", &mut seen, &mut t)?;
     let line = format!(
         "kill QEMU mid-log: {seen_acked} acked seen ({acked} by the log), {flushes} flushes; QEMU's image holds {in_file} records, the durable state {durable} ({differ} blocks differ); {at_kill} distinct power-cut states at the kill, {} after a guest crash and a recorded recovery ({} of them new), {} cut during recovery; {} acked lost, {} corrupt, exact counts {}",
         t.states - states_before,
@@ -1560,6 +1530,124 @@ pub fn kill_suite(fw: &Path) -> Result<String> {
         bail!("{line}");
     }
     Ok(line)
+}
+
+/// A guest crash at the end of `entries` (a run's log so far), for [`crash_then_recover`].
+struct Crash<'a> {
+    entries: &'a [Entry],
+    oracle: &'a Oracle,
+    epoch: u32,
+    extent: usize,
+    g: Geometry,
+}
+
+/// A guest crash, then recovery, then a power cut: the device kept every write issued before
+/// the crash, flushed or not (a crash is not a power loss), `recover` runs on that under
+/// blklogwrites, and the crash states of the run's log and recovery's together, from the run's
+/// last flush on, are recovered again. Recovery found records that were only in the device's
+/// cache; a recovery that claimed them before flushing them loses them here.
+///
+/// QEMU drops a flush when nothing was written through it since its last one, as is the case
+/// for a recovery's first flush in a fresh QEMU; `recover touch_lba=` zeroes a block past the
+/// log first, so that flush reaches the log.
+fn crash_then_recover(
+    fw: &Path,
+    c: &Crash,
+    what: &str,
+    seen: &mut HashSet<u128>,
+    t: &mut Tally,
+) -> Result<()> {
+    let (bs, stride) = (c.g.bs, c.g.stride);
+    let touch = stride - 1;
+    ensure!(
+        touch * bs >= c.extent as u64,
+        "no block past the log to touch"
+    );
+    let full = replay(&vec![0; c.extent], c.entries);
+    let in_cache = c.oracle.intact(&full);
+    let claimed = c
+        .oracle
+        .claims
+        .iter()
+        .rev()
+        .find(|cl| cl.entry < c.entries.len())
+        .map_or(0, |cl| cl.records);
+    let work = crate::work_dir();
+    let img = work.join("crashed.img");
+    {
+        let f = std::fs::File::create(&img)?;
+        f.set_len(stride * bs)?;
+        f.write_all_at(&full, 0)?;
+    }
+    let log = work.join("crashed-recover.wlog");
+    let d = Disk {
+        path: &img,
+        bs,
+        log: Some(&log),
+    };
+    let cmd = format!(
+        "recover blocks={stride} touch_lba={touch} {}",
+        c.g.shape.opts()
+    );
+    let out = boot(fw, &d, 300, &cmd)?;
+    t.boots += 1;
+    let got = parse_recover(&out, 1).remove(0);
+    let want = Got::Opened {
+        records: in_cache,
+        verified: in_cache,
+        corrupt: 0,
+        claimed,
+        epoch: u64::from(c.epoch) + 1,
+    };
+    if got.as_ref() != Some(&want) || !out.passed() {
+        dump(&out);
+        t.wrong += 1;
+        t.fail(format!(
+            "{what}: recovery of the device's cache said {got:?}, the oracle {want:?}"
+        ));
+        return Ok(());
+    }
+    // The run's oracle, cut where the crash came.
+    let cut = c.entries.len();
+    let mut oracle = c.oracle.clone();
+    oracle.claims.retain(|cl| cl.entry < cut);
+    oracle.acks.retain(|a| a.0 < cut);
+    oracle
+        .flush_durable
+        .truncate(c.entries.iter().filter(|e| **e == Entry::Flush).count());
+    let mut all = c.entries.to_vec();
+    for e in read_log(&log)? {
+        match &e {
+            // The zeroed block, past the log.
+            Entry::Write { offset, data, .. } if *offset == touch * bs => {
+                ensure!(data.iter().all(|b| *b == 0), "touch_lba wrote data");
+            }
+            Entry::Write { offset, .. } => {
+                ensure!(*offset == 0, "recovery wrote outside its superblock");
+                oracle.claims.push(Claim {
+                    entry: all.len(),
+                    records: in_cache,
+                    epoch: c.epoch + 1,
+                });
+                oracle.acks.push((all.len(), in_cache));
+            }
+            Entry::Flush => oracle.flush_durable.push(None),
+            Entry::Discard { .. } => bail!("recovery discarded blocks"),
+        }
+        all.push(e);
+    }
+    let plan = Plan {
+        subsets: 6,
+        seed: 0xD1E2,
+        from_flush: c.entries.iter().filter(|e| **e == Entry::Flush).count(),
+        max_per_gap: 32,
+    };
+    let mut q = Queue::new(c.g);
+    let mut b = Builder::new(&all, bs, vec![0; c.extent]);
+    for s in crash_states(&all, bs, &plan) {
+        judge_and_queue(fw, &oracle, &s, b.build(&s), what, &mut q, seen, t)?;
+    }
+    q.run(fw, seen, t, true)
 }
 
 fn records_upto(epoch: u32, bs: u64, extent: usize) -> Vec<(usize, Vec<u8>)> {
@@ -1577,6 +1665,14 @@ fn judge_and_queue(
     seen: &mut HashSet<u128>,
     t: &mut Tally,
 ) -> Result<()> {
+    if t.failures.len() >= MAX_FAILURES {
+        bail!(
+            "stopped after {MAX_FAILURES} failures ({} acked lost, {} corrupt, {} wrong so far)",
+            t.acked_lost,
+            t.corrupt,
+            t.wrong
+        );
+    }
     let verdict = oracle.judge(s, &img)?;
     t.states += 1;
     t.most_acked = t.most_acked.max(verdict.acked);
@@ -1632,6 +1728,7 @@ mod tests {
             subsets,
             seed: 7,
             from_flush: 0,
+            max_per_gap: 0,
         }
     }
 
@@ -1725,6 +1822,22 @@ mod tests {
         // Reproducible.
         let again = crash_states(&entries, 512, &plan(6));
         assert!(again.iter().zip(&states).all(|(a, b)| a.kept == b.kept));
+        // Capped: a seeded sample of the prefix and torn states, in order, the rest kept.
+        let capped = crash_states(
+            &entries,
+            512,
+            &Plan {
+                max_per_gap: 4,
+                ..plan(6)
+            },
+        );
+        let count = |v: &[CrashState], k: Kind| v.iter().filter(|s| s.kind == k).count();
+        assert_eq!(count(&capped, Kind::Prefix) + count(&capped, Kind::Torn), 4);
+        assert_eq!(count(&capped, Kind::Subset), 6);
+        assert_eq!(count(&capped, Kind::Dropped), 1);
+        assert!(capped.iter().all(|c| states
+            .iter()
+            .any(|s| s.label == c.label && s.kept == c.kept)));
     }
 
     /// A `log` run's device writes, built by hand: format (superblock, flush), then per sync

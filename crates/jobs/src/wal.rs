@@ -480,3 +480,56 @@ pub fn logbench<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::vec;
+
+    use keel_cmdline::Cmdline;
+    use keel_model::{HostDma, ModelBoard, ModelConfig, NsConfig, NvmeModel};
+
+    use crate::{dispatch, JobError, JOBS};
+
+    fn board() -> ModelBoard {
+        let dma = HostDma::new();
+        let cfg = ModelConfig {
+            namespaces: vec![NsConfig {
+                nsid: 1,
+                blocks: 8192,
+                lba_shift: 9,
+            }],
+            max_io_queues: 8,
+            ..ModelConfig::default()
+        };
+        let nvme = NvmeModel::new(cfg, dma.clone());
+        ModelBoard::new(1, dma, vec![nvme])
+    }
+
+    fn run<'a>(b: &ModelBoard, line: &'a str) -> Result<(), JobError<'a>> {
+        dispatch(&Cmdline::parse_for(line, "boot", JOBS).unwrap(), b)
+    }
+
+    #[test]
+    fn logs_side_by_side_recover_one_by_one() {
+        let b = board();
+        run(&b, "log records=60 sync_every=7 cadence=varied blocks=1000 buf_size=4K buffers=2 in_flight=1").unwrap();
+        let m = &b.nvme()[0];
+        let log = m.disk_read(1, 0, 1000 * 512);
+        // Logs 1 and 2 are copies at blocks 1000 and 2000; block 3000 onwards holds no log.
+        m.disk_write(1, 1000 * 512, &log);
+        m.disk_write(1, 2000 * 512, &log);
+        let line = "recover images=3 stride=1000 blocks=1000 expect=60";
+        run(&b, line).unwrap();
+        // A fourth image with no log: nothing acknowledged can come back from it.
+        assert!(run(&b, "recover images=4 stride=1000 blocks=1000 expect=60").is_err());
+        run(&b, "recover images=4 stride=1000 blocks=1000 expect=0").unwrap();
+        // An acknowledged record destroyed in log 1 fails the run, whatever is expected;
+        // recovery writes nothing there, and the other logs are still recovered.
+        m.disk_write(1, 1000 * 512 + 512 + 100, &[0xFF; 64]);
+        let sb = m.disk_read(1, 1000 * 512, 512);
+        assert!(run(&b, "recover images=3 stride=1000 blocks=1000 expect=0").is_err());
+        assert_eq!(m.disk_read(1, 1000 * 512, 512), sb);
+        run(&b, "recover images=1 blocks=1000 expect=60").unwrap();
+    }
+}
