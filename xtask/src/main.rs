@@ -58,10 +58,19 @@ enum Cmd {
         /// Skip the QEMU integration tests.
         #[arg(long)]
         no_qemu: bool,
-        /// Power-cut states per gap between flushes of the logged run (5 gives 250 states;
-        /// raise it for a longer soak).
+        /// Random subsets of the unflushed writes per gap between flushes, in the power-cut
+        /// replay (besides every prefix and every torn write); raise it for a longer soak.
         #[arg(long, default_value_t = 5)]
         crash_states_per_gap: usize,
+    },
+    /// Only the power-cut replay and kill checks of `test` (for iterating on them).
+    #[command(hide = true)]
+    Powercut {
+        #[arg(long, default_value_t = 5)]
+        crash_states_per_gap: usize,
+        /// selftest, replay, kill or all.
+        #[arg(long, default_value = "all")]
+        only: String,
     },
     /// Benchmarks: the firmware's NVMe bench matrix under QEMU, then the host criterion benches.
     Bench {
@@ -185,6 +194,10 @@ fn main() {
             no_qemu,
             crash_states_per_gap,
         } => itest::test_all(!no_qemu, crash_states_per_gap),
+        Cmd::Powercut {
+            crash_states_per_gap,
+            only,
+        } => itest::powercut_only(crash_states_per_gap, &only),
         Cmd::Bench {
             secs,
             cores,
