@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::qemu::{self, Outcome, VmOpts};
 use crate::{cargo_cmd, step};
@@ -1022,6 +1022,71 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             ],
         });
     }
+    // The data oracle: mixed I/O at depth on every core and drive, writes failing at chosen
+    // LBAs on drive 0 (blkdebug); the host checks every block of both images against the
+    // record of acknowledged writes the firmware printed.
+    let oracle_conf = work.join("blkdebug-oracle.conf");
+    std::fs::write(
+        &oracle_conf,
+        "[inject-error]\nevent = \"write_aio\"\nerrno = \"5\"\nsector = \"20\"\n\n[inject-error]\nevent = \"write_aio\"\nerrno = \"5\"\nsector = \"300\"\n",
+    )?;
+    for (name, blkdebug, cmd) in [
+        (
+            "oracle: 2 cores x 2 drives, host checks every block",
+            None,
+            "oracle ms=600 blocks=256 qd=16",
+        ),
+        (
+            "oracle: write EIO at LBAs 20 and 300, host checks every block",
+            Some(oracle_conf.clone()),
+            "oracle ms=600 blocks=256 qd=16",
+        ),
+    ] {
+        let w = work.to_path_buf();
+        let eio = blkdebug.is_some();
+        v.push(Case {
+            name: name.into(),
+            vm: VmOpts {
+                drives: 2,
+                blkdebug,
+                ..vm(2)
+            },
+            cmdline: cmd,
+            expect_pass: true,
+            expect_timeout: false,
+            checks: vec![
+                (
+                    "every block as the record says (host)",
+                    Box::new(move |o: &Outcome| match oracle_check(&w, o, 2) {
+                        Ok(n) => n > 100,
+                        Err(e) => {
+                            eprintln!("xtask: oracle check: {e}");
+                            false
+                        }
+                    }),
+                ),
+                (
+                    "failed writes typed, never acknowledged",
+                    Box::new(move |o: &Outcome| {
+                        let failed = o
+                            .log
+                            .iter()
+                            .find_map(|l| l.split("writes failed ").nth(1))
+                            .and_then(|r| r.split(',').next())
+                            .and_then(|n| n.parse::<u64>().ok());
+                        let rec = oracle_records(o);
+                        let unacked_at =
+                            |lba| rec.iter().any(|r| r.0 == 0 && r.1 == lba && r.2 == 0);
+                        match (eio, failed) {
+                            (false, Some(0)) => true,
+                            (true, Some(n)) => n > 0 && unacked_at(20) && unacked_at(300),
+                            _ => false,
+                        }
+                    }),
+                ),
+            ],
+        });
+    }
     // scrub: the driver's reads against the host's view of the same image.
     let img = work.join("scrub-src.img");
     let crc = random_image(&img, 8 << 20)?;
@@ -1061,6 +1126,62 @@ fn selftest_pattern_on_disk(work: &std::path::Path, d: usize) -> Result<bool> {
         })
     };
     Ok(ok(512) || ok(4096))
+}
+
+/// `(drive, lba, acked, max)` for every block of the oracle's console record.
+fn oracle_records(o: &Outcome) -> Vec<(usize, u64, u64, u64)> {
+    o.console
+        .iter()
+        .filter_map(|l| l.trim().strip_prefix("oracle block "))
+        .filter_map(|l| {
+            let v: Vec<u64> = l
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('=')?.1.parse().ok())
+                .collect();
+            (v.len() == 4).then(|| (v[0] as usize, v[1], v[2], v[3]))
+        })
+        .collect()
+}
+
+/// The host's side of the data oracle: every block of each drive's image (512 B LBAs) up to
+/// the highest one the record names holds what the record allows — an intact oracle block of
+/// its own LBA whose generation is the last acknowledged one (or a later failed one), or
+/// zeroes where nothing was acknowledged — and nothing the record does not list was written.
+/// Returns how many blocks the record listed.
+fn oracle_check(work: &std::path::Path, o: &Outcome, drives: usize) -> Result<usize> {
+    use keel_jobs::oracle::{allowed, parse_block};
+    let recs = oracle_records(o);
+    if recs.is_empty() {
+        bail!("no oracle record on the console");
+    }
+    for d in 0..drives {
+        let img = std::fs::read(qemu::ns_image(work, d, 1))?;
+        let mine: std::collections::HashMap<u64, (u64, u64)> = recs
+            .iter()
+            .filter(|r| r.0 == d)
+            .map(|r| (r.1, (r.2, r.3)))
+            .collect();
+        let top = mine.keys().copied().max().unwrap_or(0) + 64;
+        for lba in 0..top {
+            let block = img
+                .get(lba as usize * 512..lba as usize * 512 + 512)
+                .context("image shorter than the record")?;
+            let rec = mine.get(&lba).copied();
+            let ok = match (parse_block(block), rec) {
+                (None, None) => true,
+                (None, Some((acked, _))) => acked == 0,
+                (Some(Ok((l, g))), Some((acked, max))) => l == lba && allowed(g, acked, max),
+                _ => false,
+            };
+            if !ok {
+                bail!(
+                    "drive {d} lba {lba}: found {:?}, record (acked, max) {rec:?}",
+                    parse_block(block)
+                );
+            }
+        }
+    }
+    Ok(recs.len())
 }
 
 fn shapes_ok(o: &Outcome) -> bool {

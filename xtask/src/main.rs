@@ -116,6 +116,7 @@ fn jobs_help() -> String {
     s
 }
 
+/// The workspace root (xtask's parent directory).
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -123,6 +124,7 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Cargo's target directory (`CARGO_TARGET_DIR`, or `target/` in the workspace).
 pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -438,6 +440,7 @@ pub fn step(name: &str, mut c: Command) -> (bool, f64) {
     (ok, t.elapsed().as_secs_f64())
 }
 
+/// A `cargo` command run in the workspace root.
 pub fn cargo_cmd() -> Command {
     cargo()
 }

@@ -16,6 +16,7 @@ pub mod basic;
 pub mod cost;
 pub mod drives;
 pub mod nvme;
+pub mod oracle;
 pub mod reactor;
 pub mod storage;
 pub mod wal;
@@ -157,6 +158,7 @@ jobs! {
     "scan" => nvme::scan, "read (or write) a range; failing chunks bisected to the exact bad LBAs", [nvme::RANGE_OPTS, nvme::SCAN_OPTS, drives::ONE_DRIVE, NVME_OPTS];
     "cfs" => nvme::cfs, "a queue at unmapped memory makes the controller fatal; reset, nothing lost", [nvme::CFS_OPTS, drives::ONE_DRIVE, NVME_OPTS];
     "bench" => nvme::bench, "fio-like load: a queue pair per core, full stack, raw loop or device ceiling", [nvme::BENCH_OPTS, drives::ALL_DRIVES, NVME_OPTS];
+    "oracle" => oracle::oracle, "the data oracle: mixed I/O on every core and drive; blocks say what they are; the host checks the images", [oracle::OPTS, drives::ALL_DRIVES, NVME_OPTS];
     "reactor" => reactor::run, "a reactor per core: cross-core I/O, queue-pair handoff and shutdown mid-I/O", [reactor::OPTS, drives::ONE_DRIVE, NVME_OPTS];
     "log" => wal::log, "append records to a write-ahead log on namespace 1, syncing every few", [wal::LOG_OPTS, wal::WAL_OPTS, drives::ONE_DRIVE, NVME_OPTS];
     "recover" => wal::recover, "recover the write-ahead log and verify every record", [wal::RECOVER_OPTS, wal::WAL_OPTS, drives::ONE_DRIVE, NVME_OPTS];

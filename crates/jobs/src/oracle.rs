@@ -1,0 +1,483 @@
+//! The data oracle: mixed reads and writes at depth on every core and every drive, through
+//! the full stack, where every written block says what it is — and a record, printed at the
+//! end, of what was acknowledged, so **the host** can check the disk images block by block.
+//!
+//! Every block the oracle writes carries a header: magic, LBA, write generation, drive, core,
+//! and a CRC32C over the whole block (payload included). Core `c` owns blocks
+//! `[c * blocks, (c + 1) * blocks)` of namespace 1 on every drive, and never has two writes
+//! to one block in flight, so for each block "the last acknowledged write" is well defined.
+//!
+//! Checked in the firmware, on every read: the header names the block read, the CRC holds,
+//! and the generation is the last acknowledged one — or, after a write to it failed (its
+//! result says nothing about whether it reached the medium), that failed one or any later
+//! failed one. Checked by the host, on the images (`cargo xtask test`): each block listed
+//! holds a block of the same rule, and no block outside the record was touched.
+//!
+//! The record goes to the console (the host parses it): `oracle block drive=D lba=L
+//! acked=A max=M` for every block written.
+
+use core::cell::RefCell;
+
+use critical_section::Mutex;
+use keel_blockdev::{BlockOp, BufRef, IoError};
+use keel_cmdline::{Cmdline, OptSpec};
+use keel_hal::{Board, Clock, Cores, DmaRegion};
+
+use crate::drives::{Drive, MAX_DRIVES};
+use crate::{JobError, JobResult, Qp, MAX_CORES};
+
+/// `oracle`'s options.
+pub const OPTS: &[OptSpec] = &[
+    OptSpec::int("ms", 1000, "milliseconds of load"),
+    OptSpec::int("qd", 32, "I/Os in flight per core (1..=32)"),
+    OptSpec::int("cores", 0, "cores (0: every core)"),
+    OptSpec::int(
+        "blocks",
+        256,
+        "blocks each core owns on each drive (at most 1024)",
+    ),
+    OptSpec::int("reads", 40, "percent of I/Os that are reads"),
+    OptSpec::int("seed", 1, "seed of the I/O sequence"),
+];
+
+/// The header magic.
+pub const MAGIC: [u8; 8] = *b"KEELORCL";
+/// Bytes of header before the payload.
+pub const HEADER: usize = 36;
+const MAX_QD: usize = 32;
+const MAX_BLOCKS: usize = 1024;
+
+/// CRC32C over a block with its CRC field (bytes 32..36) read as zero.
+pub fn block_crc(block: &[u8]) -> u32 {
+    let crc = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+    let mut d = crc.digest();
+    d.update(&block[..32]);
+    d.update(&[0; 4]);
+    d.update(&block[HEADER..]);
+    d.finalize()
+}
+
+/// Fills `block` with what write `gen` of block `lba` (by `core`, on drive `drive`) holds.
+pub fn make_block(block: &mut [u8], lba: u64, gen: u64, drive: u32, core: u32) {
+    block[..8].copy_from_slice(&MAGIC);
+    block[8..16].copy_from_slice(&lba.to_le_bytes());
+    block[16..24].copy_from_slice(&gen.to_le_bytes());
+    block[24..28].copy_from_slice(&drive.to_le_bytes());
+    block[28..32].copy_from_slice(&core.to_le_bytes());
+    let mut x = lba.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ gen.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    for w in block[HEADER..].chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        w.copy_from_slice(&b[..w.len()]);
+    }
+    let c = block_crc(block);
+    block[32..36].copy_from_slice(&c.to_le_bytes());
+}
+
+/// What a block read back says: `None` if it is all zeroes (never written), else
+/// `Some(Ok((lba, gen)))` for an intact oracle block, `Some(Err(why))` otherwise.
+pub fn parse_block(block: &[u8]) -> Option<Result<(u64, u64), &'static str>> {
+    if block.iter().all(|&b| b == 0) {
+        return None;
+    }
+    if block.len() < HEADER || block[..8] != MAGIC {
+        return Some(Err("not an oracle block (torn or foreign)"));
+    }
+    let crc = u32::from_le_bytes([block[32], block[33], block[34], block[35]]);
+    if crc != block_crc(block) {
+        return Some(Err("CRC mismatch (torn or corrupted)"));
+    }
+    let lba = u64::from_le_bytes(block[8..16].try_into().unwrap_or_default());
+    let gen = u64::from_le_bytes(block[16..24].try_into().unwrap_or_default());
+    Some(Ok((lba, gen)))
+}
+
+/// Whether a block holding generation `found` is right for a block whose last acknowledged
+/// write is `acked`, when writes up to `max` were issued and every one above `acked`
+/// failed: exactly `acked`, or one of the failed later ones (0 = never written).
+pub fn allowed(found: u64, acked: u64, max: u64) -> bool {
+    found == acked || (found > acked && found <= max)
+}
+
+/// One block's record.
+#[derive(Clone, Copy, Default)]
+struct Rec {
+    acked: u32,
+    max: u32,
+    busy: bool,
+}
+
+/// What one core of the oracle saw.
+#[derive(Clone, Copy, Default)]
+struct CoreOut {
+    writes_ok: u64,
+    writes_failed: u64,
+    reads_ok: u64,
+    reads_failed: u64,
+    /// Reads whose block broke the rule: the finding that fails the job.
+    bad_reads: u64,
+    error: Option<&'static str>,
+}
+
+/// One in-flight I/O.
+#[derive(Clone, Copy)]
+struct Slot {
+    drive: usize,
+    block: usize,
+    write: bool,
+    gen: u32,
+}
+
+/// `oracle`: see the module docs.
+pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
+    let ms = cl.int("ms")?;
+    let qd = (cl.int("qd")? as usize).clamp(1, MAX_QD);
+    let cores = match cl.int("cores")? as usize {
+        0 => p.cores().count(),
+        n => n,
+    }
+    .clamp(1, p.cores().count().min(MAX_CORES));
+    let blocks = (cl.int("blocks")? as usize).clamp(1, MAX_BLOCKS);
+    let reads = cl.int("reads")?.min(100);
+    let seed = cl.int("seed")?;
+    let drives = crate::drives::open_all(p, cl)?;
+    let which = drives.selected(cl)?;
+    let list: heapless::Vec<&Drive<B>, MAX_DRIVES> =
+        which.iter().map(|&i| &drives.list[i]).collect();
+    keel_log::info!("job oracle: start");
+    for d in &list {
+        let ns = d
+            .namespace(1)
+            .ok_or(JobError::Failed("a drive has no namespace 1"))?;
+        if ns.blocks < (cores * blocks) as u64 {
+            return Err(JobError::Failed(
+                "namespace 1 is smaller than the oracle's blocks",
+            ));
+        }
+        if (ns.block_size as usize) < HEADER + 8 {
+            return Err(JobError::Failed("blocks too small for the oracle's header"));
+        }
+    }
+    let aio = crate::reactor::Handles::new();
+    let mut meshes: heapless::Vec<crate::reactor::SmallMesh, MAX_DRIVES> = heapless::Vec::new();
+    for _ in 0..list.len() {
+        let _ = meshes.push(crate::reactor::SmallMesh::new());
+    }
+    type LinkSlot<'m> = Mutex<RefCell<Option<crate::reactor::MeshLinks<'m>>>>;
+    let mut links: heapless::Vec<[LinkSlot<'_>; MAX_CORES], MAX_DRIVES> = heapless::Vec::new();
+    for m in meshes.iter_mut() {
+        let mut it = keel_reactor::split(m).into_iter();
+        let _ = links.push(core::array::from_fn(|_| {
+            Mutex::new(RefCell::new(it.next()))
+        }));
+    }
+    let finished = core::sync::atomic::AtomicUsize::new(0);
+    let duration_ns = ms.saturating_mul(1_000_000);
+    keel_log::info!(
+        "oracle: {=usize} cores x {=usize} drives, {=usize} blocks each, QD {=usize}, {=u64}% reads, {=u64} ms",
+        cores,
+        list.len(),
+        blocks,
+        qd,
+        reads,
+        ms
+    );
+    let outs = crate::on_cores(p, cores, |core| {
+        core_oracle(
+            p,
+            core,
+            &list,
+            &links,
+            &aio,
+            Params {
+                qd,
+                blocks,
+                reads,
+                seed,
+                duration_ns,
+                cores,
+            },
+            &finished,
+        )
+    })?;
+    let mut total = CoreOut::default();
+    for (c, o) in outs.iter().enumerate() {
+        if let Some(e) = o.error {
+            keel_log::error!("oracle core {=usize}: {=str}", c, e);
+            return Err(JobError::Failed(e));
+        }
+        total.writes_ok += o.writes_ok;
+        total.writes_failed += o.writes_failed;
+        total.reads_ok += o.reads_ok;
+        total.reads_failed += o.reads_failed;
+        total.bad_reads += o.bad_reads;
+    }
+    keel_log::info!(
+        "oracle summary: writes acknowledged {=u64}, writes failed {=u64}, reads verified {=u64}, reads failed {=u64}, reads that broke the rule {=u64}; handles back {=usize} of {=usize}",
+        total.writes_ok,
+        total.writes_failed,
+        total.reads_ok,
+        total.reads_failed,
+        total.bad_reads,
+        aio.free_count(),
+        crate::reactor::HANDLES
+    );
+    if total.bad_reads > 0 {
+        return Err(JobError::Failed(
+            "a read returned a block that breaks the rule",
+        ));
+    }
+    if total.writes_ok == 0 {
+        return Err(JobError::Failed("no write was acknowledged"));
+    }
+    if aio.free_count() != crate::reactor::HANDLES {
+        return Err(JobError::Failed("I/O handles were not all given back"));
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+struct Params {
+    qd: usize,
+    blocks: usize,
+    reads: u64,
+    seed: u64,
+    duration_ns: u64,
+    cores: usize,
+}
+
+/// One core's oracle: a reactor per drive, its own blocks, its record printed at the end.
+#[allow(clippy::too_many_arguments)]
+fn core_oracle<B: Board>(
+    b: &B,
+    core: usize,
+    list: &[&Drive<B>],
+    links: &[[Mutex<RefCell<Option<crate::reactor::MeshLinks<'_>>>>; MAX_CORES]],
+    aio: &crate::reactor::Handles,
+    prm: Params,
+    finished: &core::sync::atomic::AtomicUsize,
+) -> CoreOut {
+    use core::sync::atomic::Ordering;
+    let mut out = CoreOut::default();
+    let nd = list.len();
+    let bs = list
+        .iter()
+        .filter_map(|d| d.namespace(1))
+        .map(|n| n.block_size as usize)
+        .max()
+        .unwrap_or(512);
+    let mut bufs: heapless::Vec<DmaRegion, MAX_QD> = heapless::Vec::new();
+    for _ in 0..prm.qd {
+        match crate::storage::dma(b.dma(), bs) {
+            Ok(d) => {
+                let _ = bufs.push(d);
+            }
+            Err(_) => out.error = Some("DMA pool exhausted"),
+        }
+    }
+    let mut reactors: heapless::Vec<crate::reactor::Remote<'_, Qp<B>>, MAX_DRIVES> =
+        heapless::Vec::new();
+    for (d, drive) in list.iter().enumerate() {
+        let qp = if core < drive.queues().max(1) {
+            match drive
+                .ctrl
+                .lock()
+                .create_io_qpair(b.dma(), core as u16 + 1, 256)
+            {
+                Ok(q) => Some(q),
+                Err(_) => {
+                    out.error = Some("could not create an I/O queue pair");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let Some(l) = critical_section::with(|cs| links[d][core].borrow_ref_mut(cs).take()) else {
+            out.error = Some("no message links");
+            continue;
+        };
+        let _ = reactors.push(crate::reactor::Remote {
+            reactor: keel_reactor::Reactor::new(l, aio, qp),
+            owner: drive.owner(core),
+        });
+    }
+    let mut recs = [[Rec::default(); MAX_BLOCKS]; MAX_DRIVES];
+    let mut slots: [Option<Slot>; MAX_QD] = [None; MAX_QD];
+    let mut scratch = [0u8; 4096];
+    let clock = b.clock();
+    let mut rng = prm.seed ^ (core as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D);
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let base = |c: usize| (c * prm.blocks) as u64;
+    let end = clock.now_ns().saturating_add(prm.duration_ns);
+    let mut stopping = out.error.is_some() || reactors.len() != nd;
+    let mut in_flight = 0usize;
+    b.cores().polled(|| loop {
+        // Issue into every free slot (none once stopping: the loop below breaks at once).
+        for _ in 0..if stopping { 0 } else { prm.qd } {
+            let Some(s) = slots[..prm.qd].iter().position(|s| s.is_none()) else {
+                break;
+            };
+            let d = (next() % nd as u64) as usize;
+            let blk = (next() % prm.blocks as u64) as usize;
+            let rec = &mut recs[d][blk];
+            if rec.busy {
+                break;
+            }
+            let lba = base(core) + blk as u64;
+            let len = list[d].namespace(1).map_or(512, |n| n.block_size as usize);
+            let Ok(buf) = BufRef::new(&bufs[s], 0, len) else {
+                break;
+            };
+            let read = rec.max > 0 && next() % 100 < prm.reads;
+            let (op, gen) = if read {
+                (
+                    BlockOp::Read {
+                        ns: 1,
+                        lba,
+                        blocks: 1,
+                        buf,
+                    },
+                    0,
+                )
+            } else {
+                let gen = rec.max + 1;
+                make_block(&mut scratch[..len], lba, gen as u64, list[d].index as u32, core as u32);
+                if bufs[s].write_bytes(0, &scratch[..len]).is_err() {
+                    break;
+                }
+                (
+                    BlockOp::Write {
+                        ns: 1,
+                        lba,
+                        blocks: 1,
+                        buf,
+                    },
+                    gen,
+                )
+            };
+            let t = &mut reactors[d];
+            match t.reactor.submit_to(t.owner, op, s as u32) {
+                Ok(()) => {
+                    rec.busy = true;
+                    if !read {
+                        rec.max = gen;
+                    }
+                    slots[s] = Some(Slot {
+                        drive: d,
+                        block: blk,
+                        write: !read,
+                        gen,
+                    });
+                    in_flight += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        // Reap.
+        for t in reactors.iter_mut() {
+            t.reactor.poll();
+            while let Some(c) = t.reactor.next_completion() {
+                let Some(slot) = slots.get_mut(c.cookie as usize).and_then(|s| s.take()) else {
+                    out.bad_reads += 1; // a cookie the oracle never issued
+                    continue;
+                };
+                in_flight -= 1;
+                let rec = &mut recs[slot.drive][slot.block];
+                rec.busy = false;
+                match (slot.write, c.result) {
+                    (true, Ok(())) => {
+                        out.writes_ok += 1;
+                        rec.acked = slot.gen;
+                    }
+                    (true, Err(e)) => {
+                        out.writes_failed += 1;
+                        log_error(core, "write", e);
+                    }
+                    (false, Err(e)) => {
+                        out.reads_failed += 1;
+                        log_error(core, "read", e);
+                    }
+                    (false, Ok(())) => {
+                        let len = list[slot.drive].namespace(1).map_or(512, |n| n.block_size as usize);
+                        let lba = base(core) + slot.block as u64;
+                        let ok = bufs[c.cookie as usize].read_bytes(0, &mut scratch[..len]).is_ok()
+                            && match parse_block(&scratch[..len]) {
+                                None => rec.acked == 0,
+                                Some(Ok((l, g))) => l == lba && allowed(g, rec.acked as u64, rec.max as u64),
+                                Some(Err(_)) => false,
+                            };
+                        if ok {
+                            out.reads_ok += 1;
+                        } else {
+                            out.bad_reads += 1;
+                            keel_log::error!(
+                                "oracle core {=usize}: drive {=usize} lba {=u64} read back wrong (acked gen {=u32}, max {=u32})",
+                                core,
+                                list[slot.drive].index,
+                                lba,
+                                rec.acked,
+                                rec.max
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        if !stopping && clock.now_ns() >= end {
+            stopping = true;
+            finished.fetch_add(1, Ordering::AcqRel);
+        }
+        // Done when this core's I/O is back and every core is done (owners serve the others).
+        if stopping && in_flight == 0 && finished.load(Ordering::Acquire) >= prm.cores {
+            break;
+        }
+        if stopping && out.error.is_some() && in_flight == 0 {
+            finished.fetch_add(1, Ordering::AcqRel);
+            break;
+        }
+    });
+    // Make the acknowledged writes durable, then give the queues back.
+    for (d, t) in reactors.iter_mut().enumerate() {
+        let _ = t.reactor.quiesce(1_000_000);
+        if let Ok(mut q) = t.reactor.take_queue() {
+            let clock = b.clock();
+            if crate::storage::sync_op(&mut q, &clock, BlockOp::Flush { ns: 1 }).is_err() {
+                out.error = Some("flush failed");
+            }
+            if let Err((e, _)) = list[d].ctrl.lock().delete_io_qpair(b.dma(), q) {
+                keel_log::warn!("oracle core {=usize}: delete queue pair: {}", core, e);
+            }
+        }
+    }
+    for (d, drive) in list.iter().enumerate() {
+        for (blk, r) in recs[d].iter().enumerate().take(prm.blocks) {
+            if r.max > 0 {
+                // On the console (not the binary log): the host parses it, and so does a test
+                // on the model board.
+                b.print(format_args!(
+                    "oracle block drive={} lba={} acked={} max={}",
+                    drive.index,
+                    base(core) + blk as u64,
+                    r.acked,
+                    r.max
+                ));
+            }
+        }
+    }
+    for d in bufs {
+        keel_hal::DmaAllocator::free(b.dma(), d);
+    }
+    out
+}
+
+fn log_error(core: usize, what: &'static str, e: IoError) {
+    keel_log::debug!("oracle core {=usize}: {=str} failed: {}", core, what, e);
+}
