@@ -90,6 +90,10 @@ pub fn test_all(with_qemu: bool, crash_states_per_gap: usize) -> Result<()> {
                 let t = Instant::now();
                 let (name, ok) = log_write_error_check(&fw);
                 rows.push((name, ok, t.elapsed().as_secs_f64()));
+                // Last: it rebuilds the firmware without the lab jobs.
+                let t = Instant::now();
+                let (name, ok) = appliance_check();
+                rows.push((name, ok, t.elapsed().as_secs_f64()));
             }
             Err(e) => {
                 eprintln!("xtask: {e:#}");
@@ -498,12 +502,18 @@ fn print_boot_times(table: &[(String, Option<f64>, Option<f64>)]) {
 
 /// Boots every case; prints a table; returns one bool per case.
 /// `cargo xtask cases FILTER`: builds the firmware and runs only the QEMU cases whose name
-/// contains `filter` (for working on one part; `cargo xtask test` runs them all).
+/// contains `filter` (for working on one part; `cargo xtask test` runs them all), and the
+/// appliance image's check when `filter` is part of its name.
 pub fn cases_only(filter: &str) -> Result<()> {
     qemu::ensure_qemu()?;
     let fw = crate::build_firmware()?;
     std::env::set_var("KEEL_CASES", filter);
-    let r = qemu_tests(&fw)?;
+    let mut r = qemu_tests(&fw)?;
+    if "appliance image (no lab jobs)".contains(filter) {
+        let (name, ok) = appliance_check();
+        println!("{name}  {}", if ok { "ok" } else { "FAIL" });
+        r.push(ok);
+    }
     let failed = r.iter().filter(|ok| !**ok).count();
     println!("keel: {} passed, {failed} failed", r.len() - failed);
     if failed > 0 {
@@ -1349,6 +1359,36 @@ fn log_write_error_check(fw: &Path) -> (String, bool) {
         let out = recover_on(fw, &img, acked, "", "recovery after the write error")?;
         let recovered = numbers_after(&out, "recover: ").next().unwrap_or(0);
         Ok(format!("log under blkdebug write EIO: error surfaced at {acked} acked; recovered {recovered}, 0 corrupt"))
+    })
+}
+
+/// The appliance image (`--no-default-features`: no lab jobs, the one `cargo xtask size`
+/// measures) boots and selftests, and refuses a lab job by name.
+fn appliance_check() -> (String, bool) {
+    check_row("appliance image (no lab jobs)", || {
+        let work = crate::work_dir();
+        let built = crate::build_firmware_with(false)?;
+        let fw = work.join("keel-fw.appliance");
+        std::fs::copy(&built, &fw)?;
+        let (accel, _) = qemu::choose_accel(qemu::Accel::Auto, &fw, &work);
+        let vm = VmOpts {
+            smp: 2,
+            accel,
+            timeout: 60,
+            ..VmOpts::default()
+        };
+        let out = qemu::run(&fw, &vm, "selftest", &work, qemu::Verbosity::Quiet)?;
+        if !out.passed() || !out.has("selftest") {
+            bail!("selftest on the appliance image: {}", out.verdict());
+        }
+        let out = qemu::run(&fw, &vm, "bench", &work, qemu::Verbosity::Quiet)?;
+        if out.passed() || !out.has("unknown job 'bench'") {
+            bail!(
+                "the appliance image ran or misreported a lab job: {}",
+                out.verdict()
+            );
+        }
+        Ok("appliance image (no lab jobs): selftest passes, `bench` is an unknown job".into())
     })
 }
 

@@ -144,6 +144,12 @@ fn cargo() -> Command {
 
 /// Builds the firmware and returns the path of its (unstripped) ELF.
 pub fn build_firmware() -> Result<PathBuf> {
+    build_firmware_with(true)
+}
+
+/// Builds the firmware with the lab jobs (`lab`: what every test and `cargo xtask run` boot) or
+/// without them (the appliance image, measured by `cargo xtask size`).
+pub fn build_firmware_with(lab: bool) -> Result<PathBuf> {
     let mut c = cargo();
     let b = board::get();
     // `cargo rustc`: flags after `--` reach the firmware binary alone, which is where the
@@ -158,6 +164,9 @@ pub fn build_firmware() -> Result<PathBuf> {
         "--bin",
         &b.bin,
     ]);
+    if !lab {
+        c.arg("--no-default-features");
+    }
     if let Ok(extra) = std::env::var("KEEL_FW_RUSTFLAGS") {
         c.arg("--").args(extra.split_whitespace());
     }
@@ -305,46 +314,74 @@ fn run(vm: qemu::VmOpts, boot: FlashBoot, job: Vec<String>) -> Result<()> {
     Ok(())
 }
 
-fn size() -> Result<()> {
-    use object::{Object, ObjectSection, ObjectSymbol, SectionKind};
-    let fw = build_firmware()?;
-    let data = std::fs::read(&fw)?;
+/// Sections of a firmware ELF: (text, rodata, data, bss, ELF bytes, stripped bytes).
+fn sections_of(fw: &std::path::Path, stripped: &std::path::Path) -> Result<[Option<u64>; 6]> {
+    use object::{Object, ObjectSection, SectionKind};
+    let data = std::fs::read(fw)?;
     let obj = object::File::parse(&*data)?;
-    let (mut text, mut rodata, mut dat, mut bss) = (0u64, 0u64, 0u64, 0u64);
+    let mut v = [0u64; 4];
     for s in obj.sections() {
         match s.kind() {
-            SectionKind::Text => text += s.size(),
+            SectionKind::Text => v[0] += s.size(),
             SectionKind::ReadOnlyData | SectionKind::ReadOnlyString | SectionKind::Note => {
-                rodata += s.size()
+                v[1] += s.size()
             }
-            SectionKind::Data => dat += s.size(),
-            SectionKind::UninitializedData => bss += s.size(),
+            SectionKind::Data => v[2] += s.size(),
+            SectionKind::UninitializedData => v[3] += s.size(),
             _ => {}
         }
     }
-    let stripped = work_dir().join(format!("{}.stripped", board::get().bin));
-    std::fs::create_dir_all(work_dir())?;
     let st = Command::new("strip")
         .arg("-o")
-        .arg(&stripped)
-        .arg(&fw)
+        .arg(stripped)
+        .arg(fw)
         .status();
     let stripped_len = match st {
-        Ok(s) if s.success() => std::fs::metadata(&stripped)?.len().to_string(),
-        _ => "n/a (strip not found)".into(),
+        Ok(s) if s.success() => Some(std::fs::metadata(stripped)?.len()),
+        _ => None,
     };
-    println!("{:<14} {:>10}", "section", "bytes");
-    println!("{:-<14} {:->10}", "", "");
-    for (n, v) in [
-        ("text", text),
-        ("rodata", rodata),
-        ("data", dat),
-        ("bss", bss),
-    ] {
-        println!("{n:<14} {v:>10}");
+    Ok([
+        Some(v[0]),
+        Some(v[1]),
+        Some(v[2]),
+        Some(v[3]),
+        Some(data.len() as u64),
+        stripped_len,
+    ])
+}
+
+fn size() -> Result<()> {
+    use object::{Object, ObjectSection, ObjectSymbol, SectionKind};
+    std::fs::create_dir_all(work_dir())?;
+    let bin = &board::get().bin;
+    // The appliance image first, then the lab image (built last, so it stays what the target
+    // directory holds for the tests).
+    let product = build_firmware_with(false)?;
+    let product_elf = work_dir().join(format!("{bin}.appliance"));
+    std::fs::copy(&product, &product_elf)?;
+    let p = sections_of(
+        &product_elf,
+        &work_dir().join(format!("{bin}.appliance.stripped")),
+    )?;
+    let fw = build_firmware()?;
+    let l = sections_of(&fw, &work_dir().join(format!("{bin}.stripped")))?;
+    let data = std::fs::read(&fw)?;
+    let obj = object::File::parse(&*data)?;
+    let show = |v: Option<u64>| v.map_or("n/a (no strip)".to_string(), |v| v.to_string());
+    println!("{:<14} {:>14} {:>14}", "section", "lab image", "appliance");
+    println!("{:-<14} {:->14} {:->14}", "", "", "");
+    for (i, n) in ["text", "rodata", "data", "bss", "ELF (debug)", "stripped"]
+        .iter()
+        .enumerate()
+    {
+        println!("{n:<14} {:>14} {:>14}", show(l[i]), show(p[i]));
     }
-    println!("{:<14} {:>10}", "ELF (debug)", data.len());
-    println!("{:<14} {:>10}", "stripped", stripped_len);
+    println!(
+        "(lab: every job, what the tests and `cargo xtask run` boot; appliance: without the \
+         lab jobs (demo, bench, cost, logbench, cfs, fault, panic, hang, cs): \
+         `--no-default-features`)"
+    );
+    let (dat, bss) = (l[2].unwrap_or(0), l[3].unwrap_or(0));
 
     // Code and static RAM by the crate each symbol belongs to.
     let mut by_crate: std::collections::BTreeMap<String, [u64; 4]> = Default::default();
@@ -387,7 +424,10 @@ fn size() -> Result<()> {
         "{:<24} {:>9} {:>9} {:>9} {:>10}",
         "(symbols, total)", sum[0], sum[1], sum[2], sum[3]
     );
-    println!("static RAM (data + bss): {} KiB", (dat + bss) / 1024);
+    println!(
+        "static RAM (data + bss), lab image: {} KiB",
+        (dat + bss) / 1024
+    );
     Ok(())
 }
 

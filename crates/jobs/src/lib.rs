@@ -119,11 +119,11 @@ pub const NVME_OPTS: &[OptSpec] = &[
 
 /// Defines [`JOBS`] and the dispatch over it from one list, so they cannot drift.
 macro_rules! jobs {
-    ($( $name:literal => $run:path, $help:literal, [$($group:expr),* $(,)?]; )*) => {
+    ($( $(#[$m:meta])* $name:literal => $run:path, $help:literal, [$($group:expr),* $(,)?]; )*) => {
         /// Every job: name, help, options. Read by dispatch, the unknown-job message, and by
         /// xtask for `--help` and the flash job-line check.
         pub static JOBS: &[JobSpec] = &[$(
-            JobSpec { name: $name, help: $help, opts: &[$($group),*] },
+            $(#[$m])* JobSpec { name: $name, help: $help, opts: &[$($group),*] },
         )*];
 
         /// Runs the job `cl` names (its options already bound to its spec: see
@@ -132,7 +132,7 @@ macro_rules! jobs {
             match cl.job() {
                 // Each job in a frame of its own: inlined into one function, the jobs' stack
                 // frames (a reactor mesh is ~230 KiB) would add up in every job's call.
-                $( $name => {
+                $( $(#[$m])* $name => {
                     #[inline(never)]
                     fn job<'a, B: Board>(cl: &Cmdline<'a>, board: &B) -> JobResult<'a> {
                         $run(cl, board)
@@ -146,22 +146,31 @@ macro_rules! jobs {
 }
 
 jobs! {
+    #[cfg(feature = "lab")]
     "demo" => basic::demo, "what `cargo xtask run` runs: selftest on every namespace, then a 1 s bench", [];
     "boot" => basic::boot, "report cores, PCI devices and timer ticks; every core runs work", [basic::BOOT_OPTS];
+    #[cfg(feature = "lab")]
     "cost" => cost::cost, "nanoseconds per primitive (MMIO, clock, critical section, driver, reactor) here", [cost::OPTS, drives::ONE_DRIVE, NVME_OPTS];
+    #[cfg(feature = "lab")]
     "fault" => basic::fault, "raise a CPU exception on purpose", [basic::FAULT_OPTS];
+    #[cfg(feature = "lab")]
     "panic" => basic::panic, "panic on purpose", [basic::PANIC_OPTS];
+    #[cfg(feature = "lab")]
     "hang" => basic::hang, "spin forever (tests the host-side timeout)", [];
+    #[cfg(feature = "lab")]
     "cs" => basic::cs, "every core does non-atomic increments inside nested critical sections", [basic::CS_OPTS];
     "selftest" => nvme::selftest, "write, read back and verify every namespace and transfer shape, on every drive", [nvme::SELFTEST_OPTS, drives::ALL_DRIVES, NVME_OPTS];
     "scrub" => nvme::scrub, "CRC32C of a namespace range on every drive (for the host to compare with the images)", [nvme::RANGE_OPTS, drives::ALL_DRIVES, NVME_OPTS];
     "scan" => nvme::scan, "read (or write) a range; failing chunks bisected to the exact bad LBAs", [nvme::RANGE_OPTS, nvme::SCAN_OPTS, drives::ONE_DRIVE, NVME_OPTS];
+    #[cfg(feature = "lab")]
     "cfs" => nvme::cfs, "a queue at unmapped memory makes the controller fatal; reset, nothing lost", [nvme::CFS_OPTS, drives::ONE_DRIVE, NVME_OPTS];
+    #[cfg(feature = "lab")]
     "bench" => nvme::bench, "fio-like load: a queue pair per core, full stack, raw loop or device ceiling", [nvme::BENCH_OPTS, drives::ALL_DRIVES, NVME_OPTS];
     "oracle" => oracle::oracle, "the data oracle: mixed I/O on every core and drive; blocks say what they are; the host checks the images", [oracle::OPTS, drives::ALL_DRIVES, NVME_OPTS];
     "reactor" => reactor::run, "a reactor per core: cross-core I/O, queue-pair handoff and shutdown mid-I/O", [reactor::OPTS, drives::ONE_DRIVE, NVME_OPTS];
     "log" => wal::log, "append records to a write-ahead log on namespace 1, syncing every few", [wal::LOG_OPTS, wal::WAL_OPTS, drives::ONE_DRIVE, NVME_OPTS];
     "recover" => wal::recover, "recover the write-ahead log and verify every record", [wal::RECOVER_OPTS, wal::WAL_OPTS, drives::ONE_DRIVE, NVME_OPTS];
+    #[cfg(feature = "lab")]
     "logbench" => wal::logbench, "the writer against the raw queue pair: MB/s and bytes copied", [wal::LOGBENCH_OPTS, drives::ONE_DRIVE, NVME_OPTS];
 }
 

@@ -12,7 +12,7 @@
 //! other's index and uses it to address the buffer, so a corrupted index is an out-of-bounds
 //! access unless every use is range-checked (heapless uses `get_unchecked`), and a corrupted
 //! tail makes the consumer read a slot nobody wrote. Here nothing shared is an index, and a
-//! slot's value is an `Option` (never uninitialised memory). What a corrupted flag can do is
+//! slot's value is an option (`Held`: never uninitialised memory). What a corrupted flag can do is
 //! bounded and memory-safe:
 //!
 //! * a flag that reads "full" on a free slot: the producer stops there (backpressure), and the
@@ -21,7 +21,7 @@
 //!   next. Nothing is lost or reordered;
 //! * a flag cleared under a message: the consumer waits there and the producer overwrites the
 //!   message when it comes round (that message is lost; nothing is delivered twice, since
-//!   taking a value leaves `None` behind).
+//!   taking a value leaves the slot empty).
 //!
 //! Only a flag set by a stray write while the producer is writing that very slot could let
 //! both ends touch one value at once; no ring without a lock can rule that out.
@@ -42,11 +42,39 @@ pub struct Corrupt {
     pub slot: usize,
 }
 
+/// A slot's value: `Option<T>` with a tag of its own, so an empty slot is all zero bytes.
+///
+/// `Option<T>` would hide "none" in a spare value of `T`'s own tag (7 for the reactor's `Msg`),
+/// which makes every empty ring a non-zero constant: 32 KiB of them were copied out of
+/// `.rodata` each time a job built a mesh. `repr(u8)` gives the enum a plain `u8` tag with
+/// `Empty` = 0, so an empty ring is zeroed memory (`.bss`, or a `memset` on the stack).
+#[repr(u8)]
+enum Held<T> {
+    Empty = 0,
+    Full(T) = 1,
+}
+
+impl<T> Held<T> {
+    fn take(&mut self) -> Option<T> {
+        match core::mem::replace(self, Held::Empty) {
+            Held::Empty => None,
+            Held::Full(v) => Some(v),
+        }
+    }
+
+    fn as_ref(&self) -> Option<&T> {
+        match self {
+            Held::Empty => None,
+            Held::Full(v) => Some(v),
+        }
+    }
+}
+
 struct Slot<T> {
     /// Non-zero: the value is the consumer's. Zero: the slot is the producer's. (Any bit
     /// pattern is a valid `u8`, so even a corrupted flag can be loaded.)
     full: AtomicU8,
-    value: UnsafeCell<Option<T>>,
+    value: UnsafeCell<Held<T>>,
 }
 
 // SAFETY: a slot's value is only ever touched by the one `Producer` (writes, while `full` reads
@@ -63,7 +91,7 @@ impl<T> Slot<T> {
     const fn new() -> Self {
         Self {
             full: AtomicU8::new(0),
-            value: UnsafeCell::new(None),
+            value: UnsafeCell::new(Held::Empty),
         }
     }
 
@@ -71,7 +99,7 @@ impl<T> Slot<T> {
     fn new() -> Self {
         Self {
             full: AtomicU8::new(0),
-            value: UnsafeCell::new(None),
+            value: UnsafeCell::new(Held::Empty),
         }
     }
 }
@@ -173,7 +201,7 @@ impl<T> Producer<'_, T> {
             // above orders its take before this write) and will not touch it until our
             // Release store below; this end is the only writer (`&mut self`). `p` comes from
             // the cell and is valid for the slot's lifetime.
-            unsafe { *p = Some(value) }
+            unsafe { *p = Held::Full(value) }
         });
         // Release: the value written above is visible to the consumer that sees the flag.
         slot.full.store(1, Ordering::Release);
