@@ -1032,6 +1032,104 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             ],
         });
     }
+    // Namespace formats (QEMU's nvme-ns ms/mset/pi/pil). Protection information alone (8
+    // bytes) is used through PRACT, separate and extended, types 1, 2 (4 KiB LBAs) and 3: the
+    // selftest's every shape passes the device's guard and reference-tag checks and the host
+    // finds the pattern in each image. Metadata the I/O path cannot supply is refused with a
+    // typed error before anything reaches the device, and the image stays untouched.
+    let w = work.to_path_buf();
+    v.push(Case {
+        name: "formats: PI types 1/2/3 through PRACT (separate, extended, 4K), host checks images"
+            .into(),
+        vm: VmOpts {
+            drives: 4,
+            drive_shapes: vec![
+                "nsopt=ms=8,nsopt=pi=1".into(),
+                "nsopt=ms=8,nsopt=pi=2,lba=4096".into(),
+                "nsopt=ms=8,nsopt=mset=1,nsopt=pi=3".into(),
+                "nsopt=ms=8,nsopt=mset=1,nsopt=pi=1,nsopt=pil=1".into(),
+            ],
+            ..vm(2)
+        },
+        cmdline: "selftest",
+        expect_pass: true,
+        expect_timeout: false,
+        checks: vec![
+            (
+                "each PI type seen",
+                Box::new(|o: &Outcome| {
+                    o.count("format Pract(Type1)") >= 2
+                        && o.has("format Pract(Type2)")
+                        && o.has("format Pract(Type3)")
+                }),
+            ),
+            (
+                "every shape on every drive",
+                Box::new(|o: &Outcome| {
+                    o.count("9 checks passed on 1 namespaces") == 4
+                        && o.has("checks passed on 4 drives")
+                }),
+            ),
+            (
+                "each image holds its selftest pattern",
+                Box::new(move |_o: &Outcome| {
+                    (0..4).all(|d| selftest_pattern_on_disk(&w, d).unwrap_or(false))
+                }),
+            ),
+        ],
+    });
+    let w = work.to_path_buf();
+    v.push(Case {
+        name: "formats: metadata Keel cannot supply is refused, typed; other drives go on".into(),
+        vm: VmOpts {
+            drives: 3,
+            drive_shapes: vec![
+                "ns=2,nsopt=ms=8".into(),
+                "nsopt=ms=16,nsopt=mset=1".into(),
+                "ns=1".into(),
+            ],
+            ..vm(2)
+        },
+        cmdline: "selftest",
+        expect_pass: true,
+        expect_timeout: false,
+        checks: vec![
+            (
+                "separate metadata: MetadataRequired, twice",
+                Box::new(|o: &Outcome| {
+                    o.count("format SeparateMetadata | I/O refused: MetadataRequired | ok") == 2
+                }),
+            ),
+            (
+                "extended metadata: UnsupportedFormat",
+                Box::new(|o: &Outcome| {
+                    o.count("format ExtendedMetadata | I/O refused: UnsupportedFormat | ok") == 1
+                }),
+            ),
+            (
+                "nothing reached those devices",
+                Box::new(|o: &Outcome| o.count("queue stats QueueStats { submitted_cmds: 0,") == 2),
+            ),
+            (
+                "the plain drive passes every shape",
+                Box::new(|o: &Outcome| o.has("checks passed on 3 drives")),
+            ),
+            (
+                "refused namespaces' images untouched; the plain one written",
+                Box::new(move |_o: &Outcome| {
+                    let zero = |d, ns| {
+                        std::fs::read(qemu::ns_image(&w, d, ns))
+                            .map(|b| b.iter().all(|&x| x == 0))
+                            .unwrap_or(false)
+                    };
+                    zero(0, 1)
+                        && zero(0, 2)
+                        && zero(1, 1)
+                        && selftest_pattern_on_disk(&w, 2).unwrap_or(false)
+                }),
+            ),
+        ],
+    });
     // The data oracle: mixed I/O at depth on every core and drive, writes failing at chosen
     // LBAs on drive 0 (blkdebug); the host checks every block of both images against the
     // record of acknowledged writes the firmware printed.

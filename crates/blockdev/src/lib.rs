@@ -164,6 +164,12 @@ pub enum SubmitError {
     Unsupported,
     /// The device has failed or is being reset; no new work is accepted until it recovers.
     DeviceUnavailable,
+    /// The namespace keeps metadata in a separate buffer and this operation supplies none
+    /// (sending it would let the device DMA metadata at bus address 0).
+    MetadataRequired,
+    /// The namespace's format (e.g. metadata interleaved with the data) is one this driver
+    /// cannot do I/O on; the device's other namespaces are unaffected.
+    UnsupportedFormat,
 }
 
 /// Why an accepted operation failed.

@@ -121,6 +121,41 @@ fn selftest_drive<'a, B: Board>(
     }
     let mut checks = 0;
     for ns in &namespaces {
+        if let Some(refusal) = ns.format.refusal() {
+            // A format this I/O path cannot use: the refusal must be the typed one, before
+            // anything reaches the device, and the drive's other namespaces go on.
+            let buf = keel_blockdev::BufRef::new(&rbuf, 0, ns.block_size as usize)
+                .map_err(|_| JobError::Failed("DMA buffer"))?;
+            let read = BlockOp::Read {
+                ns: ns.nsid,
+                lba: 0,
+                blocks: 1,
+                buf,
+            };
+            match storage::sync_op(&mut qp, clock, read) {
+                Err(storage::StorageError::Submit(e)) if e == refusal => {
+                    checks += 1;
+                    keel_log::info!(
+                        "selftest drive {=usize} ns {=u32} | format {} | I/O refused: {} | ok",
+                        d.index,
+                        ns.nsid,
+                        ns.format,
+                        e
+                    );
+                    continue;
+                }
+                other => {
+                    keel_log::error!(
+                        "selftest ns {=u32} | format {} | expected refusal {}, got {}",
+                        ns.nsid,
+                        ns.format,
+                        refusal,
+                        other
+                    );
+                    return Err(JobError::Failed("selftest: unusable format not refused"));
+                }
+            }
+        }
         let bs = ns.block_size as usize;
         let blocks_of = |bytes: usize| bytes.div_ceil(bs) as u32;
         let shapes = [
@@ -156,10 +191,11 @@ fn selftest_drive<'a, B: Board>(
             },
         ];
         keel_log::info!(
-            "selftest drive {=usize} ns {=u32} ({=u32} B blocks, max transfer {=usize} KiB):",
+            "selftest drive {=usize} ns {=u32} ({=u32} B blocks, format {}, max transfer {=usize} KiB):",
             d.index,
             ns.nsid,
             ns.block_size,
+            ns.format,
             max_transfer / 1024
         );
         for s in &shapes {

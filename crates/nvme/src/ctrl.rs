@@ -81,8 +81,83 @@ pub struct Namespace {
     pub blocks: u64,
     /// Logical block (LBA data) size in bytes.
     pub block_size: u32,
-    /// Metadata bytes per block (separate buffer, unused by Keel).
+    /// Metadata bytes per block (0: none).
     pub metadata: u16,
+    /// How data-only I/O (a buffer of `blocks * block_size` bytes, no metadata buffer) is done
+    /// on this namespace, or why it is refused.
+    pub format: NsFormat,
+}
+
+impl Namespace {
+    /// Blocks without metadata: the driver's one-pass path takes I/O to it.
+    #[inline(always)]
+    pub fn is_plain(&self) -> bool {
+        matches!(self.format, NsFormat::Plain)
+    }
+}
+
+/// End-to-end protection type (Identify Namespace DPS bits 2:0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum PiType {
+    /// Type 1: the reference tag is the LBA's low 32 bits.
+    Type1,
+    /// Type 2: the reference tag starts at the command's initial reference tag.
+    Type2,
+    /// Type 3: no reference tag.
+    Type3,
+}
+
+/// What the driver does with a namespace's format for data-only I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum NsFormat {
+    /// No metadata: plain reads and writes.
+    Plain,
+    /// The metadata is protection information alone (8 bytes: 16-bit guard): every read and
+    /// write sets PRACT, so the controller generates the guard and tags on writes and checks
+    /// and strips them on reads (PRCHK: guard, and the reference tag = LBA for types 1 and 2);
+    /// no metadata crosses the bus (the same for separate and extended LBAs). A check failure
+    /// completes with an end-to-end status (`IoError` with the device's status).
+    Pract(PiType),
+    /// Metadata lives in a separate buffer (MPTR) that this I/O path does not supply: I/O is
+    /// refused with [`SubmitError::MetadataRequired`](keel_blockdev::SubmitError), never sent
+    /// with MPTR = 0 (the device would DMA metadata at bus address 0).
+    SeparateMetadata,
+    /// Metadata interleaved with the data (extended LBAs) beyond protection information
+    /// alone: refused with [`SubmitError::UnsupportedFormat`](keel_blockdev::SubmitError).
+    ExtendedMetadata,
+}
+
+impl NsFormat {
+    /// CDW12's PRCHK bits (28:26: guard, application tag, reference tag).
+    pub const PRCHK_MASK: u32 = 0b111 << 26;
+
+    /// PRINFO bits for CDW12 of a read, write or write zeroes (PRACT, PRCHK), and whether
+    /// CDW14 (initial reference tag) must carry the LBA.
+    #[inline]
+    pub fn prinfo(self) -> (u32, bool) {
+        const PRACT: u32 = 1 << 29;
+        const PRCHK_GUARD: u32 = 1 << 28;
+        const PRCHK_REF: u32 = 1 << 26;
+        match self {
+            NsFormat::Pract(PiType::Type1 | PiType::Type2) => {
+                (PRACT | PRCHK_GUARD | PRCHK_REF, true)
+            }
+            NsFormat::Pract(PiType::Type3) => (PRACT | PRCHK_GUARD, false),
+            _ => (0, false),
+        }
+    }
+
+    /// The refusal for data-only I/O, if any.
+    #[inline]
+    pub fn refusal(self) -> Option<keel_blockdev::SubmitError> {
+        match self {
+            NsFormat::SeparateMetadata => Some(keel_blockdev::SubmitError::MetadataRequired),
+            NsFormat::ExtendedMetadata => Some(keel_blockdev::SubmitError::UnsupportedFormat),
+            _ => None,
+        }
+    }
 }
 
 /// What Identify Controller said, in usable form.
@@ -560,12 +635,21 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             if id.nsze.get() == 0 && !Vs::from_bits(self.info.version).at_least(1, 1) {
                 continue; // inactive namespace on a pre-1.1 controller
             }
-            let ns = parse_namespace(nsid, &id)?;
+            let ns = match parse_namespace(nsid, &id) {
+                Ok(ns) => ns,
+                Err(e) => {
+                    // One namespace the driver cannot use leaves the others usable.
+                    keel_log::warn!("nvme: ns {} skipped: {}", nsid, e);
+                    continue;
+                }
+            };
             keel_log::info!(
-                "nvme: ns {} blocks {} bs {}",
+                "nvme: ns {} blocks {} bs {} metadata {} format {}",
                 ns.nsid,
                 ns.blocks,
-                ns.block_size
+                ns.block_size,
+                ns.metadata,
+                ns.format
             );
             let _ = self.namespaces.push(ns);
         }
@@ -855,9 +939,24 @@ pub fn parse_namespace(nsid: u32, id: &spec::IdentifyNamespace) -> Result<Namesp
         return bad(BadIdentify::LbaSize);
     }
     let ms = lbaf.ms.get();
-    if ms != 0 && flbas & 0x10 != 0 {
-        return bad(BadIdentify::ExtendedMetadata);
-    }
+    let extended = flbas & 0x10 != 0;
+    let pi = match id.dps & 0x7 {
+        0 => None,
+        1 => Some(PiType::Type1),
+        2 => Some(PiType::Type2),
+        3 => Some(PiType::Type3),
+        _ => return bad(BadIdentify::ProtectionType),
+    };
+    // Protection information takes 8 bytes (16-bit guard) of the metadata; with PRACT and
+    // metadata that is PI alone, no metadata is transferred (NVMe 1.4 8.3.1.1; QEMU's
+    // nvme_dif_rw), separate or extended alike.
+    let format = match (ms, pi) {
+        (0, None) => NsFormat::Plain,
+        (0, Some(_)) => return bad(BadIdentify::ProtectionType),
+        (8, Some(t)) => NsFormat::Pract(t),
+        (_, _) if extended => NsFormat::ExtendedMetadata,
+        _ => NsFormat::SeparateMetadata,
+    };
     let nsze = id.nsze.get();
     let ncap = id.ncap.get();
     let block_size = 1u32 << lbaf.lbads;
@@ -869,6 +968,7 @@ pub fn parse_namespace(nsid: u32, id: &spec::IdentifyNamespace) -> Result<Namesp
         blocks: nsze,
         block_size,
         metadata: ms,
+        format,
     })
 }
 
@@ -924,8 +1024,50 @@ mod tests {
             e(ns(0, 0, &[12], u64::MAX / 2, 1)),
             NvmeError::BadIdentify(NamespaceSize)
         );
-        let mut ext = ns(0, 0x10, &[9], 8, 8);
-        ext.lbaf[0].ms.set(8);
-        assert_eq!(e(ext), NvmeError::BadIdentify(ExtendedMetadata));
+        let mut pi_without_metadata = ns(0, 0, &[9], 8, 8);
+        pi_without_metadata.dps = 1;
+        assert_eq!(
+            e(pi_without_metadata),
+            NvmeError::BadIdentify(ProtectionType)
+        );
+        let mut pi_type_7 = ns(0, 0, &[9], 8, 8);
+        pi_type_7.lbaf[0].ms.set(8);
+        pi_type_7.dps = 7;
+        assert_eq!(e(pi_type_7), NvmeError::BadIdentify(ProtectionType));
+    }
+
+    /// Each metadata / protection combination gets the format the I/O path needs: PRACT only
+    /// where the metadata is PI alone, a refusal where a metadata buffer would be needed
+    /// (never MPTR = 0), and extended LBAs beyond PI refused for this namespace alone.
+    #[test]
+    fn metadata_and_protection_formats() {
+        let format = |flbas: u8, ms: u16, dps: u8| {
+            let mut id = ns(0, flbas, &[9], 8, 8);
+            id.lbaf[0].ms.set(ms);
+            id.dps = dps;
+            parse_namespace(1, &id).map(|n| n.format)
+        };
+        assert_eq!(format(0, 0, 0), Ok(NsFormat::Plain));
+        assert_eq!(format(0, 8, 1), Ok(NsFormat::Pract(PiType::Type1)));
+        assert_eq!(format(0x10, 8, 2), Ok(NsFormat::Pract(PiType::Type2)));
+        assert_eq!(format(0, 8, 3 | 0x8), Ok(NsFormat::Pract(PiType::Type3)));
+        assert_eq!(format(0, 8, 0), Ok(NsFormat::SeparateMetadata));
+        assert_eq!(format(0, 16, 1), Ok(NsFormat::SeparateMetadata));
+        assert_eq!(format(0x10, 8, 0), Ok(NsFormat::ExtendedMetadata));
+        assert_eq!(format(0x10, 16, 1), Ok(NsFormat::ExtendedMetadata));
+        assert_eq!(
+            NsFormat::Pract(PiType::Type1).prinfo(),
+            (0x1400_0000 | 1 << 29, true)
+        );
+        assert_eq!(
+            NsFormat::Pract(PiType::Type3).prinfo(),
+            (1 << 29 | 1 << 28, false)
+        );
+        assert_eq!(NsFormat::Plain.prinfo(), (0, false));
+        assert_eq!(
+            NsFormat::SeparateMetadata.refusal(),
+            Some(keel_blockdev::SubmitError::MetadataRequired)
+        );
+        assert_eq!(NsFormat::Pract(PiType::Type2).refusal(), None);
     }
 }

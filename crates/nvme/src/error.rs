@@ -25,8 +25,11 @@ pub enum BadIdentify {
     LbaFormatIndex,
     /// LBA data size outside 512 B ..= 64 KiB.
     LbaSize,
-    /// Extended LBAs (metadata interleaved with data) are not supported.
+    /// Extended LBAs (metadata interleaved with data) are not supported. (No longer returned:
+    /// such a namespace is kept with [`NsFormat::ExtendedMetadata`](crate::NsFormat).)
     ExtendedMetadata,
+    /// DPS names a protection type past 3, or protection without metadata to hold it.
+    ProtectionType,
     /// NSZE is 0, or NCAP > NSZE, or the byte size overflows.
     NamespaceSize,
     /// An active NSID is 0, above NN, or the list is not increasing.

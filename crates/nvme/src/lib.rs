@@ -70,8 +70,8 @@ pub mod qpair;
 pub mod spec;
 
 pub use ctrl::{
-    parse_namespace, AdminStats, Config, Controller, ControllerInfo, Namespace, MAX_IO_DEPTH,
-    MAX_IO_QUEUES, MAX_NAMESPACES,
+    parse_namespace, AdminStats, Config, Controller, ControllerInfo, Namespace, NsFormat, PiType,
+    MAX_IO_DEPTH, MAX_IO_QUEUES, MAX_NAMESPACES,
 };
 pub use error::{BadIdentify, NvmeError, Step};
 pub use qpair::{IoQueuePair, QueueStats, MAX_COMMANDS};

@@ -6,7 +6,7 @@ use heapless::{Deque, Vec};
 use keel_blockdev::{BlockOp, BlockQueue, IoError, NsId, OnDone, SubmitError};
 use keel_hal::{Clock, DmaAllocator, DmaRegion, Mmio};
 
-use crate::ctrl::{Config, Namespace, MAX_NAMESPACES};
+use crate::ctrl::{Config, Namespace, NsFormat, MAX_NAMESPACES};
 use crate::error::NvmeError;
 use crate::prp;
 use crate::spec::{self, io_op, CqEntry, DsmRange, SqEntry, Status, PAGE_SIZE};
@@ -705,11 +705,16 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             io_op::READ | io_op::WRITE => {
                 let prp = prp::build(s.buf, s.len as usize, &self.prp, list_off, self.list_pages)?;
                 e = SqEntry::read_write(s.opcode, cid, s.nsid, s.slba, s.nlb, prp);
+                self.protect(&mut e, s);
             }
             io_op::WRITE_ZEROES => {
                 e.cdw10 = s.slba as u32;
                 e.cdw11 = (s.slba >> 32) as u32;
                 e.cdw12 = s.nlb - 1;
+                self.protect(&mut e, s);
+                // Write Zeroes with PRACT: the controller writes PI for the zeroes; a PRCHK
+                // there is an Invalid Protection Information error (nothing to check).
+                e.cdw12 &= !NsFormat::PRCHK_MASK;
             }
             io_op::DATASET_MANAGEMENT => {
                 let range = DsmRange {
@@ -727,6 +732,18 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             _ => {}
         }
         Ok(e)
+    }
+
+    /// Protection information for a read, write or write zeroes on a PI namespace: PRACT and
+    /// PRCHK in CDW12, and the reference tag (the part's LBA) in CDW14 where the type wants it.
+    fn protect(&self, e: &mut SqEntry, s: &SlotRec) {
+        if let Some(ns) = self.ns(s.nsid).filter(|ns| !ns.is_plain()) {
+            let (prinfo, reftag) = ns.format.prinfo();
+            e.cdw12 |= prinfo;
+            if reftag {
+                e.cdw14 = s.slba as u32;
+            }
+        }
     }
 
     /// Writes slot `i`'s command at SQ position `pos` (not yet visible to the device).
@@ -1011,6 +1028,9 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             return Err(SubmitError::DeviceUnavailable);
         }
         let ns = self.ns(op.ns()).ok_or(SubmitError::InvalidNamespace)?;
+        if let Some(refused) = ns.format.refusal() {
+            return Err(refused);
+        }
         let bs = ns.block_size as u64;
         // (opcode, lba, blocks, buffer, blocks per command)
         let (opcode, lba, blocks, buf, per_cmd) = match op {
@@ -1175,6 +1195,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         let len = blocks as u64 * ns.block_size as u64;
         let addr = buf.bus_addr();
         if ns.nsid != nsid
+            || !ns.is_plain()
             || self.failed
             || Self::check_range(ns, lba, blocks).is_err()
             || buf.len() as u64 != len
