@@ -1080,6 +1080,32 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
     });
     let w = work.to_path_buf();
     v.push(Case {
+        name: "20 namespaces on one controller, host checks images 1, 17 and 20".into(),
+        vm: VmOpts {
+            namespaces: 20,
+            disk_size: "16M".into(),
+            ..vm(2)
+        },
+        cmdline: "selftest",
+        expect_pass: true,
+        expect_timeout: false,
+        checks: vec![
+            (
+                "all 20 used",
+                Box::new(|o: &Outcome| o.has("checks passed on 20 namespaces")),
+            ),
+            (
+                "images hold their own namespace's pattern",
+                Box::new(move |_o: &Outcome| {
+                    [1, 17, 20]
+                        .iter()
+                        .all(|&ns| selftest_pattern_in(&w, 0, ns).unwrap_or(false))
+                }),
+            ),
+        ],
+    });
+    let w = work.to_path_buf();
+    v.push(Case {
         name: "formats: metadata Keel cannot supply is refused, typed; other drives go on".into(),
         vm: VmOpts {
             drives: 3,
@@ -1220,7 +1246,12 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
 /// byte for byte, as the firmware's pattern function defines it (the image's LBA size is
 /// told by its size: 64 MiB images of 512 B or 4 KiB blocks, found by trying both).
 fn selftest_pattern_on_disk(work: &std::path::Path, d: usize) -> Result<bool> {
-    let img = std::fs::read(qemu::ns_image(work, d, 1))?;
+    selftest_pattern_in(work, d, 1)
+}
+
+/// [`selftest_pattern_on_disk`] for namespace `ns`.
+fn selftest_pattern_in(work: &std::path::Path, d: usize, ns: u32) -> Result<bool> {
+    let img = std::fs::read(qemu::ns_image(work, d, ns))?;
     let seed = 0x6b65_656c_u64;
     let ok = |bs: usize| {
         let lba = 8192u64;
@@ -1228,7 +1259,7 @@ fn selftest_pattern_on_disk(work: &std::path::Path, d: usize) -> Result<bool> {
         (0..blocks).all(|b| {
             let at = (lba as usize + b) * bs;
             (0..bs).step_by(8).all(|off| {
-                let want = keel_jobs::storage::pattern(1, lba + b as u64, off, seed ^ lba);
+                let want = keel_jobs::storage::pattern(ns, lba + b as u64, off, seed ^ lba);
                 img.get(at + off..at + off + 8) == Some(&want.to_le_bytes()[..])
             })
         })

@@ -110,7 +110,7 @@ fn selftest_drive<'a, B: Board>(
     let big = (2 * max_transfer + 64 * 1024).max(2 * 1024 * 1024 + 8192);
     let wbuf = storage::dma(p.dma(), big + 8192).map_err(fail("DMA pool exhausted"))?;
     let rbuf = storage::dma(p.dma(), big + 8192).map_err(fail("DMA pool exhausted"))?;
-    let namespaces: heapless::Vec<_, 16> = d
+    let namespaces: heapless::Vec<_, { keel_nvme::MAX_NAMESPACES }> = d
         .namespaces
         .iter()
         .copied()

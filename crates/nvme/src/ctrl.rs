@@ -14,7 +14,7 @@ use crate::spec::{
 };
 
 /// Most namespaces a [`Controller`] keeps (extra active namespaces are ignored with a warning).
-pub const MAX_NAMESPACES: usize = 16;
+pub const MAX_NAMESPACES: usize = 64;
 /// Highest I/O queue id Keel uses.
 pub const MAX_IO_QUEUES: u16 = 64;
 /// Largest I/O queue depth Keel creates (leaves at least 4 generation bits in each CID).
