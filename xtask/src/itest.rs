@@ -1106,6 +1106,46 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
     });
     let w = work.to_path_buf();
     v.push(Case {
+        name: "zoned namespaces: command set found, I/O refused typed; the other drive goes on"
+            .into(),
+        vm: VmOpts {
+            drives: 2,
+            drive_shapes: vec![
+                "ns=2,nsopt=zoned=true,nsopt=zoned.zone_size=4M".into(),
+                "ns=1".into(),
+            ],
+            ..vm(2)
+        },
+        cmdline: "selftest",
+        expect_pass: true,
+        expect_timeout: false,
+        checks: vec![
+            (
+                "both zoned namespaces named and refused",
+                Box::new(|o: &Outcome| {
+                    o.count("uses I/O command set 2 (zoned)") == 2
+                        && o.count("format CommandSet(2) | I/O refused: UnsupportedFormat | ok")
+                            == 2
+                }),
+            ),
+            (
+                "zoned images untouched, the plain drive written",
+                Box::new(move |o: &Outcome| {
+                    let zero = |ns| {
+                        std::fs::read(qemu::ns_image(&w, 0, ns))
+                            .map(|b| b.iter().all(|&x| x == 0))
+                            .unwrap_or(false)
+                    };
+                    o.has("checks passed on 2 drives")
+                        && zero(1)
+                        && zero(2)
+                        && selftest_pattern_on_disk(&w, 1).unwrap_or(false)
+                }),
+            ),
+        ],
+    });
+    let w = work.to_path_buf();
+    v.push(Case {
         name: "formats: metadata Keel cannot supply is refused, typed; other drives go on".into(),
         vm: VmOpts {
             drives: 3,

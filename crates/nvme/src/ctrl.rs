@@ -127,6 +127,9 @@ pub enum NsFormat {
     /// Metadata interleaved with the data (extended LBAs) beyond protection information
     /// alone: refused with [`SubmitError::UnsupportedFormat`](keel_blockdev::SubmitError).
     ExtendedMetadata,
+    /// An I/O command set other than NVM (the CSI; 2 = zoned): refused with
+    /// [`SubmitError::UnsupportedFormat`](keel_blockdev::SubmitError).
+    CommandSet(u8),
 }
 
 impl NsFormat {
@@ -154,7 +157,9 @@ impl NsFormat {
     pub fn refusal(self) -> Option<keel_blockdev::SubmitError> {
         match self {
             NsFormat::SeparateMetadata => Some(keel_blockdev::SubmitError::MetadataRequired),
-            NsFormat::ExtendedMetadata => Some(keel_blockdev::SubmitError::UnsupportedFormat),
+            NsFormat::ExtendedMetadata | NsFormat::CommandSet(_) => {
+                Some(keel_blockdev::SubmitError::UnsupportedFormat)
+            }
             _ => None,
         }
     }
@@ -258,6 +263,8 @@ pub struct Controller<M: Mmio, C: Clock> {
     scratch: DmaRegion,
     info: ControllerInfo,
     namespaces: Vec<Namespace, MAX_NAMESPACES>,
+    /// Active namespaces whose identify data the driver cannot use, with the reason.
+    skipped: Vec<(u32, BadIdentify), 8>,
     shadow: Option<Shadow>,
     /// The I/O queue pairs that exist on the device.
     live: QidSet,
@@ -327,6 +334,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             scratch,
             info,
             namespaces: Vec::new(),
+            skipped: Vec::new(),
             shadow: None,
             live: QidSet::ZERO,
             failed: false,
@@ -374,6 +382,12 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
     /// The active namespaces the driver uses (at most [`MAX_NAMESPACES`]).
     pub fn namespaces(&self) -> &[Namespace] {
         &self.namespaces
+    }
+
+    /// Active namespaces left out because their identify data is unusable, with the reason
+    /// (the first 8; each is also logged).
+    pub fn skipped_namespaces(&self) -> &[(u32, BadIdentify)] {
+        &self.skipped
     }
 
     /// The namespace with this NSID, if active.
@@ -603,6 +617,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
 
     fn scan_namespaces(&mut self) -> Result<(), NvmeError> {
         self.namespaces.clear();
+        self.skipped.clear();
         let mut ids: Vec<u32, MAX_NAMESPACES> = Vec::new();
         if Vs::from_bits(self.info.version).at_least(1, 1) {
             self.identify_raw(cns::ACTIVE_NS_LIST, 0)?;
@@ -636,10 +651,34 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
                 continue; // inactive namespace on a pre-1.1 controller
             }
             let ns = match parse_namespace(nsid, &id) {
-                Ok(ns) => ns,
+                Ok(ns) => match self.command_set(nsid)? {
+                    spec::csi::NVM => ns,
+                    other => {
+                        // Identify Namespace reads the same for every command set, but I/O
+                        // to a zoned namespace must follow its zones: refused, typed, until
+                        // the driver speaks that command set.
+                        keel_log::warn!(
+                            "nvme: ns {} uses I/O command set {=u8} ({=str}): I/O refused",
+                            nsid,
+                            other,
+                            if other == spec::csi::ZONED {
+                                "zoned"
+                            } else {
+                                "unknown"
+                            }
+                        );
+                        Namespace {
+                            format: NsFormat::CommandSet(other),
+                            ..ns
+                        }
+                    }
+                },
                 Err(e) => {
                     // One namespace the driver cannot use leaves the others usable.
                     keel_log::warn!("nvme: ns {} skipped: {}", nsid, e);
+                    if let NvmeError::BadIdentify(why) = e {
+                        let _ = self.skipped.push((nsid, why));
+                    }
                     continue;
                 }
             };
@@ -654,6 +693,33 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             let _ = self.namespaces.push(ns);
         }
         Ok(())
+    }
+
+    /// The I/O command set of namespace `nsid`, from its identification descriptors (NVMe
+    /// 1.3+; a controller that fails the command or lists no CSI descriptor: NVM). The list is
+    /// walked within the page, whatever lengths it claims.
+    fn command_set(&mut self, nsid: u32) -> Result<u8, NvmeError> {
+        if !Vs::from_bits(self.info.version).at_least(1, 3) {
+            return Ok(spec::csi::NVM);
+        }
+        match self.identify_raw(cns::NS_DESCRIPTORS, nsid) {
+            Ok(()) => {}
+            Err(NvmeError::AdminStatus { .. }) => return Ok(spec::csi::NVM),
+            Err(e) => return Err(e),
+        }
+        let mut off = 0;
+        while off + 4 < PAGE_SIZE {
+            let [kind, len, _, _]: [u8; 4] = self.scratch.read(off)?;
+            if kind == 0 {
+                break;
+            }
+            if kind == spec::nidt::CSI && len == 1 {
+                let [csi]: [u8; 1] = self.scratch.read(off + 4)?;
+                return Ok(csi);
+            }
+            off += 4 + len as usize;
+        }
+        Ok(spec::csi::NVM)
     }
 
     fn negotiate_queues(&mut self) -> Result<(), NvmeError> {

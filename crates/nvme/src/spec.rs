@@ -447,6 +447,22 @@ pub mod cns {
     pub const CONTROLLER: u32 = 0x01;
     /// Active Namespace ID list.
     pub const ACTIVE_NS_LIST: u32 = 0x02;
+    /// Namespace Identification Descriptor list (for one NSID; NVMe 1.3+).
+    pub const NS_DESCRIPTORS: u32 = 0x03;
+}
+
+/// Namespace Identification Descriptor types (NIDT).
+pub mod nidt {
+    /// Command Set Identifier (CSI), one byte: 0 = NVM, 2 = Zoned Namespace.
+    pub const CSI: u8 = 0x04;
+}
+
+/// I/O command set identifiers (CSI).
+pub mod csi {
+    /// The NVM command set.
+    pub const NVM: u8 = 0x00;
+    /// The Zoned Namespace command set.
+    pub const ZONED: u8 = 0x02;
 }
 
 /// Feature identifiers.
