@@ -1066,7 +1066,8 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             (
                 "every shape on every drive",
                 Box::new(|o: &Outcome| {
-                    o.count("9 checks passed on 1 namespaces") == 4
+                    o.count("(PRP list) | lba 8192 | blocks") == 4
+                        && o.count("write zeroes, read back zeroes") == 4
                         && o.has("checks passed on 4 drives")
                 }),
             ),
@@ -1146,6 +1147,50 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
     });
     let w = work.to_path_buf();
     v.push(Case {
+        name: "metadata buffers: separate metadata, PI computed by Keel (types 1/3, first/last, 4K); host checks data, metadata and PI"
+            .into(),
+        vm: VmOpts {
+            drives: 4,
+            drive_shapes: vec![
+                "nsopt=ms=8".into(),
+                "nsopt=ms=8,nsopt=pi=1".into(),
+                "nsopt=ms=16,nsopt=pi=1".into(),
+                "nsopt=ms=16,nsopt=pi=3,nsopt=pil=1,lba=4096".into(),
+            ],
+            ..vm(2)
+        },
+        cmdline: "selftest",
+        expect_pass: true,
+        expect_timeout: false,
+        checks: vec![
+            (
+                "every round trip, PI on three",
+                Box::new(|o: &Outcome| {
+                    o.count("| round trip | ok") == 4
+                        && o.count("PI computed by Keel | round trip | ok") == 3
+                        && o.count("bad guard refused by the device") == 3
+                }),
+            ),
+            (
+                "host: each image's data, metadata and PI tuples",
+                Box::new(move |_o: &Outcome| {
+                    use keel_nvme::PiType::{Type1, Type3};
+                    [
+                        (0, 512, 8, None, 0),
+                        (1, 512, 8, Some(Type1), 0),
+                        (2, 512, 16, Some(Type1), 8),
+                        (3, 4096, 16, Some(Type3), 0),
+                    ]
+                    .iter()
+                    .all(|&(d, bs, ms, pi, at)| {
+                        metadata_on_disk(&w, d, bs, ms, pi, at).unwrap_or(false)
+                    })
+                }),
+            ),
+        ],
+    });
+    let w = work.to_path_buf();
+    v.push(Case {
         name: "formats: metadata Keel cannot supply is refused, typed; other drives go on".into(),
         vm: VmOpts {
             drives: 3,
@@ -1173,23 +1218,25 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
                 }),
             ),
             (
-                "nothing reached those devices",
-                Box::new(|o: &Outcome| o.count("queue stats QueueStats { submitted_cmds: 0,") == 2),
+                "nothing reached the extended one; data-only I/O nowhere",
+                Box::new(|o: &Outcome| {
+                    o.count("queue stats QueueStats { submitted_cmds: 0,") == 1
+                        && o.count("metadata 8 B per block | round trip | ok") == 2
+                }),
             ),
             (
                 "the plain drive passes every shape",
                 Box::new(|o: &Outcome| o.has("checks passed on 3 drives")),
             ),
             (
-                "refused namespaces' images untouched; the plain one written",
+                "the extended namespace's image untouched; the others written",
                 Box::new(move |_o: &Outcome| {
                     let zero = |d, ns| {
                         std::fs::read(qemu::ns_image(&w, d, ns))
                             .map(|b| b.iter().all(|&x| x == 0))
                             .unwrap_or(false)
                     };
-                    zero(0, 1)
-                        && zero(0, 2)
+                    metadata_on_disk(&w, 0, 512, 8, None, 0).unwrap_or(false)
                         && zero(1, 1)
                         && selftest_pattern_on_disk(&w, 2).unwrap_or(false)
                 }),
@@ -1287,6 +1334,66 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
 /// told by its size: 64 MiB images of 512 B or 4 KiB blocks, found by trying both).
 fn selftest_pattern_on_disk(work: &std::path::Path, d: usize) -> Result<bool> {
     selftest_pattern_in(work, d, 1)
+}
+
+/// The host's check of the selftest's metadata round trip on namespace 1 of drive `d` (LBA
+/// size `bs`, metadata `ms` bytes per block, protection `pi` with its tuple at `pi_offset`):
+/// QEMU keeps the data first and every block's metadata after all the data, so the image
+/// holds the 4 KiB written at `METADATA_LBA`, and its metadata — the pattern bytes, or with
+/// PI a tuple whose guard, application tag and reference tag the host recomputes.
+fn metadata_on_disk(
+    work: &std::path::Path,
+    d: usize,
+    bs: u32,
+    ms: u16,
+    pi: Option<keel_nvme::PiType>,
+    pi_offset: u16,
+) -> Result<bool> {
+    use keel_jobs::nvme::{metadata_byte, METADATA_LBA, METADATA_SEED, SELFTEST_APP_TAG};
+    let img = std::fs::read(qemu::ns_image(work, d, 1))?;
+    let nlbas = img.len() as u64 / (bs as u64 + ms as u64);
+    let blocks = 4096 / bs;
+    let at = (METADATA_LBA * bs as u64) as usize;
+    let data = img.get(at..at + 4096).context("image too short")?;
+    let data_ok = data.chunks_exact(8).enumerate().all(|(i, w)| {
+        let off = i * 8;
+        let want = keel_jobs::storage::pattern(
+            1,
+            METADATA_LBA + (off / bs as usize) as u64,
+            off % bs as usize,
+            METADATA_SEED,
+        );
+        w == want.to_le_bytes()
+    });
+    let mat = (nlbas * bs as u64 + METADATA_LBA * ms as u64) as usize;
+    let meta = img
+        .get(mat..mat + blocks as usize * ms as usize)
+        .context("image too short for the metadata")?;
+    let ns = keel_nvme::Namespace {
+        nsid: 1,
+        blocks: nlbas,
+        block_size: bs,
+        metadata: ms,
+        format: keel_nvme::NsFormat::SeparateMetadata,
+        extended: false,
+        pi,
+        pi_offset,
+    };
+    let meta_ok = match pi {
+        Some(_) => {
+            keel_nvme::pi::verify(&ns, METADATA_LBA, blocks, SELFTEST_APP_TAG, data, meta).is_ok()
+                && meta.chunks_exact(ms as usize).enumerate().all(|(b, m)| {
+                    (0..ms as usize)
+                        .filter(|&i| i < pi_offset as usize || i >= pi_offset as usize + 8)
+                        .all(|i| m[i] == metadata_byte(1, b * ms as usize + i))
+                })
+        }
+        None => meta
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == metadata_byte(1, i)),
+    };
+    Ok(data_ok && meta_ok)
 }
 
 /// [`selftest_pattern_on_disk`] for namespace `ns`.

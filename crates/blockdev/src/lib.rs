@@ -167,6 +167,8 @@ pub enum SubmitError {
     /// The namespace keeps metadata in a separate buffer and this operation supplies none
     /// (sending it would let the device DMA metadata at bus address 0).
     MetadataRequired,
+    /// The metadata buffer is shorter than the operation's metadata (`blocks * metadata size`).
+    MetadataLength,
     /// The namespace's format (e.g. metadata interleaved with the data) is one this driver
     /// cannot do I/O on; the device's other namespaces are unaffected.
     UnsupportedFormat,

@@ -44,9 +44,19 @@ pub fn sync_op<Q: BlockQueue, C: Clock>(
     clock: &C,
     op: BlockOp,
 ) -> Result<(), StorageError> {
+    sync_with(q, clock, |q, tag| q.submit(op, tag))
+}
+
+/// [`sync_op`] for a submission of the caller's (e.g. an NVMe read or write with a metadata
+/// buffer): `submit(q, tag)` is retried while the queue is full.
+pub fn sync_with<Q: BlockQueue, C: Clock>(
+    q: &mut Q,
+    clock: &C,
+    mut submit: impl FnMut(&mut Q, u32) -> Result<(), SubmitError>,
+) -> Result<(), StorageError> {
     const TAG: u32 = 0x5EED;
     loop {
-        match q.submit(op, TAG) {
+        match submit(q, TAG) {
             Ok(()) => break,
             Err(SubmitError::QueueFull) => {
                 q.poll(usize::MAX, &mut |_, _| {});

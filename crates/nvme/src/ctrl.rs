@@ -86,6 +86,13 @@ pub struct Namespace {
     /// How data-only I/O (a buffer of `blocks * block_size` bytes, no metadata buffer) is done
     /// on this namespace, or why it is refused.
     pub format: NsFormat,
+    /// Metadata interleaved with the data (extended LBAs).
+    pub extended: bool,
+    /// The protection type, if the namespace has protection information.
+    pub pi: Option<PiType>,
+    /// Where the 8 bytes of protection information sit in a block's metadata (DPS.PIP:
+    /// first, else last).
+    pub pi_offset: u16,
 }
 
 impl Namespace {
@@ -1018,7 +1025,7 @@ pub fn parse_namespace(nsid: u32, id: &spec::IdentifyNamespace) -> Result<Namesp
     // nvme_dif_rw), separate or extended alike.
     let format = match (ms, pi) {
         (0, None) => NsFormat::Plain,
-        (0, Some(_)) => return bad(BadIdentify::ProtectionType),
+        (0..=7, Some(_)) => return bad(BadIdentify::ProtectionType),
         (8, Some(t)) => NsFormat::Pract(t),
         (_, _) if extended => NsFormat::ExtendedMetadata,
         _ => NsFormat::SeparateMetadata,
@@ -1035,6 +1042,13 @@ pub fn parse_namespace(nsid: u32, id: &spec::IdentifyNamespace) -> Result<Namesp
         block_size,
         metadata: ms,
         format,
+        extended,
+        pi,
+        pi_offset: if id.dps & 0x8 != 0 {
+            0
+        } else {
+            ms.saturating_sub(8)
+        },
     })
 }
 

@@ -65,6 +65,7 @@
 
 pub mod ctrl;
 pub mod error;
+pub mod pi;
 pub mod prp;
 pub mod qpair;
 pub mod spec;

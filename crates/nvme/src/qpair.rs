@@ -3,10 +3,10 @@
 use core::sync::atomic::{fence, Ordering};
 
 use heapless::{Deque, Vec};
-use keel_blockdev::{BlockOp, BlockQueue, IoError, NsId, OnDone, SubmitError};
+use keel_blockdev::{BlockOp, BlockQueue, BufRef, IoError, NsId, OnDone, SubmitError};
 use keel_hal::{Clock, DmaAllocator, DmaRegion, Mmio};
 
-use crate::ctrl::{Config, Namespace, NsFormat, MAX_NAMESPACES};
+use crate::ctrl::{Config, Namespace, NsFormat, PiType, MAX_NAMESPACES};
 use crate::error::NvmeError;
 use crate::prp;
 use crate::spec::{self, io_op, CqEntry, DsmRange, SqEntry, Status, PAGE_SIZE};
@@ -36,6 +36,8 @@ struct SlotRec {
     deadline: u64,
     slba: u64,
     buf: u64,
+    /// The metadata buffer's bus address for this part (MPTR), 0 = none.
+    meta: u64,
     nsid: u32,
     nlb: u32,
     len: u32,
@@ -46,7 +48,7 @@ struct SlotRec {
     opcode: u8,
     retries: u8,
 }
-static_assertions::const_assert!(core::mem::size_of::<SlotRec>() <= 48);
+static_assertions::const_assert!(core::mem::size_of::<SlotRec>() <= 56);
 
 const ERR_NONE: u8 = 0;
 const ERR_STATUS: u8 = 1;
@@ -736,9 +738,22 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
 
     /// Protection information for a read, write or write zeroes on a PI namespace: PRACT and
     /// PRCHK in CDW12, and the reference tag (the part's LBA) in CDW14 where the type wants it.
+    ///
+    /// With a metadata buffer (`s.meta`), the caller's protection information travels in it:
+    /// no PRACT, and the device checks the guard and reference tag the caller computed.
     fn protect(&self, e: &mut SqEntry, s: &SlotRec) {
         if let Some(ns) = self.ns(s.nsid).filter(|ns| !ns.is_plain()) {
-            let (prinfo, reftag) = ns.format.prinfo();
+            let (mut prinfo, mut reftag) = ns.format.prinfo();
+            if s.meta != 0 {
+                e.mptr = s.meta;
+                (prinfo, reftag) = match ns.pi {
+                    Some(t) => (
+                        NsFormat::Pract(t).prinfo().0 & NsFormat::PRCHK_MASK,
+                        t != PiType::Type3,
+                    ),
+                    None => (0, false),
+                };
+            }
             e.cdw12 |= prinfo;
             if reftag {
                 e.cdw14 = s.slba as u32;
@@ -1023,14 +1038,45 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     /// Any operation: validation with a typed error for each refusal, MDTS splitting, PRP
     /// lists, DSM ranges.
     #[inline(never)]
-    fn submit_general(&mut self, op: BlockOp, tag: u32) -> Result<(), SubmitError> {
+    fn submit_general(
+        &mut self,
+        op: BlockOp,
+        tag: u32,
+        meta: Option<BufRef>,
+    ) -> Result<(), SubmitError> {
         if self.failed {
             return Err(SubmitError::DeviceUnavailable);
         }
         let ns = self.ns(op.ns()).ok_or(SubmitError::InvalidNamespace)?;
-        if let Some(refused) = ns.format.refusal() {
-            return Err(refused);
-        }
+        let ms = ns.metadata as u64;
+        let meta_base = match meta {
+            None => {
+                if let Some(refused) = ns.format.refusal() {
+                    return Err(refused);
+                }
+                0
+            }
+            Some(m) => {
+                // A metadata buffer: separate metadata only (interleaved metadata travels in
+                // the data buffer), for reads and writes, `blocks * ms` bytes at least.
+                match ns.format {
+                    NsFormat::SeparateMetadata | NsFormat::Pract(_) if !ns.extended => {}
+                    NsFormat::Plain => return Err(SubmitError::Unsupported),
+                    _ => return Err(SubmitError::UnsupportedFormat),
+                }
+                let blocks = match op {
+                    BlockOp::Read { blocks, .. } | BlockOp::Write { blocks, .. } => blocks,
+                    _ => return Err(SubmitError::Unsupported),
+                };
+                if (m.len() as u64) < blocks as u64 * ms {
+                    return Err(SubmitError::MetadataLength);
+                }
+                if m.bus_addr() % 4 != 0 || m.bus_addr() == 0 {
+                    return Err(SubmitError::BufferAlignment);
+                }
+                m.bus_addr()
+            }
+        };
         let bs = ns.block_size as u64;
         // (opcode, lba, blocks, buffer, blocks per command)
         let (opcode, lba, blocks, buf, per_cmd) = match op {
@@ -1117,6 +1163,11 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 deadline,
                 slba: lba + done_blocks as u64,
                 buf: buf + done_blocks as u64 * bs,
+                meta: if meta_base == 0 {
+                    0
+                } else {
+                    meta_base + done_blocks as u64 * ms
+                },
                 nsid: ns.nsid,
                 nlb,
                 len: (nlb as u64 * bs) as u32,
@@ -1225,6 +1276,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 deadline,
                 slba: lba,
                 buf: addr,
+                meta: 0,
                 nsid,
                 nlb: blocks,
                 len: len as u32,
@@ -1255,6 +1307,27 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         true
     }
 
+    /// A read or write with a separate metadata buffer (MPTR) on a namespace that keeps its
+    /// metadata apart from the data: `meta` holds `blocks * metadata` bytes (at least), split
+    /// with the data at MDTS. On a namespace with protection information, the PI in `meta`
+    /// is the caller's (see [`crate::pi`]): the device checks its guard and reference tag
+    /// (PRCHK) instead of generating them. Completes like [`BlockQueue::submit`]; `meta`,
+    /// like the data buffer, is the device's until the tag completes.
+    ///
+    /// # Errors
+    /// As [`BlockQueue::submit`], and [`SubmitError::MetadataLength`] for a buffer shorter than
+    /// the operation's metadata, [`SubmitError::Unsupported`] on a namespace without metadata
+    /// or for an operation other than a read or write, [`SubmitError::UnsupportedFormat`]
+    /// where the metadata is interleaved with the data.
+    pub fn submit_with_metadata(
+        &mut self,
+        op: BlockOp,
+        meta: BufRef,
+        tag: u32,
+    ) -> Result<(), SubmitError> {
+        self.submit_general(op, tag, Some(meta))
+    }
+
     fn ns(&self, nsid: NsId) -> Option<Namespace> {
         self.namespaces.iter().find(|n| n.nsid == nsid).copied()
     }
@@ -1273,7 +1346,7 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
         if self.submit_simple(&op, tag) {
             return Ok(());
         }
-        self.submit_general(op, tag)
+        self.submit_general(op, tag, None)
     }
 
     fn flush_submissions(&mut self) {
