@@ -756,8 +756,8 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
 
     /// Asks the controller to abort command `cid` on submission queue `sqid`. Returns `true`
     /// when the controller reports it aborted the command (its completion then arrives with
-    /// "Command Abort Requested" status, which the queue pair reports as `IoError::Aborted`
-    /// unless the tag already timed out).
+    /// "Command Abort Requested" status, which the queue pair reports as `IoError::Aborted`:
+    /// that completion is what hands the command's buffer back, timed out or not).
     pub fn abort(&mut self, sqid: u16, cid: u16) -> Result<bool, NvmeError> {
         let mut sqe = SqEntry::new(admin_op::ABORT, 0, 0);
         sqe.cdw10 = sqid as u32 | ((cid as u32) << 16);
@@ -777,8 +777,9 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
     ///
     /// All live queue pairs must be passed in (quiesced: nobody else uses them during the
     /// call). Their rings are recreated on the device; commands in flight are resubmitted
-    /// (counted against `max_retries`) or failed with `IoError::DeviceReset`; tags already
-    /// reported (for example as timed out) are not reported again. If recovery fails, every
+    /// (counted against `max_retries`) or failed with `IoError::DeviceReset`; commands that had
+    /// timed out (still owned by the device until now) complete with `IoError::Timeout`, the
+    /// controller being quiesced (CSTS.RDY = 0) before they are. If recovery fails, every
     /// pending tag is failed, the pairs refuse new work and the controller is marked failed.
     pub fn reset(&mut self, qpairs: &mut [&mut IoQueuePair<M, C>]) -> Result<(), NvmeError> {
         for qid in self.live.iter_ones().map(|q| q as u16) {

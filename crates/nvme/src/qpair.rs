@@ -3,7 +3,7 @@
 use core::sync::atomic::{fence, Ordering};
 
 use heapless::{Deque, Vec};
-use keel_blockdev::{BlockOp, BlockQueue, IoError, NsId, OnDone, SubmitError};
+use keel_blockdev::{BlockOp, BlockQueue, IoError, NsId, OnDone, SubmitError, TimedOut};
 use keel_hal::{Clock, DmaAllocator, DmaRegion, Mmio};
 
 use crate::ctrl::{Config, Namespace, MAX_NAMESPACES};
@@ -16,8 +16,9 @@ const NONE: u16 = 0xFFFF;
 const FREE: u8 = 0;
 /// Submitted; the device owns it.
 const ACTIVE: u8 = 1;
-/// Timed out and already reported; the device may still complete it, so the slot (its CID and
-/// PRP list) is not reused until it does or the controller is reset.
+/// Timed out (announced as a [`TimedOut`] event) and still the device's: neither its slot (CID,
+/// PRP list) nor its tag's buffer is given back until the device completes it (its own status is
+/// reported), an abort of it completes it, or a controller reset quiesces it (`Timeout`).
 const ZOMBIE: u8 = 2;
 /// In flight across a controller reset; to be resubmitted or failed.
 const PENDING: u8 = 3;
@@ -51,6 +52,8 @@ static_assertions::const_assert!(core::mem::size_of::<SlotRec>() <= 48);
 const ERR_NONE: u8 = 0;
 const ERR_STATUS: u8 = 1;
 const ERR_RESET: u8 = 2;
+/// Timed out, then quiesced by a controller reset: reported as `IoError::Timeout`.
+const ERR_TIMEOUT: u8 = 3;
 
 /// Per tag bookkeeping (a tag may span several commands when split at MDTS).
 #[derive(Debug, Clone, Copy, Default)]
@@ -60,7 +63,8 @@ struct ReqRec {
     next: u16,
     status: u16,
     err: u8,
-    reported: u8,
+    /// A part of it timed out and its [`TimedOut`] event was queued (once per tag).
+    timed_out: u8,
 }
 static_assertions::const_assert!(core::mem::size_of::<ReqRec>() <= 12);
 
@@ -80,8 +84,10 @@ pub struct QueueStats {
     pub bad_sqid: u64,
     /// Completions with an SQ head pointer past the queue.
     pub bad_sq_head: u64,
-    /// Completions of commands that had already timed out.
+    /// Completions of commands that had already timed out (reported with the device's status).
     pub late_completions: u64,
+    /// Timed-out commands a controller reset quiesced (reported as `Timeout`).
+    pub quiesced_timeouts: u64,
     /// Commands resubmitted after a transient error status.
     pub retries: u64,
     /// Commands that timed out.
@@ -170,6 +176,8 @@ pub struct IoQueuePair<M: Mmio, C: Clock> {
     failed: bool,
     needs_reset: bool,
     aborts: Deque<u16, 16>,
+    /// Timeout events not yet taken by `pop_timed_out` (oldest dropped past the capacity).
+    timeout_events: Deque<u32, MAX_COMMANDS>,
     stats: QueueStats,
 }
 
@@ -239,6 +247,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             failed: false,
             needs_reset: false,
             aborts: Deque::new(),
+            timeout_events: Deque::new(),
             stats: QueueStats::default(),
         };
         // Build the free lists (slot 0 first).
@@ -603,23 +612,19 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             r.status = status;
         }
         if r.outstanding == 0 {
-            if r.reported != 0 {
-                self.free_req_rec(req);
-            } else {
-                self.push_ready(req, r);
-            }
+            self.push_ready(req, r);
         } else {
             self.put_req(req, &r);
         }
     }
 
     /// A command of request `req` succeeded. Returns the request's tag when that finished it
-    /// and it can be reported at once (no failed part, no timeout report): the common case, a
-    /// request of one command. Otherwise as [`Self::finish_part`] (the ready list).
+    /// and it can be reported at once (no failed part): the common case, a request of one
+    /// command. Otherwise as [`Self::finish_part`] (the ready list).
     #[inline(always)]
     fn finish_ok(&mut self, req: u16) -> Option<u32> {
         let r = self.req(req);
-        if r.outstanding == 1 && r.err == ERR_NONE && r.reported == 0 {
+        if r.outstanding == 1 && r.err == ERR_NONE {
             self.free_req_rec(req);
             self.unreported -= 1;
             return Some(r.tag);
@@ -664,7 +669,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             reported += self.drain_ready(&mut |t, r| on_done.done(t, r));
         }
         if let Some(now) = self.scan_due() {
-            reported += self.scan_timeouts(now, &mut |t, r| on_done.done(t, r));
+            self.scan_timeouts(now);
         }
         // Retries queued by `handle` go out with one doorbell.
         self.flush_submissions();
@@ -686,6 +691,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 ERR_NONE => Ok(()),
                 ERR_STATUS => Err(Status::from_field(r.status).to_io_error()),
                 ERR_RESET => Err(IoError::DeviceReset),
+                ERR_TIMEOUT => Err(IoError::Timeout),
                 _ => Err(IoError::Invalid),
             };
             self.free_req_rec(i);
@@ -843,9 +849,15 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         let s = self.slot(i);
         let status = e.status();
         if s.state == ZOMBIE {
+            // The device is done with it at last: its tag (and buffer) goes back now, with the
+            // device's own status. Not retried: the caller has heard of the timeout and decides.
             self.stats.late_completions += 1;
             self.release_slot(i);
-            self.finish_part(s.req, ERR_NONE, 0);
+            if status.is_success() {
+                self.finish_part(s.req, ERR_NONE, 0);
+            } else {
+                self.finish_part(s.req, ERR_STATUS, e.status);
+            }
             return;
         }
         if !status.is_success()
@@ -893,14 +905,14 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     }
 
     /// The periodic timeout scan, due at `now` (the caller checked `busy` and `next_scan`).
+    ///
+    /// A command past its deadline becomes a zombie and its tag is announced once as a
+    /// [`TimedOut`] event; nothing is reported through `on_done`: the tag, and with it the
+    /// buffer, stays the device's until the device completes the command, an abort completes
+    /// it, or a controller reset quiesces it.
     #[inline(never)]
-    fn scan_timeouts(
-        &mut self,
-        now: u64,
-        on_done: &mut dyn FnMut(u32, Result<(), IoError>),
-    ) -> usize {
+    fn scan_timeouts(&mut self, now: u64) {
         self.next_scan = now.saturating_add((self.timeout_ns / 8).max(1));
-        let mut reported = 0;
         let mut any = false;
         for i in 0..self.nslots {
             let mut s = self.slot(i);
@@ -913,17 +925,18 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             self.put_slot(i, &s);
             let _ = self.aborts.push_back(self.cid_of(i, s.gen));
             let mut r = self.req(s.req);
-            if r.reported == 0 {
-                r.reported = 1;
+            if r.timed_out == 0 {
+                r.timed_out = 1;
                 self.put_req(s.req, &r);
-                self.unreported -= 1;
                 keel_log::warn!(
-                    "nvme: q{} cid {} timed out",
+                    "nvme: q{} cid {} timed out (still owned by the device)",
                     self.qid,
                     self.cid_of(i, s.gen)
                 );
-                on_done(r.tag, Err(IoError::Timeout));
-                reported += 1;
+                if self.timeout_events.is_full() {
+                    self.timeout_events.pop_front();
+                }
+                let _ = self.timeout_events.push_back(r.tag);
             }
         }
         if any {
@@ -933,7 +946,13 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 self.failed = true;
             }
         }
-        reported
+    }
+
+    /// Tags whose commands timed out and are still on the device (their slots are zombies).
+    pub fn timed_out_slots(&self) -> usize {
+        (0..self.nslots)
+            .filter(|&i| self.slot(i).state == ZOMBIE)
+            .count()
     }
 
     // ---- reset support (called by Controller::reset) ----
@@ -956,8 +975,10 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             let mut s = self.slot(i);
             match s.state {
                 ZOMBIE => {
+                    // CSTS.RDY = 0: the device no longer owns it. Its tag completes now.
+                    self.stats.quiesced_timeouts += 1;
                     self.release_slot(i);
-                    self.finish_part(s.req, ERR_NONE, 0);
+                    self.finish_part(s.req, ERR_TIMEOUT, 0);
                 }
                 ACTIVE => {
                     s.state = PENDING;
@@ -995,8 +1016,9 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                     self.finish_part(s.req, ERR_RESET, 0);
                 }
                 ZOMBIE => {
+                    self.stats.quiesced_timeouts += 1;
                     self.release_slot(i);
-                    self.finish_part(s.req, ERR_NONE, 0);
+                    self.finish_part(s.req, ERR_TIMEOUT, 0);
                 }
                 _ => {}
             }
@@ -1286,6 +1308,10 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
 
     fn in_flight(&self) -> usize {
         self.unreported
+    }
+
+    fn pop_timed_out(&mut self) -> Option<TimedOut> {
+        self.timeout_events.pop_front().map(|tag| TimedOut { tag })
     }
 
     fn block_size(&self, ns: NsId) -> Option<u32> {

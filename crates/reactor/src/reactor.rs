@@ -277,7 +277,11 @@ fn reaped_other<const C: usize, const N: usize, const W: usize>(
     *o.on_queue_count -= 1;
     let aio_result = match result {
         Ok(()) => Ok(0),
-        Err(IoError::Device { code }) => Err(keel_aio::IoError::Device { status: code }),
+        Err(IoError::Device { status } | IoError::Media { status }) => {
+            Err(keel_aio::IoError::Device {
+                status: status.field(),
+            })
+        }
         Err(_) => Err(keel_aio::IoError::Aborted),
     };
     if result.is_ok() {

@@ -522,7 +522,9 @@ fn failed_sync_acknowledges_nothing() {
     assert_eq!(log.sync().unwrap().seq, 1);
     d.model.set_fault(Fault::WriteFault);
     log.append(b"two").unwrap();
-    assert_eq!(log.sync(), Err(Error::Writer(WError::Io(IoError::Media))));
+    assert_eq!(log.sync(), Err(Error::Writer(WError::Io(IoError::Media {
+            status: keel_blockdev::DevStatus::from_field(0x8500)
+        }))));
     assert_eq!(log.acked().seq, 1);
     assert_eq!(collect(&mut log), vec![b"one".to_vec()]);
     assert!(log.append(b"three").is_err());
