@@ -848,8 +848,13 @@ mod tests {
             dnr: true,
         };
         assert_eq!(Status::from_field(media.to_field()), media);
-        assert!(matches!(media.to_io_error(), keel_blockdev::IoError::Media { status } if status.code() == media.code()));
-        let st = media.to_io_error().status().unwrap_or(keel_blockdev::DevStatus::from_field(0));
+        assert!(
+            matches!(media.to_io_error(), keel_blockdev::IoError::Media { status } if status.code() == media.code())
+        );
+        let st = media
+            .to_io_error()
+            .status()
+            .unwrap_or(keel_blockdev::DevStatus::from_field(0));
         assert!(st.dnr() && st.more() && media.to_io_error().dnr());
         let abort_dnr = Status {
             sct: 0,
@@ -858,8 +863,14 @@ mod tests {
             more: false,
             dnr: true,
         };
-        assert!(abort_dnr.to_io_error().dnr(), "a DNR abort keeps its DNR bit");
-        let abort = Status { dnr: false, ..abort_dnr };
+        assert!(
+            abort_dnr.to_io_error().dnr(),
+            "a DNR abort keeps its DNR bit"
+        );
+        let abort = Status {
+            dnr: false,
+            ..abort_dnr
+        };
         assert_eq!(abort.to_io_error(), keel_blockdev::IoError::Aborted);
     }
 

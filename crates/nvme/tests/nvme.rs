@@ -833,7 +833,10 @@ fn reset_with_in_flight_reports_each_tag_exactly_once() {
     qp.flush_submissions();
     r.clock.advance_ms(150);
     qp.poll(64, &mut |t, res| counts.entry(t).or_default().push(res));
-    assert!(counts.is_empty(), "timed-out tags complete only at the reset");
+    assert!(
+        counts.is_empty(),
+        "timed-out tags complete only at the reset"
+    );
     assert_eq!(core::iter::from_fn(|| qp.pop_timed_out()).count(), 4);
     // Tags 10..26 are in flight (stalled) when the reset happens.
     for t in 0..16u32 {
@@ -1160,4 +1163,71 @@ fn randomized_write_read_against_model() {
     }
     assert_eq!(qp.stats().stale_cid + qp.stats().bad_cid, 0);
     assert!(r.model.log().is_empty(), "{:?}", r.model.log());
+}
+
+/// Issue 16: a read that times out keeps its buffer until the device is done with it. The
+/// owner reuses the buffer as soon as its tag completes (the completion is what hands it
+/// back); the model then finishes the read late and DMAs into the buffer. Because the tag
+/// completes only after that, the owner's data is untouched.
+#[test]
+fn a_timed_out_read_keeps_its_buffer_until_the_device_is_done() {
+    let cfg = Config {
+        io_timeout_ms: 10,
+        ..Config::default()
+    };
+    let mut r = rig(ModelConfig::default(), cfg);
+    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
+    let on_disk = pattern(5, 4096);
+    r.model.disk_write(1, 0, &on_disk);
+    let buf = r.dma.alloc(4096, 4096).unwrap();
+    r.model.hold_next_io(1);
+    let read = BlockOp::Read {
+        ns: 1,
+        lba: 0,
+        blocks: 8,
+        buf: BufRef::whole(&buf),
+    };
+    qp.submit(read, 7).unwrap();
+    qp.flush_submissions();
+    assert_eq!(r.model.held(), 1, "the device took the read and sits on it");
+    // The owner: when its tag completes, it looks at what was read and reuses the buffer.
+    let mine = pattern(6, 4096);
+    let mut results = Vec::new();
+    let mut events = Vec::new();
+    let mut read_back = None;
+    let mut owner_pass = |qp: &mut Qp, results: &mut Vec<_>, events: &mut Vec<_>| {
+        qp.poll(8, &mut |t, res| results.push((t, res)));
+        events.extend(core::iter::from_fn(|| qp.pop_timed_out()));
+        if !results.is_empty() && read_back.is_none() {
+            let mut got = vec![0u8; 4096];
+            buf.read_bytes(0, &mut got).unwrap();
+            read_back = Some(got);
+            buf.write_bytes(0, &mine).unwrap();
+        }
+    };
+    for _ in 0..50 {
+        owner_pass(&mut qp, &mut results, &mut events);
+        r.clock.advance_ms(1);
+    }
+    let announced = events.clone();
+    // The device finishes the read late: its DMA lands in the buffer now.
+    assert_eq!(r.model.release_held(), 1);
+    for _ in 0..4 {
+        owner_pass(&mut qp, &mut results, &mut events);
+    }
+    let mut now = vec![0u8; 4096];
+    buf.read_bytes(0, &mut now).unwrap();
+    assert!(now == mine, "the late DMA scribbled over the owner's data");
+    assert_eq!(announced, vec![TimedOut { tag: 7 }], "announced promptly");
+    assert_eq!(
+        results,
+        vec![(7, Ok(()))],
+        "one completion, with the device's status"
+    );
+    assert_eq!(
+        read_back.as_deref(),
+        Some(&on_disk[..]),
+        "and the data read"
+    );
+    assert_eq!((qp.stats().late_completions, qp.busy_slots()), (1, 0));
 }

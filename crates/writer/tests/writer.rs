@@ -296,6 +296,27 @@ fn permanent_error_surfaces_typed_nothing_acknowledged_lost() {
     );
 }
 
+/// Issue 16: the default classifier never retries a status the device marked Do Not Retry,
+/// in the pool path (sync), a raw write and a flush; the same status with DNR = 0 is retried.
+/// The probe bounds the polls, so a writer that retried forever fails here instead of hanging.
+#[test]
+fn default_classifier_never_retries_dnr() {
+    let r = rig();
+    let token = CancelAt::new(&r.clock);
+    let mut w = probed(&r.dma, r.qp, &token, cfg());
+    r.model.set_fault(Fault::PermanentError); // Internal Error, DNR = 1
+    w.append(&pattern(10, 100)).unwrap();
+    assert_eq!(w.sync(), Err(Error::Io(INTERNAL_DNR)));
+    assert_eq!(w.stats().retries, 0, "DNR = 1 is not retried");
+    assert_eq!(w.raw_write(0, &[1u8; 512]), Err(Error::Io(INTERNAL_DNR)));
+    assert_eq!(w.device_flush(), Err(Error::Io(INTERNAL_DNR)));
+    assert_eq!(w.stats().retries, 0);
+    assert!(keel_writer::default_is_transient(IoError::Device {
+        status: keel_blockdev::DevStatus::from_field(0x000C),
+    }));
+    assert!(!keel_writer::default_is_transient(INTERNAL_DNR));
+}
+
 #[test]
 fn custom_classifier_makes_dnr_internal_error_permanent() {
     let r = rig();
@@ -372,10 +393,7 @@ fn bypass_failure_rolls_back_append() {
     let src = r.dma.alloc(32 * 1024, 4096).unwrap();
     src.write_bytes(0, &pattern(14, 32 * 1024)).unwrap();
     r.model.set_fault(Fault::WriteFault);
-    assert_eq!(
-        w.append_dma(&src, 0, 32 * 1024),
-        Err(Error::Io(MEDIA_DNR))
-    );
+    assert_eq!(w.append_dma(&src, 0, 32 * 1024), Err(Error::Io(MEDIA_DNR)));
     assert_eq!(w.appended(), 0, "nothing accepted");
     assert_eq!(w.in_flight(), 0, "caller memory is no longer referenced");
     let mut b = [0u8; 1];
@@ -753,8 +771,16 @@ fn seed001_baseline_without_cancellation_hangs() {
         hangs(|| w.sync()),
         "a writer that cannot be cancelled returned"
     );
-    assert_eq!(w.stats().retries, 0, "never retried while the device owns it");
-    assert!(w.stats().timeouts >= 1, "the timeout was announced: {:?}", w.stats());
+    assert_eq!(
+        w.stats().retries,
+        0,
+        "never retried while the device owns it"
+    );
+    assert!(
+        w.stats().timeouts >= 1,
+        "the timeout was announced: {:?}",
+        w.stats()
+    );
 
     let r = rig_with(64, 1);
     r.model.set_fault(Fault::Stall);
@@ -950,4 +976,72 @@ fn cancelled_append_dma_returns_once_the_device_is_done_with_the_callers_memory(
     // The two commands completed late, successfully: at most what they carried is accepted.
     assert!(w.appended() <= 32 * 1024, "appended {}", w.appended());
     assert_eq!(w.stats().timeouts, 2);
+}
+
+/// The device of the write-race test: it finishes the held original write once the clock
+/// passes `at` (checked from the writer's every wait, through the cancellation token, which
+/// it never sets), or when the test says so.
+struct LateOriginal {
+    model: NvmeModel,
+    clock: ModelClock,
+    at: Cell<u64>,
+}
+
+impl LateOriginal {
+    fn release(&self) {
+        if self.model.held() > 0 {
+            self.model.release_held();
+        }
+        self.at.set(u64::MAX);
+    }
+}
+
+impl CancelToken for LateOriginal {
+    fn is_cancelled(&self) -> bool {
+        if self.clock.now_ns() >= self.at.get() {
+            self.release();
+        }
+        false
+    }
+}
+
+/// Issue 16 (OpenVMM PR #210's race): a write times out; the device completes the original
+/// late, after the writer could have retried it and written newer data over the same blocks.
+/// The newer data must win on the disk: the writer may retry or rewrite those blocks only once
+/// the original's completion handed the buffer back.
+#[test]
+fn a_late_original_write_never_lands_over_newer_data() {
+    let r = rig_with(64, 1); // the driver times a command out after 1 ms
+    let late = LateOriginal {
+        model: r.model.clone(),
+        clock: r.clock.clone(),
+        at: Cell::new(u64::MAX),
+    };
+    let c = Config {
+        backoff_base_us: 10,
+        backoff_max_us: 10,
+        ..cfg()
+    };
+    let mut w = Writer::new(r.qp, &r.dma, r.clock.clone(), &late, c).unwrap();
+    let old = pattern(40, 100);
+    let new = pattern(41, 100);
+    // The device takes the first write (block LBA0: `old` and zero padding) and sits on it
+    // for 20 ms, 20 command timeouts.
+    r.model.hold_next_io(1);
+    late.at.set(r.clock.now_ns() + 20_000_000);
+    w.append(&old).unwrap();
+    assert_eq!(w.sync().unwrap(), 100);
+    // The same block again, with more data.
+    w.append(&new).unwrap();
+    assert_eq!(w.sync().unwrap(), 200);
+    // If the original is still on the device, it lands now, after everything else.
+    late.release();
+    let want: Vec<u8> = [old.clone(), new.clone()].concat();
+    assert!(
+        disk(&r.model, 0, 200) == want,
+        "the late original overwrote newer data"
+    );
+    let s = w.stats();
+    assert_eq!((s.timeouts, s.retries), (1, 0), "{s:?}");
+    assert_eq!(read_all(&mut w, 200), want);
 }
