@@ -643,8 +643,24 @@ fn reactor_reset_storm() -> Row {
         }
         re.poll();
         if round % 3 == 0 {
+            let before = re.stats().timed_out;
             r.clock.advance_ms(150);
-            re.poll();
+            for _ in 0..64 {
+                re.poll(); // the timeout check reads the clock every 32nd check
+            }
+            // Timed out, announced, and still the device's: no handle comes back for them.
+            let stalled = N - (4 + round as usize % 24);
+            check(
+                re.stats().timed_out - before == stalled as u64,
+                format!("round {round}: {:?}", re.stats()),
+            )?;
+            check(
+                re.in_flight() == stalled,
+                format!(
+                    "round {round}: {} in flight, {stalled} stalled",
+                    re.in_flight()
+                ),
+            )?;
         }
         r.model.set_fault(Fault::None);
         let ctrl = &mut r.ctrl;

@@ -100,6 +100,11 @@ pub struct Stats {
     pub dropped: u64,
     /// Poll passes.
     pub passes: u64,
+    /// Commands the queue pair announced as timed out ([`keel_blockdev::TimedOut`]): their
+    /// handles stay submitted, and their buffers the device's, until the device completes them
+    /// or a reset quiesces them; then they complete like any other I/O. Non-zero means the
+    /// queue pair needs recovery (an abort or a controller reset).
+    pub timed_out: u64,
 }
 
 /// Why a reactor refused a request (nothing was issued).
@@ -900,8 +905,14 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             links: &mut self.links,
             stats: &mut self.stats,
         };
-        self.aio
-            .batch(|b| q.poll_with(REAP_BATCH, &mut Reap { b, o: &mut o }))
+        let n = self
+            .aio
+            .batch(|b| q.poll_with(REAP_BATCH, &mut Reap { b, o: &mut o }));
+        // Timeout events (rare; one check per pass that polled, none per completion).
+        while q.pop_timed_out().is_some() {
+            self.stats.timed_out += 1;
+        }
+        n
     }
 
     /// Stops accepting new I/O (local callers get `NotAccepting`; requests from other cores

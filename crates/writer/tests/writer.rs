@@ -878,6 +878,31 @@ fn cancel_ends_a_raw_op_waiting_for_its_completion() {
     );
 }
 
+/// A read asked for after cancellation is awaited, never retried; when the queue announces that
+/// its command timed out it fails with `Timeout` (it does not hang on a stuck device), and the
+/// bounce buffer stays the device's until the late completion: no raw op starts before that.
+#[test]
+fn a_read_after_cancellation_ends_on_its_timeout_event() {
+    let r = rig_with(64, 1);
+    r.model.disk_write(1, 0, &pattern(26, 512));
+    let token = CancelAt::new(&r.clock);
+    let mut w = probed(&r.dma, r.qp, &token, cfg());
+    token.arm_in(0);
+    w.poll(); // the writer sees the token
+    r.model.set_fault(Fault::Stall);
+    let mut b = [0u8; 512];
+    assert_eq!(w.raw_read(0, &mut b), Err(Error::Io(IoError::Timeout)));
+    assert_eq!(w.in_flight(), 1, "the bounce buffer is still the device's");
+    let submits = w.queue().submits;
+    assert_eq!(w.raw_read(0, &mut b), Err(Error::Cancelled));
+    assert_eq!(w.queue().submits, submits, "nothing submitted over it");
+    r.model.set_fault(Fault::None);
+    r.model.step();
+    drain(&mut w);
+    w.raw_read(0, &mut b).unwrap();
+    assert_eq!(&b[..], &pattern(26, 512)[..]);
+}
+
 fn slow_backoff() -> Config {
     Config {
         backoff_base_us: 1_000_000,
