@@ -330,6 +330,13 @@ pub trait BlockQueue {
     fn pop_timed_out(&mut self) -> Option<TimedOut> {
         None
     }
+    /// How long the device asks the host to wait before retrying a command that failed with
+    /// `status`, in microseconds (NVMe: the status's CRD selects CRDT1..3 from Identify
+    /// Controller, 100 ms units; 0 for CRD = 0). A retry policy waits at least this long.
+    fn retry_delay_us(&self, status: DevStatus) -> u64 {
+        let _ = status;
+        0
+    }
     /// How many device commands the queue can hold at once.
     fn depth(&self) -> usize;
     /// Tags accepted and not yet reported.

@@ -119,6 +119,8 @@ pub struct ControllerInfo {
     pub max_queue_entries: u32,
     /// I/O queue pairs granted (Set Features Number of Queues), capped at [`MAX_IO_QUEUES`].
     pub io_queues: u16,
+    /// Command Retry Delay Times CRDT1..3 in units of 100 ms (0 where not reported).
+    pub crdt: [u16; 3],
 }
 
 fn trim(bytes: &[u8]) -> &str {
@@ -241,6 +243,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             nn: 0,
             max_queue_entries: cap.max_queue_entries(),
             io_queues: 0,
+            crdt: [0; 3],
         };
         let mut ctrl = Self {
             mmio,
@@ -502,6 +505,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         info.deallocate = oncs & spec::ONCS_DSM != 0;
         info.doorbell_buffer = oacs & spec::OACS_DOORBELL_BUFFER_CONFIG != 0;
         info.nn = id.nn.get();
+        info.crdt = id.crdt.map(|t| t.get());
         // MDTS is in units of CAP.MPSMIN; clamp absurd exponents instead of overflowing.
         info.mdts_bytes = match id.mdts {
             0 => None,
@@ -689,6 +693,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             max_transfer: self.info.max_transfer,
             write_zeroes: self.info.write_zeroes,
             deallocate: self.info.deallocate,
+            crdt: self.info.crdt,
             cfg: self.cfg,
         })?;
         if let Err(e) = self.create_queues_on_device(&qp) {

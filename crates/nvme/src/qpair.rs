@@ -3,7 +3,7 @@
 use core::sync::atomic::{fence, Ordering};
 
 use heapless::{Deque, Vec};
-use keel_blockdev::{BlockOp, BlockQueue, IoError, NsId, OnDone, SubmitError, TimedOut};
+use keel_blockdev::{BlockOp, BlockQueue, DevStatus, IoError, NsId, OnDone, SubmitError, TimedOut};
 use keel_hal::{Clock, DmaAllocator, DmaRegion, Mmio};
 
 use crate::ctrl::{Config, Namespace, MAX_NAMESPACES};
@@ -116,6 +116,7 @@ pub(crate) struct QpairParams<M, C> {
     pub max_transfer: usize,
     pub write_zeroes: bool,
     pub deallocate: bool,
+    pub crdt: [u16; 3],
     pub cfg: Config,
 }
 
@@ -165,6 +166,8 @@ pub struct IoQueuePair<M: Mmio, C: Clock> {
     max_transfer: usize,
     write_zeroes: bool,
     deallocate: bool,
+    /// CRDT1..3 from Identify Controller (100 ms units).
+    crdt: [u16; 3],
     list_pages: usize,
     timeout_ns: u64,
     max_retries: u8,
@@ -238,6 +241,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             max_transfer: p.max_transfer,
             write_zeroes: p.write_zeroes,
             deallocate: p.deallocate,
+            crdt: p.crdt,
             list_pages: p.cfg.prp_list_pages,
             timeout_ns: p.cfg.io_timeout_ms.saturating_mul(1_000_000),
             max_retries: p.cfg.max_retries,
@@ -860,8 +864,11 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             }
             return;
         }
+        // A status asking for a retry delay (CRD != 0) is not retried here at once: it is
+        // reported, and the caller waits `BlockQueue::retry_delay_us` before its own retry.
         if !status.is_success()
             && status.is_retryable()
+            && status.crd == 0
             && s.retries < self.max_retries
             && !self.failed
         {
@@ -1312,6 +1319,16 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
 
     fn pop_timed_out(&mut self) -> Option<TimedOut> {
         self.timeout_events.pop_front().map(|tag| TimedOut { tag })
+    }
+
+    fn retry_delay_us(&self, status: DevStatus) -> u64 {
+        match status.crd() {
+            0 => 0,
+            i => self
+                .crdt
+                .get(i as usize - 1)
+                .map_or(0, |&t| t as u64 * 100_000),
+        }
     }
 
     fn block_size(&self, ns: NsId) -> Option<u32> {

@@ -481,7 +481,11 @@ pub struct IdentifyController {
     pub cntlid: U16,
     /// Version (same layout as the VS register, [`Vs`]).
     pub ver: U32,
-    _rsvd84: [u8; 172],
+    _rsvd84: [u8; 50],
+    /// Command Retry Delay Times 1..3 (offset 134), in units of 100 ms: what a completion's
+    /// CRD field 1..3 asks the host to wait before retrying.
+    pub crdt: [U16; 3],
+    _rsvd140: [u8; 116],
     /// Optional admin command support; bit 8 = Doorbell Buffer Config.
     pub oacs: U16,
     _rsvd258: [u8; 254],

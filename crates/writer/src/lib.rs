@@ -115,8 +115,9 @@ impl CancelToken for NeverCancel {
 /// the device is done with it (`keel_blockdev::TimedOut` is an event, not a completion), so a
 /// retried write is never overtaken by a late original.
 ///
-/// Command Retry Delay (CRD, [`keel_blockdev::DevStatus::crd`]) is not yet honoured: the retry
-/// waits the writer's own backoff, not CRDT1..3 from Identify Controller.
+/// Command Retry Delay: a retry waits at least what the device asked for
+/// ([`keel_blockdev::BlockQueue::retry_delay_us`]: the status's CRD selects CRDT1..3 from
+/// Identify Controller), and the writer's own backoff otherwise.
 pub fn default_is_transient(e: IoError) -> bool {
     if e.dnr() {
         return false;
@@ -801,7 +802,8 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Writer<Q, C, K> {
                 Some(Err(e)) if (self.cfg.is_transient)(e) => {
                     self.stats.retries += 1;
                     attempts += 1;
-                    self.backoff(attempts)?;
+                    let asked = e.status().map_or(0, |st| self.q.retry_delay_us(st));
+                    self.backoff_at_least(attempts, asked)?;
                 }
                 Some(Err(e)) => return Err(Error::Io(e)),
                 None => return Err(Error::Io(IoError::Aborted)),
@@ -817,10 +819,14 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Writer<Q, C, K> {
 
     /// The backoff before retry `attempts`, ended early by cancellation.
     fn backoff(&mut self, attempts: u32) -> Result<(), Error> {
-        let until = self
-            .clock
-            .now_ns()
-            .saturating_add(self.backoff_us(attempts).saturating_mul(1000));
+        self.backoff_at_least(attempts, 0)
+    }
+
+    /// The backoff before retry `attempts`, at least `asked_us` (the device's Command Retry
+    /// Delay), ended early by cancellation.
+    fn backoff_at_least(&mut self, attempts: u32, asked_us: u64) -> Result<(), Error> {
+        let us = self.backoff_us(attempts).max(asked_us);
+        let until = self.clock.now_ns().saturating_add(us.saturating_mul(1000));
         self.sleep_until(until)
     }
 
@@ -1085,8 +1091,9 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Writer<Q, C, K> {
                             .cfg
                             .backoff_base_us
                             .saturating_mul(1u64 << shift)
-                            .min(self.cfg.backoff_max_us);
-                        op.retry_at = now + us * 1000;
+                            .min(self.cfg.backoff_max_us)
+                            .max(e.status().map_or(0, |st| self.q.retry_delay_us(st)));
+                        op.retry_at = now.saturating_add(us.saturating_mul(1000));
                     }
                 }
                 Err(e) => {

@@ -1070,3 +1070,65 @@ fn a_late_original_write_never_lands_over_newer_data() {
     assert_eq!((s.timeouts, s.retries), (1, 0), "{s:?}");
     assert_eq!(read_all(&mut w, 200), want);
 }
+
+/// Clears the device's fault once its first failed attempt happened, and notes when.
+struct AfterFirstFailure {
+    model: NvmeModel,
+    clock: ModelClock,
+    commands: u64,
+    failed_at: Cell<Option<u64>>,
+}
+
+impl CancelToken for AfterFirstFailure {
+    fn is_cancelled(&self) -> bool {
+        if self.failed_at.get().is_none() && self.model.io_commands() > self.commands {
+            self.model.set_fault(Fault::None);
+            self.failed_at.set(Some(self.clock.now_ns()));
+        }
+        false
+    }
+}
+
+/// Issue 16: Command Retry Delay. The device reports CRDT1 = 500 ms in Identify Controller and
+/// fails a write with a transient status whose CRD = 1: the driver does not retry it at once
+/// (it reports it), and the writer's retry waits at least 500 ms, not its own 10 us backoff.
+#[test]
+fn a_retry_waits_the_command_retry_delay_the_device_asks_for() {
+    let dma = HostDma::new();
+    let model = NvmeModel::new(ModelConfig::default(), dma.clone());
+    model.patch_identify(1, 134, &5u16.to_le_bytes()); // CRDT1 = 5 x 100 ms
+    let clock = ModelClock::new();
+    let ncfg = NvmeConfig {
+        max_retries: 3,
+        ..NvmeConfig::default()
+    };
+    let mut ctrl = Controller::init(model.mmio(), &dma, clock.clone(), ncfg).expect("init");
+    assert_eq!(ctrl.identify().crdt, [5, 0, 0]);
+    let qp = ctrl.create_io_qpair(&dma, 1, 64).expect("qpair");
+    let st = keel_blockdev::DevStatus::from_field(0x000C | 1 << 12); // Internal Error, CRD 1
+    assert_eq!(qp.retry_delay_us(st), 500_000);
+    let token = AfterFirstFailure {
+        model: model.clone(),
+        clock: clock.clone(),
+        commands: model.io_commands(),
+        failed_at: Cell::new(None),
+    };
+    let c = Config {
+        backoff_base_us: 10,
+        backoff_max_us: 10,
+        ..cfg()
+    };
+    let mut w = Writer::new(qp, &dma, clock.clone(), &token, c).unwrap();
+    model.set_fault(Fault::Status(st.field()));
+    w.append(&pattern(50, 100)).unwrap();
+    assert_eq!(w.sync().unwrap(), 100);
+    let waited = clock.now_ns() - token.failed_at.get().expect("one attempt failed");
+    assert!(waited >= 500_000_000, "retried after {waited} ns");
+    assert_eq!(w.stats().retries, 1);
+    assert_eq!(
+        w.queue().stats().retries,
+        0,
+        "the driver left the retry to the caller"
+    );
+    assert_eq!(disk(&model, 0, 100), pattern(50, 100));
+}
