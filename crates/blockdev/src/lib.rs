@@ -266,7 +266,8 @@ impl IoError {
 /// A command that ran past its queue's timeout while the device still owns it. **Not a
 /// completion**: the tag stays in flight and its buffer stays the device's until the tag is
 /// reported through [`BlockQueue::poll`] (late completion with the device's status, a confirmed
-/// abort, or a reset that quiesced it).
+/// abort, or a reset that quiesced it). Read events soon after the `poll` that produced them:
+/// one read after the tag has completed (late) describes a tag that may be in use again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct TimedOut {

@@ -978,6 +978,8 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         self.phase = true;
         self.needs_reset = false;
         self.aborts.clear();
+        // Every timed-out tag completes (with `Timeout`) below: events not yet read are moot.
+        self.timeout_events.clear();
         for i in 0..self.nslots {
             let mut s = self.slot(i);
             match s.state {
@@ -1015,6 +1017,11 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
 
     pub(crate) fn after_reset_failed(&mut self) {
         self.failed = true;
+        self.timeout_events.clear();
+        // Timed-out commands complete with `Timeout` here even when the controller never
+        // reached CSTS.RDY = 0 (the reset failed before `prepare_reset`): the pair is failed for
+        // good, and leaving their tags in flight forever would hang every owner. A board that
+        // cannot trust such a device must also stop its DMA (bus mastering off) before reuse.
         for i in 0..self.nslots {
             let s = self.slot(i);
             match s.state {
