@@ -158,7 +158,8 @@ pub struct IoDesc {
 pub enum IoError {
     /// The device reported an error status.
     Device {
-        /// The raw status (e.g. NVMe status code type and code).
+        /// The device's whole status field, flags included (NVMe layout, as
+        /// `keel_blockdev::DevStatus::field`: SC, SCT, CRD, More, DNR).
         status: u16,
     },
     /// The I/O was aborted (queue deleted, controller reset).

@@ -7,6 +7,13 @@
 //!
 //! Buffers are named by [`BufRef`]: a device-visible (bus) address and a length. No heap is
 //! involved; the caller keeps the memory alive and untouched until the tag completes.
+//!
+//! **The completion hands the buffer back.** A tag is reported once the device is done with its
+//! buffer, never earlier: a command that times out is announced as a [`TimedOut`] event
+//! ([`BlockQueue::pop_timed_out`]) and its tag completes later — with the device's own status
+//! when it completes late, `Aborted` when an abort of it is confirmed, `Timeout` when a reset
+//! or queue deletion quiesced it. So a write is never reissued while its original may still
+//! land, and a read never writes into memory its owner got back.
 #![no_std]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -174,29 +181,106 @@ pub enum SubmitError {
     UnsupportedFormat,
 }
 
+/// A device's completion status word, kept whole so policy above the driver can honour it.
+///
+/// The layout is NVMe's status field (NVMe 1.4 4.6.1) without the phase bit: bits 1..=8 the
+/// Status Code, 9..=11 the Status Code Type, 12..=13 the Command Retry Delay index, 14 More,
+/// 15 Do Not Retry. A device that is not NVMe maps its statuses onto it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct DevStatus(u16);
+
+impl DevStatus {
+    /// From a raw status field (bit 0, the phase tag, is ignored).
+    pub const fn from_field(field: u16) -> Self {
+        Self(field & !1)
+    }
+    /// The raw status field (phase bit 0).
+    pub const fn field(self) -> u16 {
+        self.0
+    }
+    /// `SCT << 8 | SC`: the status code without its flags.
+    pub const fn code(self) -> u16 {
+        (((self.0 >> 9) & 0x7) << 8) | ((self.0 >> 1) & 0xFF)
+    }
+    /// Do Not Retry: the device says the same command will fail again. Never retry it.
+    pub const fn dnr(self) -> bool {
+        self.0 & (1 << 15) != 0
+    }
+    /// More: the device has more about this failure in its error log.
+    pub const fn more(self) -> bool {
+        self.0 & (1 << 14) != 0
+    }
+    /// Command Retry Delay index (0: retry at once; 1..=3 select CRDT1..3 from Identify
+    /// Controller, in units of 100 ms).
+    pub const fn crd(self) -> u8 {
+        ((self.0 >> 12) & 0x3) as u8
+    }
+}
+
 /// Why an accepted operation failed.
+///
+/// The completion that carries an `IoError` is also what hands the operation's buffer back to
+/// its owner: a queue reports it only once the device is done with the buffer (it completed the
+/// command, an abort of it was confirmed, or a reset or queue deletion quiesced it). A command
+/// that merely ran past its timeout is announced through [`BlockQueue::pop_timed_out`] instead,
+/// and its buffer stays the device's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum IoError {
-    /// The device did not complete the operation in time.
+    /// The device did not complete the operation in time, and it was then quiesced (controller
+    /// reset or queue deletion): the device no longer owns the buffer.
     Timeout,
     /// The operation was aborted (by an abort request or a queue deletion).
     Aborted,
     /// The device was reset and the operation could not be resubmitted.
     DeviceReset,
     /// Unrecoverable media error (read or write fault, integrity check failure).
-    Media,
+    Media {
+        /// The device's status, DNR and More bits included.
+        status: DevStatus,
+    },
     /// The device rejected the LBA range.
     OutOfRange,
     /// The device rejected the command as invalid (opcode, field, namespace).
     Invalid,
     /// The device reports the namespace or medium as write-protected.
     WriteProtected,
-    /// Any other device status; `code` is device-specific (NVMe: `SCT << 8 | SC`).
+    /// Any other device status (also an abort status the device marked Do Not Retry).
     Device {
-        /// The device's status code.
-        code: u16,
+        /// The device's status, DNR and More bits included (`status.code()` is `SCT << 8 | SC`).
+        status: DevStatus,
     },
+}
+
+impl IoError {
+    /// The device status behind the error, where one was kept.
+    pub const fn status(&self) -> Option<DevStatus> {
+        match *self {
+            IoError::Media { status } | IoError::Device { status } => Some(status),
+            _ => None,
+        }
+    }
+
+    /// `true` when the device marked the status Do Not Retry.
+    pub const fn dnr(&self) -> bool {
+        match self.status() {
+            Some(s) => s.dnr(),
+            None => false,
+        }
+    }
+}
+
+/// A command that ran past its queue's timeout while the device still owns it. **Not a
+/// completion**: the tag stays in flight and its buffer stays the device's until the tag is
+/// reported through [`BlockQueue::poll`] (late completion with the device's status, a confirmed
+/// abort, or a reset that quiesced it). Read events soon after the `poll` that produced them:
+/// one read after the tag has completed (late) describes a tag that may be in use again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct TimedOut {
+    /// The tag the operation was submitted with.
+    pub tag: u32,
 }
 
 /// Receives the finished tags of [`BlockQueue::poll_with`]. Any
@@ -247,6 +331,20 @@ pub trait BlockQueue {
     /// unsure, which is always correct. Once it says `true`, the next `poll` does the work.
     fn poll_due(&self) -> bool {
         true
+    }
+    /// The next timeout event, oldest first: a tag whose command ran past the queue's timeout
+    /// and that the device still owns (see [`TimedOut`]). Each timed-out tag is announced once,
+    /// by the `poll` that noticed it; a queue keeps at least its depth of events and drops the
+    /// oldest beyond that. A queue without timeouts keeps the default (none).
+    fn pop_timed_out(&mut self) -> Option<TimedOut> {
+        None
+    }
+    /// How long the device asks the host to wait before retrying a command that failed with
+    /// `status`, in microseconds (NVMe: the status's CRD selects CRDT1..3 from Identify
+    /// Controller, 100 ms units; 0 for CRD = 0). A retry policy waits at least this long.
+    fn retry_delay_us(&self, status: DevStatus) -> u64 {
+        let _ = status;
+        0
     }
     /// How many device commands the queue can hold at once.
     fn depth(&self) -> usize;

@@ -195,6 +195,9 @@ impl<Q: BlockQueue> BlockQueue for Lent<'_, Q> {
     fn poll_due(&self) -> bool {
         self.0.poll_due()
     }
+    fn pop_timed_out(&mut self) -> Option<keel_blockdev::TimedOut> {
+        self.0.pop_timed_out()
+    }
     fn depth(&self) -> usize {
         self.0.depth()
     }

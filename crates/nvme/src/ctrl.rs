@@ -206,6 +206,8 @@ pub struct ControllerInfo {
     pub max_queue_entries: u32,
     /// I/O queue pairs granted (Set Features Number of Queues), capped at [`MAX_IO_QUEUES`].
     pub io_queues: u16,
+    /// Command Retry Delay Times CRDT1..3 in units of 100 ms (0 where not reported).
+    pub crdt: [u16; 3],
 }
 
 fn trim(bytes: &[u8]) -> &str {
@@ -330,6 +332,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             nn: 0,
             max_queue_entries: cap.max_queue_entries(),
             io_queues: 0,
+            crdt: [0; 3],
         };
         let mut ctrl = Self {
             mmio,
@@ -598,6 +601,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         info.deallocate = oncs & spec::ONCS_DSM != 0;
         info.doorbell_buffer = oacs & spec::OACS_DOORBELL_BUFFER_CONFIG != 0;
         info.nn = id.nn.get();
+        info.crdt = id.crdt.map(|t| t.get());
         // MDTS is in units of CAP.MPSMIN; clamp absurd exponents instead of overflowing.
         info.mdts_bytes = match id.mdts {
             0 => None,
@@ -846,6 +850,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             max_transfer: self.info.max_transfer,
             write_zeroes: self.info.write_zeroes,
             deallocate: self.info.deallocate,
+            crdt: self.info.crdt,
             cfg: self.cfg,
         })?;
         if let Err(e) = self.create_queues_on_device(&qp) {
@@ -913,8 +918,8 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
 
     /// Asks the controller to abort command `cid` on submission queue `sqid`. Returns `true`
     /// when the controller reports it aborted the command (its completion then arrives with
-    /// "Command Abort Requested" status, which the queue pair reports as `IoError::Aborted`
-    /// unless the tag already timed out).
+    /// "Command Abort Requested" status, which the queue pair reports as `IoError::Aborted`:
+    /// that completion is what hands the command's buffer back, timed out or not).
     pub fn abort(&mut self, sqid: u16, cid: u16) -> Result<bool, NvmeError> {
         let mut sqe = SqEntry::new(admin_op::ABORT, 0, 0);
         sqe.cdw10 = sqid as u32 | ((cid as u32) << 16);
@@ -934,8 +939,9 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
     ///
     /// All live queue pairs must be passed in (quiesced: nobody else uses them during the
     /// call). Their rings are recreated on the device; commands in flight are resubmitted
-    /// (counted against `max_retries`) or failed with `IoError::DeviceReset`; tags already
-    /// reported (for example as timed out) are not reported again. If recovery fails, every
+    /// (counted against `max_retries`) or failed with `IoError::DeviceReset`; commands that had
+    /// timed out (still owned by the device until now) complete with `IoError::Timeout`, the
+    /// controller being quiesced (CSTS.RDY = 0) before they are. If recovery fails, every
     /// pending tag is failed, the pairs refuse new work and the controller is marked failed.
     pub fn reset(&mut self, qpairs: &mut [&mut IoQueuePair<M, C>]) -> Result<(), NvmeError> {
         for qid in self.live.iter_ones().map(|q| q as u16) {

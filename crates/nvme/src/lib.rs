@@ -55,8 +55,11 @@
 //!   ([`QueueStats`]).
 //! * Requests larger than the per-command limit (MDTS, PRP list space) are split; the tag
 //!   completes when all parts complete and fails with the first part's error.
-//! * A timed-out command's tag is reported as `IoError::Timeout` at once; its slot stays
-//!   reserved until the device completes it or the controller is reset.
+//! * A timed-out command is announced at once as a `TimedOut` event
+//!   (`BlockQueue::pop_timed_out`), but its tag — which hands the buffer back — completes only
+//!   when the device is done with it: late, with the device's own status; `Aborted` after a
+//!   confirmed abort; `Timeout` once a controller reset quiesced it. Its slot stays reserved
+//!   meanwhile, and `IoQueuePair::needs_reset` says so.
 //! * Shadow doorbells ([`Config::shadow_doorbells`], default off) follow the EventIdx rule.
 #![no_std]
 #![forbid(unsafe_code)]

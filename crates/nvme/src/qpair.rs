@@ -3,7 +3,9 @@
 use core::sync::atomic::{fence, Ordering};
 
 use heapless::{Deque, Vec};
-use keel_blockdev::{BlockOp, BlockQueue, BufRef, IoError, NsId, OnDone, SubmitError};
+use keel_blockdev::{
+    BlockOp, BlockQueue, BufRef, DevStatus, IoError, NsId, OnDone, SubmitError, TimedOut,
+};
 use keel_hal::{Clock, DmaAllocator, DmaRegion, Mmio};
 
 use crate::ctrl::{Config, Namespace, NsFormat, PiType, MAX_NAMESPACES};
@@ -16,8 +18,9 @@ const NONE: u16 = 0xFFFF;
 const FREE: u8 = 0;
 /// Submitted; the device owns it.
 const ACTIVE: u8 = 1;
-/// Timed out and already reported; the device may still complete it, so the slot (its CID and
-/// PRP list) is not reused until it does or the controller is reset.
+/// Timed out (announced as a [`TimedOut`] event) and still the device's: neither its slot (CID,
+/// PRP list) nor its tag's buffer is given back until the device completes it (its own status is
+/// reported), an abort of it completes it, or a controller reset quiesces it (`Timeout`).
 const ZOMBIE: u8 = 2;
 /// In flight across a controller reset; to be resubmitted or failed.
 const PENDING: u8 = 3;
@@ -53,6 +56,8 @@ static_assertions::const_assert!(core::mem::size_of::<SlotRec>() <= 56);
 const ERR_NONE: u8 = 0;
 const ERR_STATUS: u8 = 1;
 const ERR_RESET: u8 = 2;
+/// Timed out, then quiesced by a controller reset: reported as `IoError::Timeout`.
+const ERR_TIMEOUT: u8 = 3;
 
 /// Per tag bookkeeping (a tag may span several commands when split at MDTS).
 #[derive(Debug, Clone, Copy, Default)]
@@ -62,7 +67,8 @@ struct ReqRec {
     next: u16,
     status: u16,
     err: u8,
-    reported: u8,
+    /// A part of it timed out and its [`TimedOut`] event was queued (once per tag).
+    timed_out: u8,
 }
 static_assertions::const_assert!(core::mem::size_of::<ReqRec>() <= 12);
 
@@ -82,8 +88,10 @@ pub struct QueueStats {
     pub bad_sqid: u64,
     /// Completions with an SQ head pointer past the queue.
     pub bad_sq_head: u64,
-    /// Completions of commands that had already timed out.
+    /// Completions of commands that had already timed out (reported with the device's status).
     pub late_completions: u64,
+    /// Timed-out commands a controller reset quiesced (reported as `Timeout`).
+    pub quiesced_timeouts: u64,
     /// Commands resubmitted after a transient error status.
     pub retries: u64,
     /// Commands that timed out.
@@ -112,6 +120,7 @@ pub(crate) struct QpairParams<M, C> {
     pub max_transfer: usize,
     pub write_zeroes: bool,
     pub deallocate: bool,
+    pub crdt: [u16; 3],
     pub cfg: Config,
 }
 
@@ -161,6 +170,8 @@ pub struct IoQueuePair<M: Mmio, C: Clock> {
     max_transfer: usize,
     write_zeroes: bool,
     deallocate: bool,
+    /// CRDT1..3 from Identify Controller (100 ms units).
+    crdt: [u16; 3],
     list_pages: usize,
     timeout_ns: u64,
     max_retries: u8,
@@ -172,6 +183,8 @@ pub struct IoQueuePair<M: Mmio, C: Clock> {
     failed: bool,
     needs_reset: bool,
     aborts: Deque<u16, 16>,
+    /// Timeout events not yet taken by `pop_timed_out` (oldest dropped past the capacity).
+    timeout_events: Deque<u32, MAX_COMMANDS>,
     stats: QueueStats,
 }
 
@@ -232,6 +245,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             max_transfer: p.max_transfer,
             write_zeroes: p.write_zeroes,
             deallocate: p.deallocate,
+            crdt: p.crdt,
             list_pages: p.cfg.prp_list_pages,
             timeout_ns: p.cfg.io_timeout_ms.saturating_mul(1_000_000),
             max_retries: p.cfg.max_retries,
@@ -241,6 +255,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             failed: false,
             needs_reset: false,
             aborts: Deque::new(),
+            timeout_events: Deque::new(),
             stats: QueueStats::default(),
         };
         // Build the free lists (slot 0 first).
@@ -605,23 +620,19 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             r.status = status;
         }
         if r.outstanding == 0 {
-            if r.reported != 0 {
-                self.free_req_rec(req);
-            } else {
-                self.push_ready(req, r);
-            }
+            self.push_ready(req, r);
         } else {
             self.put_req(req, &r);
         }
     }
 
     /// A command of request `req` succeeded. Returns the request's tag when that finished it
-    /// and it can be reported at once (no failed part, no timeout report): the common case, a
-    /// request of one command. Otherwise as [`Self::finish_part`] (the ready list).
+    /// and it can be reported at once (no failed part): the common case, a request of one
+    /// command. Otherwise as [`Self::finish_part`] (the ready list).
     #[inline(always)]
     fn finish_ok(&mut self, req: u16) -> Option<u32> {
         let r = self.req(req);
-        if r.outstanding == 1 && r.err == ERR_NONE && r.reported == 0 {
+        if r.outstanding == 1 && r.err == ERR_NONE {
             self.free_req_rec(req);
             self.unreported -= 1;
             return Some(r.tag);
@@ -666,7 +677,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             reported += self.drain_ready(&mut |t, r| on_done.done(t, r));
         }
         if let Some(now) = self.scan_due() {
-            reported += self.scan_timeouts(now, &mut |t, r| on_done.done(t, r));
+            self.scan_timeouts(now);
         }
         // Retries queued by `handle` go out with one doorbell.
         self.flush_submissions();
@@ -688,6 +699,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 ERR_NONE => Ok(()),
                 ERR_STATUS => Err(Status::from_field(r.status).to_io_error()),
                 ERR_RESET => Err(IoError::DeviceReset),
+                ERR_TIMEOUT => Err(IoError::Timeout),
                 _ => Err(IoError::Invalid),
             };
             self.free_req_rec(i);
@@ -875,13 +887,22 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         let s = self.slot(i);
         let status = e.status();
         if s.state == ZOMBIE {
+            // The device is done with it at last: its tag (and buffer) goes back now, with the
+            // device's own status. Not retried: the caller has heard of the timeout and decides.
             self.stats.late_completions += 1;
             self.release_slot(i);
-            self.finish_part(s.req, ERR_NONE, 0);
+            if status.is_success() {
+                self.finish_part(s.req, ERR_NONE, 0);
+            } else {
+                self.finish_part(s.req, ERR_STATUS, e.status);
+            }
             return;
         }
+        // A status asking for a retry delay (CRD != 0) is not retried here at once: it is
+        // reported, and the caller waits `BlockQueue::retry_delay_us` before its own retry.
         if !status.is_success()
             && status.is_retryable()
+            && status.crd == 0
             && s.retries < self.max_retries
             && !self.failed
         {
@@ -925,14 +946,14 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     }
 
     /// The periodic timeout scan, due at `now` (the caller checked `busy` and `next_scan`).
+    ///
+    /// A command past its deadline becomes a zombie and its tag is announced once as a
+    /// [`TimedOut`] event; nothing is reported through `on_done`: the tag, and with it the
+    /// buffer, stays the device's until the device completes the command, an abort completes
+    /// it, or a controller reset quiesces it.
     #[inline(never)]
-    fn scan_timeouts(
-        &mut self,
-        now: u64,
-        on_done: &mut dyn FnMut(u32, Result<(), IoError>),
-    ) -> usize {
+    fn scan_timeouts(&mut self, now: u64) {
         self.next_scan = now.saturating_add((self.timeout_ns / 8).max(1));
-        let mut reported = 0;
         let mut any = false;
         for i in 0..self.nslots {
             let mut s = self.slot(i);
@@ -945,17 +966,18 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             self.put_slot(i, &s);
             let _ = self.aborts.push_back(self.cid_of(i, s.gen));
             let mut r = self.req(s.req);
-            if r.reported == 0 {
-                r.reported = 1;
+            if r.timed_out == 0 {
+                r.timed_out = 1;
                 self.put_req(s.req, &r);
-                self.unreported -= 1;
                 keel_log::warn!(
-                    "nvme: q{} cid {} timed out",
+                    "nvme: q{} cid {} timed out (still owned by the device)",
                     self.qid,
                     self.cid_of(i, s.gen)
                 );
-                on_done(r.tag, Err(IoError::Timeout));
-                reported += 1;
+                if self.timeout_events.is_full() {
+                    self.timeout_events.pop_front();
+                }
+                let _ = self.timeout_events.push_back(r.tag);
             }
         }
         if any {
@@ -965,7 +987,13 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 self.failed = true;
             }
         }
-        reported
+    }
+
+    /// Tags whose commands timed out and are still on the device (their slots are zombies).
+    pub fn timed_out_slots(&self) -> usize {
+        (0..self.nslots)
+            .filter(|&i| self.slot(i).state == ZOMBIE)
+            .count()
     }
 
     // ---- reset support (called by Controller::reset) ----
@@ -984,12 +1012,16 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         self.phase = true;
         self.needs_reset = false;
         self.aborts.clear();
+        // Every timed-out tag completes (with `Timeout`) below: events not yet read are moot.
+        self.timeout_events.clear();
         for i in 0..self.nslots {
             let mut s = self.slot(i);
             match s.state {
                 ZOMBIE => {
+                    // CSTS.RDY = 0: the device no longer owns it. Its tag completes now.
+                    self.stats.quiesced_timeouts += 1;
                     self.release_slot(i);
-                    self.finish_part(s.req, ERR_NONE, 0);
+                    self.finish_part(s.req, ERR_TIMEOUT, 0);
                 }
                 ACTIVE => {
                     s.state = PENDING;
@@ -1019,6 +1051,11 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
 
     pub(crate) fn after_reset_failed(&mut self) {
         self.failed = true;
+        self.timeout_events.clear();
+        // Timed-out commands complete with `Timeout` here even when the controller never
+        // reached CSTS.RDY = 0 (the reset failed before `prepare_reset`): the pair is failed for
+        // good, and leaving their tags in flight forever would hang every owner. A board that
+        // cannot trust such a device must also stop its DMA (bus mastering off) before reuse.
         for i in 0..self.nslots {
             let s = self.slot(i);
             match s.state {
@@ -1027,8 +1064,9 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                     self.finish_part(s.req, ERR_RESET, 0);
                 }
                 ZOMBIE => {
+                    self.stats.quiesced_timeouts += 1;
                     self.release_slot(i);
-                    self.finish_part(s.req, ERR_NONE, 0);
+                    self.finish_part(s.req, ERR_TIMEOUT, 0);
                 }
                 _ => {}
             }
@@ -1380,6 +1418,20 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
 
     fn in_flight(&self) -> usize {
         self.unreported
+    }
+
+    fn pop_timed_out(&mut self) -> Option<TimedOut> {
+        self.timeout_events.pop_front().map(|tag| TimedOut { tag })
+    }
+
+    fn retry_delay_us(&self, status: DevStatus) -> u64 {
+        match status.crd() {
+            0 => 0,
+            i => self
+                .crdt
+                .get(i as usize - 1)
+                .map_or(0, |&t| t as u64 * 100_000),
+        }
     }
 
     fn block_size(&self, ns: NsId) -> Option<u32> {

@@ -497,7 +497,11 @@ pub struct IdentifyController {
     pub cntlid: U16,
     /// Version (same layout as the VS register, [`Vs`]).
     pub ver: U32,
-    _rsvd84: [u8; 172],
+    _rsvd84: [u8; 50],
+    /// Command Retry Delay Times 1..3 (offset 134), in units of 100 ms: what a completion's
+    /// CRD field 1..3 asks the host to wait before retrying.
+    pub crdt: [U16; 3],
+    _rsvd140: [u8; 116],
     /// Optional admin command support; bit 8 = Doorbell Buffer Config.
     pub oacs: U16,
     _rsvd258: [u8; 254],
@@ -770,22 +774,29 @@ impl Status {
         )
     }
 
-    /// Maps the status onto the device-independent error of `keel-blockdev`.
+    /// Maps the status onto the device-independent error of `keel-blockdev`. Media and
+    /// unclassified statuses keep the whole status (DNR, More, CRD); an abort status the device
+    /// marked Do Not Retry is reported as `Device` so the DNR bit is not lost.
     pub fn to_io_error(&self) -> keel_blockdev::IoError {
-        use keel_blockdev::IoError;
+        use keel_blockdev::{DevStatus, IoError};
+        let status = DevStatus::from_field(self.to_field());
         match self.kind() {
             StatusKind::AbortRequested
             | StatusKind::AbortedSqDeletion
-            | StatusKind::AbortedPowerLoss => IoError::Aborted,
+            | StatusKind::AbortedPowerLoss
+                if !self.dnr =>
+            {
+                IoError::Aborted
+            }
             StatusKind::LbaOutOfRange | StatusKind::CapacityExceeded => IoError::OutOfRange,
             StatusKind::InvalidOpcode | StatusKind::InvalidField | StatusKind::InvalidNamespace => {
                 IoError::Invalid
             }
             StatusKind::WriteFault | StatusKind::UnrecoveredRead | StatusKind::IntegrityError => {
-                IoError::Media
+                IoError::Media { status }
             }
             StatusKind::WriteProtected => IoError::WriteProtected,
-            _ => IoError::Device { code: self.code() },
+            _ => IoError::Device { status },
         }
     }
 }
@@ -857,7 +868,30 @@ mod tests {
             dnr: true,
         };
         assert_eq!(Status::from_field(media.to_field()), media);
-        assert_eq!(media.to_io_error(), keel_blockdev::IoError::Media);
+        assert!(
+            matches!(media.to_io_error(), keel_blockdev::IoError::Media { status } if status.code() == media.code())
+        );
+        let st = media
+            .to_io_error()
+            .status()
+            .unwrap_or(keel_blockdev::DevStatus::from_field(0));
+        assert!(st.dnr() && st.more() && media.to_io_error().dnr());
+        let abort_dnr = Status {
+            sct: 0,
+            sc: 0x07,
+            crd: 0,
+            more: false,
+            dnr: true,
+        };
+        assert!(
+            abort_dnr.to_io_error().dnr(),
+            "a DNR abort keeps its DNR bit"
+        );
+        let abort = Status {
+            dnr: false,
+            ..abort_dnr
+        };
+        assert_eq!(abort.to_io_error(), keel_blockdev::IoError::Aborted);
     }
 
     #[test]

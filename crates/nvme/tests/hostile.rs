@@ -82,6 +82,33 @@ fn drain(qp: &mut Qp, clock: &ModelClock) -> Result<Done, String> {
     Err(format!("hang: {} still in flight", qp.in_flight()))
 }
 
+/// Polls (advancing the clock 1 ms per round) until `n` timeout events came, collecting the
+/// completions meanwhile (there must be none: a timed-out tag stays the device's). Bounded.
+fn until_timed_out(qp: &mut Qp, clock: &ModelClock, n: usize) -> Result<Vec<u32>, String> {
+    let mut events = Vec::new();
+    let mut done = Vec::new();
+    for _ in 0..2_000 {
+        qp.poll(64, &mut |t, r| done.push((t, r)));
+        while let Some(e) = qp.pop_timed_out() {
+            events.push(e.tag);
+        }
+        if events.len() >= n {
+            break;
+        }
+        clock.advance_ms(1);
+    }
+    check(
+        done.is_empty(),
+        format!("completed while the device owns them: {done:?}"),
+    )?;
+    check(
+        events.len() == n,
+        format!("{} timeout events, want {n}", events.len()),
+    )?;
+    check(qp.in_flight() == n, "timed-out tags stay in flight")?;
+    Ok(events)
+}
+
 /// Each tag in `tags` reported exactly once, and nothing else reported.
 fn exactly_once(done: &Done, tags: impl IntoIterator<Item = u32>) -> Result<(), String> {
     let mut seen: HashMap<u32, usize> = HashMap::new();
@@ -119,7 +146,9 @@ fn flushes(qp: &mut Qp, tags: std::ops::Range<u32>) -> Result<(), String> {
 }
 
 /// After a reset the queue pair must work again.
-fn reset_and_recover(r: &mut Rig, qp: &mut Qp) -> Result<(), String> {
+/// Resets the controller (fault cleared) and checks new I/O works; returns what the reset
+/// completed (timed-out tags the reset quiesced, commands it failed).
+fn reset_and_recover(r: &mut Rig, qp: &mut Qp) -> Result<Done, String> {
     r.model.set_fault(Fault::None);
     r.ctrl
         .reset(&mut [&mut *qp])
@@ -130,7 +159,8 @@ fn reset_and_recover(r: &mut Rig, qp: &mut Qp) -> Result<(), String> {
     check(
         done == vec![(900, Ok(()))],
         format!("after reset: {done:?} (+{before:?})"),
-    )
+    )?;
+    Ok(before)
 }
 
 // ------------------------------------------------------------------ rows
@@ -154,18 +184,18 @@ fn wrong_cid(mask: u16) -> Row {
     let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 32).unwrap();
     r.model.set_fault(Fault::CorruptCid(mask));
     flushes(&mut qp, 0..1)?;
-    let done = drain(&mut qp, &r.clock)?;
-    exactly_once(&done, 0..1)?;
-    all_eq(&done, Err(IoError::Timeout))?;
+    until_timed_out(&mut qp, &r.clock, 1)?;
     let s = qp.stats();
     check(
         s.stale_cid + s.bad_cid == 1,
         format!("stale {} bad {}", s.stale_cid, s.bad_cid),
     )?;
     check(qp.needs_reset(), "needs_reset")?;
-    reset_and_recover(&mut r, &mut qp)?;
+    let done = reset_and_recover(&mut r, &mut qp)?;
+    exactly_once(&done, 0..1)?;
+    all_eq(&done, Err(IoError::Timeout))?;
     Ok(format!(
-        "Timeout; dropped (stale {}, bad {}); reset ok",
+        "event; Timeout at reset; dropped (stale {}, bad {}); reset ok",
         s.stale_cid, s.bad_cid
     ))
 }
@@ -229,11 +259,11 @@ fn wrong_phase() -> Row {
     let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 32).unwrap();
     r.model.set_fault(Fault::WrongPhase);
     flushes(&mut qp, 0..8)?;
-    let done = drain(&mut qp, &r.clock)?;
+    until_timed_out(&mut qp, &r.clock, 8)?;
+    let done = reset_and_recover(&mut r, &mut qp)?;
     exactly_once(&done, 0..8)?;
     all_eq(&done, Err(IoError::Timeout))?;
-    reset_and_recover(&mut r, &mut qp)?;
-    Ok("8 Timeout; reset ok".into())
+    Ok("8 events; 8 Timeout at reset; reset ok".into())
 }
 
 fn stall() -> Row {
@@ -241,16 +271,16 @@ fn stall() -> Row {
     let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 32).unwrap();
     r.model.set_fault(Fault::Stall);
     flushes(&mut qp, 0..31)?;
-    let done = drain(&mut qp, &r.clock)?;
-    exactly_once(&done, 0..31)?;
-    all_eq(&done, Err(IoError::Timeout))?;
+    until_timed_out(&mut qp, &r.clock, 31)?;
     check(qp.needs_reset(), "needs_reset")?;
     check(
         qp.submit(BlockOp::Flush { ns: 1 }, 99) == Err(SubmitError::QueueFull),
         "slots still owned by the device",
     )?;
-    reset_and_recover(&mut r, &mut qp)?;
-    Ok("31 Timeout; reset ok".into())
+    let done = reset_and_recover(&mut r, &mut qp)?;
+    exactly_once(&done, 0..31)?;
+    all_eq(&done, Err(IoError::Timeout))?;
+    Ok("31 events; 31 Timeout at reset; reset ok".into())
 }
 
 fn late_completion() -> Row {
@@ -258,14 +288,15 @@ fn late_completion() -> Row {
     let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 32).unwrap();
     r.model.set_fault(Fault::Stall);
     flushes(&mut qp, 0..4)?;
-    let mut done = drain(&mut qp, &r.clock)?;
+    until_timed_out(&mut qp, &r.clock, 4)?;
     r.model.set_fault(Fault::None);
     r.model.step();
+    let mut done = Vec::new();
     for _ in 0..4 {
         qp.poll(64, &mut |t, res| done.push((t, res)));
     }
     exactly_once(&done, 0..4)?;
-    all_eq(&done, Err(IoError::Timeout))?;
+    all_eq(&done, Ok(()))?;
     let late = qp.stats().late_completions;
     check(late == 4, format!("late {late}"))?;
     check(qp.busy_slots() == 0, "slots freed by late completions")?;
@@ -274,7 +305,7 @@ fn late_completion() -> Row {
         drain(&mut qp, &r.clock)? == vec![(10, Ok(()))],
         "works after",
     )?;
-    Ok("4 Timeout once; 4 late dropped".into())
+    Ok("4 events; then 4 late completions report Ok".into())
 }
 
 fn status_codes() -> Row {
@@ -309,6 +340,7 @@ fn status_codes() -> Row {
                 let k = match res {
                     Ok(()) => "Ok".to_string(),
                     Err(IoError::Device { .. }) => "Device".to_string(),
+                    Err(IoError::Media { .. }) => "Media".to_string(),
                     Err(e) => format!("{e:?}"),
                 };
                 *kinds.entry(k).or_default() += 1;
@@ -327,12 +359,12 @@ fn fatal_during_io() -> Row {
     r.model.set_fault(Fault::FatalStatus);
     flushes(&mut qp, 0..8)?;
     check(r.ctrl.is_fatal(), "is_fatal")?;
-    let done = drain(&mut qp, &r.clock)?;
+    until_timed_out(&mut qp, &r.clock, 8)?;
+    check(qp.is_failed() && qp.needs_reset(), "qp failed")?;
+    let done = reset_and_recover(&mut r, &mut qp)?;
     exactly_once(&done, 0..8)?;
     all_eq(&done, Err(IoError::Timeout))?;
-    check(qp.is_failed() && qp.needs_reset(), "qp failed")?;
-    reset_and_recover(&mut r, &mut qp)?;
-    Ok("is_fatal; 8 Timeout; reset ok".into())
+    Ok("is_fatal; 8 events; 8 Timeout at reset; reset ok".into())
 }
 
 fn init_err(
@@ -578,9 +610,8 @@ fn reset_storm() -> Row {
         for d in &done {
             match d.1 {
                 Ok(()) => ok += 1,
-                Err(IoError::DeviceReset | IoError::Timeout | IoError::Device { code: 6 }) => {
-                    failed += 1
-                }
+                Err(IoError::DeviceReset | IoError::Timeout) => failed += 1,
+                Err(IoError::Device { status }) if status.code() == 6 => failed += 1,
                 Err(e) => return Err(format!("round {round}: tag {} {e:?}", d.0)),
             }
         }
@@ -635,8 +666,24 @@ fn reactor_reset_storm() -> Row {
         }
         re.poll();
         if round % 3 == 0 {
+            let before = re.stats().timed_out;
             r.clock.advance_ms(150);
-            re.poll();
+            for _ in 0..64 {
+                re.poll(); // the timeout check reads the clock every 32nd check
+            }
+            // Timed out, announced, and still the device's: no handle comes back for them.
+            let stalled = N - (4 + round as usize % 24);
+            check(
+                re.stats().timed_out - before == stalled as u64,
+                format!("round {round}: {:?}", re.stats()),
+            )?;
+            check(
+                re.in_flight() == stalled,
+                format!(
+                    "round {round}: {} in flight, {stalled} stalled",
+                    re.in_flight()
+                ),
+            )?;
         }
         r.model.set_fault(Fault::None);
         let ctrl = &mut r.ctrl;
@@ -716,12 +763,12 @@ fn rows() -> Vec<Spec> {
         },
         Spec {
             name: "wrong CID (slot ^ 1)",
-            expect: "Timeout + reset",
+            expect: "event; Timeout at reset",
             run: || wrong_cid(0x0001),
         },
         Spec {
             name: "wrong CID (generation bit flipped)",
-            expect: "Timeout + reset",
+            expect: "event; Timeout at reset",
             run: || wrong_cid(0x8000),
         },
         Spec {
@@ -736,17 +783,17 @@ fn rows() -> Vec<Spec> {
         },
         Spec {
             name: "wrong phase",
-            expect: "Timeout + reset",
+            expect: "event; Timeout at reset",
             run: wrong_phase,
         },
         Spec {
             name: "stall (never completes), QD31",
-            expect: "Timeout + reset",
+            expect: "event; Timeout at reset",
             run: stall,
         },
         Spec {
             name: "late completion after timeout",
-            expect: "Timeout once, late dropped",
+            expect: "event; late Ok",
             run: late_completion,
         },
         Spec {
@@ -756,7 +803,7 @@ fn rows() -> Vec<Spec> {
         },
         Spec {
             name: "CSTS.CFS during I/O",
-            expect: "Timeout + reset",
+            expect: "event; Timeout at reset",
             run: fatal_during_io,
         },
         Spec {

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use keel_blockdev::{BlockOp, BlockQueue, BufRef, IoError, SubmitError};
+use keel_blockdev::{BlockOp, BlockQueue, BufRef, IoError, SubmitError, TimedOut};
 use keel_hal::{DmaAllocator, DmaRegion};
 use keel_model::{Fault, HostDma, ModelClock, ModelConfig, ModelMmio, NsConfig, NvmeModel};
 use keel_nvme::{BadIdentify, Config, Controller, IoQueuePair, NvmeError};
@@ -651,16 +651,16 @@ fn transient_errors_are_retried_permanent_are_not() {
     run_one(&mut qp, BlockOp::Flush { ns: 1 }).unwrap();
     assert_eq!(qp.stats().retries, 2);
     r.model.set_fault(Fault::TransientError(10));
-    assert_eq!(
+    assert!(matches!(
         run_one(&mut qp, BlockOp::Flush { ns: 1 }),
-        Err(IoError::Device { code: 0x0006 })
-    );
+        Err(IoError::Device { status }) if status.code() == 0x0006 && !status.dnr()
+    ));
     assert_eq!(qp.stats().retries, 2 + 3, "bounded by max_retries");
     r.model.set_fault(Fault::PermanentError);
-    assert_eq!(
+    assert!(matches!(
         run_one(&mut qp, BlockOp::Flush { ns: 1 }),
-        Err(IoError::Device { code: 0x0006 })
-    );
+        Err(IoError::Device { status }) if status.code() == 0x0006 && status.dnr()
+    ));
     assert_eq!(qp.stats().retries, 5, "DNR=1 is not retried");
     // Device-side LBA check maps to a typed error (the driver's own check is bypassed by a
     // namespace that shrank: write past the model's end through a raw bus buffer).
@@ -692,7 +692,7 @@ fn split_request_fails_if_one_part_fails() {
             buf: BufRef::whole(&buf),
         },
     );
-    assert_eq!(res, Err(IoError::Device { code: 0x0006 }));
+    assert!(matches!(res, Err(IoError::Device { status }) if status.code() == 0x0006));
     assert_eq!(qp.busy_slots(), 0);
 }
 
@@ -712,21 +712,28 @@ fn timeout_reports_once_and_offers_abort() {
     assert!(got.is_empty());
     r.clock.advance_ms(150);
     qp.poll(8, &mut |t, res| got.push((t, res)));
-    assert_eq!(got, vec![(42, Err(IoError::Timeout))]);
+    assert!(got.is_empty(), "a timeout is an event, not the completion");
+    assert_eq!(qp.pop_timed_out(), Some(TimedOut { tag: 42 }));
+    assert_eq!(qp.pop_timed_out(), None, "announced once");
+    r.clock.advance_ms(150);
+    qp.poll(8, &mut |t, res| got.push((t, res)));
+    assert_eq!(qp.pop_timed_out(), None, "announced once");
     assert!(qp.needs_reset());
-    assert_eq!(qp.in_flight(), 0);
+    assert_eq!(qp.in_flight(), 1, "the tag is still the device's");
     assert_eq!(qp.busy_slots(), 1, "the device still owns the command");
     let cid = qp.pop_abort_candidate().expect("abort candidate");
     assert_eq!(r.ctrl.abort(1, cid), Ok(false), "model never aborts");
-    // The late completion does not report the tag again.
+    // The late completion reports the tag, once, with the device's own status.
     r.model.set_fault(Fault::None);
     r.model.step();
+    qp.poll(8, &mut |t, res| got.push((t, res)));
+    assert_eq!(got, vec![(42, Ok(()))]);
     r.clock.advance_ms(150);
-    let mut again = 0;
-    qp.poll(8, &mut |_, _| again += 1);
-    assert_eq!(again, 0);
+    qp.poll(8, &mut |t, res| got.push((t, res)));
+    assert_eq!(got.len(), 1, "reported once");
     assert_eq!(qp.stats().late_completions, 1);
     assert_eq!(qp.busy_slots(), 0);
+    assert_eq!(qp.in_flight(), 0);
 }
 
 /// A queue pair (I/O timeout 100 ms, `timeout_check_polls` as given) whose one command, tag
@@ -762,22 +769,25 @@ fn a_timeout_is_seen_within_timeout_check_polls_when_gated_by_poll_due() {
     assert!(every > 1, "the default shares clock reads");
     let (_r, mut qp) = stalled_past_deadline(every, 7);
     let mut got = Vec::new();
+    let mut events = Vec::new();
     let mut checks = 0;
-    while got.is_empty() && checks < 2 * every {
+    while events.is_empty() && checks < 2 * every {
         checks += 1;
         if qp.poll_due() {
             qp.poll(8, &mut |t, res| got.push((t, res)));
+            events.extend(core::iter::from_fn(|| qp.pop_timed_out()));
         }
     }
-    assert_eq!(got, vec![(7, Err(IoError::Timeout))]);
+    assert_eq!(events, vec![TimedOut { tag: 7 }]);
+    assert!(got.is_empty(), "an event, not a completion: {got:?}");
     assert!(checks <= every, "seen after {checks} checks");
     // A caller that polls from a timer tick sets `timeout_check_polls: 1`: the first poll
     // after the deadline sees the timeout.
     let (_r, mut qp) = stalled_past_deadline(1, 8);
     assert!(qp.poll_due());
-    let mut got = Vec::new();
     qp.poll(8, &mut |t, res| got.push((t, res)));
-    assert_eq!(got, vec![(8, Err(IoError::Timeout))]);
+    assert_eq!(qp.pop_timed_out(), Some(TimedOut { tag: 8 }));
+    assert!(got.is_empty());
 }
 
 #[test]
@@ -792,6 +802,14 @@ fn wrong_phase_completion_times_out() {
     qp.submit(BlockOp::Flush { ns: 1 }, 1).unwrap();
     qp.flush_submissions();
     r.clock.advance_ms(20);
+    let mut got = Vec::new();
+    for _ in 0..64 {
+        qp.poll(8, &mut |t, res| got.push((t, res)));
+    }
+    assert!(got.is_empty());
+    assert_eq!(qp.pop_timed_out(), Some(TimedOut { tag: 1 }));
+    r.model.set_fault(Fault::None);
+    r.ctrl.reset(&mut [&mut qp]).unwrap();
     assert_eq!(drain(&mut qp), vec![(1, Err(IoError::Timeout))]);
 }
 
@@ -816,7 +834,11 @@ fn reset_with_in_flight_reports_each_tag_exactly_once() {
     qp.flush_submissions();
     r.clock.advance_ms(150);
     qp.poll(64, &mut |t, res| counts.entry(t).or_default().push(res));
-    assert_eq!(counts.len(), 4);
+    assert!(
+        counts.is_empty(),
+        "timed-out tags complete only at the reset"
+    );
+    assert_eq!(core::iter::from_fn(|| qp.pop_timed_out()).count(), 4);
     // Tags 10..26 are in flight (stalled) when the reset happens.
     for t in 0..16u32 {
         let b = BufRef::new(&buf, t as usize * 4096, 4096).unwrap();
@@ -878,11 +900,12 @@ fn fatal_status_then_reset_recovers() {
     qp.submit(BlockOp::Flush { ns: 1 }, 3).unwrap(); // not timed out yet at reset time
     let mut got = Vec::new();
     qp.poll(8, &mut |t, res| got.push((t, res)));
-    got.sort_by_key(|g| g.0);
-    assert_eq!(
-        got,
-        vec![(1, Err(IoError::Timeout)), (2, Err(IoError::Timeout))]
-    );
+    assert!(got.is_empty(), "timed out, still the device's: {got:?}");
+    let mut events: Vec<u32> = core::iter::from_fn(|| qp.pop_timed_out())
+        .map(|e| e.tag)
+        .collect();
+    events.sort();
+    assert_eq!(events, vec![1, 2]);
     assert!(qp.is_failed() && qp.needs_reset());
     assert_eq!(
         qp.submit(BlockOp::Flush { ns: 1 }, 4),
@@ -891,8 +914,18 @@ fn fatal_status_then_reset_recovers() {
     r.model.set_fault(Fault::None);
     r.ctrl.reset(&mut [&mut qp]).unwrap();
     assert!(!r.ctrl.is_fatal() && !qp.is_failed());
-    // Tag 3 was in flight with no retries left: failed with DeviceReset, exactly once.
-    assert_eq!(drain(&mut qp), vec![(3, Err(IoError::DeviceReset))]);
+    // Tags 1 and 2 had timed out: the reset quiesced them, so they complete now, with Timeout.
+    // Tag 3 was in flight with no retries left: failed with DeviceReset. Each exactly once.
+    let mut got = drain(&mut qp);
+    got.sort_by_key(|g| g.0);
+    assert_eq!(
+        got,
+        vec![
+            (1, Err(IoError::Timeout)),
+            (2, Err(IoError::Timeout)),
+            (3, Err(IoError::DeviceReset))
+        ]
+    );
     run_one(&mut qp, BlockOp::Flush { ns: 1 }).unwrap();
 }
 
@@ -1131,4 +1164,71 @@ fn randomized_write_read_against_model() {
     }
     assert_eq!(qp.stats().stale_cid + qp.stats().bad_cid, 0);
     assert!(r.model.log().is_empty(), "{:?}", r.model.log());
+}
+
+/// Issue 16: a read that times out keeps its buffer until the device is done with it. The
+/// owner reuses the buffer as soon as its tag completes (the completion is what hands it
+/// back); the model then finishes the read late and DMAs into the buffer. Because the tag
+/// completes only after that, the owner's data is untouched.
+#[test]
+fn a_timed_out_read_keeps_its_buffer_until_the_device_is_done() {
+    let cfg = Config {
+        io_timeout_ms: 10,
+        ..Config::default()
+    };
+    let mut r = rig(ModelConfig::default(), cfg);
+    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
+    let on_disk = pattern(5, 4096);
+    r.model.disk_write(1, 0, &on_disk);
+    let buf = r.dma.alloc(4096, 4096).unwrap();
+    r.model.hold_next_io(1);
+    let read = BlockOp::Read {
+        ns: 1,
+        lba: 0,
+        blocks: 8,
+        buf: BufRef::whole(&buf),
+    };
+    qp.submit(read, 7).unwrap();
+    qp.flush_submissions();
+    assert_eq!(r.model.held(), 1, "the device took the read and sits on it");
+    // The owner: when its tag completes, it looks at what was read and reuses the buffer.
+    let mine = pattern(6, 4096);
+    let mut results = Vec::new();
+    let mut events = Vec::new();
+    let mut read_back = None;
+    let mut owner_pass = |qp: &mut Qp, results: &mut Vec<_>, events: &mut Vec<_>| {
+        qp.poll(8, &mut |t, res| results.push((t, res)));
+        events.extend(core::iter::from_fn(|| qp.pop_timed_out()));
+        if !results.is_empty() && read_back.is_none() {
+            let mut got = vec![0u8; 4096];
+            buf.read_bytes(0, &mut got).unwrap();
+            read_back = Some(got);
+            buf.write_bytes(0, &mine).unwrap();
+        }
+    };
+    for _ in 0..50 {
+        owner_pass(&mut qp, &mut results, &mut events);
+        r.clock.advance_ms(1);
+    }
+    let announced = events.clone();
+    // The device finishes the read late: its DMA lands in the buffer now.
+    assert_eq!(r.model.release_held(), 1);
+    for _ in 0..4 {
+        owner_pass(&mut qp, &mut results, &mut events);
+    }
+    let mut now = vec![0u8; 4096];
+    buf.read_bytes(0, &mut now).unwrap();
+    assert!(now == mine, "the late DMA scribbled over the owner's data");
+    assert_eq!(announced, vec![TimedOut { tag: 7 }], "announced promptly");
+    assert_eq!(
+        results,
+        vec![(7, Ok(()))],
+        "one completion, with the device's status"
+    );
+    assert_eq!(
+        read_back.as_deref(),
+        Some(&on_disk[..]),
+        "and the data read"
+    );
+    assert_eq!((qp.stats().late_completions, qp.busy_slots()), (1, 0));
 }

@@ -100,6 +100,11 @@ pub struct Stats {
     pub dropped: u64,
     /// Poll passes.
     pub passes: u64,
+    /// Commands the queue pair announced as timed out ([`keel_blockdev::TimedOut`], counted on
+    /// the next idle pass): their handles stay submitted, and their buffers the device's, until
+    /// the device completes them or a reset quiesces them; then they complete like any other
+    /// I/O. Non-zero means the queue pair needs recovery (an abort or a controller reset).
+    pub timed_out: u64,
 }
 
 /// Why a reactor refused a request (nothing was issued).
@@ -277,7 +282,11 @@ fn reaped_other<const C: usize, const N: usize, const W: usize>(
     *o.on_queue_count -= 1;
     let aio_result = match result {
         Ok(()) => Ok(0),
-        Err(IoError::Device { code }) => Err(keel_aio::IoError::Device { status: code }),
+        Err(IoError::Device { status } | IoError::Media { status }) => {
+            Err(keel_aio::IoError::Device {
+                status: status.field(),
+            })
+        }
         Err(_) => Err(keel_aio::IoError::Aborted),
     };
     if result.is_ok() {
@@ -878,6 +887,11 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         // Idle passes skip the critical section (it masks interrupts and, under emulation,
         // costs more than the check).
         if !q.poll_due() {
+            // Timeout events (rare) are looked for on idle passes only, which a queue with a
+            // stuck command soon has: the success path does no work for them.
+            while q.pop_timed_out().is_some() {
+                self.stats.timed_out += 1;
+            }
             return 0;
         }
         // The whole batch's lifecycle work in one critical section, on the completing core:

@@ -514,6 +514,43 @@ fn format_hides_an_older_log() {
     assert!(collect(&mut log).is_empty());
 }
 
+/// Issue 16: a status the device marks Do Not Retry (here Internal Error, which would be
+/// retried with DNR = 0) ends the sync at once, with the status and its DNR bit: never retried.
+#[test]
+fn a_dnr_status_is_never_retried() {
+    let mut d = Dev::new();
+    let mut log = d.format();
+    log.append(b"one").unwrap();
+    assert_eq!(log.sync().unwrap().seq, 1);
+    let retries = log.writer().stats().retries;
+    d.model.set_fault(Fault::PermanentError); // Internal Error, DNR = 1
+    log.append(b"two").unwrap();
+    // On a thread with a deadline: a log that retried DNR = 1 forever fails here, not hangs.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let e = log.sync();
+        let _ = tx.send((e, log));
+    });
+    let (e, log) = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("sync retried a DNR = 1 status forever");
+    assert!(
+        matches!(e, Err(Error::Writer(WError::Io(IoError::Device { status })))
+            if status.dnr() && status.code() == 0x0006),
+        "{e:?}"
+    );
+    assert_eq!(log.writer().stats().retries, retries, "not retried");
+    assert_eq!(log.acked().seq, 1);
+    // DNR = 0, the same status: retried until it goes through.
+    d.model.set_fault(Fault::None);
+    drop(log);
+    let (mut log, _) = d.open();
+    d.model.set_fault(Fault::TransientError(3));
+    log.append(b"three").unwrap();
+    assert!(log.sync().is_ok());
+    assert!(log.writer().stats().retries >= 3);
+}
+
 #[test]
 fn failed_sync_acknowledges_nothing() {
     let mut d = Dev::new();
@@ -522,7 +559,12 @@ fn failed_sync_acknowledges_nothing() {
     assert_eq!(log.sync().unwrap().seq, 1);
     d.model.set_fault(Fault::WriteFault);
     log.append(b"two").unwrap();
-    assert_eq!(log.sync(), Err(Error::Writer(WError::Io(IoError::Media))));
+    assert_eq!(
+        log.sync(),
+        Err(Error::Writer(WError::Io(IoError::Media {
+            status: keel_blockdev::DevStatus::from_field(0x8500)
+        })))
+    );
     assert_eq!(log.acked().seq, 1);
     assert_eq!(collect(&mut log), vec![b"one".to_vec()]);
     assert!(log.append(b"three").is_err());

@@ -30,10 +30,17 @@
 //!   Commands already on the device are not abandoned: they stay tracked
 //!   ([`Writer::in_flight`]), their pool buffers are never reused, and later calls
 //!   ([`Writer::poll`]) reap them. Reads keep working: from the buffers, or from the device —
-//!   a read asked for after cancellation is submitted once (no retry) and awaited, which the
-//!   queue's command timeout bounds. Two waits end only when the device is done with memory it
-//!   may be reading: [`Writer::append_dma`] waits for its own commands already on the device
-//!   (the caller's region is borrowed only for the call), and such a read waits for its command.
+//!   a read asked for after cancellation is submitted once (no retry) and awaited until it
+//!   completes or the queue announces its timeout (then it fails with `Timeout`, the bounce
+//!   buffer staying reserved until the device is done). [`Writer::append_dma`] waits, even
+//!   cancelled, until the device is done with its own commands on the caller's memory (the
+//!   region is borrowed only for the call): a timed-out command ends that wait only when the
+//!   device completes it late or a controller reset quiesces it.
+//! * **Buffers stay the device's until it is done.** A queue reports a tag only when the device
+//!   is done with its buffer; a timeout is only an event ([`keel_blockdev::TimedOut`], counted
+//!   in [`Stats::timeouts`]). So a write is retried only after its original completed (with an
+//!   error, or quiesced by a reset), a retried write is never overtaken by a late original, and
+//!   a pool buffer is never refilled while the device may still read it.
 //!   Don't drop a writer, or reuse its LBA range, while `in_flight()` is not 0. Permanent errors
 //!   surface as [`Error::Io`] and leave the writer read-only too.
 //! * **Zero-copy bypass.** [`Writer::append_dma`] takes the caller's DMA-able buffer. The unaligned
@@ -101,11 +108,20 @@ impl CancelToken for NeverCancel {
 }
 
 /// The default classifier: timeouts, aborts, resets and unclassified device statuses are
-/// transient; media errors, invalid commands, range and write-protect errors are permanent.
+/// transient; media errors, invalid commands, range and write-protect errors are permanent, and
+/// so is **every status the device marked Do Not Retry** (DNR = 1), whatever its kind.
 ///
-/// `keel_blockdev::IoError` does not carry NVMe's DNR bit, so a DNR=1 status that the driver maps
-/// to `IoError::Device { .. }` looks transient here; supply your own classifier if needed.
+/// A retry can only follow the failed command's completion: a queue reports a tag only once
+/// the device is done with it (`keel_blockdev::TimedOut` is an event, not a completion), so a
+/// retried write is never overtaken by a late original.
+///
+/// Command Retry Delay: a retry waits at least what the device asked for
+/// ([`keel_blockdev::BlockQueue::retry_delay_us`]: the status's CRD selects CRDT1..3 from
+/// Identify Controller), and the writer's own backoff otherwise.
 pub fn default_is_transient(e: IoError) -> bool {
+    if e.dnr() {
+        return false;
+    }
     matches!(
         e,
         IoError::Timeout | IoError::Aborted | IoError::DeviceReset | IoError::Device { .. }
@@ -198,6 +214,8 @@ pub struct Stats {
     pub retries: u64,
     /// Completions for tags the writer did not have in flight (ignored).
     pub stray_completions: u64,
+    /// Commands the queue announced as timed out (still the device's until they complete).
+    pub timeouts: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,6 +279,8 @@ pub struct Writer<Q: BlockQueue, C: Clock, K: CancelToken> {
     order: heapless::Deque<u8, MAX_OPS>,
     in_flight: usize,
     raw_busy: bool,
+    /// The queue announced that the raw command timed out (the device still owns it).
+    raw_timed_out: bool,
     raw_result: Option<Result<(), IoError>>,
     appended: u64,
     written: u64,
@@ -330,6 +350,7 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Writer<Q, C, K> {
             order: heapless::Deque::new(),
             in_flight: 0,
             raw_busy: false,
+            raw_timed_out: false,
             raw_result: None,
             appended: 0,
             written: 0,
@@ -377,6 +398,12 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Writer<Q, C, K> {
     /// The queue pair the writer drives.
     pub fn queue(&self) -> &Q {
         &self.q
+    }
+    /// The queue, mutably: for device-specific control such as recovery (a controller reset
+    /// that quiesces timed-out commands). Submitting or reaping through it behind the writer's
+    /// back loses its completions.
+    pub fn queue_mut(&mut self) -> &mut Q {
+        &mut self.q
     }
     /// The configuration it was built with.
     pub fn config(&self) -> &Config {
@@ -736,6 +763,7 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Writer<Q, C, K> {
             match self.q.submit(op, RAW_TAG) {
                 Ok(()) => {
                     self.raw_busy = true;
+                    self.raw_timed_out = false;
                     self.raw_result = None;
                     self.q.flush_submissions();
                 }
@@ -757,6 +785,12 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Writer<Q, C, K> {
             }
             while self.raw_busy {
                 self.pump();
+                if self.raw_busy && late && self.raw_timed_out {
+                    // A read asked for after cancellation gives up once the queue says its
+                    // command timed out; the bounce buffer and the tag stay reserved
+                    // (`raw_busy`) until the device is done with them.
+                    return Err(Error::Io(IoError::Timeout));
+                }
                 if self.raw_busy && !late && self.cancel.is_cancelled() {
                     // The command stays the writer's: `raw_busy` keeps the bounce buffer and the
                     // tag reserved until a later pump reaps it.
@@ -768,7 +802,8 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Writer<Q, C, K> {
                 Some(Err(e)) if (self.cfg.is_transient)(e) => {
                     self.stats.retries += 1;
                     attempts += 1;
-                    self.backoff(attempts)?;
+                    let asked = e.status().map_or(0, |st| self.q.retry_delay_us(st));
+                    self.backoff_at_least(attempts, asked)?;
                 }
                 Some(Err(e)) => return Err(Error::Io(e)),
                 None => return Err(Error::Io(IoError::Aborted)),
@@ -784,10 +819,14 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Writer<Q, C, K> {
 
     /// The backoff before retry `attempts`, ended early by cancellation.
     fn backoff(&mut self, attempts: u32) -> Result<(), Error> {
-        let until = self
-            .clock
-            .now_ns()
-            .saturating_add(self.backoff_us(attempts).saturating_mul(1000));
+        self.backoff_at_least(attempts, 0)
+    }
+
+    /// The backoff before retry `attempts`, at least `asked_us` (the device's Command Retry
+    /// Delay), ended early by cancellation.
+    fn backoff_at_least(&mut self, attempts: u32, asked_us: u64) -> Result<(), Error> {
+        let us = self.backoff_us(attempts).max(asked_us);
+        let until = self.clock.now_ns().saturating_add(us.saturating_mul(1000));
         self.sleep_until(until)
     }
 
@@ -1005,6 +1044,14 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Writer<Q, C, K> {
         self.q.poll(MAX_OPS, &mut |t, r| {
             let _ = done.push((t, r));
         });
+        // Timeout events: not completions. The command, its buffer and (for a write) its blocks
+        // stay the device's until its completion comes; nothing is retried before that.
+        while let Some(t) = self.q.pop_timed_out() {
+            self.stats.timeouts += 1;
+            if t.tag == RAW_TAG && self.raw_busy {
+                self.raw_timed_out = true;
+            }
+        }
         let now = self.clock.now_ns();
         for (tag, r) in done {
             if tag == RAW_TAG && self.raw_busy {
@@ -1044,8 +1091,9 @@ impl<Q: BlockQueue, C: Clock, K: CancelToken> Writer<Q, C, K> {
                             .cfg
                             .backoff_base_us
                             .saturating_mul(1u64 << shift)
-                            .min(self.cfg.backoff_max_us);
-                        op.retry_at = now + us * 1000;
+                            .min(self.cfg.backoff_max_us)
+                            .max(e.status().map_or(0, |st| self.q.retry_delay_us(st)));
+                        op.retry_at = now.saturating_add(us.saturating_mul(1000));
                     }
                 }
                 Err(e) => {

@@ -49,6 +49,14 @@ fn rig_with(depth: u16, io_timeout_ms: u64) -> Rig {
 }
 
 const BUF: usize = 4096;
+/// The model's Write Fault with DNR = 1 (SCT 2, SC 0x80).
+const MEDIA_DNR: IoError = IoError::Media {
+    status: keel_blockdev::DevStatus::from_field(0x8500),
+};
+/// The model's Internal Error with DNR = 1 (`Fault::PermanentError`).
+const INTERNAL_DNR: IoError = IoError::Device {
+    status: keel_blockdev::DevStatus::from_field(0x800C),
+};
 const LBA0: u64 = 16;
 
 fn cfg() -> Config {
@@ -272,10 +280,10 @@ fn permanent_error_surfaces_typed_nothing_acknowledged_lost() {
     r.model.set_fault(Fault::WriteFault);
     let data = pattern(9, BUF + 77);
     w.append(&data).unwrap();
-    assert_eq!(w.sync(), Err(Error::Io(IoError::Media)));
+    assert_eq!(w.sync(), Err(Error::Io(MEDIA_DNR)));
     assert_eq!(w.stats().retries, 0, "permanent errors are not retried");
-    assert_eq!(w.health(), Err(Error::Io(IoError::Media)));
-    assert_eq!(w.append(b"more"), Err(Error::Io(IoError::Media)));
+    assert_eq!(w.health(), Err(Error::Io(MEDIA_DNR)));
+    assert_eq!(w.append(b"more"), Err(Error::Io(MEDIA_DNR)));
     assert_eq!(w.durable(), acked);
     assert_eq!(w.in_flight(), 0);
     let mut all = first.clone();
@@ -288,6 +296,27 @@ fn permanent_error_surfaces_typed_nothing_acknowledged_lost() {
     );
 }
 
+/// Issue 16: the default classifier never retries a status the device marked Do Not Retry,
+/// in the pool path (sync), a raw write and a flush; the same status with DNR = 0 is retried.
+/// The probe bounds the polls, so a writer that retried forever fails here instead of hanging.
+#[test]
+fn default_classifier_never_retries_dnr() {
+    let r = rig();
+    let token = CancelAt::new(&r.clock);
+    let mut w = probed(&r.dma, r.qp, &token, cfg());
+    r.model.set_fault(Fault::PermanentError); // Internal Error, DNR = 1
+    w.append(&pattern(10, 100)).unwrap();
+    assert_eq!(w.sync(), Err(Error::Io(INTERNAL_DNR)));
+    assert_eq!(w.stats().retries, 0, "DNR = 1 is not retried");
+    assert_eq!(w.raw_write(0, &[1u8; 512]), Err(Error::Io(INTERNAL_DNR)));
+    assert_eq!(w.device_flush(), Err(Error::Io(INTERNAL_DNR)));
+    assert_eq!(w.stats().retries, 0);
+    assert!(keel_writer::default_is_transient(IoError::Device {
+        status: keel_blockdev::DevStatus::from_field(0x000C),
+    }));
+    assert!(!keel_writer::default_is_transient(INTERNAL_DNR));
+}
+
 #[test]
 fn custom_classifier_makes_dnr_internal_error_permanent() {
     let r = rig();
@@ -298,7 +327,7 @@ fn custom_classifier_makes_dnr_internal_error_permanent() {
     let mut w = Writer::new(r.qp, &r.dma, r.clock.clone(), NeverCancel, c).unwrap();
     r.model.set_fault(Fault::PermanentError);
     w.append(&pattern(10, 100)).unwrap();
-    assert_eq!(w.sync(), Err(Error::Io(IoError::Device { code: 0x0006 })));
+    assert_eq!(w.sync(), Err(Error::Io(INTERNAL_DNR)));
     assert_eq!(read_all(&mut w, 100), pattern(10, 100));
 }
 
@@ -364,10 +393,7 @@ fn bypass_failure_rolls_back_append() {
     let src = r.dma.alloc(32 * 1024, 4096).unwrap();
     src.write_bytes(0, &pattern(14, 32 * 1024)).unwrap();
     r.model.set_fault(Fault::WriteFault);
-    assert_eq!(
-        w.append_dma(&src, 0, 32 * 1024),
-        Err(Error::Io(IoError::Media))
-    );
+    assert_eq!(w.append_dma(&src, 0, 32 * 1024), Err(Error::Io(MEDIA_DNR)));
     assert_eq!(w.appended(), 0, "nothing accepted");
     assert_eq!(w.in_flight(), 0, "caller memory is no longer referenced");
     let mut b = [0u8; 1];
@@ -492,6 +518,9 @@ struct Probe<Q> {
     polls: u64,
     submits: u64,
     refuse: Rc<Cell<Option<SubmitError>>>,
+    /// Run on every timeout event (a test's stand-in for recovery).
+    on_timeout: Option<Box<dyn FnMut()>>,
+    timed_out: std::collections::VecDeque<keel_blockdev::TimedOut>,
 }
 
 impl<Q> Probe<Q> {
@@ -502,6 +531,8 @@ impl<Q> Probe<Q> {
             polls: 0,
             submits: 0,
             refuse: Rc::new(Cell::new(None)),
+            on_timeout: None,
+            timed_out: Default::default(),
         }
     }
 }
@@ -522,7 +553,17 @@ impl<Q: BlockQueue> BlockQueue for Probe<Q> {
         self.polls += 1;
         assert!(self.polls <= BUDGET, "{HANG}");
         self.clock.delay_us(1);
-        self.q.poll(max, on_done)
+        let n = self.q.poll(max, on_done);
+        while let Some(e) = self.q.pop_timed_out() {
+            if let Some(hook) = self.on_timeout.as_mut() {
+                hook();
+            }
+            self.timed_out.push_back(e);
+        }
+        n
+    }
+    fn pop_timed_out(&mut self) -> Option<keel_blockdev::TimedOut> {
+        self.timed_out.pop_front()
     }
     fn depth(&self) -> usize {
         self.q.depth()
@@ -710,10 +751,9 @@ fn seed001_baseline_without_cancellation_hangs() {
         hangs(|| naive.flush(LBA0, &set)),
         "the naive flush loop returned"
     );
-    assert!(
-        naive.q.submits > 10,
-        "it kept retrying: {}",
-        naive.q.submits
+    assert_eq!(
+        naive.q.submits, 1,
+        "no retry while the device owns the write (a timeout is not a completion)"
     );
 
     let r = rig_with(64, 1);
@@ -731,7 +771,16 @@ fn seed001_baseline_without_cancellation_hangs() {
         hangs(|| w.sync()),
         "a writer that cannot be cancelled returned"
     );
-    assert!(w.stats().retries > 1, "it kept retrying: {:?}", w.stats());
+    assert_eq!(
+        w.stats().retries,
+        0,
+        "never retried while the device owns it"
+    );
+    assert!(
+        w.stats().timeouts >= 1,
+        "the timeout was announced: {:?}",
+        w.stats()
+    );
 
     let r = rig_with(64, 1);
     r.model.set_fault(Fault::Stall);
@@ -829,6 +878,31 @@ fn cancel_ends_a_raw_op_waiting_for_its_completion() {
     );
 }
 
+/// A read asked for after cancellation is awaited, never retried; when the queue announces that
+/// its command timed out it fails with `Timeout` (it does not hang on a stuck device), and the
+/// bounce buffer stays the device's until the late completion: no raw op starts before that.
+#[test]
+fn a_read_after_cancellation_ends_on_its_timeout_event() {
+    let r = rig_with(64, 1);
+    r.model.disk_write(1, 0, &pattern(26, 512));
+    let token = CancelAt::new(&r.clock);
+    let mut w = probed(&r.dma, r.qp, &token, cfg());
+    token.arm_in(0);
+    w.poll(); // the writer sees the token
+    r.model.set_fault(Fault::Stall);
+    let mut b = [0u8; 512];
+    assert_eq!(w.raw_read(0, &mut b), Err(Error::Io(IoError::Timeout)));
+    assert_eq!(w.in_flight(), 1, "the bounce buffer is still the device's");
+    let submits = w.queue().submits;
+    assert_eq!(w.raw_read(0, &mut b), Err(Error::Cancelled));
+    assert_eq!(w.queue().submits, submits, "nothing submitted over it");
+    r.model.set_fault(Fault::None);
+    r.model.step();
+    drain(&mut w);
+    w.raw_read(0, &mut b).unwrap();
+    assert_eq!(&b[..], &pattern(26, 512)[..]);
+}
+
 fn slow_backoff() -> Config {
     Config {
         backoff_base_us: 1_000_000,
@@ -897,6 +971,13 @@ fn cancelled_append_dma_returns_once_the_device_is_done_with_the_callers_memory(
         ..cfg()
     };
     let mut w = probed(&r.dma, r.qp, &token, c);
+    // The device stalls until the driver announces a timeout; then it completes late (as a
+    // recovery would end it): only then is the caller's memory free again.
+    let model = r.model.clone();
+    w.queue_mut().on_timeout = Some(Box::new(move || {
+        model.set_fault(Fault::None);
+        model.step();
+    }));
     let src = r.dma.alloc(64 * 1024, 4096).unwrap();
     src.write_bytes(0, &pattern(27, 64 * 1024)).unwrap();
     r.model.set_fault(Fault::Stall);
@@ -917,5 +998,137 @@ fn cancelled_append_dma_returns_once_the_device_is_done_with_the_callers_memory(
         r.clock.now_ns() - t0 >= 5_000_000,
         "the driver timed them out"
     );
-    assert_eq!(w.appended(), 0);
+    // The two commands completed late, successfully: at most what they carried is accepted.
+    assert!(w.appended() <= 32 * 1024, "appended {}", w.appended());
+    assert_eq!(w.stats().timeouts, 2);
+}
+
+/// The device of the write-race test: it finishes the held original write once the clock
+/// passes `at` (checked from the writer's every wait, through the cancellation token, which
+/// it never sets), or when the test says so.
+struct LateOriginal {
+    model: NvmeModel,
+    clock: ModelClock,
+    at: Cell<u64>,
+}
+
+impl LateOriginal {
+    fn release(&self) {
+        if self.model.held() > 0 {
+            self.model.release_held();
+        }
+        self.at.set(u64::MAX);
+    }
+}
+
+impl CancelToken for LateOriginal {
+    fn is_cancelled(&self) -> bool {
+        if self.clock.now_ns() >= self.at.get() {
+            self.release();
+        }
+        false
+    }
+}
+
+/// Issue 16 (OpenVMM PR #210's race): a write times out; the device completes the original
+/// late, after the writer could have retried it and written newer data over the same blocks.
+/// The newer data must win on the disk: the writer may retry or rewrite those blocks only once
+/// the original's completion handed the buffer back.
+#[test]
+fn a_late_original_write_never_lands_over_newer_data() {
+    let r = rig_with(64, 1); // the driver times a command out after 1 ms
+    let late = LateOriginal {
+        model: r.model.clone(),
+        clock: r.clock.clone(),
+        at: Cell::new(u64::MAX),
+    };
+    let c = Config {
+        backoff_base_us: 10,
+        backoff_max_us: 10,
+        ..cfg()
+    };
+    let mut w = Writer::new(r.qp, &r.dma, r.clock.clone(), &late, c).unwrap();
+    let old = pattern(40, 100);
+    let new = pattern(41, 100);
+    // The device takes the first write (block LBA0: `old` and zero padding) and sits on it
+    // for 20 ms, 20 command timeouts.
+    r.model.hold_next_io(1);
+    late.at.set(r.clock.now_ns() + 20_000_000);
+    w.append(&old).unwrap();
+    assert_eq!(w.sync().unwrap(), 100);
+    // The same block again, with more data.
+    w.append(&new).unwrap();
+    assert_eq!(w.sync().unwrap(), 200);
+    // If the original is still on the device, it lands now, after everything else.
+    late.release();
+    let want: Vec<u8> = [old.clone(), new.clone()].concat();
+    assert!(
+        disk(&r.model, 0, 200) == want,
+        "the late original overwrote newer data"
+    );
+    let s = w.stats();
+    assert_eq!((s.timeouts, s.retries), (1, 0), "{s:?}");
+    assert_eq!(read_all(&mut w, 200), want);
+}
+
+/// Clears the device's fault once its first failed attempt happened, and notes when.
+struct AfterFirstFailure {
+    model: NvmeModel,
+    clock: ModelClock,
+    commands: u64,
+    failed_at: Cell<Option<u64>>,
+}
+
+impl CancelToken for AfterFirstFailure {
+    fn is_cancelled(&self) -> bool {
+        if self.failed_at.get().is_none() && self.model.io_commands() > self.commands {
+            self.model.set_fault(Fault::None);
+            self.failed_at.set(Some(self.clock.now_ns()));
+        }
+        false
+    }
+}
+
+/// Issue 16: Command Retry Delay. The device reports CRDT1 = 500 ms in Identify Controller and
+/// fails a write with a transient status whose CRD = 1: the driver does not retry it at once
+/// (it reports it), and the writer's retry waits at least 500 ms, not its own 10 us backoff.
+#[test]
+fn a_retry_waits_the_command_retry_delay_the_device_asks_for() {
+    let dma = HostDma::new();
+    let model = NvmeModel::new(ModelConfig::default(), dma.clone());
+    model.patch_identify(1, 134, &5u16.to_le_bytes()); // CRDT1 = 5 x 100 ms
+    let clock = ModelClock::new();
+    let ncfg = NvmeConfig {
+        max_retries: 3,
+        ..NvmeConfig::default()
+    };
+    let mut ctrl = Controller::init(model.mmio(), &dma, clock.clone(), ncfg).expect("init");
+    assert_eq!(ctrl.identify().crdt, [5, 0, 0]);
+    let qp = ctrl.create_io_qpair(&dma, 1, 64).expect("qpair");
+    let st = keel_blockdev::DevStatus::from_field(0x000C | 1 << 12); // Internal Error, CRD 1
+    assert_eq!(qp.retry_delay_us(st), 500_000);
+    let token = AfterFirstFailure {
+        model: model.clone(),
+        clock: clock.clone(),
+        commands: model.io_commands(),
+        failed_at: Cell::new(None),
+    };
+    let c = Config {
+        backoff_base_us: 10,
+        backoff_max_us: 10,
+        ..cfg()
+    };
+    let mut w = Writer::new(qp, &dma, clock.clone(), &token, c).unwrap();
+    model.set_fault(Fault::Status(st.field()));
+    w.append(&pattern(50, 100)).unwrap();
+    assert_eq!(w.sync().unwrap(), 100);
+    let waited = clock.now_ns() - token.failed_at.get().expect("one attempt failed");
+    assert!(waited >= 500_000_000, "retried after {waited} ns");
+    assert_eq!(w.stats().retries, 1);
+    assert_eq!(
+        w.queue().stats().retries,
+        0,
+        "the driver left the retry to the caller"
+    );
+    assert_eq!(disk(&model, 0, 100), pattern(50, 100));
 }

@@ -170,6 +170,21 @@ struct State {
     log: Vec<String>,
     /// (CNS, byte offset, bytes) written over Identify data before it is returned.
     id_patches: Vec<(u8, usize, Vec<u8>)>,
+    /// Reads and writes still to be taken and held (see [`NvmeModel::hold_next_io`]).
+    hold: u32,
+    /// Commands fetched and held: the device owns them until `release_held` or a reset.
+    held: Vec<Held>,
+}
+
+/// A read or write the model fetched and has not finished (a command that "times out").
+struct Held {
+    sqid: u16,
+    cqid: u16,
+    sq_head: u16,
+    cid: u16,
+    cmd: [u8; 64],
+    /// A write's data, read from host memory when the command was fetched.
+    data: Option<Vec<u8>>,
 }
 
 /// The model; cheap to clone (shared state).
@@ -287,6 +302,8 @@ impl NvmeModel {
             io_commands: 0,
             log: Vec::new(),
             id_patches: Vec::new(),
+            hold: 0,
+            held: Vec::new(),
         };
         Self {
             st: Arc::new(Mutex::new(st)),
@@ -429,6 +446,42 @@ impl NvmeModel {
         e[12..14].copy_from_slice(&cid.to_le_bytes());
         e[14..16].copy_from_slice(&(status & !1).to_le_bytes());
         st.post_raw(cqid, e);
+    }
+
+    /// The next `n` reads and writes fetched from an I/O queue are held: fetched (a write's data
+    /// is read from host memory then, as a device that buffers it before its media write) but
+    /// neither executed nor completed, as commands that time out. [`NvmeModel::release_held`]
+    /// finishes them late; a controller reset (CC.EN = 0) drops them.
+    pub fn hold_next_io(&self, n: u32) {
+        lock(&self.st).hold = n;
+    }
+
+    /// Commands held now (see [`NvmeModel::hold_next_io`]).
+    pub fn held(&self) -> usize {
+        lock(&self.st).held.len()
+    }
+
+    /// Finishes every held command, oldest first, now: a read transfers the disk's data into
+    /// its buffer now (late DMA), a write puts the data it fetched onto the disk now; each is
+    /// completed with success. Returns how many.
+    pub fn release_held(&self) -> usize {
+        let mut st = lock(&self.st);
+        let held = std::mem::take(&mut st.held);
+        let n = held.len();
+        for h in held {
+            let status = match h.data {
+                Some(data) => st.write_fetched(&h.cmd, &data),
+                None => st.io(&h.cmd).1,
+            };
+            st.io_commands += 1;
+            let mut e = [0u8; 16];
+            e[8..10].copy_from_slice(&h.sq_head.to_le_bytes());
+            e[10..12].copy_from_slice(&h.sqid.to_le_bytes());
+            e[12..14].copy_from_slice(&h.cid.to_le_bytes());
+            e[14..16].copy_from_slice(&status.to_le_bytes());
+            st.post_raw(h.cqid, e);
+        }
+        n
     }
 
     /// One "background" pass: picks up shadow-doorbell tails and CQ heads, then executes
@@ -596,6 +649,8 @@ impl State {
                 CSTS_RDY
             };
         } else if was && !cc.en {
+            // CSTS.RDY = 0: nothing the controller held will complete or touch memory again.
+            self.held.clear();
             self.sqs.clear();
             self.cqs.clear();
             self.dbbuf = None;
@@ -717,6 +772,23 @@ impl State {
                 return;
             }
             let mut cid = le16(&cmd, 2);
+            if qid != 0 && self.hold > 0 && (cmd[0] == 0x01 || cmd[0] == 0x02) {
+                self.hold -= 1;
+                let data = if cmd[0] == 0x01 {
+                    self.fetch_write_data(&cmd)
+                } else {
+                    None
+                };
+                self.held.push(Held {
+                    sqid: qid,
+                    cqid,
+                    sq_head,
+                    cid,
+                    cmd,
+                    data,
+                });
+                continue;
+            }
             let (dw0, status) = if qid == 0 {
                 self.admin(&cmd)
             } else {
@@ -1059,6 +1131,37 @@ impl State {
     }
 
     // ---------------- I/O ----------------
+
+    /// A held write's data, read from host memory at fetch time (`None` if it cannot be: the
+    /// write then runs as a normal one at release).
+    fn fetch_write_data(&mut self, c: &[u8; 64]) -> Option<Vec<u8>> {
+        let nsid = le32(c, 4);
+        let n = self.disks.iter().find(|d| d.cfg.nsid == nsid)?.cfg;
+        let nlb = (le32(c, 48) & 0xFFFF) as u64 + 1;
+        let mut buf = vec![0u8; (nlb << n.lba_shift) as usize];
+        self.transfer_in(le64(c, 24), le64(c, 32), &mut buf).ok()?;
+        Some(buf)
+    }
+
+    /// Executes write `c` with `data` fetched earlier: the disk gets it now.
+    fn write_fetched(&mut self, c: &[u8; 64], data: &[u8]) -> u16 {
+        let nsid = le32(c, 4);
+        let Some(di) = self.disks.iter().position(|d| d.cfg.nsid == nsid) else {
+            return sf::INVALID_NS | sf::DNR;
+        };
+        let n = self.disks[di].cfg;
+        let slba = le32(c, 40) as u64 | ((le32(c, 44) as u64) << 32);
+        let nlb = (le32(c, 48) & 0xFFFF) as u64 + 1;
+        let off = (slba << n.lba_shift) as usize;
+        match slba.checked_add(nlb) {
+            Some(end) if end <= n.blocks && data.len() == (nlb << n.lba_shift) as usize => {
+                self.disks[di].data[off..off + data.len()].copy_from_slice(data);
+                self.disks[di].mark_dirty(slba, nlb);
+                sf::OK
+            }
+            _ => sf::LBA_RANGE | sf::DNR,
+        }
+    }
 
     fn io(&mut self, c: &[u8; 64]) -> (u32, u16) {
         match self.fault {

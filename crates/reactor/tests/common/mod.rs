@@ -61,7 +61,9 @@ impl BlockQueue for FakeQueue {
         }
         let res = match op {
             BlockOp::Read { lba, .. } | BlockOp::Write { lba, .. } if lba >= self.fail_lba_from => {
-                Err(IoError::Media)
+                Err(IoError::Media {
+                    status: keel_blockdev::DevStatus::from_field(0x8500),
+                })
             }
             _ => Ok(()),
         };
