@@ -216,6 +216,28 @@ impl DevStatus {
     pub const fn crd(self) -> u8 {
         ((self.0 >> 12) & 0x3) as u8
     }
+    /// Which end-to-end protection check failed, for a Media and Data Integrity status of one
+    /// (SCT 2, SC 0x82..=0x84).
+    pub const fn protection(self) -> Option<ProtectionCheck> {
+        match self.code() {
+            0x282 => Some(ProtectionCheck::Guard),
+            0x283 => Some(ProtectionCheck::ApplicationTag),
+            0x284 => Some(ProtectionCheck::ReferenceTag),
+            _ => None,
+        }
+    }
+}
+
+/// An end-to-end protection check the device failed an operation on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum ProtectionCheck {
+    /// The guard (CRC of the data) did not match.
+    Guard,
+    /// The application tag did not match.
+    ApplicationTag,
+    /// The reference tag did not match (types 1 and 2: the LBA).
+    ReferenceTag,
 }
 
 /// Why an accepted operation failed.
@@ -259,6 +281,14 @@ impl IoError {
         match *self {
             IoError::Media { status } | IoError::Device { status } => Some(status),
             _ => None,
+        }
+    }
+
+    /// The end-to-end protection check the device failed, if that is what this is.
+    pub const fn protection(&self) -> Option<ProtectionCheck> {
+        match self.status() {
+            Some(s) => s.protection(),
+            None => None,
         }
     }
 
@@ -359,6 +389,28 @@ pub trait BlockQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Media and Data Integrity statuses 0x82..=0x84 name the protection check; others none.
+    #[test]
+    fn protection_checks_decoded() {
+        let st = |sct: u16, sc: u16| DevStatus::from_field(sc << 1 | sct << 9 | 1 << 15);
+        assert_eq!(st(2, 0x82).protection(), Some(ProtectionCheck::Guard));
+        assert_eq!(
+            st(2, 0x83).protection(),
+            Some(ProtectionCheck::ApplicationTag)
+        );
+        assert_eq!(
+            st(2, 0x84).protection(),
+            Some(ProtectionCheck::ReferenceTag)
+        );
+        assert_eq!(st(2, 0x81).protection(), None);
+        assert_eq!(st(0, 0x82).protection(), None);
+        let e = IoError::Media {
+            status: st(2, 0x82),
+        };
+        assert_eq!(e.protection(), Some(ProtectionCheck::Guard));
+        assert_eq!(IoError::Timeout.protection(), None);
+    }
 
     #[test]
     fn bufref_bounds_and_ops() {

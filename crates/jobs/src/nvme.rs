@@ -222,11 +222,14 @@ fn metadata_round_trip<'a, B: Board>(
         mw.write_bytes(0, meta)
             .map_err(|_| JobError::Failed("DMA write"))?;
         match storage::sync_with(qp, clock, |q, t| q.submit_with_metadata(write, mwr, t)) {
-            Err(storage::StorageError::Io(e)) => {
+            Err(storage::StorageError::Io(e))
+                if e.protection() == Some(keel_blockdev::ProtectionCheck::Guard) =>
+            {
                 keel_log::info!(
-                    "selftest drive {=usize} ns {=u32} | bad guard refused by the device: {} | ok",
+                    "selftest drive {=usize} ns {=u32} | bad guard refused by the device: {} ({}) | ok",
                     drive,
                     ns.nsid,
+                    e.protection(),
                     e
                 );
                 checks += 2;
