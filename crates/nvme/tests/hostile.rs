@@ -15,7 +15,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use keel_blockdev::{BlockOp, BlockQueue, BufRef, IoError, SubmitError};
 use keel_hal::DmaAllocator;
-use keel_model::{Fault, HostDma, ModelClock, ModelConfig, ModelMmio, NvmeModel};
+use keel_model::{Fault, HostDma, ModelClock, ModelConfig, ModelMmio, NsConfig, NvmeModel};
 use keel_nvme::{BadIdentify, Config, Controller, IoQueuePair, NvmeError, Step};
 
 #[path = "../fuzz/harness.rs"]
@@ -471,21 +471,61 @@ fn mdts_zero() -> Row {
 }
 
 fn bad_ns_list() -> Row {
-    // Active NSID list 1, 0xFFFF_FFFF (above NN): refused.
-    match init_err(
+    // Three namespaces (NN = 3). The Active NSID list decides which are used, and an NSID above
+    // NN (or 0xFFFF_FFFF, or out of order) refuses the bring-up: nothing else is acceptable.
+    let three = || ModelConfig {
+        namespaces: (1..=3)
+            .map(|nsid| NsConfig {
+                nsid,
+                blocks: 1024 * nsid as u64,
+                lba_shift: 9,
+            })
+            .collect(),
+        ..ModelConfig::default()
+    };
+    let nsids = |r: &Rig| -> Vec<(u32, u64)> {
+        r.ctrl
+            .namespaces()
+            .iter()
+            .map(|n| (n.nsid, n.blocks))
+            .collect()
+    };
+    // The list as the device gives it: all three, each with its own size.
+    let r = init_err(Fault::None, three(), &[]).map_err(|e| format!("full list: {e:?}"))?;
+    check(
+        nsids(&r) == vec![(1, 1024), (2, 2048), (3, 3072)],
+        format!("full list: used {:?}", nsids(&r)),
+    )?;
+    // List 1, 3: namespace 2 is inactive and must be skipped, 3 used with its own size.
+    let r = init_err(
         Fault::None,
-        ModelConfig::default(),
-        &[(2, 4, &0xFFFF_FFFFu32.to_le_bytes())],
-    ) {
-        Err(NvmeError::BadIdentify(BadIdentify::NamespaceId)) => {
-            Ok("BadIdentify(NamespaceId)".into())
+        three(),
+        &[(2, 4, &3u32.to_le_bytes()), (2, 8, &0u32.to_le_bytes())],
+    )
+    .map_err(|e| format!("list 1,3: {e:?}"))?;
+    check(
+        nsids(&r) == vec![(1, 1024), (3, 3072)],
+        format!("list 1,3: used {:?}, want 1 and 3 (2 skipped)", nsids(&r)),
+    )?;
+    // Refused lists: above NN, 0xFFFF_FFFF, a repeat, out of order.
+    for (what, list) in [
+        ("nsid 4 > NN 3", [1u32, 4, 0]),
+        ("nsid 0xFFFF_FFFF", [1, 0xFFFF_FFFF, 0]),
+        ("nsid repeated", [1, 1, 0]),
+        ("out of order", [2, 1, 0]),
+    ] {
+        let bytes: Vec<u8> = list.iter().flat_map(|n| n.to_le_bytes()).collect();
+        match init_err(Fault::None, three(), &[(2, 0, &bytes)]) {
+            Err(NvmeError::BadIdentify(BadIdentify::NamespaceId)) => {}
+            Err(e) => return Err(format!("{what}: {e:?}, want BadIdentify(NamespaceId)")),
+            Ok(r) => return Err(format!("{what}: accepted, namespaces {:?}", nsids(&r))),
         }
-        Err(e) => Err(format!("{e:?}")),
-        Ok(r) => Ok(format!(
-            "accepted {} namespaces (NSID > NN skipped)",
-            r.ctrl.namespaces().len()
-        )),
     }
+    Ok(
+        "list 1,2,3 -> 1,2,3; list 1,3 -> 1,3 (2 skipped); >NN, 0xFFFF_FFFF, repeat, \
+        out of order -> BadIdentify(NamespaceId)"
+            .into(),
+    )
 }
 
 fn reset_storm() -> Row {
@@ -829,7 +869,7 @@ fn rows() -> Vec<Spec> {
         },
         Spec {
             name: "identify: active NSID > NN",
-            expect: "refused or skipped",
+            expect: "exact namespaces; bad list refused",
             run: bad_ns_list,
         },
         Spec {
