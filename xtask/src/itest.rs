@@ -14,13 +14,46 @@ use crate::{cargo_cmd, step};
 /// Preemption bound for every loom model (each crate's tests/loom.rs says what it covers).
 const LOOM_MAX_PREEMPTIONS: &str = "3";
 
+/// A step's result. A skipped step (a tool it needs is missing; its name says why) counts as
+/// neither passed nor failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Ran and passed.
+    Ok,
+    /// Ran and failed.
+    Fail,
+    /// Did not run.
+    Skipped,
+}
+
+impl Verdict {
+    /// The results table's word for it.
+    pub fn word(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::Fail => "FAIL",
+            Verdict::Skipped => "skipped",
+        }
+    }
+}
+
+impl From<bool> for Verdict {
+    fn from(ok: bool) -> Self {
+        if ok {
+            Verdict::Ok
+        } else {
+            Verdict::Fail
+        }
+    }
+}
+
 pub fn test_all(with_qemu: bool, crash_states_per_gap: usize) -> Result<()> {
-    let mut rows: Vec<(String, bool, f64)> = Vec::new();
+    let mut rows: Vec<(String, Verdict, f64)> = Vec::new();
 
     let mut c = cargo_cmd();
     c.args(["fmt", "--all", "--", "--check"]);
     let (ok, t) = step("cargo fmt --check", c);
-    rows.push(("cargo fmt --check".into(), ok, t));
+    rows.push(("cargo fmt --check".into(), ok.into(), t));
 
     // The default members are every host-testable crate and xtask. The firmware is linted on its
     // own: a bare-metal binary has no test harness, and building it together with host crates
@@ -39,7 +72,7 @@ pub fn test_all(with_qemu: bool, crash_states_per_gap: usize) -> Result<()> {
     );
     rows.push((
         "cargo clippy -D warnings (crates, xtask, firmware)".into(),
-        ok1 && ok2,
+        (ok1 && ok2).into(),
         t1 + t2,
     ));
 
@@ -49,7 +82,7 @@ pub fn test_all(with_qemu: bool, crash_states_per_gap: usize) -> Result<()> {
         "cargo test --workspace (host unit, property and model tests)",
         c,
     );
-    rows.push(("host tests".into(), ok, t));
+    rows.push(("host tests".into(), ok.into(), t));
     rows.extend(crate::fuzz::test_steps(25));
 
     for (pkg, dir) in loom_crates() {
@@ -64,7 +97,7 @@ pub fn test_all(with_qemu: bool, crash_states_per_gap: usize) -> Result<()> {
         let name = format!("loom {pkg} (preemption bound {LOOM_MAX_PREEMPTIONS})");
         let (ok, t) = step(&name, c);
         let _ = dir;
-        rows.push((name, ok, t));
+        rows.push((name, ok.into(), t));
     }
 
     let mut qemu_rows = Vec::new();
@@ -72,30 +105,34 @@ pub fn test_all(with_qemu: bool, crash_states_per_gap: usize) -> Result<()> {
         let t = Instant::now();
         match qemu::ensure_qemu().and_then(|_| crate::build_firmware()) {
             Ok(fw) => {
-                rows.push(("firmware build".into(), true, t.elapsed().as_secs_f64()));
+                rows.push((
+                    "firmware build".into(),
+                    Verdict::Ok,
+                    t.elapsed().as_secs_f64(),
+                ));
                 let t = Instant::now();
                 for (name, ok) in crate::flash::self_check(&fw) {
-                    rows.push((name, ok, t.elapsed().as_secs_f64()));
+                    rows.push((name, ok.into(), t.elapsed().as_secs_f64()));
                 }
                 qemu_rows = qemu_tests(&fw)?;
                 let t = Instant::now();
                 let (name, ok) = powercut_replay_check(&fw);
-                rows.push((name, ok, t.elapsed().as_secs_f64()));
+                rows.push((name, ok.into(), t.elapsed().as_secs_f64()));
                 let t = Instant::now();
                 let (name, ok) = powercut_wal_check(&fw, crash_states_per_gap.max(1));
-                rows.push((name, ok, t.elapsed().as_secs_f64()));
+                rows.push((name, ok.into(), t.elapsed().as_secs_f64()));
                 let t = Instant::now();
                 let (name, ok) = kill_and_recover_check(&fw);
-                rows.push((name, ok, t.elapsed().as_secs_f64()));
+                rows.push((name, ok.into(), t.elapsed().as_secs_f64()));
                 let t = Instant::now();
                 let (name, ok) = log_write_error_check(&fw);
-                rows.push((name, ok, t.elapsed().as_secs_f64()));
+                rows.push((name, ok.into(), t.elapsed().as_secs_f64()));
             }
             Err(e) => {
                 eprintln!("xtask: {e:#}");
                 rows.push((
                     "firmware build / QEMU".into(),
-                    false,
+                    Verdict::Fail,
                     t.elapsed().as_secs_f64(),
                 ));
             }
@@ -103,15 +140,17 @@ pub fn test_all(with_qemu: bool, crash_states_per_gap: usize) -> Result<()> {
     }
 
     println!();
-    println!("{:<58} {:>6} {:>9}", "step", "result", "seconds");
-    println!("{:-<58} {:->6} {:->9}", "", "", "");
-    for (n, ok, t) in &rows {
-        println!("{n:<58} {:>6} {t:>9.1}", if *ok { "ok" } else { "FAIL" });
+    println!("{:<58} {:>7} {:>9}", "step", "result", "seconds");
+    println!("{:-<58} {:->7} {:->9}", "", "", "");
+    for (n, v, t) in &rows {
+        println!("{n:<58} {:>7} {t:>9.1}", v.word());
     }
-    let passed = rows.iter().filter(|r| r.1).count() + qemu_rows.iter().filter(|r| **r).count();
-    let failed = rows.iter().filter(|r| !r.1).count() + qemu_rows.iter().filter(|r| !**r).count();
+    let count = |v: Verdict| rows.iter().filter(|r| r.1 == v).count();
+    let passed = count(Verdict::Ok) + qemu_rows.iter().filter(|r| **r).count();
+    let failed = count(Verdict::Fail) + qemu_rows.iter().filter(|r| !**r).count();
+    let skipped = count(Verdict::Skipped);
     println!();
-    println!("keel: {passed} passed, {failed} failed");
+    println!("keel: {passed} passed, {failed} failed, {skipped} skipped");
     if failed > 0 {
         bail!("{failed} step(s) failed");
     }

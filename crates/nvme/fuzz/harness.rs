@@ -85,7 +85,11 @@ fn lies(f: Fault) -> bool {
 fn pattern(tag: u32, write: bool, len: usize) -> Vec<u8> {
     let seed = ((tag as u64) << 1 | write as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     (0..len.div_ceil(8))
-        .flat_map(|w| (seed ^ w as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93).to_le_bytes())
+        .flat_map(|w| {
+            (seed ^ w as u64)
+                .wrapping_mul(0xD6E8_FEB8_6659_FD93)
+                .to_le_bytes()
+        })
         .take(len)
         .collect()
 }
@@ -149,7 +153,11 @@ fn run_with(data: &[u8], dma: &HostDma) {
         Ok(c) => c,
         Err(e) => {
             // A typed error is a fine outcome; it must not leak the admin queues.
-            assert_eq!(dma.live_allocations(), 0, "failed bring-up ({e:?}) leaked DMA");
+            assert_eq!(
+                dma.live_allocations(),
+                0,
+                "failed bring-up ({e:?}) leaked DMA"
+            );
             return;
         }
     };
@@ -196,7 +204,9 @@ fn run_with(data: &[u8], dma: &HostDma) {
             let n = reported.entry(t).or_default();
             *n += 1;
             assert!(*n == 1, "tag {t} reported twice");
-            let c = cmds.remove(&t).unwrap_or_else(|| panic!("unknown tag {t} reported"));
+            let c = cmds
+                .remove(&t)
+                .unwrap_or_else(|| panic!("unknown tag {t} reported"));
             let honest = c.lies_at_submit == lie_count && !lies(fault_now);
             match (c.kind, &r) {
                 (Kind::Write, Ok(())) if honest && !c.overlapped => {

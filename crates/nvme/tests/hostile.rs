@@ -718,6 +718,35 @@ fn fuzz_corpus() -> Row {
     Ok(format!("300 inputs ({bytes} B): no panic, invariants held"))
 }
 
+fn fuzz_committed() -> Row {
+    // The committed seed corpus and every kept crash input, in plain `cargo test`.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut n = 0;
+    for dir in ["corpus/device_responses", "regressions/device_responses"] {
+        let mut files: Vec<_> = std::fs::read_dir(root.join(dir))
+            .map_err(|e| format!("{dir}: {e}"))?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        for f in files {
+            let data = std::fs::read(&f).map_err(|e| format!("{}: {e}", f.display()))?;
+            let r = catch_unwind(AssertUnwindSafe(|| harness::run(&data)));
+            if let Err(e) = r {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                return Err(format!("{}: {msg}", f.display()));
+            }
+            n += 1;
+        }
+    }
+    check(n >= 20, format!("only {n} committed inputs"))?;
+    Ok(format!("{n} committed inputs: invariants held"))
+}
+
 struct Spec {
     name: &'static str,
     expect: &'static str,
@@ -886,6 +915,11 @@ fn rows() -> Vec<Spec> {
             name: "fuzz harness, 300 seeded inputs",
             expect: "no panic/hang/loss",
             run: fuzz_corpus,
+        },
+        Spec {
+            name: "fuzz: committed seed corpus + crash regressions",
+            expect: "no panic/hang/loss, data right",
+            run: fuzz_committed,
         },
     ]
 }
