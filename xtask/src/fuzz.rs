@@ -8,6 +8,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+use crate::itest::Verdict;
+
 const TARGET: &str = "device_responses";
 const TRIPLE: &str = "x86_64-unknown-linux-gnu";
 const SANCOV: &str = "-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
@@ -82,11 +84,15 @@ pub fn run(secs: u64) -> Result<String> {
         corpus.display()
     );
     let t = Instant::now();
+    // The first directory collects new inputs; the committed seeds and regression inputs are
+    // read from the others (and run in plain `cargo test` by crates/nvme/tests/hostile.rs).
     let o = Command::new(&bin)
         .arg(format!("-max_total_time={secs}"))
         .args(["-max_len=1024", "-rss_limit_mb=1024", "-timeout=10"])
         .arg(format!("-artifact_prefix={}/", artifacts.display()))
         .arg(&corpus)
+        .arg(fuzz_dir().join("corpus").join(TARGET))
+        .arg(fuzz_dir().join("regressions").join(TARGET))
         .output()
         .context("running the fuzz target")?;
     let log = String::from_utf8_lossy(&o.stderr);
@@ -101,7 +107,8 @@ pub fn run(secs: u64) -> Result<String> {
             eprintln!("{l}");
         }
         bail!(
-            "the fuzz target failed (artifacts in {})",
+            "the fuzz target failed (artifacts in {}; copy the crash input to \
+             crates/nvme/fuzz/regressions/{TARGET}/ so plain `cargo test` keeps checking it)",
             artifacts.display()
         );
     }
@@ -114,7 +121,7 @@ pub fn run(secs: u64) -> Result<String> {
 
 /// `cargo xtask test` steps: the misbehaviour matrix (table printed) and a short fuzz run
 /// (skipped, not failed, without nightly).
-pub fn test_steps(fuzz_secs: u64) -> Vec<(String, bool, f64)> {
+pub fn test_steps(fuzz_secs: u64) -> Vec<(String, Verdict, f64)> {
     let mut rows = Vec::new();
     let mut c = crate::cargo_cmd();
     c.args([
@@ -128,12 +135,16 @@ pub fn test_steps(fuzz_secs: u64) -> Vec<(String, bool, f64)> {
         "--nocapture",
     ]);
     let (ok, t) = crate::step("misbehaviour matrix (crates/nvme/tests/hostile.rs)", c);
-    rows.push(("misbehaviour matrix".into(), ok, t));
+    rows.push(("misbehaviour matrix".into(), ok.into(), t));
     eprintln!("xtask: ── fuzz {TARGET} ({fuzz_secs} s) ──");
     let t = Instant::now();
     if !nightly_available() {
         println!("xtask: fuzz: SKIPPED: no nightly toolchain (rustup toolchain install nightly)");
-        rows.push(("fuzz (skipped: no nightly)".into(), true, 0.0));
+        rows.push((
+            format!("fuzz {TARGET} (no nightly toolchain)"),
+            Verdict::Skipped,
+            0.0,
+        ));
         return rows;
     }
     let r = run(fuzz_secs);
@@ -142,7 +153,7 @@ pub fn test_steps(fuzz_secs: u64) -> Vec<(String, bool, f64)> {
     }
     rows.push((
         format!("fuzz {TARGET} {fuzz_secs} s"),
-        r.is_ok(),
+        r.is_ok().into(),
         t.elapsed().as_secs_f64(),
     ));
     rows

@@ -14,13 +14,46 @@ use crate::{cargo_cmd, step};
 /// Preemption bound for every loom model (each crate's tests/loom.rs says what it covers).
 const LOOM_MAX_PREEMPTIONS: &str = "3";
 
+/// A step's result. A skipped step (a tool it needs is missing; its name says why) counts as
+/// neither passed nor failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Ran and passed.
+    Ok,
+    /// Ran and failed.
+    Fail,
+    /// Did not run.
+    Skipped,
+}
+
+impl Verdict {
+    /// The results table's word for it.
+    pub fn word(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::Fail => "FAIL",
+            Verdict::Skipped => "skipped",
+        }
+    }
+}
+
+impl From<bool> for Verdict {
+    fn from(ok: bool) -> Self {
+        if ok {
+            Verdict::Ok
+        } else {
+            Verdict::Fail
+        }
+    }
+}
+
 pub fn test_all(with_qemu: bool, crash_states_per_gap: usize) -> Result<()> {
-    let mut rows: Vec<(String, bool, f64)> = Vec::new();
+    let mut rows: Vec<(String, Verdict, f64)> = Vec::new();
 
     let mut c = cargo_cmd();
     c.args(["fmt", "--all", "--", "--check"]);
     let (ok, t) = step("cargo fmt --check", c);
-    rows.push(("cargo fmt --check".into(), ok, t));
+    rows.push(("cargo fmt --check".into(), ok.into(), t));
 
     // The default members are every host-testable crate and xtask. The firmware is linted on its
     // own: a bare-metal binary has no test harness, and building it together with host crates
@@ -39,7 +72,7 @@ pub fn test_all(with_qemu: bool, crash_states_per_gap: usize) -> Result<()> {
     );
     rows.push((
         "cargo clippy -D warnings (crates, xtask, firmware)".into(),
-        ok1 && ok2,
+        (ok1 && ok2).into(),
         t1 + t2,
     ));
 
@@ -49,7 +82,7 @@ pub fn test_all(with_qemu: bool, crash_states_per_gap: usize) -> Result<()> {
         "cargo test --workspace (host unit, property and model tests)",
         c,
     );
-    rows.push(("host tests".into(), ok, t));
+    rows.push(("host tests".into(), ok.into(), t));
     rows.extend(crate::fuzz::test_steps(25));
 
     for (pkg, dir) in loom_crates() {
@@ -64,7 +97,7 @@ pub fn test_all(with_qemu: bool, crash_states_per_gap: usize) -> Result<()> {
         let name = format!("loom {pkg} (preemption bound {LOOM_MAX_PREEMPTIONS})");
         let (ok, t) = step(&name, c);
         let _ = dir;
-        rows.push((name, ok, t));
+        rows.push((name, ok.into(), t));
     }
 
     let mut qemu_rows = Vec::new();
@@ -72,34 +105,38 @@ pub fn test_all(with_qemu: bool, crash_states_per_gap: usize) -> Result<()> {
         let t = Instant::now();
         match qemu::ensure_qemu().and_then(|_| crate::build_firmware()) {
             Ok(fw) => {
-                rows.push(("firmware build".into(), true, t.elapsed().as_secs_f64()));
+                rows.push((
+                    "firmware build".into(),
+                    Verdict::Ok,
+                    t.elapsed().as_secs_f64(),
+                ));
                 let t = Instant::now();
                 for (name, ok) in crate::flash::self_check(&fw) {
-                    rows.push((name, ok, t.elapsed().as_secs_f64()));
+                    rows.push((name, ok.into(), t.elapsed().as_secs_f64()));
                 }
                 qemu_rows = qemu_tests(&fw)?;
                 let t = Instant::now();
                 let (name, ok) = powercut_replay_check(&fw);
-                rows.push((name, ok, t.elapsed().as_secs_f64()));
+                rows.push((name, ok.into(), t.elapsed().as_secs_f64()));
                 let t = Instant::now();
                 let (name, ok) = powercut_wal_check(&fw, crash_states_per_gap.max(1));
-                rows.push((name, ok, t.elapsed().as_secs_f64()));
+                rows.push((name, ok.into(), t.elapsed().as_secs_f64()));
                 let t = Instant::now();
                 let (name, ok) = kill_and_recover_check(&fw);
-                rows.push((name, ok, t.elapsed().as_secs_f64()));
+                rows.push((name, ok.into(), t.elapsed().as_secs_f64()));
                 let t = Instant::now();
                 let (name, ok) = log_write_error_check(&fw);
-                rows.push((name, ok, t.elapsed().as_secs_f64()));
+                rows.push((name, ok.into(), t.elapsed().as_secs_f64()));
                 // Last: it rebuilds the firmware without the lab jobs.
                 let t = Instant::now();
                 let (name, ok) = appliance_check();
-                rows.push((name, ok, t.elapsed().as_secs_f64()));
+                rows.push((name, ok.into(), t.elapsed().as_secs_f64()));
             }
             Err(e) => {
                 eprintln!("xtask: {e:#}");
                 rows.push((
                     "firmware build / QEMU".into(),
-                    false,
+                    Verdict::Fail,
                     t.elapsed().as_secs_f64(),
                 ));
             }
@@ -107,15 +144,17 @@ pub fn test_all(with_qemu: bool, crash_states_per_gap: usize) -> Result<()> {
     }
 
     println!();
-    println!("{:<58} {:>6} {:>9}", "step", "result", "seconds");
-    println!("{:-<58} {:->6} {:->9}", "", "", "");
-    for (n, ok, t) in &rows {
-        println!("{n:<58} {:>6} {t:>9.1}", if *ok { "ok" } else { "FAIL" });
+    println!("{:<58} {:>7} {:>9}", "step", "result", "seconds");
+    println!("{:-<58} {:->7} {:->9}", "", "", "");
+    for (n, v, t) in &rows {
+        println!("{n:<58} {:>7} {t:>9.1}", v.word());
     }
-    let passed = rows.iter().filter(|r| r.1).count() + qemu_rows.iter().filter(|r| **r).count();
-    let failed = rows.iter().filter(|r| !r.1).count() + qemu_rows.iter().filter(|r| !**r).count();
+    let count = |v: Verdict| rows.iter().filter(|r| r.1 == v).count();
+    let passed = count(Verdict::Ok) + qemu_rows.iter().filter(|r| **r).count();
+    let failed = count(Verdict::Fail) + qemu_rows.iter().filter(|r| !**r).count();
+    let skipped = count(Verdict::Skipped);
     println!();
-    println!("keel: {passed} passed, {failed} failed");
+    println!("keel: {passed} passed, {failed} failed, {skipped} skipped");
     if failed > 0 {
         bail!("{failed} step(s) failed");
     }
@@ -628,6 +667,191 @@ fn qemu_tests(fw: &Path) -> Result<Vec<bool>> {
     Ok(results)
 }
 
+/// The `cost` job's rows (`cost | NAME | N ns`) read as numbers: every row parses, names are
+/// unique, every top-level row is non-zero, each "of which" breakdown sums to no more than the
+/// row above it (the job computes that row as the sum of the parts), and the relations that hold
+/// by construction: the reactor's QD1 round trip over a null queue costs more than the null
+/// queue's own round trip; a burst of 32 or 4 per pass costs no more per I/O than one at a time.
+fn cost_rows_sane(o: &Outcome) -> std::result::Result<(), String> {
+    let mut rows: Vec<(String, u64)> = Vec::new();
+    for l in &o.log {
+        let Some(rest) = l.split("INFO cost | ").nth(1) else {
+            continue;
+        };
+        let (name, v) = rest
+            .rsplit_once(" | ")
+            .ok_or_else(|| format!("unparsable row {l:?}"))?;
+        let v = v
+            .strip_suffix(" ns")
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| format!("unparsable value in {l:?}"))?;
+        rows.push((name.to_string(), v));
+    }
+    if rows.len() < 40 {
+        return Err(format!("{} rows", rows.len()));
+    }
+    let mut parent: Option<(&str, u64, u64)> = None;
+    let check_parent = |p: Option<(&str, u64, u64)>| match p {
+        Some((n, total, parts)) if parts > total => Err(format!(
+            "{n}: parts sum to {parts} ns, more than the row's {total} ns"
+        )),
+        _ => Ok(()),
+    };
+    for (name, v) in &rows {
+        if let Some(part) = name.trim_start().strip_prefix("of which ") {
+            let p = parent
+                .as_mut()
+                .ok_or_else(|| format!("'of which {part}' without a row above it"))?;
+            p.2 += v;
+        } else {
+            if *v == 0 {
+                return Err(format!("{name}: 0 ns"));
+            }
+            if rows.iter().filter(|(n, _)| n == name).count() != 1 {
+                return Err(format!("{name}: row printed twice"));
+            }
+            check_parent(parent.take())?;
+            parent = Some((name, *v, 0));
+        }
+    }
+    check_parent(parent)?;
+    let get = |n: &str| {
+        rows.iter()
+            .find(|(r, _)| r == n)
+            .map(|r| r.1)
+            .ok_or_else(|| format!("no row {n:?}"))
+    };
+    let single = get("reactor: QD1 round trip")?;
+    let null = get("null queue: QD1 round trip")?;
+    if single <= null {
+        return Err(format!(
+            "reactor QD1 round trip {single} ns <= the null queue's own {null} ns"
+        ));
+    }
+    for batch in [
+        "polled, 32 per pass: reactor (per I/O)",
+        "polled, 4 per pass: reactor (per I/O)",
+    ] {
+        let b = get(batch)?;
+        if b > single {
+            return Err(format!("{batch} {b} ns > QD1 round trip {single} ns"));
+        }
+    }
+    Ok(())
+}
+
+/// The host's own reading of the `reactor` job's results table (`core | issued | ok | failed |
+/// submitted here | remote served | completed | failed here | bad tags | lifecycle errs | failed,
+/// not aborted`): exactly `cores` rows, each core issued `ios` and got `ios` answers (ok +
+/// failed), nothing failed but with `Aborted` (a send refused because its queue pair was gone)
+/// and the device failed nothing (failed here, bad tags, lifecycle errors all 0), every submitted I/O
+/// completed, and every failure an issuer saw is a request that never reached a device (sum
+/// issued - sum failed == sum submitted): the only failures allowed are sends refused because
+/// the target's queue pair was gone. With `no_failures` (no handoff or shutdown), failed is 0.
+fn reactor_counts_ok(o: &Outcome, cores: usize, ios: u64, no_failures: bool) -> bool {
+    let mut rows: Vec<Vec<u64>> = Vec::new();
+    for l in &o.log {
+        let Some(rest) = l.split(" INFO ").nth(1) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split(" | ").map(str::trim).collect();
+        if f.len() < 11 {
+            continue;
+        }
+        let Ok(v) = f[..11]
+            .iter()
+            .map(|x| x.parse::<u64>())
+            .collect::<Result<Vec<u64>, _>>()
+        else {
+            continue;
+        };
+        rows.push(v);
+    }
+    let say = |m: String| {
+        eprintln!("xtask: reactor: {m}");
+        false
+    };
+    if rows.len() != cores || rows.iter().enumerate().any(|(c, r)| r[0] != c as u64) {
+        return say(format!("{} result rows, want cores 0..{cores}", rows.len()));
+    }
+    let sum = |i: usize| rows.iter().map(|r| r[i]).sum::<u64>();
+    for r in &rows {
+        let [core, issued, ok, failed, _sub, _served, _comp, failed_here, bad_tags, lc, other] =
+            r[..]
+        else {
+            unreachable!()
+        };
+        if issued != ios || ok + failed != ios {
+            return say(format!(
+                "core {core}: issued {issued}, ok {ok} + failed {failed}, want {ios}"
+            ));
+        }
+        if failed_here != 0 || bad_tags != 0 || lc != 0 || other != 0 {
+            return say(format!(
+                "core {core}: device failures {failed_here}, bad tags {bad_tags}, lifecycle {lc}, \
+                 failed but not aborted {other}"
+            ));
+        }
+        if no_failures && failed != 0 {
+            return say(format!("core {core}: {failed} failed, want 0"));
+        }
+    }
+    if sum(4) != sum(6) {
+        return say(format!("submitted {} != completed {}", sum(4), sum(6)));
+    }
+    if sum(1) - sum(3) != sum(4) {
+        return say(format!(
+            "issued {} - failed {} != submitted {}: a failure that reached a device, or an I/O \
+             counted twice",
+            sum(1),
+            sum(3),
+            sum(4)
+        ));
+    }
+    true
+}
+
+/// The host's own count of the `cfs` job's reports: every tag `0..inflight` reported exactly
+/// once (no other tag), each Ok, each read's CRC32C equal to the image's block at its LBA.
+fn cfs_reports_match(o: &Outcome, image: &[u8], inflight: u32) -> bool {
+    let crc = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+    let mut seen = vec![0u32; inflight as usize];
+    let mut good = true;
+    for l in &o.log {
+        let Some(rest) = l.split("cfs report: ").nth(1) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // tag T lba L ok B crc32c C
+        let (Some(tag), Some(lba), Some(okf), Some(c)) = (
+            f.get(1).and_then(|t| t.parse::<u32>().ok()),
+            f.get(3).and_then(|t| t.parse::<usize>().ok()),
+            f.get(5),
+            f.get(7).and_then(|t| u32::from_str_radix(t, 16).ok()),
+        ) else {
+            eprintln!("xtask: cfs: unparsable report {l:?}");
+            return false;
+        };
+        let Some(n) = seen.get_mut(tag as usize) else {
+            eprintln!("xtask: cfs: unknown tag {tag}");
+            return false;
+        };
+        *n += 1;
+        let want = image
+            .get(lba * 512..lba * 512 + 512)
+            .map(|b| crc.checksum(b));
+        if *okf != "true" || want != Some(c) {
+            eprintln!("xtask: cfs: tag {tag} lba {lba} ok {okf} crc {c:08x}, image {want:08x?}");
+            good = false;
+        }
+    }
+    if let Some((t, n)) = seen.iter().enumerate().find(|(_, n)| **n != 1) {
+        eprintln!("xtask: cfs: tag {t} reported {n} times");
+        return false;
+    }
+    good
+}
+
 /// Writes `len` bytes of deterministic pseudo-random data to `path`; returns their CRC32C.
 fn random_image(path: &Path, len: usize) -> Result<u32> {
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
@@ -664,6 +888,12 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
                 ("all shapes verified", shapes_ok),
                 ("1 namespace", |o| o.has("checks passed on 1 namespaces")),
                 ("no bad completions", |o| o.has("stale_cid: 0, bad_cid: 0")),
+                ("device: write cache enabled (the default)", |o| {
+                    o.has("selftest drive 0: volatile write cache: present true, enabled true")
+                }),
+                ("flush sent to the device, once", |o| {
+                    o.has("selftest drive 0 ns 1 | flush | commands sent to the device 1 (write cache enabled true) | ok")
+                }),
             ],
         ),
         case(
@@ -695,10 +925,16 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             "selftest",
             true,
             vec![
-                // QEMU 7.2 reports VWC on the controller whatever the namespaces' cache
-                // setting, so the point here is that everything verifies with it off.
+                // QEMU 7.2 reports VWC present on the controller whatever the namespaces'
+                // cache setting; Get Features (Volatile Write Cache) follows write-cache=.
                 ("4 of 4 cores online", |o| o.has("cores online: 4 of 4")),
                 ("all shapes verified", shapes_ok),
+                ("device: write cache disabled", |o| {
+                    o.has("selftest drive 0: volatile write cache: present true, enabled false")
+                }),
+                ("flush still sent to the device, once", |o| {
+                    o.has("selftest drive 0 ns 1 | flush | commands sent to the device 1 (write cache enabled false) | ok")
+                }),
             ],
         ),
         case(
@@ -726,19 +962,31 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             null_vm(1),
             "cost iters=20000",
             true,
-            vec![("every row measured", |o| {
-                [
-                    "cost | rdtsc |",
-                    "cost | critical section (empty) |",
-                    "cost | MMIO write (NVMe INTMS = 0) |",
-                    "cost | nvme submit (queued, per I/O) |",
-                    "cost | nvme reap (per completion) |",
-                    "cost | reactor: QD1 round trip |",
-                    "cost | mesh: recv, all rings empty |",
-                ]
-                .iter()
-                .all(|r| o.has(r))
-            })],
+            vec![
+                ("every row measured", |o| {
+                    [
+                        "cost | rdtsc |",
+                        "cost | critical section (empty) |",
+                        "cost | MMIO write (NVMe INTMS = 0) |",
+                        "cost | nvme submit (queued, per I/O) |",
+                        "cost | nvme reap (per completion) |",
+                        "cost | reactor: QD1 round trip |",
+                        "cost | mesh: recv, all rings empty |",
+                    ]
+                    .iter()
+                    .all(|r| o.has(r))
+                }),
+                (
+                    "values parse, non-zero, parts within totals, batch <= single",
+                    |o| match cost_rows_sane(o) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            eprintln!("xtask: cost: {e}");
+                            false
+                        }
+                    },
+                ),
+            ],
         ),
         case(
             "bench: full stack and raw interleaved, 1 s",
@@ -781,6 +1029,10 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
                 ("submitted == completed + failed", |o| {
                     o.has(": true; I/O handles back in the array: 512 of 512")
                 }),
+                (
+                    "host: exact counts per core; failures only refused sends",
+                    |o| reactor_counts_ok(o, 4, 2000, false),
+                ),
                 ("3 queue pairs deleted exactly once", |o| {
                     o.has("queue pairs deleted: 3 of 3")
                 }),
@@ -805,10 +1057,15 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             vm(2),
             "reactor ios=1000",
             true,
-            vec![("invariants hold", |o| {
-                o.has(": true; I/O handles back in the array: 512 of 512")
-                    && o.has("queue pairs deleted: 2 of 2")
-            })],
+            vec![
+                ("invariants hold", |o| {
+                    o.has(": true; I/O handles back in the array: 512 of 512")
+                        && o.has("queue pairs deleted: 2 of 2")
+                }),
+                ("host: every core 1000 ok, 0 failed", |o| {
+                    reactor_counts_ok(o, 2, 1000, true)
+                }),
+            ],
         ),
         case(
             "16 cores: every core does I/O on its own queue pair",
@@ -854,6 +1111,9 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
                 ("invariants hold with one queue pair", |o| {
                     o.has(": true; I/O handles back in the array: 512 of 512")
                         && o.has("queue pairs deleted: 1 of 1")
+                }),
+                ("host: every core 600 ok, 0 failed", |o| {
+                    reactor_counts_ok(o, 4, 600, true)
                 }),
             ],
         ),
@@ -928,23 +1188,35 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             }),
         ],
     ));
-    v.push(case(
-        "CSTS.CFS from a queue at unmapped memory",
-        vm(1),
-        "cfs inflight=16",
-        true,
-        vec![
-            ("fatal status detected", |o| {
-                o.has("cfs: controller fatal status after")
-            }),
-            ("reset, every in-flight command reported once", |o| {
-                o.has("16 commands in flight at the failure") && o.has(" 0 lost;")
-            }),
-            ("new I/O verified after recovery", |o| {
-                o.has("controller recovered; new I/O verified")
-            }),
+    // CSTS.CFS: the in-flight reads are of LBAs 0..16 of a random image; the host counts the
+    // reports itself (one line per report) and checks each read's CRC32C against the image.
+    let cfs_img = work.join("cfs-src.img");
+    random_image(&cfs_img, 8 << 20)?;
+    let cfs_data = std::fs::read(&cfs_img)?;
+    v.push(Case {
+        name: "CSTS.CFS from a queue at unmapped memory".into(),
+        vm: VmOpts {
+            disk: Some(cfs_img),
+            ..vm(1)
+        },
+        cmdline: "cfs inflight=16",
+        expect_pass: true,
+        expect_timeout: false,
+        checks: vec![
+            (
+                "fatal status detected",
+                Box::new(|o: &Outcome| o.has("cfs: controller fatal status after")),
+            ),
+            (
+                "host: each of the 16 tags reported once, its data the image's",
+                Box::new(move |o: &Outcome| cfs_reports_match(o, &cfs_data, 16)),
+            ),
+            (
+                "new I/O verified after recovery",
+                Box::new(|o: &Outcome| o.has("controller recovered; new I/O verified")),
+            ),
         ],
-    ));
+    });
     v.push(case(
         "demo (what `cargo xtask run` runs)",
         vm(2),

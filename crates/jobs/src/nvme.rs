@@ -263,6 +263,26 @@ fn selftest_drive<'a, B: Board>(
     let clock = p.clock();
     let clock = &clock;
     let mut qp = qpair(&mut d.ctrl.lock(), p, 1)?;
+    // What the device says about its volatile write cache: Identify Controller VWC (present)
+    // and Get Features Volatile Write Cache (enabled). QEMU reports VWC present whatever the
+    // namespaces' cache, but the feature follows `write-cache=` (the host asserts both).
+    let vwc_enabled = match d.ctrl.lock().get_features(0x06, 0) {
+        Ok(dw0) => dw0 & 1 != 0,
+        Err(e) => {
+            keel_log::error!(
+                "selftest drive {=usize}: Get Features (VWC): {}",
+                d.index,
+                e
+            );
+            return Err(JobError::Failed("Get Features (volatile write cache)"));
+        }
+    };
+    keel_log::info!(
+        "selftest drive {=usize}: volatile write cache: present {=bool}, enabled {=bool}",
+        d.index,
+        d.info.vwc,
+        vwc_enabled
+    );
     let max_transfer = qp.max_transfer();
     let big = (2 * max_transfer + 64 * 1024).max(2 * 1024 * 1024 + 8192);
     let wbuf = storage::dma(p.dma(), big + 8192).map_err(fail("DMA pool exhausted"))?;
@@ -390,9 +410,17 @@ fn selftest_drive<'a, B: Board>(
                 bytes
             );
         }
+        let before = qp.stats().submitted_cmds;
         storage::sync_op(&mut qp, clock, BlockOp::Flush { ns: ns.nsid }).map_err(fail("flush"))?;
+        let flush_cmds = qp.stats().submitted_cmds - before;
         checks += 1;
-        keel_log::info!("selftest ns {=u32} | {=str} | ok", ns.nsid, "flush");
+        keel_log::info!(
+            "selftest drive {=usize} ns {=u32} | flush | commands sent to the device {=u64} (write cache enabled {=bool}) | ok",
+            d.index,
+            ns.nsid,
+            flush_cmds,
+            vwc_enabled
+        );
         let zb = blocks_of(4096);
         if d.info.write_zeroes {
             storage::zeroes_verify(&mut qp, clock, ns.nsid, 64, zb, &rbuf)
@@ -683,6 +711,7 @@ pub fn cfs<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
     })?;
     let (mut ok, mut failed, mut seen) = (0u32, 0u32, [0u8; 64]);
     let t1 = clock.now_ns();
+    let crc = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
     while ok + failed < inflight {
         qp.poll(usize::MAX, &mut |tag, r| {
             if let Some(n) = seen.get_mut(tag as usize) {
@@ -693,6 +722,21 @@ pub fn cfs<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
             } else {
                 failed += 1;
             }
+            // One line per report, with the CRC32C of the block the read returned: the host
+            // counts these lines itself and checks each CRC against the disk image.
+            let mut block = [0u8; 4096];
+            let n = bs.min(block.len());
+            let c = match bufs.read_bytes(tag as usize * bs, &mut block[..n]) {
+                Ok(()) => crc.checksum(&block[..n]),
+                Err(_) => 0,
+            };
+            keel_log::info!(
+                "cfs report: tag {=u32} lba {=u32} ok {=bool} crc32c {=u32:08x}",
+                tag,
+                tag,
+                r.is_ok(),
+                c
+            );
         });
         if clock.now_ns() - t1 > 5_000_000_000 {
             keel_log::error!(
@@ -707,7 +751,7 @@ pub fn cfs<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         return Err(JobError::Failed("a command was reported twice or never"));
     }
     keel_log::info!(
-        "cfs: {=u32} commands in flight at the failure: {=u32} completed after resubmission, {=u32} failed, 0 lost; queue stats {}",
+        "cfs: {=u32} commands in flight at the failure: {=u32} completed after resubmission, {=u32} failed; queue stats {}",
         inflight, ok, failed, qp.stats()
     );
     let wbuf = storage::dma(p.dma(), 64 * 1024).map_err(fail("DMA pool exhausted"))?;

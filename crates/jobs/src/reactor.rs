@@ -13,7 +13,7 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use critical_section::Mutex;
 use keel_aio::Aio;
-use keel_blockdev::{BlockOp, BlockQueue, BufRef};
+use keel_blockdev::{BlockOp, BlockQueue, BufRef, IoError};
 use keel_cmdline::{Cmdline, OptSpec};
 use keel_hal::{Board, Clock, DmaRegion};
 use keel_reactor::{split, Links, MeshStorage, Msg, Reactor, ReactorError};
@@ -52,6 +52,8 @@ struct CoreReport {
     issued: u64,
     ok: u64,
     failed: u64,
+    /// Failures other than `Aborted` (a send refused because its queue pair was gone).
+    failed_other: u64,
     stats: keel_reactor::Stats,
     handed_off: bool,
     shut_down: bool,
@@ -230,10 +232,14 @@ fn core_main<Q: BlockQueue>(
         r.poll();
         while let Some(c) = r.next_completion() {
             let _ = free.push(c.cookie);
-            if c.result.is_ok() {
-                rep.ok += 1;
-            } else {
-                rep.failed += 1;
+            match c.result {
+                Ok(()) => rep.ok += 1,
+                Err(e) => {
+                    rep.failed += 1;
+                    if e != IoError::Aborted {
+                        rep.failed_other += 1;
+                    }
+                }
             }
         }
         if core == spare && sh.adopt_pending.swap(false, Ordering::AcqRel) {
@@ -370,7 +376,7 @@ pub fn run<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
     let mut ok = true;
     let (mut sub, mut comp) = (0u64, 0u64);
     keel_log::info!("reactor results ({=u64} ms):", ms);
-    keel_log::info!("core | issued | ok | failed | submitted here | remote served | completed | failed here | bad tags | lifecycle errs | notes");
+    keel_log::info!("core | issued | ok | failed | submitted here | remote served | completed | failed here | bad tags | lifecycle errs | failed, not aborted | notes");
     for core in 0..cores {
         let rep = match reports.get(core) {
             Some(Ok(r)) => *r,
@@ -387,8 +393,8 @@ pub fn run<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         };
         let s = rep.stats;
         keel_log::info!(
-            "{=usize} | {=u64} | {=u64} | {=u64} | {=u64} | {=u64} | {=u64} | {=u64} | {=u64} | {=u64} | {=str}",
-            core, rep.issued, rep.ok, rep.failed, s.submitted, s.remote_served, s.completed_ok, s.failed, s.bad_tags, s.lifecycle_errors,
+            "{=usize} | {=u64} | {=u64} | {=u64} | {=u64} | {=u64} | {=u64} | {=u64} | {=u64} | {=u64} | {=u64} | {=str}",
+            core, rep.issued, rep.ok, rep.failed, s.submitted, s.remote_served, s.completed_ok, s.failed, s.bad_tags, s.lifecycle_errors, rep.failed_other,
             if rep.handed_off { "handed its queue pair off" } else if rep.shut_down { "shut its queue pair down" } else if core == spare && cores > 2 { "spare: adopted core 1's queue pair" } else { "" }
         );
         ok &= rep.issued == ios

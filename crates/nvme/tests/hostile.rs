@@ -15,7 +15,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use keel_blockdev::{BlockOp, BlockQueue, BufRef, IoError, SubmitError};
 use keel_hal::DmaAllocator;
-use keel_model::{Fault, HostDma, ModelClock, ModelConfig, ModelMmio, NvmeModel};
+use keel_model::{Fault, HostDma, ModelClock, ModelConfig, ModelMmio, NsConfig, NvmeModel};
 use keel_nvme::{BadIdentify, Config, Controller, IoQueuePair, NvmeError, Step};
 
 #[path = "../fuzz/harness.rs"]
@@ -526,21 +526,61 @@ fn mdts_zero() -> Row {
 }
 
 fn bad_ns_list() -> Row {
-    // Active NSID list 1, 0xFFFF_FFFF (above NN): refused.
-    match init_err(
+    // Three namespaces (NN = 3). The Active NSID list decides which are used, and an NSID above
+    // NN (or 0xFFFF_FFFF, or out of order) refuses the bring-up: nothing else is acceptable.
+    let three = || ModelConfig {
+        namespaces: (1..=3)
+            .map(|nsid| NsConfig {
+                nsid,
+                blocks: 1024 * nsid as u64,
+                lba_shift: 9,
+            })
+            .collect(),
+        ..ModelConfig::default()
+    };
+    let nsids = |r: &Rig| -> Vec<(u32, u64)> {
+        r.ctrl
+            .namespaces()
+            .iter()
+            .map(|n| (n.nsid, n.blocks))
+            .collect()
+    };
+    // The list as the device gives it: all three, each with its own size.
+    let r = init_err(Fault::None, three(), &[]).map_err(|e| format!("full list: {e:?}"))?;
+    check(
+        nsids(&r) == vec![(1, 1024), (2, 2048), (3, 3072)],
+        format!("full list: used {:?}", nsids(&r)),
+    )?;
+    // List 1, 3: namespace 2 is inactive and must be skipped, 3 used with its own size.
+    let r = init_err(
         Fault::None,
-        ModelConfig::default(),
-        &[(2, 4, &0xFFFF_FFFFu32.to_le_bytes())],
-    ) {
-        Err(NvmeError::BadIdentify(BadIdentify::NamespaceId)) => {
-            Ok("BadIdentify(NamespaceId)".into())
+        three(),
+        &[(2, 4, &3u32.to_le_bytes()), (2, 8, &0u32.to_le_bytes())],
+    )
+    .map_err(|e| format!("list 1,3: {e:?}"))?;
+    check(
+        nsids(&r) == vec![(1, 1024), (3, 3072)],
+        format!("list 1,3: used {:?}, want 1 and 3 (2 skipped)", nsids(&r)),
+    )?;
+    // Refused lists: above NN, 0xFFFF_FFFF, a repeat, out of order.
+    for (what, list) in [
+        ("nsid 4 > NN 3", [1u32, 4, 0]),
+        ("nsid 0xFFFF_FFFF", [1, 0xFFFF_FFFF, 0]),
+        ("nsid repeated", [1, 1, 0]),
+        ("out of order", [2, 1, 0]),
+    ] {
+        let bytes: Vec<u8> = list.iter().flat_map(|n| n.to_le_bytes()).collect();
+        match init_err(Fault::None, three(), &[(2, 0, &bytes)]) {
+            Err(NvmeError::BadIdentify(BadIdentify::NamespaceId)) => {}
+            Err(e) => return Err(format!("{what}: {e:?}, want BadIdentify(NamespaceId)")),
+            Ok(r) => return Err(format!("{what}: accepted, namespaces {:?}", nsids(&r))),
         }
-        Err(e) => Err(format!("{e:?}")),
-        Ok(r) => Ok(format!(
-            "accepted {} namespaces (NSID > NN skipped)",
-            r.ctrl.namespaces().len()
-        )),
     }
+    Ok(
+        "list 1,2,3 -> 1,2,3; list 1,3 -> 1,3 (2 skipped); >NN, 0xFFFF_FFFF, repeat, \
+        out of order -> BadIdentify(NamespaceId)"
+            .into(),
+    )
 }
 
 fn reset_storm() -> Row {
@@ -748,6 +788,35 @@ fn fuzz_corpus() -> Row {
     Ok(format!("300 inputs ({bytes} B): no panic, invariants held"))
 }
 
+fn fuzz_committed() -> Row {
+    // The committed seed corpus and every kept crash input, in plain `cargo test`.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut n = 0;
+    for dir in ["corpus/device_responses", "regressions/device_responses"] {
+        let mut files: Vec<_> = std::fs::read_dir(root.join(dir))
+            .map_err(|e| format!("{dir}: {e}"))?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        for f in files {
+            let data = std::fs::read(&f).map_err(|e| format!("{}: {e}", f.display()))?;
+            let r = catch_unwind(AssertUnwindSafe(|| harness::run(&data)));
+            if let Err(e) = r {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                return Err(format!("{}: {msg}", f.display()));
+            }
+            n += 1;
+        }
+    }
+    check(n >= 20, format!("only {n} committed inputs"))?;
+    Ok(format!("{n} committed inputs: invariants held"))
+}
+
 struct Spec {
     name: &'static str,
     expect: &'static str,
@@ -875,7 +944,7 @@ fn rows() -> Vec<Spec> {
         },
         Spec {
             name: "identify: active NSID > NN",
-            expect: "refused or skipped",
+            expect: "exact namespaces; bad list refused",
             run: bad_ns_list,
         },
         Spec {
@@ -892,6 +961,11 @@ fn rows() -> Vec<Spec> {
             name: "fuzz harness, 300 seeded inputs",
             expect: "no panic/hang/loss",
             run: fuzz_corpus,
+        },
+        Spec {
+            name: "fuzz: committed seed corpus + crash regressions",
+            expect: "no panic/hang/loss, data right",
+            run: fuzz_committed,
         },
     ]
 }

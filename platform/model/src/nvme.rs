@@ -863,6 +863,11 @@ impl State {
         let cdw11 = le32(c, 44);
         match opc {
             0x06 => self.identify(cdw10 & 0xFF, nsid, prp1, prp2),
+            // Get Features, Volatile Write Cache: enabled when a cache is simulated.
+            0x0A if cdw10 & 0xFF == 0x06 => {
+                let on = self.disks.iter().any(|d| d.durable.is_some());
+                (on as u32, sf::OK)
+            }
             0x09 | 0x0A => {
                 if cdw10 & 0xFF != 0x07 {
                     return (
