@@ -1404,14 +1404,9 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             (
                 "zoned images untouched, the plain drive written",
                 Box::new(move |o: &Outcome| {
-                    let zero = |ns| {
-                        std::fs::read(qemu::ns_image(&w, 0, ns))
-                            .map(|b| b.iter().all(|&x| x == 0))
-                            .unwrap_or(false)
-                    };
                     o.has("checks passed on 2 drives")
-                        && zero(1)
-                        && zero(2)
+                        && image_is_zero(&w, 0, 1)
+                        && image_is_zero(&w, 0, 2)
                         && selftest_pattern_on_disk(&w, 1).unwrap_or(false)
                 }),
             ),
@@ -1503,13 +1498,8 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             (
                 "the extended namespace's image untouched; the others written",
                 Box::new(move |_o: &Outcome| {
-                    let zero = |d, ns| {
-                        std::fs::read(qemu::ns_image(&w, d, ns))
-                            .map(|b| b.iter().all(|&x| x == 0))
-                            .unwrap_or(false)
-                    };
                     metadata_on_disk(&w, 0, 512, 8, None, 0).unwrap_or(false)
-                        && zero(1, 1)
+                        && image_is_zero(&w, 1, 1)
                         && selftest_pattern_on_disk(&w, 2).unwrap_or(false)
                 }),
             ),
@@ -1666,6 +1656,13 @@ fn metadata_on_disk(
             .all(|(i, &b)| b == metadata_byte(1, i)),
     };
     Ok(data_ok && meta_ok)
+}
+
+/// Whether namespace `ns` of drive `d`'s image is all zeroes (nothing was ever written).
+fn image_is_zero(work: &std::path::Path, d: usize, ns: u32) -> bool {
+    std::fs::read(qemu::ns_image(work, d, ns))
+        .map(|b| b.iter().all(|&x| x == 0))
+        .unwrap_or(false)
 }
 
 /// [`selftest_pattern_on_disk`] for namespace `ns`.

@@ -47,6 +47,15 @@ pub enum PiError {
     },
 }
 
+/// The tuple a block at `lba` should carry: guard, application tag, reference tag (big-endian).
+fn tuple(block: &[u8], meta_before: &[u8], app_tag: u16, lba: u64) -> [u8; 8] {
+    let mut t = [0u8; 8];
+    t[0..2].copy_from_slice(&guard(block, meta_before));
+    t[2..4].copy_from_slice(&app_tag.to_be_bytes());
+    t[4..8].copy_from_slice(&(lba as u32).to_be_bytes());
+    t
+}
+
 fn layout(ns: &Namespace, blocks: u32, data: usize, meta: usize) -> Result<PiType, PiError> {
     let pi = ns.pi.ok_or(PiError::NoProtection)?;
     let n = blocks as usize;
@@ -84,11 +93,8 @@ pub fn generate(
         .take(blocks as usize)
         .enumerate()
     {
-        let g = guard(block, &m[..at]);
-        let t = &mut m[at..at + 8];
-        t[0..2].copy_from_slice(&g);
-        t[2..4].copy_from_slice(&app_tag.to_be_bytes());
-        t[4..8].copy_from_slice(&((lba + b as u64) as u32).to_be_bytes());
+        let t = tuple(block, &m[..at], app_tag, lba + b as u64);
+        m[at..at + 8].copy_from_slice(&t);
     }
     Ok(())
 }
@@ -118,15 +124,18 @@ pub fn verify(
         .take(blocks as usize)
         .enumerate()
     {
-        let t = &m[at..at + 8];
+        let (t, want) = (
+            &m[at..at + 8],
+            tuple(block, &m[..at], app_tag, lba + b as u64),
+        );
         let block_no = b as u32;
-        if t[0..2] != guard(block, &m[..at]) {
+        if t[0..2] != want[0..2] {
             return Err(PiError::Guard { block: block_no });
         }
-        if t[2..4] != app_tag.to_be_bytes() {
+        if t[2..4] != want[2..4] {
             return Err(PiError::AppTag { block: block_no });
         }
-        if pi != PiType::Type3 && t[4..8] != ((lba + b as u64) as u32).to_be_bytes() {
+        if pi != PiType::Type3 && t[4..8] != want[4..8] {
             return Err(PiError::RefTag { block: block_no });
         }
     }
