@@ -54,6 +54,13 @@ pub struct Config {
     /// timer tick should set it to 1. Under emulation a clock read is costly (see
     /// `IoQueuePair::scan_due`), so the default shares one among 32.
     pub timeout_check_polls: u16,
+    /// Abort commands [`Controller::recover`] sends per call at most (also bounded by the
+    /// controller's Abort Command Limit); timed-out commands beyond it go straight to a
+    /// queue-pair reset.
+    pub max_aborts: u8,
+    /// How long [`Controller::recover`] waits for the completion of a command whose abort the
+    /// controller confirmed, before it resets the queue pair anyway.
+    pub abort_wait_ms: u64,
 }
 
 impl Default for Config {
@@ -67,6 +74,8 @@ impl Default for Config {
             io_queues: 8,
             lazy_cq_doorbell: false,
             timeout_check_polls: 32,
+            max_aborts: 4,
+            abort_wait_ms: 100,
         }
     }
 }
@@ -208,6 +217,11 @@ pub struct ControllerInfo {
     pub io_queues: u16,
     /// Command Retry Delay Times CRDT1..3 in units of 100 ms (0 where not reported).
     pub crdt: [u16; 3],
+    /// Abort commands the controller accepts at once (ACL + 1).
+    pub abort_limit: u8,
+    /// Advanced Command Retry is on (Host Behavior Support ACRE set at bring-up): completions
+    /// may carry a CRD asking for a delay before a retry.
+    pub acre: bool,
 }
 
 fn trim(bytes: &[u8]) -> &str {
@@ -240,6 +254,31 @@ pub struct AdminStats {
     pub stale_completions: u64,
     /// Controller resets ([`Controller::reset`] calls).
     pub resets: u64,
+    /// Abort commands sent by [`Controller::recover`].
+    pub aborts_sent: u64,
+    /// Aborts the controller confirmed (the command then completes "Abort Requested").
+    pub aborts_confirmed: u64,
+    /// Queue pairs deleted and recreated by [`Controller::reset_queue`].
+    pub queue_resets: u64,
+}
+
+/// What one [`Controller::recover`] call did, level by level (SPDK's and Linux's escalation:
+/// abort, then reset the queue pair, then reset the controller).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Recovery {
+    /// Completions already posted that the call reaped for the pairs' owners (late completions
+    /// settle a timed-out command without any abort).
+    pub reaped: u16,
+    /// Abort commands sent.
+    pub aborts_sent: u16,
+    /// Aborts the controller confirmed.
+    pub aborts_confirmed: u16,
+    /// Queue pairs deleted and recreated.
+    pub queue_resets: u16,
+    /// The controller was reset (CC.EN 1 → 0 → 1): fatal status, a device that is gone, a
+    /// failed pair, or a lower level that did not work.
+    pub controller_reset: bool,
 }
 
 struct AdminQueue {
@@ -267,6 +306,9 @@ pub struct Controller<M: Mmio, C: Clock> {
     clock: C,
     cfg: Config,
     cap: Cap,
+    /// The deadline for a CSTS.RDY transition: CAP.TO, or CRTO.CRWMT where the controller
+    /// reports it (NVMe 2.0 lets CRWMT exceed what CAP.TO can say).
+    ready_timeout_ms: u64,
     stride: usize,
     admin: AdminQueue,
     scratch: DmaRegion,
@@ -301,6 +343,12 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             return Err(NvmeError::Unsupported("4 KiB memory pages"));
         }
         let stride = cap.doorbell_stride();
+        let ready_timeout_ms = if cap.crwms() && mmio.len() >= reg::CRTO + 4 {
+            let crwmt = (mmio.read32(reg::CRTO) & 0xFFFF) as u64 * 500;
+            cap.timeout_ms().max(crwmt)
+        } else {
+            cap.timeout_ms()
+        };
         if mmio.len() < spec::cq_doorbell(0, stride) + 4 {
             return Err(NvmeError::InvalidArgument(
                 "BAR0 smaller than the admin doorbells",
@@ -333,12 +381,15 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             max_queue_entries: cap.max_queue_entries(),
             io_queues: 0,
             crdt: [0; 3],
+            abort_limit: 1,
+            acre: false,
         };
         let mut ctrl = Self {
             mmio,
             clock,
             cfg,
             cap,
+            ready_timeout_ms,
             stride,
             admin,
             scratch,
@@ -360,6 +411,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             ctrl.disable()?;
             ctrl.enable()?;
             ctrl.identify_controller()?;
+            ctrl.enable_acre();
             ctrl.scan_namespaces()?;
             ctrl.negotiate_queues()?;
             if ctrl.cfg.shadow_doorbells && ctrl.info.doorbell_buffer {
@@ -438,10 +490,11 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         Csts::from_bits(self.mmio.read32(reg::CSTS))
     }
 
-    /// Polls CSTS until `done` says so, for at most CAP.TO (and at least 500 ms).
+    /// Polls CSTS until `done` says so, for at most CAP.TO (or CRTO.CRWMT, where larger; and
+    /// at least 500 ms).
     fn wait_csts(&self, done: impl Fn(Csts) -> bool, step: Step) -> Result<(), NvmeError> {
-        // CAP.TO is the worst case for RDY transitions; never wait less than 500 ms.
-        let limit_ms = self.cap.timeout_ms().max(500);
+        // CAP.TO / CRWMT is the worst case for RDY transitions; never wait less than 500 ms.
+        let limit_ms = self.ready_timeout_ms.max(500);
         let deadline = self.clock.now_ns().saturating_add(limit_ms * 1_000_000);
         loop {
             let csts = self.csts();
@@ -580,6 +633,35 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         Ok(())
     }
 
+    /// Enables Advanced Command Retry (Host Behavior Support, ACRE = 1) when the controller
+    /// gives retry delay times (CRDT1..3): only then may its completions ask, through CRD, for
+    /// a delay before a retry ([`crate::IoQueuePair`] honours it through
+    /// `BlockQueue::retry_delay_us`). A controller that refuses the feature keeps ACRE off; it
+    /// is not an error. Features are back to their defaults after a controller reset, so
+    /// [`Controller::reset`] calls this again.
+    fn enable_acre(&mut self) {
+        self.info.acre = false;
+        if self.info.crdt.iter().all(|&t| t == 0) {
+            return;
+        }
+        let r = (|| {
+            self.scratch.fill(0, PAGE_SIZE, 0)?;
+            self.scratch.write(0, &1u8)?;
+            let mut sqe = SqEntry::new(admin_op::SET_FEATURES, 0, 0);
+            sqe.prp1 = self.scratch.bus_addr();
+            sqe.cdw10 = spec::feature::HOST_BEHAVIOR_SUPPORT;
+            self.admin_command(sqe)
+        })();
+        self.info.acre = r.is_ok();
+        keel_log::info!(
+            "nvme: crdt {} {} {} ms x100, acre {}",
+            self.info.crdt[0],
+            self.info.crdt[1],
+            self.info.crdt[2],
+            self.info.acre
+        );
+    }
+
     fn identify_controller(&mut self) -> Result<(), NvmeError> {
         self.identify_raw(cns::CONTROLLER, 0)?;
         let id: spec::IdentifyController = self.scratch.read(0)?;
@@ -602,6 +684,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         info.doorbell_buffer = oacs & spec::OACS_DOORBELL_BUFFER_CONFIG != 0;
         info.nn = id.nn.get();
         info.crdt = id.crdt.map(|t| t.get());
+        info.abort_limit = id.acl.saturating_add(1);
         // MDTS is in units of CAP.MPSMIN; clamp absurd exponents instead of overflowing.
         info.mdts_bytes = match id.mdts {
             0 => None,
@@ -927,6 +1010,135 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         Ok(dw0 & 1 == 0)
     }
 
+    /// Timeout recovery for this controller's queue pairs, escalating like SPDK and Linux:
+    ///
+    /// 1. completions already posted are reaped (a late completion settles a timed-out command
+    ///    with no abort at all);
+    /// 2. each timed-out command still on the device gets an Abort, at most
+    ///    `min(Config::max_aborts, ACL + 1)` per call, one outstanding at a time; a confirmed
+    ///    abort's completion ("Abort Requested") is waited for, at most
+    ///    `Config::abort_wait_ms`;
+    /// 3. a pair that still holds a timed-out command (abort refused, not confirmed in time, or
+    ///    beyond the limit) is reset on its own ([`Controller::reset_queue`]): deleted and
+    ///    recreated, its other commands resubmitted;
+    /// 4. the controller is reset ([`Controller::reset`]) when it is fatal (CSTS.CFS), gone
+    ///    (all-ones registers), a pair has failed, or an admin command of a lower level fails
+    ///    or times out.
+    ///
+    /// Every live queue pair must be passed in, lent by its owner for the call (nobody else
+    /// polls them meanwhile). No outcome is reported here: each goes to its pair's ready list,
+    /// and the owner reports it on its next poll, so every command still completes exactly
+    /// once, to its owner, and a buffer goes back only when the device is done with it.
+    /// Admin commands are synchronous: run this off the pollers (on the worker core).
+    pub fn recover(
+        &mut self,
+        qpairs: &mut [&mut IoQueuePair<M, C>],
+    ) -> Result<Recovery, NvmeError> {
+        let mut rep = Recovery::default();
+        let fatal = self.failed || self.csts().fatal() || qpairs.iter().any(|q| q.is_failed());
+        if !fatal {
+            match self.recover_below_reset(qpairs, &mut rep) {
+                Ok(()) => return Ok(rep),
+                Err(e) => keel_log::warn!("nvme: recovery escalates to a controller reset: {}", e),
+            }
+        }
+        rep.controller_reset = true;
+        self.reset(qpairs)?;
+        Ok(rep)
+    }
+
+    /// Levels 1 to 3 of [`Controller::recover`]; an error asks for the controller reset.
+    fn recover_below_reset(
+        &mut self,
+        qpairs: &mut [&mut IoQueuePair<M, C>],
+        rep: &mut Recovery,
+    ) -> Result<(), NvmeError> {
+        for qp in qpairs.iter_mut() {
+            rep.reaped = rep
+                .reaped
+                .saturating_add(u16::try_from(qp.reap_deferred()).unwrap_or(u16::MAX));
+        }
+        let limit = self.cfg.max_aborts.min(self.info.abort_limit) as u16;
+        let mut reset = QidSet::ZERO;
+        let mut waiting = false;
+        for qp in qpairs.iter_mut() {
+            let qid = qp.qid();
+            while let Some(cid) = qp.pop_abort_candidate() {
+                if !qp.is_zombie(cid) {
+                    continue; // it completed meanwhile
+                }
+                if rep.aborts_sent >= limit {
+                    reset.set(qid as usize, true);
+                    continue;
+                }
+                rep.aborts_sent += 1;
+                self.stats.aborts_sent += 1;
+                if self.abort(qid, cid)? {
+                    rep.aborts_confirmed += 1;
+                    self.stats.aborts_confirmed += 1;
+                    waiting = true;
+                } else {
+                    reset.set(qid as usize, true);
+                }
+            }
+        }
+        if waiting {
+            let deadline = self
+                .clock
+                .now_ns()
+                .saturating_add(self.cfg.abort_wait_ms.saturating_mul(1_000_000));
+            loop {
+                for qp in qpairs.iter_mut() {
+                    qp.reap_deferred();
+                }
+                let left = qpairs
+                    .iter()
+                    .any(|q| !reset[q.qid() as usize] && q.timed_out_slots() != 0);
+                if !left || self.clock.now_ns() > deadline {
+                    break;
+                }
+                self.clock.delay_us(10);
+            }
+        }
+        for qp in qpairs.iter_mut() {
+            if reset[qp.qid() as usize] || qp.timed_out_slots() != 0 {
+                self.reset_queue(qp)?;
+                rep.queue_resets += 1;
+            } else {
+                qp.settled();
+            }
+        }
+        Ok(())
+    }
+
+    /// Resets one I/O queue pair: Delete I/O SQ (the controller aborts every command on it and
+    /// will not touch their buffers again), the completions posted before that are reaped,
+    /// Delete I/O CQ, then both are created again on the same memory. Commands that had timed
+    /// out complete with `IoError::Timeout`; the others are resubmitted (within
+    /// `Config::max_retries`) or fail with `IoError::DeviceReset`. Outcomes reach the owner on
+    /// its next poll. On an error the caller resets the controller (which recovers this pair
+    /// with the others).
+    pub fn reset_queue(&mut self, qp: &mut IoQueuePair<M, C>) -> Result<(), NvmeError> {
+        let qid = qp.qid();
+        if !self.live[qid as usize] {
+            return Err(NvmeError::InvalidArgument("queue pair not live"));
+        }
+        keel_log::warn!("nvme: q{} reset (delete and recreate)", qid);
+        let mut sq = SqEntry::new(admin_op::DELETE_IO_SQ, 0, 0);
+        sq.cdw10 = qid as u32;
+        self.admin_command(sq)?;
+        qp.reap_deferred();
+        let mut cq = SqEntry::new(admin_op::DELETE_IO_CQ, 0, 0);
+        cq.cdw10 = qid as u32;
+        self.admin_command(cq)?;
+        // The device owns none of the pair's commands any more.
+        qp.prepare_reset();
+        self.create_queues_on_device(qp)?;
+        qp.after_reset_ok();
+        self.stats.queue_resets += 1;
+        Ok(())
+    }
+
     /// Get Features: returns DW0 of the completion.
     pub fn get_features(&mut self, fid: u8, cdw11: u32) -> Result<u32, NvmeError> {
         let mut sqe = SqEntry::new(admin_op::GET_FEATURES, 0, 0);
@@ -983,6 +1195,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             }
         }
         self.enable()?;
+        self.enable_acre();
         self.negotiate_queues()?;
         if self.shadow.is_some() {
             self.send_dbbuf()?;

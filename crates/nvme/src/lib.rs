@@ -40,9 +40,11 @@
 //! }
 //! assert_eq!(done, 2);
 //!
-//! // Recovery: after a timeout (`qp.needs_reset()`) or fatal status (`ctrl.is_fatal()`),
-//! // gather every live queue pair and call `ctrl.reset(&mut [&mut qp, ...])`.
-//! ctrl.reset(&mut [&mut qp])?;
+//! // Recovery: after a timeout (`qp.needs_recovery()`) or fatal status (`ctrl.is_fatal()`),
+//! // gather every live queue pair (lent by their owners) and escalate: abort, then reset the
+//! // queue pair, then the controller (`ctrl.reset(&mut [&mut qp, ...])` is the last level).
+//! let what = ctrl.recover(&mut [&mut qp])?;
+//! assert_eq!(what, keel_nvme::Recovery::default(), "nothing to do");
 //! # Ok::<(), keel_nvme::NvmeError>(())
 //! ```
 //!
@@ -58,8 +60,15 @@
 //! * A timed-out command is announced at once as a `TimedOut` event
 //!   (`BlockQueue::pop_timed_out`), but its tag — which hands the buffer back — completes only
 //!   when the device is done with it: late, with the device's own status; `Aborted` after a
-//!   confirmed abort; `Timeout` once a controller reset quiesced it. Its slot stays reserved
-//!   meanwhile, and `IoQueuePair::needs_reset` says so.
+//!   confirmed abort; `Timeout` once a queue-pair reset (Delete I/O SQ) or a controller reset
+//!   (CSTS.RDY = 0) quiesced it. Its slot stays reserved meanwhile, and
+//!   `IoQueuePair::needs_recovery` says so.
+//! * Escalation ([`Controller::recover`]), as SPDK and Linux do it: reap late completions →
+//!   Abort (at most `Config::max_aborts` and the controller's ACL + 1 per call) → delete and
+//!   recreate the one queue pair ([`Controller::reset_queue`]) → controller reset. Every wait
+//!   has a deadline: admin commands `Config::admin_timeout_ms`, CSTS.RDY transitions CAP.TO
+//!   (or CRTO.CRWMT where the controller has it). ACRE is enabled through Host Behavior
+//!   Support when the controller gives retry delay times.
 //! * Shadow doorbells ([`Config::shadow_doorbells`], default off) follow the EventIdx rule.
 #![no_std]
 #![forbid(unsafe_code)]
@@ -75,7 +84,7 @@ pub mod spec;
 
 pub use ctrl::{
     parse_namespace, AdminStats, Config, Controller, ControllerInfo, Namespace, NsFormat, PiType,
-    MAX_IO_DEPTH, MAX_IO_QUEUES, MAX_NAMESPACES,
+    Recovery, MAX_IO_DEPTH, MAX_IO_QUEUES, MAX_NAMESPACES,
 };
 pub use error::{BadIdentify, NvmeError, Step};
 pub use qpair::{IoQueuePair, QueueStats, MAX_COMMANDS};

@@ -667,7 +667,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             }
             self.advance_cq_head();
             consumed += 1;
-            if let Some(tag) = self.handle(&e) {
+            if let Some(tag) = self.handle::<false>(&e) {
                 on_done.done(tag, Ok(()));
                 reported += 1;
             }
@@ -828,8 +828,11 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     ///
     /// Checks and the success fast path are inlined into the reaping loop (one call less per
     /// completion under emulation); everything else is [`IoQueuePair::handle_other`].
+    ///
+    /// With `DEFER` (recovery, off the I/O path) a success goes to the ready list too, so the
+    /// pair's owner hears of it on its next poll instead of whoever reaped it.
     #[inline(always)]
-    fn handle(&mut self, e: &CqEntry) -> Option<u32> {
+    fn handle<const DEFER: bool>(&mut self, e: &CqEntry) -> Option<u32> {
         if e.sq_id != self.qid {
             self.stats.bad_sqid += 1;
             return None;
@@ -866,6 +869,10 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         self.stats.completions += 1;
         if state == ACTIVE && e.status >> 1 == 0 {
             self.release_slot(i);
+            if DEFER {
+                self.finish_part(req, ERR_NONE, 0);
+                return None;
+            }
             return self.finish_ok(req);
         }
         self.handle_other(e, i);
@@ -996,7 +1003,58 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             .count()
     }
 
-    // ---- reset support (called by Controller::reset) ----
+    // ---- recovery support (called by Controller::recover / reset_queue / reset) ----
+
+    /// Consumes every completion the device has posted, without reporting any: each outcome
+    /// goes to the ready list, so the pair's owner reports it on its next poll (recovery runs
+    /// on another core, with the pair lent to it). Returns the entries consumed.
+    pub(crate) fn reap_deferred(&mut self) -> usize {
+        let mut consumed = 0usize;
+        while consumed < self.entries as usize {
+            if self.cq_posted().is_none() {
+                break;
+            }
+            fence(Ordering::Acquire);
+            let Ok(e) = self.cq.read::<CqEntry>(self.cq_head as usize * 16) else {
+                break;
+            };
+            if e.phase() != self.phase {
+                break;
+            }
+            self.advance_cq_head();
+            consumed += 1;
+            let _ = self.handle::<true>(&e);
+        }
+        self.ack_consumed(u16::try_from(consumed).unwrap_or(u16::MAX));
+        self.flush_submissions();
+        consumed
+    }
+
+    /// Recovery found nothing left on the device for this pair: it no longer needs a reset.
+    pub(crate) fn settled(&mut self) {
+        if !self.failed && self.timed_out_slots() == 0 {
+            self.needs_reset = false;
+            self.aborts.clear();
+        }
+    }
+
+    /// `true` when `cid` names a command that timed out and the device still owns (a zombie
+    /// slot of the current generation).
+    pub(crate) fn is_zombie(&self, cid: u16) -> bool {
+        let mask = (1u16 << self.slot_bits).wrapping_sub(1);
+        let i = cid & mask;
+        if i >= self.nslots {
+            return false;
+        }
+        let s = self.slot(i);
+        s.state == ZOMBIE && self.cid_of(i, s.gen) == cid
+    }
+
+    /// `true` when something on this pair needs recovery: a command timed out (a zombie the
+    /// device still owns), the pair asked for a reset, or it failed.
+    pub fn needs_recovery(&self) -> bool {
+        self.needs_reset || self.failed || self.timed_out_slots() != 0
+    }
 
     pub(crate) fn prepare_reset(&mut self) {
         let _ = self.cq.fill(0, self.cq.len(), 0);

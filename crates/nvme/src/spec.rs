@@ -42,6 +42,9 @@ pub mod reg {
     pub const ASQ: usize = 0x28;
     /// Admin Completion Queue base address (64 bits).
     pub const ACQ: usize = 0x30;
+    /// Controller Ready Timeouts (NVMe 2.0; valid when CAP.CRWMS or CAP.CRIMS is set):
+    /// CRWMT in bits 15:0 and CRIMT in bits 31:16, both in 500 ms units.
+    pub const CRTO: usize = 0x68;
     /// First doorbell (admin SQ tail).
     pub const DOORBELL_BASE: usize = 0x1000;
 }
@@ -95,8 +98,17 @@ pub struct Cap {
     /// CMBS: controller memory buffer supported.
     #[bits(1, access = RO)]
     pub cmbs: bool,
-    #[bits(6)]
-    __rsvd58: u8,
+    /// NSSS: NVM subsystem shutdown supported.
+    #[bits(1, access = RO)]
+    pub nsss: bool,
+    /// CRWMS: Controller Ready With Media Support (the CRTO register's CRWMT is valid).
+    #[bits(1, access = RO)]
+    pub crwms: bool,
+    /// CRIMS: Controller Ready Independent of Media Support (CRTO's CRIMT is valid).
+    #[bits(1, access = RO)]
+    pub crims: bool,
+    #[bits(3)]
+    __rsvd61: u8,
 }
 
 impl Cap {
@@ -469,6 +481,9 @@ pub mod csi {
 pub mod feature {
     /// Number of Queues (I/O SQs and CQs, 0-based, in CDW11).
     pub const NUMBER_OF_QUEUES: u32 = 0x07;
+    /// Host Behavior Support (a 512-byte data structure; byte 0 = ACRE, Advanced Command
+    /// Retry Enable: the controller may then ask for retry delays through a completion's CRD).
+    pub const HOST_BEHAVIOR_SUPPORT: u32 = 0x16;
 }
 
 /// Identify Controller data structure (4096 bytes, NVMe 1.4 Figure 247); fields Keel uses.
@@ -504,7 +519,11 @@ pub struct IdentifyController {
     _rsvd140: [u8; 116],
     /// Optional admin command support; bit 8 = Doorbell Buffer Config.
     pub oacs: U16,
-    _rsvd258: [u8; 254],
+    /// Abort Command Limit, 0-based: Abort commands the controller takes at once.
+    pub acl: u8,
+    /// Asynchronous Event Request Limit, 0-based.
+    pub aerl: u8,
+    _rsvd260: [u8; 252],
     /// SQ entry size: required (3:0) and maximum (7:4), log2 bytes.
     pub sqes: u8,
     /// CQ entry size: required (3:0) and maximum (7:4), log2 bytes.

@@ -172,6 +172,14 @@ struct State {
     id_patches: Vec<(u8, usize, Vec<u8>)>,
     /// Reads and writes still to be taken and held (see [`NvmeModel::hold_next_io`]).
     hold: u32,
+    /// Abort confirms (and completes "Abort Requested") a held command it names.
+    abort_works: bool,
+    /// Identify Controller ACL (0-based).
+    acl: u8,
+    /// Identify Controller CRDT1..3 (100 ms units).
+    crdt: [u16; 3],
+    /// Host Behavior Support ACRE as last set (CC.EN = 0 clears it).
+    acre: bool,
     /// Commands fetched and held: the device owns them until `release_held` or a reset.
     held: Vec<Held>,
 }
@@ -303,6 +311,10 @@ impl NvmeModel {
             log: Vec::new(),
             id_patches: Vec::new(),
             hold: 0,
+            abort_works: false,
+            acl: 3,
+            crdt: [0; 3],
+            acre: false,
             held: Vec::new(),
         };
         Self {
@@ -456,6 +468,28 @@ impl NvmeModel {
         lock(&self.st).hold = n;
     }
 
+    /// How Abort behaves. `false` (the default, and what QEMU does): every Abort completes
+    /// "command not aborted". `true`: an Abort naming a held command drops it and completes it
+    /// with "Abort Requested"; one naming anything else is "not aborted". Identify reports
+    /// `acl` (0-based Abort Command Limit).
+    pub fn set_abort(&self, works: bool, acl: u8) {
+        let mut st = lock(&self.st);
+        st.abort_works = works;
+        st.acl = acl;
+    }
+
+    /// Identify Controller CRDT1..3 (100 ms units) from the next Identify on; with any of them
+    /// non-zero the driver enables ACRE, which the model accepts.
+    pub fn set_crdt(&self, crdt: [u16; 3]) {
+        lock(&self.st).crdt = crdt;
+    }
+
+    /// Whether the host enabled Advanced Command Retry (Host Behavior Support, ACRE = 1) since
+    /// the last controller reset.
+    pub fn acre(&self) -> bool {
+        lock(&self.st).acre
+    }
+
     /// Commands held now (see [`NvmeModel::hold_next_io`]).
     pub fn held(&self) -> usize {
         lock(&self.st).held.len()
@@ -577,6 +611,7 @@ mod sf {
     pub const INVALID_DELETION: u16 = (1 << 9) | (0x0C << 1);
     pub const DNR: u16 = 1 << 15;
     pub const WRITE_FAULT: u16 = (2 << 9) | (0x80 << 1);
+    pub const ABORT_REQUESTED: u16 = 0x07 << 1;
 }
 
 impl State {
@@ -651,6 +686,7 @@ impl State {
         } else if was && !cc.en {
             // CSTS.RDY = 0: nothing the controller held will complete or touch memory again.
             self.held.clear();
+            self.acre = false;
             self.sqs.clear();
             self.cqs.clear();
             self.dbbuf = None;
@@ -868,6 +904,14 @@ impl State {
                 let on = self.disks.iter().any(|d| d.durable.is_some());
                 (on as u32, sf::OK)
             }
+            0x09 if cdw10 & 0xFF == 0x16 => {
+                let mut b = [0u8; 1];
+                if self.mem.read(prp1, &mut b).is_err() {
+                    return (0, sf::DATA_TRANSFER);
+                }
+                self.acre = b[0] & 1 != 0;
+                (0, sf::OK)
+            }
             0x09 | 0x0A => {
                 if cdw10 & 0xFF != 0x07 {
                     return (
@@ -947,6 +991,9 @@ impl State {
                 if qid == 0 || self.sqs.remove(&qid).is_none() {
                     return (0, sf::INVALID_QID | sf::DNR);
                 }
+                // Commands still held on the queue are aborted with it: never completed, their
+                // buffers never touched again.
+                self.held.retain(|h| h.sqid != qid);
                 (0, sf::OK)
             }
             0x04 => {
@@ -970,7 +1017,26 @@ impl State {
                 self.dbbuf = Some((prp1, prp2));
                 (0, sf::OK)
             }
-            0x08 => (1, sf::OK), // Abort: command not aborted
+            0x08 => {
+                let (sqid, cid) = ((cdw10 & 0xFFFF) as u16, (cdw10 >> 16) as u16);
+                let found = self
+                    .held
+                    .iter()
+                    .position(|h| h.sqid == sqid && h.cid == cid);
+                match found.filter(|_| self.abort_works) {
+                    Some(k) => {
+                        let h = self.held.remove(k);
+                        let mut e = [0u8; 16];
+                        e[8..10].copy_from_slice(&h.sq_head.to_le_bytes());
+                        e[10..12].copy_from_slice(&h.sqid.to_le_bytes());
+                        e[12..14].copy_from_slice(&h.cid.to_le_bytes());
+                        e[14..16].copy_from_slice(&sf::ABORT_REQUESTED.to_le_bytes());
+                        self.post_raw(h.cqid, e);
+                        (0, sf::OK)
+                    }
+                    None => (1, sf::OK), // command not aborted
+                }
+            }
             _ => (0, sf::INVALID_OPCODE | sf::DNR),
         }
     }
@@ -991,6 +1057,10 @@ impl State {
                 d[80..84].copy_from_slice(&regs::VERSION_1_4.to_le_bytes());
                 let oacs: u16 = if self.cfg.doorbell_buffer { 1 << 8 } else { 0 };
                 d[256..258].copy_from_slice(&oacs.to_le_bytes());
+                d[258] = self.acl;
+                for (k, t) in self.crdt.iter().enumerate() {
+                    d[134 + 2 * k..136 + 2 * k].copy_from_slice(&t.to_le_bytes());
+                }
                 d[512] = 0x66;
                 d[513] = 0x44;
                 let nn = self.disks.iter().map(|d| d.cfg.nsid).max().unwrap_or(0);

@@ -1,0 +1,317 @@
+//! Timeout escalation (issue 16): abort → queue-pair reset → controller reset, on the model.
+//!
+//! Each test holds commands on the model (they time out), runs `Controller::recover` as the
+//! worker core would, and checks on the model what the device saw (admin opcodes, CC resets)
+//! and on the disk what landed, and that every tag completes exactly once to its owner.
+
+use std::collections::HashMap;
+
+use keel_blockdev::{BlockOp, BlockQueue, BufRef, IoError};
+use keel_hal::{DmaAllocator, DmaRegion};
+use keel_model::{Fault, HostDma, ModelClock, ModelConfig, ModelMmio, NvmeModel};
+use keel_nvme::{Config, Controller, IoQueuePair, Recovery};
+
+type Ctrl = Controller<ModelMmio, ModelClock>;
+type Qp = IoQueuePair<ModelMmio, ModelClock>;
+
+const DELETE_SQ: u8 = 0x00;
+const ABORT: u8 = 0x08;
+
+struct Rig {
+    model: NvmeModel,
+    dma: HostDma,
+    clock: ModelClock,
+    ctrl: Ctrl,
+}
+
+fn rig(cfg: Config, setup: impl FnOnce(&NvmeModel)) -> Rig {
+    let dma = HostDma::new();
+    let model = NvmeModel::new(ModelConfig::default(), dma.clone());
+    setup(&model);
+    let clock = ModelClock::new();
+    let ctrl = Controller::init(model.mmio(), &dma, clock.clone(), cfg).expect("init");
+    Rig {
+        model,
+        dma,
+        clock,
+        ctrl,
+    }
+}
+
+fn cfg() -> Config {
+    Config {
+        io_timeout_ms: 10,
+        ..Config::default()
+    }
+}
+
+fn fill(buf: &DmaRegion, byte: u8) {
+    buf.write_bytes(0, &vec![byte; buf.len()]).unwrap();
+}
+
+fn write(lba: u64, buf: &DmaRegion) -> BlockOp {
+    BlockOp::Write {
+        ns: 1,
+        lba,
+        blocks: (buf.len() / 512) as u32,
+        buf: BufRef::whole(buf),
+    }
+}
+
+/// Polls as the owner does; returns every (tag, result) reported, checking none twice.
+fn owner_polls(qp: &mut Qp, done: &mut HashMap<u32, Result<(), IoError>>, passes: usize) {
+    for _ in 0..passes {
+        qp.poll(64, &mut |t, r| {
+            assert!(done.insert(t, r).is_none(), "tag {t} reported twice");
+        });
+    }
+}
+
+/// Submits, lets the held ones pass their deadline, and polls so the timeouts are announced.
+fn time_out(r: &mut Rig, qp: &mut Qp, done: &mut HashMap<u32, Result<(), IoError>>) -> usize {
+    r.clock.advance_ms(20);
+    owner_polls(qp, done, 2);
+    core::iter::from_fn(|| qp.pop_timed_out()).count()
+}
+
+#[test]
+fn a_confirmed_abort_settles_the_command_without_any_reset() {
+    let mut r = rig(cfg(), |m| m.set_abort(true, 3));
+    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
+    let bufs: Vec<_> = (0..4).map(|_| r.dma.alloc(4096, 4096).unwrap()).collect();
+    for (k, b) in bufs.iter().enumerate() {
+        fill(b, 0x10 + k as u8);
+    }
+    let mut done = HashMap::new();
+    r.model.hold_next_io(1);
+    qp.submit(write(0, &bufs[0]), 1).unwrap();
+    qp.flush_submissions();
+    assert_eq!(time_out(&mut r, &mut qp, &mut done), 1);
+    // Three more go through normally while the first sits on the device.
+    for k in 1..4u32 {
+        qp.submit(write(8 * k as u64, &bufs[k as usize]), 1 + k)
+            .unwrap();
+    }
+    qp.flush_submissions();
+    let rep = r.ctrl.recover(&mut [&mut qp]).unwrap();
+    assert_eq!(
+        rep,
+        Recovery {
+            reaped: 3,
+            aborts_sent: 1,
+            aborts_confirmed: 1,
+            queue_resets: 0,
+            controller_reset: false,
+        }
+    );
+    owner_polls(&mut qp, &mut done, 4);
+    assert_eq!(done.len(), 4, "{done:?}");
+    assert_eq!(
+        done[&1],
+        Err(IoError::Aborted),
+        "the abort is what hands it back"
+    );
+    for k in 2..=4 {
+        assert_eq!(done[&k], Ok(()));
+    }
+    assert_eq!(r.model.admin_commands(ABORT), 1);
+    assert_eq!(r.model.admin_commands(DELETE_SQ), 0, "no queue reset");
+    assert_eq!(r.ctrl.stats().resets, 0, "no controller reset");
+    assert_eq!(r.model.held(), 0);
+    assert_eq!(
+        r.model.disk_read(1, 0, 4096),
+        vec![0; 4096],
+        "the aborted write never landed"
+    );
+    assert_eq!(r.model.disk_read(1, 8 * 512, 4096), vec![0x11; 4096]);
+    assert_eq!(qp.busy_slots(), 0);
+}
+
+/// QEMU answers every Abort "not aborted": the pair is then deleted and recreated on its own.
+/// The held (timed-out) command completes `Timeout` and never lands; commands queued but not
+/// yet fetched are resubmitted and land; another pair on the controller is not touched.
+#[test]
+fn a_refused_abort_resets_only_that_queue_pair() {
+    let mut r = rig(cfg(), |_| {});
+    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
+    let mut other = r.ctrl.create_io_qpair(&r.dma, 2, 16).unwrap();
+    let bufs: Vec<_> = (0..3).map(|_| r.dma.alloc(4096, 4096).unwrap()).collect();
+    for (k, b) in bufs.iter().enumerate() {
+        fill(b, 0x20 + k as u8);
+    }
+    let mut done = HashMap::new();
+    r.model.hold_next_io(1);
+    qp.submit(write(0, &bufs[0]), 1).unwrap();
+    qp.flush_submissions();
+    assert_eq!(time_out(&mut r, &mut qp, &mut done), 1);
+    // Two more reach the SQ but the device does not fetch them yet.
+    r.model.set_fault(Fault::Stall);
+    qp.submit(write(8, &bufs[1]), 2).unwrap();
+    qp.submit(write(16, &bufs[2]), 3).unwrap();
+    qp.flush_submissions();
+    r.model.set_fault(Fault::None);
+    // The other pair has one in flight across the recovery.
+    let ob = r.dma.alloc(4096, 4096).unwrap();
+    fill(&ob, 0x77);
+    other.submit(write(64, &ob), 9).unwrap();
+    other.flush_submissions();
+
+    let rep = r.ctrl.recover(&mut [&mut qp, &mut other]).unwrap();
+    assert_eq!(
+        (
+            rep.aborts_sent,
+            rep.aborts_confirmed,
+            rep.queue_resets,
+            rep.controller_reset
+        ),
+        (1, 0, 1, false),
+        "{rep:?}"
+    );
+    owner_polls(&mut qp, &mut done, 4);
+    assert_eq!(done.len(), 3, "{done:?}");
+    assert_eq!(done[&1], Err(IoError::Timeout));
+    assert_eq!((done[&2], done[&3]), (Ok(()), Ok(())), "resubmitted");
+    let mut od = HashMap::new();
+    owner_polls(&mut other, &mut od, 2);
+    assert_eq!(od.get(&9), Some(&Ok(())), "the other pair's I/O is its own");
+    assert_eq!(r.model.admin_commands(DELETE_SQ), 1, "one pair deleted");
+    assert_eq!(r.ctrl.stats().resets, 0, "no controller reset");
+    assert_eq!(
+        r.model.release_held(),
+        0,
+        "deleting the SQ aborted the held write"
+    );
+    assert_eq!(
+        r.model.disk_read(1, 0, 4096),
+        vec![0; 4096],
+        "and it never lands"
+    );
+    assert_eq!(r.model.disk_read(1, 8 * 512, 4096), vec![0x21; 4096]);
+    assert_eq!(r.model.disk_read(1, 16 * 512, 4096), vec![0x22; 4096]);
+    assert_eq!(r.model.disk_read(1, 64 * 512, 4096), vec![0x77; 4096]);
+    assert_eq!(
+        (qp.stats().resubmitted_after_reset, qp.busy_slots()),
+        (2, 0)
+    );
+    // The recreated pair works.
+    let b = r.dma.alloc(512, 4096).unwrap();
+    fill(&b, 0x5A);
+    qp.submit(write(100, &b), 20).unwrap();
+    owner_polls(&mut qp, &mut done, 4);
+    assert_eq!(done.get(&20), Some(&Ok(())));
+}
+
+/// At most `max_aborts` Abort commands per recovery (and never more than the controller's
+/// ACL + 1): the rest go straight to a queue reset.
+#[test]
+fn aborts_are_bounded() {
+    let c = Config {
+        max_aborts: 2,
+        ..cfg()
+    };
+    let mut r = rig(c, |m| m.set_abort(true, 0)); // ACL 0: one at a time
+    assert_eq!(r.ctrl.identify().abort_limit, 1);
+    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
+    let bufs: Vec<_> = (0..5).map(|_| r.dma.alloc(512, 4096).unwrap()).collect();
+    let mut done = HashMap::new();
+    r.model.hold_next_io(5);
+    for (k, b) in bufs.iter().enumerate() {
+        qp.submit(write(k as u64, b), k as u32).unwrap();
+    }
+    qp.flush_submissions();
+    assert_eq!(time_out(&mut r, &mut qp, &mut done), 5);
+    let rep = r.ctrl.recover(&mut [&mut qp]).unwrap();
+    assert_eq!(
+        (
+            rep.aborts_sent,
+            rep.aborts_confirmed,
+            rep.queue_resets,
+            rep.controller_reset
+        ),
+        (1, 1, 1, false),
+        "{rep:?}"
+    );
+    assert_eq!(r.model.admin_commands(ABORT), 1);
+    owner_polls(&mut qp, &mut done, 4);
+    assert_eq!(done.len(), 5);
+    let aborted = done
+        .values()
+        .filter(|v| **v == Err(IoError::Aborted))
+        .count();
+    let timed_out = done
+        .values()
+        .filter(|v| **v == Err(IoError::Timeout))
+        .count();
+    assert_eq!((aborted, timed_out), (1, 4), "{done:?}");
+    assert_eq!(r.model.held(), 0);
+}
+
+/// A late completion that arrives before the recovery runs settles the command: no abort, no
+/// reset, and the device's own status.
+#[test]
+fn a_late_completion_needs_no_escalation() {
+    let mut r = rig(cfg(), |_| {});
+    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
+    let b = r.dma.alloc(512, 4096).unwrap();
+    let mut done = HashMap::new();
+    r.model.hold_next_io(1);
+    qp.submit(write(3, &b), 5).unwrap();
+    qp.flush_submissions();
+    assert_eq!(time_out(&mut r, &mut qp, &mut done), 1);
+    assert_eq!(r.model.release_held(), 1);
+    let rep = r.ctrl.recover(&mut [&mut qp]).unwrap();
+    assert_eq!(
+        rep,
+        Recovery {
+            reaped: 1,
+            ..Recovery::default()
+        }
+    );
+    owner_polls(&mut qp, &mut done, 2);
+    assert_eq!(done.get(&5), Some(&Ok(())));
+    assert_eq!(r.model.admin_commands(ABORT), 0);
+}
+
+/// A fatal controller goes straight to the controller reset: the held command completes
+/// `Timeout` (CSTS.RDY = 0 quiesced it), everything else is resubmitted or failed once.
+#[test]
+fn a_fatal_controller_is_reset() {
+    let mut r = rig(cfg(), |_| {});
+    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
+    let bufs: Vec<_> = (0..3).map(|_| r.dma.alloc(512, 4096).unwrap()).collect();
+    let mut done = HashMap::new();
+    r.model.hold_next_io(1);
+    qp.submit(write(0, &bufs[0]), 1).unwrap();
+    qp.flush_submissions();
+    assert_eq!(time_out(&mut r, &mut qp, &mut done), 1);
+    r.model.set_fault(Fault::FatalStatus);
+    qp.submit(write(1, &bufs[1]), 2).unwrap();
+    qp.submit(write(2, &bufs[2]), 3).unwrap();
+    qp.flush_submissions();
+    assert!(r.ctrl.is_fatal());
+    r.model.set_fault(Fault::None);
+    let rep = r.ctrl.recover(&mut [&mut qp]).unwrap();
+    assert!(rep.controller_reset, "{rep:?}");
+    assert_eq!((rep.aborts_sent, rep.queue_resets), (0, 0));
+    owner_polls(&mut qp, &mut done, 4);
+    assert_eq!(done.len(), 3, "{done:?}");
+    assert_eq!(done[&1], Err(IoError::Timeout));
+    assert_eq!(r.ctrl.stats().resets, 1);
+    assert_eq!(qp.busy_slots(), 0);
+}
+
+/// ACRE is enabled through Host Behavior Support when the controller gives retry delay
+/// times, and again after a controller reset (features go back to their defaults).
+#[test]
+fn acre_is_enabled_when_retry_delays_are_offered() {
+    let r = rig(cfg(), |_| {});
+    assert!(
+        !r.ctrl.identify().acre && !r.model.acre(),
+        "no CRDT: left off"
+    );
+    let mut r = rig(cfg(), |m| m.set_crdt([1, 2, 3]));
+    assert!(r.ctrl.identify().acre && r.model.acre());
+    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
+    r.ctrl.reset(&mut [&mut qp]).unwrap();
+    assert!(r.model.acre(), "set again after the reset");
+}
