@@ -315,3 +315,168 @@ fn acre_is_enabled_when_retry_delays_are_offered() {
     r.ctrl.reset(&mut [&mut qp]).unwrap();
     assert!(r.model.acre(), "set again after the reset");
 }
+
+/// Recovery across reactors (issue 16): two reactor threads (cores 0 and 1), each owning a
+/// queue pair of one controller, write their own blocks at depth. Commands are held by the
+/// device (they time out) and once the controller goes fatal. A reactor that finds its pair
+/// needs recovery raises a flag; the worker thread (never a poller) recalls both pairs through
+/// the [`keel_reactor::Lender`], runs `Controller::recover` on them while the reactors keep
+/// polling and staging, and gives them back. Every cookie completes exactly once, every
+/// handle comes back, and **on the disk** every block holds its last acknowledged write or a
+/// later unacknowledged one.
+#[test]
+fn reactors_lend_their_pairs_to_the_worker_for_recovery() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use keel_aio::Aio;
+    use keel_reactor::{split, Lender, MeshStorage, Msg, Reactor};
+    const N: usize = 64;
+    const W: usize = keel_slots::words_for(N);
+    const BLOCKS: u64 = 32;
+    const WRITES: u32 = 3000;
+    type R = Reactor<'static, Qp, 2, N, W>;
+
+    let mut r = rig(cfg(), |_| {});
+    let q0 = r.ctrl.create_io_qpair(&r.dma, 1, 64).unwrap();
+    let q1 = r.ctrl.create_io_qpair(&r.dma, 2, 64).unwrap();
+    let mesh: &'static mut MeshStorage<Msg, 2, 8> = Box::leak(Box::new(MeshStorage::new()));
+    let [l0, l1] = split(mesh);
+    let aio: &'static Aio<N, W> = Box::leak(Box::new(Aio::new()));
+    let lender: &'static Lender<Qp, 2> = Box::leak(Box::new(Lender::new()));
+    let wanted = Arc::new(AtomicBool::new(false));
+    let done_cores = Arc::new(AtomicUsize::new(0));
+
+    let spawn = |core: usize, links, qp: Qp| {
+        let (dma, wanted, done_cores) = (r.dma.clone(), wanted.clone(), done_cores.clone());
+        std::thread::spawn(move || {
+            let mut re: R = Reactor::new(links, aio, Some(qp));
+            let bufs: Vec<_> = (0..BLOCKS).map(|_| dma.alloc(512, 4096).unwrap()).collect();
+            let base = core as u64 * BLOCKS;
+            // Per block: generation last acknowledged, highest issued, busy.
+            let mut acked = vec![0u32; BLOCKS as usize];
+            let mut max = vec![0u32; BLOCKS as usize];
+            let mut busy = vec![false; BLOCKS as usize];
+            let mut seen = std::collections::HashSet::new();
+            let (mut issued, mut finished, mut failed) = (0u32, 0u32, 0u32);
+            let mut k = 0u64;
+            while finished < WRITES {
+                if issued < WRITES {
+                    let b = (k * 7 + core as u64) % BLOCKS;
+                    k += 1;
+                    if !busy[b as usize] {
+                        let gen = max[b as usize] + 1;
+                        let mut data = vec![0u8; 512];
+                        data[..4].copy_from_slice(&gen.to_le_bytes());
+                        data[4..12].copy_from_slice(&(base + b).to_le_bytes());
+                        bufs[b as usize].write_bytes(0, &data).unwrap();
+                        let cookie = (b as u32) << 16 | gen;
+                        if re
+                            .submit(write(base + b, &bufs[b as usize]), cookie)
+                            .is_ok()
+                        {
+                            busy[b as usize] = true;
+                            max[b as usize] = gen;
+                            issued += 1;
+                        }
+                    }
+                }
+                re.poll();
+                lender.service(&mut re);
+                if re.with_queue(|q| q.needs_recovery()).unwrap_or(false) {
+                    wanted.store(true, Ordering::Release);
+                }
+                while let Some(c) = re.next_completion() {
+                    assert!(seen.insert(c.cookie), "cookie {:#x} twice", c.cookie);
+                    let (b, gen) = ((c.cookie >> 16) as usize, c.cookie & 0xFFFF);
+                    busy[b] = false;
+                    finished += 1;
+                    match c.result {
+                        Ok(()) => acked[b] = gen,
+                        Err(_) => failed += 1,
+                    }
+                }
+            }
+            done_cores.fetch_add(1, Ordering::AcqRel);
+            // Keep answering the lender until the worker is done with everyone.
+            while done_cores.load(Ordering::Acquire) < 3 {
+                re.poll();
+                lender.service(&mut re);
+            }
+            assert_eq!(re.in_flight(), 0);
+            (acked, max, failed, re.stats())
+        })
+    };
+    let t0 = spawn(0, l0, q0);
+    let t1 = spawn(1, l1, q1);
+
+    // The worker (this thread): injects faults and recovers.
+    let mut reports = Vec::new();
+    let mut round = 0u32;
+    let mut fatal_sent = false;
+    while done_cores.load(Ordering::Acquire) < 2 {
+        round += 1;
+        if round % 300 == 50 {
+            r.model.hold_next_io(3);
+        }
+        if !fatal_sent && reports.len() >= 2 {
+            fatal_sent = true;
+            r.model.set_fault(Fault::FatalStatus);
+        }
+        if round % 20 == 0 {
+            r.clock.advance_ms(3); // the pairs' timeout checks see time pass
+        }
+        let fatal = r.ctrl.is_fatal();
+        if !(wanted.swap(false, Ordering::AcqRel) || fatal) {
+            std::thread::yield_now();
+            continue;
+        }
+        if fatal {
+            r.model.set_fault(Fault::None); // the reset brings it back
+        }
+        for c in 0..2 {
+            // A pair given back last round may not be home yet.
+            while !lender.recall(c) {
+                std::thread::yield_now();
+            }
+        }
+        while !(0..2).all(|c| lender.answered(c)) {
+            std::thread::yield_now();
+        }
+        let mut p0 = lender.take(0).expect("core 0 lent its pair");
+        let mut p1 = lender.take(1).expect("core 1 lent its pair");
+        reports.push(r.ctrl.recover(&mut [&mut p0, &mut p1]).unwrap());
+        lender.give_back(0, p0).ok().unwrap();
+        lender.give_back(1, p1).ok().unwrap();
+    }
+    done_cores.fetch_add(1, Ordering::AcqRel);
+    let outs = [t0.join().unwrap(), t1.join().unwrap()];
+    assert!(
+        reports.iter().any(|p| p.queue_resets > 0) && reports.iter().any(|p| p.controller_reset),
+        "both levels exercised: {reports:?}"
+    );
+    let failed: u32 = outs.iter().map(|o| o.2).sum();
+    assert!(failed > 0, "some writes failed (timed out): {reports:?}");
+    assert_eq!(aio.free_count(), N, "every handle back");
+    for (core, (acked, max, _, stats)) in outs.iter().enumerate() {
+        assert_eq!(stats.submitted, stats.completed_ok + stats.failed);
+        for b in 0..BLOCKS as usize {
+            let lba = core as u64 * BLOCKS + b as u64;
+            let disk = r.model.disk_read(1, lba as usize * 512, 512);
+            let gen = u32::from_le_bytes(disk[..4].try_into().unwrap());
+            if gen != 0 {
+                assert_eq!(
+                    u64::from_le_bytes(disk[4..12].try_into().unwrap()),
+                    lba,
+                    "misplaced"
+                );
+            }
+            assert!(
+                acked[b] <= gen && gen <= max[b],
+                "core {core} block {b}: disk has gen {gen}, acked {}, max {}",
+                acked[b],
+                max[b]
+            );
+        }
+    }
+}

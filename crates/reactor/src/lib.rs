@@ -8,6 +8,8 @@
 //!   (anything implementing [`keel_blockdev::BlockQueue`]), polls its completions, its inbound
 //!   rings and its registered pollers, and never blocks. Requests from other cores arrive as
 //!   messages and are submitted on the owner's queue pair; their completions travel back.
+//! * [`lend`]: a reactor lends its queue pair (with its I/O in flight) to the worker core for a
+//!   controller's recovery and takes it back, without either side blocking.
 //! * [`worker`]: the channel to a dedicated core for slow work (checksums, verification). A
 //!   poller hands work over and keeps polling; it never waits on something that needs a poller
 //!   to make progress (seed 003's deadlock).
@@ -20,6 +22,7 @@
 // The rings (`ring`) are the one place with `unsafe`: the cells of their slots.
 #![deny(unsafe_code)]
 
+pub mod lend;
 pub mod mesh;
 mod reactor;
 #[allow(unsafe_code)]
@@ -27,5 +30,6 @@ pub mod ring;
 mod sync;
 pub mod worker;
 
+pub use lend::{LendState, Lender};
 pub use mesh::{split, Links, MeshStorage, SendError};
 pub use reactor::{Completion, Msg, Origin, Reactor, ReactorError, Stats};

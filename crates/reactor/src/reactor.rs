@@ -355,6 +355,9 @@ pub struct Reactor<'a, Q, const C: usize, const N: usize, const W: usize> {
     replies: Deque<Reply, N>,
     pollers: heapless::Vec<(Poller, usize), MAX_POLLERS>,
     accepting: bool,
+    /// The queue pair is lent out for recovery ([`Reactor::lend_queue`]): I/O is staged until
+    /// it comes back.
+    lent: bool,
     stats: Stats,
 }
 
@@ -376,6 +379,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             replies: Deque::new(),
             pollers: heapless::Vec::new(),
             accepting: true,
+            lent: false,
             stats: Stats::default(),
         }
     }
@@ -506,7 +510,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         cookie: u32,
     ) -> Result<(), ReactorError> {
         let local = owner == self.core;
-        if local && (!self.accepting || self.queue.is_none()) {
+        if local && (!self.accepting || (self.queue.is_none() && !self.lent)) {
             return Err(if self.accepting {
                 ReactorError::NoQueue
             } else {
@@ -757,7 +761,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 }
                 Msg::Io { op, io, from } => {
                     let origin = Origin::Remote { core: from };
-                    if !self.accepting || self.queue.is_none() {
+                    if !self.accepting || (self.queue.is_none() && !self.lent) {
                         self.refuse(io, origin, IoError::Aborted, false);
                     } else {
                         self.stage(Staged {
@@ -938,9 +942,39 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         self.queue.take().ok_or(ReactorError::NoQueue)
     }
 
+    /// Lends the queue pair out for recovery, with whatever is on it: unlike
+    /// [`Reactor::take_queue`] nothing needs to drain first. Until [`Reactor::return_queue`]
+    /// brings it back, the reactor keeps running: its own I/O and other cores' requests are
+    /// staged (not refused), and the I/O on the pair stays in flight, accounted to this core.
+    /// Whoever holds the pair meanwhile must not report completions from it (the NVMe
+    /// driver's `Controller::recover` leaves every outcome on the pair for its owner), so each
+    /// still reaches its issuer exactly once, on this core's next polls after the return.
+    pub fn lend_queue(&mut self) -> Option<Q> {
+        let q = self.queue.take()?;
+        self.lent = true;
+        Some(q)
+    }
+
+    /// Takes back the queue pair lent with [`Reactor::lend_queue`]; what was staged meanwhile
+    /// goes out on the next pass. Gives `q` back if this reactor already has a queue pair or
+    /// lent none.
+    pub fn return_queue(&mut self, q: Q) -> Result<(), Q> {
+        if self.queue.is_some() || !self.lent {
+            return Err(q);
+        }
+        self.queue = Some(q);
+        self.lent = false;
+        Ok(())
+    }
+
+    /// Whether this core's queue pair is lent out for recovery.
+    pub fn is_lent(&self) -> bool {
+        self.lent
+    }
+
     /// Adopts a queue pair handed over by another core and starts accepting I/O.
     pub fn adopt_queue(&mut self, q: Q) -> Result<(), Q> {
-        if self.queue.is_some() {
+        if self.queue.is_some() || self.lent {
             return Err(q);
         }
         self.queue = Some(q);
