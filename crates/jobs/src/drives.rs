@@ -138,7 +138,9 @@ fn open_some<'a, B: Board>(
 ) -> Result<Drives<B>, JobError<'a>> {
     let shadow = cl.flag("dbbuf")?;
     let lazy_cq = cl.flag("lazycq")?;
+    let io_timeout_ms = cl.int("io_timeout_ms")?.max(1);
     let cfg = Config {
+        io_timeout_ms,
         shadow_doorbells: shadow,
         // One per core, and a few spare for jobs that use several queue pairs on one core.
         io_queues: b.cores().count().max(4) as u16,

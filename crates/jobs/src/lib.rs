@@ -115,6 +115,11 @@ pub const NVME_OPTS: &[OptSpec] = &[
         true,
         "CQ head doorbell once per half ring (off: every pass)",
     ),
+    OptSpec::int(
+        "io_timeout_ms",
+        30_000,
+        "per-command I/O timeout: past it a command is announced timed out (its buffer stays held) and recovery may begin",
+    ),
 ];
 
 /// Defines [`JOBS`] and the dispatch over it from one list, so they cannot drift.

@@ -38,7 +38,16 @@ pub const OPTS: &[OptSpec] = &[
     ),
     OptSpec::int("reads", 40, "percent of I/Os that are reads"),
     OptSpec::int("seed", 1, "seed of the I/O sequence"),
+    OptSpec::flag(
+        "worker",
+        false,
+        "one more core is the worker: it recovers a drive (abort, queue reset, controller reset) with every poller's queue pair lent to it",
+    ),
 ];
+
+/// Poller cores that can lend their queue pairs to the worker (`worker=on`).
+pub const LEND_CORES: usize = 8;
+type Lenders<B> = heapless::Vec<keel_reactor::Lender<Qp<B>, LEND_CORES>, MAX_DRIVES>;
 
 /// The header magic.
 pub const MAGIC: [u8; 8] = *b"KEELORCL";
@@ -119,6 +128,11 @@ struct CoreOut {
     /// Reads whose block broke the rule: the finding that fails the job.
     bad_reads: u64,
     error: Option<&'static str>,
+    /// The worker's recoveries: calls, queue-pair resets, controller resets, aborts sent.
+    recoveries: u64,
+    queue_resets: u64,
+    controller_resets: u64,
+    aborts: u64,
 }
 
 /// One in-flight I/O.
@@ -142,6 +156,12 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
     let blocks = (cl.int("blocks")? as usize).clamp(1, MAX_BLOCKS);
     let reads = cl.int("reads")?.min(100);
     let seed = cl.int("seed")?;
+    let worker = cl.flag("worker")?;
+    if worker && (cores >= p.cores().count() || cores > LEND_CORES) {
+        return Err(JobError::Failed(
+            "worker=on needs a core beyond the pollers (and at most 8 pollers)",
+        ));
+    }
     let drives = crate::drives::open_all(p, cl)?;
     let which = drives.selected(cl)?;
     let list: heapless::Vec<&Drive<B>, MAX_DRIVES> =
@@ -175,6 +195,15 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
     }
     let finished = core::sync::atomic::AtomicUsize::new(0);
     let duration_ns = ms.saturating_mul(1_000_000);
+    let mut lenders: Lenders<B> = heapless::Vec::new();
+    if worker {
+        for _ in 0..list.len() {
+            let _ = lenders.push(keel_reactor::Lender::new());
+        }
+    }
+    let wanted: [core::sync::atomic::AtomicBool; MAX_DRIVES] =
+        core::array::from_fn(|_| core::sync::atomic::AtomicBool::new(false));
+    let worker_done = core::sync::atomic::AtomicBool::new(!worker);
     keel_log::info!(
         "oracle: {=usize} cores x {=usize} drives, {=usize} blocks each, QD {=usize}, {=u64}% reads, {=u64} ms",
         cores,
@@ -184,23 +213,26 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         reads,
         ms
     );
-    let outs = crate::on_cores(p, cores, |core| {
-        core_oracle(
-            p,
-            core,
-            &list,
-            &links,
-            &aio,
-            Params {
-                qd,
-                blocks,
-                reads,
-                seed,
-                duration_ns,
-                cores,
-            },
-            &finished,
-        )
+    let prm = Params {
+        qd,
+        blocks,
+        reads,
+        seed,
+        duration_ns,
+        cores,
+    };
+    let shared = Shared {
+        finished: &finished,
+        lenders: &lenders,
+        wanted: &wanted,
+        worker_done: &worker_done,
+    };
+    let outs = crate::on_cores(p, cores + worker as usize, |core| {
+        if core == cores {
+            recovery_worker(p, &list, prm, &shared)
+        } else {
+            core_oracle(p, core, &list, &links, &aio, prm, &shared)
+        }
     })?;
     let mut total = CoreOut::default();
     for (c, o) in outs.iter().enumerate() {
@@ -213,6 +245,19 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         total.reads_ok += o.reads_ok;
         total.reads_failed += o.reads_failed;
         total.bad_reads += o.bad_reads;
+        total.recoveries += o.recoveries;
+        total.queue_resets += o.queue_resets;
+        total.controller_resets += o.controller_resets;
+        total.aborts += o.aborts;
+    }
+    if worker {
+        keel_log::info!(
+            "oracle recovery: {=u64} recoveries on the worker core, {=u64} aborts sent, {=u64} queue-pair resets, {=u64} controller resets",
+            total.recoveries,
+            total.aborts,
+            total.queue_resets,
+            total.controller_resets
+        );
     }
     keel_log::info!(
         "oracle summary: writes acknowledged {=u64}, writes failed {=u64}, reads verified {=u64}, reads failed {=u64}, reads that broke the rule {=u64}; handles back {=usize} of {=usize}",
@@ -248,6 +293,103 @@ struct Params {
     cores: usize,
 }
 
+/// What the pollers and the worker share.
+struct Shared<'s, B: Board> {
+    /// Pollers past their load.
+    finished: &'s core::sync::atomic::AtomicUsize,
+    /// One per drive with `worker=on` (else empty).
+    lenders: &'s Lenders<B>,
+    /// Per drive: a poller found its queue pair needs recovery.
+    wanted: &'s [core::sync::atomic::AtomicBool; MAX_DRIVES],
+    /// The worker is done (or there is none): pollers may stop answering the lender.
+    worker_done: &'s core::sync::atomic::AtomicBool,
+}
+
+/// The worker core (`worker=on`): never a poller. When a poller flags a drive (a queue pair
+/// needs recovery) or the controller is fatal, it recalls every poller's queue pair of that
+/// drive through the drive's lender — the pollers keep polling and staging meanwhile — runs
+/// `Controller::recover` on them (abort → queue-pair reset → controller reset), and gives them
+/// back; every outcome reaches its issuer on the owner's next polls. Other drives go on.
+fn recovery_worker<B: Board>(
+    b: &B,
+    list: &[&Drive<B>],
+    prm: Params,
+    sh: &Shared<'_, B>,
+) -> CoreOut {
+    use core::sync::atomic::Ordering;
+    let mut out = CoreOut::default();
+    let clock = b.clock();
+    b.cores().polled(|| loop {
+        let pollers_done = sh.finished.load(Ordering::Acquire) >= prm.cores;
+        let mut any = false;
+        for (d, drive) in list.iter().enumerate() {
+            let Some(lender) = sh.lenders.get(d) else {
+                continue;
+            };
+            let flagged = sh.wanted[d].swap(false, Ordering::AcqRel);
+            if !(flagged || drive.ctrl.lock().is_fatal()) {
+                continue;
+            }
+            any = true;
+            for c in 0..prm.cores {
+                // A pair given back last time may not be home yet: its poller takes it soon.
+                while !lender.recall(c) {
+                    b.cores().relax();
+                }
+            }
+            let deadline = clock.now_ns().saturating_add(5_000_000_000);
+            while !(0..prm.cores).all(|c| lender.answered(c)) {
+                if clock.now_ns() > deadline {
+                    out.error = Some("a poller did not lend its queue pair within 5 s");
+                    break;
+                }
+                b.cores().relax();
+            }
+            let mut qps: heapless::Vec<(usize, Qp<B>), LEND_CORES> = heapless::Vec::new();
+            for c in 0..prm.cores {
+                if let Some(q) = lender.take(c) {
+                    let _ = qps.push((c, q));
+                }
+            }
+            let r = {
+                let mut refs: heapless::Vec<&mut Qp<B>, LEND_CORES> =
+                    qps.iter_mut().map(|(_, q)| q).collect();
+                drive.ctrl.lock().recover(&mut refs)
+            };
+            out.recoveries += 1;
+            match r {
+                Ok(rep) => {
+                    out.queue_resets += rep.queue_resets as u64;
+                    out.controller_resets += rep.controller_reset as u64;
+                    out.aborts += rep.aborts_sent as u64;
+                    keel_log::info!("oracle worker: drive {=usize} {}", drive.index, rep);
+                }
+                Err(e) => {
+                    out.controller_resets += 1;
+                    keel_log::error!(
+                        "oracle worker: drive {=usize} recovery failed: {}",
+                        drive.index,
+                        e
+                    );
+                }
+            }
+            for (c, q) in qps {
+                if lender.give_back(c, q).is_err() {
+                    out.error = Some("a lent queue pair could not be given back");
+                }
+            }
+        }
+        if pollers_done && !any {
+            sh.worker_done.store(true, Ordering::Release);
+            break;
+        }
+        if !any {
+            b.cores().relax();
+        }
+    });
+    out
+}
+
 /// One core's oracle: a reactor per drive, its own blocks, its record printed at the end.
 #[allow(clippy::too_many_arguments)]
 fn core_oracle<B: Board>(
@@ -257,9 +399,10 @@ fn core_oracle<B: Board>(
     links: &[[Mutex<RefCell<Option<crate::reactor::MeshLinks<'_>>>>; MAX_CORES]],
     aio: &crate::reactor::Handles,
     prm: Params,
-    finished: &core::sync::atomic::AtomicUsize,
+    sh: &Shared<'_, B>,
 ) -> CoreOut {
     use core::sync::atomic::Ordering;
+    let finished = sh.finished;
     let mut out = CoreOut::default();
     let nd = list.len();
     let bs = list
@@ -381,9 +524,15 @@ fn core_oracle<B: Board>(
                 Err(_) => break,
             }
         }
-        // Reap.
-        for t in reactors.iter_mut() {
+        // Reap (and answer the worker: lend a queue pair it recalls, take it back).
+        for (d, t) in reactors.iter_mut().enumerate() {
             t.reactor.poll();
+            if let Some(lender) = sh.lenders.get(d) {
+                lender.service(&mut t.reactor);
+                if t.reactor.with_queue(|q| q.needs_recovery()) == Some(true) {
+                    sh.wanted[d].store(true, Ordering::Release);
+                }
+            }
             while let Some(c) = t.reactor.next_completion() {
                 let Some(slot) = slots.get_mut(c.cookie as usize).and_then(|s| s.take()) else {
                     out.bad_reads += 1; // a cookie the oracle never issued
@@ -444,6 +593,21 @@ fn core_oracle<B: Board>(
             break;
         }
     });
+    // Answer the worker until it is done (a pair it holds comes back first).
+    while !sh.worker_done.load(Ordering::Acquire)
+        || reactors
+            .iter()
+            .enumerate()
+            .any(|(d, t)| sh.lenders.get(d).is_some_and(|_| t.reactor.is_lent()))
+    {
+        for (d, t) in reactors.iter_mut().enumerate() {
+            t.reactor.poll();
+            if let Some(lender) = sh.lenders.get(d) {
+                lender.service(&mut t.reactor);
+            }
+        }
+        b.cores().relax();
+    }
     // Make the acknowledged writes durable, then give the queues back.
     for (d, t) in reactors.iter_mut().enumerate() {
         let _ = t.reactor.quiesce(1_000_000);

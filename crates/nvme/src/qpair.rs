@@ -1050,10 +1050,12 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         s.state == ZOMBIE && self.cid_of(i, s.gen) == cid
     }
 
-    /// `true` when something on this pair needs recovery: a command timed out (a zombie the
-    /// device still owns), the pair asked for a reset, or it failed.
+    /// `true` when something on this pair needs recovery ([`crate::Controller::recover`]): a
+    /// command timed out (the device still owns it), the pair asked for a reset, or it failed.
+    /// Two loads: cheap enough for every poll pass.
+    #[inline]
     pub fn needs_recovery(&self) -> bool {
-        self.needs_reset || self.failed || self.timed_out_slots() != 0
+        self.needs_reset || self.failed
     }
 
     pub(crate) fn prepare_reset(&mut self) {

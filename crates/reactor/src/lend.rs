@@ -52,19 +52,21 @@ pub enum LendState {
     Back,
 }
 
-/// One slot per core (`C` cores) for lending queue pairs of type `Q` to the worker.
-pub struct Lender<Q, const C: usize> {
-    state: [AtomicU8; C],
-    slot: [Mutex<RefCell<Option<Q>>>; C],
+/// One slot per core, for cores `0..S`, for lending queue pairs of type `Q` to the worker. (A
+/// slot holds a whole queue pair while it is lent: `S` is the number of cores that can lend,
+/// which may be fewer than the mesh's.)
+pub struct Lender<Q, const S: usize> {
+    state: [AtomicU8; S],
+    slot: [Mutex<RefCell<Option<Q>>>; S],
 }
 
-impl<Q, const C: usize> Default for Lender<Q, C> {
+impl<Q, const S: usize> Default for Lender<Q, S> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<Q, const C: usize> Lender<Q, C> {
+impl<Q, const S: usize> Lender<Q, S> {
     /// Every core's pair at home.
     pub fn new() -> Self {
         Self {
@@ -73,7 +75,7 @@ impl<Q, const C: usize> Lender<Q, C> {
         }
     }
 
-    /// Where core `core`'s pair is (`Home` for a core past `C`).
+    /// Where core `core`'s pair is (`Home` for a core past `S`).
     pub fn state(&self, core: usize) -> LendState {
         match self.state.get(core).map(|s| s.load(Ordering::Acquire)) {
             Some(WANTED) => LendState::Wanted,
@@ -85,7 +87,7 @@ impl<Q, const C: usize> Lender<Q, C> {
     }
 
     /// Worker: asks core `core` to lend its pair. `false` if it is not at home (already
-    /// recalled, lent, or on its way back) or `core` is past `C`.
+    /// recalled, lent, or on its way back) or `core` is past `S`.
     pub fn recall(&self, core: usize) -> bool {
         self.state.get(core).is_some_and(|s| {
             s.compare_exchange(HOME, WANTED, Ordering::AcqRel, Ordering::Acquire)
@@ -131,7 +133,7 @@ impl<Q, const C: usize> Lender<Q, C> {
     /// when it is given back. Returns `true` when it did either. One atomic load when nothing
     /// is asked.
     #[inline]
-    pub fn service<'a, const N: usize, const W: usize>(
+    pub fn service<'a, const C: usize, const N: usize, const W: usize>(
         &self,
         r: &mut Reactor<'a, Q, C, N, W>,
     ) -> bool
