@@ -1570,6 +1570,52 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             ],
         });
     }
+    // Recovery across reactors on real QEMU (issue 16): drive 0 is throttled to 100 IOPS and
+    // the I/O timeout is 40 ms, so commands really time out at depth on both pollers. The
+    // worker core recalls both pollers' queue pairs and escalates: QEMU answers every Abort
+    // "not aborted", so the queue pairs are deleted and recreated (Delete SQ quiesces their
+    // commands); drive 1 goes on untouched. The host checks every block of both images.
+    let w = work.to_path_buf();
+    v.push(Case {
+        name: "oracle: commands time out on 2 pollers, worker core aborts and resets queue pairs, host checks every block".into(),
+        vm: VmOpts {
+            drives: 2,
+            drive_shapes: vec!["iops=100".into()],
+            ..vm(3)
+        },
+        cmdline: "oracle ms=1500 blocks=256 qd=4 cores=2 worker=on io_timeout_ms=40",
+        expect_pass: true,
+        expect_timeout: false,
+        checks: vec![
+            (
+                "every block as the record says (host)",
+                Box::new(move |o: &Outcome| match oracle_check(&w, o, 2) {
+                    Ok(n) => n > 50,
+                    Err(e) => {
+                        eprintln!("xtask: oracle check: {e}");
+                        false
+                    }
+                }),
+            ),
+            (
+                "aborts sent, queue pairs reset on the worker, no controller reset",
+                Box::new(|o: &Outcome| {
+                    let n = |what: &str| {
+                        o.log
+                            .iter()
+                            .find(|l| l.contains("oracle recovery:"))
+                            .and_then(|l| l.split(what).next())
+                            .and_then(|l| l.rsplit(' ').next())
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                    };
+                    matches!(
+                        (n(" aborts sent"), n(" queue-pair resets"), n(" controller resets")),
+                        (Some(a), Some(q), Some(0)) if a > 0 && q > 0
+                    )
+                }),
+            ),
+        ],
+    });
     // scrub: the driver's reads against the host's view of the same image.
     let img = work.join("scrub-src.img");
     let crc = random_image(&img, 8 << 20)?;

@@ -76,7 +76,8 @@ pub struct VmOpts {
     pub drives: usize,
     /// The shape of one drive, in order from drive 0 (repeatable; implies enough drives):
     /// comma-separated `ns=N`, `lba=512|4096`, `mdts=N`, `qpairs=N`, `size=64M`, `wc=on|off`,
-    /// and `nsopt=K=V` for any other QEMU `nvme-ns` property (e.g. `nsopt=ms=8`).
+    /// `nsopt=K=V` for any other QEMU `nvme-ns` property (e.g. `nsopt=ms=8`), and `iops=N` to
+    /// throttle its namespaces to N I/Os per second (slow commands, for timeout tests).
     #[arg(long = "drive")]
     pub drive_shapes: Vec<String>,
     /// Extra QEMU arguments (repeatable), e.g. --qemu-arg=-device --qemu-arg=...
@@ -315,6 +316,9 @@ pub struct DriveShape {
     pub write_cache: bool,
     /// Extra `nvme-ns` properties (`ms=8,pi=1`, ...).
     pub ns_props: Vec<String>,
+    /// QEMU block-layer throttling of each namespace (`throttling.iops-total`; 0 = none):
+    /// slow commands, so a short `io_timeout_ms` makes real commands time out.
+    pub iops: u32,
 }
 
 impl VmOpts {
@@ -328,6 +332,7 @@ impl VmOpts {
             size: parse_size(&self.disk_size)?,
             write_cache: matches!(self.write_cache.as_str(), "on" | "true" | "1"),
             ns_props: vec![],
+            iops: 0,
         };
         let n = self.drives.max(self.drive_shapes.len()).max(1);
         let mut out = vec![base.clone(); n];
@@ -349,8 +354,9 @@ impl VmOpts {
                     "size" => s.size = parse_size(v)?,
                     "wc" => s.write_cache = matches!(v, "on" | "true" | "1"),
                     "nsopt" => s.ns_props.push(v.to_string()),
+                    "iops" => s.iops = num()?,
                     _ => bail!(
-                        "--drive {spec}: unknown key '{k}' (ns, lba, mdts, qpairs, size, wc, nsopt)"
+                        "--drive {spec}: unknown key '{k}' (ns, lba, mdts, qpairs, size, wc, nsopt, iops)"
                     ),
                 }
             }
@@ -431,7 +437,11 @@ fn nvme_args(o: &VmOpts, work: &Path) -> Result<Vec<String>> {
                     ));
                 }
                 _ => a.push(format!(
-                    "file={file},if=none,id={id},format=raw,cache=unsafe"
+                    "file={file},if=none,id={id},format=raw,cache=unsafe{}",
+                    match shape.iops {
+                        0 => String::new(),
+                        n => format!(",throttling.iops-total={n}"),
+                    }
                 )),
             }
             a.push("-device".into());
