@@ -1574,16 +1574,18 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
     // the I/O timeout is 40 ms, so commands really time out at depth on both pollers. The
     // worker core recalls both pollers' queue pairs and escalates: QEMU answers every Abort
     // "not aborted", so the queue pairs are deleted and recreated (Delete SQ quiesces their
-    // commands); drive 1 goes on untouched. The host checks every block of both images.
+    // commands). 700 ms in, the worker makes drive 0 fatal (CSTS.CFS): a controller reset
+    // with both pairs lent. Drive 1 goes on untouched. The host checks every block of both
+    // images.
     let w = work.to_path_buf();
     v.push(Case {
-        name: "oracle: commands time out on 2 pollers, worker core aborts and resets queue pairs, host checks every block".into(),
+        name: "oracle: timeouts on 2 pollers and a fatal controller; worker core aborts, resets queue pairs and the controller; host checks every block".into(),
         vm: VmOpts {
             drives: 2,
             drive_shapes: vec!["iops=100".into()],
             ..vm(3)
         },
-        cmdline: "oracle ms=1500 blocks=256 qd=4 cores=2 worker=on io_timeout_ms=40",
+        cmdline: "oracle ms=1500 blocks=256 qd=4 cores=2 worker=on io_timeout_ms=40 fatal_ms=700",
         expect_pass: true,
         expect_timeout: false,
         checks: vec![
@@ -1598,7 +1600,7 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
                 }),
             ),
             (
-                "aborts sent, queue pairs reset on the worker, no controller reset",
+                "aborts sent, queue pairs reset, the fatal controller reset (worker core)",
                 Box::new(|o: &Outcome| {
                     let n = |what: &str| {
                         o.log
@@ -1610,7 +1612,7 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
                     };
                     matches!(
                         (n(" aborts sent"), n(" queue-pair resets"), n(" controller resets")),
-                        (Some(a), Some(q), Some(0)) if a > 0 && q > 0
+                        (Some(a), Some(q), Some(c)) if a > 0 && q > 0 && c >= 1
                     )
                 }),
             ),

@@ -630,13 +630,51 @@ pub fn scan<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
 
 // ---- cfs: a queue pointed at unmapped memory, controller fatal status, recovery ------------
 
+/// Makes controller `ctrl` (PCI function `dev`) fatal: creates I/O queue pair `qid` by hand
+/// (an unused qid) with a real completion queue and a submission queue at an address no RAM
+/// backs, and rings its doorbell, so the controller fails to fetch a command and sets
+/// CSTS.CFS. Returns at once; the caller watches `is_fatal`. (The completion queue's page is
+/// left to the device: it is not handed back, a controller reset frees the qid.)
+pub fn make_fatal<B: Board>(
+    ctrl: &mut Ctrl<B>,
+    p: &B,
+    dev: &keel_hal::PciFunction,
+    qid: u16,
+) -> Result<(), JobError<'static>> {
+    use keel_hal::{DmaAllocator, Mmio};
+    use keel_nvme::spec::{admin_op, sq_doorbell, SqEntry};
+    let cq = p
+        .dma()
+        .alloc(4096, 4096)
+        .map_err(|_| JobError::Failed("DMA pool exhausted"))?;
+    let mut c = SqEntry::new(admin_op::CREATE_IO_CQ, 0, 0);
+    c.prp1 = cq.bus_addr();
+    c.cdw10 = (1u32 << 16) | qid as u32; // 2 entries
+    c.cdw11 = 1; // physically contiguous, no interrupts
+    ctrl.admin_command(c).map_err(|e| {
+        keel_log::error!("create CQ: {}", e);
+        JobError::Failed("create CQ")
+    })?;
+    let mut s = SqEntry::new(admin_op::CREATE_IO_SQ, 0, 0);
+    s.prp1 = 0x7F_0000_0000; // 508 GiB: no memory there
+    s.cdw10 = (1u32 << 16) | qid as u32;
+    s.cdw11 = ((qid as u32) << 16) | 1;
+    ctrl.admin_command(s).map_err(|e| {
+        keel_log::error!("create SQ: {}", e);
+        JobError::Failed("create SQ")
+    })?;
+    let bar0 = p
+        .map_bar(dev, 0)
+        .map_err(|_| JobError::Failed("NVMe BAR0 unusable"))?;
+    bar0.write32(sq_doorbell(qid, ctrl.cap().doorbell_stride()), 1);
+    Ok(())
+}
+
 /// `cfs`: creates an extra I/O queue pair by hand whose submission queue lives at an address no
 /// RAM backs, rings its doorbell so the controller fails to fetch a command and sets CSTS.CFS,
 /// then recovers with a controller reset. Commands that were on a healthy queue pair at the
 /// time are resubmitted or failed (each reported exactly once), and new I/O is verified.
 pub fn cfs<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
-    use keel_hal::{DmaAllocator, Mmio};
-    use keel_nvme::spec::{admin_op, sq_doorbell, SqEntry};
     let inflight = cl.int("inflight")?.clamp(1, 64) as u32;
     let (mut ctrl, dev) = open(p, cl)?;
     let clock = p.clock();
@@ -666,34 +704,8 @@ pub fn cfs<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         }
     }
 
-    // The hostile queue: a real completion queue, a submission queue at an unbacked address.
-    let qid: u16 = 2; // the driver's own pair is qid 1
-    let cq = p
-        .dma()
-        .alloc(4096, 4096)
-        .map_err(|_| JobError::Failed("DMA pool exhausted"))?;
-    let mut c = SqEntry::new(admin_op::CREATE_IO_CQ, 0, 0);
-    c.prp1 = cq.bus_addr();
-    c.cdw10 = (1u32 << 16) | qid as u32; // 2 entries
-    c.cdw11 = 1; // physically contiguous, no interrupts
-    ctrl.admin_command(c).map_err(|e| {
-        keel_log::error!("create CQ: {}", e);
-        JobError::Failed("create CQ")
-    })?;
-    let mut s = SqEntry::new(admin_op::CREATE_IO_SQ, 0, 0);
-    s.prp1 = 0x7F_0000_0000; // 508 GiB: no memory there
-    s.cdw10 = (1u32 << 16) | qid as u32;
-    s.cdw11 = ((qid as u32) << 16) | 1;
-    ctrl.admin_command(s).map_err(|e| {
-        keel_log::error!("create SQ: {}", e);
-        JobError::Failed("create SQ")
-    })?;
-    let bar0 = p
-        .map_bar(&dev, 0)
-        .map_err(|_| JobError::Failed("NVMe BAR0 unusable"))?;
-    let stride = ctrl.cap().doorbell_stride();
     let t0 = clock.now_ns();
-    bar0.write32(sq_doorbell(qid, stride), 1);
+    make_fatal(&mut ctrl, p, &dev, 2)?; // the driver's own pair is qid 1
     while !ctrl.is_fatal() {
         if clock.now_ns() - t0 > 2_000_000_000 {
             return Err(JobError::Failed("the controller never reported CSTS.CFS"));

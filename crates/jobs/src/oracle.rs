@@ -43,6 +43,11 @@ pub const OPTS: &[OptSpec] = &[
         false,
         "one more core is the worker: it recovers a drive (abort, queue reset, controller reset) with every poller's queue pair lent to it",
     ),
+    OptSpec::int(
+        "fatal_ms",
+        0,
+        "with worker=on: this many ms into the load the worker makes the first drive fatal (CSTS.CFS, a queue at unmapped memory); 0 = never",
+    ),
 ];
 
 /// Poller cores that can lend their queue pairs to the worker (`worker=on`).
@@ -157,6 +162,7 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
     let reads = cl.int("reads")?.min(100);
     let seed = cl.int("seed")?;
     let worker = cl.flag("worker")?;
+    let fatal_ms = cl.int("fatal_ms")?;
     if worker && (cores >= p.cores().count() || cores > LEND_CORES) {
         return Err(JobError::Failed(
             "worker=on needs a core beyond the pollers (and at most 8 pollers)",
@@ -214,6 +220,7 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         ms
     );
     let prm = Params {
+        fatal_ms,
         qd,
         blocks,
         reads,
@@ -285,6 +292,7 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
 
 #[derive(Clone, Copy)]
 struct Params {
+    fatal_ms: u64,
     qd: usize,
     blocks: usize,
     reads: u64,
@@ -319,8 +327,33 @@ fn recovery_worker<B: Board>(
     use core::sync::atomic::Ordering;
     let mut out = CoreOut::default();
     let clock = b.clock();
+    let fatal_at = match prm.fatal_ms {
+        0 => None,
+        ms => Some(clock.now_ns().saturating_add(ms.saturating_mul(1_000_000))),
+    };
+    let mut fatal_done = false;
     b.cores().polled(|| loop {
         let pollers_done = sh.finished.load(Ordering::Acquire) >= prm.cores;
+        if let (Some(at), false, Some(d0)) = (fatal_at, fatal_done, list.first()) {
+            if clock.now_ns() >= at {
+                fatal_done = true;
+                // A qid beyond the pollers' (1..=cores).
+                let qid = prm.cores as u16 + 1;
+                let r = if (qid as usize) <= d0.queues() {
+                    crate::nvme::make_fatal(&mut d0.ctrl.lock(), b, &d0.pci, qid)
+                } else {
+                    Err(JobError::Failed("no spare queue id to make the drive fatal with"))
+                };
+                match r {
+                    Ok(()) => keel_log::warn!(
+                        "oracle worker: drive {=usize} made fatal (queue {=u16} at unmapped memory)",
+                        d0.index,
+                        qid
+                    ),
+                    Err(_) => out.error = Some("could not make the drive fatal"),
+                }
+            }
+        }
         let mut any = false;
         for (d, drive) in list.iter().enumerate() {
             let Some(lender) = sh.lenders.get(d) else {
