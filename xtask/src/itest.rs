@@ -1640,6 +1640,8 @@ fn metadata_on_disk(
         extended: false,
         pi,
         pi_offset,
+        command_set: 0,
+        zoned: None,
     };
     let meta_ok = match pi {
         Some(_) => {
