@@ -1710,7 +1710,8 @@ fn zone_records_on_disk(
             return false;
         }
         let slot = lba.wrapping_sub(zone_start) / blocks;
-        if lba < zone_start || !(lba - zone_start).is_multiple_of(blocks) || slot >= records as u64 {
+        if lba < zone_start || !(lba - zone_start).is_multiple_of(blocks) || slot >= records as u64
+        {
             eprintln!("xtask: zone: record {k} at lba {lba}: outside the records' range");
             return false;
         }
