@@ -1379,36 +1379,45 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
     });
     let w = work.to_path_buf();
     v.push(Case {
-        name: "zoned namespaces: command set found, I/O refused typed; the other drive goes on"
+        name: "zoned namespace: zone append LBAs, states and zone errors; host checks the records at the returned LBAs; the other drive goes on"
             .into(),
         vm: VmOpts {
             drives: 2,
             drive_shapes: vec![
-                "ns=2,nsopt=zoned=true,nsopt=zoned.zone_size=4M".into(),
+                "ns=1,nsopt=zoned=true,nsopt=zoned.zone_size=4M,nsopt=zoned.zone_capacity=4M"
+                    .into(),
                 "ns=1".into(),
             ],
             ..vm(2)
         },
-        cmdline: "selftest",
+        cmdline: "zone records=8 blocks=2",
         expect_pass: true,
         expect_timeout: false,
         checks: vec![
             (
-                "both zoned namespaces named and refused",
+                "zoned command set enabled, the namespace's zones identified",
                 Box::new(|o: &Outcome| {
-                    o.count("uses I/O command set 2 (zoned)") == 2
-                        && o.count("format CommandSet(2) | I/O refused: UnsupportedFormat | ok")
-                            == 2
+                    o.has("I/O command set profile 0")
+                        && o.has("ns 1 zoned: 16 zones of 8192 blocks")
+                        && o.has("zone drive 0 ns 1 | 16 zones of 8192 blocks | 8 appends | ok")
+                        && o.has("zone: 13 checks passed on 1 zoned namespaces")
                 }),
             ),
             (
-                "zoned images untouched, the plain drive written",
-                Box::new(move |o: &Outcome| {
-                    o.has("checks passed on 2 drives")
-                        && image_is_zero(&w, 0, 1)
-                        && image_is_zero(&w, 0, 2)
-                        && selftest_pattern_on_disk(&w, 1).unwrap_or(false)
-                }),
+                "image: each record at the LBA the device returned, byte for byte, CRC32C equal; the records tile zone 1",
+                Box::new(move |o: &Outcome| zone_records_on_disk(o, &w, 8, 2, 8192)),
+            ),
+            (
+                "the plain drive written at LBA 0",
+                {
+                    let w = work.to_path_buf();
+                    Box::new(move |o: &Outcome| {
+                        o.has("zone drive 1 ns 1 | not zoned | plain write at lba 0 ok")
+                            && std::fs::read(qemu::ns_image(&w, 1, 1)).is_ok_and(|img| {
+                                (0..512).all(|i| img[i] == keel_jobs::zone::record_byte(1, 1, 0, i))
+                            })
+                    })
+                },
             ),
         ],
     });
@@ -1688,6 +1697,8 @@ fn metadata_on_disk(
         extended: false,
         pi,
         pi_offset,
+        command_set: 0,
+        zoned: None,
     };
     let meta_ok = match pi {
         Some(_) => {
@@ -1704,6 +1715,82 @@ fn metadata_on_disk(
             .all(|(i, &b)| b == metadata_byte(1, i)),
     };
     Ok(data_ok && meta_ok)
+}
+
+/// The `zone` job's appended records, checked on drive 0's namespace 1 image: `records`
+/// lines, each naming a distinct record; the bytes at the LBA the device returned are the
+/// record (recomputed here) and their CRC32C is the printed one; together the records tile
+/// `zone_start .. zone_start + records * blocks` (512-byte blocks).
+fn zone_records_on_disk(
+    o: &Outcome,
+    work: &Path,
+    records: u32,
+    blocks: u64,
+    zone_start: u64,
+) -> bool {
+    let Ok(img) = std::fs::read(qemu::ns_image(work, 0, 1)) else {
+        eprintln!("xtask: zone: no image");
+        return false;
+    };
+    let crc = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+    let mut seen = vec![false; records as usize];
+    let mut slots = vec![false; records as usize];
+    for l in &o.log {
+        let Some(rest) = l.split("zone append: ").nth(1) else {
+            continue;
+        };
+        // drive D ns N record K lba L blocks B crc32c C
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|t| t.parse::<u64>().ok());
+        let (Some(0), Some(1), Some(k), Some(lba), Some(b), Some(c)) = (
+            num(1),
+            num(3),
+            num(5),
+            num(7),
+            num(9),
+            f.get(11).and_then(|t| u32::from_str_radix(t, 16).ok()),
+        ) else {
+            eprintln!("xtask: zone: unparsable line {l:?}");
+            return false;
+        };
+        if b != blocks || k >= records as u64 || std::mem::replace(&mut seen[k as usize], true) {
+            eprintln!("xtask: zone: record {k} blocks {b}: unexpected or repeated");
+            return false;
+        }
+        let slot = lba.wrapping_sub(zone_start) / blocks;
+        if lba < zone_start || !(lba - zone_start).is_multiple_of(blocks) || slot >= records as u64
+        {
+            eprintln!("xtask: zone: record {k} at lba {lba}: outside the records' range");
+            return false;
+        }
+        if std::mem::replace(&mut slots[slot as usize], true) {
+            eprintln!("xtask: zone: two records at lba {lba}");
+            return false;
+        }
+        let at = lba as usize * 512;
+        let Some(bytes) = img.get(at..at + blocks as usize * 512) else {
+            eprintln!("xtask: zone: lba {lba} past the image");
+            return false;
+        };
+        let bad =
+            (0..bytes.len()).find(|&i| bytes[i] != keel_jobs::zone::record_byte(0, 1, k as u32, i));
+        if let Some(i) = bad {
+            eprintln!("xtask: zone: record {k} at lba {lba}: image byte {i} differs");
+            return false;
+        }
+        if crc.checksum(bytes) != c {
+            eprintln!("xtask: zone: record {k} at lba {lba}: crc32c differs from the image's");
+            return false;
+        }
+    }
+    if !seen.iter().all(|&s| s) {
+        eprintln!(
+            "xtask: zone: {} of {records} records reported",
+            seen.iter().filter(|&&s| s).count()
+        );
+        return false;
+    }
+    true
 }
 
 /// Whether namespace `ns` of drive `d`'s image is all zeroes (nothing was ever written).

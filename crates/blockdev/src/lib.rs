@@ -226,6 +226,44 @@ impl DevStatus {
             _ => None,
         }
     }
+    /// Which zoned-namespace rule the device refused an operation for, for a zoned command
+    /// set status (SCT 1, SC 0xB8..=0xBF).
+    pub const fn zone(self) -> Option<ZoneError> {
+        match self.code() {
+            0x1B8 => Some(ZoneError::Boundary),
+            0x1B9 => Some(ZoneError::Full),
+            0x1BA => Some(ZoneError::ReadOnly),
+            0x1BB => Some(ZoneError::Offline),
+            0x1BC => Some(ZoneError::InvalidWrite),
+            0x1BD => Some(ZoneError::TooManyActive),
+            0x1BE => Some(ZoneError::TooManyOpen),
+            0x1BF => Some(ZoneError::InvalidTransition),
+            _ => None,
+        }
+    }
+}
+
+/// A zoned-namespace rule the device refused an operation for (NVMe ZNS command set 1.1,
+/// Figure 25: command specific statuses 0xB8..=0xBF).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum ZoneError {
+    /// Zone Boundary Error: the operation crosses the end of a zone (or its capacity).
+    Boundary,
+    /// Zone Is Full: no writable capacity left in the zone.
+    Full,
+    /// Zone Is Read Only.
+    ReadOnly,
+    /// Zone Is Offline.
+    Offline,
+    /// Zone Invalid Write: a write not at the zone's write pointer.
+    InvalidWrite,
+    /// Too Many Active Zones (the namespace's MAR).
+    TooManyActive,
+    /// Too Many Open Zones (the namespace's MOR).
+    TooManyOpen,
+    /// Invalid Zone State Transition (for example finishing or closing an empty zone).
+    InvalidTransition,
 }
 
 /// An end-to-end protection check the device failed an operation on.
@@ -268,6 +306,11 @@ pub enum IoError {
     Invalid,
     /// The device reports the namespace or medium as write-protected.
     WriteProtected,
+    /// The device reported success with a result that cannot be true: a zone append whose
+    /// returned LBA lies outside the zone or the namespace, or does not leave room for the
+    /// blocks written. Where the data went is unknown; the caller must not trust the zone's
+    /// contents until it has read its state back.
+    BadResult,
     /// Any other device status (also an abort status the device marked Do Not Retry).
     Device {
         /// The device's status, DNR and More bits included (`status.code()` is `SCT << 8 | SC`).
@@ -288,6 +331,14 @@ impl IoError {
     pub const fn protection(&self) -> Option<ProtectionCheck> {
         match self.status() {
             Some(s) => s.protection(),
+            None => None,
+        }
+    }
+
+    /// The zoned-namespace rule the device refused the operation for, if that is what this is.
+    pub const fn zone(&self) -> Option<ZoneError> {
+        match self.status() {
+            Some(s) => s.zone(),
             None => None,
         }
     }
@@ -410,6 +461,32 @@ mod tests {
         };
         assert_eq!(e.protection(), Some(ProtectionCheck::Guard));
         assert_eq!(IoError::Timeout.protection(), None);
+    }
+
+    /// Every zoned command set status decodes to its rule; neighbours and other types do not.
+    #[test]
+    fn zone_errors_decoded() {
+        let st = |sct: u16, sc: u16| DevStatus::from_field(sc << 1 | sct << 9 | 1 << 15);
+        let want = [
+            ZoneError::Boundary,
+            ZoneError::Full,
+            ZoneError::ReadOnly,
+            ZoneError::Offline,
+            ZoneError::InvalidWrite,
+            ZoneError::TooManyActive,
+            ZoneError::TooManyOpen,
+            ZoneError::InvalidTransition,
+        ];
+        for (i, w) in want.iter().enumerate() {
+            let e = IoError::Device {
+                status: st(1, 0xB8 + i as u16),
+            };
+            assert_eq!(e.zone(), Some(*w), "sc {:#x}", 0xB8 + i);
+        }
+        assert_eq!(st(1, 0xB7).zone(), None);
+        assert_eq!(st(1, 0xC0).zone(), None);
+        assert_eq!(st(0, 0xB9).zone(), None);
+        assert_eq!(IoError::BadResult.zone(), None);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use crate::spec::{
     self, admin_op, cns, feature, reg, Aqa, Cap, Cc, CqEntry, Csts, Shn, Shst, SqEntry, Vs,
     PAGE_SIZE,
 };
+use crate::zns::{parse_zoned, Zoned};
 
 /// Most namespaces a [`Controller`] keeps (extra active namespaces are ignored with a warning).
 pub const MAX_NAMESPACES: usize = 64;
@@ -102,6 +103,13 @@ pub struct Namespace {
     /// Where the 8 bytes of protection information sit in a block's metadata (DPS.PIP:
     /// first, else last).
     pub pi_offset: u16,
+    /// The namespace's I/O command set (CSI: 0 NVM, 2 zoned), from its identification
+    /// descriptors.
+    pub command_set: u8,
+    /// A zoned namespace's zones (`Some` only when the zoned command set is enabled and its
+    /// Identify data is usable; then reads, writes at the write pointer and the zone
+    /// operations of [`IoQueuePair::submit_zone`] work on it).
+    pub zoned: Option<Zoned>,
 }
 
 impl Namespace {
@@ -143,7 +151,9 @@ pub enum NsFormat {
     /// Metadata interleaved with the data (extended LBAs) beyond protection information
     /// alone: refused with [`SubmitError::UnsupportedFormat`](keel_blockdev::SubmitError).
     ExtendedMetadata,
-    /// An I/O command set other than NVM (the CSI; 2 = zoned): refused with
+    /// An I/O command set Keel cannot use here (the CSI): one it does not know, or a zoned
+    /// namespace whose controller cannot enable the zoned command set or whose zoned Identify
+    /// data is unusable (the reason is logged at bring-up): refused with
     /// [`SubmitError::UnsupportedFormat`](keel_blockdev::SubmitError).
     CommandSet(u8),
 }
@@ -222,6 +232,17 @@ pub struct ControllerInfo {
     /// Advanced Command Retry is on (Host Behavior Support ACRE set at bring-up): completions
     /// may carry a CRD asking for a delay before a retry.
     pub acre: bool,
+    /// Controller ID (CNTLID).
+    pub cntlid: u16,
+    /// CC.CSS = 6 is in use (CAP.CSS bit 6): the I/O command sets of the selected profile
+    /// are enabled, the zoned one among them where the controller offers it.
+    pub io_command_sets: bool,
+    /// The I/O Command Set Profile index selected (Set Features 0x19), and its command set
+    /// vector (bit n = CSI n), when `io_command_sets`.
+    pub command_set_profile: Option<(u16, u64)>,
+    /// Zone Append Size Limit in bytes (ZASL of the zoned Identify Controller, MDTS where 0),
+    /// once a zoned namespace asked for it.
+    pub zone_append_limit: Option<u32>,
 }
 
 fn trim(bytes: &[u8]) -> &str {
@@ -383,6 +404,10 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             crdt: [0; 3],
             abort_limit: 1,
             acre: false,
+            cntlid: 0,
+            io_command_sets: cap.css_io_sets(),
+            command_set_profile: None,
+            zone_append_limit: None,
         };
         let mut ctrl = Self {
             mmio,
@@ -412,6 +437,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             ctrl.enable()?;
             ctrl.identify_controller()?;
             ctrl.enable_acre();
+            ctrl.select_command_sets()?;
             ctrl.scan_namespaces()?;
             ctrl.negotiate_queues()?;
             if ctrl.cfg.shadow_doorbells && ctrl.info.doorbell_buffer {
@@ -540,7 +566,11 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         // MPS = 0: 4 KiB pages (PAGE_SIZE); a fresh value, so reserved bits are written as 0.
         let cc = Cc::new()
             .with_en(true)
-            .with_css(Cc::CSS_NVM)
+            .with_css(if self.info.io_command_sets {
+                Cc::CSS_IO_SETS
+            } else {
+                Cc::CSS_NVM
+            })
             .with_mps(0)
             .with_ams(Cc::AMS_ROUND_ROBIN)
             .with_iosqes(spec::SQES_LOG2 as u8)
@@ -673,6 +703,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         }
         let info = &mut self.info;
         info.vid = id.vid.get();
+        info.cntlid = id.cntlid.get();
         info.serial = id.sn;
         info.model = id.mn;
         info.firmware = id.fr;
@@ -747,22 +778,18 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             let ns = match parse_namespace(nsid, &id) {
                 Ok(ns) => match self.command_set(nsid)? {
                     spec::csi::NVM => ns,
+                    spec::csi::ZONED => self.zoned_namespace(ns, &id)?,
                     other => {
                         // Identify Namespace reads the same for every command set, but I/O
-                        // to a zoned namespace must follow its zones: refused, typed, until
-                        // the driver speaks that command set.
+                        // to a namespace of a set Keel does not speak is refused, typed.
                         keel_log::warn!(
-                            "nvme: ns {} uses I/O command set {=u8} ({=str}): I/O refused",
+                            "nvme: ns {} uses I/O command set {=u8}, unknown to Keel: I/O refused",
                             nsid,
-                            other,
-                            if other == spec::csi::ZONED {
-                                "zoned"
-                            } else {
-                                "unknown"
-                            }
+                            other
                         );
                         Namespace {
                             format: NsFormat::CommandSet(other),
+                            command_set: other,
                             ..ns
                         }
                     }
@@ -786,6 +813,158 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             );
             let _ = self.namespaces.push(ns);
         }
+        Ok(())
+    }
+
+    /// With CC.CSS = 6: reads the controller's I/O command set vectors (Identify CNS 0x1C) and
+    /// selects the first profile that has both NVM and zoned (else the first with NVM) with
+    /// Set Features 0x19. A controller that refuses either keeps its default profile (index
+    /// 0), logged; the zoned namespaces then say for themselves whether they work.
+    fn select_command_sets(&mut self) -> Result<(), NvmeError> {
+        if !self.info.io_command_sets {
+            return Ok(());
+        }
+        const NVM: u64 = 1 << spec::csi::NVM;
+        const ZONED: u64 = 1 << spec::csi::ZONED;
+        let cdw10 = cns::IO_COMMAND_SETS | (self.info.cntlid as u32) << 16;
+        match self.identify_raw(cdw10, 0) {
+            Ok(()) => {}
+            Err(NvmeError::AdminStatus { status, .. }) => {
+                keel_log::warn!(
+                    "nvme: I/O command set vectors refused ({=u16:x}); default profile",
+                    status.code()
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+        let mut pick: Option<(u16, u64)> = None;
+        for i in 0..(PAGE_SIZE / 8) as u16 {
+            let v: u64 = self.scratch.read(i as usize * 8)?;
+            if v & (NVM | ZONED) == NVM | ZONED {
+                pick = Some((i, v));
+                break;
+            }
+            if v & NVM != 0 && pick.is_none() {
+                pick = Some((i, v));
+            }
+        }
+        let Some((index, vector)) = pick else {
+            keel_log::warn!("nvme: no I/O command set profile has NVM; default profile");
+            return Ok(());
+        };
+        let mut sqe = SqEntry::new(admin_op::SET_FEATURES, 0, 0);
+        sqe.cdw10 = feature::IO_COMMAND_SET_PROFILE;
+        sqe.cdw11 = index as u32;
+        match self.admin_command(sqe) {
+            Ok(_) => {
+                self.info.command_set_profile = Some((index, vector));
+                keel_log::info!(
+                    "nvme: I/O command set profile {} (sets {=u64:x})",
+                    index,
+                    vector
+                );
+                Ok(())
+            }
+            Err(NvmeError::AdminStatus { status, .. }) => {
+                keel_log::warn!(
+                    "nvme: I/O command set profile {} refused ({=u16:x}); default profile",
+                    index,
+                    status.code()
+                );
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A namespace whose CSI says zoned: with the zoned command set enabled and usable zoned
+    /// Identify data (CNS 5, and ZASL from CNS 6), kept with its zones; otherwise kept refused
+    /// (`NsFormat::CommandSet(2)`), the reason logged. Only transport failures are errors.
+    fn zoned_namespace(
+        &mut self,
+        ns: Namespace,
+        id: &spec::IdentifyNamespace,
+    ) -> Result<Namespace, NvmeError> {
+        let refused = |why: &str| {
+            keel_log::warn!("nvme: ns {} is zoned but {=str}: I/O refused", ns.nsid, why);
+            Ok(Namespace {
+                format: NsFormat::CommandSet(spec::csi::ZONED),
+                command_set: spec::csi::ZONED,
+                ..ns
+            })
+        };
+        if !self.info.io_command_sets {
+            return refused("the controller cannot enable the zoned command set (CAP.CSS bit 6)");
+        }
+        if self
+            .info
+            .command_set_profile
+            .is_some_and(|(_, v)| v & (1 << spec::csi::ZONED) == 0)
+        {
+            return refused("the selected command set profile lacks it");
+        }
+        let zasl = match self.info.zone_append_limit {
+            Some(z) => z,
+            None => {
+                let cdw11 = (spec::csi::ZONED as u32) << 24;
+                match self.identify_csi(cns::CS_CONTROLLER, 0, cdw11) {
+                    Ok(()) => {}
+                    Err(NvmeError::AdminStatus { .. }) => {
+                        return refused("zoned Identify Controller (CNS 6) failed")
+                    }
+                    Err(e) => return Err(e),
+                }
+                let [zasl]: [u8; 1] = self.scratch.read(0)?;
+                let mdts = self.info.max_transfer as u64;
+                let limit = match zasl {
+                    0 => mdts,
+                    z => ((self.cap.mps_min() as u64) << z.min(20)).min(mdts),
+                };
+                let limit = limit.min(u32::MAX as u64) as u32;
+                self.info.zone_append_limit = Some(limit);
+                limit
+            }
+        };
+        let cdw11 = (spec::csi::ZONED as u32) << 24;
+        match self.identify_csi(cns::CS_NAMESPACE, ns.nsid, cdw11) {
+            Ok(()) => {}
+            Err(NvmeError::AdminStatus { .. }) => {
+                return refused("zoned Identify Namespace (CNS 5) failed")
+            }
+            Err(e) => return Err(e),
+        }
+        let mut cs = [0u8; PAGE_SIZE];
+        self.scratch.read_bytes(0, &mut cs)?;
+        match parse_zoned(ns.blocks, lba_format_index(id), &cs, zasl) {
+            Ok(z) => {
+                keel_log::info!(
+                    "nvme: ns {} zoned: {} zones of {} blocks, max active {}, max open {}, append limit {} bytes",
+                    ns.nsid,
+                    z.zones,
+                    z.zone_size,
+                    z.max_active,
+                    z.max_open,
+                    z.append_limit
+                );
+                Ok(Namespace {
+                    command_set: spec::csi::ZONED,
+                    zoned: Some(z),
+                    ..ns
+                })
+            }
+            Err(BadIdentify::ZoneSize) => refused("its zone size is absurd (ZSZE)"),
+            Err(_) => refused("its zone limits are absurd (MAR/MOR/ZASL)"),
+        }
+    }
+
+    fn identify_csi(&mut self, cns: u32, nsid: u32, cdw11: u32) -> Result<(), NvmeError> {
+        self.scratch.fill(0, PAGE_SIZE, 0)?;
+        let mut sqe = SqEntry::new(admin_op::IDENTIFY, 0, nsid);
+        sqe.prp1 = self.scratch.bus_addr();
+        sqe.cdw10 = cns;
+        sqe.cdw11 = cdw11;
+        self.admin_command(sqe)?;
         Ok(())
     }
 
@@ -1196,6 +1375,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         }
         self.enable()?;
         self.enable_acre();
+        self.select_command_sets()?;
         self.negotiate_queues()?;
         if self.shadow.is_some() {
             self.send_dbbuf()?;
@@ -1214,15 +1394,22 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
     }
 }
 
+/// The LBA format FLBAS selects (bits 3:0, and 6:5 as upper bits with more than 16 formats).
+fn lba_format_index(id: &spec::IdentifyNamespace) -> usize {
+    let flbas = id.flbas;
+    let mut idx = (flbas & 0xF) as usize;
+    if id.nlbaf >= 16 {
+        idx |= (((flbas >> 5) & 0x3) as usize) << 4;
+    }
+    idx
+}
+
 /// Validates Identify Namespace data.
 pub fn parse_namespace(nsid: u32, id: &spec::IdentifyNamespace) -> Result<Namespace, NvmeError> {
     let bad = |b| Err(NvmeError::BadIdentify(b));
     let nlbaf = id.nlbaf as usize;
     let flbas = id.flbas;
-    let mut idx = (flbas & 0xF) as usize;
-    if nlbaf >= 16 {
-        idx |= (((flbas >> 5) & 0x3) as usize) << 4;
-    }
+    let idx = lba_format_index(id);
     if idx > nlbaf || idx >= id.lbaf.len() {
         return bad(BadIdentify::LbaFormatIndex);
     }
@@ -1268,6 +1455,8 @@ pub fn parse_namespace(nsid: u32, id: &spec::IdentifyNamespace) -> Result<Namesp
         } else {
             ms.saturating_sub(8)
         },
+        command_set: spec::csi::NVM,
+        zoned: None,
     })
 }
 

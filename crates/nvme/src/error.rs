@@ -34,6 +34,12 @@ pub enum BadIdentify {
     NamespaceSize,
     /// An active NSID is 0, above NN, or the list is not increasing.
     NamespaceId,
+    /// A zoned namespace's zone size (ZSZE) is 0 or larger than the namespace, or its zoned
+    /// Identify data could not be read.
+    ZoneSize,
+    /// A zoned namespace's limits are absurd (more open than active zones allowed, or no zone
+    /// append possible).
+    ZoneLimits,
     /// Identify Controller says SQ/CQ entries of 64/16 bytes are not supported.
     EntrySizes,
 }

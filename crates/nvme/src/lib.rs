@@ -81,6 +81,7 @@ pub mod pi;
 pub mod prp;
 pub mod qpair;
 pub mod spec;
+pub mod zns;
 
 pub use ctrl::{
     parse_namespace, AdminStats, Config, Controller, ControllerInfo, Namespace, NsFormat, PiType,
@@ -89,3 +90,7 @@ pub use ctrl::{
 pub use error::{BadIdentify, NvmeError, Step};
 pub use qpair::{IoQueuePair, QueueStats, MAX_COMMANDS};
 pub use spec::{Status, StatusKind};
+pub use zns::{
+    parse_zone_report, parse_zoned, ZoneAction, ZoneDescriptor, ZoneOp, ZoneReportError, ZoneState,
+    Zoned,
+};

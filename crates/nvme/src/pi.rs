@@ -157,6 +157,8 @@ mod tests {
             extended: false,
             pi: Some(pi),
             pi_offset,
+            command_set: 0,
+            zoned: None,
         }
     }
 

@@ -12,6 +12,7 @@ use crate::ctrl::{Config, Namespace, NsFormat, PiType, MAX_NAMESPACES};
 use crate::error::NvmeError;
 use crate::prp;
 use crate::spec::{self, io_op, CqEntry, DsmRange, SqEntry, Status, PAGE_SIZE};
+use crate::zns::{ZoneOp, REPORT_HEADER, ZONE_DESCRIPTOR};
 
 const NONE: u16 = 0xFFFF;
 
@@ -58,6 +59,9 @@ const ERR_STATUS: u8 = 1;
 const ERR_RESET: u8 = 2;
 /// Timed out, then quiesced by a controller reset: reported as `IoError::Timeout`.
 const ERR_TIMEOUT: u8 = 3;
+/// The device reported success with an impossible result (a zone append's LBA outside its
+/// zone): reported as `IoError::BadResult`.
+const ERR_BAD_RESULT: u8 = 4;
 
 /// Per tag bookkeeping (a tag may span several commands when split at MDTS).
 #[derive(Debug, Clone, Copy, Default)]
@@ -185,6 +189,8 @@ pub struct IoQueuePair<M: Mmio, C: Clock> {
     aborts: Deque<u16, 16>,
     /// Timeout events not yet taken by `pop_timed_out` (oldest dropped past the capacity).
     timeout_events: Deque<u32, MAX_COMMANDS>,
+    /// `(tag, LBA)` of zone appends that completed, checked, not yet taken by `pop_appended`.
+    appended: Deque<(u32, u64), MAX_COMMANDS>,
     stats: QueueStats,
 }
 
@@ -256,6 +262,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             needs_reset: false,
             aborts: Deque::new(),
             timeout_events: Deque::new(),
+            appended: Deque::new(),
             stats: QueueStats::default(),
         };
         // Build the free lists (slot 0 first).
@@ -700,6 +707,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 ERR_STATUS => Err(Status::from_field(r.status).to_io_error()),
                 ERR_RESET => Err(IoError::DeviceReset),
                 ERR_TIMEOUT => Err(IoError::Timeout),
+                ERR_BAD_RESULT => Err(IoError::BadResult),
                 _ => Err(IoError::Invalid),
             };
             self.free_req_rec(i);
@@ -716,10 +724,26 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         let mut e = SqEntry::new(s.opcode, cid, s.nsid);
         let list_off = i as usize * self.list_pages * PAGE_SIZE;
         match s.opcode {
-            io_op::READ | io_op::WRITE => {
+            io_op::READ | io_op::WRITE | io_op::ZONE_APPEND => {
                 let prp = prp::build(s.buf, s.len as usize, &self.prp, list_off, self.list_pages)?;
                 e = SqEntry::read_write(s.opcode, cid, s.nsid, s.slba, s.nlb, prp);
                 self.protect(&mut e, s);
+            }
+            io_op::ZONE_MGMT_SEND => {
+                // `nlb` carries CDW13 (action, select all).
+                e.cdw10 = s.slba as u32;
+                e.cdw11 = (s.slba >> 32) as u32;
+                e.cdw13 = s.nlb;
+            }
+            io_op::ZONE_MGMT_RECV => {
+                // `nlb` carries CDW13 (report zones, all states, partial report).
+                let prp = prp::build(s.buf, s.len as usize, &self.prp, list_off, self.list_pages)?;
+                e.prp1 = prp.0;
+                e.prp2 = prp.1;
+                e.cdw10 = s.slba as u32;
+                e.cdw11 = (s.slba >> 32) as u32;
+                e.cdw12 = s.len / 4 - 1;
+                e.cdw13 = s.nlb;
             }
             io_op::WRITE_ZEROES => {
                 e.cdw10 = s.slba as u32;
@@ -856,6 +880,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             gen: live_gen,
             state,
             req,
+            opcode,
             ..
         }) = self.slots.get(i as usize)
         else {
@@ -867,7 +892,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             return None;
         }
         self.stats.completions += 1;
-        if state == ACTIVE && e.status >> 1 == 0 {
+        if state == ACTIVE && e.status >> 1 == 0 && opcode != io_op::ZONE_APPEND {
             self.release_slot(i);
             if DEFER {
                 self.finish_part(req, ERR_NONE, 0);
@@ -893,6 +918,15 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     fn handle_other(&mut self, e: &CqEntry, i: u16) {
         let s = self.slot(i);
         let status = e.status();
+        if status.is_success() && s.opcode == io_op::ZONE_APPEND {
+            self.release_slot(i);
+            if s.state == ZOMBIE {
+                self.stats.late_completions += 1;
+            }
+            let err = self.check_append(&s, e);
+            self.finish_part(s.req, err, 0);
+            return;
+        }
         if s.state == ZOMBIE {
             // The device is done with it at last: its tag (and buffer) goes back now, with the
             // device's own status. Not retried: the caller has heard of the timeout and decides.
@@ -924,6 +958,172 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         } else {
             self.finish_part(s.req, ERR_STATUS, e.status);
         }
+    }
+
+    /// A zone append completed successfully: the LBA it returns (DW0 low, DW1 high) must lie in
+    /// the zone it was sent to (`s.slba`) with room for its blocks, and in the namespace.
+    /// Records `(tag, lba)` for [`IoQueuePair::pop_appended`]; a lie is `ERR_BAD_RESULT`.
+    #[cold]
+    fn check_append(&mut self, s: &SlotRec, e: &CqEntry) -> u8 {
+        let lba = e.dw0 as u64 | (e.dw1 as u64) << 32;
+        let Some(z) = self.ns(s.nsid).and_then(|ns| ns.zoned) else {
+            return ERR_BAD_RESULT;
+        };
+        let zone_end = s.slba.saturating_add(z.zone_size);
+        let ok = lba >= s.slba
+            && lba
+                .checked_add(s.nlb as u64)
+                .is_some_and(|end| end <= zone_end);
+        if !ok {
+            keel_log::warn!(
+                "nvme: q{} zone append to zone {} returned lba {} (blocks {}): outside the zone",
+                self.qid,
+                s.slba,
+                lba,
+                s.nlb
+            );
+            return ERR_BAD_RESULT;
+        }
+        let tag = self.req(s.req).tag;
+        if self.appended.is_full() {
+            self.appended.pop_front();
+        }
+        let _ = self.appended.push_back((tag, lba));
+        ERR_NONE
+    }
+
+    /// The LBA a zone append was written at: `(tag, lba)` of appends that completed
+    /// successfully, oldest first, each once. An append's entry is there by the time `poll`
+    /// reports its tag (`Ok`); take it after that `poll` returns. A queue keeps its depth of
+    /// entries and drops the oldest beyond that.
+    pub fn pop_appended(&mut self) -> Option<(u32, u64)> {
+        self.appended.pop_front()
+    }
+
+    /// Queues a zoned command set operation (see [`ZoneOp`]) under `tag`; it completes through
+    /// `poll` like any other. One device command each, never split.
+    ///
+    /// # Errors
+    /// [`SubmitError::InvalidNamespace`]; the namespace's format refusal (a zoned namespace
+    /// Keel cannot use is `UnsupportedFormat`); [`SubmitError::Unsupported`] on a namespace
+    /// that is not zoned; [`SubmitError::OutOfRange`] for a zone LBA that is not a zone start
+    /// (a report's `from` past the end); [`SubmitError::BufferLength`] for an append buffer
+    /// that is not `blocks * block_size`, `blocks` 0 or beyond the zone, or a report buffer
+    /// shorter than a header and one descriptor or not a multiple of 4 bytes;
+    /// [`SubmitError::TooLarge`] for an append above the append limit or a transfer above
+    /// the per-command limit; `BufferAlignment`, `QueueFull`, `DeviceUnavailable` as `submit`.
+    pub fn submit_zone(&mut self, op: ZoneOp, tag: u32) -> Result<(), SubmitError> {
+        if self.failed {
+            return Err(SubmitError::DeviceUnavailable);
+        }
+        let ns = self.ns(op.ns()).ok_or(SubmitError::InvalidNamespace)?;
+        if let Some(refused) = ns.format.refusal() {
+            // Management and reports move no block data: only an append needs the format.
+            if matches!(op, ZoneOp::Append { .. }) || matches!(ns.format, NsFormat::CommandSet(_)) {
+                return Err(refused);
+            }
+        }
+        let z = ns.zoned.ok_or(SubmitError::Unsupported)?;
+        let bs = ns.block_size as u64;
+        // (opcode, slba, nlb or CDW13, buffer, bytes)
+        let (opcode, slba, nlb, buf, len) = match op {
+            ZoneOp::Append {
+                zone, blocks, buf, ..
+            } => {
+                if !z.is_zone_start(zone) {
+                    return Err(SubmitError::OutOfRange);
+                }
+                if blocks == 0
+                    || blocks as u64 > z.zone_size
+                    || buf.len() as u64 != blocks as u64 * bs
+                {
+                    return Err(SubmitError::BufferLength);
+                }
+                if buf.len() > z.append_limit as usize || buf.len() > self.max_transfer {
+                    return Err(SubmitError::TooLarge);
+                }
+                (io_op::ZONE_APPEND, zone, blocks, buf, buf.len())
+            }
+            ZoneOp::Manage {
+                zone, action, all, ..
+            } => {
+                if !all && !z.is_zone_start(zone) {
+                    return Err(SubmitError::OutOfRange);
+                }
+                let cdw13 = action.code() as u32 | (all as u32) << 8;
+                (
+                    io_op::ZONE_MGMT_SEND,
+                    if all { 0 } else { zone },
+                    cdw13,
+                    BufRef::from_bus(0, 0),
+                    0,
+                )
+            }
+            ZoneOp::Report { from, buf, .. } => {
+                if from >= ns.blocks {
+                    return Err(SubmitError::OutOfRange);
+                }
+                if buf.len() < REPORT_HEADER + ZONE_DESCRIPTOR || buf.len() % 4 != 0 {
+                    return Err(SubmitError::BufferLength);
+                }
+                if buf.len() > self.max_transfer {
+                    return Err(SubmitError::TooLarge);
+                }
+                // ZRA 0 (report zones), ZRASF 0 (all states), partial report (bit 16): the
+                // count in the header is then that of the descriptors in the buffer.
+                (io_op::ZONE_MGMT_RECV, from, 1 << 16, buf, buf.len())
+            }
+        };
+        if len != 0 && buf.bus_addr() % 4 != 0 {
+            return Err(SubmitError::BufferAlignment);
+        }
+        if buf.bus_addr().checked_add(len as u64).is_none() {
+            return Err(SubmitError::BufferLength);
+        }
+        if self.free_slots == 0 {
+            return Err(SubmitError::QueueFull);
+        }
+        let req = self.alloc_req().ok_or(SubmitError::QueueFull)?;
+        let Some(i) = self.alloc_slot() else {
+            self.free_req_rec(req);
+            return Err(SubmitError::QueueFull);
+        };
+        let old = self.slot(i);
+        let s = SlotRec {
+            deadline: self.clock.now_ns().saturating_add(self.timeout_ns),
+            slba,
+            buf: buf.bus_addr(),
+            meta: 0,
+            nsid: ns.nsid,
+            nlb,
+            len: len as u32,
+            gen: self.next_gen(old.gen),
+            req,
+            next: NONE,
+            state: ACTIVE,
+            opcode,
+            retries: 0,
+        };
+        self.put_slot(i, &s);
+        let pos = self.sq_tail;
+        if self.place(pos, i, &s).is_err() {
+            self.release_slot(i);
+            self.free_req_rec(req);
+            return Err(SubmitError::BufferAlignment);
+        }
+        self.put_req(
+            req,
+            &ReqRec {
+                tag,
+                outstanding: 1,
+                next: NONE,
+                ..ReqRec::default()
+            },
+        );
+        self.sq_tail = self.next_pos(pos);
+        self.unreported += 1;
+        self.stats.submitted_cmds += 1;
+        Ok(())
     }
 
     /// The time, if the periodic timeout scan is due: commands are outstanding and the clock
@@ -1099,7 +1299,10 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             if s.state != PENDING {
                 continue;
             }
-            if s.retries < self.max_retries && self.reissue(i, s) {
+            // A zone append in flight at the reset may have landed: issued again it could land
+            // twice, at another LBA. It fails (`DeviceReset`); the caller reads the zone.
+            if s.opcode != io_op::ZONE_APPEND && s.retries < self.max_retries && self.reissue(i, s)
+            {
                 self.stats.resubmitted_after_reset += 1;
             } else {
                 self.release_slot(i);

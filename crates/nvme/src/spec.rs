@@ -78,7 +78,8 @@ pub struct Cap {
     /// NSSRS: NVM subsystem reset supported.
     #[bits(1, access = RO)]
     pub nssrs: bool,
-    /// CSS: command sets supported (bit 0 NVM, bit 7 admin only).
+    /// CSS: command sets supported (bit 0 NVM, bit 6 one or more I/O command sets, bit 7
+    /// admin only).
     #[bits(8, access = RO)]
     pub css: u8,
     /// BPS: boot partitions supported.
@@ -127,6 +128,11 @@ impl Cap {
     /// NVM command set supported (CSS bit 0).
     pub fn css_nvm(&self) -> bool {
         self.css() & 1 != 0
+    }
+    /// One or more I/O command sets supported (CSS bit 6): CC.CSS = [`Cc::CSS_IO_SETS`]
+    /// enables the sets of the selected I/O Command Set Profile (zoned namespaces among them).
+    pub fn css_io_sets(&self) -> bool {
+        self.css() & (1 << 6) != 0
     }
     /// Minimum memory page size in bytes.
     pub fn mps_min(&self) -> usize {
@@ -211,6 +217,9 @@ pub struct Cc {
 impl Cc {
     /// CC.CSS: the NVM command set.
     pub const CSS_NVM: u8 = 0;
+    /// CC.CSS: all I/O command sets the controller supports (those of the I/O Command Set
+    /// Profile selected with Set Features 0x19; needs CAP.CSS bit 6).
+    pub const CSS_IO_SETS: u8 = 6;
     /// CC.AMS: round robin.
     pub const AMS_ROUND_ROBIN: u8 = 0;
 }
@@ -449,6 +458,13 @@ pub mod io_op {
     pub const WRITE_ZEROES: u8 = 0x08;
     /// Dataset Management (deallocate).
     pub const DATASET_MANAGEMENT: u8 = 0x09;
+    /// Zone Management Send (zoned command set): close, finish, open, reset, offline.
+    pub const ZONE_MGMT_SEND: u8 = 0x79;
+    /// Zone Management Receive (zoned command set): report zones.
+    pub const ZONE_MGMT_RECV: u8 = 0x7A;
+    /// Zone Append (zoned command set): write at the zone's write pointer, the LBA written
+    /// returned in completion DW0/DW1.
+    pub const ZONE_APPEND: u8 = 0x7D;
 }
 
 /// Identify CNS values.
@@ -461,6 +477,12 @@ pub mod cns {
     pub const ACTIVE_NS_LIST: u32 = 0x02;
     /// Namespace Identification Descriptor list (for one NSID; NVMe 1.3+).
     pub const NS_DESCRIPTORS: u32 = 0x03;
+    /// I/O command set specific Identify Namespace (CSI in CDW11 31:24; zoned: ZSZE, MAR, MOR).
+    pub const CS_NAMESPACE: u32 = 0x05;
+    /// I/O command set specific Identify Controller (CSI in CDW11 31:24; zoned: ZASL).
+    pub const CS_CONTROLLER: u32 = 0x06;
+    /// I/O Command Set data structure: 512 command set vectors of 8 bytes (bit n = CSI n).
+    pub const IO_COMMAND_SETS: u32 = 0x1C;
 }
 
 /// Namespace Identification Descriptor types (NIDT).
@@ -484,6 +506,8 @@ pub mod feature {
     /// Host Behavior Support (a 512-byte data structure; byte 0 = ACRE, Advanced Command
     /// Retry Enable: the controller may then ask for retry delays through a completion's CRD).
     pub const HOST_BEHAVIOR_SUPPORT: u32 = 0x16;
+    /// I/O Command Set Profile (CDW11 8:0: the index of the command set vector to use).
+    pub const IO_COMMAND_SET_PROFILE: u32 = 0x19;
 }
 
 /// Identify Controller data structure (4096 bytes, NVMe 1.4 Figure 247); fields Keel uses.

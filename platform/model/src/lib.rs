@@ -21,4 +21,4 @@ pub mod nvme;
 pub use board::{ModelBoard, ModelCores};
 pub use clock::ModelClock;
 pub use dma::{HostDma, MemError};
-pub use nvme::{Fault, ModelConfig, ModelMmio, NsConfig, NvmeModel};
+pub use nvme::{Fault, ModelConfig, ModelMmio, NsConfig, NvmeModel, ZoneConfig};

@@ -104,6 +104,39 @@ pub enum Fault {
     NeverReady,
     /// CC.EN = 1 sets CSTS.CFS instead of CSTS.RDY.
     FatalOnEnable,
+    /// Zone appends write where they should but report the LBA written plus this offset.
+    AppendLba(i64),
+    /// Zone reports carry this descriptor count in their header, whatever they hold.
+    ZoneReportCount(u64),
+}
+
+/// A zoned namespace of the model (see [`NvmeModel::set_zoned`]): sequential-write-required
+/// zones with write pointers, zone append, Zone Management Send and Receive, the ZNS errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZoneConfig {
+    /// Blocks per zone.
+    pub zone_blocks: u64,
+    /// Writable blocks per zone (at most `zone_blocks`).
+    pub capacity: u64,
+    /// Most open zones (implicitly or explicitly); 0 = no limit.
+    pub max_open: u32,
+}
+
+/// Zone states as the model keeps them (the ZS codes).
+mod zs {
+    pub const EMPTY: u8 = 0x1;
+    pub const IOPEN: u8 = 0x2;
+    pub const EOPEN: u8 = 0x3;
+    pub const CLOSED: u8 = 0x4;
+    pub const FULL: u8 = 0xE;
+    pub const OFFLINE: u8 = 0xF;
+}
+
+#[derive(Debug, Clone)]
+struct Zones {
+    cfg: ZoneConfig,
+    /// (state, write pointer) per zone.
+    zones: Vec<(u8, u64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -132,6 +165,7 @@ struct Disk {
     /// the last completed Flush, and the blocks written since.
     durable: Option<Vec<u8>>,
     dirty: std::collections::BTreeSet<u64>,
+    zones: Option<Zones>,
 }
 
 impl Disk {
@@ -182,6 +216,8 @@ struct State {
     acre: bool,
     /// Commands fetched and held: the device owns them until `release_held` or a reset.
     held: Vec<Held>,
+    /// DW1 of the completion of the command being executed.
+    dw1: u32,
 }
 
 /// A read or write the model fetched and has not finished (a command that "times out").
@@ -288,6 +324,7 @@ impl NvmeModel {
                 data: vec![0u8; (n.blocks << n.lba_shift) as usize],
                 durable: None,
                 dirty: Default::default(),
+                zones: None,
             })
             .collect();
         let st = State {
@@ -316,6 +353,7 @@ impl NvmeModel {
             crdt: [0; 3],
             acre: false,
             held: Vec::new(),
+            dw1: 0,
         };
         Self {
             st: Arc::new(Mutex::new(st)),
@@ -327,6 +365,31 @@ impl NvmeModel {
         ModelMmio {
             st: self.st.clone(),
         }
+    }
+
+    /// Makes namespace `nsid` zoned (before bring-up): the controller then offers CAP.CSS
+    /// bit 6, the I/O command set vectors and profile, zoned Identify (CNS 5/6), and executes
+    /// the zoned command set once CC.CSS = 6. Every zone starts empty.
+    pub fn set_zoned(&self, nsid: u32, cfg: ZoneConfig) {
+        let mut st = lock(&self.st);
+        if let Some(d) = st.disks.iter_mut().find(|d| d.cfg.nsid == nsid) {
+            let n = d.cfg.blocks / cfg.zone_blocks.max(1);
+            d.zones = Some(Zones {
+                cfg,
+                zones: (0..n).map(|i| (zs::EMPTY, i * cfg.zone_blocks)).collect(),
+            });
+        }
+    }
+
+    /// `(state code, write pointer)` of every zone of namespace `nsid` (empty if not zoned).
+    pub fn zones(&self, nsid: u32) -> Vec<(u8, u64)> {
+        let st = lock(&self.st);
+        st.disks
+            .iter()
+            .find(|d| d.cfg.nsid == nsid)
+            .and_then(|d| d.zones.as_ref())
+            .map(|z| z.zones.clone())
+            .unwrap_or_default()
     }
 
     /// Replaces the active fault with `f` ([`Fault::None`] clears it).
@@ -626,6 +689,7 @@ impl State {
             | (20 << CAP_TO) // 10 s
             | ((self.cfg.dstrd as u64 & 0xF) << CAP_DSTRD)
             | (1 << CAP_CSS) // bit 0: the NVM command set
+            | ((self.disks.iter().any(|d| d.zones.is_some()) as u64) << (CAP_CSS + 6))
             | (4u64 << CAP_MPSMAX) // 64 KiB; MPSMIN = 0: 4 KiB
     }
 
@@ -642,7 +706,8 @@ impl State {
                 self.csts |= CSTS_CFS;
                 return;
             }
-            if cc.mps != 0 || cc.css != 0 {
+            let css_ok = cc.css == 0 || (cc.css == 6 && self.cap() & (1 << (37 + 6)) != 0);
+            if cc.mps != 0 || !css_ok {
                 self.note(format!("CC: unsupported MPS/CSS {v:#x}"));
                 self.csts |= CSTS_CFS;
                 return;
@@ -840,6 +905,7 @@ impl State {
             }
             let mut e = [0u8; 16];
             e[0..4].copy_from_slice(&dw0.to_le_bytes());
+            e[4..8].copy_from_slice(&std::mem::take(&mut self.dw1).to_le_bytes());
             e[8..10].copy_from_slice(&sq_head.to_le_bytes());
             e[10..12].copy_from_slice(&qid.to_le_bytes());
             e[12..14].copy_from_slice(&cid.to_le_bytes());
@@ -898,7 +964,14 @@ impl State {
         let cdw10 = le32(c, 40);
         let cdw11 = le32(c, 44);
         match opc {
-            0x06 => self.identify(cdw10 & 0xFF, nsid, prp1, prp2),
+            0x06 => self.identify(cdw10 & 0xFF, nsid, prp1, prp2, cdw11 >> 24),
+            // Set Features, I/O Command Set Profile: the model has one profile, index 0.
+            0x09 if cdw10 & 0xFF == 0x19 => {
+                if cdw11 & 0x1FF != 0 {
+                    return (0, (1 << 9) | (0x2B << 1) | sf::DNR);
+                }
+                (0, sf::OK)
+            }
             // Get Features, Volatile Write Cache: enabled when a cache is simulated.
             0x0A if cdw10 & 0xFF == 0x06 => {
                 let on = self.disks.iter().any(|d| d.durable.is_some());
@@ -1041,9 +1114,41 @@ impl State {
         }
     }
 
-    fn identify(&mut self, cns: u32, nsid: u32, prp1: u64, prp2: u64) -> (u32, u16) {
+    fn identify(&mut self, cns: u32, nsid: u32, prp1: u64, prp2: u64, csi: u32) -> (u32, u16) {
         let mut d = vec![0u8; 4096];
+        let zoned_ctrl = self.disks.iter().any(|d| d.zones.is_some());
         match cns {
+            // Namespace Identification Descriptors: the CSI, for a zoned model only (an NVM
+            // model answers as a 1.2 device would not: Invalid Field).
+            0x03 if zoned_ctrl => {
+                let Some(disk) = self.disks.iter().find(|x| x.cfg.nsid == nsid) else {
+                    return (0, sf::INVALID_NS | sf::DNR);
+                };
+                d[0] = 0x04;
+                d[1] = 1;
+                d[4] = if disk.zones.is_some() { 2 } else { 0 };
+            }
+            // I/O Command Set vectors: profile 0 = NVM + zoned.
+            0x1C if zoned_ctrl => d[0] = 0b101,
+            0x05 if zoned_ctrl && csi == 2 => {
+                let Some(disk) = self.disks.iter().find(|x| x.cfg.nsid == nsid) else {
+                    return (0, sf::INVALID_NS | sf::DNR);
+                };
+                let Some(z) = &disk.zones else {
+                    return (0, (1 << 9) | (0x29 << 1) | sf::DNR); // invalid I/O command set
+                };
+                let mor = if z.cfg.max_open == 0 {
+                    u32::MAX
+                } else {
+                    z.cfg.max_open - 1
+                };
+                d[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+                d[8..12].copy_from_slice(&mor.to_le_bytes());
+                let idx = if disk.cfg.lba_shift == 9 { 0 } else { 1 };
+                let o = 2816 + 16 * idx;
+                d[o..o + 8].copy_from_slice(&z.cfg.zone_blocks.to_le_bytes());
+            }
+            0x06 if zoned_ctrl && csi == 2 => d[0] = 0, // ZASL = MDTS
             0x01 => {
                 d[0..2].copy_from_slice(&0x1b36u16.to_le_bytes());
                 let pad = |dst: &mut [u8], s: &str| {
@@ -1270,6 +1375,10 @@ impl State {
                 self.disks[di].flush();
                 (0, sf::OK)
             }
+            0x79 | 0x7A | 0x7D => self.zone_command(di, c),
+            0x01 if self.disks[di].zones.is_some() && regs::Cc::decode(self.cc).css == 6 => {
+                self.zone_command(di, c)
+            }
             0x01 | 0x02 => {
                 if !in_range {
                     return (0, sf::LBA_RANGE | sf::DNR);
@@ -1325,5 +1434,178 @@ impl State {
             }
             _ => (0, sf::INVALID_OPCODE | sf::DNR),
         }
+    }
+
+    /// A write, zone append, Zone Management Send or Receive on a zoned namespace.
+    fn zone_command(&mut self, di: usize, c: &[u8; 64]) -> (u32, u16) {
+        const BOUNDARY: u16 = (1 << 9) | (0xB8 << 1) | sf::DNR;
+        const FULL: u16 = (1 << 9) | (0xB9 << 1) | sf::DNR;
+        const OFFLINE: u16 = (1 << 9) | (0xBB << 1) | sf::DNR;
+        const INVALID_WRITE: u16 = (1 << 9) | (0xBC << 1) | sf::DNR;
+        const TOO_MANY_OPEN: u16 = (1 << 9) | (0xBE << 1) | sf::DNR;
+        const TRANSITION: u16 = (1 << 9) | (0xBF << 1) | sf::DNR;
+        if regs::Cc::decode(self.cc).css != 6 {
+            return (0, sf::INVALID_OPCODE | sf::DNR);
+        }
+        let n = self.disks[di].cfg;
+        let Some(mut z) = self.disks[di].zones.clone() else {
+            return (0, sf::INVALID_OPCODE | sf::DNR);
+        };
+        let (opc, prp1, prp2) = (c[0], le64(c, 24), le64(c, 32));
+        let slba = le64(c, 40);
+        let (cdw12, cdw13) = (le32(c, 48), le32(c, 52));
+        let zsize = z.cfg.zone_blocks;
+        let zi = (slba / zsize) as usize;
+        if zi >= z.zones.len() {
+            return (0, sf::LBA_RANGE | sf::DNR);
+        }
+        let open = |z: &Zones| {
+            z.zones
+                .iter()
+                .filter(|(s, _)| *s == zs::IOPEN || *s == zs::EOPEN)
+                .count() as u32
+        };
+        let result = match opc {
+            0x01 | 0x7D => {
+                let nlb = (cdw12 & 0xFFFF) as u64 + 1;
+                let zslba = zi as u64 * zsize;
+                if opc == 0x7D && slba != zslba {
+                    return (0, sf::INVALID_FIELD | sf::DNR);
+                }
+                let (state, wp) = z.zones[zi];
+                match state {
+                    zs::FULL => return (0, FULL),
+                    zs::OFFLINE => return (0, OFFLINE),
+                    _ => {}
+                }
+                let at = if opc == 0x7D { wp } else { slba };
+                if at != wp {
+                    return (0, INVALID_WRITE);
+                }
+                if at + nlb > zslba + z.cfg.capacity {
+                    return (0, BOUNDARY);
+                }
+                if (state == zs::EMPTY || state == zs::CLOSED)
+                    && z.cfg.max_open != 0
+                    && open(&z) >= z.cfg.max_open
+                {
+                    return (0, TOO_MANY_OPEN);
+                }
+                let bytes = (nlb << n.lba_shift) as usize;
+                let mut buf = vec![0u8; bytes];
+                if let Err(s) = self.transfer_in(prp1, prp2, &mut buf) {
+                    return (0, s);
+                }
+                let off = (at << n.lba_shift) as usize;
+                self.disks[di].data[off..off + bytes].copy_from_slice(&buf);
+                self.disks[di].mark_dirty(at, nlb);
+                let new_wp = at + nlb;
+                let new_state = if new_wp == zslba + z.cfg.capacity {
+                    zs::FULL
+                } else if state == zs::EOPEN {
+                    zs::EOPEN
+                } else {
+                    zs::IOPEN
+                };
+                z.zones[zi] = (new_state, new_wp);
+                let mut reported = at;
+                if let Fault::AppendLba(d) = self.fault {
+                    reported = at.wrapping_add_signed(d);
+                }
+                if opc == 0x7D {
+                    self.dw1 = (reported >> 32) as u32;
+                    (reported as u32, sf::OK)
+                } else {
+                    (0, sf::OK)
+                }
+            }
+            0x79 => {
+                let action = (cdw13 & 0xFF) as u8;
+                let all = cdw13 & (1 << 8) != 0;
+                let targets: Vec<usize> = if all {
+                    (0..z.zones.len()).collect()
+                } else {
+                    if slba % zsize != 0 {
+                        return (0, sf::INVALID_FIELD | sf::DNR);
+                    }
+                    vec![zi]
+                };
+                for t in targets {
+                    let (state, wp) = z.zones[t];
+                    let start = t as u64 * zsize;
+                    let next = match (action, state) {
+                        (1, zs::IOPEN | zs::EOPEN) => (zs::CLOSED, wp),
+                        (1, zs::CLOSED) => (zs::CLOSED, wp),
+                        (2, zs::IOPEN | zs::EOPEN | zs::CLOSED | zs::EMPTY | zs::FULL) => {
+                            if all && state == zs::EMPTY {
+                                continue;
+                            }
+                            (zs::FULL, start + z.cfg.capacity)
+                        }
+                        (3, zs::EMPTY | zs::CLOSED | zs::IOPEN | zs::EOPEN) => {
+                            if all && state == zs::EMPTY {
+                                continue;
+                            }
+                            if state != zs::IOPEN
+                                && state != zs::EOPEN
+                                && z.cfg.max_open != 0
+                                && open(&z) >= z.cfg.max_open
+                            {
+                                return (0, TOO_MANY_OPEN);
+                            }
+                            (zs::EOPEN, wp)
+                        }
+                        (4, s) if s != zs::OFFLINE => (zs::EMPTY, start),
+                        (5, _) => (zs::OFFLINE, start),
+                        _ if all => continue,
+                        _ => return (0, TRANSITION),
+                    };
+                    if next.0 == zs::EMPTY {
+                        let o = (start << n.lba_shift) as usize;
+                        let l = (zsize << n.lba_shift) as usize;
+                        self.disks[di].data[o..o + l].fill(0);
+                        self.disks[di].mark_dirty(start, zsize);
+                    }
+                    z.zones[t] = next;
+                }
+                (0, sf::OK)
+            }
+            0x7A => {
+                let bytes = ((cdw12 as usize) + 1) * 4;
+                if bytes < 64 || cdw13 & 0xFF != 0 {
+                    return (0, sf::INVALID_FIELD | sf::DNR);
+                }
+                let partial = cdw13 & (1 << 16) != 0;
+                let room = (bytes - 64) / 64;
+                let mut r = vec![0u8; bytes];
+                let all: Vec<(usize, (u8, u64))> =
+                    z.zones.iter().copied().enumerate().skip(zi).collect();
+                let count = if partial {
+                    all.len().min(room)
+                } else {
+                    all.len()
+                };
+                let mut count = count as u64;
+                if let Fault::ZoneReportCount(c) = self.fault {
+                    count = c;
+                }
+                r[0..8].copy_from_slice(&count.to_le_bytes());
+                for (k, (i, (state, wp))) in all.iter().take(room).enumerate() {
+                    let o = 64 + k * 64;
+                    r[o] = 2;
+                    r[o + 1] = state << 4;
+                    r[o + 8..o + 16].copy_from_slice(&z.cfg.capacity.to_le_bytes());
+                    r[o + 16..o + 24].copy_from_slice(&(*i as u64 * zsize).to_le_bytes());
+                    r[o + 24..o + 32].copy_from_slice(&wp.to_le_bytes());
+                }
+                if let Err(s) = self.transfer_out(prp1, prp2, &r) {
+                    return (0, s);
+                }
+                (0, sf::OK)
+            }
+            _ => (0, sf::INVALID_OPCODE | sf::DNR),
+        };
+        self.disks[di].zones = Some(z);
+        result
     }
 }
