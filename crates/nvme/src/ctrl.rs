@@ -7,10 +7,15 @@ use heapless::Vec;
 use keel_hal::{Clock, DmaAllocator, DmaRegion, Mmio};
 
 use crate::error::{BadIdentify, NvmeError, Step};
+
+mod events;
 use crate::qpair::{IoQueuePair, QpairParams};
 use crate::spec::{
     self, admin_op, cns, feature, reg, Aqa, Cap, Cc, CqEntry, Csts, Shn, Shst, SqEntry, Vs,
     PAGE_SIZE,
+};
+pub use events::{
+    AsyncEvent, EventStats, NsChange, NsState, AER_CID_BASE, MAX_AERS, MAX_NS_CHANGES,
 };
 
 /// Most namespaces a [`Controller`] keeps (extra active namespaces are ignored with a warning).
@@ -279,6 +284,8 @@ pub struct Controller<M: Mmio, C: Clock> {
     live: QidSet,
     failed: bool,
     stats: AdminStats,
+    /// Asynchronous Event Requests outstanding and events to handle (see `events.rs`).
+    events: events::EventState,
 }
 
 impl<M: Mmio, C: Clock> Controller<M, C> {
@@ -349,6 +356,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             live: QidSet::ZERO,
             failed: false,
             stats: AdminStats::default(),
+            events: events::EventState::default(),
         };
         keel_log::info!(
             "nvme: version {=u32:x}, mqes {}, to {} ms",
@@ -365,6 +373,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             if ctrl.cfg.shadow_doorbells && ctrl.info.doorbell_buffer {
                 ctrl.setup_shadow(dma)?;
             }
+            ctrl.arm_events()?;
             Ok(())
         })();
         if let Err(e) = r {
@@ -505,7 +514,8 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         }
         let opcode = sqe.opcode();
         let cid = self.admin.next_cid;
-        self.admin.next_cid = if cid >= 0xFFFE { 0 } else { cid + 1 };
+        // CIDs from AER_CID_BASE up belong to the outstanding Asynchronous Event Requests.
+        self.admin.next_cid = if cid + 1 >= AER_CID_BASE { 0 } else { cid + 1 };
         sqe.set_cid(cid);
         self.admin.sq.write(self.admin.tail as usize * 64, &sqe)?;
         self.admin.tail = (self.admin.tail + 1) % ADMIN_DEPTH;
@@ -530,6 +540,9 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
                 }
                 self.admin_doorbell(true, self.admin.head);
                 if cqe.sq_id != 0 || cqe.cid != cid || cqe.phase() != (word & 1 != 0) {
+                    if self.events.take_aer_waiting(&cqe) {
+                        continue; // an event: kept for `poll_events`
+                    }
                     self.stats.stale_completions += 1;
                     keel_log::warn!(
                         "nvme: stale admin completion cid {} (want {})",
@@ -602,6 +615,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         info.doorbell_buffer = oacs & spec::OACS_DOORBELL_BUFFER_CONFIG != 0;
         info.nn = id.nn.get();
         info.crdt = id.crdt.map(|t| t.get());
+        self.events.set_limits(id.aerl, id.elpe);
         // MDTS is in units of CAP.MPSMIN; clamp absurd exponents instead of overflowing.
         info.mdts_bytes = match id.mdts {
             0 => None,

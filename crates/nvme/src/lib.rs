@@ -68,15 +68,18 @@
 
 pub mod ctrl;
 pub mod error;
+pub mod health;
 pub mod pi;
 pub mod prp;
 pub mod qpair;
 pub mod spec;
 
 pub use ctrl::{
-    parse_namespace, AdminStats, Config, Controller, ControllerInfo, Namespace, NsFormat, PiType,
-    MAX_IO_DEPTH, MAX_IO_QUEUES, MAX_NAMESPACES,
+    parse_namespace, AdminStats, AsyncEvent, Config, Controller, ControllerInfo, EventStats,
+    Namespace, NsChange, NsFormat, NsState, PiType, MAX_AERS, MAX_IO_DEPTH, MAX_IO_QUEUES,
+    MAX_NAMESPACES,
 };
 pub use error::{BadIdentify, NvmeError, Step};
+pub use health::{AerResult, CriticalWarning, ErrorLogEntry, EventType, LogError, SmartLog};
 pub use qpair::{IoQueuePair, QueueStats, MAX_COMMANDS};
 pub use spec::{Status, StatusKind};
