@@ -59,6 +59,10 @@ pub struct Config {
     /// timer tick should set it to 1. Under emulation a clock read is costly (see
     /// `IoQueuePair::scan_due`), so the default shares one among 32.
     pub timeout_check_polls: u16,
+    /// Surprise-removal check: a queue pair with commands outstanding whose polls found no
+    /// completion for this long reads CSTS (from its periodic scan, never on the hot path);
+    /// all ones means the device is gone. Far below `io_timeout_ms`.
+    pub removal_check_ms: u64,
 }
 
 impl Default for Config {
@@ -72,6 +76,7 @@ impl Default for Config {
             io_queues: 8,
             lazy_cq_doorbell: false,
             timeout_check_polls: 32,
+            removal_check_ms: 100,
         }
     }
 }
@@ -427,6 +432,12 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
     /// Admin-queue counters.
     pub fn stats(&self) -> AdminStats {
         self.stats
+    }
+
+    /// `true` when the device is gone (CSTS reads all ones: surprise removal). Its queue pairs
+    /// notice on their own ([`IoQueuePair::is_removed`]); nothing brings it back.
+    pub fn is_removed(&self) -> bool {
+        self.csts().device_gone()
     }
 
     /// `true` when CSTS.CFS (controller fatal status) is set: call [`Controller::reset`].

@@ -242,3 +242,84 @@ fn reset_rearms_the_aers() {
         [AsyncEvent::Health { info: 1, .. }]
     ));
 }
+
+/// Surprise removal mid-I/O: the device holds 8 commands (a read and writes in flight) when
+/// its BAR starts reading all ones. Once the polls have found nothing for
+/// `removal_check_ms`, every tag completes exactly once with `IoError::Removed`, none is lost,
+/// new submits are refused with `SubmitError::Removed`, and a second controller (its own
+/// model) keeps doing verified I/O.
+#[test]
+fn surprise_removal_fails_every_tag_once_others_go_on() {
+    use keel_blockdev::SubmitError;
+    use std::collections::HashMap;
+    let dma = HostDma::new();
+    let model = NvmeModel::new(ModelConfig::default(), dma.clone());
+    let clock = ModelClock::new();
+    let mut ctrl =
+        Controller::init(model.mmio(), &dma, clock.clone(), Config::default()).expect("init");
+    let (model2, dma2, mut ctrl2) = rig(vec![ns(1, 8192)]);
+    let mut qp = ctrl.create_io_qpair(&dma, 1, 32).unwrap();
+    let mut qp2 = ctrl2.create_io_qpair(&dma2, 1, 32).unwrap();
+    let bufs: Vec<_> = (0..8).map(|_| dma.alloc(4096, 4096).unwrap()).collect();
+    model.hold_next_io(8);
+    for (i, b) in bufs.iter().enumerate() {
+        let op = if i == 0 {
+            BlockOp::Read {
+                ns: 1,
+                lba: 0,
+                blocks: 8,
+                buf: BufRef::whole(b),
+            }
+        } else {
+            BlockOp::Write {
+                ns: 1,
+                lba: i as u64 * 8,
+                blocks: 8,
+                buf: BufRef::whole(b),
+            }
+        };
+        qp.submit(op, 100 + i as u32).unwrap();
+    }
+    qp.flush_submissions();
+    assert_eq!(model.held(), 8);
+    model.set_fault(Fault::Removed);
+    let mut reports: HashMap<u32, Vec<Result<(), IoError>>> = HashMap::new();
+    let mut polls = 0;
+    while qp.in_flight() > 0 {
+        polls += 1;
+        assert!(polls < 100_000, "tags never came back");
+        qp.poll(64, &mut |t, r| reports.entry(t).or_default().push(r));
+        if polls % 32 == 0 {
+            clock.advance_ms(10);
+        }
+    }
+    // Not before the check interval (100 ms) of polls finding nothing had passed.
+    assert!(polls >= 32 * 10, "removed after {polls} polls");
+    for _ in 0..1000 {
+        qp.poll(64, &mut |t, r| reports.entry(t).or_default().push(r));
+    }
+    assert_eq!(reports.len(), 8, "{reports:?}");
+    for (t, r) in &reports {
+        assert_eq!(r.as_slice(), &[Err(IoError::Removed)], "tag {t}");
+    }
+    assert!(qp.is_removed() && ctrl.is_removed());
+    let op = BlockOp::Read {
+        ns: 1,
+        lba: 0,
+        blocks: 8,
+        buf: BufRef::whole(&bufs[0]),
+    };
+    assert_eq!(qp.submit(op, 1), Err(SubmitError::Removed));
+    // The other controller goes on.
+    let b = dma2.alloc(4096, 4096).unwrap();
+    b.write_bytes(0, &[0x5A; 4096]).unwrap();
+    let w = BlockOp::Write {
+        ns: 1,
+        lba: 64,
+        blocks: 8,
+        buf: BufRef::whole(&b),
+    };
+    run(&mut qp2, w).unwrap();
+    assert_eq!(model2.disk_read(1, 64 * 512, 4096), vec![0x5A; 4096]);
+    assert!(!qp2.is_removed() && !ctrl2.is_removed());
+}
