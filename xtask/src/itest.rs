@@ -1627,6 +1627,52 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             ),
         ],
     });
+    // health: the SMART page counts exactly the job's I/O (QEMU: thousands of 512-byte units,
+    // rounded up), the written data is on the image, and a temperature threshold at the
+    // current temperature raises a real SMART / health asynchronous event.
+    let w = work.to_path_buf();
+    v.push(Case {
+        name: "health: SMART counts the writes, a temperature event".into(),
+        vm: vm(1),
+        cmdline: "health writes=100 blocks=64 lba=8192 temp=on",
+        expect_pass: true,
+        expect_timeout: false,
+        checks: vec![
+            (
+                "tables: temperature 323 K (50 C), spare, no warning, empty error log",
+                Box::new(|o: &Outcome| {
+                    o.count("| temperature           | 323 K (50 C)") == 2
+                        && o.count("| critical warning      | none") == 2
+                        && o.has("| available spare       | ")
+                        && o.has("error log: 0 entries")
+                }),
+            ),
+            (
+                "counters: +100 write and read commands, data units as QEMU rounds them",
+                Box::new(|o: &Outcome| {
+                    let units = (100u64 * 64 * 512 / 512).div_ceil(1000);
+                    o.has("before: host_write_commands=0 host_read_commands=0 data_units_written=0 data_units_read=0")
+                        && o.has(&format!(
+                            "after: host_write_commands=100 host_read_commands=100 data_units_written={units} data_units_read={units}"
+                        ))
+                }),
+            ),
+            (
+                "the writes are on the image (host)",
+                Box::new(move |_o: &Outcome| {
+                    health_pattern_on_disk(&w, 8192, 100 * 64, 0x6865_616c).unwrap_or(false)
+                }),
+            ),
+            (
+                "temperature event: AER completed, its page warned, cleared after",
+                Box::new(|o: &Outcome| {
+                    o.has("event: SMART / health, info 0x1, critical warning 0x02")
+                        && o.has("warning bits 0x02 in its page; threshold back at 343 K: bits 0x00")
+                        && o.has("stale admin completions 0")
+                }),
+            ),
+        ],
+    });
     // scrub: the driver's reads against the host's view of the same image.
     let img = work.join("scrub-src.img");
     let crc = random_image(&img, 8 << 20)?;
@@ -1816,6 +1862,24 @@ fn selftest_pattern_in(work: &std::path::Path, d: usize, ns: u32) -> Result<bool
         })
     };
     Ok(ok(512) || ok(4096))
+}
+
+/// Whether namespace 1 of drive 0 (512-byte blocks) holds the `health` job's writes: blocks
+/// `lba..lba + blocks` in the storage pattern with `seed`.
+fn health_pattern_on_disk(
+    work: &std::path::Path,
+    lba: u64,
+    blocks: u64,
+    seed: u64,
+) -> Result<bool> {
+    let img = std::fs::read(qemu::ns_image(work, 0, 1))?;
+    Ok((lba..lba + blocks).all(|b| {
+        let at = b as usize * 512;
+        (0..512).step_by(8).all(|off| {
+            let want = keel_jobs::storage::pattern(1, b, off, seed);
+            img.get(at + off..at + off + 8) == Some(&want.to_le_bytes()[..])
+        })
+    }))
 }
 
 /// `(drive, lba, acked, max)` for every block of the oracle's console record.

@@ -179,6 +179,8 @@ pub enum SubmitError {
     /// The namespace's format (e.g. metadata interleaved with the data) is one this driver
     /// cannot do I/O on; the device's other namespaces are unaffected.
     UnsupportedFormat,
+    /// The device is gone (surprise removal); the queue takes no work any more.
+    Removed,
 }
 
 /// A device's completion status word, kept whole so policy above the driver can honour it.
@@ -316,6 +318,9 @@ pub enum IoError {
         /// The device's status, DNR and More bits included (`status.code()` is `SCT << 8 | SC`).
         status: DevStatus,
     },
+    /// The device is gone (surprise removal: its registers read all ones). It can no longer
+    /// DMA, so the buffer is the owner's again; the outcome on the media is unknown.
+    Removed,
 }
 
 impl IoError {

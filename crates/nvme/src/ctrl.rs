@@ -7,12 +7,17 @@ use heapless::Vec;
 use keel_hal::{Clock, DmaAllocator, DmaRegion, Mmio};
 
 use crate::error::{BadIdentify, NvmeError, Step};
+
+mod events;
 use crate::qpair::{IoQueuePair, QpairParams};
 use crate::spec::{
     self, admin_op, cns, feature, reg, Aqa, Cap, Cc, CqEntry, Csts, Shn, Shst, SqEntry, Vs,
     PAGE_SIZE,
 };
 use crate::zns::{parse_zoned, Zoned};
+pub use events::{
+    AsyncEvent, EventStats, NsChange, NsState, AER_CID_BASE, MAX_AERS, MAX_NS_CHANGES,
+};
 
 /// Most namespaces a [`Controller`] keeps (extra active namespaces are ignored with a warning).
 pub const MAX_NAMESPACES: usize = 64;
@@ -62,6 +67,10 @@ pub struct Config {
     /// How long [`Controller::recover`] waits for the completion of a command whose abort the
     /// controller confirmed, before it resets the queue pair anyway.
     pub abort_wait_ms: u64,
+    /// Surprise-removal check: a queue pair with commands outstanding whose polls found no
+    /// completion for this long reads CSTS (from its periodic scan, never on the hot path);
+    /// all ones means the device is gone. Far below `io_timeout_ms`.
+    pub removal_check_ms: u64,
 }
 
 impl Default for Config {
@@ -77,6 +86,7 @@ impl Default for Config {
             timeout_check_polls: 32,
             max_aborts: 4,
             abort_wait_ms: 100,
+            removal_check_ms: 100,
         }
     }
 }
@@ -342,6 +352,8 @@ pub struct Controller<M: Mmio, C: Clock> {
     live: QidSet,
     failed: bool,
     stats: AdminStats,
+    /// Asynchronous Event Requests outstanding and events to handle (see `events.rs`).
+    events: events::EventState,
 }
 
 impl<M: Mmio, C: Clock> Controller<M, C> {
@@ -425,6 +437,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             live: QidSet::ZERO,
             failed: false,
             stats: AdminStats::default(),
+            events: events::EventState::default(),
         };
         keel_log::info!(
             "nvme: version {=u32:x}, mqes {}, to {} ms",
@@ -443,6 +456,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             if ctrl.cfg.shadow_doorbells && ctrl.info.doorbell_buffer {
                 ctrl.setup_shadow(dma)?;
             }
+            ctrl.arm_events()?;
             Ok(())
         })();
         if let Err(e) = r {
@@ -496,6 +510,12 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
     /// Admin-queue counters.
     pub fn stats(&self) -> AdminStats {
         self.stats
+    }
+
+    /// `true` when the device is gone (CSTS reads all ones: surprise removal). Its queue pairs
+    /// notice on their own ([`IoQueuePair::is_removed`]); nothing brings it back.
+    pub fn is_removed(&self) -> bool {
+        self.csts().device_gone()
     }
 
     /// `true` when CSTS.CFS (controller fatal status) is set: call [`Controller::reset`].
@@ -588,7 +608,8 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         }
         let opcode = sqe.opcode();
         let cid = self.admin.next_cid;
-        self.admin.next_cid = if cid >= 0xFFFE { 0 } else { cid + 1 };
+        // CIDs from AER_CID_BASE up belong to the outstanding Asynchronous Event Requests.
+        self.admin.next_cid = if cid + 1 >= AER_CID_BASE { 0 } else { cid + 1 };
         sqe.set_cid(cid);
         self.admin.sq.write(self.admin.tail as usize * 64, &sqe)?;
         self.admin.tail = (self.admin.tail + 1) % ADMIN_DEPTH;
@@ -613,6 +634,9 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
                 }
                 self.admin_doorbell(true, self.admin.head);
                 if cqe.sq_id != 0 || cqe.cid != cid || cqe.phase() != (word & 1 != 0) {
+                    if self.events.take_aer_waiting(&cqe) {
+                        continue; // an event: kept for `poll_events`
+                    }
                     self.stats.stale_completions += 1;
                     keel_log::warn!(
                         "nvme: stale admin completion cid {} (want {})",
@@ -716,6 +740,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         info.nn = id.nn.get();
         info.crdt = id.crdt.map(|t| t.get());
         info.abort_limit = id.acl.saturating_add(1);
+        self.events.set_limits(id.aerl, id.elpe);
         // MDTS is in units of CAP.MPSMIN; clamp absurd exponents instead of overflowing.
         info.mdts_bytes = match id.mdts {
             0 => None,

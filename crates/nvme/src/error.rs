@@ -84,6 +84,8 @@ pub enum NvmeError {
     QueueBusy,
     /// The controller is failed (reset did not succeed); create a new one.
     Failed,
+    /// A log page the device returned is short or absurd.
+    BadLog(crate::health::LogError),
 }
 
 impl From<DmaError> for NvmeError {

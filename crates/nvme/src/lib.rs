@@ -77,6 +77,7 @@
 
 pub mod ctrl;
 pub mod error;
+pub mod health;
 pub mod pi;
 pub mod prp;
 pub mod qpair;
@@ -84,10 +85,12 @@ pub mod spec;
 pub mod zns;
 
 pub use ctrl::{
-    parse_namespace, AdminStats, Config, Controller, ControllerInfo, Namespace, NsFormat, PiType,
-    Recovery, MAX_IO_DEPTH, MAX_IO_QUEUES, MAX_NAMESPACES,
+    parse_namespace, AdminStats, AsyncEvent, Config, Controller, ControllerInfo, EventStats,
+    Namespace, NsChange, NsFormat, NsState, PiType, Recovery, MAX_AERS, MAX_IO_DEPTH,
+    MAX_IO_QUEUES, MAX_NAMESPACES,
 };
 pub use error::{BadIdentify, NvmeError, Step};
+pub use health::{AerResult, CriticalWarning, ErrorLogEntry, EventType, LogError, SmartLog};
 pub use qpair::{IoQueuePair, QueueStats, MAX_COMMANDS};
 pub use spec::{Status, StatusKind};
 pub use zns::{

@@ -62,6 +62,8 @@ const ERR_TIMEOUT: u8 = 3;
 /// The device reported success with an impossible result (a zone append's LBA outside its
 /// zone): reported as `IoError::BadResult`.
 const ERR_BAD_RESULT: u8 = 4;
+/// The device is gone (surprise removal): reported as `IoError::Removed`.
+const ERR_REMOVED: u8 = 5;
 
 /// Per tag bookkeeping (a tag may span several commands when split at MDTS).
 #[derive(Debug, Clone, Copy, Default)]
@@ -186,6 +188,13 @@ pub struct IoQueuePair<M: Mmio, C: Clock> {
     clock_every: u16,
     failed: bool,
     needs_reset: bool,
+    /// Surprise removal seen (CSTS all ones): every tag failed once, no new work.
+    removed: bool,
+    /// `Config::removal_check_ms` in ns.
+    removal_ns: u64,
+    /// `stats.completions` at the last removal check, and when it last moved.
+    removal_seen: u64,
+    removal_since: u64,
     aborts: Deque<u16, 16>,
     /// Timeout events not yet taken by `pop_timed_out` (oldest dropped past the capacity).
     timeout_events: Deque<u32, MAX_COMMANDS>,
@@ -260,6 +269,10 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             clock_every: p.cfg.timeout_check_polls.max(1),
             failed: false,
             needs_reset: false,
+            removed: false,
+            removal_ns: p.cfg.removal_check_ms.saturating_mul(1_000_000).max(1),
+            removal_seen: 0,
+            removal_since: 0,
             aborts: Deque::new(),
             timeout_events: Deque::new(),
             appended: Deque::new(),
@@ -685,6 +698,9 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         }
         if let Some(now) = self.scan_due() {
             self.scan_timeouts(now);
+            if self.check_removed(now) {
+                reported += self.drain_ready(&mut |t, r| on_done.done(t, r));
+            }
         }
         // Retries queued by `handle` go out with one doorbell.
         self.flush_submissions();
@@ -708,6 +724,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 ERR_RESET => Err(IoError::DeviceReset),
                 ERR_TIMEOUT => Err(IoError::Timeout),
                 ERR_BAD_RESULT => Err(IoError::BadResult),
+                ERR_REMOVED => Err(IoError::Removed),
                 _ => Err(IoError::Invalid),
             };
             self.free_req_rec(i);
@@ -1196,6 +1213,58 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         }
     }
 
+    /// The surprise-removal check, from the periodic scan (cold): when no completion came
+    /// for `Config::removal_check_ms` with commands outstanding, CSTS is read; all ones means
+    /// the device fell off the bus. Then every command in flight (timed out or not) fails
+    /// once with `IoError::Removed` — its buffer goes back only now, a gone device cannot DMA
+    /// — and the pair refuses new work (`SubmitError::Removed`). Returns whether it did.
+    #[cold]
+    #[inline(never)]
+    fn check_removed(&mut self, now: u64) -> bool {
+        // Come due again within the check interval (the timeout scan alone waits longer).
+        self.next_scan = self.next_scan.min(now.saturating_add(self.removal_ns));
+        if self.removed || self.busy == 0 {
+            return false;
+        }
+        if self.stats.completions != self.removal_seen {
+            self.removal_seen = self.stats.completions;
+            self.removal_since = now;
+            return false;
+        }
+        if now.saturating_sub(self.removal_since) < self.removal_ns {
+            return false;
+        }
+        self.removal_since = now;
+        if !spec::Csts::from_bits(self.mmio.read32(spec::reg::CSTS)).device_gone() {
+            return false;
+        }
+        keel_log::error!(
+            "nvme: q{} device gone (CSTS all ones): failing {} commands",
+            self.qid,
+            self.busy
+        );
+        self.removed = true;
+        self.failed = true;
+        self.needs_reset = false;
+        self.aborts.clear();
+        self.timeout_events.clear();
+        for i in 0..self.nslots {
+            let s = self.slot(i);
+            if matches!(s.state, ACTIVE | ZOMBIE | PENDING) {
+                self.release_slot(i);
+                self.finish_part(s.req, ERR_REMOVED, 0);
+            }
+        }
+        // Entries written but not rung are dropped with their slots.
+        self.sq_tail_rung = self.sq_tail;
+        true
+    }
+
+    /// `true` once the pair saw its device gone (surprise removal); it takes no more work.
+    pub fn is_removed(&self) -> bool {
+        self.removed
+    }
+
     /// Tags whose commands timed out and are still on the device (their slots are zombies).
     pub fn timed_out_slots(&self) -> usize {
         (0..self.nslots)
@@ -1345,6 +1414,9 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         tag: u32,
         meta: Option<BufRef>,
     ) -> Result<(), SubmitError> {
+        if self.removed {
+            return Err(SubmitError::Removed);
+        }
         if self.failed {
             return Err(SubmitError::DeviceUnavailable);
         }

@@ -444,6 +444,10 @@ pub mod admin_op {
     pub const GET_FEATURES: u8 = 0x0A;
     /// Doorbell Buffer Config (shadow doorbells).
     pub const DOORBELL_BUFFER_CONFIG: u8 = 0x7C;
+    /// Asynchronous Event Request.
+    pub const ASYNC_EVENT_REQUEST: u8 = 0x0C;
+    /// Namespace Attachment.
+    pub const NS_ATTACHMENT: u8 = 0x15;
 }
 
 /// NVM command set opcodes.
@@ -508,6 +512,23 @@ pub mod feature {
     pub const HOST_BEHAVIOR_SUPPORT: u32 = 0x16;
     /// I/O Command Set Profile (CDW11 8:0: the index of the command set vector to use).
     pub const IO_COMMAND_SET_PROFILE: u32 = 0x19;
+    /// Temperature Threshold (TMPTH 15:0 in kelvin, TMPSEL 19:16, THSEL 21:20: 0 over, 1
+    /// under).
+    pub const TEMPERATURE_THRESHOLD: u32 = 0x04;
+    /// Asynchronous Event Configuration (SMART/health critical warnings 7:0, notices 8 up).
+    pub const ASYNC_EVENT_CONFIG: u32 = 0x0B;
+}
+
+/// Log page identifiers (Get Log Page CDW10 bits 7:0).
+pub mod log_page {
+    /// Error Information (64 bytes per entry, ELPE + 1 entries).
+    pub const ERROR_INFO: u8 = 0x01;
+    /// SMART / Health Information (512 bytes).
+    pub const SMART_HEALTH: u8 = 0x02;
+    /// Firmware Slot Information.
+    pub const FIRMWARE_SLOT: u8 = 0x03;
+    /// Changed Namespace List (1024 NSIDs).
+    pub const CHANGED_NS_LIST: u8 = 0x04;
 }
 
 /// Identify Controller data structure (4096 bytes, NVMe 1.4 Figure 247); fields Keel uses.
@@ -543,11 +564,17 @@ pub struct IdentifyController {
     _rsvd140: [u8; 116],
     /// Optional admin command support; bit 8 = Doorbell Buffer Config.
     pub oacs: U16,
-    /// Abort Command Limit, 0-based: Abort commands the controller takes at once.
+    /// Abort command limit (0-based).
     pub acl: u8,
-    /// Asynchronous Event Request Limit, 0-based.
+    /// Asynchronous Event Request Limit (0-based: AERL + 1 may be outstanding).
     pub aerl: u8,
-    _rsvd260: [u8; 252],
+    /// Firmware updates.
+    pub frmw: u8,
+    /// Log page attributes.
+    pub lpa: u8,
+    /// Error Log Page Entries (0-based: ELPE + 1 entries).
+    pub elpe: u8,
+    _rsvd263: [u8; 249],
     /// SQ entry size: required (3:0) and maximum (7:4), log2 bytes.
     pub sqes: u8,
     /// CQ entry size: required (3:0) and maximum (7:4), log2 bytes.
@@ -573,6 +600,8 @@ const_assert_eq!(offset_of!(IdentifyController, fr), 64);
 const_assert_eq!(offset_of!(IdentifyController, mdts), 77);
 const_assert_eq!(offset_of!(IdentifyController, ver), 80);
 const_assert_eq!(offset_of!(IdentifyController, oacs), 256);
+const_assert_eq!(offset_of!(IdentifyController, aerl), 259);
+const_assert_eq!(offset_of!(IdentifyController, elpe), 262);
 const_assert_eq!(offset_of!(IdentifyController, sqes), 512);
 const_assert_eq!(offset_of!(IdentifyController, nn), 516);
 const_assert_eq!(offset_of!(IdentifyController, oncs), 520);

@@ -153,9 +153,10 @@ fn bring_up_and_identify() {
     );
     assert_eq!(
         r.model.admin_commands(0x09),
-        1,
-        "set features number of queues"
+        2,
+        "set features number of queues, asynchronous event configuration"
     );
+    assert_eq!(r.model.aers_outstanding(), 4, "AERL + 1 AERs posted");
     assert!(!r.model.shadow_enabled());
     assert_eq!(
         r.ctrl.create_io_qpair(&r.dma, 5, 16).err(),

@@ -328,6 +328,7 @@ fn submit_error(e: SubmitError) -> IoError {
     match e {
         SubmitError::OutOfRange => IoError::OutOfRange,
         SubmitError::DeviceUnavailable => IoError::DeviceReset,
+        SubmitError::Removed => IoError::Removed,
         _ => IoError::Invalid,
     }
 }

@@ -108,6 +108,9 @@ pub enum Fault {
     AppendLba(i64),
     /// Zone reports carry this descriptor count in their header, whatever they hold.
     ZoneReportCount(u64),
+    /// The device fell off the bus (surprise removal): every register reads all ones,
+    /// writes and doorbells are lost, nothing is fetched, completed or DMAed any more.
+    Removed,
 }
 
 /// A zoned namespace of the model (see [`NvmeModel::set_zoned`]): sequential-write-required
@@ -161,6 +164,8 @@ struct Cq {
 struct Disk {
     cfg: NsConfig,
     data: Vec<u8>,
+    /// Attached to the controller (a detached namespace identifies as zeroes and fails I/O).
+    active: bool,
     /// With a volatile write cache (see [`NvmeModel::set_volatile_cache`]): the media image as of
     /// the last completed Flush, and the blocks written since.
     durable: Option<Vec<u8>>,
@@ -218,7 +223,46 @@ struct State {
     held: Vec<Held>,
     /// DW1 of the completion of the command being executed.
     dw1: u32,
+    /// SMART / health, error log, asynchronous events.
+    health: Health,
 }
+
+/// Health counters, the error log and asynchronous events, as QEMU's controller keeps them.
+#[derive(Default)]
+struct Health {
+    /// Composite temperature, kelvin.
+    temperature: u16,
+    /// Over and under temperature thresholds, kelvin.
+    thresh_over: u16,
+    thresh_under: u16,
+    /// Asynchronous Event Configuration (Set Features 0x0B).
+    async_config: u32,
+    /// Bytes read and written by I/O commands, and the commands.
+    bytes_read: u64,
+    bytes_written: u64,
+    read_cmds: u64,
+    write_cmds: u64,
+    /// Media errors reported.
+    media_errors: u64,
+    /// Error log: every failed I/O command (newest last), and the running error count.
+    errors: VecDeque<[u8; 64]>,
+    error_count: u64,
+    /// Outstanding AERs: (CID, SQ head after fetching it).
+    aers: VecDeque<(u16, u16)>,
+    /// Events waiting for an AER: (type, info, log page).
+    events: VecDeque<(u8, u8, u8)>,
+    /// Event types reported and not yet cleared by reading their log page (bit per type).
+    masked: u8,
+    /// Namespaces changed since the Changed Namespace List was last read.
+    changed: std::collections::BTreeSet<u32>,
+    /// Completions of AERs posted (for tests).
+    aer_completions: u64,
+}
+
+/// Most AERs the model takes at once (Identify AERL + 1).
+const MODEL_AERL: u8 = 3;
+/// Error log entries the model keeps (Identify ELPE + 1).
+const MODEL_ERROR_ENTRIES: usize = 8;
 
 /// A read or write the model fetched and has not finished (a command that "times out").
 struct Held {
@@ -322,6 +366,7 @@ impl NvmeModel {
             .map(|n| Disk {
                 cfg: *n,
                 data: vec![0u8; (n.blocks << n.lba_shift) as usize],
+                active: true,
                 durable: None,
                 dirty: Default::default(),
                 zones: None,
@@ -354,6 +399,11 @@ impl NvmeModel {
             acre: false,
             held: Vec::new(),
             dw1: 0,
+            health: Health {
+                temperature: 323,
+                thresh_over: 343,
+                ..Health::default()
+            },
         };
         Self {
             st: Arc::new(Mutex::new(st)),
@@ -581,6 +631,59 @@ impl NvmeModel {
         n
     }
 
+    /// Sets the composite temperature (kelvin); crossing a threshold raises a SMART / health
+    /// event (if enabled), as a real controller's sensor would.
+    pub fn set_temperature(&self, kelvin: u16) {
+        let mut st = lock(&self.st);
+        st.health.temperature = kelvin;
+        st.check_temperature();
+    }
+
+    /// Raises an asynchronous event (type, info, log page) now, whatever the configuration:
+    /// it completes an outstanding AER unless its type is masked (reported, log not read yet).
+    pub fn raise_event(&self, kind: u8, info: u8, log_page: u8) {
+        let mut st = lock(&self.st);
+        st.health.events.push_back((kind, info, log_page));
+        st.deliver_events();
+    }
+
+    /// Detaches (`false`) or attaches namespace `nsid`: it then identifies as zeroes (or
+    /// again as itself), I/O to it fails with Invalid Namespace, and a namespace-attribute
+    /// notice is raised (if enabled) with `nsid` in the Changed Namespace List.
+    pub fn set_namespace_attached(&self, nsid: u32, attached: bool) {
+        let mut st = lock(&self.st);
+        if let Some(d) = st.disks.iter_mut().find(|d| d.cfg.nsid == nsid) {
+            d.active = attached;
+        }
+        st.namespace_changed(nsid);
+    }
+
+    /// Changes namespace `nsid`'s capacity to `blocks` (data kept up to the new end) and
+    /// raises a namespace-attribute notice, as a resize by a management tool would.
+    pub fn resize_namespace(&self, nsid: u32, blocks: u64) {
+        let mut st = lock(&self.st);
+        if let Some(d) = st.disks.iter_mut().find(|d| d.cfg.nsid == nsid) {
+            d.cfg.blocks = blocks;
+            d.data.resize((blocks << d.cfg.lba_shift) as usize, 0);
+        }
+        st.namespace_changed(nsid);
+    }
+
+    /// Puts NSIDs into the Changed Namespace List as they are (no check: for hostile tests).
+    pub fn force_changed_list(&self, nsids: &[u32]) {
+        lock(&self.st).health.changed.extend(nsids.iter().copied());
+    }
+
+    /// AERs the driver has outstanding on the model now.
+    pub fn aers_outstanding(&self) -> usize {
+        lock(&self.st).health.aers.len()
+    }
+
+    /// AER completions the model has posted.
+    pub fn aer_completions(&self) -> u64 {
+        lock(&self.st).health.aer_completions
+    }
+
     /// One "background" pass: picks up shadow-doorbell tails and CQ heads, then executes
     /// everything pending in every SQ.
     pub fn step(&self) {
@@ -600,6 +703,9 @@ impl keel_hal::Mmio for ModelMmio {
 
     fn read32(&self, offset: usize) -> u32 {
         let st = lock(&self.st);
+        if st.fault == Fault::Removed {
+            return u32::MAX;
+        }
         match offset {
             regs::CAP => st.cap() as u32,
             o if o == regs::CAP + 4 => (st.cap() >> 32) as u32,
@@ -617,6 +723,9 @@ impl keel_hal::Mmio for ModelMmio {
 
     fn write32(&self, offset: usize, value: u32) {
         let mut st = lock(&self.st);
+        if st.fault == Fault::Removed {
+            return;
+        }
         match offset {
             regs::CC => st.write_cc(value),
             regs::AQA => st.aqa = value,
@@ -631,7 +740,7 @@ impl keel_hal::Mmio for ModelMmio {
 
     fn read64(&self, offset: usize) -> u64 {
         match offset {
-            regs::CAP => lock(&self.st).cap(),
+            regs::CAP if lock(&self.st).fault != Fault::Removed => lock(&self.st).cap(),
             _ => self.read32(offset) as u64 | ((self.read32(offset + 4) as u64) << 32),
         }
     }
@@ -675,6 +784,8 @@ mod sf {
     pub const DNR: u16 = 1 << 15;
     pub const WRITE_FAULT: u16 = (2 << 9) | (0x80 << 1);
     pub const ABORT_REQUESTED: u16 = 0x07 << 1;
+    pub const AER_LIMIT: u16 = (1 << 9) | (0x05 << 1);
+    pub const INVALID_LOG_PAGE: u16 = (1 << 9) | (0x09 << 1);
 }
 
 impl State {
@@ -752,6 +863,9 @@ impl State {
             // CSTS.RDY = 0: nothing the controller held will complete or touch memory again.
             self.held.clear();
             self.acre = false;
+            // Outstanding AERs are dropped by a reset (never completed); events stay queued.
+            self.health.aers.clear();
+            self.health.masked = 0;
             self.sqs.clear();
             self.cqs.clear();
             self.dbbuf = None;
@@ -853,6 +967,9 @@ impl State {
         if qid != 0 && (self.fault == Fault::Stall || self.fault == Fault::FatalStatus) {
             return;
         }
+        if self.fault == Fault::Removed {
+            return;
+        }
         loop {
             if self.csts & CSTS_CFS != 0 {
                 return;
@@ -890,10 +1007,27 @@ impl State {
                 });
                 continue;
             }
+            if qid == 0 && cmd[0] == 0x0C {
+                // Asynchronous Event Request: held until an event comes.
+                if self.health.aers.len() > MODEL_AERL as usize {
+                    let mut e = [0u8; 16];
+                    e[8..10].copy_from_slice(&sq_head.to_le_bytes());
+                    e[12..14].copy_from_slice(&cid.to_le_bytes());
+                    e[14..16].copy_from_slice(&(sf::AER_LIMIT | sf::DNR).to_le_bytes());
+                    self.post_raw(0, e);
+                } else {
+                    *self.commands.entry(0x0C).or_default() += 1;
+                    self.health.aers.push_back((cid, sq_head));
+                    self.deliver_events();
+                }
+                continue;
+            }
             let (dw0, status) = if qid == 0 {
                 self.admin(&cmd)
             } else {
-                self.io(&cmd)
+                let r = self.io(&cmd);
+                self.account_io(&cmd, qid, cid, r.1);
+                r
             };
             if qid != 0 {
                 if let Fault::CorruptCid(mask) = self.fault {
@@ -972,6 +1106,27 @@ impl State {
                 }
                 (0, sf::OK)
             }
+            0x02 => self.get_log_page(cdw10, le32(c, 44), nsid, prp1, prp2),
+            // Temperature threshold: TMPTH 15:0, THSEL 21:20 (0 over, 1 under).
+            0x09 if cdw10 & 0xFF == 0x04 => {
+                match (cdw11 >> 20) & 3 {
+                    0 => self.health.thresh_over = cdw11 as u16,
+                    1 => self.health.thresh_under = cdw11 as u16,
+                    _ => return (0, sf::INVALID_FIELD | sf::DNR),
+                }
+                self.check_temperature();
+                (0, sf::OK)
+            }
+            0x0A if cdw10 & 0xFF == 0x04 => match (cdw11 >> 20) & 3 {
+                0 => (self.health.thresh_over as u32, sf::OK),
+                1 => (self.health.thresh_under as u32, sf::OK),
+                _ => (0, sf::INVALID_FIELD | sf::DNR),
+            },
+            0x09 if cdw10 & 0xFF == 0x0B => {
+                self.health.async_config = cdw11;
+                (0, sf::OK)
+            }
+            0x0A if cdw10 & 0xFF == 0x0B => (self.health.async_config, sf::OK),
             // Get Features, Volatile Write Cache: enabled when a cache is simulated.
             0x0A if cdw10 & 0xFF == 0x06 => {
                 let on = self.disks.iter().any(|d| d.durable.is_some());
@@ -1166,6 +1321,8 @@ impl State {
                 for (k, t) in self.crdt.iter().enumerate() {
                     d[134 + 2 * k..136 + 2 * k].copy_from_slice(&t.to_le_bytes());
                 }
+                d[259] = MODEL_AERL;
+                d[262] = MODEL_ERROR_ENTRIES as u8 - 1;
                 d[512] = 0x66;
                 d[513] = 0x44;
                 let nn = self.disks.iter().map(|d| d.cfg.nsid).max().unwrap_or(0);
@@ -1181,6 +1338,13 @@ impl State {
                     return (0, sf::INVALID_NS | sf::DNR);
                 };
                 let n = disk.cfg;
+                if !disk.active {
+                    d.fill(0); // an allocated, inactive namespace: all zeroes
+                    return match self.transfer_out(prp1, prp2, &d) {
+                        Ok(()) => (0, sf::OK),
+                        Err(s) => (0, s),
+                    };
+                }
                 d[0..8].copy_from_slice(&n.blocks.to_le_bytes());
                 d[8..16].copy_from_slice(&n.blocks.to_le_bytes());
                 d[16..24].copy_from_slice(&n.blocks.to_le_bytes());
@@ -1200,6 +1364,7 @@ impl State {
                 let mut ids: Vec<u32> = self
                     .disks
                     .iter()
+                    .filter(|d| d.active)
                     .map(|d| d.cfg.nsid)
                     .filter(|id| *id > nsid)
                     .collect();
@@ -1361,7 +1526,11 @@ impl State {
         let cdw10 = le32(c, 40);
         let cdw11 = le32(c, 44);
         let cdw12 = le32(c, 48);
-        let Some(di) = self.disks.iter().position(|d| d.cfg.nsid == nsid) else {
+        let Some(di) = self
+            .disks
+            .iter()
+            .position(|d| d.cfg.nsid == nsid && d.active)
+        else {
             return (0, sf::INVALID_NS | sf::DNR);
         };
         let n = self.disks[di].cfg;
@@ -1607,5 +1776,171 @@ impl State {
         };
         self.disks[di].zones = Some(z);
         result
+    }
+
+    // ---------------- health, log pages, events ----------------
+
+    /// Counts an executed I/O command (SMART counters) and logs its error, if it failed.
+    fn account_io(&mut self, c: &[u8; 64], sqid: u16, cid: u16, status: u16) {
+        let nsid = le32(c, 4);
+        let shift = self
+            .disks
+            .iter()
+            .find(|d| d.cfg.nsid == nsid)
+            .map_or(9, |d| d.cfg.lba_shift);
+        let nlb = (le32(c, 48) & 0xFFFF) as u64 + 1;
+        let h = &mut self.health;
+        if status & !1 == sf::OK {
+            match c[0] {
+                0x01 => {
+                    h.write_cmds += 1;
+                    h.bytes_written += nlb << shift;
+                }
+                0x02 => {
+                    h.read_cmds += 1;
+                    h.bytes_read += nlb << shift;
+                }
+                _ => {}
+            }
+            return;
+        }
+        if (status >> 9) & 7 == 2 {
+            h.media_errors += 1;
+        }
+        h.error_count += 1;
+        let mut e = [0u8; 64];
+        e[0..8].copy_from_slice(&h.error_count.to_le_bytes());
+        e[8..10].copy_from_slice(&sqid.to_le_bytes());
+        e[10..12].copy_from_slice(&cid.to_le_bytes());
+        e[12..14].copy_from_slice(&(status & !1).to_le_bytes());
+        e[14..16].copy_from_slice(&0xFFFFu16.to_le_bytes());
+        e[16..24].copy_from_slice(&(le32(c, 40) as u64 | (le32(c, 44) as u64) << 32).to_le_bytes());
+        e[24..28].copy_from_slice(&nsid.to_le_bytes());
+        if h.errors.len() == MODEL_ERROR_ENTRIES {
+            h.errors.pop_front();
+        }
+        h.errors.push_back(e);
+    }
+
+    fn temperature_warning(&self) -> bool {
+        let h = &self.health;
+        h.temperature >= h.thresh_over || h.temperature <= h.thresh_under
+    }
+
+    /// A SMART temperature event if a threshold is crossed and the event is enabled.
+    fn check_temperature(&mut self) {
+        if self.temperature_warning() && self.health.async_config & 0x02 != 0 {
+            self.health.events.push_back((1, 0x01, 0x02));
+            self.deliver_events();
+        }
+    }
+
+    fn namespace_changed(&mut self, nsid: u32) {
+        let fresh = self.health.changed.insert(nsid);
+        if fresh && self.health.async_config & (1 << 8) != 0 {
+            self.health.events.push_back((2, 0x00, 0x04));
+            self.deliver_events();
+        }
+    }
+
+    /// Completes outstanding AERs with waiting events whose type is not masked.
+    fn deliver_events(&mut self) {
+        while !self.health.aers.is_empty() {
+            let masked = self.health.masked;
+            let Some(i) = self
+                .health
+                .events
+                .iter()
+                .position(|(t, _, _)| masked & (1 << t) == 0)
+            else {
+                return;
+            };
+            let Some((kind, info, lid)) = self.health.events.remove(i) else {
+                return;
+            };
+            let Some((cid, sq_head)) = self.health.aers.pop_front() else {
+                return;
+            };
+            self.health.masked |= 1 << kind;
+            self.health.aer_completions += 1;
+            let dw0 = kind as u32 | (info as u32) << 8 | (lid as u32) << 16;
+            let mut e = [0u8; 16];
+            e[0..4].copy_from_slice(&dw0.to_le_bytes());
+            e[8..10].copy_from_slice(&sq_head.to_le_bytes());
+            e[12..14].copy_from_slice(&cid.to_le_bytes());
+            self.post_raw(0, e);
+        }
+    }
+
+    /// Get Log Page: Error Information (1), SMART / Health (2), Changed Namespace List (4).
+    /// RAE = 0 clears the page's event type (and the changed list).
+    fn get_log_page(
+        &mut self,
+        cdw10: u32,
+        cdw11: u32,
+        nsid: u32,
+        prp1: u64,
+        prp2: u64,
+    ) -> (u32, u16) {
+        let lid = (cdw10 & 0xFF) as u8;
+        let rae = cdw10 & (1 << 15) != 0;
+        let numd = ((cdw10 >> 16) | (cdw11 & 0xFFFF) << 16) as usize + 1;
+        let len = numd * 4;
+        let (page, kind): (Vec<u8>, u8) = match lid {
+            0x01 => {
+                let mut p = vec![0u8; MODEL_ERROR_ENTRIES * 64];
+                for (i, e) in self.health.errors.iter().rev().enumerate() {
+                    p[i * 64..i * 64 + 64].copy_from_slice(e);
+                }
+                (p, 0)
+            }
+            0x02 => {
+                if nsid != u32::MAX && nsid != 0 {
+                    return (0, sf::INVALID_FIELD | sf::DNR);
+                }
+                let h = &self.health;
+                let mut p = vec![0u8; 512];
+                p[0] = if self.temperature_warning() { 0x02 } else { 0 };
+                p[1..3].copy_from_slice(&h.temperature.to_le_bytes());
+                p[3] = 100;
+                p[4] = 10;
+                let put = |p: &mut Vec<u8>, o: usize, v: u64| {
+                    p[o..o + 16].copy_from_slice(&(v as u128).to_le_bytes())
+                };
+                put(&mut p, 32, (h.bytes_read / 512).div_ceil(1000));
+                put(&mut p, 48, (h.bytes_written / 512).div_ceil(1000));
+                put(&mut p, 64, h.read_cmds);
+                put(&mut p, 80, h.write_cmds);
+                put(&mut p, 112, 1);
+                put(&mut p, 160, h.media_errors);
+                put(&mut p, 176, h.error_count);
+                (p, 1)
+            }
+            0x04 => {
+                let mut p = vec![0u8; 4096];
+                let ids: Vec<u32> = self.health.changed.iter().copied().collect();
+                if ids.len() > 1024 {
+                    p[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+                } else {
+                    for (i, id) in ids.iter().enumerate() {
+                        p[i * 4..i * 4 + 4].copy_from_slice(&id.to_le_bytes());
+                    }
+                }
+                self.health.changed.clear();
+                (p, 2)
+            }
+            _ => return (0, sf::INVALID_LOG_PAGE | sf::DNR),
+        };
+        let mut out = vec![0u8; len];
+        let n = len.min(page.len());
+        out[..n].copy_from_slice(&page[..n]);
+        if let Err(s) = self.transfer_out(prp1, prp2, &out) {
+            return (0, s);
+        }
+        if !rae {
+            self.health.masked &= !(1 << kind);
+            self.deliver_events();
+        }
+        (0, sf::OK)
     }
 }
