@@ -119,6 +119,9 @@ struct CoreOut {
     /// Reads whose block broke the rule: the finding that fails the job.
     bad_reads: u64,
     error: Option<&'static str>,
+    /// This core's handles: how many it owns, how many were free at the end.
+    handles: usize,
+    handles_back: usize,
 }
 
 /// One in-flight I/O.
@@ -160,7 +163,6 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
             return Err(JobError::Failed("blocks too small for the oracle's header"));
         }
     }
-    let aio = crate::reactor::Handles::new();
     let mut meshes: heapless::Vec<crate::reactor::SmallMesh, MAX_DRIVES> = heapless::Vec::new();
     for _ in 0..list.len() {
         let _ = meshes.push(crate::reactor::SmallMesh::new());
@@ -185,7 +187,9 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         ms
     );
     let outs = crate::on_cores(p, cores, |core| {
-        core_oracle(
+        // This core's own handles, on its stack (every drive's reactor on this core uses them).
+        let aio = crate::reactor::core_handles(core, cores);
+        let mut out = core_oracle(
             p,
             core,
             &list,
@@ -200,7 +204,10 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
                 cores,
             },
             &finished,
-        )
+        );
+        out.handles = crate::reactor::HANDLES / cores;
+        out.handles_back = aio.free_count();
+        out
     })?;
     let mut total = CoreOut::default();
     for (c, o) in outs.iter().enumerate() {
@@ -213,6 +220,8 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         total.reads_ok += o.reads_ok;
         total.reads_failed += o.reads_failed;
         total.bad_reads += o.bad_reads;
+        total.handles += o.handles;
+        total.handles_back += o.handles_back;
     }
     keel_log::info!(
         "oracle summary: writes acknowledged {=u64}, writes failed {=u64}, reads verified {=u64}, reads failed {=u64}, reads that broke the rule {=u64}; handles back {=usize} of {=usize}",
@@ -221,8 +230,8 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         total.reads_ok,
         total.reads_failed,
         total.bad_reads,
-        aio.free_count(),
-        crate::reactor::HANDLES
+        total.handles_back,
+        total.handles
     );
     if total.bad_reads > 0 {
         return Err(JobError::Failed(
@@ -232,7 +241,7 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
     if total.writes_ok == 0 {
         return Err(JobError::Failed("no write was acknowledged"));
     }
-    if aio.free_count() != crate::reactor::HANDLES {
+    if total.handles_back != total.handles {
         return Err(JobError::Failed("I/O handles were not all given back"));
     }
     Ok(())
