@@ -1356,7 +1356,16 @@ fn bench_many<'a, B: Board>(p: &B, list: &[&crate::drives::Drive<B>], load: Load
             block_size,
         };
         core_bench_many(
-            p, core, list, &owners, &links, &crate::reactor::core_handles(core, cores), cfg, mode, &finished, cores,
+            p,
+            core,
+            list,
+            &owners,
+            &links,
+            &crate::reactor::core_handles(core, cores),
+            cfg,
+            mode,
+            &finished,
+            cores,
         )
     })?;
     if let Some(e) = results.iter().find_map(|r| r.error) {
