@@ -259,8 +259,7 @@ fn no_free_handle_and_nothing_in_flight_is_an_error_not_a_hang() {
 #[test]
 fn const_construction() {
     // Const, so a core can build its array in place; not `Sync`, so never a `static`.
-    const AIO: Aio<100, { keel_slots::words_for(100) }> = Aio::new();
-    let aio = AIO;
+    let aio = const { Aio::<100, { keel_slots::words_for(100) }>::new() };
     assert_eq!(aio.capacity(), 100);
     assert_eq!(aio.free_count(), 100);
 }
