@@ -1027,7 +1027,7 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             true,
             vec![
                 ("submitted == completed + failed", |o| {
-                    o.has(": true; I/O handles back in the array: 512 of 512")
+                    o.has(": true; I/O handles back in the cores' arrays: 512 of 512")
                 }),
                 (
                     "host: exact counts per core; failures only refused sends",
@@ -1059,7 +1059,7 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             true,
             vec![
                 ("invariants hold", |o| {
-                    o.has(": true; I/O handles back in the array: 512 of 512")
+                    o.has(": true; I/O handles back in the cores' arrays: 512 of 512")
                         && o.has("queue pairs deleted: 2 of 2")
                 }),
                 ("host: every core 1000 ok, 0 failed", |o| {
@@ -1109,7 +1109,7 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
                     o.has("nvme 0: 1 I/O queues for 4 cores")
                 }),
                 ("invariants hold with one queue pair", |o| {
-                    o.has(": true; I/O handles back in the array: 512 of 512")
+                    o.has(": true; I/O handles back in the cores' arrays: 512 of 512")
                         && o.has("queue pairs deleted: 1 of 1")
                 }),
                 ("host: every core 600 ok, 0 failed", |o| {

@@ -11,38 +11,85 @@
 //!   move against it at run time (an illegal one is [`AioError::IllegalTransition`], never a
 //!   panic); the per-I/O fast paths ([`Aio::start`], [`Aio::start_submitted`],
 //!   [`Batch::complete_and_reclaim`]) are fixed chains checked against it at compile time and
-//!   check only the handle's current state and generation at run time. Every transition runs
-//!   inside `critical_section::with`, so an interrupt handler (which completes I/O) never sees
-//!   or makes a half-done update.
+//!   check only the handle's current state and generation at run time.
+//! * **An `Aio` is one core's handle array, and only that core reaches it.** `Aio` is `Send`
+//!   (built, then moved to its core before use) but `!Sync`, so `&Aio` cannot be given to
+//!   another core or thread, and no `static` (the only thing an interrupt handler can name) can
+//!   hold one. A transition therefore needs no lock and no critical section: nothing else can
+//!   run inside it (see "Per-core and shared state" below).
 //! * **Generations.** A handle's generation is bumped each time it returns to `Idle`. Callers
 //!   hold [`IoRef`]s (index + generation). Waiting on an `IoRef` whose handle was since
 //!   reclaimed (and maybe reused) reports [`WaitOutcome::Recycled`] ("already done").
-//! * **State and generation are read together**, in one critical section. PostgreSQL's bug
+//! * **State and generation are read together**, in one section. PostgreSQL's bug
 //!   (pgsql-hackers, "AIO v2.5", May 2025) read the state, then logged (which processed
 //!   interrupts, which reclaimed and reused the handle), then read the generation: it waited on
 //!   the new owner's unsubmitted I/O and PANICked. [`Aio::wait_for_free`] takes the
-//!   `(index, generation)` pair in one critical section before its logging hook runs.
-//! * The free handles are a [`keel_slots::FreeBitmap`]: acquiring a handle is lock-free;
-//!   returning one to `Idle` is a single `fetch_or`.
+//!   `(index, generation)` pair in one section before its logging hook runs (which may poll and
+//!   so reclaim and reuse the handle).
+//! * The free handles are a [`keel_slots::FreeBitmap`]; acquiring a handle claims a bit,
+//!   returning one to `Idle` sets it.
+//!
+//! # Per-core and shared state
+//!
+//! PostgreSQL's AIO handles live in shared memory, and any backend may run an I/O's shared
+//! completion; its backends protect their own state with `HOLD_INTERRUPTS`, not a lock. Keel
+//! keeps that split and makes it a type: every core has its own `Aio` (a range of the handle
+//! index space, [`Aio::for_range`], so handle indexes stay unique across cores), and **every
+//! transition of a handle is made by the core that owns it**. An I/O for another core's queue
+//! pair leaves its issuer as a message (the handle is `Submitted` when the message is sent) and
+//! its result comes back as one (the issuer takes the handle `Submitted -> ... -> Idle`); the
+//! owner of the queue pair never touches the issuer's handles. What really crosses cores is
+//! only the message rings between them (keel-reactor's mesh: SPSC rings with atomic indices
+//! and a mail flag, loom-checked) and, in the jobs, the hand-over of a whole queue pair (in a
+//! `critical_section::Mutex`, the one lock every core shares, kept for that). On the board,
+//! `critical-section` is a global interrupt-masked spinlock; before this split every handle
+//! transition of every core took it.
 //!
 //! ```
 //! use keel_aio::{Aio, IoDesc, IoOp, WaitOutcome};
 //! use keel_slots::words_for;
 //!
-//! static AIO: Aio<64, { words_for(64) }> = Aio::new();
+//! let aio: Aio<64, { words_for(64) }> = Aio::new(); // this core's handles
 //!
-//! let io = AIO.wait_for_free(&mut || true)?; // poll closure: drive completions
-//! AIO.define(io, IoDesc { op: IoOp::Read, lba: 0, blocks: 8 })?;
-//! AIO.stage(io)?;
+//! let io = aio.wait_for_free(&mut || true)?; // poll closure: drive completions
+//! aio.define(io, IoDesc { op: IoOp::Read, lba: 0, blocks: 8 })?;
+//! aio.stage(io)?;
 //! let waiter = io; // references for waiters are taken before submission
-//! let desc = AIO.submit(io)?; // build the device command from `desc`, command id = io.index()
+//! let desc = aio.submit(io)?; // build the device command from `desc`, command id = io.index()
 //! # assert_eq!(desc.blocks, 8);
-//! // ...the completion handler, from the completion entry's command id:
-//! AIO.complete_raw(io.index() as u32, Ok(4096))?;
-//! assert_eq!(AIO.wait(waiter, &mut || true)?, WaitOutcome::Done(Ok(4096)));
-//! assert_eq!(AIO.finish(io)?, Ok(4096)); // back to Idle, generation bumped
-//! assert_eq!(AIO.wait(waiter, &mut || true)?, WaitOutcome::Recycled);
+//! // ...the completion, from the completion entry's command id:
+//! aio.complete_raw(io.index() as u32, Ok(4096))?;
+//! assert_eq!(aio.wait(waiter, &mut || true)?, WaitOutcome::Done(Ok(4096)));
+//! assert_eq!(aio.finish(io)?, Ok(4096)); // back to Idle, generation bumped
+//! assert_eq!(aio.wait(waiter, &mut || true)?, WaitOutcome::Recycled);
 //! # Ok::<(), keel_aio::AioError>(())
+//! ```
+//!
+//! Another core cannot reach a core's handles: sharing `&Aio` with another thread does not
+//! compile,
+//!
+//! ```compile_fail,E0277
+//! use keel_aio::Aio;
+//! let aio: Aio<64, 1> = Aio::new();
+//! std::thread::scope(|s| {
+//!     s.spawn(|| aio.acquire()); // `RefCell` cannot be shared between threads safely
+//! });
+//! ```
+//!
+//! and neither does putting one in a `static`, where an interrupt handler (or any core) could
+//! name it:
+//!
+//! ```compile_fail,E0277
+//! use keel_aio::Aio;
+//! static AIO: Aio<64, 1> = Aio::new(); // `RefCell` cannot be shared between threads safely
+//! ```
+//!
+//! Moving a fresh array to the core that will own it is fine (`Aio` is `Send`):
+//!
+//! ```
+//! use keel_aio::Aio;
+//! let aio: Aio<64, 1> = Aio::new();
+//! std::thread::spawn(move || aio.acquire().map(|io| io.index())).join().unwrap().unwrap();
 //! ```
 #![no_std]
 #![forbid(unsafe_code)]
@@ -55,7 +102,7 @@ use core::fmt;
 
 use keel_slots::{FreeBitmap, SlotError};
 
-use crate::sync::CsCell;
+use crate::sync::LocalCell;
 
 /// Whether `path` is a chain of legal moves starting at `from`. Used in `const` assertions on
 /// the fixed paths written out by hand.
@@ -194,7 +241,7 @@ impl IoRef {
     }
 }
 
-/// A consistent view of one handle: everything read in one critical section.
+/// A consistent view of one handle: everything read in one section.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Snapshot {
     /// The state.
@@ -298,7 +345,7 @@ pub trait Driver {
     /// Return `false` to give up waiting ([`AioError::GaveUp`]).
     fn poll(&mut self) -> bool;
 
-    /// Called (outside any critical section) with the result of each I/O that
+    /// Called (outside any section) with the result of each I/O that
     /// [`Aio::reclaim_completed`] or [`Aio::wait_for_free`] reclaimed on the issuer's behalf.
     fn on_reclaim(&mut self, io: IoRef, result: IoResult) {
         let _ = (io, result);
@@ -352,13 +399,13 @@ enum Effect {
 }
 
 /// What a transition saw: the reference it applied to, and what the caller asked to see of
-/// the handle just before it applied (only that is copied out of the critical section).
+/// the handle just before it applied (only that is copied out of the section).
 struct Moved<T> {
     io: IoRef,
     seen: T,
 }
 
-/// Transitions made inside one critical section: see [`Aio::batch`].
+/// Transitions made inside one section: see [`Aio::batch`].
 pub struct Batch<'a, const N: usize, const W: usize> {
     aio: &'a Aio<N, W>,
     inner: &'a mut Inner<N>,
@@ -455,7 +502,7 @@ impl<const N: usize, const W: usize> Batch<'_, N, W> {
 /// against `W` at compile time and must be at most 65 536).
 pub struct Aio<const N: usize, const W: usize> {
     free: FreeBitmap<W>,
-    inner: CsCell<Inner<N>>,
+    inner: LocalCell<Inner<N>>,
 }
 
 impl<const N: usize, const W: usize> Aio<N, W> {
@@ -470,7 +517,7 @@ impl<const N: usize, const W: usize> Aio<N, W> {
         let () = Self::SIZE_OK;
         Self {
             free: FreeBitmap::new_saturating(N),
-            inner: CsCell::new(Inner {
+            inner: LocalCell::new(Inner {
                 slots: [Slot::IDLE; N],
                 next_seq: 0,
             }),
@@ -483,11 +530,30 @@ impl<const N: usize, const W: usize> Aio<N, W> {
         let () = Self::SIZE_OK;
         Self {
             free: FreeBitmap::new_saturating(N),
-            inner: CsCell::new(Inner {
+            inner: LocalCell::new(Inner {
                 slots: [Slot::IDLE; N],
                 next_seq: 0,
             }),
         }
+    }
+
+    /// An array of `N` handle slots of which only the handles `range` are ever handed out:
+    /// one core's share of a handle index space that several cores divide among them (each
+    /// core builds its own with its own range), so a handle index names one core's handle
+    /// wherever it travels. The other slots stay `Idle` and are never claimed. A range past
+    /// `N` is cut at `N`.
+    pub fn for_range(range: core::ops::Range<usize>) -> Self {
+        let mut aio = Self::new();
+        let mut words = [0u64; W];
+        for i in range.start..range.end.min(N) {
+            if let Some(w) = words.get_mut(i / 64) {
+                *w |= 1 << (i % 64);
+            }
+        }
+        if let Ok(free) = FreeBitmap::from_words(words, N) {
+            aio.free = free;
+        }
+        aio
     }
 
     /// The number of handles.
@@ -501,13 +567,13 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     }
 
     /// **The** transition function: every state change of every handle goes through here.
-    /// In one critical section it range-checks `index`, compares the generation (if
+    /// In one section it range-checks `index`, compares the generation (if
     /// `expect` is given), checks the current state is `from` (if given; `Idle` has two
     /// predecessors) and that every step of `path` is legal from the state before it, then
     /// applies the steps' effects; a return to `Idle` bumps the generation and frees the
     /// bitmap bit (one `fetch_or`). A refused transition changes nothing: legality of the
     /// whole path is checked before anything is written. Multi-step paths (e.g. `Submitted ->
-    /// CompletedIo -> CompletedShared` on the completing core) cost one critical section.
+    /// CompletedIo -> CompletedShared` on the completing core) cost one section.
     #[inline(always)]
     fn apply_path<T>(
         &self,
@@ -586,9 +652,9 @@ impl<const N: usize, const W: usize> Aio<N, W> {
             .with(|inner| self.apply_path(inner, index, expect, from, path, see))
     }
 
-    /// Runs several transitions inside **one** critical section (a submission burst, a batch
+    /// Runs several transitions inside **one** section (a submission burst, a batch
     /// of completions). Each goes through the same checked path function as a single call;
-    /// keep `f` short: interrupts are masked while it runs.
+    /// `f` must not call into this `Aio` (the cell is borrowed: that would panic).
     #[inline(always)]
     pub fn batch<R>(&self, f: impl FnOnce(&mut Batch<'_, N, W>) -> R) -> R {
         self.inner.with(|inner| f(&mut Batch { aio: self, inner }))
@@ -626,7 +692,7 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     }
 
     /// The issuer's fast path: acquire a handle, define it and stage it
-    /// (`Idle -> HandedOut -> Defined -> Staged`) in one critical section.
+    /// (`Idle -> HandedOut -> Defined -> Staged`) in one section.
     ///
     /// This path is fixed, so its legality is checked at compile time ([`chain_ok`]); at run
     /// time the handle must be `Idle` (its free bit was just claimed). It is written out rather
@@ -644,7 +710,7 @@ impl<const N: usize, const W: usize> Aio<N, W> {
 
     /// The issuer's path when it gives the I/O to its device at once (a reactor's local fast
     /// path): [`Aio::start`] and [`Aio::submit`] together
-    /// (`Idle -> HandedOut -> Defined -> Staged -> Submitted`) in one critical section.
+    /// (`Idle -> HandedOut -> Defined -> Staged -> Submitted`) in one section.
     ///
     /// The caller makes the I/O visible to the device only after this returns (write the
     /// command, then ring the doorbell). If the device layer then refuses it, it completes
@@ -660,10 +726,9 @@ impl<const N: usize, const W: usize> Aio<N, W> {
             .with(|inner| self.start_claimed(inner, index, desc, true))
     }
 
-    /// [`Aio::start_submitted`] for a burst of `n`: in **one** critical section, claims a
+    /// [`Aio::start_submitted`] for a burst of `n`: in **one** section, claims a
     /// handle for each and takes it `Idle -> ... -> Submitted` with description `desc(k)`,
-    /// reporting it as `started(k, io)`. Both hooks run inside the section: keep them short
-    /// (interrupts are masked and other cores' handle transitions wait) and never call into
+    /// reporting it as `started(k, io)`. Both hooks run inside the section: never call into
     /// this `Aio` from them (the section's cell is borrowed: that would panic). Handles are
     /// claimed from the free bitmap a word at a time ([`keel_slots::FreeBitmap::acquire_many`]).
     /// Returns how many started, in order `0..`: fewer than `n` when handles run out. Same
@@ -730,7 +795,7 @@ impl<const N: usize, const W: usize> Aio<N, W> {
         }
     }
 
-    /// The start paths' one step, inside their critical section: handle `index`, whose free
+    /// The start paths' one step, inside their section: handle `index`, whose free
     /// bit the caller just claimed, goes `Idle -> HandedOut -> Defined -> Staged` (and on to
     /// `Submitted` with `submit`). Both chains are checked against the legality table at
     /// compile time; at run time only the handle's state is.
@@ -779,7 +844,7 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     }
 
     /// The completing core's path: record the device's result and do the shared completion
-    /// work (`Submitted -> CompletedIo -> CompletedShared`) in one critical section.
+    /// work (`Submitted -> CompletedIo -> CompletedShared`) in one section.
     ///
     /// # Errors
     /// [`AioError::Stale`] / [`AioError::IllegalTransition`] for a recycled or unsubmitted
@@ -789,7 +854,7 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     }
 
     /// The issuer's end: local completion work and reclaim
-    /// (`CompletedShared -> CompletedLocal -> Idle`) in one critical section. Returns the result.
+    /// (`CompletedShared -> CompletedLocal -> Idle`) in one section. Returns the result.
     ///
     /// # Errors
     /// As [`Aio::reclaim`].
@@ -951,7 +1016,7 @@ impl<const N: usize, const W: usize> Aio<N, W> {
         self.reclaim(io)
     }
 
-    /// State, generation and result of handle `index`, read together in one critical section.
+    /// State, generation and result of handle `index`, read together in one section.
     ///
     /// # Errors
     /// [`AioError::BadIndex`] for an index `>= N`.
@@ -1043,7 +1108,7 @@ impl<const N: usize, const W: usize> Aio<N, W> {
                 Err(AioError::NoFreeHandle) => {}
                 other => return other,
             }
-            // Index and generation of the oldest in-flight I/O, taken in one critical section.
+            // Index and generation of the oldest in-flight I/O, taken in one section.
             let Some((oldest, in_flight)) = self.oldest_in_flight() else {
                 // Interrupt processing may have freed a handle since the acquire above.
                 return self.acquire().map_err(|e| match e {
@@ -1134,7 +1199,7 @@ mod untrusted {
     fn with_bits_past_the_end<const N: usize, const W: usize>() -> Aio<N, W> {
         Aio {
             free: FreeBitmap::from_words([u64::MAX; W], N).unwrap(),
-            inner: CsCell::new(Inner {
+            inner: LocalCell::new(Inner {
                 slots: [Slot::IDLE; N],
                 next_seq: 0,
             }),

@@ -258,7 +258,22 @@ fn no_free_handle_and_nothing_in_flight_is_an_error_not_a_hang() {
 
 #[test]
 fn const_construction() {
-    static AIO: Aio<100, { keel_slots::words_for(100) }> = Aio::new();
-    assert_eq!(AIO.capacity(), 100);
-    assert_eq!(AIO.free_count(), 100);
+    // Const, so a core can build its array in place; not `Sync`, so never a `static`.
+    let aio = const { Aio::<100, { keel_slots::words_for(100) }>::new() };
+    assert_eq!(aio.capacity(), 100);
+    assert_eq!(aio.free_count(), 100);
+}
+
+#[test]
+fn a_range_hands_out_only_its_own_handles() {
+    // Core 1 of 4 sharing 100 handle indexes: 25..50, and nothing else, however many it asks.
+    let aio: Aio<100, { keel_slots::words_for(100) }> = Aio::for_range(25..50);
+    assert_eq!(aio.free_count(), 25);
+    let mut got: Vec<usize> = (0..25).map(|_| aio.acquire().unwrap().index()).collect();
+    assert_eq!(aio.acquire(), Err(AioError::NoFreeHandle));
+    got.sort();
+    assert_eq!(got, (25..50).collect::<Vec<_>>());
+    // A range past the end is cut at N.
+    let aio: Aio<100, { keel_slots::words_for(100) }> = Aio::for_range(90..200);
+    assert_eq!(aio.free_count(), 10);
 }

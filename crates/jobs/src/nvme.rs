@@ -1165,7 +1165,6 @@ fn bench_one<'a, B: Board>(p: &B, d: &crate::drives::Drive<B>, load: Load) -> Jo
         finished: core::sync::atomic::AtomicUsize::new(0),
     };
     let per_core_blocks = ns.blocks / cores as u64;
-    let aio = crate::reactor::Handles::new();
     let mut mesh = crate::reactor::Mesh::new();
     let links: [Mutex<RefCell<Option<crate::reactor::MeshLinks<'_>>>>; MAX_CORES] = {
         let mut it = keel_reactor::split(&mut mesh).into_iter();
@@ -1198,6 +1197,7 @@ fn bench_one<'a, B: Board>(p: &B, d: &crate::drives::Drive<B>, load: Load) -> Jo
             blocks: per_core_blocks,
             block_size: ns.block_size,
         };
+        let aio = crate::reactor::core_handles(core, cores);
         core_bench(p, core, ctrl, &links[core], &aio, cfg, mode, &share)
     })?;
     if let Some(e) = results.iter().find_map(|r| r.error) {
@@ -1339,7 +1339,6 @@ fn bench_many<'a, B: Board>(p: &B, list: &[&crate::drives::Drive<B>], load: Load
         _ => owners.iter().copied().min().unwrap_or(1),
     };
     let per_core_blocks = blocks / cores as u64;
-    let aio = crate::reactor::Handles::new();
     // One mesh per drive (a core runs a reactor per drive); shallow rings keep them small.
     let mut meshes: heapless::Vec<crate::reactor::SmallMesh, { crate::drives::MAX_DRIVES }> =
         heapless::Vec::new();
@@ -1378,7 +1377,16 @@ fn bench_many<'a, B: Board>(p: &B, list: &[&crate::drives::Drive<B>], load: Load
             block_size,
         };
         core_bench_many(
-            p, core, list, &owners, &links, &aio, cfg, mode, &finished, cores,
+            p,
+            core,
+            list,
+            &owners,
+            &links,
+            &crate::reactor::core_handles(core, cores),
+            cfg,
+            mode,
+            &finished,
+            cores,
         )
     })?;
     if let Some(e) = results.iter().find_map(|r| r.error) {

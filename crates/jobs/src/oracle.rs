@@ -138,6 +138,9 @@ struct CoreOut {
     queue_resets: u64,
     controller_resets: u64,
     aborts: u64,
+    /// This core's handles: how many it owns, how many were free at the end.
+    handles: usize,
+    handles_back: usize,
 }
 
 /// One in-flight I/O.
@@ -186,7 +189,6 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
             return Err(JobError::Failed("blocks too small for the oracle's header"));
         }
     }
-    let aio = crate::reactor::Handles::new();
     let mut meshes: heapless::Vec<crate::reactor::SmallMesh, MAX_DRIVES> = heapless::Vec::new();
     for _ in 0..list.len() {
         let _ = meshes.push(crate::reactor::SmallMesh::new());
@@ -236,10 +238,14 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
     };
     let outs = crate::on_cores(p, cores + worker as usize, |core| {
         if core == cores {
-            recovery_worker(p, &list, prm, &shared)
-        } else {
-            core_oracle(p, core, &list, &links, &aio, prm, &shared)
+            return recovery_worker(p, &list, prm, &shared);
         }
+        // This core's own handles, on its stack (every drive's reactor on this core uses them).
+        let aio = crate::reactor::core_handles(core, cores);
+        let mut out = core_oracle(p, core, &list, &links, &aio, prm, &shared);
+        out.handles = crate::reactor::HANDLES / cores;
+        out.handles_back = aio.free_count();
+        out
     })?;
     let mut total = CoreOut::default();
     for (c, o) in outs.iter().enumerate() {
@@ -252,6 +258,8 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         total.reads_ok += o.reads_ok;
         total.reads_failed += o.reads_failed;
         total.bad_reads += o.bad_reads;
+        total.handles += o.handles;
+        total.handles_back += o.handles_back;
         total.recoveries += o.recoveries;
         total.queue_resets += o.queue_resets;
         total.controller_resets += o.controller_resets;
@@ -273,8 +281,8 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         total.reads_ok,
         total.reads_failed,
         total.bad_reads,
-        aio.free_count(),
-        crate::reactor::HANDLES
+        total.handles_back,
+        total.handles
     );
     if total.bad_reads > 0 {
         return Err(JobError::Failed(
@@ -284,7 +292,7 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
     if total.writes_ok == 0 {
         return Err(JobError::Failed("no write was acknowledged"));
     }
-    if aio.free_count() != crate::reactor::HANDLES {
+    if total.handles_back != total.handles {
         return Err(JobError::Failed("I/O handles were not all given back"));
     }
     Ok(())

@@ -27,15 +27,23 @@ pub const OPTS: &[OptSpec] = &[
     OptSpec::int("qd", 16, "I/Os in flight per core (at most 32)"),
 ];
 
-/// I/O handles shared by every reactor.
+/// I/O handle indexes of a job, divided between its cores ([`core_handles`]).
 pub const HANDLES: usize = 512;
 const W: usize = words_for(HANDLES);
 /// Messages each ring holds (16 × 16 rings: 32 keeps the mesh within ~600 KiB of stack).
 const RING: usize = 32;
 const MAX_QD: usize = 32;
 
-/// The I/O handle array every reactor of a job shares.
+/// One core's I/O handle array (its share of the job's [`HANDLES`] indexes).
 pub type Handles = Aio<HANDLES, W>;
+
+/// The handle array of `core` of `cores`: its own share of the [`HANDLES`] indexes, so an
+/// index names one core's handle wherever it travels. Built on that core, used only there
+/// (`Aio` is `!Sync`: the compiler refuses to share it with another core).
+pub fn core_handles(core: usize, cores: usize) -> Handles {
+    let per = HANDLES / cores.clamp(1, MAX_CORES);
+    Aio::for_range(core * per..(core + 1) * per)
+}
 /// The message rings between the cores.
 pub type Mesh = MeshStorage<Msg, MAX_CORES, RING>;
 /// A mesh with shallow rings, for jobs that need one per drive (a core runs a reactor per
@@ -57,6 +65,9 @@ struct CoreReport {
     stats: keel_reactor::Stats,
     handed_off: bool,
     shut_down: bool,
+    /// This core's handles: how many it owns, how many were free at the end.
+    handles: usize,
+    handles_back: usize,
 }
 
 /// A value one core leaves for another.
@@ -309,14 +320,13 @@ pub fn run<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         retired: core::array::from_fn(|_| Mutex::new(RefCell::new(None))),
         teardown: core::array::from_fn(|_| Teardown::new()),
     };
-    let aio = Handles::new();
     let mut mesh = Mesh::new();
     let links: [Mutex<RefCell<Option<MeshLinks<'_>>>>; MAX_CORES] = {
         let mut it = split(&mut mesh).into_iter();
         core::array::from_fn(|_| Mutex::new(RefCell::new(it.next())))
     };
     let ctrl = spin::Mutex::new(ctrl);
-    keel_log::info!("reactor: {=usize} cores, {=usize} queue pairs (cores 0..{=usize}), core {=usize} spare; {=u64} I/Os per core at QD {=usize}, {=usize} shared I/O handles", cores, qpairs, owners, spare, ios, qd, HANDLES);
+    keel_log::info!("reactor: {=usize} cores, {=usize} queue pairs (cores 0..{=usize}), core {=usize} spare; {=u64} I/Os per core at QD {=usize}, {=usize} I/O handles per core", cores, qpairs, owners, spare, ios, qd, HANDLES / cores);
     let clock = p.clock();
     let t0 = clock.now_ns();
     let reports = crate::on_cores(p, cores, |core| -> Result<CoreReport, &'static str> {
@@ -340,7 +350,11 @@ pub fn run<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         }
         let l = critical_section::with(|cs| links[core].borrow_ref_mut(cs).take())
             .ok_or("no message links")?;
-        let rep = core_main(core, &sh, &aio, l, queue, &bufs);
+        // This core's own handles, on its stack.
+        let aio = core_handles(core, cores);
+        let mut rep = core_main(core, &sh, &aio, l, queue, &bufs);
+        rep.handles = HANDLES / cores;
+        rep.handles_back = aio.free_count();
         for b in bufs {
             keel_hal::DmaAllocator::free(p.dma(), b);
         }
@@ -375,6 +389,7 @@ pub fn run<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
 
     let mut ok = true;
     let (mut sub, mut comp) = (0u64, 0u64);
+    let (mut free, mut handles) = (0usize, 0usize);
     keel_log::info!("reactor results ({=u64} ms):", ms);
     keel_log::info!("core | issued | ok | failed | submitted here | remote served | completed | failed here | bad tags | lifecycle errs | failed, not aborted | notes");
     for core in 0..cores {
@@ -403,10 +418,11 @@ pub fn run<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
             && s.dropped == 0;
         sub += s.submitted;
         comp += s.completed_ok + s.failed;
+        free += rep.handles_back;
+        handles += rep.handles;
     }
-    let free = aio.free_count();
-    keel_log::info!("reactor: submitted {=u64} == completed + failed {=u64}: {=bool}; I/O handles back in the array: {=usize} of {=usize}; queue pairs deleted: {=usize} of {=usize}", sub, comp, sub == comp, free, HANDLES, deleted, qpairs);
-    if !ok || sub != comp || free != HANDLES || deleted != qpairs {
+    keel_log::info!("reactor: submitted {=u64} == completed + failed {=u64}: {=bool}; I/O handles back in the cores' arrays: {=usize} of {=usize}; queue pairs deleted: {=usize} of {=usize}", sub, comp, sub == comp, free, handles, deleted, qpairs);
+    if !ok || sub != comp || free != handles || deleted != qpairs {
         return Err(JobError::Failed("reactor invariants violated"));
     }
     Ok(())

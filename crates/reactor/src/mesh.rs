@@ -99,7 +99,13 @@ impl<'a, M, const C: usize> Links<'a, M, C> {
     /// The next inbound message, visiting the inbound rings round-robin so one busy sender
     /// cannot starve the others. `accept` sees the message first: when it returns `false` the
     /// message stays at the head of its ring (the receiver is not ready: backpressure).
-    pub fn recv_if(&mut self, mut accept: impl FnMut(&M) -> bool) -> Option<M> {
+    pub fn recv_if(&mut self, accept: impl FnMut(&M) -> bool) -> Option<M> {
+        self.recv_from_if(accept).map(|(_, m)| m)
+    }
+
+    /// [`Links::recv_if`], also saying which core's ring the message came out of (what the
+    /// sender cannot forge, unlike anything inside the message).
+    pub fn recv_from_if(&mut self, mut accept: impl FnMut(&M) -> bool) -> Option<(usize, M)> {
         if !self.mail[self.core].take() {
             return None;
         }
@@ -116,7 +122,7 @@ impl<'a, M, const C: usize> Links<'a, M, C> {
                     if accepted {
                         self.next_rx = (from + 1) % C;
                         match c.dequeue() {
-                            Ok(m) => return m,
+                            Ok(m) => return m.map(|m| (from, m)),
                             Err(_) => self.faults = self.faults.saturating_add(1),
                         }
                     }
@@ -143,6 +149,11 @@ impl<'a, M, const C: usize> Links<'a, M, C> {
     /// The next inbound message (see [`Links::recv_if`]).
     pub fn recv(&mut self) -> Option<M> {
         self.recv_if(|_| true)
+    }
+
+    /// The next inbound message and the core it came from (see [`Links::recv_from_if`]).
+    pub fn recv_from(&mut self) -> Option<(usize, M)> {
+        self.recv_from_if(|_| true)
     }
 
     /// Messages waiting in all inbound rings.

@@ -3,11 +3,22 @@
 //! Path of one I/O (PostgreSQL AIO's lifecycle, across cores):
 //!
 //! ```text
-//! issuer core                          owner core (owns the queue pair)
-//! acquire → define → stage ──Msg::Io──▶ (staged list) → submit → device
-//!                                      device completion → complete → complete_shared
-//! complete_local → reclaim ◀─Msg::Done─┘   (local I/O: both halves on one core)
+//! issuer core (owns the handle)        owner core (owns the queue pair)
+//! acquire → … → submit ──Msg::Io──▶    (staged list) → queue pair → device
+//!                                      device completion
+//! complete → … → reclaim ◀─Msg::Done─┘   (local I/O: both halves on one core)
 //! ```
+//!
+//! **Per-core state, shared state.** Everything a reactor holds is its core's own: its handle
+//! array (`&Aio`, which is `!Sync`, so a `Reactor` is `!Send` and cannot leave its core), its
+//! queue pair, its ends of the rings, its staged list and tables. Every handle transition is
+//! made by the handle's own core: an I/O for another core's queue pair is `Submitted` when its
+//! issuer sends the [`Msg::Io`], the owner keeps only the `IoRef` it was sent (to match the
+//! device's tag and to answer), and the issuer completes and reclaims the handle when the
+//! [`Msg::Done`] comes back. So no transition takes a lock or a critical section. The only
+//! state two cores touch is the rings between them (SPSC, atomic indices, a mail flag; see
+//! [`crate::mesh`], loom-checked); a queue pair changes cores only whole, while nothing is in
+//! flight ([`Reactor::take_queue`] / [`Reactor::adopt_queue`]).
 //!
 //! Staged I/Os are submitted in one burst per poll pass with one doorbell. A local I/O issued
 //! while nothing waits ahead of it takes a shorter path: acquire → … → submit in one critical
@@ -225,7 +236,7 @@ struct Owner<'r, 'a, const C: usize, const N: usize> {
     stats: &'r mut Stats,
 }
 
-/// What [`Reactor::reap_batch`] hands the queue: inside the batch's critical section, each
+/// What [`Reactor::reap_batch`] hands the queue: inside the batch's section, each
 /// completion's lifecycle work and hand-off.
 struct Reap<'b, 'i, 'o, 'r, 'a, const C: usize, const N: usize, const W: usize> {
     b: &'b mut keel_aio::Batch<'i, N, W>,
@@ -280,15 +291,7 @@ fn reaped_other<const C: usize, const N: usize, const W: usize>(
     }
     o.on_queue[index] = None;
     *o.on_queue_count -= 1;
-    let aio_result = match result {
-        Ok(()) => Ok(0),
-        Err(IoError::Device { status } | IoError::Media { status }) => {
-            Err(keel_aio::IoError::Device {
-                status: status.field(),
-            })
-        }
-        Err(_) => Err(keel_aio::IoError::Aborted),
-    };
+    let aio_result = aio_result(result);
     if result.is_ok() {
         o.stats.completed_ok += 1;
     } else {
@@ -301,16 +304,25 @@ fn reaped_other<const C: usize, const N: usize, const W: usize>(
             }
             deliver_to(o.issued, o.done, o.cookies, o.stats, io, result);
         }
-        Origin::Remote { core } => {
-            if b.complete_and_share(io, aio_result).is_err() {
-                o.stats.lifecycle_errors += 1;
-            }
-            answer_to(o.links, o.replies, o.stats, core, io, result);
-        }
+        // The handle is the issuer's: it completes it when the answer arrives.
+        Origin::Remote { core } => answer_to(o.links, o.replies, o.stats, core, io, result),
     }
 }
 
-/// Marks `ios` (accepted by the queue, not yet rung) Submitted in one critical section.
+/// What a queue's result records in the handle.
+fn aio_result(result: Result<(), IoError>) -> keel_aio::IoResult {
+    match result {
+        Ok(()) => Ok(0),
+        Err(IoError::Device { status } | IoError::Media { status }) => {
+            Err(keel_aio::IoError::Device {
+                status: status.field(),
+            })
+        }
+        Err(_) => Err(keel_aio::IoError::Aborted),
+    }
+}
+
+/// Marks `ios` (accepted by the queue, not yet rung) Submitted in one section.
 fn mark_submitted<const N: usize, const W: usize>(
     aio: &Aio<N, W>,
     stats: &mut Stats,
@@ -337,8 +349,9 @@ fn tag_of(io: IoRef) -> u32 {
     io.index() as u32 | (io.generation() & 0xFFFF) << 16
 }
 
-/// The reactor of one core. `C` cores in the mesh; `aio` is the system-wide array of `N` I/O
-/// handles (`W = words_for(N)`) that every reactor shares.
+/// The reactor of one core. `C` cores in the mesh; `aio` is this core's own array of I/O
+/// handles (`N` handle indexes, `W = words_for(N)`, shared out between the cores with
+/// [`Aio::for_range`] so that an index names one core's handle wherever it travels).
 pub struct Reactor<'a, Q, const C: usize, const N: usize, const W: usize> {
     core: usize,
     queue: Option<Q>,
@@ -351,6 +364,9 @@ pub struct Reactor<'a, Q, const C: usize, const N: usize, const W: usize> {
     on_queue_count: usize,
     /// Issuer side, by handle index: the caller's cookie.
     cookies: [u32; N],
+    /// Issuer side, by handle index: 1 + the core it was sent to and not answered by yet, or
+    /// 0 (only that core's [`Msg::Done`] may complete it).
+    away: [u8; N],
     issued: usize,
     done: Deque<Completion, N>,
     replies: Deque<Reply, N>,
@@ -363,7 +379,7 @@ pub struct Reactor<'a, Q, const C: usize, const N: usize, const W: usize> {
 }
 
 impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<'a, Q, C, N, W> {
-    /// A reactor for the core `links` belong to, sharing `aio`, owning `queue` if it has one
+    /// A reactor for the core `links` belong to, with that core's handles `aio`, owning `queue` if it has one
     /// (accepting I/O, no pollers).
     pub fn new(links: Links<'a, Msg, C>, aio: &'a Aio<N, W>, queue: Option<Q>) -> Self {
         Self {
@@ -375,6 +391,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             on_queue: [None; N],
             on_queue_count: 0,
             cookies: [0; N],
+            away: [0; N],
             issued: 0,
             done: Deque::new(),
             replies: Deque::new(),
@@ -434,16 +451,15 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     }
 
     /// Issues a burst of I/Os (`(op, cookie)` pairs) on this core's own queue pair, as
-    /// [`Reactor::submit`] would one by one, but with one critical section for the whole burst
+    /// [`Reactor::submit`] would one by one, but with one section for the whole burst
     /// when nothing is staged ahead of it. Returns how many were accepted, in order: fewer than
     /// `ops.len()` only when I/O handles run out ([`ReactorError::NoSlot`] if none was), or,
     /// with something staged ahead, when [`Reactor::submit`] refuses one. An operation the
     /// queue pair refuses outright (range, namespace, buffer) counts as accepted and comes
     /// back through [`Reactor::next_completion`] with its error, as with `submit`.
     ///
-    /// Interrupts stay masked (and other cores' handle transitions wait) while a chunk of up
-    /// to 32 operations is started and written to the submission queue: that one critical
-    /// section per chunk is the point of a burst.
+    /// A chunk of up to 32 operations is started and written to the submission queue in one
+    /// pass over this core's handle array: that is the point of a burst.
     pub fn submit_burst(&mut self, ops: &[(BlockOp, u32)]) -> Result<usize, ReactorError> {
         if !self.fast_path_open() {
             let mut n = 0;
@@ -462,7 +478,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         const CHUNK: usize = 32;
         let mut total = 0;
         for chunk in ops.chunks(CHUNK) {
-            // acquire -> define -> stage -> submit for the whole chunk in one critical section,
+            // acquire -> define -> stage -> submit for the whole chunk in one section,
             // each I/O put on the queue as soon as its handle is Submitted (the device sees the
             // commands only at the doorbell). Refusals are completed after the section: that
             // takes the handle array again. `k < chunk.len()` always; the fallbacks only keep
@@ -531,14 +547,14 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         if local && self.fast_path_open() {
             return self.submit_now(op, cookie);
         }
-        // acquire -> define -> stage, in one critical section.
-        let io = self
-            .aio
-            .start(desc(&op))
-            .map_err(|_| ReactorError::NoSlot)?;
-        self.cookies[io.index()] = cookie;
-        self.issued += 1;
         if local {
+            // acquire -> define -> stage, in one section.
+            let io = self
+                .aio
+                .start(desc(&op))
+                .map_err(|_| ReactorError::NoSlot)?;
+            self.cookies[io.index()] = cookie;
+            self.issued += 1;
             self.stage(Staged {
                 io,
                 op,
@@ -547,6 +563,14 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             });
             return Ok(());
         }
+        // acquire -> ... -> submit in one section: sending it is this handle's submission (the
+        // owner never touches it; the answer completes it here).
+        let io = self
+            .aio
+            .start_submitted(desc(&op))
+            .map_err(|_| ReactorError::NoSlot)?;
+        self.cookies[io.index()] = cookie;
+        self.issued += 1;
         match self.links.send(
             owner,
             Msg::Io {
@@ -556,13 +580,17 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             },
         ) {
             Ok(()) => {
+                if let Some(away) = self.away.get_mut(io.index()) {
+                    // `owner < C`, checked above; the mesh has at most 255 cores.
+                    *away = owner as u8 + 1;
+                }
                 self.stats.remote_sent += 1;
                 Ok(())
             }
             Err(SendError::Full(_) | SendError::NoRoute(_)) => {
                 // Unreachable (checked above); never leak the handle if it happens.
                 self.stats.lifecycle_errors += 1;
-                self.refuse(io, Origin::Local, IoError::Aborted, false);
+                self.refuse(io, Origin::Local, IoError::Aborted, true);
                 Err(ReactorError::Backpressure)
             }
         }
@@ -686,7 +714,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
 
     /// Issuer-side end of the lifecycle: local completion work, reclaim, hand to the caller.
     fn finish_local(&mut self, io: IoRef, result: Result<(), IoError>) {
-        // complete_local -> reclaim, in one critical section.
+        // complete_local -> reclaim, in one section.
         if self.aio.complete_local_and_reclaim(io).is_err() {
             self.stats.lifecycle_errors += 1;
         }
@@ -748,7 +776,9 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     fn drain_inbox(&mut self, budget: usize) -> usize {
         let mut n = 0;
         while n < budget {
-            let Some(m) = self.links.recv() else { break };
+            let Some((sender, m)) = self.links.recv_from() else {
+                break;
+            };
             n += 1;
             match m {
                 // Messages come from other cores' memory (seed 004): a handle index past the
@@ -756,7 +786,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 // indexed with or answered (an answer with no route would also hold up every
                 // answer queued behind it).
                 Msg::Io { io, from, .. }
-                    if io.index() >= N || from as usize >= C || from as usize == self.core =>
+                    if io.index() >= N || from as usize != sender || sender == self.core =>
                 {
                     self.stats.lifecycle_errors += 1;
                 }
@@ -774,16 +804,25 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                     }
                 }
                 Msg::Done { io, result } => {
-                    // Only an answer for an I/O of this core's that is waiting for one reaches
-                    // the caller: a duplicate or forged `Done` (a stale generation, a handle in
-                    // another state, an index past the array) is counted, never delivered (it
-                    // would hand out the cookie of an I/O still in flight).
-                    match self.aio.complete_local_and_reclaim(io) {
-                        Ok(_) => {
-                            self.stats.remote_answered += 1;
-                            self.deliver(io, result);
+                    // Only the answer of the core an I/O of this core's was sent to, while it
+                    // waits for one, reaches the caller: a duplicate or forged `Done` (from
+                    // another core, for an I/O not sent away, a stale generation, an index
+                    // past the array) is counted, never delivered (it would hand out the
+                    // cookie, and the buffer, of an I/O still in flight).
+                    let away = self.away.get(io.index()).copied().unwrap_or(0);
+                    let completed = usize::from(away) == sender + 1
+                        && self
+                            .aio
+                            .batch(|b| b.complete_and_reclaim(io, aio_result(result)))
+                            .is_ok();
+                    if completed {
+                        if let Some(a) = self.away.get_mut(io.index()) {
+                            *a = 0;
                         }
-                        Err(_) => self.stats.lifecycle_errors += 1,
+                        self.stats.remote_answered += 1;
+                        self.deliver(io, result);
+                    } else {
+                        self.stats.lifecycle_errors += 1;
                     }
                 }
                 Msg::Call { f, arg } => {
@@ -796,8 +835,13 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     }
 
     /// Refusal of an I/O that never reached a device (`submitted`: already marked Submitted):
-    /// it still goes through submit/complete so the issuer sees an ordinary completion.
+    /// it still goes through submit/complete so the issuer sees an ordinary completion. Another
+    /// core's I/O is only answered: its handle is its issuer's.
     fn refuse(&mut self, io: IoRef, origin: Origin, e: IoError, submitted: bool) {
+        if let Origin::Remote { core } = origin {
+            self.answer(core, io, Err(e));
+            return;
+        }
         let marked = if submitted {
             Ok(())
         } else {
@@ -828,7 +872,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     #[inline(never)]
     fn submit_staged_list(&mut self) -> usize {
         let mut n = 0;
-        // Handles accepted by the queue, marked Submitted together in one critical section
+        // Handles accepted by the queue, marked Submitted together in one section
         // before the doorbell (the device cannot see them earlier).
         let mut accepted: heapless::Vec<IoRef, REAP_BATCH> = heapless::Vec::new();
         while let Some(&Staged {
@@ -849,7 +893,8 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                         self.stats.remote_served += 1;
                     }
                     n += 1;
-                    if marked {
+                    // Another core's handle is its issuer's (already Submitted there).
+                    if marked || origin != Origin::Local {
                         continue;
                     }
                     if accepted.push(io).is_err() {
@@ -889,8 +934,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         let Some(q) = self.queue.as_mut() else {
             return 0;
         };
-        // Idle passes skip the critical section (it masks interrupts and, under emulation,
-        // costs more than the check).
+        // Idle passes skip the handle array.
         if !q.poll_due() {
             // Timeout events (rare) are looked for on idle passes only, which a queue with a
             // stuck command soon has: the success path does no work for them.
@@ -899,12 +943,11 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             }
             return 0;
         }
-        // The whole batch's lifecycle work in one critical section, on the completing core:
-        // shared completion for every I/O, and for this core's own I/O the local completion
-        // and the reclaim too, each handed on as it is reaped (no intermediate batch copy).
-        // Interrupts stay masked (and other cores' handle transitions wait) for one bounded
-        // queue poll: at most `REAP_BATCH` completion entries, plus the queue's own periodic
-        // timeout scan over its command slots.
+        // The whole batch's lifecycle work in one section of this core's handle array: for
+        // this core's own I/O the completion and the reclaim, each handed on as it is reaped
+        // (no intermediate batch copy); another core's I/O is answered (its handle is its
+        // issuer's). One bounded queue poll: at most `REAP_BATCH` completion entries, plus the
+        // queue's own periodic timeout scan over its command slots.
         let mut o = Owner {
             on_queue: &mut self.on_queue,
             on_queue_count: &mut self.on_queue_count,

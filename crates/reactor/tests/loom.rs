@@ -8,12 +8,14 @@
 //! RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 cargo test -p keel-reactor --release --test loom
 //! ```
 //!
-//! Interrupts: the reactors share one `Aio` (the system-wide handle array), whose critical
-//! section is a loom mutex in this build; the "interrupt" thread in the exchange model takes
-//! and completes a handle of its own through the same sections while the reactors run. Each
-//! model ends with a deterministic drain (single-threaded, a fixed number of poll passes, after
-//! joining every thread, so everything written before is visible): a message the concurrent
-//! phase lost shows as a completion that never arrives, with no wall clock and no spin loop.
+//! Per-core state: each core builds its own `Aio` (its share of the handle indexes,
+//! `Aio::for_range`) on its own thread; `Aio` is `!Sync`, so nothing else can reach it while
+//! that thread runs (the compiler refuses to share it), and only the mesh is shared: that is
+//! what these models interleave, with the real code. Each model ends with a deterministic drain
+//! (single-threaded, a fixed number of poll passes, after joining every thread, so everything
+//! written before is visible): a message the concurrent phase lost shows as a completion that
+//! never arrives, with no wall clock and no spin loop. For the drain a reactor (and its
+//! handles) moves whole to the joining thread after its own thread has ended ([`Joined`]).
 #![cfg(loom)]
 
 use std::collections::{BTreeMap, VecDeque};
@@ -22,7 +24,7 @@ use loom::sync::atomic::{AtomicBool, Ordering};
 use loom::sync::{Arc, Mutex};
 use loom::thread;
 
-use keel_aio::{Aio, IoDesc, IoOp};
+use keel_aio::Aio;
 use keel_blockdev::{BlockOp, BlockQueue, BufRef, IoError, NsId, SubmitError};
 use keel_reactor::{split, Completion, Links, MeshStorage, Msg, Reactor, ReactorError};
 use keel_slots::MailFlag;
@@ -87,6 +89,25 @@ fn read(lba: u64) -> BlockOp {
         blocks: 1,
         buf: BufRef::from_bus(0x1000, 512),
     }
+}
+
+/// A reactor handed to the thread that joined the one it ran on, for the deterministic drain.
+/// A `Reactor` is `!Send` (it holds its core's `!Sync` handle array): it must not be reached
+/// from two threads at once. Here it is not: its thread has ended, and it moves whole, with the
+/// only reference to its (leaked) handle array, as a core's state would if a core were
+/// replaced.
+struct Joined<T>(T);
+
+// SAFETY: see the type's docs: the value is only ever reached from one thread at a time (the
+// one that built it, then, after `join`, which orders everything that thread did before what
+// the joiner does, the joiner), and nothing else holds a reference into its handle array.
+#[allow(unsafe_code)]
+unsafe impl<T> Send for Joined<T> {}
+
+/// Core `core`'s handles of `N` indexes split evenly between `cores`, leaked for the execution.
+fn handles<const N: usize, const W: usize>(core: usize, cores: usize) -> &'static Aio<N, W> {
+    let per = N / cores;
+    leak(Aio::for_range(core * per..(core + 1) * per))
 }
 
 /// Storage that lives for the whole execution (the links borrow it; loom threads need
@@ -234,73 +255,68 @@ fn mesh_slot_reuse_is_ordered_by_the_flags() {
     });
 }
 
-type Exchange = Reactor<'static, NullQueue, 2, 3, 1>;
+type Exchange = Reactor<'static, NullQueue, 2, 4, 1>;
 
 /// Two real reactors exchange requests through the real mesh: core 1 (no queue pair) issues
-/// two reads to core 0 (which owns a queue pair) and polls once; core 0 polls twice. An
-/// "interrupt" takes a handle of the shared array and completes it locally, through the same
-/// critical sections, meanwhile. Then both reactors are drained deterministically (four
-/// passes each). Checks: each read completes exactly once, successfully, on core 1; every
-/// handle is back in the array; no refused transition, unknown tag, drop or corrupt slot.
+/// two reads to core 0 (which owns a queue pair) and polls once; core 0 polls twice and also
+/// does a local read of its own. Each core has its own two handles. Then both reactors are
+/// drained deterministically (four passes each). Checks: each read completes exactly once,
+/// successfully, on its issuer; every handle is back in its core's array; no refused
+/// transition, unknown tag, drop or corrupt slot.
 ///
 /// Catches: a lost `Msg::Io` or `Msg::Done` (a mail flag cleared with a message behind it: a
 /// `take` made of a load and a store, a `recv_if` that does not re-arm when it leaves a
 /// message behind, a plain-store `notify` with core 0 re-arming its own flag); a reap or
-/// submission path that leaves a handle out of the array (the interrupt's handle and the
-/// requests' handles share three slots exactly); a handle reused while still on a queue.
+/// submission path that leaves a handle out of the array (core 1's two requests use both its
+/// handles exactly); a handle reused while still on a queue.
 /// Bound: 3 preemptions.
 fn exchange(mail: fn() -> [MailFlag; 2]) {
     loom::model(move || {
-        let aio: &'static Aio<3, 1> = leak(Aio::new());
         let [l0, l1] = split(leak(MeshStorage::<Msg, 2, 2>::with_mail(mail())));
         let owner = thread::spawn(move || {
+            let aio = handles(0, 2);
             let mut r: Exchange = Reactor::new(l0, aio, Some(NullQueue::new(64)));
+            r.submit(read(9), 9).expect("its own handle");
             for _ in 0..2 {
                 r.poll();
             }
-            r
+            Joined((r, aio))
         });
         let issuer = thread::spawn(move || {
+            let aio = handles(1, 2);
             let mut r: Exchange = Reactor::new(l1, aio, None);
             for i in 1..=2 {
                 r.submit_to(0, read(i), i as u32).expect("room for two");
             }
             r.poll();
-            r
+            Joined((r, aio))
         });
-        let irq = thread::spawn(move || {
-            let desc = IoDesc {
-                op: IoOp::Read,
-                lba: 9,
-                blocks: 1,
-            };
-            let io = aio
-                .start_submitted(desc)
-                .expect("three handles, three users");
-            aio.batch(|b| b.complete_and_reclaim(io, Ok(512)))
-                .expect("its own handle");
-        });
-        let mut r0 = owner.join().unwrap();
-        let mut r1 = issuer.join().unwrap();
-        irq.join().unwrap();
-        let mut done = BTreeMap::new();
+        let Joined((mut r0, a0)) = owner.join().unwrap();
+        let Joined((mut r1, a1)) = issuer.join().unwrap();
+        let (mut done, mut own) = (BTreeMap::new(), BTreeMap::new());
         for _ in 0..4 {
             r0.poll();
             r1.poll();
             collect(&mut r1, &mut done);
+            collect(&mut r0, &mut own);
         }
         assert_eq!(
             done,
             BTreeMap::from([(1, Ok(())), (2, Ok(()))]),
             "each request answered once"
         );
+        assert_eq!(own, BTreeMap::from([(9, Ok(()))]), "core 0's own read");
         for r in [&r0, &r1] {
             sane(r);
         }
         assert_eq!(r0.stats().remote_served, 2);
         assert_eq!(r1.stats().remote_answered, 2);
         assert_eq!(r1.issued(), 0);
-        assert_eq!(aio.free_count(), 3, "a handle was lost");
+        assert_eq!(
+            (a0.free_count(), a1.free_count()),
+            (2, 2),
+            "a handle was lost"
+        );
     });
 }
 
@@ -333,7 +349,7 @@ fn adopt_call(_core: usize, _arg: usize) {
     ADOPT.store(true, Ordering::Release);
 }
 
-type Handoff = Reactor<'static, NullQueue, 2, 3, 1>;
+type Handoff = Reactor<'static, NullQueue, 2, 6, 1>;
 
 /// Queue-pair handoff from core 0 to core 1, the firmware's protocol: core 0 owns the queue
 /// pair, of depth one; core 1 sends it two reads (so one can be staged behind the other).
@@ -356,13 +372,13 @@ type Handoff = Reactor<'static, NullQueue, 2, 3, 1>;
 /// without quiesce catches this one). Bound: 3 preemptions.
 fn handoff(quiesce_first: bool) {
     loom::model(move || {
-        let aio: &'static Aio<3, 1> = leak(Aio::new());
         // Rings of three: core 0 may owe two answers and the call at once.
         let [l0, l1] = split(leak(MeshStorage::<Msg, 2, 3>::new()));
         let cell: Arc<Mutex<Option<NullQueue>>> = Arc::new(Mutex::new(None));
         let old = {
             let cell = cell.clone();
             thread::spawn(move || {
+                let aio = handles(0, 2);
                 let mut r: Handoff = Reactor::new(l0, aio, Some(NullQueue::new(1)));
                 r.poll();
                 if quiesce_first {
@@ -384,7 +400,7 @@ fn handoff(quiesce_first: bool) {
                 *cell.lock().unwrap() = Some(q.expect("quiesced"));
                 r.call(1, adopt_call, 0).expect("room for the call");
                 r.poll();
-                r
+                Joined((r, aio))
             })
         };
         let adopt = |r: &mut Handoff, cell: &Mutex<Option<NullQueue>>| -> bool {
@@ -399,6 +415,7 @@ fn handoff(quiesce_first: bool) {
         let new = {
             let cell = cell.clone();
             thread::spawn(move || {
+                let aio = handles(1, 2);
                 let mut r: Handoff = Reactor::new(l1, aio, None);
                 r.submit_to(0, read(1), 1).expect("room");
                 r.submit_to(0, read(3), 3).expect("room");
@@ -406,11 +423,11 @@ fn handoff(quiesce_first: bool) {
                     r.poll();
                     adopt(&mut r, &cell);
                 }
-                r
+                Joined((r, aio))
             })
         };
-        let mut r0 = old.join().unwrap();
-        let mut r1 = new.join().unwrap();
+        let Joined((mut r0, a0)) = old.join().unwrap();
+        let Joined((mut r1, a1)) = new.join().unwrap();
         let mut done = BTreeMap::new();
         for _ in 0..4 {
             r0.poll();
@@ -434,7 +451,11 @@ fn handoff(quiesce_first: bool) {
         for r in [&r0, &r1] {
             sane(r);
         }
-        assert_eq!(aio.free_count(), 3, "a handle was lost");
+        assert_eq!(
+            (a0.free_count(), a1.free_count()),
+            (3, 3),
+            "a handle was lost"
+        );
     });
 }
 

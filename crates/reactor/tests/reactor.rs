@@ -11,7 +11,9 @@ use keel_aio::Aio;
 use keel_reactor::{split, Completion, MeshStorage, Msg, Reactor, ReactorError};
 use keel_slots::{words_for, CloseDuty, Teardown};
 
-const N: usize = 32;
+/// Handle indexes of the three cores together: each core owns 32 of them.
+const N: usize = 96;
+const PER_CORE: usize = N / 3;
 const W: usize = words_for(N);
 type R = Reactor<'static, FakeQueue, 3, N, W>;
 
@@ -19,18 +21,30 @@ fn mesh<const RING: usize>() -> [keel_reactor::Links<'static, Msg, 3>; 3] {
     split(Box::leak(Box::new(MeshStorage::<Msg, 3, RING>::new())))
 }
 
-fn aio() -> &'static Aio<N, W> {
-    Box::leak(Box::new(Aio::new()))
+/// Each core's own handle array (its share of the indexes), as the jobs build them.
+#[derive(Clone, Copy)]
+struct Handles([&'static Aio<N, W>; 3]);
+
+impl Handles {
+    fn free_count(&self) -> usize {
+        self.0.iter().map(|a| a.free_count()).sum()
+    }
 }
 
-fn reactors<const RING: usize>(q: FakeQueue) -> (Vec<R>, &'static Aio<N, W>) {
+fn aio() -> Handles {
+    Handles(core::array::from_fn(|c| {
+        &*Box::leak(Box::new(Aio::for_range(c * PER_CORE..(c + 1) * PER_CORE)))
+    }))
+}
+
+fn reactors<const RING: usize>(q: FakeQueue) -> (Vec<R>, Handles) {
     let [l0, l1, l2] = mesh::<RING>();
     let a = aio();
     (
         vec![
-            Reactor::new(l0, a, Some(q)),
-            Reactor::new(l1, a, None),
-            Reactor::new(l2, a, None),
+            Reactor::new(l0, a.0[0], Some(q)),
+            Reactor::new(l1, a.0[1], None),
+            Reactor::new(l2, a.0[2], None),
         ],
         a,
     )
@@ -134,7 +148,7 @@ fn local_io_past_queue_depth_waits_and_refusals_complete() {
     }
     assert_eq!(rs[0].staged(), 5, "4 on the queue, 1 refused, 5 waiting");
     assert_eq!(
-        a.in_flight(),
+        a.0[0].in_flight(),
         5,
         "fast-path handles are Submitted, queued ones Staged"
     );
@@ -201,10 +215,10 @@ fn a_burst_past_queue_depth_keeps_its_order_and_every_handle() {
     assert_eq!((s.lifecycle_errors, s.dropped), (0, 0));
     assert_eq!(a.free_count(), N, "every handle back in the array");
     // No handles at all: NoSlot, nothing queued.
-    let held: Vec<_> = (0..N).map(|_| a.acquire().unwrap()).collect();
+    let held: Vec<_> = (0..PER_CORE).map(|_| a.0[0].acquire().unwrap()).collect();
     assert_eq!(rs[0].submit_burst(&burst(50, 3)), Err(ReactorError::NoSlot));
     for h in held {
-        a.release(h).unwrap();
+        a.0[0].release(h).unwrap();
     }
 }
 
@@ -351,24 +365,30 @@ fn real_threads_hammer_one_owner() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     let [l0, l1, l2] = mesh::<16>();
-    let a = aio();
     let stop = Arc::new(AtomicBool::new(false));
     let per_core = 5_000u32;
+    // Each thread builds its own core's handles (`&Aio` cannot be shared with another thread).
+    let own = |c: usize| -> &'static Aio<N, W> {
+        Box::leak(Box::new(Aio::for_range(c * PER_CORE..(c + 1) * PER_CORE)))
+    };
     let owner = {
         let stop = stop.clone();
         std::thread::spawn(move || {
+            let a = own(0);
             let mut r: R = Reactor::new(l0, a, Some(FakeQueue::new(32, 1)));
             while !stop.load(Ordering::Acquire) {
                 r.poll();
             }
             while r.quiesce(1000) != 0 {}
-            r.stats()
+            (r.stats(), a.free_count())
         })
     };
     let clients: Vec<_> = [l1, l2]
         .into_iter()
-        .map(|l| {
+        .enumerate()
+        .map(|(c, l)| {
             std::thread::spawn(move || {
+                let a = own(c + 1);
                 let mut r: R = Reactor::new(l, a, None);
                 let (mut sent, mut got) = (0u32, 0u32);
                 let mut seen = vec![false; per_core as usize];
@@ -384,19 +404,20 @@ fn real_threads_hammer_one_owner() {
                         got += 1;
                     }
                 }
-                r.stats()
+                (r.stats(), a.free_count())
             })
         })
         .collect();
     let client_stats: Vec<_> = clients.into_iter().map(|h| h.join().unwrap()).collect();
     stop.store(true, Ordering::Release);
-    let s0 = owner.join().unwrap();
+    let (s0, free0) = owner.join().unwrap();
     assert_eq!(s0.submitted, 2 * per_core as u64);
     assert_eq!(s0.completed_ok, 2 * per_core as u64);
     assert_eq!((s0.dropped, s0.lifecycle_errors), (0, 0));
-    assert_eq!(a.free_count(), N, "every handle back in its array");
-    for s in client_stats {
+    assert_eq!(free0, PER_CORE, "the owner's handles all free");
+    for (s, free) in client_stats {
         assert_eq!(s.remote_answered, per_core as u64);
+        assert_eq!(free, PER_CORE, "every handle back in its core's array");
     }
 }
 
@@ -409,10 +430,12 @@ fn forged_messages_from_other_cores_are_counted_not_followed() {
     use keel_aio::IoRef;
     let [l0, mut rogue, l2] = mesh::<8>();
     let a = aio();
-    let mut r0: R = Reactor::new(l0, a, Some(FakeQueue::new(16, 1)));
-    let mut r2: R = Reactor::new(l2, a, None);
-    // A real request from core 2; its handle is now Staged and on its way to core 0.
+    let mut r0: R = Reactor::new(l0, a.0[0], Some(FakeQueue::new(16, 1)));
+    let mut r2: R = Reactor::new(l2, a.0[2], None);
+    // A real request from core 2; its handle (core 2's first: index 64, generation 0) is now
+    // Submitted and on its way to core 0.
     r2.submit_to(0, read(5), 55).unwrap();
+    let mine = 2 * PER_CORE as u16;
     let forged = |io, from| Msg::Io {
         op: read(1),
         io,
@@ -426,11 +449,21 @@ fn forged_messages_from_other_cores_are_counted_not_followed() {
         rogue.send(0, m).unwrap();
     }
     // Answers nobody is waiting for, ahead of the real one: for core 2's handle while it is
-    // still in flight, for a handle past the array, and a stale generation.
-    for io in [IoRef::new(0, 0), IoRef::new(0xFFFF, 0), IoRef::new(0, 7)] {
+    // still in flight (its exact index and generation, but from core 1, to which it was not
+    // sent: delivering it would hand out the buffer the device is still reading into), for a
+    // handle past the array, and a stale generation.
+    for io in [
+        IoRef::new(mine, 0),
+        IoRef::new(0xFFFF, 0),
+        IoRef::new(mine, 7),
+    ] {
         rogue.send(2, Msg::Done { io, result: Ok(()) }).unwrap();
     }
+    // Core 2 reads the forged answers while its request is still away (core 0 has not run).
+    r2.poll();
     let mut done = HashMap::new();
+    collect(&mut r2, &mut done);
+    assert!(done.is_empty(), "a forged answer was delivered: {done:?}");
     for _ in 0..10 {
         r0.poll();
         r2.poll();
