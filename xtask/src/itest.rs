@@ -543,6 +543,9 @@ fn print_boot_times(table: &[(String, Option<f64>, Option<f64>)]) {
 /// `cargo xtask cases FILTER`: builds the firmware and runs only the QEMU cases whose name
 /// contains `filter` (for working on one part; `cargo xtask test` runs them all), and the
 /// appliance image's check when `filter` is part of its name.
+/// The data oracle under faults with the worker core (also `cargo xtask soak`).
+pub const FAULT_ORACLE: &str = "oracle: timeouts on 2 pollers and a fatal controller; worker core aborts, resets queue pairs and the controller; host checks every block";
+
 pub fn cases_only(filter: &str) -> Result<()> {
     qemu::ensure_qemu()?;
     let fw = crate::build_firmware()?;
@@ -1522,16 +1525,24 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
         &oracle_conf,
         "[inject-error]\nevent = \"write_aio\"\nerrno = \"5\"\nsector = \"20\"\n\n[inject-error]\nevent = \"write_aio\"\nerrno = \"5\"\nsector = \"300\"\n",
     )?;
-    for (name, blkdebug, cmd) in [
+    for (name, blkdebug, cmd, bs) in [
         (
             "oracle: 2 cores x 2 drives, host checks every block",
             None,
             "oracle ms=600 blocks=256 qd=16",
+            512,
         ),
         (
             "oracle: write EIO at LBAs 20 and 300, host checks every block",
             Some(oracle_conf.clone()),
             "oracle ms=600 blocks=256 qd=16",
+            512,
+        ),
+        (
+            "oracle: 4 KiB LBAs, 2 cores x 2 drives, host checks every block",
+            None,
+            "oracle ms=600 blocks=256 qd=16",
+            4096,
         ),
     ] {
         let w = work.to_path_buf();
@@ -1541,6 +1552,7 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             vm: VmOpts {
                 drives: 2,
                 blkdebug,
+                lba_size: bs,
                 ..vm(2)
             },
             cmdline: cmd,
@@ -1549,13 +1561,15 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             checks: vec![
                 (
                     "every block as the record says (host)",
-                    Box::new(move |o: &Outcome| match oracle_check(&w, o, 2) {
-                        Ok(n) => n > 100,
-                        Err(e) => {
-                            eprintln!("xtask: oracle check: {e}");
-                            false
-                        }
-                    }),
+                    Box::new(
+                        move |o: &Outcome| match oracle_check(&w, o, 2, bs as usize) {
+                            Ok(n) => n > 100,
+                            Err(e) => {
+                                eprintln!("xtask: oracle check: {e}");
+                                false
+                            }
+                        },
+                    ),
                 ),
                 (
                     "failed writes typed, never acknowledged",
@@ -1586,21 +1600,34 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
     // commands). 700 ms in, the worker makes drive 0 fatal (CSTS.CFS): a controller reset
     // with both pairs lent. Drive 1 goes on untouched. The host checks every block of both
     // images.
+    // `cargo xtask soak --secs N` runs this case alone for N seconds.
     let w = work.to_path_buf();
+    let soak: Option<u64> = std::env::var("KEEL_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    let ms = soak.map_or(1500, |s| s.max(2) * 1000);
+    let cmdline: &'static str = Box::leak(
+        format!(
+            "oracle ms={ms} blocks=256 qd=4 cores=2 worker=on io_timeout_ms=40 fatal_ms={}",
+            ms / 2
+        )
+        .into_boxed_str(),
+    );
     v.push(Case {
-        name: "oracle: timeouts on 2 pollers and a fatal controller; worker core aborts, resets queue pairs and the controller; host checks every block".into(),
+        name: FAULT_ORACLE.into(),
         vm: VmOpts {
             drives: 2,
             drive_shapes: vec!["iops=100".into()],
+            timeout: soak.map_or(120, |s| s * 2 + 120),
             ..vm(3)
         },
-        cmdline: "oracle ms=1500 blocks=256 qd=4 cores=2 worker=on io_timeout_ms=40 fatal_ms=700",
+        cmdline,
         expect_pass: true,
         expect_timeout: false,
         checks: vec![
             (
                 "every block as the record says (host)",
-                Box::new(move |o: &Outcome| match oracle_check(&w, o, 2) {
+                Box::new(move |o: &Outcome| match oracle_check(&w, o, 2, 512) {
                     Ok(n) => n > 50,
                     Err(e) => {
                         eprintln!("xtask: oracle check: {e}");
@@ -1897,12 +1924,12 @@ fn oracle_records(o: &Outcome) -> Vec<(usize, u64, u64, u64)> {
         .collect()
 }
 
-/// The host's side of the data oracle: every block of each drive's image (512 B LBAs) up to
+/// The host's side of the data oracle: every block of each drive's image (`bs`-byte LBAs) up to
 /// the highest one the record names holds what the record allows — an intact oracle block of
 /// its own LBA whose generation is the last acknowledged one (or a later failed one), or
 /// zeroes where nothing was acknowledged — and nothing the record does not list was written.
 /// Returns how many blocks the record listed.
-fn oracle_check(work: &std::path::Path, o: &Outcome, drives: usize) -> Result<usize> {
+fn oracle_check(work: &std::path::Path, o: &Outcome, drives: usize, bs: usize) -> Result<usize> {
     use keel_jobs::oracle::{allowed, parse_block};
     let recs = oracle_records(o);
     if recs.is_empty() {
@@ -1918,7 +1945,7 @@ fn oracle_check(work: &std::path::Path, o: &Outcome, drives: usize) -> Result<us
         let top = mine.keys().copied().max().unwrap_or(0) + 64;
         for lba in 0..top {
             let block = img
-                .get(lba as usize * 512..lba as usize * 512 + 512)
+                .get(lba as usize * bs..lba as usize * bs + bs)
                 .context("image shorter than the record")?;
             let rec = mine.get(&lba).copied();
             let ok = match (parse_block(block), rec) {

@@ -102,6 +102,14 @@ enum Cmd {
         /// Substring of the case names to run.
         filter: String,
     },
+    /// The fault soak: the data oracle with the worker core for SECS seconds on 2 pollers x
+    /// 2 drives, commands timing out on throttled drive 0 and the controller made fatal
+    /// midway; the host checks every block of both images (the short version is in `test`).
+    Soak {
+        /// Seconds of load.
+        #[arg(long, default_value_t = 600)]
+        secs: u64,
+    },
 }
 
 /// The firmware's jobs and their options, from its job table (`keel_jobs::JOBS`).
@@ -217,6 +225,10 @@ fn main() {
         Cmd::Fuzz { time } => fuzz::run(time).map(|_| ()),
         Cmd::Instr => instr::run(),
         Cmd::Cases { filter } => itest::cases_only(&filter),
+        Cmd::Soak { secs } => {
+            std::env::set_var("KEEL_SOAK_SECS", secs.to_string());
+            itest::cases_only(itest::FAULT_ORACLE)
+        }
     };
     if let Err(e) = r {
         eprintln!("xtask: error: {e:#}");

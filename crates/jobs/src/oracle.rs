@@ -138,6 +138,8 @@ struct CoreOut {
     queue_resets: u64,
     controller_resets: u64,
     aborts: u64,
+    /// Asynchronous events the worker handled.
+    events: u64,
     /// This core's handles: how many it owns, how many were free at the end.
     handles: usize,
     handles_back: usize,
@@ -264,14 +266,16 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         total.queue_resets += o.queue_resets;
         total.controller_resets += o.controller_resets;
         total.aborts += o.aborts;
+        total.events += o.events;
     }
     if worker {
         keel_log::info!(
-            "oracle recovery: {=u64} recoveries on the worker core, {=u64} aborts sent, {=u64} queue-pair resets, {=u64} controller resets",
+            "oracle recovery: {=u64} recoveries on the worker core, {=u64} aborts sent, {=u64} queue-pair resets, {=u64} controller resets, {=u64} async events",
             total.recoveries,
             total.aborts,
             total.queue_resets,
-            total.controller_resets
+            total.controller_resets,
+            total.events
         );
     }
     keel_log::info!(
@@ -340,8 +344,20 @@ fn recovery_worker<B: Board>(
         ms => Some(clock.now_ns().saturating_add(ms.saturating_mul(1_000_000))),
     };
     let mut fatal_done = false;
+    let mut next_events = 0u64;
     b.cores().polled(|| loop {
         let pollers_done = sh.finished.load(Ordering::Acquire) >= prm.cores;
+        // Asynchronous events are the worker's too (seed 003: admin commands wait), every
+        // millisecond: each event's log page is read, its AER re-posted.
+        if clock.now_ns() >= next_events {
+            next_events = clock.now_ns().saturating_add(1_000_000);
+            for drive in list.iter() {
+                let mut ctrl = drive.ctrl.lock();
+                if !ctrl.is_fatal() {
+                    let _ = ctrl.poll_events(|_| out.events += 1);
+                }
+            }
+        }
         if let (Some(at), false, Some(d0)) = (fatal_at, fatal_done, list.first()) {
             if clock.now_ns() >= at {
                 fatal_done = true;
