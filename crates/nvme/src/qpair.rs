@@ -387,7 +387,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             return Err(SubmitError::QueueFull);
         }
         let ns = self.ns(ns).ok_or(SubmitError::InvalidNamespace)?;
-        Self::check_range(&ns, lba, blocks)?;
+        Self::check_range(ns, lba, blocks)?;
         let len = blocks as u64 * ns.block_size as u64;
         let addr = buf.bus_addr();
         if blocks == 0
