@@ -545,6 +545,8 @@ fn print_boot_times(table: &[(String, Option<f64>, Option<f64>)]) {
 /// appliance image's check when `filter` is part of its name.
 /// The data oracle under faults with the worker core (also `cargo xtask soak`).
 pub const FAULT_ORACLE: &str = "oracle: timeouts on 2 pollers and a fatal controller; worker core aborts, resets queue pairs and the controller; host checks every block";
+/// The same on 4 KiB LBAs.
+pub const FAULT_ORACLE_4K: &str = "oracle: 4 KiB LBAs, timeouts on 2 pollers and a fatal controller; worker core recovers; host checks every block";
 
 pub fn cases_only(filter: &str) -> Result<()> {
     qemu::ensure_qemu()?;
@@ -1601,7 +1603,6 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
     // with both pairs lent. Drive 1 goes on untouched. The host checks every block of both
     // images.
     // `cargo xtask soak --secs N` runs this case alone for N seconds.
-    let w = work.to_path_buf();
     let soak: Option<u64> = std::env::var("KEEL_SOAK_SECS")
         .ok()
         .and_then(|s| s.parse().ok());
@@ -1613,47 +1614,58 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
         )
         .into_boxed_str(),
     );
-    v.push(Case {
-        name: FAULT_ORACLE.into(),
-        vm: VmOpts {
-            drives: 2,
-            drive_shapes: vec!["iops=100".into()],
-            timeout: soak.map_or(120, |s| s * 2 + 120),
-            ..vm(3)
-        },
-        cmdline,
-        expect_pass: true,
-        expect_timeout: false,
-        checks: vec![
-            (
-                "every block as the record says (host)",
-                Box::new(move |o: &Outcome| match oracle_check(&w, o, 2, 512) {
-                    Ok(n) => n > 50,
-                    Err(e) => {
-                        eprintln!("xtask: oracle check: {e}");
-                        false
-                    }
-                }),
-            ),
-            (
-                "aborts sent, queue pairs reset, the fatal controller reset (worker core)",
-                Box::new(|o: &Outcome| {
-                    let n = |what: &str| {
-                        o.log
-                            .iter()
-                            .find(|l| l.contains("oracle recovery:"))
-                            .and_then(|l| l.split(what).next())
-                            .and_then(|l| l.rsplit(' ').next())
-                            .and_then(|v| v.trim().parse::<u64>().ok())
-                    };
-                    matches!(
-                        (n(" aborts sent"), n(" queue-pair resets"), n(" controller resets")),
-                        (Some(a), Some(q), Some(c)) if a > 0 && q > 0 && c >= 1
-                    )
-                }),
-            ),
-        ],
-    });
+    // The same faults on 4 KiB LBAs (issue 16: the oracle on 512 B and 4 KiB LBAs); the soak
+    // runs the 512 B case only.
+    for (name, bs) in [(FAULT_ORACLE, 512u32), (FAULT_ORACLE_4K, 4096)] {
+        if soak.is_some() && bs != 512 {
+            continue;
+        }
+        let w = work.to_path_buf();
+        v.push(Case {
+            name: name.into(),
+            vm: VmOpts {
+                drives: 2,
+                drive_shapes: vec!["iops=100".into()],
+                lba_size: bs,
+                timeout: soak.map_or(120, |s| s * 2 + 120),
+                ..vm(3)
+            },
+            cmdline,
+            expect_pass: true,
+            expect_timeout: false,
+            checks: vec![
+                (
+                    "every block as the record says (host)",
+                    Box::new(
+                        move |o: &Outcome| match oracle_check(&w, o, 2, bs as usize) {
+                            Ok(n) => n > 50,
+                            Err(e) => {
+                                eprintln!("xtask: oracle check: {e}");
+                                false
+                            }
+                        },
+                    ),
+                ),
+                (
+                    "aborts sent, queue pairs reset, the fatal controller reset (worker core)",
+                    Box::new(|o: &Outcome| {
+                        let n = |what: &str| {
+                            o.log
+                                .iter()
+                                .find(|l| l.contains("oracle recovery:"))
+                                .and_then(|l| l.split(what).next())
+                                .and_then(|l| l.rsplit(' ').next())
+                                .and_then(|v| v.trim().parse::<u64>().ok())
+                        };
+                        matches!(
+                            (n(" aborts sent"), n(" queue-pair resets"), n(" controller resets")),
+                            (Some(a), Some(q), Some(c)) if a > 0 && q > 0 && c >= 1
+                        )
+                    }),
+                ),
+            ],
+        });
+    }
     // health: the SMART page counts exactly the job's I/O (QEMU: thousands of 512-byte units,
     // rounded up), the written data is on the image, and a temperature threshold at the
     // current temperature raises a real SMART / health asynchronous event.
