@@ -419,3 +419,112 @@ fn zone_job_on_a_zoned_namespace() {
     slots.sort();
     assert_eq!(slots, [0, 1, 2, 3, 4, 5]);
 }
+
+/// The oracle with its recovery worker on two drives of the model, drive 0 faulted mid-run:
+/// `held` of its reads and writes (after the first `after`) never complete, so they time out.
+/// Returns the board; the job itself checks every read and that every handle came back.
+fn oracle_under_faults(line: &'static str, after: u64, held: u32, aborts_work: bool) -> ModelBoard {
+    let dma = HostDma::new();
+    let nvme: Vec<_> = (0..2).map(|_| NvmeModel::new(big(), dma.clone())).collect();
+    nvme[0].hold_io_after(after, held);
+    nvme[0].set_abort(aborts_work, 3);
+    let b = ModelBoard::new(3, dma, nvme);
+    run(&b, line).unwrap_or_else(|e| panic!("{line}: {e}"));
+    // Host side, block by block: each drive's disk holds what the record allows.
+    let recs = oracle_record(&b.console());
+    for d in 0..2 {
+        let mine: Vec<_> = recs
+            .iter()
+            .filter(|r| r.0 == d)
+            .map(|r| (r.1, r.2, r.3))
+            .collect();
+        assert!(
+            mine.len() > 10,
+            "drive {d}: only {} blocks written",
+            mine.len()
+        );
+        check_oracle_disk(&b, d, &mine, 2 * 64 + 8).unwrap();
+        // The check can fail on this run's disk: a block rolled back one generation is caught.
+        let &(lba, acked, _) = mine
+            .iter()
+            .find(|r| r.1 >= 2)
+            .expect("a block written twice");
+        let mut old = [0u8; 512];
+        keel_jobs::oracle::make_block(&mut old, lba, acked - 1, d as u32, 0);
+        let keep = b.nvme()[d].disk_read(1, lba as usize * 512, 512);
+        b.nvme()[d].disk_write(1, lba as usize * 512, &old);
+        assert!(check_oracle_disk(&b, d, &mine, 2 * 64 + 8).is_err());
+        b.nvme()[d].disk_write(1, lba as usize * 512, &keep);
+    }
+    b
+}
+
+/// Aborts (0x08) and Delete I/O SQs (0x00) the drive saw; a fault-free run deletes its two
+/// pollers' queues once, at the end.
+fn aborts_and_sq_deletes(b: &ModelBoard, d: usize) -> (u64, u64) {
+    (
+        b.nvme()[d].admin_commands(0x08),
+        b.nvme()[d].admin_commands(0x00),
+    )
+}
+
+#[test]
+fn oracle_with_worker_through_timeouts_with_aborts_refused_and_a_fatal_controller() {
+    // Held commands time out; the model refuses every Abort, so the worker resets the queue
+    // pairs; 40 ms in it makes drive 0 fatal, so the worker resets the controller.
+    let b = oracle_under_faults(
+        "oracle ms=80 blocks=64 qd=8 cores=2 worker=on io_timeout_ms=5 fatal_ms=40",
+        300,
+        3,
+        false,
+    );
+    let (aborts, deletes) = aborts_and_sq_deletes(&b, 0);
+    assert!(aborts > 0, "no Abort sent");
+    assert!(deletes > 2, "no queue-pair reset: {deletes} SQ deletes");
+    assert!(b.nvme()[0].controller_resets() >= 1, "no controller reset");
+    assert_eq!(b.nvme()[0].held(), 0, "held commands left after the reset");
+    // The healthy drive went on untouched by recovery.
+    assert_eq!(aborts_and_sq_deletes(&b, 1), (0, 2));
+    assert_eq!(b.nvme()[1].controller_resets(), 0);
+}
+
+#[test]
+fn oracle_with_worker_through_timeouts_with_aborts_honoured() {
+    // The model aborts each held command it is asked to: aborts alone recover, no queue pair
+    // or controller is reset.
+    let b = oracle_under_faults(
+        "oracle ms=60 blocks=64 qd=8 cores=2 worker=on io_timeout_ms=5",
+        300,
+        3,
+        true,
+    );
+    let (aborts, deletes) = aborts_and_sq_deletes(&b, 0);
+    assert!(aborts >= 3, "{aborts} Aborts for 3 held commands");
+    assert_eq!(
+        deletes, 2,
+        "a queue pair was reset though the aborts worked"
+    );
+    assert_eq!(b.nvme()[0].controller_resets(), 0);
+    assert_eq!(b.nvme()[0].held(), 0);
+}
+
+#[test]
+fn oracle_with_worker_through_a_burst_of_timeouts_with_aborts_refused() {
+    // Held commands, every Abort refused, no fatal status: queue-pair resets recover, the
+    // controller is never reset.
+    let b = oracle_under_faults(
+        "oracle ms=60 blocks=64 qd=8 cores=2 worker=on io_timeout_ms=5",
+        200,
+        12,
+        false,
+    );
+    let (aborts, deletes) = aborts_and_sq_deletes(&b, 0);
+    assert!(aborts > 0, "no Abort sent");
+    assert!(deletes > 2, "no queue-pair reset: {deletes} SQ deletes");
+    assert_eq!(
+        b.nvme()[0].controller_resets(),
+        0,
+        "escalated past the queue pair"
+    );
+    assert_eq!(b.nvme()[0].held(), 0);
+}

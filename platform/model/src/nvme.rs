@@ -211,6 +211,11 @@ struct State {
     id_patches: Vec<(u8, usize, Vec<u8>)>,
     /// Reads and writes still to be taken and held (see [`NvmeModel::hold_next_io`]).
     hold: u32,
+    /// Reads and writes still to be executed normally before holding starts (see
+    /// [`NvmeModel::hold_io_after`]).
+    hold_skip: u64,
+    /// Controller resets (CC.EN 1 -> 0) so far.
+    resets: u64,
     /// Abort confirms (and completes "Abort Requested") a held command it names.
     abort_works: bool,
     /// Identify Controller ACL (0-based).
@@ -393,6 +398,8 @@ impl NvmeModel {
             log: Vec::new(),
             id_patches: Vec::new(),
             hold: 0,
+            hold_skip: 0,
+            resets: 0,
             abort_works: false,
             acl: 3,
             crdt: [0; 3],
@@ -579,6 +586,19 @@ impl NvmeModel {
     /// finishes them late; a controller reset (CC.EN = 0) drops them.
     pub fn hold_next_io(&self, n: u32) {
         lock(&self.st).hold = n;
+    }
+
+    /// As [`NvmeModel::hold_next_io`], but mid-run: the next `after` reads and writes fetched
+    /// from I/O queues execute normally, the `n` after them are held.
+    pub fn hold_io_after(&self, after: u64, n: u32) {
+        let mut st = lock(&self.st);
+        st.hold_skip = after;
+        st.hold = n;
+    }
+
+    /// Controller resets (CC.EN from 1 to 0) since the model was made.
+    pub fn controller_resets(&self) -> u64 {
+        lock(&self.st).resets
     }
 
     /// How Abort behaves. `false` (the default, and what QEMU does): every Abort completes
@@ -862,6 +882,7 @@ impl State {
         } else if was && !cc.en {
             // CSTS.RDY = 0: nothing the controller held will complete or touch memory again.
             self.held.clear();
+            self.resets += 1;
             self.acre = false;
             // Outstanding AERs are dropped by a reset (never completed); events stay queued.
             self.health.aers.clear();
@@ -990,7 +1011,10 @@ impl State {
                 return;
             }
             let mut cid = le16(&cmd, 2);
-            if qid != 0 && self.hold > 0 && (cmd[0] == 0x01 || cmd[0] == 0x02) {
+            let rw = qid != 0 && (cmd[0] == 0x01 || cmd[0] == 0x02);
+            if rw && self.hold > 0 && self.hold_skip > 0 {
+                self.hold_skip -= 1;
+            } else if rw && self.hold > 0 {
                 self.hold -= 1;
                 let data = if cmd[0] == 0x01 {
                     self.fetch_write_data(&cmd)
