@@ -393,6 +393,20 @@ fn size() -> Result<()> {
          lab jobs (demo, bench, cost, logbench, cfs, fault, panic, hang, cs): \
          `--no-default-features`)"
     );
+    // Issue 15's budget: the stripped image at most 256 KiB (a report, not a test failure).
+    const BUDGET: u64 = 256 * 1024;
+    for (name, v) in [("appliance", p[5]), ("lab", l[5])] {
+        match v {
+            Some(v) if v <= BUDGET => {
+                println!("size budget {name}: PASS {v} B <= {BUDGET} B (256 KiB)")
+            }
+            Some(v) => println!(
+                "size budget {name}: FAIL {v} B > {BUDGET} B (256 KiB), {} B over",
+                v - BUDGET
+            ),
+            None => println!("size budget {name}: n/a (no strip)"),
+        }
+    }
     let (dat, bss) = (l[2].unwrap_or(0), l[3].unwrap_or(0));
 
     // Code and static RAM by the crate each symbol belongs to.
