@@ -65,6 +65,15 @@ const ERR_BAD_RESULT: u8 = 4;
 /// The device is gone (surprise removal): reported as `IoError::Removed`.
 const ERR_REMOVED: u8 = 5;
 
+/// Whether a command changes the namespace's data where it lands (so its order against
+/// overlapping writes matters when it is issued again).
+fn changes_data(opcode: u8) -> bool {
+    matches!(
+        opcode,
+        io_op::WRITE | io_op::WRITE_ZEROES | io_op::DATASET_MANAGEMENT
+    )
+}
+
 /// Per tag bookkeeping (a tag may span several commands when split at MDTS).
 #[derive(Debug, Clone, Copy, Default)]
 struct ReqRec {
@@ -104,6 +113,9 @@ pub struct QueueStats {
     pub timeouts: u64,
     /// Commands resubmitted after a controller reset.
     pub resubmitted_after_reset: u64,
+    /// Writes failed instead of reissued (after a reset or a retryable error) because an
+    /// overlapping write completed, or is in flight, that was issued after them.
+    pub overtaken_writes: u64,
     /// SQ tail doorbell writes (MMIO).
     pub sq_doorbells: u64,
     /// CQ head doorbell writes (MMIO).
@@ -200,6 +212,9 @@ pub struct IoQueuePair<M: Mmio, C: Clock> {
     timeout_events: Deque<u32, MAX_COMMANDS>,
     /// `(tag, LBA)` of zone appends that completed, checked, not yet taken by `pop_appended`.
     appended: Deque<(u32, u64), MAX_COMMANDS>,
+    /// Slots whose write was overtaken (see [`IoQueuePair::overtaken`]), decided at
+    /// `prepare_reset` (before the SQ ring is reused) for `after_reset_ok`.
+    overtaken: bitvec::array::BitArray<[u32; MAX_COMMANDS / 32]>,
     stats: QueueStats,
 }
 
@@ -276,6 +291,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             aborts: Deque::new(),
             timeout_events: Deque::new(),
             appended: Deque::new(),
+            overtaken: bitvec::array::BitArray::ZERO,
             stats: QueueStats::default(),
         };
         // Build the free lists (slot 0 first).
@@ -964,9 +980,13 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             && s.retries < self.max_retries
             && !self.failed
         {
-            self.stats.retries += 1;
-            if self.reissue(i, s) {
-                return;
+            if self.overtaken(i, &s, self.sq_tail) {
+                self.stats.overtaken_writes += 1;
+            } else {
+                self.stats.retries += 1;
+                if self.reissue(i, s) {
+                    return;
+                }
             }
         }
         self.release_slot(i);
@@ -975,6 +995,51 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         } else {
             self.finish_part(s.req, ERR_STATUS, e.status);
         }
+    }
+
+    /// `true` when data-changing slot `i` (`s`) must not be issued again: issued again it could
+    /// land behind a newer write to overlapping blocks. "Newer" is submission order, read off
+    /// the SQ ring itself, which still holds the last `entries` commands submitted (the device
+    /// never writes it): a data-changing command placed after this one's entry, to the same
+    /// namespace and overlapping blocks (a Dataset Management, whose ranges are not in its
+    /// entry, counts as overlapping), completed or not. If the slot's own entry was already
+    /// overwritten (more than `entries` commands since), its order is unknown and the answer is
+    /// `true`. `tail` is the SQ tail those entries were placed before. Such a write fails once
+    /// instead; the blocks then hold one of the writes, never an older one behind a newer one.
+    /// Only run off the I/O path (a retryable error, a reset): it reads up to `entries` entries.
+    fn overtaken(&self, i: u16, s: &SlotRec, tail: u16) -> bool {
+        if !changes_data(s.opcode) {
+            return false;
+        }
+        let n = self.entries;
+        let entry = |p: u16| self.sq.read::<SqEntry>(p as usize * 64).ok();
+        let cid = self.cid_of(i, s.gen);
+        // Ranks: 0 = the oldest entry still in the ring (at the tail), n - 1 = the newest.
+        let rank = |p: u16| (p + n - tail % n) % n;
+        // The live command's entry is the newest with its CID (an older use of the same slot and
+        // generation may still be further back in the ring).
+        let Some(own) = (0..n)
+            .filter(|&p| entry(p).is_some_and(|e| (e.cdw0 >> 16) as u16 == cid))
+            .max_by_key(|&p| rank(p))
+        else {
+            return true;
+        };
+        let end = s.slba.saturating_add(s.nlb.max(1) as u64);
+        (0..n).filter(|&p| rank(p) > rank(own)).any(|p| {
+            let Some(e) = entry(p) else {
+                return true;
+            };
+            let op = e.cdw0 as u8;
+            if !changes_data(op) || e.nsid != s.nsid {
+                return false;
+            }
+            if op == io_op::DATASET_MANAGEMENT {
+                return true;
+            }
+            let slba = e.cdw10 as u64 | (e.cdw11 as u64) << 32;
+            let nlb = (e.cdw12 & 0xFFFF) as u64 + 1;
+            slba < end && s.slba < slba.saturating_add(nlb)
+        })
     }
 
     /// A zone append completed successfully: the LBA it returns (DW0 low, DW1 high) must lie in
@@ -1328,6 +1393,15 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     }
 
     pub(crate) fn prepare_reset(&mut self) {
+        // Which in-flight writes a newer overlapping write overtook: read off the SQ ring now,
+        // before the tail goes back to 0 and reissues overwrite it.
+        self.overtaken = bitvec::array::BitArray::ZERO;
+        for i in 0..self.nslots {
+            let s = self.slot(i);
+            if s.state == ACTIVE && self.overtaken(i, &s, self.sq_tail) {
+                self.overtaken.set(i as usize, true);
+            }
+        }
         let _ = self.cq.fill(0, self.cq.len(), 0);
         if let Some((db, ei)) = &self.shadow {
             let _ = db.fill(0, db.len(), 0);
@@ -1363,9 +1437,17 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
 
     pub(crate) fn after_reset_ok(&mut self) {
         self.failed = false;
+        // Decided in `prepare_reset`, while the SQ ring still held the order of submission.
+        let overtaken = core::mem::take(&mut self.overtaken);
         for i in 0..self.nslots {
             let s = self.slot(i);
             if s.state != PENDING {
+                continue;
+            }
+            if overtaken[i as usize] {
+                self.stats.overtaken_writes += 1;
+                self.release_slot(i);
+                self.finish_part(s.req, ERR_RESET, 0);
                 continue;
             }
             // A zone append in flight at the reset may have landed: issued again it could land
