@@ -48,6 +48,11 @@ pub const OPTS: &[OptSpec] = &[
         0,
         "with worker=on: this many ms into the load the worker makes the first drive fatal (CSTS.CFS, a queue at unmapped memory); 0 = never",
     ),
+    OptSpec::int(
+        "drain_ms",
+        0,
+        "after the load, how long I/O still in flight (and the worker's recovery) may take before the job fails instead of waiting; 0 = 4 x io_timeout_ms + 5000",
+    ),
 ];
 
 /// Poller cores that can lend their queue pairs to the worker (`worker=on`).
@@ -168,6 +173,14 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
     let seed = cl.int("seed")?;
     let worker = cl.flag("worker")?;
     let fatal_ms = cl.int("fatal_ms")?;
+    let drain_ms = match cl.int("drain_ms")? {
+        0 => cl
+            .int("io_timeout_ms")
+            .unwrap_or(30_000)
+            .saturating_mul(4)
+            .saturating_add(5_000),
+        ms => ms,
+    };
     if worker && (cores >= p.cores().count() || cores > LEND_CORES) {
         return Err(JobError::Failed(
             "worker=on needs a core beyond the pollers (and at most 8 pollers)",
@@ -230,6 +243,7 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         reads,
         seed,
         duration_ns,
+        drain_ns: drain_ms.saturating_mul(1_000_000),
         cores,
     };
     let shared = Shared {
@@ -310,6 +324,8 @@ struct Params {
     reads: u64,
     seed: u64,
     duration_ns: u64,
+    /// `drain_ms`: the most the end of the load may wait for I/O and recovery to settle.
+    drain_ns: u64,
     cores: usize,
 }
 
@@ -345,6 +361,10 @@ fn recovery_worker<B: Board>(
     };
     let mut fatal_done = false;
     let mut next_events = 0u64;
+    let give_up_at = clock
+        .now_ns()
+        .saturating_add(prm.duration_ns)
+        .saturating_add(prm.drain_ns);
     b.cores().polled(|| loop {
         let pollers_done = sh.finished.load(Ordering::Acquire) >= prm.cores;
         // Asynchronous events are the worker's too (seed 003: admin commands wait), every
@@ -440,6 +460,13 @@ fn recovery_worker<B: Board>(
             sh.worker_done.store(true, Ordering::Release);
             break;
         }
+        // A recovery that never settles must fail the job, not hang it.
+        if pollers_done && clock.now_ns() >= give_up_at {
+            out.error = Some("recovery did not settle a drive within drain_ms of the load's end");
+            keel_log::error!("oracle worker: a drive still needs recovery after drain_ms: giving up");
+            sh.worker_done.store(true, Ordering::Release);
+            break;
+        }
         if !any {
             b.cores().relax();
         }
@@ -517,6 +544,7 @@ fn core_oracle<B: Board>(
     };
     let base = |c: usize| (c * prm.blocks) as u64;
     let end = clock.now_ns().saturating_add(prm.duration_ns);
+    let drain_by = end.saturating_add(prm.drain_ns);
     let mut stopping = out.error.is_some() || reactors.len() != nd;
     let mut in_flight = 0usize;
     b.cores().polled(|| loop {
@@ -643,6 +671,17 @@ fn core_oracle<B: Board>(
         }
         // Done when this core's I/O is back and every core is done (owners serve the others).
         if stopping && in_flight == 0 && finished.load(Ordering::Acquire) >= prm.cores {
+            break;
+        }
+        // I/O that never comes back (a recovery that never settles it) fails the job instead of
+        // hanging it. Its buffers stay with the device: nothing here touches them again.
+        if stopping && in_flight > 0 && clock.now_ns() >= drain_by {
+            out.error = Some("I/O still in flight drain_ms after the load's end");
+            keel_log::error!(
+                "oracle core {=usize}: {=usize} I/Os still in flight drain_ms after the load: giving up",
+                core,
+                in_flight
+            );
             break;
         }
         if stopping && out.error.is_some() && in_flight == 0 {
