@@ -1730,6 +1730,7 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             Box::new(move |o: &Outcome| o.has(&want)),
         )],
     });
+    v.extend(event_cases(work)?);
     Ok(v)
 }
 
@@ -2214,4 +2215,110 @@ pub fn powercut_only(crash_states_per_gap: usize, which: &str) -> Result<()> {
         bail!("power-cut checks failed");
     }
     Ok(())
+}
+
+// ---- issue 16: namespace change and surprise removal under QEMU ---------------------------
+
+/// The surprise-removal stand-in's ROM: one NVMe BAR0 (16 KiB in QEMU 7.2) of all ones.
+fn removal_rom(work: &Path) -> Result<PathBuf> {
+    let rom = work.join("removed-window.rom");
+    std::fs::write(&rom, vec![0xFFu8; 16 << 10])?;
+    Ok(rom)
+}
+
+/// The numbers of the oracle's `oracle removal:` line, by the words before each.
+fn removal_numbers(o: &Outcome) -> Option<Vec<u64>> {
+    let line = o
+        .log
+        .iter()
+        .find(|l| l.contains("oracle removal: drive 0 removed"))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let pick = |after: &str| -> Option<u64> {
+        let n = after.split_whitespace().count();
+        (0..words.len().saturating_sub(n)).find_map(|i| {
+            (words[i..i + n].join(" ") == after)
+                .then(|| words.get(i + n)?.trim_end_matches([',', ';']).parse().ok())
+                .flatten()
+        })
+    };
+    [
+        "detected by",
+        "in flight at detection",
+        "failed Removed",
+        "later I/Os refused Removed",
+        "refused SubmitError::Removed on",
+        "unexpected outcomes",
+        "the removal",
+    ]
+    .iter()
+    .map(|w| pick(w))
+    .collect()
+}
+
+/// Namespace attachment and surprise removal on QEMU's NVMe emulation (issue 16).
+fn event_cases(work: &Path) -> Result<Vec<Case>> {
+    let mut v = Vec::new();
+    // Surprise removal: QMP `device_del` cannot take an NVMe function away without the guest
+    // (ACPI or native PCIe hotplug waits for it to eject / power off the slot; on the q35 root
+    // bus it is refused), so the firmware pulls drive 0 itself, 400 ms into the oracle's load
+    // on 2 cores x 2 drives: Memory Space and Bus Master Enable off (no more decoding, no
+    // DMA), and — as QEMU reads an undecoded window as zeroes, where a real root port
+    // returns all ones — a pci-testdev's all-ones ROM over its BAR0. Every tag in flight on
+    // drive 0 fails once with Removed, later ones are refused, drive 1 goes on; the host
+    // checks every block of both images (drive 0: what was acknowledged before).
+    let rom = removal_rom(work)?;
+    let w = work.to_path_buf();
+    v.push(Case {
+        name: "surprise removal: drive 0 pulled mid-load on 2 cores x 2 drives; its tags fail once Removed; drive 1 goes on; host checks every block"
+            .into(),
+        vm: VmOpts {
+            smp: 2,
+            drives: 2,
+            timeout: 60,
+            qemu_args: vec![
+                "-device".into(),
+                format!("pci-testdev,romfile={}", rom.display()),
+            ],
+            ..VmOpts::default()
+        },
+        cmdline: "oracle ms=1200 blocks=256 qd=16 remove_ms=400",
+        expect_pass: true,
+        expect_timeout: false,
+        checks: vec![
+            (
+                "every block as the record says, both drives (host)",
+                Box::new(move |o: &Outcome| match oracle_check(&w, o, 2, 512) {
+                    Ok(n) => n > 100,
+                    Err(e) => {
+                        eprintln!("xtask: oracle check: {e}");
+                        false
+                    }
+                }),
+            ),
+            (
+                "the window reads zeroes undecoded, all ones with the stand-in",
+                Box::new(|o: &Outcome| {
+                    o.has("CSTS reads 0x00000000 undecoded (QEMU), 0xffffffff with the all-ones ROM")
+                }),
+            ),
+            (
+                "both pairs saw CSTS all ones",
+                Box::new(|o: &Outcome| {
+                    o.has("nvme: q1 device gone (CSTS all ones)")
+                        && o.has("nvme: q2 device gone (CSTS all ones)")
+                }),
+            ),
+            (
+                "every tag in flight failed once with Removed, later ones refused, drive 1 went on",
+                Box::new(|o: &Outcome| {
+                    matches!(
+                        removal_numbers(o).as_deref(),
+                        Some(&[2, at, failed, later, 2, 0, others])
+                            if at > 0 && failed == at && later > 0 && others > 0
+                    )
+                }),
+            ),
+        ],
+    });
+    Ok(v)
 }
