@@ -678,6 +678,17 @@ impl NvmeModel {
         st.namespace_changed(nsid);
     }
 
+    /// Namespace `nsid` detached from power-on (QEMU's `nvme-ns,detached=true`): it
+    /// identifies as zeroes and fails I/O, and — unlike [`NvmeModel::set_namespace_attached`]
+    /// — nothing goes into the Changed Namespace List (nothing changed). Call it before the
+    /// driver's bring-up.
+    pub fn start_detached(&self, nsid: u32) {
+        let mut st = lock(&self.st);
+        if let Some(d) = st.disks.iter_mut().find(|d| d.cfg.nsid == nsid) {
+            d.active = false;
+        }
+    }
+
     /// Changes namespace `nsid`'s capacity to `blocks` (data kept up to the new end) and
     /// raises a namespace-attribute notice, as a resize by a management tool would.
     pub fn resize_namespace(&self, nsid: u32, blocks: u64) {
