@@ -15,7 +15,7 @@ use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use keel_blockdev::{BlockOp, BlockQueue, BufRef, IoError, SubmitError};
 use keel_cmdline::{Cmdline, OptSpec};
 use keel_hal::{Board, Clock, Cores, DmaAllocator};
-use keel_nvme::{AsyncEvent, NsState};
+use keel_nvme::{AsyncEvent, AttachError, NsState, NvmeError};
 
 use crate::drives::Drive;
 use crate::storage::{self, Shape, StorageError};
@@ -205,7 +205,10 @@ fn listed<B: Board>(ctrl: &mut Ctrl<B>, nsid: u32) -> Result<bool, &'static str>
     let me = ctrl.identify().cntlid;
     let mut list: heapless::Vec<u16, 16> = heapless::Vec::new();
     ctrl.attached_controllers(nsid, &mut list)
-        .map_err(|_| "could not read the attached-controller list")?;
+        .map_err(|e| match e {
+            NvmeError::Attach(AttachError::NoSuchNamespace) => "no such namespace in the subsystem",
+            _ => "could not read the attached-controller list",
+        })?;
     Ok(list.contains(&me))
 }
 

@@ -92,7 +92,7 @@ pub fn cut_off(
     write32(b, d, f, ROM_BAR, 0xFFFF_F800);
     let size = (!(read32(b, d, f, ROM_BAR) & 0xFFFF_F800)).wrapping_add(1) as u64;
     write32(b, d, f, ROM_BAR, old);
-    if size != bar.size || bar.base % size.max(1) != 0 || bar.base >> 32 != 0 {
+    if size != bar.size || !bar.base.is_multiple_of(size.max(1)) || bar.base >> 32 != 0 {
         return Err(CutError::RomSize(size));
     }
     // Only the low 16 bits (command); the status half is written as 0 (its RW1C bits).
