@@ -2406,5 +2406,26 @@ fn event_cases(work: &Path) -> Result<Vec<Case>> {
             ),
         ],
     });
+    // Without the stand-in the board cannot make the window read all ones: it refuses to
+    // fake the removal (QEMU's zeroes would look like a live controller), typed, at once.
+    v.push(case(
+        "surprise removal without the all-ones stand-in: the board refuses, typed",
+        VmOpts {
+            smp: 2,
+            drives: 2,
+            timeout: 60,
+            ..VmOpts::default()
+        },
+        "oracle ms=600 blocks=64 qd=4 remove_ms=100",
+        false,
+        vec![
+            ("the job fails: the board cannot remove a drive", |o| {
+                o.has("job oracle: FAIL: the board cannot remove a drive (Board::fault_remove)")
+            }),
+            ("the board says why", |o| {
+                o.has("cannot fake a removal: NoStandin")
+            }),
+        ],
+    ));
     Ok(v)
 }
