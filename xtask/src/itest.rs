@@ -1730,6 +1730,7 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             Box::new(move |o: &Outcome| o.has(&want)),
         )],
     });
+    v.extend(event_cases(work)?);
     Ok(v)
 }
 
@@ -2214,4 +2215,217 @@ pub fn powercut_only(crash_states_per_gap: usize, which: &str) -> Result<()> {
         bail!("power-cut checks failed");
     }
     Ok(())
+}
+
+// ---- issue 16: namespace change and surprise removal under QEMU ---------------------------
+
+/// The surprise-removal stand-in's ROM: one NVMe BAR0 (16 KiB in QEMU 7.2) of all ones.
+fn removal_rom(work: &Path) -> Result<PathBuf> {
+    let rom = work.join("removed-window.rom");
+    std::fs::write(&rom, vec![0xFFu8; 16 << 10])?;
+    Ok(rom)
+}
+
+/// The numbers of the oracle's `oracle removal:` line, by the words before each.
+fn removal_numbers(o: &Outcome) -> Option<Vec<u64>> {
+    let line = o
+        .log
+        .iter()
+        .find(|l| l.contains("oracle removal: drive 0 removed"))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let pick = |after: &str| -> Option<u64> {
+        let n = after.split_whitespace().count();
+        (0..words.len().saturating_sub(n)).find_map(|i| {
+            (words[i..i + n].join(" ") == after)
+                .then(|| words.get(i + n)?.trim_end_matches([',', ';']).parse().ok())
+                .flatten()
+        })
+    };
+    [
+        "detected by",
+        "in flight at detection",
+        "failed Removed",
+        "later I/Os refused Removed",
+        "refused SubmitError::Removed on",
+        "unexpected outcomes",
+        "the removal",
+    ]
+    .iter()
+    .map(|w| pick(w))
+    .collect()
+}
+
+/// Whether namespace `ns` of drive 0 (512-byte blocks) holds the storage pattern of `seed`
+/// on blocks `lba..lba + blocks` and zeroes everywhere else, byte for byte.
+fn pattern_alone_on(work: &Path, ns: u32, lba: u64, blocks: u64, seed: u64) -> Result<bool> {
+    let img = std::fs::read(qemu::ns_image(work, 0, ns))?;
+    let mut bad = None;
+    for (b, block) in img.chunks(512).enumerate() {
+        let b = b as u64;
+        let ok = if (lba..lba + blocks).contains(&b) {
+            (0..512).step_by(8).all(|off| {
+                block[off..off + 8] == keel_jobs::storage::pattern(ns, b, off, seed).to_le_bytes()
+            })
+        } else {
+            block.iter().all(|&x| x == 0)
+        };
+        if !ok {
+            bad = Some(b);
+            break;
+        }
+    }
+    if let Some(b) = bad {
+        eprintln!("xtask: ns {ns} image: block {b} is not what it should be");
+    }
+    Ok(bad.is_none())
+}
+
+/// Namespace attachment and surprise removal on QEMU's NVMe emulation (issue 16).
+fn event_cases(work: &Path) -> Result<Vec<Case>> {
+    let mut v = Vec::new();
+    // Namespace change: namespace 2 of drive 0 is in the NVM subsystem but detached
+    // (`nvme-ns,detached=true`). While core 1 rewrites namespace 1, core 0 attaches it
+    // (Namespace Attachment), QEMU sends the namespace-attribute notice, the driver reads the
+    // Changed Namespace List and rescans; 32 writes of 16 blocks go to it; it is detached
+    // again, and I/O to it is refused typed (device, then driver). The host checks both
+    // images byte for byte: the pattern exactly where each namespace was written, zeroes
+    // everywhere else.
+    let w = work.to_path_buf();
+    v.push(Case {
+        name: "namespace change: attach ns 2 while ns 1 does I/O; notice, changed list, rescan; write it; detach: refused typed; host checks both images"
+            .into(),
+        vm: VmOpts {
+            smp: 2,
+            drive_shapes: vec!["ns=2,detached=2".into()],
+            timeout: 60,
+            ..VmOpts::default()
+        },
+        cmdline: "nschange writes=32 blocks=16 lba=2048 ns1_blocks=256",
+        expect_pass: true,
+        expect_timeout: false,
+        checks: vec![
+            (
+                "ns 2: the pattern at 2048..2560, zeroes elsewhere; ns 1: core 1's pattern at 2048..2304, zeroes elsewhere (host)",
+                Box::new(move |_o: &Outcome| {
+                    let seed = 0x6e73_6368;
+                    pattern_alone_on(&w, 2, 2048, 32 * 16, seed).unwrap_or(false)
+                        && pattern_alone_on(&w, 1, 2048, 256, seed).unwrap_or(false)
+                }),
+            ),
+            (
+                "attach: notice, rescan added ns 2, the controller list names us",
+                Box::new(|o: &Outcome| {
+                    o.has("nschange ns 2 attached to controller 0: notice, changed list read, rescan: added, 131072 blocks of 512 B; attached-controller list names us true")
+                        && o.count("nvme: async event Notice info 0x0 log page 0x4") == 2
+                }),
+            ),
+            (
+                "detach: rescan removed it, refused by the device (Invalid) and then the driver (InvalidNamespace)",
+                Box::new(|o: &Outcome| {
+                    o.has("rescan: removed; attached-controller list names us false; a read on the pair created before: Err(Io(Invalid)) (device); after refresh_namespaces: Err(InvalidNamespace) (driver)")
+                }),
+            ),
+            (
+                "ns 1 kept working before, during and after, nothing failed",
+                Box::new(|o: &Outcome| {
+                    let n: Vec<u64> = o
+                        .log
+                        .iter()
+                        .find_map(|l| l.split("nschange ns 1: writes verified ").nth(1))
+                        .map(|r| {
+                            r.split(|c: char| !c.is_ascii_digit())
+                                .filter_map(|w| w.parse().ok())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    // before, during, (ns 2), after, failed
+                    matches!(n[..], [b, d, 2, a, 0] if b > 0 && d > 0 && a >= 8)
+                }),
+            ),
+        ],
+    });
+    // Surprise removal: QMP `device_del` cannot take an NVMe function away without the guest
+    // (ACPI or native PCIe hotplug waits for it to eject / power off the slot; on the q35 root
+    // bus it is refused), so the firmware pulls drive 0 itself, 400 ms into the oracle's load
+    // on 2 cores x 2 drives: Memory Space and Bus Master Enable off (no more decoding, no
+    // DMA), and — as QEMU reads an undecoded window as zeroes, where a real root port
+    // returns all ones — a pci-testdev's all-ones ROM over its BAR0. Every tag in flight on
+    // drive 0 fails once with Removed, later ones are refused, drive 1 goes on; the host
+    // checks every block of both images (drive 0: what was acknowledged before).
+    let rom = removal_rom(work)?;
+    let w = work.to_path_buf();
+    v.push(Case {
+        name: "surprise removal: drive 0 pulled mid-load on 2 cores x 2 drives; its tags fail once Removed; drive 1 goes on; host checks every block"
+            .into(),
+        vm: VmOpts {
+            smp: 2,
+            drives: 2,
+            timeout: 60,
+            qemu_args: vec![
+                "-device".into(),
+                format!("pci-testdev,romfile={}", rom.display()),
+            ],
+            ..VmOpts::default()
+        },
+        cmdline: "oracle ms=1200 blocks=256 qd=16 remove_ms=400",
+        expect_pass: true,
+        expect_timeout: false,
+        checks: vec![
+            (
+                "every block as the record says, both drives (host)",
+                Box::new(move |o: &Outcome| match oracle_check(&w, o, 2, 512) {
+                    Ok(n) => n > 100,
+                    Err(e) => {
+                        eprintln!("xtask: oracle check: {e}");
+                        false
+                    }
+                }),
+            ),
+            (
+                "the window reads zeroes undecoded, all ones with the stand-in",
+                Box::new(|o: &Outcome| {
+                    o.has("CSTS reads 0x00000000 undecoded (QEMU), 0xffffffff with the all-ones ROM")
+                }),
+            ),
+            (
+                "both pairs saw CSTS all ones",
+                Box::new(|o: &Outcome| {
+                    o.has("nvme: q1 device gone (CSTS all ones)")
+                        && o.has("nvme: q2 device gone (CSTS all ones)")
+                }),
+            ),
+            (
+                "every tag in flight failed once with Removed, later ones refused, drive 1 went on",
+                Box::new(|o: &Outcome| {
+                    matches!(
+                        removal_numbers(o).as_deref(),
+                        Some(&[2, at, failed, later, 2, 0, others])
+                            if at > 0 && failed == at && later > 0 && others > 0
+                    )
+                }),
+            ),
+        ],
+    });
+    // Without the stand-in the board cannot make the window read all ones: it refuses to
+    // fake the removal (QEMU's zeroes would look like a live controller), typed, at once.
+    v.push(case(
+        "surprise removal without the all-ones stand-in: the board refuses, typed",
+        VmOpts {
+            smp: 2,
+            drives: 2,
+            timeout: 60,
+            ..VmOpts::default()
+        },
+        "oracle ms=600 blocks=64 qd=4 remove_ms=100",
+        false,
+        vec![
+            ("the job fails: the board cannot remove a drive", |o| {
+                o.has("job oracle: FAIL: the board cannot remove a drive (Board::fault_remove)")
+            }),
+            ("the board says why", |o| {
+                o.has("cannot fake a removal: NoStandin")
+            }),
+        ],
+    ));
+    Ok(v)
 }

@@ -77,7 +77,8 @@ pub struct VmOpts {
     /// The shape of one drive, in order from drive 0 (repeatable; implies enough drives):
     /// comma-separated `ns=N`, `lba=512|4096`, `mdts=N`, `qpairs=N`, `size=64M`, `wc=on|off`,
     /// `nsopt=K=V` for any other QEMU `nvme-ns` property (e.g. `nsopt=ms=8`), and `iops=N` to
-    /// throttle its namespaces to N I/Os per second (slow commands, for timeout tests).
+    /// throttle its namespaces to N I/Os per second (slow commands, for timeout tests);
+    /// `detached=N` creates namespace N detached (attach it with Namespace Attachment).
     #[arg(long = "drive")]
     pub drive_shapes: Vec<String>,
     /// Extra QEMU arguments (repeatable), e.g. --qemu-arg=-device --qemu-arg=...
@@ -319,6 +320,9 @@ pub struct DriveShape {
     /// QEMU block-layer throttling of each namespace (`throttling.iops-total`; 0 = none):
     /// slow commands, so a short `io_timeout_ms` makes real commands time out.
     pub iops: u32,
+    /// Namespaces created detached from the controller (`nvme-ns,detached=true`: in the
+    /// NVM subsystem, not attached until a Namespace Attachment command attaches them).
+    pub detached: Vec<u32>,
 }
 
 impl VmOpts {
@@ -333,6 +337,7 @@ impl VmOpts {
             write_cache: matches!(self.write_cache.as_str(), "on" | "true" | "1"),
             ns_props: vec![],
             iops: 0,
+            detached: vec![],
         };
         let n = self.drives.max(self.drive_shapes.len()).max(1);
         let mut out = vec![base.clone(); n];
@@ -355,8 +360,9 @@ impl VmOpts {
                     "wc" => s.write_cache = matches!(v, "on" | "true" | "1"),
                     "nsopt" => s.ns_props.push(v.to_string()),
                     "iops" => s.iops = num()?,
+                    "detached" => s.detached.push(num()?),
                     _ => bail!(
-                        "--drive {spec}: unknown key '{k}' (ns, lba, mdts, qpairs, size, wc, nsopt, iops)"
+                        "--drive {spec}: unknown key '{k}' (ns, lba, mdts, qpairs, size, wc, nsopt, iops, detached)"
                     ),
                 }
             }
@@ -444,9 +450,14 @@ fn nvme_args(o: &VmOpts, work: &Path) -> Result<Vec<String>> {
                     }
                 )),
             }
+            let detached = if shape.detached.contains(&ns) {
+                ",detached=true"
+            } else {
+                ""
+            };
             a.push("-device".into());
             a.push(format!(
-                "nvme-ns,drive={id},bus=nvme{d},nsid={ns},logical_block_size={bs},physical_block_size={bs},write-cache={wc}{extra}"
+                "nvme-ns,drive={id},bus=nvme{d},nsid={ns},logical_block_size={bs},physical_block_size={bs},write-cache={wc}{extra}{detached}"
             ));
         }
     }

@@ -170,6 +170,18 @@ pub trait Board: Sync {
     fn timer_ticks(&self) -> Option<u64> {
         None
     }
+    /// **Fault injection** (tests only, never on a production path): makes `function` look
+    /// as if its slot went away (surprise removal) — from now on its register reads return
+    /// all ones, its register writes are dropped and it can no longer DMA. Returns `false`
+    /// where the board cannot do that (the default). Nothing brings the function back.
+    ///
+    /// On a real machine a removed device's memory reads complete with all ones (the root
+    /// port's master abort); a board emulates it as closely as it can (QEMU: Memory Space
+    /// and Bus Master Enable cleared in the function's PCI command register).
+    fn fault_remove(&self, function: &PciFunction) -> bool {
+        let _ = function;
+        false
+    }
     /// Raises `kind` on purpose (the `fault` job); returns only where the board cannot.
     fn raise(&self, kind: CpuException) {
         let _ = kind;

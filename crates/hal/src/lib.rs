@@ -44,6 +44,10 @@
 //!   entry: the loads are ordered by an `Acquire` fence inside the driver, which a weakly
 //!   ordered CPU also needs for DMA memory (Arm: `dmb ishld` suffices for coherent DMA).
 //!
+//! * **Fault injection** (optional, for tests): [`Board::raise`] raises a CPU exception and
+//!   [`Board::fault_remove`] makes a PCI function look surprise-removed (reads all ones,
+//!   writes dropped, no DMA). Both default to "cannot"; a production board leaves them so.
+//!
 //! A second board follows `platform/x86_64-qemu`: a library (boot, paging, interrupts, SMP,
 //! PCI, console, the critical-section Impl, time, DMA pool) with an entry point that builds the
 //! board value and calls the application, plus a thin binary (`main`, the panic handler).

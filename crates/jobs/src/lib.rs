@@ -16,6 +16,8 @@ pub mod basic;
 pub mod cost;
 pub mod drives;
 pub mod health;
+#[cfg(feature = "lab")]
+pub mod nschange;
 pub mod nvme;
 pub mod oracle;
 pub mod reactor;
@@ -169,6 +171,8 @@ jobs! {
     "selftest" => nvme::selftest, "write, read back and verify every namespace and transfer shape, on every drive", [nvme::SELFTEST_OPTS, drives::ALL_DRIVES, NVME_OPTS];
     "scrub" => nvme::scrub, "CRC32C of a namespace range on every drive (for the host to compare with the images)", [nvme::RANGE_OPTS, drives::ALL_DRIVES, NVME_OPTS];
     "health" => health::health, "SMART / health page and error log of every drive, as tables; writes= or temp=on in between", [health::OPTS, drives::ALL_DRIVES, NVME_OPTS];
+    #[cfg(feature = "lab")]
+    "nschange" => nschange::nschange, "attach a detached namespace while namespace 1 does I/O: notice, changed list, rescan; write it; detach it: refused typed", [nschange::OPTS, drives::ONE_DRIVE, NVME_OPTS];
     "scan" => nvme::scan, "read (or write) a range; failing chunks bisected to the exact bad LBAs", [nvme::RANGE_OPTS, nvme::SCAN_OPTS, drives::ONE_DRIVE, NVME_OPTS];
     #[cfg(feature = "lab")]
     "cfs" => nvme::cfs, "a queue at unmapped memory makes the controller fatal; reset, nothing lost", [nvme::CFS_OPTS, drives::ONE_DRIVE, NVME_OPTS];

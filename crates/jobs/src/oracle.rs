@@ -53,6 +53,11 @@ pub const OPTS: &[OptSpec] = &[
         0,
         "after the load, how long I/O still in flight (and the worker's recovery) may take before the job fails instead of waiting; 0 = 4 x io_timeout_ms + 5000",
     ),
+    OptSpec::int(
+        "remove_ms",
+        0,
+        "this many ms into the load the first drive is surprise-removed (the board's fault injection, Board::fault_remove): its tags must fail once with Removed, the others go on; 0 = never",
+    ),
 ];
 
 /// Poller cores that can lend their queue pairs to the worker (`worker=on`).
@@ -148,6 +153,31 @@ struct CoreOut {
     /// This core's handles: how many it owns, how many were free at the end.
     handles: usize,
     handles_back: usize,
+    /// Surprise removal (`remove_ms`): see [`Removal`].
+    removal: Removal,
+}
+
+/// What one core saw of the first drive's surprise removal (`remove_ms`).
+#[derive(Clone, Copy, Default)]
+struct Removal {
+    /// Its queue pair on the removed drive said `is_removed()` (the pair found CSTS all
+    /// ones).
+    detected: bool,
+    /// Its I/Os in flight on the removed drive just before the poll that detected it.
+    in_flight_at_detection: u64,
+    /// Completions `IoError::Removed` of I/Os issued before the detection (the tags the pair
+    /// failed).
+    failed_removed: u64,
+    /// Completions `IoError::Removed` of I/Os issued after it (refused by the pair: the
+    /// reactor completes a refused I/O with the refusal).
+    refused_removed: u64,
+    /// The removed drive's I/Os that failed otherwise, or completed Ok after the detection;
+    /// `Removed` on another drive.
+    unexpected: u64,
+    /// Writes acknowledged on the other drives after the removal.
+    others_writes_after: u64,
+    /// A direct submission to the removed pair at the end was refused `SubmitError::Removed`.
+    submit_refused: bool,
 }
 
 /// One in-flight I/O.
@@ -157,6 +187,8 @@ struct Slot {
     block: usize,
     write: bool,
     gen: u32,
+    /// Issued after this core's queue pair saw the drive removed.
+    after_removal: bool,
 }
 
 /// `oracle`: see the module docs.
@@ -181,6 +213,7 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
             .saturating_add(5_000),
         ms => ms,
     };
+    let remove_ms = cl.int("remove_ms")?;
     if worker && (cores >= p.cores().count() || cores > LEND_CORES) {
         return Err(JobError::Failed(
             "worker=on needs a core beyond the pollers (and at most 8 pollers)",
@@ -236,8 +269,10 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         reads,
         ms
     );
+    let removed_at = core::sync::atomic::AtomicU64::new(0);
     let prm = Params {
         fatal_ms,
+        remove_ms,
         qd,
         blocks,
         reads,
@@ -247,6 +282,7 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         cores,
     };
     let shared = Shared {
+        removed_at: &removed_at,
         finished: &finished,
         lenders: &lenders,
         wanted: &wanted,
@@ -281,6 +317,20 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         total.controller_resets += o.controller_resets;
         total.aborts += o.aborts;
         total.events += o.events;
+        let (r, t) = (&o.removal, &mut total.removal);
+        t.in_flight_at_detection += r.in_flight_at_detection;
+        t.failed_removed += r.failed_removed;
+        t.refused_removed += r.refused_removed;
+        t.unexpected += r.unexpected;
+        t.others_writes_after += r.others_writes_after;
+    }
+    if remove_ms > 0 {
+        removal_verdict(
+            &outs,
+            cores,
+            list.first().map_or(0, |d| d.index),
+            list.len(),
+        )?;
     }
     if worker {
         keel_log::info!(
@@ -316,9 +366,57 @@ pub fn oracle<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
     Ok(())
 }
 
+/// The removal's outcome over every core (`remove_ms`): every pair saw the drive gone,
+/// every tag in flight then failed once with `Removed`, new work was refused typed, nothing
+/// else happened to the drive's I/O, and the other drives went on.
+fn removal_verdict<'a>(
+    outs: &[CoreOut],
+    cores: usize,
+    drive: usize,
+    drives: usize,
+) -> Result<(), JobError<'a>> {
+    let detected = outs.iter().filter(|o| o.removal.detected).count();
+    let refused = outs.iter().filter(|o| o.removal.submit_refused).count();
+    let sum = |f: fn(&Removal) -> u64| outs.iter().map(|o| f(&o.removal)).sum::<u64>();
+    let at = sum(|r| r.in_flight_at_detection);
+    let failed = sum(|r| r.failed_removed);
+    let later = sum(|r| r.refused_removed);
+    let unexpected = sum(|r| r.unexpected);
+    let others = sum(|r| r.others_writes_after);
+    keel_log::info!(
+        "oracle removal: drive {=usize} removed; detected by {=usize} of {=usize} queue pairs; in flight at detection {=u64}, failed Removed {=u64}; later I/Os refused Removed {=u64}; a submit after refused SubmitError::Removed on {=usize} pairs; unexpected outcomes {=u64}; writes acknowledged on the other drives after the removal {=u64}",
+        drive,
+        detected,
+        cores,
+        at,
+        failed,
+        later,
+        refused,
+        unexpected,
+        others
+    );
+    if detected != cores || refused != cores {
+        return Err(JobError::Failed(
+            "not every queue pair of the removed drive saw it gone and refused new work",
+        ));
+    }
+    if failed != at || unexpected > 0 {
+        return Err(JobError::Failed(
+            "the removed drive's tags did not all fail once with Removed",
+        ));
+    }
+    if drives > 1 && others == 0 {
+        return Err(JobError::Failed(
+            "the other drives did no work after the removal",
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Clone, Copy)]
 struct Params {
     fatal_ms: u64,
+    remove_ms: u64,
     qd: usize,
     blocks: usize,
     reads: u64,
@@ -331,6 +429,8 @@ struct Params {
 
 /// What the pollers and the worker share.
 struct Shared<'s, B: Board> {
+    /// When the first drive was removed (`remove_ms`; board clock ns, 0 = not yet).
+    removed_at: &'s core::sync::atomic::AtomicU64,
     /// Pollers past their load.
     finished: &'s core::sync::atomic::AtomicUsize,
     /// One per drive with `worker=on` (else empty).
@@ -543,11 +643,31 @@ fn core_oracle<B: Board>(
         rng
     };
     let base = |c: usize| (c * prm.blocks) as u64;
-    let end = clock.now_ns().saturating_add(prm.duration_ns);
+    let start = clock.now_ns();
+    let end = start.saturating_add(prm.duration_ns);
     let drain_by = end.saturating_add(prm.drain_ns);
+    let remove_at = match prm.remove_ms {
+        0 => None,
+        ms => Some(start.saturating_add(ms.saturating_mul(1_000_000))),
+    };
     let mut stopping = out.error.is_some() || reactors.len() != nd;
     let mut in_flight = 0usize;
     b.cores().polled(|| loop {
+        // Core 0 pulls the first drive out at `remove_ms` (fault injection: the board makes
+        // it look removed; the driver finds out on its own).
+        if let (0, Some(at)) = (core, remove_at) {
+            if sh.removed_at.load(Ordering::Acquire) == 0 && clock.now_ns() >= at {
+                if !b.fault_remove(&list[0].pci) {
+                    out.error = Some("the board cannot remove a drive (Board::fault_remove)");
+                }
+                keel_log::warn!(
+                    "oracle: drive {=usize} surprise-removed ({=u64} ms into the load)",
+                    list[0].index,
+                    prm.remove_ms
+                );
+                sh.removed_at.store(clock.now_ns().max(1), Ordering::Release);
+            }
+        }
         // Issue into every free slot (none once stopping: the loop below breaks at once).
         for _ in 0..if stopping { 0 } else { prm.qd } {
             let Some(s) = slots[..prm.qd].iter().position(|s| s.is_none()) else {
@@ -603,6 +723,7 @@ fn core_oracle<B: Board>(
                         block: blk,
                         write: !read,
                         gen,
+                        after_removal: d == 0 && out.removal.detected,
                     });
                     in_flight += 1;
                 }
@@ -611,7 +732,17 @@ fn core_oracle<B: Board>(
         }
         // Reap (and answer the worker: lend a queue pair it recalls, take it back).
         for (d, t) in reactors.iter_mut().enumerate() {
+            let watch = d == 0 && remove_at.is_some() && !out.removal.detected;
+            let before = if watch {
+                slots.iter().flatten().filter(|s| s.drive == 0).count()
+            } else {
+                0
+            };
             t.reactor.poll();
+            if watch && t.reactor.with_queue(|q| q.is_removed()) == Some(true) {
+                out.removal.detected = true;
+                out.removal.in_flight_at_detection = before as u64;
+            }
             if let Some(lender) = sh.lenders.get(d) {
                 lender.service(&mut t.reactor);
                 if t.reactor.with_queue(|q| q.needs_recovery()) == Some(true) {
@@ -626,6 +757,19 @@ fn core_oracle<B: Board>(
                 in_flight -= 1;
                 let rec = &mut recs[slot.drive][slot.block];
                 rec.busy = false;
+                if remove_at.is_some() {
+                    let r = &mut out.removal;
+                    let removed = sh.removed_at.load(Ordering::Acquire) != 0;
+                    match (slot.drive, c.result) {
+                        (0, Err(IoError::Removed)) if slot.after_removal => r.refused_removed += 1,
+                        (0, Err(IoError::Removed)) => r.failed_removed += 1,
+                        (0, Err(_)) => r.unexpected += 1,
+                        (0, Ok(())) if r.detected => r.unexpected += 1,
+                        (_, Err(IoError::Removed)) => r.unexpected += 1,
+                        (_, Ok(())) if slot.write && removed => r.others_writes_after += 1,
+                        _ => {}
+                    }
+                }
                 match (slot.write, c.result) {
                     (true, Ok(())) => {
                         out.writes_ok += 1;
@@ -709,7 +853,12 @@ fn core_oracle<B: Board>(
         let _ = t.reactor.quiesce(1_000_000);
         if let Ok(mut q) = t.reactor.take_queue() {
             let clock = b.clock();
-            if crate::storage::sync_op(&mut q, &clock, BlockOp::Flush { ns: 1 }).is_err() {
+            if q.is_removed() {
+                // Nothing to flush on a gone device; new work is refused, typed.
+                out.removal.submit_refused =
+                    keel_blockdev::BlockQueue::submit(&mut q, BlockOp::Flush { ns: 1 }, 0)
+                        == Err(keel_blockdev::SubmitError::Removed);
+            } else if crate::storage::sync_op(&mut q, &clock, BlockOp::Flush { ns: 1 }).is_err() {
                 out.error = Some("flush failed");
             }
             if let Err((e, _)) = list[d].ctrl.lock().delete_io_qpair(b.dma(), q) {

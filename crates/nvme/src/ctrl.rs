@@ -8,6 +8,7 @@ use keel_hal::{Clock, DmaAllocator, DmaRegion, Mmio};
 
 use crate::error::{BadIdentify, NvmeError, Step};
 
+mod attach;
 mod events;
 use crate::qpair::{IoQueuePair, QpairParams};
 use crate::spec::{
@@ -15,6 +16,7 @@ use crate::spec::{
     PAGE_SIZE,
 };
 use crate::zns::{parse_zoned, Zoned};
+pub use attach::{AttachError, MAX_CONTROLLER_IDS};
 pub use events::{
     AsyncEvent, EventStats, NsChange, NsState, AER_CID_BASE, MAX_AERS, MAX_NS_CHANGES,
 };
@@ -227,6 +229,9 @@ pub struct ControllerInfo {
     pub deallocate: bool,
     /// Doorbell Buffer Config supported (OACS bit 8).
     pub doorbell_buffer: bool,
+    /// Namespace Management and Attachment supported (OACS bit 3): see
+    /// [`Controller::attach_namespace`].
+    pub namespace_attachment: bool,
     /// Shadow doorbells are in use.
     pub shadow_doorbells: bool,
     /// Number of namespaces (NN, the highest valid NSID).
@@ -409,6 +414,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             write_zeroes: false,
             deallocate: false,
             doorbell_buffer: false,
+            namespace_attachment: false,
             shadow_doorbells: false,
             nn: 0,
             max_queue_entries: cap.max_queue_entries(),
@@ -737,6 +743,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         info.write_zeroes = oncs & spec::ONCS_WRITE_ZEROES != 0;
         info.deallocate = oncs & spec::ONCS_DSM != 0;
         info.doorbell_buffer = oacs & spec::OACS_DOORBELL_BUFFER_CONFIG != 0;
+        info.namespace_attachment = oacs & spec::OACS_NS_MANAGEMENT != 0;
         info.nn = id.nn.get();
         info.crdt = id.crdt.map(|t| t.get());
         info.abort_limit = id.acl.saturating_add(1);

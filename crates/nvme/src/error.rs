@@ -42,6 +42,9 @@ pub enum BadIdentify {
     ZoneLimits,
     /// Identify Controller says SQ/CQ entries of 64/16 bytes are not supported.
     EntrySizes,
+    /// A controller list (Identify CNS 0x12 / 0x13) counts more IDs than it holds, or its IDs
+    /// do not increase.
+    ControllerList,
 }
 
 /// Errors from controller bring-up, admin commands and queue creation.
@@ -86,6 +89,9 @@ pub enum NvmeError {
     Failed,
     /// A log page the device returned is short or absurd.
     BadLog(crate::health::LogError),
+    /// The controller refused a Namespace Attachment (or a controller list for a namespace it
+    /// does not have), typed.
+    Attach(crate::ctrl::AttachError),
 }
 
 impl From<DmaError> for NvmeError {

@@ -85,8 +85,8 @@ pub mod spec;
 pub mod zns;
 
 pub use ctrl::{
-    parse_namespace, AdminStats, AsyncEvent, Config, Controller, ControllerInfo, EventStats,
-    Namespace, NsChange, NsFormat, NsState, PiType, Recovery, MAX_AERS, MAX_IO_DEPTH,
+    parse_namespace, AdminStats, AsyncEvent, AttachError, Config, Controller, ControllerInfo,
+    EventStats, Namespace, NsChange, NsFormat, NsState, PiType, Recovery, MAX_AERS, MAX_IO_DEPTH,
     MAX_IO_QUEUES, MAX_NAMESPACES,
 };
 pub use error::{BadIdentify, NvmeError, Step};

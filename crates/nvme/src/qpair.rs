@@ -1330,6 +1330,12 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         self.removed
     }
 
+    /// Replaces the pair's copy of the namespace list (`Controller::refresh_namespaces`).
+    pub(crate) fn set_namespaces(&mut self, namespaces: &[Namespace]) {
+        self.namespaces.clear();
+        let _ = self.namespaces.extend_from_slice(namespaces);
+    }
+
     /// Tags whose commands timed out and are still on the device (their slots are zombies).
     pub fn timed_out_slots(&self) -> usize {
         (0..self.nslots)

@@ -607,6 +607,8 @@ const_assert_eq!(offset_of!(IdentifyController, nn), 516);
 const_assert_eq!(offset_of!(IdentifyController, oncs), 520);
 const_assert_eq!(offset_of!(IdentifyController, vwc), 525);
 
+/// OACS bit: Namespace Management and Attachment supported.
+pub const OACS_NS_MANAGEMENT: u16 = 1 << 3;
 /// OACS bit: Doorbell Buffer Config supported.
 pub const OACS_DOORBELL_BUFFER_CONFIG: u16 = 1 << 8;
 /// ONCS bit: Dataset Management supported.

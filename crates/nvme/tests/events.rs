@@ -226,6 +226,95 @@ fn namespace_changes_rescan_what_changed() {
     assert_eq!(ctrl.event_stats().dropped_ns_entries, 1);
 }
 
+/// Namespace Attachment through the driver: detaching namespace 2 from this controller
+/// raises the notice, the rescan removes it, the controller list no longer names us, the
+/// device refuses I/O to it on a pair created before (`IoError::Invalid`) and the driver
+/// refuses it once the pair is refreshed (`SubmitError::InvalidNamespace`); attaching it
+/// again brings it back, readable on a refreshed pair. Refusals are typed.
+#[test]
+fn attach_and_detach_through_the_driver() {
+    use keel_blockdev::SubmitError;
+    use keel_nvme::{AttachError, NvmeError};
+    let (_model, dma, mut ctrl) = rig(vec![ns(1, 1024), ns(2, 2048)]);
+    assert!(ctrl.identify().namespace_attachment);
+    let me = ctrl.identify().cntlid;
+    let mut qp = ctrl.create_io_qpair(&dma, 1, 16).unwrap();
+    let buf = dma.alloc(512, 4096).unwrap();
+    let read2 = BlockOp::Read {
+        ns: 2,
+        lba: 7,
+        blocks: 1,
+        buf: BufRef::whole(&buf),
+    };
+    let mut list: heapless::Vec<u16, 8> = heapless::Vec::new();
+    ctrl.attached_controllers(2, &mut list).unwrap();
+    assert_eq!(list.as_slice(), &[me]);
+    ctrl.subsystem_controllers(&mut list).unwrap();
+    assert_eq!(list.as_slice(), &[me]);
+
+    assert_eq!(
+        ctrl.attach_namespace(2, &[me]),
+        Err(NvmeError::Attach(AttachError::AlreadyAttached))
+    );
+    assert_eq!(
+        ctrl.detach_namespace(2, &[me + 1]),
+        Err(NvmeError::Attach(AttachError::ControllerList))
+    );
+    assert_eq!(
+        ctrl.detach_namespace(9, &[me]),
+        Err(NvmeError::Attach(AttachError::NoSuchNamespace))
+    );
+    assert!(matches!(
+        ctrl.detach_namespace(2, &[]),
+        Err(NvmeError::InvalidArgument(_))
+    ));
+    // Nothing was refused into a change: no event yet.
+    assert!(events(&mut ctrl).is_empty());
+
+    ctrl.detach_namespace(2, &[me]).unwrap();
+    // The controller list says so at once; the namespace list waits for the event.
+    ctrl.attached_controllers(2, &mut list).unwrap();
+    assert!(list.is_empty());
+    assert!(ctrl.namespace(2).is_some());
+    let ev = events(&mut ctrl);
+    let [AsyncEvent::NamespacesChanged { changes, .. }] = &ev[..] else {
+        panic!("{ev:?}");
+    };
+    assert!(matches!(
+        changes[..],
+        [keel_nvme::NsChange {
+            nsid: 2,
+            state: NsState::Removed(_)
+        }]
+    ));
+    assert!(ctrl.namespace(2).is_none());
+    assert_eq!(
+        ctrl.detach_namespace(2, &[me]),
+        Err(NvmeError::Attach(AttachError::NotAttached))
+    );
+    // The old pair still lists it: the device refuses; refreshed, the driver refuses.
+    assert_eq!(run(&mut qp, read2), Err(IoError::Invalid));
+    ctrl.refresh_namespaces(&mut qp);
+    assert_eq!(qp.submit(read2, 1), Err(SubmitError::InvalidNamespace));
+
+    ctrl.attach_namespace(2, &[me]).unwrap();
+    // Not yet on the pair: refused by the driver until the rescan and a refresh.
+    assert_eq!(qp.submit(read2, 1), Err(SubmitError::InvalidNamespace));
+    let ev = events(&mut ctrl);
+    assert!(
+        matches!(
+            &ev[..],
+            [AsyncEvent::NamespacesChanged { changes, .. }]
+                if matches!(changes[..], [keel_nvme::NsChange { nsid: 2, state: NsState::Added(n) }] if n.blocks == 2048)
+        ),
+        "{ev:?}"
+    );
+    ctrl.refresh_namespaces(&mut qp);
+    assert_eq!(run(&mut qp, read2), Ok(()));
+    ctrl.attached_controllers(2, &mut list).unwrap();
+    assert_eq!(list.as_slice(), &[me]);
+}
+
 /// A controller reset drops the outstanding AERs on the device; the next `poll_events`
 /// posts them again, and events flow as before.
 #[test]

@@ -179,6 +179,18 @@ impl Board for ModelBoard {
         Ok(self.nvme[i].mmio())
     }
 
+    fn fault_remove(&self, function: &PciFunction) -> bool {
+        let Some(i) = self
+            .functions
+            .iter()
+            .position(|f| (f.bus, f.dev, f.func) == (function.bus, function.dev, function.func))
+        else {
+            return false;
+        };
+        self.nvme[i].set_fault(crate::Fault::Removed);
+        true
+    }
+
     fn print(&self, line: fmt::Arguments<'_>) {
         self.console
             .lock()

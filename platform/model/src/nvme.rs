@@ -678,6 +678,17 @@ impl NvmeModel {
         st.namespace_changed(nsid);
     }
 
+    /// Namespace `nsid` detached from power-on (QEMU's `nvme-ns,detached=true`): it
+    /// identifies as zeroes and fails I/O, and — unlike [`NvmeModel::set_namespace_attached`]
+    /// — nothing goes into the Changed Namespace List (nothing changed). Call it before the
+    /// driver's bring-up.
+    pub fn start_detached(&self, nsid: u32) {
+        let mut st = lock(&self.st);
+        if let Some(d) = st.disks.iter_mut().find(|d| d.cfg.nsid == nsid) {
+            d.active = false;
+        }
+    }
+
     /// Changes namespace `nsid`'s capacity to `blocks` (data kept up to the new end) and
     /// raises a namespace-attribute notice, as a resize by a management tool would.
     pub fn resize_namespace(&self, nsid: u32, blocks: u64) {
@@ -1131,6 +1142,7 @@ impl State {
                 (0, sf::OK)
             }
             0x02 => self.get_log_page(cdw10, le32(c, 44), nsid, prp1, prp2),
+            0x15 => self.namespace_attachment(cdw10 & 0xF, nsid, prp1, prp2),
             // Temperature threshold: TMPTH 15:0, THSEL 21:20 (0 over, 1 under).
             0x09 if cdw10 & 0xFF == 0x04 => {
                 match (cdw11 >> 20) & 3 {
@@ -1339,7 +1351,8 @@ impl State {
                 pad(&mut d[64..72], "1.0");
                 d[77] = self.cfg.mdts;
                 d[80..84].copy_from_slice(&regs::VERSION_1_4.to_le_bytes());
-                let oacs: u16 = if self.cfg.doorbell_buffer { 1 << 8 } else { 0 };
+                // Namespace Attachment always (bit 3); Doorbell Buffer Config if configured.
+                let oacs: u16 = 1 << 3 | if self.cfg.doorbell_buffer { 1 << 8 } else { 0 };
                 d[256..258].copy_from_slice(&oacs.to_le_bytes());
                 d[258] = self.acl;
                 for (k, t) in self.crdt.iter().enumerate() {
@@ -1383,6 +1396,19 @@ impl State {
                     d[128 + 2] = 3;
                     d[132 + 2] = 3;
                 }
+            }
+            // Controller lists: the model is the subsystem's one controller, ID 0 (CNTLID);
+            // CNS 0x12 lists it where namespace `nsid` is attached.
+            0x12 | 0x13 => {
+                let listed = if cns == 0x12 {
+                    let Some(disk) = self.disks.iter().find(|x| x.cfg.nsid == nsid) else {
+                        return (0, sf::INVALID_FIELD | sf::DNR);
+                    };
+                    disk.active
+                } else {
+                    true
+                };
+                d[0] = listed as u8;
             }
             0x02 => {
                 let mut ids: Vec<u32> = self
@@ -1857,6 +1883,38 @@ impl State {
             self.health.events.push_back((1, 0x01, 0x02));
             self.deliver_events();
         }
+    }
+
+    /// Namespace Attachment (0x15; SEL 0 attach, 1 detach) as QEMU does it: the controller
+    /// list must be non-empty and name only this controller (ID 0); then the namespace is
+    /// attached or detached and a namespace-attribute notice raised.
+    fn namespace_attachment(&mut self, sel: u32, nsid: u32, prp1: u64, prp2: u64) -> (u32, u16) {
+        const SC: u16 = 1 << 9; // command specific
+        let mut list = [0u8; 4096];
+        if let Err(s) = self.transfer_in(prp1, prp2, &mut list) {
+            return (0, s);
+        }
+        let Some(i) = self.disks.iter().position(|d| d.cfg.nsid == nsid) else {
+            return (0, sf::INVALID_FIELD | sf::DNR);
+        };
+        let count = u16::from_le_bytes([list[0], list[1]]) as usize;
+        if count == 0 {
+            return (0, SC | (0x1C << 1) | sf::DNR);
+        }
+        for k in 0..count.min(2047) {
+            if u16::from_le_bytes([list[2 + 2 * k], list[3 + 2 * k]]) != 0 {
+                return (0, SC | (0x1C << 1) | sf::DNR);
+            }
+        }
+        let active = self.disks[i].active;
+        match (sel, active) {
+            (0, true) => return (0, SC | (0x18 << 1) | sf::DNR),
+            (1, false) => return (0, SC | (0x1A << 1) | sf::DNR),
+            (0 | 1, _) => self.disks[i].active = sel == 0,
+            _ => return (0, sf::INVALID_FIELD | sf::DNR),
+        }
+        self.namespace_changed(nsid);
+        (0, sf::OK)
     }
 
     fn namespace_changed(&mut self, nsid: u32) {

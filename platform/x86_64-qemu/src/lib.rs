@@ -41,7 +41,7 @@ mod time;
 
 use core::fmt;
 
-use keel_hal::{Bar, BarError, CoresError, CpuException, PciFunction};
+use keel_hal::{Bar, BarError, CoresError, CpuException, Mmio, PciFunction};
 
 pub use hw::{DmaPool, MmioWindow, TscClock};
 
@@ -338,6 +338,45 @@ impl keel_hal::Board for QemuBoard {
         // SAFETY: a memory BAR of a function `pci::enumerate` found, assigned and mapped
         // uncached (identity), and that mapping is never changed afterwards.
         Ok(unsafe { MmioWindow::new(b.base, b.size) })
+    }
+
+    fn fault_remove(&self, function: &PciFunction) -> bool {
+        let find = |want: &dyn Fn(&PciFunction) -> bool| self.functions.iter().find(|d| want(d));
+        let Some(victim) =
+            find(&|d| (d.bus, d.dev, d.func) == (function.bus, function.dev, function.func))
+        else {
+            return false;
+        };
+        let standin = find(&|d| (d.vendor, d.device) == pci::STANDIN);
+        // SAFETY: BAR0 of a function the board enumerated and mapped uncached at boot (after
+        // the cut, the stand-in's ROM or nothing decodes it); reads of CSTS, for the log.
+        let bar0 = unsafe { MmioWindow::new(victim.bars[0].base, 0x20) };
+        let csts = || bar0.read32(0x1C);
+        match pci::cut_off(victim, standin, csts) {
+            Ok((cmd, undecoded)) => {
+                keel_log::warn!(
+                    "pci {=u8:02x}:{=u8:02x}.{=u8}: FAULT INJECTION (surprise removal): memory space and bus mastering off (command {=u16:#06x}): CSTS reads {=u32:#010x} undecoded (QEMU), {=u32:#010x} with the all-ones ROM over bar0 {=u64:#x}",
+                    victim.bus,
+                    victim.dev,
+                    victim.func,
+                    cmd,
+                    undecoded,
+                    csts(),
+                    victim.bars[0].base
+                );
+                true
+            }
+            Err(e) => {
+                keel_log::error!(
+                    "pci {=u8:02x}:{=u8:02x}.{=u8}: cannot fake a removal: {} (needs -device pci-testdev,romfile=<BAR0-sized file of 0xFF>)",
+                    victim.bus,
+                    victim.dev,
+                    victim.func,
+                    e
+                );
+                false
+            }
+        }
     }
 
     fn print(&self, line: fmt::Arguments<'_>) {

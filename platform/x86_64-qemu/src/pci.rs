@@ -50,6 +50,63 @@ pub fn write32(bus: u8, dev: u8, func: u8, off: u8, v: u32) {
     })
 }
 
+/// PCI command register: Memory Space Enable and Bus Master Enable.
+const CMD_MEMORY_BUS_MASTER: u32 = 0x2 | 0x4;
+/// Expansion ROM BAR (type 0 header).
+const ROM_BAR: u8 = 0x30;
+/// QEMU's `pci-testdev` (1b36:0005): the stand-in whose all-ones ROM takes a removed
+/// function's register window.
+pub const STANDIN: (u16, u16) = (0x1b36, 0x0005);
+
+/// Why a function could not be made to look removed.
+#[derive(Clone, Copy, Debug, defmt::Format)]
+pub enum CutError {
+    /// No `pci-testdev` with an expansion ROM on the bus (see [`cut_off`]).
+    NoStandin,
+    /// The stand-in's ROM is not exactly the size of the removed window (it would leave
+    /// registers decoded as zeroes, or cover another function's BAR).
+    RomSize(u64),
+}
+
+/// **Fault injection**: makes `victim` look surprise-removed (`keel_hal::Board::fault_remove`).
+///
+/// Clears Memory Space Enable and Bus Master Enable in its command register: it stops
+/// decoding its BARs and can no longer DMA. On real PCIe a read of a removed device's window
+/// completes with all ones (the root port's master abort); QEMU 7.2 returns **zeroes** for a
+/// read nothing decodes (`unassigned_mem_read`), which no driver can tell from a live
+/// register. So the stand-in — a `pci-testdev` given a ROM image of all ones
+/// (`-device pci-testdev,romfile=...`) — maps its expansion ROM over the victim's BAR0 window:
+/// reads there return all ones and writes are dropped (a ROM), as on the real bus.
+/// `probe` reads a register of the victim's window; it is called once the victim stops
+/// decoding and before the ROM covers the window (for the log: QEMU's zeroes). Returns the
+/// victim's command register as read back and what `probe` read.
+pub fn cut_off(
+    victim: &keel_hal::PciFunction,
+    standin: Option<&keel_hal::PciFunction>,
+    probe: impl Fn() -> u32,
+) -> Result<(u16, u32), CutError> {
+    let bar = victim.bars[0];
+    let s = standin.ok_or(CutError::NoStandin)?;
+    let (b, d, f) = (s.bus, s.dev, s.func);
+    let old = read32(b, d, f, ROM_BAR);
+    write32(b, d, f, ROM_BAR, 0xFFFF_F800);
+    let size = (!(read32(b, d, f, ROM_BAR) & 0xFFFF_F800)).wrapping_add(1) as u64;
+    write32(b, d, f, ROM_BAR, old);
+    if size != bar.size || !bar.base.is_multiple_of(size.max(1)) || bar.base >> 32 != 0 {
+        return Err(CutError::RomSize(size));
+    }
+    // Only the low 16 bits (command); the status half is written as 0 (its RW1C bits).
+    let (vb, vd, vf) = (victim.bus, victim.dev, victim.func);
+    let cmd = read32(vb, vd, vf, 4) & 0xFFFF;
+    write32(vb, vd, vf, 4, cmd & !CMD_MEMORY_BUS_MASTER);
+    let undecoded = probe();
+    // The stand-in's ROM where the victim's window was (ROM enable, bit 0), decoded.
+    write32(b, d, f, ROM_BAR, bar.base as u32 | 1);
+    let scmd = read32(b, d, f, 4) & 0xFFFF;
+    write32(b, d, f, 4, scmd | 0x2);
+    Ok((read32(vb, vd, vf, 4) as u16, undecoded))
+}
+
 /// Reads BAR `i` and its size (by writing all ones and reading back, then restoring).
 fn probe_bar(b: u8, d: u8, f: u8, i: usize) -> (Bar, bool) {
     let off = 0x10 + 4 * i as u8;
@@ -218,7 +275,7 @@ pub fn enumerate(ram_top_below_4g: u64) -> Vec<PciDevice, MAX_DEVICES> {
             {
                 keel_log::error!("pci: cannot map bar: {}", e);
             }
-            cmd_bits |= 0x2 | 0x4; // memory space + bus master
+            cmd_bits |= CMD_MEMORY_BUS_MASTER;
         }
         if cmd_bits != 0 {
             let cmd = read32(dev.bus, dev.dev, dev.func, 4);
