@@ -1,8 +1,9 @@
 //! `cargo xtask instr`: instructions per I/O (submit + complete) on the host, counted by
 //! valgrind's callgrind. Runs `platform/model/examples/instr_io.rs` with two I/O counts and
 //! takes the difference, so bring-up and setup cancel out. The model controller executes
-//! commands inside the driver's doorbell writes; its cost (inclusive cost of the model's
-//! `Mmio::write32`/`read32`) is reported separately and subtracted for the driver figure.
+//! commands inside the driver's doorbell writes; its cost (everything inside the model's
+//! `Mmio::write32`/`read32`, counted by a second run with callgrind's `--toggle-collect` on
+//! them) is reported separately and subtracted for the driver figure.
 
 use std::process::Command;
 
@@ -17,11 +18,30 @@ fn num(s: &str) -> Option<u64> {
     s.trim().replace(',', "").parse().ok()
 }
 
-fn measure(bin: &std::path::Path, ios: u64, batch: u64, mode: &str) -> Result<Count> {
-    let out = crate::work_dir().join(format!("callgrind.{mode}.{ios}.{batch}.out"));
-    let o = Command::new("valgrind")
-        .arg("--tool=callgrind")
-        .arg(format!("--callgrind-out-file={}", out.display()))
+/// Instructions valgrind's callgrind counted in one run of the example; with `model_only`,
+/// only inside the model's MMIO entry points (`--toggle-collect` on `write32` / `read32`: their
+/// whole inclusive cost, once, whatever was inlined into them).
+fn collected(
+    bin: &std::path::Path,
+    ios: u64,
+    batch: u64,
+    mode: &str,
+    model_only: bool,
+) -> Result<u64> {
+    let what = if model_only { "model" } else { "all" };
+    let out = crate::work_dir().join(format!("callgrind.{mode}.{ios}.{batch}.{what}.out"));
+    let mut c = Command::new("valgrind");
+    c.arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out.display()));
+    if model_only {
+        c.arg("--collect-atstart=no");
+        for f in ["write32", "read32"] {
+            c.arg(format!(
+                "--toggle-collect=<keel_model::nvme::ModelMmio as keel_hal::Mmio>::{f}"
+            ));
+        }
+    }
+    let o = c
         .arg(bin)
         .args([ios.to_string(), batch.to_string(), mode.to_string()])
         .output()
@@ -35,31 +55,20 @@ fn measure(bin: &std::path::Path, ios: u64, batch: u64, mode: &str) -> Result<Co
                 .unwrap_or("")
         );
     }
-    let log = String::from_utf8_lossy(&o.stderr);
-    let total = log
+    String::from_utf8_lossy(&o.stderr)
         .lines()
         .find_map(|l| l.split("Collected :").nth(1).and_then(num))
-        .context("no 'Collected' line in callgrind output")?;
-    // Inclusive cost of the model's MMIO entry points (top-level rows, not call rows).
-    let model = Command::new("callgrind_annotate")
-        .args(["--inclusive=yes", "--threshold=100"])
-        .arg(&out)
-        .output()
+        .context("no 'Collected' line in callgrind output")
+}
+
+fn measure(bin: &std::path::Path, ios: u64, batch: u64, mode: &str) -> Result<Count> {
+    let total = collected(bin, ios, batch, mode, false)?;
+    // Before 2026-12-03 the model's cost was summed from `callgrind_annotate --inclusive`
+    // rows, which list a function once per source file inlined into it: the model's inlined
+    // parts were counted twice and the driver figures came out too low (by ~190 at batch 1).
+    let model = collected(bin, ios, batch, mode, true)
         .ok()
-        .map(|a| {
-            String::from_utf8_lossy(&a.stdout)
-                .lines()
-                .filter(|l| !l.contains("=>"))
-                .filter(|l| {
-                    ["write32", "read32"].iter().any(|f| {
-                        let pat = format!("ModelMmio as keel_hal::Mmio>::{f}");
-                        l.split_once(&pat)
-                            .is_some_and(|(_, rest)| rest.is_empty() || rest.starts_with(" ["))
-                    })
-                })
-                .filter_map(|l| l.split_whitespace().next().and_then(num))
-                .sum()
-        });
+        .filter(|&m| m > 0);
     Ok(Count { total, model })
 }
 
