@@ -137,6 +137,42 @@ impl DmaRegion {
         Ok(unsafe { self.ptr.as_ptr().add(offset).cast::<u16>().read_volatile() })
     }
 
+    /// Reads one little-endian `u64` with a single volatile load (a completion entry is two of
+    /// them). The address must be 8-aligned ([`DmaError::BadRequest`] otherwise).
+    #[inline]
+    pub fn read_u64_le(&self, offset: usize) -> Result<u64, DmaError> {
+        self.check(offset, 8)?;
+        let p = self.ptr.as_ptr().wrapping_add(offset);
+        if !(p as usize).is_multiple_of(8) {
+            return Err(DmaError::BadRequest);
+        }
+        // SAFETY: in bounds (checked) and 8-aligned (checked); valid per `from_raw`'s contract.
+        Ok(u64::from_le(unsafe { p.cast::<u64>().read_volatile() }))
+    }
+
+    /// Writes `N` little-endian `u64`s from `offset` with one volatile store each, straight from
+    /// registers (a submission entry is eight of them). The address must be 8-aligned
+    /// ([`DmaError::BadRequest`] otherwise).
+    #[inline(always)]
+    pub fn write_u64s_le<const N: usize>(
+        &self,
+        offset: usize,
+        values: [u64; N],
+    ) -> Result<(), DmaError> {
+        self.check(offset, N * 8)?;
+        let p = self.ptr.as_ptr().wrapping_add(offset);
+        if !(p as usize).is_multiple_of(8) {
+            return Err(DmaError::BadRequest);
+        }
+        let p = p.cast::<u64>();
+        for (i, v) in values.into_iter().enumerate() {
+            // SAFETY: `i < N`, the `N * 8` bytes from `p` are in bounds (checked) and 8-aligned
+            // (checked); valid per `from_raw`'s contract.
+            unsafe { p.add(i).write_volatile(v.to_le()) };
+        }
+        Ok(())
+    }
+
     /// Writes one `u32` with a single volatile store. `offset` must be a multiple of 4.
     #[inline]
     pub fn write_u32(&self, offset: usize, value: u32) -> Result<(), DmaError> {

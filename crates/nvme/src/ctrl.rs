@@ -1125,6 +1125,11 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         let nslots = IoQueuePair::<M, C>::slots_for(depth, &self.cfg) as usize;
         let sq = dma.alloc(depth as usize * 64, PAGE_SIZE)?;
         let cq = dma.alloc(depth as usize * 16, PAGE_SIZE)?;
+        // The hot paths store SQ entries and load CQ entries as aligned quadwords: a board whose
+        // allocator broke the alignment contract is refused here (typed), not found out as a
+        // queue that never completes.
+        cq.read_u64_le(0)?;
+        sq.write_u64s_le(0, [0u64])?;
         let prp = dma.alloc(nslots * self.cfg.prp_list_pages * PAGE_SIZE, PAGE_SIZE)?;
         let shadow = self
             .shadow

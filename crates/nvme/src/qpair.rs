@@ -695,9 +695,11 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 break;
             }
             fence(Ordering::Acquire);
-            let Ok(e) = self.cq.read::<CqEntry>(self.cq_head as usize * 16) else {
+            let off = self.cq_head as usize * 16;
+            let (Ok(lo), Ok(hi)) = (self.cq.read_u64_le(off), self.cq.read_u64_le(off + 8)) else {
                 break;
             };
+            let e = CqEntry::from_qwords(lo, hi);
             if e.phase() != self.phase {
                 break; // torn view; look again next pass
             }
@@ -1355,9 +1357,11 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 break;
             }
             fence(Ordering::Acquire);
-            let Ok(e) = self.cq.read::<CqEntry>(self.cq_head as usize * 16) else {
+            let off = self.cq_head as usize * 16;
+            let (Ok(lo), Ok(hi)) = (self.cq.read_u64_le(off), self.cq.read_u64_le(off + 8)) else {
                 break;
             };
+            let e = CqEntry::from_qwords(lo, hi);
             if e.phase() != self.phase {
                 break;
             }
@@ -1727,7 +1731,11 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         let (next_slot, next_req, gen) = (old.next, old_req.next, self.next_gen(old.gen));
         let e = SqEntry::read_write(opcode, self.cid_of(i, gen), nsid, lba, blocks, (addr, prp2));
         let pos = self.sq_tail;
-        if self.sq.write(pos as usize * 64, &e).is_err() {
+        if self
+            .sq
+            .write_u64s_le(pos as usize * 64, e.to_qwords())
+            .is_err()
+        {
             return false;
         }
         let deadline = self.clock.now_ns().saturating_add(self.timeout_ns);

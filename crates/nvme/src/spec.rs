@@ -368,6 +368,22 @@ impl SqEntry {
             ..Self::new(opcode, cid, nsid)
         }
     }
+    /// The entry as its eight little-endian quadwords, for a store from registers
+    /// (`DmaRegion::write_u64s_le`).
+    #[inline(always)]
+    pub fn to_qwords(&self) -> [u64; 8] {
+        let pair = |lo: u32, hi: u32| lo as u64 | (hi as u64) << 32;
+        [
+            pair(self.cdw0, self.nsid),
+            pair(self.cdw2, self.cdw3),
+            self.mptr,
+            self.prp1,
+            self.prp2,
+            pair(self.cdw10, self.cdw11),
+            pair(self.cdw12, self.cdw13),
+            pair(self.cdw14, self.cdw15),
+        ]
+    }
     /// The opcode (CDW0 bits 7:0).
     pub fn opcode(&self) -> u8 {
         self.cdw0 as u8
@@ -412,6 +428,19 @@ pub const CQE_CID_OFFSET: usize = 12;
 const_assert_eq!(offset_of!(CqEntry, cid), CQE_CID_OFFSET);
 
 impl CqEntry {
+    /// The entry from its two little-endian quadwords (bytes 0..8 and 8..16), as read with
+    /// two loads: built in registers, not through a copy in memory.
+    #[inline(always)]
+    pub fn from_qwords(lo: u64, hi: u64) -> Self {
+        Self {
+            dw0: lo as u32,
+            dw1: (lo >> 32) as u32,
+            sq_head: hi as u16,
+            sq_id: (hi >> 16) as u16,
+            cid: (hi >> 32) as u16,
+            status: (hi >> 48) as u16,
+        }
+    }
     /// The phase tag (status bit 0).
     pub fn phase(&self) -> bool {
         self.status & 1 != 0
