@@ -140,6 +140,9 @@ struct Zones {
     cfg: ZoneConfig,
     /// (state, write pointer) per zone.
     zones: Vec<(u8, u64)>,
+    /// Per zone: the write pointer a power cut cannot take away (as of the last Flush, a
+    /// reset or a finish; see [`NvmeModel::power_cut`]).
+    durable_wp: Vec<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -184,6 +187,13 @@ impl Disk {
         if let Some(d) = self.durable.as_mut() {
             d.copy_from_slice(&self.data);
             self.dirty.clear();
+        }
+        if let Some(z) = self.zones.as_mut() {
+            for (i, &(state, wp)) in z.zones.iter().enumerate() {
+                if state != zs::OFFLINE {
+                    z.durable_wp[i] = wp;
+                }
+            }
         }
     }
 }
@@ -434,6 +444,7 @@ impl NvmeModel {
             d.zones = Some(Zones {
                 cfg,
                 zones: (0..n).map(|i| (zs::EMPTY, i * cfg.zone_blocks)).collect(),
+                durable_wp: (0..n).map(|i| i * cfg.zone_blocks).collect(),
             });
         }
     }
@@ -551,6 +562,14 @@ impl NvmeModel {
     /// Power loss with a volatile cache: each block written since the last Flush survives only if
     /// `keep(nsid, lba)` says so (block writes are atomic); the rest reverts to the media image.
     /// `|_, _| false` drops every unflushed write. No-op without a volatile cache.
+    ///
+    /// Zoned namespaces: zone resets and finishes are durable when they complete (zone state
+    /// is persistent), so only written blocks are at stake. Each zone's write pointer after the
+    /// cut covers what is durable: it is past the last block kept, and never below where it was
+    /// at the last Flush (or reset / finish). A block not kept below it reads as the media held
+    /// it (zeroes since the zone's reset): the harshest reading of a drive that keeps some
+    /// unflushed blocks and not others. Open zones come back closed (ZNS: a power cycle closes
+    /// them), or empty / full where the write pointer is at the start / the capacity.
     pub fn power_cut(&self, mut keep: impl FnMut(u32, u64) -> bool) {
         let mut st = lock(&self.st);
         for d in st.disks.iter_mut() {
@@ -558,14 +577,41 @@ impl NvmeModel {
                 continue;
             };
             let bs = 1usize << d.cfg.lba_shift;
+            let mut kept = Vec::new();
             for &lba in d.dirty.iter() {
                 let o = lba as usize * bs;
                 if keep(d.cfg.nsid, lba) {
                     media[o..o + bs].copy_from_slice(&d.data[o..o + bs]);
+                    kept.push(lba);
                 }
             }
             d.data.copy_from_slice(media);
             d.dirty.clear();
+            if let Some(z) = d.zones.as_mut() {
+                let (size, cap) = (z.cfg.zone_blocks, z.cfg.capacity);
+                let mut wp: Vec<u64> = z.durable_wp.clone();
+                for lba in kept {
+                    if let Some(w) = wp.get_mut((lba / size) as usize) {
+                        *w = (*w).max(lba + 1);
+                    }
+                }
+                for (i, (state, zwp)) in z.zones.iter_mut().enumerate() {
+                    if *state == zs::OFFLINE {
+                        continue;
+                    }
+                    let start = i as u64 * size;
+                    let w = wp[i].clamp(start, start + cap);
+                    *zwp = w;
+                    *state = if w == start {
+                        zs::EMPTY
+                    } else if w == start + cap {
+                        zs::FULL
+                    } else {
+                        zs::CLOSED
+                    };
+                    z.durable_wp[i] = w;
+                }
+            }
         }
     }
 
@@ -1754,10 +1800,20 @@ impl State {
                         _ => return (0, TRANSITION),
                     };
                     if next.0 == zs::EMPTY {
+                        // A reset is durable when it completes (zone state is persistent): the
+                        // media is zeroed too, nothing of the zone is left to a power cut.
                         let o = (start << n.lba_shift) as usize;
                         let l = (zsize << n.lba_shift) as usize;
-                        self.disks[di].data[o..o + l].fill(0);
-                        self.disks[di].mark_dirty(start, zsize);
+                        let disk = &mut self.disks[di];
+                        disk.data[o..o + l].fill(0);
+                        if let Some(m) = disk.durable.as_mut() {
+                            m[o..o + l].fill(0);
+                        }
+                        let kept = disk.dirty.split_off(&start);
+                        disk.dirty.extend(kept.range(start + zsize..));
+                    }
+                    if next.0 == zs::EMPTY || next.0 == zs::FULL {
+                        z.durable_wp[t] = next.1;
                     }
                     z.zones[t] = next;
                 }
