@@ -472,19 +472,20 @@ fn power_cut_rewinds_write_pointers() {
         .expect("append")
         .expect("lba")
     };
-    // Zone 1: 8 blocks flushed, then 12 more unflushed.
+    // Zone 1: 8 blocks flushed, then 12 more unflushed; zone 3: written and flushed, then
+    // reset (no Flush after).
     append(&mut qp, ZONE);
     append(&mut qp, ZONE);
+    append(&mut qp, 3 * ZONE);
     io(&mut qp, BlockOp::Flush { ns: 2 }).unwrap();
+    manage(&mut qp, 3 * ZONE, ZoneAction::Reset).unwrap();
     for _ in 0..3 {
         append(&mut qp, ZONE);
     }
     manage(&mut qp, ZONE, ZoneAction::Close).unwrap(); // at most 2 open
-    // Zone 2: 8 blocks, never flushed; zone 3: written then reset, not flushed.
+    // Zone 2: 8 blocks, never flushed.
     append(&mut qp, 2 * ZONE);
     append(&mut qp, 2 * ZONE);
-    append(&mut qp, 3 * ZONE);
-    manage(&mut qp, 3 * ZONE, ZoneAction::Reset).unwrap();
     // Keep one block of zone 1 past a hole (LBA 8..=13 lost, 14 kept), nothing of zone 2.
     r.model.power_cut(|_, lba| lba == ZONE + 14);
     let zs = r.model.zones(2);
@@ -495,6 +496,10 @@ fn power_cut_rewinds_write_pointers() {
     let at = |lba: u64| img[lba as usize * 512];
     assert_eq!(at(ZONE + 8), 0, "a lost block below the write pointer reads as zeroes");
     assert_eq!(at(ZONE + 14), 1 ^ (2 * 512) as u8, "the kept block");
+    assert!(
+        img[3 * ZONE as usize * 512..(3 * ZONE as usize + 4) * 512].iter().all(|&b| b == 0),
+        "the reset's zeroes held"
+    );
     // A cut keeping nothing leaves the Flush's write pointer; the zone takes appends there.
     drop(qp);
     r.ctrl = Controller::init(r.model.mmio(), &r.dma, ModelClock::new(), Config::default())
