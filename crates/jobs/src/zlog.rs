@@ -185,7 +185,11 @@ pub fn zrecover<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
         ZonedWal::open(qp, p.dma(), p.clock(), cfg).map_err(zerr("zrecover: open"))?;
     let n = verify::<B>(&mut wal, &rec)?;
     if n < expect {
-        keel_log::error!("zrecover: {=u64} records, expected at least {=u64}", n, expect);
+        keel_log::error!(
+            "zrecover: {=u64} records, expected at least {=u64}",
+            n,
+            expect
+        );
         return Err(JobError::Failed("zrecover: records missing"));
     }
     Ok(())

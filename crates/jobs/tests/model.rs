@@ -568,10 +568,7 @@ fn zlog_and_zrecover_on_a_zoned_namespace() {
 
     let (b, _) = zoned();
     let e = run(&b, "zlog records=200 crash_at=50 burst=8").unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "zlog: the board cannot reset the machine"
-    );
+    assert_eq!(e.to_string(), "zlog: the board cannot reset the machine");
     // No volatile cache here: all 59 appended records (0..=58) are on the disk.
     run(&b, "zlog records=200 crash_at=50 burst=8").expect("the second zlog replays");
     run(&b, "zrecover expect=59").expect("zrecover");

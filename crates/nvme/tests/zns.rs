@@ -483,7 +483,7 @@ fn power_cut_rewinds_write_pointers() {
         append(&mut qp, ZONE);
     }
     manage(&mut qp, ZONE, ZoneAction::Close).unwrap(); // at most 2 open
-    // Zone 2: 8 blocks, never flushed.
+                                                       // Zone 2: 8 blocks, never flushed.
     append(&mut qp, 2 * ZONE);
     append(&mut qp, 2 * ZONE);
     // Keep one block of zone 1 past a hole (LBA 8..=13 lost, 14 kept), nothing of zone 2.
@@ -494,10 +494,16 @@ fn power_cut_rewinds_write_pointers() {
     assert_eq!(zs[3], (0x1, 3 * ZONE), "the reset held");
     let img = r.model.durable_image(2);
     let at = |lba: u64| img[lba as usize * 512];
-    assert_eq!(at(ZONE + 8), 0, "a lost block below the write pointer reads as zeroes");
+    assert_eq!(
+        at(ZONE + 8),
+        0,
+        "a lost block below the write pointer reads as zeroes"
+    );
     assert_eq!(at(ZONE + 14), 1 ^ (2 * 512) as u8, "the kept block");
     assert!(
-        img[3 * ZONE as usize * 512..(3 * ZONE as usize + 4) * 512].iter().all(|&b| b == 0),
+        img[3 * ZONE as usize * 512..(3 * ZONE as usize + 4) * 512]
+            .iter()
+            .all(|&b| b == 0),
         "the reset's zeroes held"
     );
     // A cut keeping nothing leaves the Flush's write pointer; the zone takes appends there.

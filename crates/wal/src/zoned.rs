@@ -102,8 +102,8 @@ use heapless::Vec;
 use keel_blockdev::{BlockOp, BlockQueue, BufRef, IoError, NsId, SubmitError};
 use keel_hal::{Clock, DmaAllocator, DmaRegion, Mmio};
 use keel_nvme::{
-    parse_zone_report, IoQueuePair, ZoneAction, ZoneDescriptor, ZoneOp, ZoneReportError,
-    ZoneState, Zoned,
+    parse_zone_report, IoQueuePair, ZoneAction, ZoneDescriptor, ZoneOp, ZoneReportError, ZoneState,
+    Zoned,
 };
 
 const CRC32C: Crc<u32> = Crc::<u32>::new(&CRC_32_ISCSI);
@@ -575,7 +575,9 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
             let (ns, from) = (self.cfg.ns, self.zone_lba(self.cfg.first_zone + got as u64));
             self.run(|q, t| q.submit_zone(ZoneOp::Report { ns, from, buf }, t))?;
             let mut bytes = [0u8; 4096];
-            self.page.read_bytes(0, &mut bytes).map_err(|_| Error::Dma)?;
+            self.page
+                .read_bytes(0, &mut bytes)
+                .map_err(|_| Error::Dma)?;
             let count = parse_zone_report(&bytes, &self.cfg.zoned, from, &mut out[got..n])
                 .map_err(Error::Report)?;
             let count = count.min(n - got);
@@ -641,7 +643,11 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
         let off = self.window(lba, 1, lim)?;
         let mut hb = [0u8; REC_HEADER];
         self.rbuf.read_bytes(off, &mut hb).map_err(|_| Error::Dma)?;
-        let (len, seq, blocks) = (le32(&hb, 4) as usize, le64(&hb, 8), u64::from(le32(&hb, 20)));
+        let (len, seq, blocks) = (
+            le32(&hb, 4) as usize,
+            le64(&hb, 8),
+            u64::from(le32(&hb, 20)),
+        );
         let valid = le32(&hb, 0) == REC_MAGIC
             && le32(&hb, 16) == h.epoch
             && seq >= h.first_seq
@@ -716,12 +722,7 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
     /// Creates an empty log on the range: resets every zone (older contents are gone) and writes
     /// the first zone's header, flushed. A zone that is offline or read-only is
     /// [`Error::ZoneUnusable`].
-    pub fn format(
-        q: Q,
-        dma: &dyn DmaAllocator,
-        clock: C,
-        cfg: ZonedConfig,
-    ) -> Result<Self, Error> {
+    pub fn format(q: Q, dma: &dyn DmaAllocator, clock: C, cfg: ZonedConfig) -> Result<Self, Error> {
         let mut w = Self::new(q, dma, clock, cfg)?;
         let mut ds = [ZoneDescriptor::default(); MAX_ZONES];
         w.report(&mut ds)?;
@@ -963,7 +964,9 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
         let slot = loop {
             self.check()?;
             let in_window = self.oldest_in_flight().is_none_or(|o| seq < o + window);
-            let free = self.slots[..self.cfg.in_flight].iter().position(|s| !s.busy);
+            let free = self.slots[..self.cfg.in_flight]
+                .iter()
+                .position(|s| !s.busy);
             if let (true, Some(i)) = (in_window, free) {
                 break i;
             }
@@ -1100,7 +1103,11 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
 
     /// Reads the acknowledged record at `cur` into `buf` and advances `cur`; `Ok(None)` at the
     /// acknowledged end. Returns its sequence number and payload length.
-    pub fn next(&mut self, cur: &mut Cursor, buf: &mut [u8]) -> Result<Option<(u64, usize)>, Error> {
+    pub fn next(
+        &mut self,
+        cur: &mut Cursor,
+        buf: &mut [u8],
+    ) -> Result<Option<(u64, usize)>, Error> {
         let want = cur.seq;
         if want >= self.acked {
             return Ok(None);
@@ -1153,9 +1160,7 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
             return Err(Error::BadCursor);
         }
         let mut n = 0;
-        while self.chain.len() >= 2
-            && self.chain[1].first_seq <= checkpoint
-            && self.cur != Some(0)
+        while self.chain.len() >= 2 && self.chain[1].first_seq <= checkpoint && self.cur != Some(0)
         {
             let zone = self.chain[0].zone;
             self.manage(zone, ZoneAction::Reset)

@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use keel_blockdev::{BlockOp, BlockQueue, DevStatus, IoError, NsId, SubmitError, TimedOut};
-use keel_model::{Fault, HostDma, ModelClock, ModelConfig, ModelMmio, NsConfig, NvmeModel, ZoneConfig};
+use keel_model::{
+    Fault, HostDma, ModelClock, ModelConfig, ModelMmio, NsConfig, NvmeModel, ZoneConfig,
+};
 use keel_nvme::{Config as NvmeConfig, Controller, IoQueuePair, ZoneAction, ZoneOp, ZoneState};
 use keel_wal::zoned::{Error, Recovered, ZoneQueue, ZonedConfig, ZonedWal};
 
@@ -299,9 +301,12 @@ fn check_all(log: &mut Log) -> u64 {
     want
 }
 
+/// A record found on the image: sequence number, LBA, payload.
+type Found = (u64, u64, Vec<u8>);
+
 /// This file's own parser of the documented layout: every valid record in the zones of the
-/// range on `img`, as `seq -> (lba, payload)`, per zone in LBA order.
-fn parse_image(img: &[u8], range: u64) -> Vec<(u64, Vec<(u64, u64, Vec<u8>)>)> {
+/// range on `img`, per zone (with a valid header) in LBA order.
+fn parse_image(img: &[u8], range: u64) -> Vec<(u64, Vec<Found>)> {
     let u32_at = |o: usize| u32::from_le_bytes(img[o..o + 4].try_into().unwrap());
     let u64_at = |o: usize| u64::from_le_bytes(img[o..o + 8].try_into().unwrap());
     let crc = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
@@ -365,7 +370,10 @@ fn format_append_sync_reopen() {
     assert!(log.zones().count() > 2, "rolled over zones");
     drop(log);
     let (mut log, rec) = d.open();
-    assert_eq!((rec.first, rec.end, rec.epoch, rec.discarded), (0, 100, 2, 0));
+    assert_eq!(
+        (rec.first, rec.end, rec.epoch, rec.discarded),
+        (0, 100, 2, 0)
+    );
     assert_eq!(check_all(&mut log), 100);
     let old_zones: Vec<u64> = log.zones().map(|z| z.0).collect();
     for i in 100..130 {
@@ -549,7 +557,10 @@ fn crash_run(seed: u64, keep_pct: u64) -> (u32, u32) {
         // Write pointers: every zone of the log is closed or full after a cut.
         for (z, _) in l.zones() {
             let (st, _) = d.model.zones(1)[z as usize];
-            assert!(st == 0x4 || st == 0xE || st == 0x1, "zone {z} state {st:#x}");
+            assert!(
+                st == 0x4 || st == 0xE || st == 0x1,
+                "zone {z} state {st:#x}"
+            );
         }
         // Recovery again after another cut: it wrote nothing the first one did not return.
         drop(l);
@@ -622,11 +633,18 @@ fn power_cut_during_recovery() {
         }
         let first = ZonedWal::open(q, &d.dma, d.clock.clone(), cfg);
         let (mut log, rec) = d.open();
-        assert!((40..=appended).contains(&rec.end), "cut at {cut_at}: {}", rec.end);
+        assert!(
+            (40..=appended).contains(&rec.end),
+            "cut at {cut_at}: {}",
+            rec.end
+        );
         assert_eq!(check_all(&mut log), rec.end);
         match first {
             Ok((_, r1)) => {
-                assert_eq!(r1.end, rec.end, "cut at {cut_at}: after a complete recovery");
+                assert_eq!(
+                    r1.end, rec.end,
+                    "cut at {cut_at}: after a complete recovery"
+                );
                 whole += 1;
             }
             Err(_) => cut += 1,
@@ -669,7 +687,8 @@ fn corrupt_blocks_are_never_returned() {
     log.sync().unwrap();
     let (z2, fs2) = log.zones().nth(1).unwrap();
     drop(log);
-    d.model.disk_write(1, (z2 * ZONE) as usize * BS + 20, &[0xFF]);
+    d.model
+        .disk_write(1, (z2 * ZONE) as usize * BS + 20, &[0xFF]);
     let (mut log, rec) = d.open();
     assert_eq!(rec.end, fs2);
     assert!(rec.discarded >= 1);
@@ -689,7 +708,11 @@ fn lying_device_is_a_typed_error_and_nothing_is_acknowledged() {
     log.append(&payload(5)).unwrap();
     assert_eq!(log.sync(), Err(Error::Io(IoError::BadResult)));
     assert_eq!(log.acked(), 5);
-    assert_eq!(log.append(&payload(6)), Err(Error::Io(IoError::BadResult)), "sticky");
+    assert_eq!(
+        log.append(&payload(6)),
+        Err(Error::Io(IoError::BadResult)),
+        "sticky"
+    );
     d.model.set_fault(Fault::None);
     drop(log);
     let (mut log, rec) = d.open();
@@ -751,10 +774,22 @@ fn bad_configurations_refused() {
         Err(Error::Config)
     ));
     for bad in [
-        ZonedConfig { first_zone: ZONES - 1, ..cfg },
-        ZonedConfig { in_flight: 0, ..cfg },
-        ZonedConfig { in_flight: 33, ..cfg },
-        ZonedConfig { max_record: 64 * 512, ..cfg },
+        ZonedConfig {
+            first_zone: ZONES - 1,
+            ..cfg
+        },
+        ZonedConfig {
+            in_flight: 0,
+            ..cfg
+        },
+        ZonedConfig {
+            in_flight: 33,
+            ..cfg
+        },
+        ZonedConfig {
+            max_record: 64 * 512,
+            ..cfg
+        },
     ] {
         let (q, _) = d.dq();
         assert!(matches!(

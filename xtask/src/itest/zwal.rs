@@ -49,7 +49,11 @@ fn parse(img: &[u8]) -> Vec<(u32, u64, Vec<Rec>)> {
         let mut b = 1;
         while b < ZONE_BLOCKS {
             let o = start + b * BS;
-            let (len, seq, blocks) = (u32_at(o + 4) as usize, u64_at(o + 8), u32_at(o + 20) as usize);
+            let (len, seq, blocks) = (
+                u32_at(o + 4) as usize,
+                u64_at(o + 8),
+                u32_at(o + 20) as usize,
+            );
             let ok = &img[o..o + 4] == b"ZREC"
                 && u32_at(o + 16) == epoch
                 && blocks >= 1
@@ -112,9 +116,9 @@ fn walk(img: &[u8]) -> BTreeMap<u64, Vec<u8>> {
 fn last_number(o: &Outcome, prefix: &str) -> Option<u64> {
     o.log
         .iter()
+        .rev()
         .filter_map(|l| l.split(prefix).nth(1))
-        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
-        .last()
+        .find_map(|r| r.split_whitespace().next()?.parse().ok())
 }
 
 /// The host's check: every record the firmware acknowledged before the crash is on the image,
