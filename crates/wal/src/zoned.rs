@@ -50,7 +50,8 @@
 //!   records out of order (iteration relies on that; recovery does not). When the next record
 //!   does not fit the current zone (or the zone holds [`MAX_ZONE_RECORDS`]), the log moves on to
 //!   the next empty zone of the range: its header `(epoch, first_seq = next seq)` is appended
-//!   and waited for first, so it is the zone's first block. No empty zone left:
+//!   and waited for first, so it is the zone's first block; the zone left behind is finished
+//!   once its appends completed (one open zone at a time). No empty zone left:
 //!   [`Error::Full`] (nothing is lost; [`ZonedWal::reclaim`] frees zones).
 //! * [`ZonedWal::sync`] waits until every append completed, then issues a Flush and waits for
 //!   it; only then are the records acknowledged ([`ZonedWal::acked`]). A failed append or Flush
@@ -66,7 +67,8 @@
 //!   [`MAX_ZONE_RECORDS`] bits), and the dense run from `first_seq` is taken. Anything after a
 //!   hole is a torn tail. Every zone not taken (torn tails of later zones, headers that never
 //!   became durable, older formats) is reset, after a Flush that makes what was read durable
-//!   (it may have come from the device's volatile cache after a reboot without power loss). The
+//!   (it may have come from the device's volatile cache after a reboot without power loss), and
+//!   every zone taken is finished (never appended to again, and its blocks read the same). The
 //!   next session appends with epoch `max + 1` into a fresh zone (started by the first
 //!   append), so a torn tail left in an older zone is never continued.
 //! * [`ZonedWal::next`] iterates the acknowledged records in order from a [`Cursor`];
@@ -837,6 +839,16 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
         // What was read may sit in the device's volatile cache: durable before anything else.
         w.win = None;
         w.flush_device()?;
+        // The log's zones are never appended to again: finished, they hold no open or active
+        // zone resource (what they hold reads the same: every block up to the capacity is
+        // scanned).
+        for i in 0..n {
+            let full =
+                info[i].is_some_and(|z| matches!(z.state, ZoneState::Full | ZoneState::ReadOnly));
+            if taken[i] && !full {
+                w.manage(cfg.first_zone + i as u64, ZoneAction::Finish)?;
+            }
+        }
         let mut discarded = 0;
         for i in 0..n {
             let Some(zi) = info[i] else { continue };
@@ -869,6 +881,23 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
         Ok((w, rec))
     }
 
+    /// Finishes the zone the log moves away from, once its appends completed: full, it holds
+    /// no open or active zone resource (a device with few open zones keeps working).
+    fn retire(&mut self, ci: usize) -> Result<(), Error> {
+        let dl = self.deadline();
+        while self.slots.iter().any(|s| s.busy && s.ci == ci) {
+            self.pump();
+            if self.clock.now_ns() > dl {
+                return Err(self.fail(Error::Timeout));
+            }
+        }
+        self.check()?;
+        self.cur = None;
+        let zone = self.chain[ci].zone;
+        self.manage(zone, ZoneAction::Finish)
+            .map_err(|e| self.fail(e))
+    }
+
     /// Starts the next zone of the log: its header appended (and waited for) at the start of an
     /// empty zone of the range.
     fn roll(&mut self) -> Result<(), Error> {
@@ -877,6 +906,9 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
         else {
             return Err(Error::Full);
         };
+        if let Some(ci) = self.cur {
+            self.retire(ci)?;
+        }
         let zone = self.cfg.first_zone + i as u64;
         let h = ZoneHeader {
             format_epoch: self.format_epoch,

@@ -209,6 +209,10 @@ struct Dev {
 
 impl Dev {
     fn new(range: u64) -> Self {
+        Self::with_max_open(range, 0)
+    }
+
+    fn with_max_open(range: u64, max_open: u32) -> Self {
         let dma = HostDma::new();
         let mcfg = ModelConfig {
             namespaces: vec![NsConfig {
@@ -224,7 +228,7 @@ impl Dev {
             ZoneConfig {
                 zone_blocks: ZONE,
                 capacity: CAP,
-                max_open: 0,
+                max_open,
             },
         );
         model.set_volatile_cache(true);
@@ -464,6 +468,38 @@ fn recovery_makes_what_it_returns_durable() {
     let (mut log, rec) = d.open();
     assert_eq!(rec.end, 30, "what recovery returned survives a power cut");
     assert_eq!(check_all(&mut log), 30);
+}
+
+/// A device with one open zone at most: the log finishes each zone it leaves, and recovery
+/// finishes the zones it took, so it never needs two.
+#[test]
+fn one_open_zone_is_enough() {
+    let mut d = Dev::with_max_open(10, 1);
+    let mut log = d.format();
+    for i in 0..150u64 {
+        log.append(&payload(i)).unwrap();
+        if i % 20 == 19 {
+            log.sync().unwrap();
+        }
+    }
+    log.sync().unwrap();
+    assert!(log.zones().count() >= 4);
+    drop(log);
+    d.model.power_cut(|_, _| true);
+    let (mut log, rec) = d.open();
+    assert_eq!(rec.end, 150);
+    for i in 150..200u64 {
+        log.append(&payload(i)).unwrap();
+    }
+    log.sync().unwrap();
+    assert_eq!(check_all(&mut log), 200);
+    let open = d
+        .model
+        .zones(1)
+        .iter()
+        .filter(|z| z.0 == 0x2 || z.0 == 0x3)
+        .count();
+    assert_eq!(open, 1);
 }
 
 #[test]
