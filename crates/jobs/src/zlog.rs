@@ -7,8 +7,9 @@
 //! after record `K`, appends `burst` more records without waiting for them and resets the
 //! machine with those appends in flight (`Board::reset_machine`): a crash. Formatted (the boot
 //! after that reset, which keeps the zones): it replays the log and verifies every record
-//! byte for byte against [`payload`], printing the count (`zlog: replay verified N records`).
-//! `zrecover expect=N` only replays and verifies.
+//! byte for byte against [`payload`], printing the count (`zlog: replay verified N records`),
+//! then appends from the recovered end up to `records` (a new session: a fresh zone, the next
+//! epoch), acknowledging as before. `zrecover expect=N` only replays and verifies.
 
 use keel_cmdline::{Cmdline, OptSpec};
 use keel_hal::Board;
@@ -123,27 +124,31 @@ pub fn zlog<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
     let cfg = config::<B>(cl, &ctrl)?;
     keel_log::info!("job zlog: start");
     let qp = nvme_jobs::qpair(&mut ctrl, p, 1)?;
-    match ZonedWal::open(qp, p.dma(), p.clock(), cfg) {
+    let (mut wal, from, crash_at) = match ZonedWal::open(qp, p.dma(), p.clock(), cfg) {
         Ok((mut wal, rec)) => {
-            // The boot after a crash: the zones kept the log.
+            // The boot after a crash: the zones kept the log. Replay it, then go on from its
+            // end (a new session, in a fresh zone), without crashing again.
             keel_log::info!("zlog: the log is there: replaying");
             verify::<B>(&mut wal, &rec)?;
-            return Ok(());
+            (wal, rec.end, 0)
         }
-        Err(ZError::NotFormatted) => {}
+        Err(ZError::NotFormatted) => {
+            // The failed open took its queue pair with it: a new one for the new log.
+            let qp = nvme_jobs::qpair(&mut ctrl, p, 2)?;
+            let wal =
+                ZonedWal::format(qp, p.dma(), p.clock(), cfg).map_err(zerr("zlog: format"))?;
+            keel_log::info!(
+                "zlog: formatted zones {=u64}..{=u64}, {=u32} B blocks",
+                cfg.first_zone,
+                cfg.first_zone + cfg.zones,
+                wal.block_size() as u32
+            );
+            (wal, 0, crash_at)
+        }
         Err(e) => return Err(zerr("zlog: open")(e)),
-    }
-    // The failed open took its queue pair with it: a new one for the new log.
-    let qp = nvme_jobs::qpair(&mut ctrl, p, 2)?;
-    let mut wal = ZonedWal::format(qp, p.dma(), p.clock(), cfg).map_err(zerr("zlog: format"))?;
-    keel_log::info!(
-        "zlog: formatted zones {=u64}..{=u64}, {=u32} B blocks",
-        cfg.first_zone,
-        cfg.first_zone + cfg.zones,
-        wal.block_size() as u32
-    );
+    };
     let mut buf = [0u8; MAX_PAYLOAD];
-    for seq in 0..records {
+    for seq in from..records {
         let n = payload(seq, &mut buf);
         wal.append(&buf[..n]).map_err(zerr("zlog: append"))?;
         if crash_at != 0 && seq == crash_at {

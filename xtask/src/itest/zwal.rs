@@ -112,25 +112,40 @@ fn walk(img: &[u8]) -> BTreeMap<u64, Vec<u8>> {
     out
 }
 
-/// The last number after `prefix` in the log.
-fn last_number(o: &Outcome, prefix: &str) -> Option<u64> {
-    o.log
-        .iter()
+/// The first number after `prefix` in `lines`, from the last such line.
+fn last_number<'a>(
+    lines: impl DoubleEndedIterator<Item = &'a String>,
+    prefix: &str,
+) -> Option<u64> {
+    lines
         .rev()
         .filter_map(|l| l.split(prefix).nth(1))
         .find_map(|r| r.split_whitespace().next()?.parse().ok())
 }
 
+/// The log lines before the crash (the first boot) and after it.
+fn boots(o: &Outcome) -> (&[String], &[String]) {
+    let crash = o
+        .log
+        .iter()
+        .position(|l| l.contains("zlog: crash:"))
+        .map_or(o.log.len(), |i| i + 1);
+    o.log.split_at(crash)
+}
+
 /// The host's check: every record the firmware acknowledged before the crash is on the image,
-/// intact (its payload recomputed here); the replay's count is at least that and equals what
-/// the host walks on the image.
+/// intact (its payload recomputed here), and so is every record the second boot acknowledged
+/// after its replay; the replay's count is at least the first boot's acknowledged count; the
+/// second session's first zone has the next epoch and starts where the replay ended; the
+/// records the host walks are exactly those of the last acknowledgement.
 fn image_holds_acked(o: &Outcome, work: &Path) -> bool {
-    let Some(acked) = last_number(o, "zlog: acked ") else {
-        eprintln!("xtask: zlog: no acknowledgement printed");
-        return false;
-    };
-    let Some(replayed) = last_number(o, "zlog: replay verified ") else {
-        eprintln!("xtask: zlog: no replay count");
+    let (first, second) = boots(o);
+    let (Some(acked), Some(replayed), Some(final_acked)) = (
+        last_number(first.iter(), "zlog: acked "),
+        last_number(second.iter(), "zlog: replay verified "),
+        last_number(second.iter(), "zlog: acked "),
+    ) else {
+        eprintln!("xtask: zlog: acknowledgements or the replay count not printed");
         return false;
     };
     let Ok(img) = std::fs::read(qemu::ns_image(work, 0, 1)) else {
@@ -139,7 +154,7 @@ fn image_holds_acked(o: &Outcome, work: &Path) -> bool {
     };
     let recs = walk(&img);
     let mut buf = [0u8; keel_jobs::zlog::MAX_PAYLOAD];
-    for seq in 0..acked {
+    for seq in 0..final_acked {
         let n = keel_jobs::zlog::payload(seq, &mut buf);
         match recs.get(&seq) {
             Some(p) if p[..] == buf[..n] => {}
@@ -153,11 +168,18 @@ fn image_holds_acked(o: &Outcome, work: &Path) -> bool {
             }
         }
     }
+    let zones = parse(&img);
+    let epoch1 = zones.iter().filter(|z| z.0 == 1).count();
+    let session2 = zones.iter().filter(|z| z.0 == 2).map(|z| z.1).min();
     let on_image = recs.len() as u64;
     eprintln!(
-        "xtask: zlog: acknowledged {acked}, replayed {replayed}, the host walks {on_image} on the image"
+        "xtask: zlog: acknowledged {acked} before the crash, replayed {replayed}, acknowledged {final_acked} after; \
+         the host walks {on_image} records on the image ({epoch1} zones of epoch 1, the second session from {session2:?})"
     );
-    replayed >= acked && replayed == on_image && recs.keys().copied().eq(0..on_image)
+    replayed >= acked
+        && on_image == final_acked
+        && session2 == Some(replayed)
+        && recs.keys().copied().eq(0..on_image)
 }
 
 /// The QEMU case.
@@ -183,22 +205,25 @@ pub(super) fn cases(work: &Path) -> Vec<Case> {
             (
                 "first boot: formatted, 25 acknowledgements, the crash with 9 appends unacknowledged",
                 Box::new(|o: &Outcome| {
+                    let (first, _) = boots(o);
                     o.has("zlog: formatted zones 0..16, 512 B blocks")
-                        && o.count("zlog: acked ") == 25
+                        && first.iter().filter(|l| l.contains("zlog: acked ")).count() == 25
                         && o.has("zlog: crash: 259 appended, 250 acknowledged")
                 }),
             ),
             (
-                "second boot in the same QEMU: the log found and replayed, every record verified",
+                "second boot in the same QEMU: the log found and replayed, every record verified, then appended to 400",
                 Box::new(|o: &Outcome| {
+                    let (_, second) = boots(o);
                     o.count("job zlog: start") == 2
                         && o.has("zlog: the log is there: replaying")
-                        && last_number(o, "zlog: replay verified ")
+                        && last_number(second.iter(), "zlog: replay verified ")
                             .is_some_and(|n| (250..=259).contains(&n))
+                        && o.has("zlog: appended 400 records, acknowledged 400")
                 }),
             ),
             (
-                "image: every acknowledged record intact; replay count = the host's walk >= acknowledged",
+                "image: every acknowledged record intact (both boots); replay >= acknowledged; the second session in a fresh zone, epoch 2, from the replay's end",
                 Box::new(move |o: &Outcome| image_holds_acked(o, &w)),
             ),
         ],
