@@ -93,10 +93,15 @@
 //! ## Limits
 //! An interrupted `format` may leave zones of the old log behind (format again). A device that
 //! drops a completed zone reset on power loss could bring back an older zone; the
-//! `format_epoch` hides older formats, not older zones of the same format. QEMU 7.2 keeps zone
-//! state (write pointers, states) in memory only: a new QEMU process starts with every zone
-//! empty whatever the image holds, so a replay across a QEMU restart sees an empty log; a guest
-//! reset keeps them (see `xtask/src/itest.rs`, the `zlog` case).
+//! `format_epoch` hides older formats, not older zones of the same format. Corruption of an
+//! acknowledged record cannot be told from a torn tail (there is no superblock recording the
+//! acknowledged end: nothing may be rewritten): recovery then ends before it, and never returns
+//! it. Zone capacities are taken from the report at `format` / `open`.
+//!
+//! QEMU 7.2 keeps zone state (write pointers, states) in memory only: a new QEMU process starts
+//! with every zone empty whatever the image holds, so a replay across a QEMU restart sees an
+//! empty log (`NotFormatted`); a guest reset keeps them. The QEMU case (`xtask/src/itest/zwal.rs`)
+//! therefore crashes the guest by a machine reset and replays in the same QEMU process.
 
 use bitvec::array::BitArray;
 use crc::{Crc, CRC_32_ISCSI};

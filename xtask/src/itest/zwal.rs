@@ -12,6 +12,15 @@
 //! appends finish), not the namespaces. The firmware resets the machine through port 0xCF9
 //! with appends in flight; `-action reboot=reset` (after the board's `-no-reboot`) makes QEMU
 //! reboot instead of exiting, and the same job line then finds the log and replays it.
+//!
+//! Checked by hand (2026-12-03, QEMU 7.2.22): this case's image booted in a new QEMU process
+//! with the same zoned namespace (`cargo xtask run --disk IMG --drive ns=1,nsopt=zoned=true,...
+//! -- zrecover`) reports `NotFormatted`: every zone empty, though the image holds the log.
+//!
+//! What a guest reset cannot show: a torn tail. QEMU drains the appends in flight at the reset
+//! (all of them land, the replay returns them) and its write cache is the host's page cache, so
+//! nothing acknowledged or not is lost; losing unflushed blocks, holes and rewound write pointers
+//! are the model's power cuts (`crates/wal/tests/zoned.rs`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
