@@ -731,8 +731,18 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
     /// [`Error::ZoneUnusable`].
     pub fn format(q: Q, dma: &dyn DmaAllocator, clock: C, cfg: ZonedConfig) -> Result<Self, Error> {
         let mut w = Self::new(q, dma, clock, cfg)?;
+        match w.format_in(cfg) {
+            Ok(()) => Ok(w),
+            Err(e) => {
+                let _ = w.close(dma);
+                Err(e)
+            }
+        }
+    }
+
+    fn format_in(&mut self, cfg: ZonedConfig) -> Result<(), Error> {
         let mut ds = [ZoneDescriptor::default(); MAX_ZONES];
-        w.report(&mut ds)?;
+        self.report(&mut ds)?;
         let mut fe = 0u32;
         for (i, d) in ds[..cfg.zones as usize].iter().enumerate() {
             let zone = cfg.first_zone + i as u64;
@@ -742,25 +752,25 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
                     state: d.state,
                 });
             }
-            w.caps[i] = d.capacity;
+            self.caps[i] = d.capacity;
             if d.state != ZoneState::Empty {
                 let lim = d.write_pointer.map_or(d.capacity, |p| p - d.start);
                 if lim > 0 {
-                    if let Some(h) = w.read_header(zone, lim)? {
+                    if let Some(h) = self.read_header(zone, lim)? {
                         fe = fe.max(h.format_epoch);
                     }
                 }
-                w.manage(zone, ZoneAction::Reset)?;
+                self.manage(zone, ZoneAction::Reset)?;
             }
-            w.free[i] = true;
+            self.free[i] = true;
         }
-        w.win = None;
-        w.format_epoch = fe.checked_add(1).ok_or(Error::Config)?;
-        w.epoch = 1;
-        w.flush_device()?;
-        w.roll()?;
-        w.flush_device()?;
-        Ok(w)
+        self.win = None;
+        self.format_epoch = fe.checked_add(1).ok_or(Error::Config)?;
+        self.epoch = 1;
+        self.flush_device()?;
+        self.roll()?;
+        self.flush_device()?;
+        Ok(())
     }
 
     /// Recovery: finds the log's records (see the module documentation), makes them durable,
@@ -773,9 +783,19 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
         cfg: ZonedConfig,
     ) -> Result<(Self, Recovered), Error> {
         let mut w = Self::new(q, dma, clock, cfg)?;
+        match w.open_in(cfg) {
+            Ok(rec) => Ok((w, rec)),
+            Err(e) => {
+                let _ = w.close(dma);
+                Err(e)
+            }
+        }
+    }
+
+    fn open_in(&mut self, cfg: ZonedConfig) -> Result<Recovered, Error> {
         let n = cfg.zones as usize;
         let mut ds = [ZoneDescriptor::default(); MAX_ZONES];
-        w.report(&mut ds)?;
+        self.report(&mut ds)?;
         let mut info = [None::<ZoneInfo>; MAX_ZONES];
         let mut fe = None::<u32>;
         for i in 0..n {
@@ -787,10 +807,10 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
                     state: d.state,
                 });
             }
-            w.caps[i] = d.capacity;
+            self.caps[i] = d.capacity;
             let lim = d.write_pointer.map_or(d.capacity, |p| p - d.start);
             let header = if lim > 0 {
-                w.read_header(zone, lim)?
+                self.read_header(zone, lim)?
             } else {
                 None
             };
@@ -824,7 +844,7 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
             let (Some(zi), Some(h)) = (info[i], info[i].and_then(|z| z.header)) else {
                 continue;
             };
-            if h.max_blocks > w.win_blocks as u32 {
+            if h.max_blocks > self.win_blocks as u32 {
                 // Written with records larger than this configuration can read.
                 return Err(Error::Config);
             }
@@ -836,14 +856,14 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
                 max_blocks: h.max_blocks,
                 lim: zi.lim,
             };
-            let dense = w.scan(&cz)?;
-            let _ = w.chain.push(cz);
+            let dense = self.scan(&cz)?;
+            let _ = self.chain.push(cz);
             taken[i] = true;
             end += dense;
         }
         // What was read may sit in the device's volatile cache: durable before anything else.
-        w.win = None;
-        w.flush_device()?;
+        self.win = None;
+        self.flush_device()?;
         // The log's zones are never appended to again: finished, they hold no open or active
         // zone resource (what they hold reads the same: every block up to the capacity is
         // scanned).
@@ -851,7 +871,7 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
             let full =
                 info[i].is_some_and(|z| matches!(z.state, ZoneState::Full | ZoneState::ReadOnly));
             if taken[i] && !full {
-                w.manage(cfg.first_zone + i as u64, ZoneAction::Finish)?;
+                self.manage(cfg.first_zone + i as u64, ZoneAction::Finish)?;
             }
         }
         let mut discarded = 0;
@@ -861,29 +881,29 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
                 continue;
             }
             if zi.lim == 0 {
-                w.free[i] = zi.state != ZoneState::ReadOnly;
+                self.free[i] = zi.state != ZoneState::ReadOnly;
                 continue;
             }
             if zi.state == ZoneState::ReadOnly {
                 continue; // cannot be reset; never written either
             }
-            w.manage(cfg.first_zone + i as u64, ZoneAction::Reset)?;
-            w.free[i] = true;
+            self.manage(cfg.first_zone + i as u64, ZoneAction::Reset)?;
+            self.free[i] = true;
             discarded += 1;
         }
-        w.format_epoch = fe;
-        w.epoch = max_epoch.checked_add(1).ok_or(Error::Config)?;
-        w.first = first;
-        w.next_seq = end;
-        w.acked = end;
+        self.format_epoch = fe;
+        self.epoch = max_epoch.checked_add(1).ok_or(Error::Config)?;
+        self.first = first;
+        self.next_seq = end;
+        self.acked = end;
         let rec = Recovered {
             first,
             end,
-            epoch: w.epoch,
-            zones: w.chain.len(),
+            epoch: self.epoch,
+            zones: self.chain.len(),
             discarded,
         };
-        Ok((w, rec))
+        Ok(rec)
     }
 
     /// Finishes the zone the log moves away from, once its appends completed: full, it holds

@@ -361,7 +361,14 @@ fn parse_image(img: &[u8], range: u64) -> Vec<(u64, Vec<Found>)> {
 #[test]
 fn format_append_sync_reopen() {
     let mut d = Dev::new(8);
-    assert!(matches!(d.try_open(), Err(Error::NotFormatted)));
+    let (q, cfg) = d.dq();
+    let live = d.dma.live_allocations();
+    assert!(matches!(
+        ZonedWal::open(q, &d.dma, d.clock.clone(), cfg),
+        Err(Error::NotFormatted)
+    ));
+    // The queue pair's rings stay; the log's own buffers went back.
+    assert_eq!(d.dma.live_allocations(), live, "a failed open frees its buffers");
     let mut log = d.format();
     for i in 0..100u64 {
         assert_eq!(log.append(&payload(i)).unwrap(), i);
