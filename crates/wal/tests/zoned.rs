@@ -368,7 +368,11 @@ fn format_append_sync_reopen() {
         Err(Error::NotFormatted)
     ));
     // The queue pair's rings stay; the log's own buffers went back.
-    assert_eq!(d.dma.live_allocations(), live, "a failed open frees its buffers");
+    assert_eq!(
+        d.dma.live_allocations(),
+        live,
+        "a failed open frees its buffers"
+    );
     let mut log = d.format();
     for i in 0..100u64 {
         assert_eq!(log.append(&payload(i)).unwrap(), i);
@@ -804,6 +808,44 @@ fn offline_zone_is_a_typed_error() {
     assert_eq!(
         ZonedWal::format(q, &d.dma, d.clock.clone(), cfg).err(),
         Some(unusable)
+    );
+}
+
+/// A zone of the log turned read-only by the drive: recovery still reads it (to its capacity)
+/// and returns every record; the log never writes to it; format cannot reset it (typed).
+#[test]
+fn read_only_zone_is_read_not_written() {
+    let mut d = Dev::new(14);
+    let mut log = d.format();
+    for i in 0..60u64 {
+        log.append(&payload(i)).unwrap();
+    }
+    log.sync().unwrap();
+    let zones: Vec<(u64, u64)> = log.zones().collect();
+    drop(log);
+    let ro = zones[1].0;
+    d.model.set_zone_state(1, ro as usize, 0xD);
+    let (mut log, rec) = d.open();
+    assert_eq!(rec.end, 60);
+    assert_eq!(check_all(&mut log), 60);
+    for i in 60..200u64 {
+        log.append(&payload(i)).unwrap();
+    }
+    log.sync().unwrap();
+    assert!(log.zones().filter(|z| z.0 == ro).count() == 1, "not reused");
+    assert_eq!(check_all(&mut log), 200);
+    drop(log);
+    let (mut log, rec) = d.open();
+    assert_eq!(rec.end, 200);
+    assert_eq!(check_all(&mut log), 200);
+    drop(log);
+    let (q, cfg) = d.dq();
+    assert_eq!(
+        ZonedWal::format(q, &d.dma, d.clock.clone(), cfg).err(),
+        Some(Error::ZoneUnusable {
+            zone: ro,
+            state: ZoneState::ReadOnly
+        })
     );
 }
 

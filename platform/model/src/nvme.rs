@@ -133,6 +133,7 @@ mod zs {
     pub const CLOSED: u8 = 0x4;
     pub const FULL: u8 = 0xE;
     pub const OFFLINE: u8 = 0xF;
+    pub const READ_ONLY: u8 = 0xD;
 }
 
 #[derive(Debug, Clone)]
@@ -460,6 +461,23 @@ impl NvmeModel {
             .unwrap_or_default()
     }
 
+    /// Forces zone `zone` (an index) of namespace `nsid` into state `code` (a ZS code: 0xD read
+    /// only, 0xF offline, ...), as a drive's own media management would; the write pointer is
+    /// kept. A read-only zone refuses writes and appends (Zone Is Read Only) and resets.
+    pub fn set_zone_state(&self, nsid: u32, zone: usize, code: u8) {
+        let mut st = lock(&self.st);
+        if let Some(z) = st
+            .disks
+            .iter_mut()
+            .find(|d| d.cfg.nsid == nsid)
+            .and_then(|d| d.zones.as_mut())
+        {
+            if let Some(e) = z.zones.get_mut(zone) {
+                e.0 = code;
+            }
+        }
+    }
+
     /// Replaces the active fault with `f` ([`Fault::None`] clears it).
     pub fn set_fault(&self, f: Fault) {
         lock(&self.st).fault = f;
@@ -596,7 +614,7 @@ impl NvmeModel {
                     }
                 }
                 for (i, (state, zwp)) in z.zones.iter_mut().enumerate() {
-                    if *state == zs::OFFLINE {
+                    if *state == zs::OFFLINE || *state == zs::READ_ONLY {
                         continue;
                     }
                     let start = i as u64 * size;
@@ -1680,6 +1698,7 @@ impl State {
         const BOUNDARY: u16 = (1 << 9) | (0xB8 << 1) | sf::DNR;
         const FULL: u16 = (1 << 9) | (0xB9 << 1) | sf::DNR;
         const OFFLINE: u16 = (1 << 9) | (0xBB << 1) | sf::DNR;
+        const READ_ONLY: u16 = (1 << 9) | (0xBA << 1) | sf::DNR;
         const INVALID_WRITE: u16 = (1 << 9) | (0xBC << 1) | sf::DNR;
         const TOO_MANY_OPEN: u16 = (1 << 9) | (0xBE << 1) | sf::DNR;
         const TRANSITION: u16 = (1 << 9) | (0xBF << 1) | sf::DNR;
@@ -1715,6 +1734,7 @@ impl State {
                 match state {
                     zs::FULL => return (0, FULL),
                     zs::OFFLINE => return (0, OFFLINE),
+                    zs::READ_ONLY => return (0, READ_ONLY),
                     _ => {}
                 }
                 let at = if opc == 0x7D { wp } else { slba };
@@ -1794,7 +1814,7 @@ impl State {
                             }
                             (zs::EOPEN, wp)
                         }
-                        (4, s) if s != zs::OFFLINE => (zs::EMPTY, start),
+                        (4, s) if s != zs::OFFLINE && s != zs::READ_ONLY => (zs::EMPTY, start),
                         (5, _) => (zs::OFFLINE, start),
                         _ if all => continue,
                         _ => return (0, TRANSITION),
