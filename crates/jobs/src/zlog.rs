@@ -70,6 +70,11 @@ fn config<'a, B: Board>(
     cl: &Cmdline<'a>,
     ctrl: &crate::Ctrl<B>,
 ) -> Result<ZonedConfig, JobError<'a>> {
+    let (in_flight, first_zone, zones) = (
+        cl.int("in_flight")? as usize,
+        cl.int("first_zone")?,
+        cl.int("zones")?,
+    );
     let ns = ctrl
         .namespace(1)
         .ok_or(JobError::Failed("zlog: no namespace 1"))?;
@@ -77,9 +82,9 @@ fn config<'a, B: Board>(
         .zoned
         .ok_or(JobError::Failed("zlog: namespace 1 is not zoned"))?;
     Ok(ZonedConfig {
-        in_flight: cl.int("in_flight")? as usize,
+        in_flight,
         max_record: MAX_PAYLOAD,
-        ..ZonedConfig::new(1, zoned, cl.int("first_zone")?, cl.int("zones")?)
+        ..ZonedConfig::new(1, zoned, first_zone, zones)
     })
 }
 
