@@ -11,6 +11,8 @@ use anyhow::{bail, Context, Result};
 use crate::qemu::{self, Outcome, VmOpts};
 use crate::{cargo_cmd, step};
 
+mod zwal;
+
 /// Preemption bound for every loom model (each crate's tests/loom.rs says what it covers).
 const LOOM_MAX_PREEMPTIONS: &str = "3";
 
@@ -574,6 +576,7 @@ fn qemu_tests(fw: &Path) -> Result<Vec<bool>> {
     prepare_flash_images(fw)?;
     let mut cases = cases();
     cases.extend(nvme_cases(&work)?);
+    cases.extend(zwal::cases(&work));
     // `cargo xtask cases FILTER`: only the cases whose name contains FILTER.
     if let Ok(f) = std::env::var("KEEL_CASES") {
         cases.retain(|c| c.name.contains(&f));

@@ -186,4 +186,7 @@ pub trait Board: Sync {
     fn raise(&self, kind: CpuException) {
         let _ = kind;
     }
+    /// Resets the whole machine now, as a reset button would, without telling any device (the
+    /// `zlog` job's crash with I/O in flight); returns only where the board cannot.
+    fn reset_machine(&self) {}
 }

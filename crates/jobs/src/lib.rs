@@ -23,6 +23,7 @@ pub mod oracle;
 pub mod reactor;
 pub mod storage;
 pub mod wal;
+pub mod zlog;
 pub mod zone;
 
 use core::cell::RefCell;
@@ -181,6 +182,8 @@ jobs! {
     "oracle" => oracle::oracle, "the data oracle: mixed I/O on every core and drive; blocks say what they are; the host checks the images", [oracle::OPTS, drives::ALL_DRIVES, NVME_OPTS];
     "reactor" => reactor::run, "a reactor per core: cross-core I/O, queue-pair handoff and shutdown mid-I/O", [reactor::OPTS, drives::ONE_DRIVE, NVME_OPTS];
     "zone" => zone::zone, "zoned namespaces: reset, appends in flight (LBAs checked, printed for the host), zone states and errors", [zone::OPTS, drives::ALL_DRIVES, NVME_OPTS];
+    "zlog" => zlog::zlog, "a write-ahead log on a zoned namespace (zone append): format, append, sync; crash_at= resets mid-run, the next boot replays and verifies", [zlog::ZLOG_OPTS, zlog::ZWAL_OPTS, drives::ONE_DRIVE, NVME_OPTS];
+    "zrecover" => zlog::zrecover, "replay the zoned write-ahead log and verify every record", [zlog::ZRECOVER_OPTS, zlog::ZWAL_OPTS, drives::ONE_DRIVE, NVME_OPTS];
     "log" => wal::log, "append records to a write-ahead log on namespace 1, syncing every few", [wal::LOG_OPTS, wal::WAL_OPTS, drives::ONE_DRIVE, NVME_OPTS];
     "recover" => wal::recover, "recover the write-ahead log and verify every record", [wal::RECOVER_OPTS, wal::WAL_OPTS, drives::ONE_DRIVE, NVME_OPTS];
     #[cfg(feature = "lab")]

@@ -243,9 +243,9 @@ fn every_job_reads_exactly_its_spec() {
             r
         );
         assert!(unread.is_empty(), "{} never read {:?}", job.name, unread);
-        // `fault` cannot fault on the model, `cfs` needs QEMU's fatal status, `zone` a zoned
-        // namespace, `nschange` a detached namespace 2 (this board has neither: they say
-        // so); every other job passes here.
+        // `fault` cannot fault on the model, `cfs` needs QEMU's fatal status, `zone`, `zlog` and
+        // `zrecover` a zoned namespace, `nschange` a detached namespace 2 (this board has
+        // neither: they say so); every other job passes here.
         if job.name == "nschange" {
             assert!(
                 matches!(
@@ -258,6 +258,12 @@ fn every_job_reads_exactly_its_spec() {
             assert!(
                 matches!(r, Err(JobError::Failed("no zoned namespace"))),
                 "zone: {r:?}"
+            );
+        } else if matches!(job.name, "zlog" | "zrecover") {
+            assert!(
+                matches!(r, Err(JobError::Failed("zlog: namespace 1 is not zoned"))),
+                "{}: {r:?}",
+                job.name
             );
         } else if !matches!(job.name, "fault" | "cfs") {
             r.unwrap_or_else(|e| panic!("{}: {e}", job.name));
@@ -618,4 +624,53 @@ fn oracle_with_drive_0_surprise_removed() {
     }
     // Drive 0 saw no command after it was gone.
     assert!(b.nvme()[0].io_commands() < b.nvme()[1].io_commands());
+}
+
+/// `zlog` and `zrecover` on the model's zoned namespace: a clean run replays every record; a
+/// run with `crash_at` (the model cannot reset, so the job stops there) leaves the log with the
+/// records in flight at the crash, and the next `zlog` replays instead of formatting.
+#[test]
+fn zlog_and_zrecover_on_a_zoned_namespace() {
+    let zoned = || {
+        let dma = HostDma::new();
+        let nvme = NvmeModel::new(
+            ModelConfig {
+                namespaces: vec![NsConfig {
+                    nsid: 1,
+                    blocks: 16 * 256,
+                    lba_shift: 9,
+                }],
+                ..ModelConfig::default()
+            },
+            dma.clone(),
+        );
+        nvme.set_zoned(
+            1,
+            keel_model::ZoneConfig {
+                zone_blocks: 256,
+                capacity: 256,
+                max_open: 0,
+            },
+        );
+        (ModelBoard::new(1, dma, vec![nvme.clone()]), nvme)
+    };
+    let (b, nvme) = zoned();
+    run(&b, "zlog records=200 sync_every=7").expect("zlog");
+    assert!(
+        nvme.zones(1).iter().filter(|z| z.0 != 0x1).count() >= 2,
+        "the log rolled over zones"
+    );
+    run(&b, "zrecover expect=200").expect("zrecover");
+    assert!(run(&b, "zrecover expect=201").is_err());
+
+    let (b, _) = zoned();
+    let e = run(&b, "zlog records=200 crash_at=50 burst=8").unwrap_err();
+    assert_eq!(e.to_string(), "zlog: the board cannot reset the machine");
+    // No volatile cache here: all 59 appended records (0..=58) are on the disk.
+    run(&b, "zrecover expect=59").expect("zrecover");
+    assert!(run(&b, "zrecover expect=60").is_err());
+    // The next zlog replays them and goes on to 200.
+    run(&b, "zlog records=200 crash_at=50 burst=8").expect("the second zlog replays");
+    run(&b, "zrecover expect=200").expect("zrecover");
+    assert!(run(&b, "zrecover expect=201").is_err());
 }

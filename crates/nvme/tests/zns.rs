@@ -448,3 +448,77 @@ fn absurd_zone_size_refused_typed() {
     );
     assert_eq!(io(&mut qp, op(1)), Ok(()));
 }
+
+/// A power cut with the model's volatile cache: a zone's write pointer comes back covering what
+/// is durable (past the last block kept, never below the last Flush), the zone closed; resets
+/// are durable at once.
+#[test]
+fn power_cut_rewinds_write_pointers() {
+    let mut r = rig();
+    r.model.set_volatile_cache(true);
+    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 32).unwrap();
+    let buf = r.dma.alloc(4 * 512, 4096).unwrap();
+    fill(&buf, 1);
+    let append = |qp: &mut Qp, zone: u64| {
+        run(
+            qp,
+            ZoneOp::Append {
+                ns: 2,
+                zone,
+                blocks: 4,
+                buf: BufRef::whole(&buf),
+            },
+        )
+        .expect("append")
+        .expect("lba")
+    };
+    // Zone 1: 8 blocks flushed, then 12 more unflushed; zone 3: written and flushed, then
+    // reset (no Flush after).
+    append(&mut qp, ZONE);
+    append(&mut qp, ZONE);
+    append(&mut qp, 3 * ZONE);
+    io(&mut qp, BlockOp::Flush { ns: 2 }).unwrap();
+    manage(&mut qp, 3 * ZONE, ZoneAction::Reset).unwrap();
+    for _ in 0..3 {
+        append(&mut qp, ZONE);
+    }
+    manage(&mut qp, ZONE, ZoneAction::Close).unwrap(); // at most 2 open
+                                                       // Zone 2: 8 blocks, never flushed.
+    append(&mut qp, 2 * ZONE);
+    append(&mut qp, 2 * ZONE);
+    // Keep one block of zone 1 past a hole (LBA 8..=13 lost, 14 kept), nothing of zone 2.
+    r.model.power_cut(|_, lba| lba == ZONE + 14);
+    let zs = r.model.zones(2);
+    assert_eq!(zs[1], (0x4, ZONE + 15), "closed, past the last kept block");
+    assert_eq!(zs[2], (0x1, 2 * ZONE), "nothing durable: empty again");
+    assert_eq!(zs[3], (0x1, 3 * ZONE), "the reset held");
+    let img = r.model.durable_image(2);
+    let at = |lba: u64| img[lba as usize * 512];
+    assert_eq!(
+        at(ZONE + 8),
+        0,
+        "a lost block below the write pointer reads as zeroes"
+    );
+    assert_eq!(at(ZONE + 14), 1 ^ (2 * 512) as u8, "the kept block");
+    assert!(
+        img[3 * ZONE as usize * 512..(3 * ZONE as usize + 4) * 512]
+            .iter()
+            .all(|&b| b == 0),
+        "the reset's zeroes held"
+    );
+    // A cut keeping nothing leaves the Flush's write pointer; the zone takes appends there.
+    drop(qp);
+    r.ctrl = Controller::init(r.model.mmio(), &r.dma, ModelClock::new(), Config::default())
+        .expect("init");
+    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 32).unwrap();
+    assert_eq!(append(&mut qp, ZONE), ZONE + 15);
+    r.model.power_cut(|_, _| false);
+    assert_eq!(r.model.zones(2)[1], (0x4, ZONE + 15));
+    // Filled to capacity by appends, flushed: full after a cut.
+    for _ in 0..12 {
+        append(&mut qp, 4 * ZONE);
+    }
+    io(&mut qp, BlockOp::Flush { ns: 2 }).unwrap();
+    r.model.power_cut(|_, _| false);
+    assert_eq!(r.model.zones(2)[4].0, 0xE);
+}

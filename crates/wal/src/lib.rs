@@ -55,6 +55,11 @@
 //!   cut persists *some* unflushed blocks, recovery may also return records appended after the
 //!   last `sync` — never past a hole: what it returns is a prefix of the appended records.
 //! * Iteration returns only acknowledged records; no allocation, no panics on bad input.
+//!
+//! ## On a zoned namespace
+//! [`zoned::ZonedWal`] is the same log for a zoned namespace (sequential writes only): zone
+//! headers instead of a superblock, records placed by Zone Append, recovery from the zones'
+//! write pointers. See [`zoned`].
 #![no_std]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -63,6 +68,8 @@ use crc::{Crc, CRC_32_ISCSI};
 use keel_blockdev::BlockQueue;
 use keel_hal::{Clock, DmaAllocator};
 use keel_writer::{CancelToken, Config, Error as WError, Writer};
+
+pub mod zoned;
 
 const CRC32C: Crc<u32> = Crc::<u32>::new(&CRC_32_ISCSI);
 const SB_MAGIC: u64 = 0x4B45_454C_5741_4C31; // "KEELWAL1"

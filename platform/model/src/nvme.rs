@@ -133,6 +133,7 @@ mod zs {
     pub const CLOSED: u8 = 0x4;
     pub const FULL: u8 = 0xE;
     pub const OFFLINE: u8 = 0xF;
+    pub const READ_ONLY: u8 = 0xD;
 }
 
 #[derive(Debug, Clone)]
@@ -140,6 +141,9 @@ struct Zones {
     cfg: ZoneConfig,
     /// (state, write pointer) per zone.
     zones: Vec<(u8, u64)>,
+    /// Per zone: the write pointer a power cut cannot take away (as of the last Flush, a
+    /// reset or a finish; see [`NvmeModel::power_cut`]).
+    durable_wp: Vec<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -184,6 +188,13 @@ impl Disk {
         if let Some(d) = self.durable.as_mut() {
             d.copy_from_slice(&self.data);
             self.dirty.clear();
+        }
+        if let Some(z) = self.zones.as_mut() {
+            for (i, &(state, wp)) in z.zones.iter().enumerate() {
+                if state != zs::OFFLINE {
+                    z.durable_wp[i] = wp;
+                }
+            }
         }
     }
 }
@@ -434,6 +445,7 @@ impl NvmeModel {
             d.zones = Some(Zones {
                 cfg,
                 zones: (0..n).map(|i| (zs::EMPTY, i * cfg.zone_blocks)).collect(),
+                durable_wp: (0..n).map(|i| i * cfg.zone_blocks).collect(),
             });
         }
     }
@@ -447,6 +459,23 @@ impl NvmeModel {
             .and_then(|d| d.zones.as_ref())
             .map(|z| z.zones.clone())
             .unwrap_or_default()
+    }
+
+    /// Forces zone `zone` (an index) of namespace `nsid` into state `code` (a ZS code: 0xD read
+    /// only, 0xF offline, ...), as a drive's own media management would; the write pointer is
+    /// kept. A read-only zone refuses writes and appends (Zone Is Read Only) and resets.
+    pub fn set_zone_state(&self, nsid: u32, zone: usize, code: u8) {
+        let mut st = lock(&self.st);
+        if let Some(z) = st
+            .disks
+            .iter_mut()
+            .find(|d| d.cfg.nsid == nsid)
+            .and_then(|d| d.zones.as_mut())
+        {
+            if let Some(e) = z.zones.get_mut(zone) {
+                e.0 = code;
+            }
+        }
     }
 
     /// Replaces the active fault with `f` ([`Fault::None`] clears it).
@@ -551,6 +580,14 @@ impl NvmeModel {
     /// Power loss with a volatile cache: each block written since the last Flush survives only if
     /// `keep(nsid, lba)` says so (block writes are atomic); the rest reverts to the media image.
     /// `|_, _| false` drops every unflushed write. No-op without a volatile cache.
+    ///
+    /// Zoned namespaces: zone resets and finishes are durable when they complete (zone state
+    /// is persistent), so only written blocks are at stake. Each zone's write pointer after the
+    /// cut covers what is durable: it is past the last block kept, and never below where it was
+    /// at the last Flush (or reset / finish). A block not kept below it reads as the media held
+    /// it (zeroes since the zone's reset): the harshest reading of a drive that keeps some
+    /// unflushed blocks and not others. Open zones come back closed (ZNS: a power cycle closes
+    /// them), or empty / full where the write pointer is at the start / the capacity.
     pub fn power_cut(&self, mut keep: impl FnMut(u32, u64) -> bool) {
         let mut st = lock(&self.st);
         for d in st.disks.iter_mut() {
@@ -558,14 +595,41 @@ impl NvmeModel {
                 continue;
             };
             let bs = 1usize << d.cfg.lba_shift;
+            let mut kept = Vec::new();
             for &lba in d.dirty.iter() {
                 let o = lba as usize * bs;
                 if keep(d.cfg.nsid, lba) {
                     media[o..o + bs].copy_from_slice(&d.data[o..o + bs]);
+                    kept.push(lba);
                 }
             }
             d.data.copy_from_slice(media);
             d.dirty.clear();
+            if let Some(z) = d.zones.as_mut() {
+                let (size, cap) = (z.cfg.zone_blocks, z.cfg.capacity);
+                let mut wp: Vec<u64> = z.durable_wp.clone();
+                for lba in kept {
+                    if let Some(w) = wp.get_mut((lba / size) as usize) {
+                        *w = (*w).max(lba + 1);
+                    }
+                }
+                for (i, (state, zwp)) in z.zones.iter_mut().enumerate() {
+                    if *state == zs::OFFLINE || *state == zs::READ_ONLY {
+                        continue;
+                    }
+                    let start = i as u64 * size;
+                    let w = wp[i].clamp(start, start + cap);
+                    *zwp = w;
+                    *state = if w == start {
+                        zs::EMPTY
+                    } else if w == start + cap {
+                        zs::FULL
+                    } else {
+                        zs::CLOSED
+                    };
+                    z.durable_wp[i] = w;
+                }
+            }
         }
     }
 
@@ -1660,6 +1724,7 @@ impl State {
         const BOUNDARY: u16 = (1 << 9) | (0xB8 << 1) | sf::DNR;
         const FULL: u16 = (1 << 9) | (0xB9 << 1) | sf::DNR;
         const OFFLINE: u16 = (1 << 9) | (0xBB << 1) | sf::DNR;
+        const READ_ONLY: u16 = (1 << 9) | (0xBA << 1) | sf::DNR;
         const INVALID_WRITE: u16 = (1 << 9) | (0xBC << 1) | sf::DNR;
         const TOO_MANY_OPEN: u16 = (1 << 9) | (0xBE << 1) | sf::DNR;
         const TRANSITION: u16 = (1 << 9) | (0xBF << 1) | sf::DNR;
@@ -1695,6 +1760,7 @@ impl State {
                 match state {
                     zs::FULL => return (0, FULL),
                     zs::OFFLINE => return (0, OFFLINE),
+                    zs::READ_ONLY => return (0, READ_ONLY),
                     _ => {}
                 }
                 let at = if opc == 0x7D { wp } else { slba };
@@ -1774,16 +1840,26 @@ impl State {
                             }
                             (zs::EOPEN, wp)
                         }
-                        (4, s) if s != zs::OFFLINE => (zs::EMPTY, start),
+                        (4, s) if s != zs::OFFLINE && s != zs::READ_ONLY => (zs::EMPTY, start),
                         (5, _) => (zs::OFFLINE, start),
                         _ if all => continue,
                         _ => return (0, TRANSITION),
                     };
                     if next.0 == zs::EMPTY {
+                        // A reset is durable when it completes (zone state is persistent): the
+                        // media is zeroed too, nothing of the zone is left to a power cut.
                         let o = (start << n.lba_shift) as usize;
                         let l = (zsize << n.lba_shift) as usize;
-                        self.disks[di].data[o..o + l].fill(0);
-                        self.disks[di].mark_dirty(start, zsize);
+                        let disk = &mut self.disks[di];
+                        disk.data[o..o + l].fill(0);
+                        if let Some(m) = disk.durable.as_mut() {
+                            m[o..o + l].fill(0);
+                        }
+                        let kept = disk.dirty.split_off(&start);
+                        disk.dirty.extend(kept.range(start + zsize..));
+                    }
+                    if next.0 == zs::EMPTY || next.0 == zs::FULL {
+                        z.durable_wp[t] = next.1;
                     }
                     z.zones[t] = next;
                 }

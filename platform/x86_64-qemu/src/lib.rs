@@ -403,4 +403,14 @@ impl keel_hal::Board for QemuBoard {
             },
         }
     }
+
+    fn reset_machine(&self) {
+        // The chipset's Reset Control Register (0xCF9, PIIX3 and ICH9 alike): SYS_RST then
+        // RST_CPU set — a hard reset of the machine, devices included. QEMU reboots (with
+        // `-action reboot=reset`) or exits (its default `-no-reboot` here).
+        cpu::outb(0xCF9, 0x02);
+        cpu::outb(0xCF9, 0x06);
+        // It takes effect at once; if this machine has no such register, give up after 100 ms.
+        keel_hal::Clock::delay_us(&TscClock, 100_000);
+    }
 }
