@@ -23,8 +23,20 @@ const ACTIVE: u8 = 1;
 /// PRP list) nor its tag's buffer is given back until the device completes it (its own status is
 /// reported), an abort of it completes it, or a controller reset quiesces it (`Timeout`).
 const ZOMBIE: u8 = 2;
+/// A zone append submitted; the device owns it. Its own state (not `ACTIVE`) so the completion
+/// fast path needs no opcode compare: its returned LBA is checked in `handle_other`.
+const APPENDING: u8 = 3;
 /// In flight across a controller reset; to be resubmitted or failed.
-const PENDING: u8 = 3;
+const PENDING: u8 = 4;
+
+/// The state of a slot (re)issued with `opcode`.
+fn issued_state(opcode: u8) -> u8 {
+    if opcode == io_op::ZONE_APPEND {
+        APPENDING
+    } else {
+        ACTIVE
+    }
+}
 
 /// Most commands one queue pair keeps in flight (its command slots). The rings may be deeper;
 /// the extra entries are completion-queue slack. The bookkeeping for these slots lives in the
@@ -843,7 +855,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     /// Re-issues slot `i` (retry or after reset) with a new generation, at the SQ tail.
     fn reissue(&mut self, i: u16, mut s: SlotRec) -> bool {
         s.gen = self.next_gen(s.gen);
-        s.state = ACTIVE;
+        s.state = issued_state(s.opcode);
         s.retries = s.retries.saturating_add(1);
         s.deadline = self.clock.now_ns().saturating_add(self.timeout_ns);
         let pos = self.sq_tail;
@@ -915,19 +927,18 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             gen: live_gen,
             state,
             req,
-            opcode,
             ..
         }) = self.slots.get(i as usize)
         else {
             self.stats.bad_cid += 1;
             return None;
         };
-        if live_gen != gen || (state != ACTIVE && state != ZOMBIE) {
+        if live_gen != gen || !matches!(state, ACTIVE | ZOMBIE | APPENDING) {
             self.reject_stale(e.cid);
             return None;
         }
         self.stats.completions += 1;
-        if state == ACTIVE && e.status >> 1 == 0 && opcode != io_op::ZONE_APPEND {
+        if state == ACTIVE && e.status >> 1 == 0 {
             self.release_slot(i);
             if DEFER {
                 self.finish_part(req, ERR_NONE, 0);
@@ -1184,7 +1195,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             gen: self.next_gen(old.gen),
             req,
             next: NONE,
-            state: ACTIVE,
+            state: issued_state(opcode),
             opcode,
             retries: 0,
         };
@@ -1248,7 +1259,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         let mut any = false;
         for i in 0..self.nslots {
             let mut s = self.slot(i);
-            if s.state != ACTIVE || s.deadline > now {
+            if !matches!(s.state, ACTIVE | APPENDING) || s.deadline > now {
                 continue;
             }
             any = true;
@@ -1317,7 +1328,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         self.timeout_events.clear();
         for i in 0..self.nslots {
             let s = self.slot(i);
-            if matches!(s.state, ACTIVE | ZOMBIE | PENDING) {
+            if matches!(s.state, ACTIVE | APPENDING | ZOMBIE | PENDING) {
                 self.release_slot(i);
                 self.finish_part(s.req, ERR_REMOVED, 0);
             }
@@ -1436,7 +1447,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                     self.release_slot(i);
                     self.finish_part(s.req, ERR_TIMEOUT, 0);
                 }
-                ACTIVE => {
+                ACTIVE | APPENDING => {
                     s.state = PENDING;
                     self.put_slot(i, &s);
                 }
@@ -1483,7 +1494,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         for i in 0..self.nslots {
             let s = self.slot(i);
             match s.state {
-                PENDING | ACTIVE => {
+                PENDING | ACTIVE | APPENDING => {
                     self.release_slot(i);
                     self.finish_part(s.req, ERR_RESET, 0);
                 }
