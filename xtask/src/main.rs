@@ -424,7 +424,7 @@ fn size() -> Result<()> {
     }
     println!(
         "(lab: every job, what the tests and `cargo xtask run` boot; appliance: without the \
-         lab jobs (demo, bench, cost, logbench, cfs, fault, panic, hang, cs): \
+         lab jobs (demo, bench, cost, logbench, cfs, fault, panic, hang, cs, nschange, oracle, zone, zlog, zrecover: the test drivers): \
          `--no-default-features`; appliance (z): the same optimised for size, \
          `KEEL_FW_RUSTFLAGS=\"-C opt-level=z\" cargo xtask build`; measured under TCG it costs \
          ~5% of the raw loop's and ~7% of the full stack's QD32 IOPS)"

@@ -179,10 +179,14 @@ jobs! {
     "cfs" => nvme::cfs, "a queue at unmapped memory makes the controller fatal; reset, nothing lost", [nvme::CFS_OPTS, drives::ONE_DRIVE, NVME_OPTS];
     #[cfg(feature = "lab")]
     "bench" => nvme::bench, "fio-like load: a queue pair per core, full stack, raw loop or device ceiling", [nvme::BENCH_OPTS, drives::ALL_DRIVES, NVME_OPTS];
+    #[cfg(feature = "lab")]
     "oracle" => oracle::oracle, "the data oracle: mixed I/O on every core and drive; blocks say what they are; the host checks the images", [oracle::OPTS, drives::ALL_DRIVES, NVME_OPTS];
     "reactor" => reactor::run, "a reactor per core: cross-core I/O, queue-pair handoff and shutdown mid-I/O", [reactor::OPTS, drives::ONE_DRIVE, NVME_OPTS];
+    #[cfg(feature = "lab")]
     "zone" => zone::zone, "zoned namespaces: reset, appends in flight (LBAs checked, printed for the host), zone states and errors", [zone::OPTS, drives::ALL_DRIVES, NVME_OPTS];
+    #[cfg(feature = "lab")]
     "zlog" => zlog::zlog, "a write-ahead log on a zoned namespace (zone append): format, append, sync; crash_at= resets mid-run, the next boot replays and verifies", [zlog::ZLOG_OPTS, zlog::ZWAL_OPTS, drives::ONE_DRIVE, NVME_OPTS];
+    #[cfg(feature = "lab")]
     "zrecover" => zlog::zrecover, "replay the zoned write-ahead log and verify every record", [zlog::ZRECOVER_OPTS, zlog::ZWAL_OPTS, drives::ONE_DRIVE, NVME_OPTS];
     "log" => wal::log, "append records to a write-ahead log on namespace 1, syncing every few", [wal::LOG_OPTS, wal::WAL_OPTS, drives::ONE_DRIVE, NVME_OPTS];
     "recover" => wal::recover, "recover the write-ahead log and verify every record", [wal::RECOVER_OPTS, wal::WAL_OPTS, drives::ONE_DRIVE, NVME_OPTS];
