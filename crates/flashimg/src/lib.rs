@@ -47,8 +47,11 @@ pub const BLOCK: usize = 64 * 1024;
 /// Largest image accepted (QEMU maps at most a few MiB of -bios below 4 GiB comfortably).
 pub const MAX_IMAGE_LEN: usize = 8 << 20;
 
-/// CRC32C (Castagnoli, as used by iSCSI).
-pub const CRC32C: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+/// CRC32C (Castagnoli, as used by iSCSI), slice-by-16: the boot-time check runs over the whole
+/// image under TCG, where the byte-at-a-time table took ~5 ms of the flash boot (16 KiB of
+/// tables instead of 1 KiB).
+pub const CRC32C: crc::Crc<u32, crc::Table<16>> =
+    crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISCSI);
 
 /// CRC32C of the whole image with the header's CRC field taken as zero.
 pub fn image_crc(image: &[u8]) -> u32 {

@@ -25,12 +25,35 @@ pvh_start32:
     cld
     movl %ebx, keel_start_info
 
-    /* zero .bss (the stack and the boot page tables live there) */
+    /* zero .bss (the stack and the boot page tables live there; 22 MiB, mostly the
+       application cores' stacks). 64 bytes per pass with 8-byte MMX stores, the tail with
+       `rep stosb`: TCG runs `rep stos` one unit per step, and one byte at a time this took
+       ~33 ms of the boot. `.bss` starts page-aligned (link.ld), so the stores are aligned. */
     movl $__bss_start, %edi
     movl $__bss_end, %ecx
     subl %edi, %ecx
     xorl %eax, %eax
+    pxor %mm0, %mm0
+    movl %ecx, %edx
+    shrl $6, %ecx
+    jz 4f
+3:
+    movq %mm0, (%edi)
+    movq %mm0, 8(%edi)
+    movq %mm0, 16(%edi)
+    movq %mm0, 24(%edi)
+    movq %mm0, 32(%edi)
+    movq %mm0, 40(%edi)
+    movq %mm0, 48(%edi)
+    movq %mm0, 56(%edi)
+    addl $64, %edi
+    decl %ecx
+    jnz 3b
+4:
+    movl %edx, %ecx
+    andl $63, %ecx
     rep stosb
+    emms
 
     /* PD entries: 2048 x 2 MiB pages = 4 GiB; PS|RW|P, plus PCD|PWT from 3 GiB up */
     movl $keel_boot_pd, %edi
