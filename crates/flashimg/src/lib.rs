@@ -50,7 +50,7 @@ pub const MAX_IMAGE_LEN: usize = 8 << 20;
 /// CRC32C (Castagnoli, as used by iSCSI), slice-by-16: the boot-time check runs over the whole
 /// image under TCG, where the byte-at-a-time table took ~5 ms of the flash boot (16 KiB of
 /// tables instead of 1 KiB).
-pub const CRC32C: crc::Crc<u32, crc::Table<16>> =
+pub static CRC32C: crc::Crc<u32, crc::Table<16>> =
     crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISCSI);
 
 /// CRC32C of the whole image with the header's CRC field taken as zero.
