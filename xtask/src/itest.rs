@@ -1359,6 +1359,55 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             ),
         ],
     });
+    // 64-bit guards (PIF 2 in the NVM command set's Identify Namespace, 16 bytes of PI):
+    // through PRACT where the PI is all the metadata (separate and extended, types 1 and 2);
+    // with more metadata than the PI, every I/O refused typed and the image untouched. (4 KiB
+    // LBAs: on 512-byte LBAs QEMU 7.2 fails Write Zeroes with a guard check error.)
+    let w = work.to_path_buf();
+    v.push(Case {
+        name: "formats: 64-bit guard PI through PRACT (separate, extended), more metadata refused; host checks images".into(),
+        vm: VmOpts {
+            drives: 3,
+            drive_shapes: vec![
+                "nsopt=ms=16,nsopt=pi=1,nsopt=pif=2,lba=4096".into(),
+                "nsopt=ms=16,nsopt=mset=1,nsopt=pi=2,nsopt=pif=2,lba=4096".into(),
+                "nsopt=ms=24,nsopt=pi=3,nsopt=pif=2".into(),
+            ],
+            ..vm(2)
+        },
+        cmdline: "selftest",
+        expect_pass: true,
+        expect_timeout: false,
+        checks: vec![
+            (
+                "64-bit guards read from the NVM Identify Namespace",
+                Box::new(|o: &Outcome| {
+                    o.count("protection information with a 64-bit guard (16 bytes of 16") == 2
+                        && o.has("protection information with a 64-bit guard (16 bytes of 24")
+                        && o.has("format Pract(Type1)")
+                        && o.has("format Pract(Type2)")
+                        && o.has("format UnsupportedProtection")
+                }),
+            ),
+            (
+                "PRACT shapes pass the device's checks; Keel's own PI and the unusable format refused typed",
+                Box::new(|o: &Outcome| {
+                    o.count("(PRP list) | lba 8192 | blocks") == 2
+                        && o.count("write zeroes, read back zeroes") == 2
+                        && o.count("| 64-bit guard | a metadata buffer refused: UnsupportedFormat") == 2
+                        && o.has("| format UnsupportedProtection | I/O refused: UnsupportedFormat | ok")
+                        && o.has("checks passed on 3 drives")
+                }),
+            ),
+            (
+                "images 0 and 1 hold the selftest pattern; image 2 is untouched",
+                Box::new(move |_o: &Outcome| {
+                    (0..2).all(|d| selftest_pattern_on_disk(&w, d).unwrap_or(false))
+                        && image_is_zero(&w, 2, 1)
+                }),
+            ),
+        ],
+    });
     let w = work.to_path_buf();
     v.push(Case {
         name: "20 namespaces on one controller, host checks images 1, 17 and 20".into(),
@@ -1786,6 +1835,7 @@ fn metadata_on_disk(
         extended: false,
         pi,
         pi_offset,
+        pi_guard64: false,
         command_set: 0,
         zoned: None,
     };

@@ -298,7 +298,40 @@ fn selftest_drive<'a, B: Board>(
     }
     let mut checks = 0;
     for ns in &namespaces {
-        if ns.metadata > 0 && !ns.extended {
+        if ns.metadata > 0 && !ns.extended && ns.pi_guard64 {
+            // 64-bit guards are the device's (PRACT): a metadata buffer carrying Keel's own
+            // protection information is refused, typed, before anything is sent.
+            let sent = qp.stats().submitted_cmds;
+            let (w, m) = (
+                BufRef::new(&wbuf, 0, ns.block_size as usize)
+                    .map_err(|_| JobError::Failed("DMA buffer"))?,
+                BufRef::new(&rbuf, 0, ns.metadata as usize)
+                    .map_err(|_| JobError::Failed("DMA buffer"))?,
+            );
+            let write = BlockOp::Write {
+                ns: ns.nsid,
+                lba: 0,
+                blocks: 1,
+                buf: w,
+            };
+            match qp.submit_with_metadata(write, m, 0) {
+                Err(keel_blockdev::SubmitError::UnsupportedFormat)
+                    if qp.stats().submitted_cmds == sent =>
+                {
+                    checks += 1;
+                    keel_log::info!(
+                        "selftest drive {=usize} ns {=u32} | 64-bit guard | a metadata buffer refused: UnsupportedFormat (PRACT only) | ok",
+                        d.index,
+                        ns.nsid
+                    );
+                }
+                _ => {
+                    return Err(JobError::Failed(
+                        "selftest: a metadata buffer on a 64-bit guard namespace not refused",
+                    ))
+                }
+            }
+        } else if ns.metadata > 0 && !ns.extended {
             checks += metadata_round_trip(p, &mut qp, clock, d.index, ns, &wbuf, &rbuf)?;
         }
         if ns.zoned.is_some() {

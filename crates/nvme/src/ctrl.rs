@@ -112,9 +112,13 @@ pub struct Namespace {
     pub extended: bool,
     /// The protection type, if the namespace has protection information.
     pub pi: Option<PiType>,
-    /// Where the 8 bytes of protection information sit in a block's metadata (DPS.PIP:
-    /// first, else last).
+    /// Where the protection information sits in a block's metadata (DPS.PIP: first, else
+    /// last): 8 bytes with a 16-bit guard, 16 with a 64-bit guard.
     pub pi_offset: u16,
+    /// The protection information has a 64-bit guard and a 48-bit reference tag (PIF = 2 in
+    /// the NVM command set's extended LBA format): 16 bytes. Used through PRACT only (the
+    /// device computes and checks it); Keel computes 16-bit guards ([`crate::pi`]).
+    pub pi_guard64: bool,
     /// The namespace's I/O command set (CSI: 0 NVM, 2 zoned), from its identification
     /// descriptors.
     pub command_set: u8,
@@ -168,6 +172,11 @@ pub enum NsFormat {
     /// data is unusable (the reason is logged at bring-up): refused with
     /// [`SubmitError::UnsupportedFormat`](keel_blockdev::SubmitError).
     CommandSet(u8),
+    /// Protection information in a format this I/O path does not produce or check: a 32-bit
+    /// guard, or storage tags (the NVM command set's extended LBA format, Identify CNS 0x05):
+    /// refused with [`SubmitError::UnsupportedFormat`](keel_blockdev::SubmitError). (64-bit
+    /// guards are used through PRACT when the protection information is the whole metadata.)
+    UnsupportedProtection,
 }
 
 impl NsFormat {
@@ -195,7 +204,9 @@ impl NsFormat {
     pub fn refusal(self) -> Option<keel_blockdev::SubmitError> {
         match self {
             NsFormat::SeparateMetadata => Some(keel_blockdev::SubmitError::MetadataRequired),
-            NsFormat::ExtendedMetadata | NsFormat::CommandSet(_) => {
+            NsFormat::ExtendedMetadata
+            | NsFormat::CommandSet(_)
+            | NsFormat::UnsupportedProtection => {
                 Some(keel_blockdev::SubmitError::UnsupportedFormat)
             }
             _ => None,
@@ -809,7 +820,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             }
             let ns = match parse_namespace(nsid, &id) {
                 Ok(ns) => match self.command_set(nsid)? {
-                    spec::csi::NVM => ns,
+                    spec::csi::NVM => self.protection_format(ns, &id)?,
                     spec::csi::ZONED => self.zoned_namespace(ns, &id)?,
                     other => {
                         // Identify Namespace reads the same for every command set, but I/O
@@ -988,6 +999,66 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
             Err(BadIdentify::ZoneSize) => refused("its zone size is absurd (ZSZE)"),
             Err(_) => refused("its zone limits are absurd (MAR/MOR/ZASL)"),
         }
+    }
+
+    /// For a namespace with protection information: its format in the NVM command set's
+    /// Identify Namespace (CNS 0x05, CSI 0: the extended LBA format of the selected index at
+    /// byte 12 + 4 x index, bits 6:0 STS, 8:7 PIF). A controller without it (the command fails): 16-bit guards, as
+    /// before NVMe 2.0.
+    pub(crate) fn protection_format(
+        &mut self,
+        ns: Namespace,
+        id: &spec::IdentifyNamespace,
+    ) -> Result<Namespace, NvmeError> {
+        let Some(t) = ns.pi else {
+            return Ok(ns);
+        };
+        let cdw11 = (spec::csi::NVM as u32) << 24;
+        if self
+            .identify_csi(cns::CS_NAMESPACE, ns.nsid, cdw11)
+            .is_err()
+        {
+            return Ok(ns);
+        }
+        let idx = lba_format_index(id);
+        // LBSTM (8 bytes), PIC, 3 reserved, then ELBAF[64] of 4 bytes each.
+        let elbaf = u32::from_le_bytes(self.scratch.read::<[u8; 4]>(12 + 4 * idx)?);
+        let (sts, pif) = (elbaf & 0x7F, (elbaf >> 7) & 0x3);
+        let ms = ns.metadata;
+        Ok(match (pif, sts) {
+            (0, 0) => ns,
+            (2, 0) if ms >= 16 => {
+                keel_log::info!(
+                    "nvme: ns {} protection information with a 64-bit guard (16 bytes of {} of metadata)",
+                    ns.nsid,
+                    ms
+                );
+                Namespace {
+                    format: match ns.format {
+                        NsFormat::Pract(_) | NsFormat::SeparateMetadata if ms == 16 => {
+                            NsFormat::Pract(t)
+                        }
+                        NsFormat::ExtendedMetadata if ms == 16 => NsFormat::Pract(t),
+                        _ => NsFormat::UnsupportedProtection,
+                    },
+                    pi_offset: if id.dps & 0x8 != 0 { 0 } else { ms - 16 },
+                    pi_guard64: true,
+                    ..ns
+                }
+            }
+            _ => {
+                keel_log::warn!(
+                    "nvme: ns {} protection information format Keel cannot use (PIF {=u32}, storage tag {=u32} bits): I/O refused",
+                    ns.nsid,
+                    pif,
+                    sts
+                );
+                Namespace {
+                    format: NsFormat::UnsupportedProtection,
+                    ..ns
+                }
+            }
+        })
     }
 
     fn identify_csi(&mut self, cns: u32, nsid: u32, cdw11: u32) -> Result<(), NvmeError> {
@@ -1492,6 +1563,7 @@ pub fn parse_namespace(nsid: u32, id: &spec::IdentifyNamespace) -> Result<Namesp
         } else {
             ms.saturating_sub(8)
         },
+        pi_guard64: false,
         command_set: spec::csi::NVM,
         zoned: None,
     })

@@ -157,6 +157,7 @@ mod tests {
             extended: false,
             pi: Some(pi),
             pi_offset,
+            pi_guard64: false,
             command_set: 0,
             zoned: None,
         }

@@ -840,6 +840,11 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             e.cdw12 |= prinfo;
             if reftag {
                 e.cdw14 = s.slba as u32;
+                if ns.pi_guard64 {
+                    // A 48-bit reference tag: its upper 16 bits in CDW3 (NVMe 2.0, 64-bit
+                    // guard formats).
+                    e.cdw3 = ((s.slba >> 32) & 0xFFFF) as u32;
+                }
             }
         }
     }
@@ -1536,6 +1541,8 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 // A metadata buffer: separate metadata only (interleaved metadata travels in
                 // the data buffer), for reads and writes, `blocks * ms` bytes at least.
                 match ns.format {
+                    // Keel computes 16-bit guards only: a 64-bit guard namespace is PRACT-only.
+                    _ if ns.pi_guard64 => return Err(SubmitError::UnsupportedFormat),
                     NsFormat::SeparateMetadata | NsFormat::Pract(_) if !ns.extended => {}
                     NsFormat::Plain => return Err(SubmitError::Unsupported),
                     _ => return Err(SubmitError::UnsupportedFormat),

@@ -487,7 +487,7 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         }
         let ns = match parse_namespace(nsid, &id) {
             Ok(ns) => match self.command_set(nsid)? {
-                spec::csi::NVM => ns,
+                spec::csi::NVM => self.protection_format(ns, &id)?,
                 other => Namespace {
                     format: NsFormat::CommandSet(other),
                     ..ns
