@@ -60,37 +60,13 @@ reset32:
     movl (%ebx), %edi       /* paddr */
     movl 4(%ebx), %esi      /* offset in the image */
     addl %ebp, %esi
-    movl 8(%ebx), %ecx      /* filesz: 64 bytes per pass with 8-byte MMX loads and stores,
-                               then the odd bytes (TCG runs `rep movs` one unit per step) */
+    movl 8(%ebx), %ecx      /* filesz: dwords, then the odd bytes (TCG runs rep per unit) */
     movl %ecx, %eax
-    shrl $6, %ecx
-    jz 4f
-3:
-    movq (%esi), %mm0
-    movq 8(%esi), %mm1
-    movq 16(%esi), %mm2
-    movq 24(%esi), %mm3
-    movq 32(%esi), %mm4
-    movq 40(%esi), %mm5
-    movq 48(%esi), %mm6
-    movq 56(%esi), %mm7
-    movq %mm0, (%edi)
-    movq %mm1, 8(%edi)
-    movq %mm2, 16(%edi)
-    movq %mm3, 24(%edi)
-    movq %mm4, 32(%edi)
-    movq %mm5, 40(%edi)
-    movq %mm6, 48(%edi)
-    movq %mm7, 56(%edi)
-    addl $64, %esi
-    addl $64, %edi
-    decl %ecx
-    jnz 3b
-4:
+    shrl $2, %ecx
+    rep movsl
     movl %eax, %ecx
-    andl $63, %ecx
+    andl $3, %ecx
     rep movsb
-    emms
     movl 12(%ebx), %ecx     /* memsz - filesz: zero the rest, the same way */
     subl 8(%ebx), %ecx
     movl %ecx, %esi
