@@ -288,6 +288,52 @@ fn the_panic_job_panics_and_unknown_input_is_named() {
     )));
 }
 
+/// A board of `cores` cores with two drives of the `big()` shape.
+fn two_drive_board(cores: usize) -> ModelBoard {
+    let dma = HostDma::new();
+    ModelBoard::new(
+        cores,
+        dma.clone(),
+        vec![
+            NvmeModel::new(big(), dma.clone()),
+            NvmeModel::new(big(), dma),
+        ],
+    )
+}
+
+/// The oracle's host check on both drives of `b` after a run: each disk holds what the job's
+/// record (from the console) allows, block by block, over `span` blocks; with `rollback`, also
+/// that the check fails on this run's disk when one block is rolled back a generation.
+fn check_oracle_run(b: &ModelBoard, span: u64, rollback: bool) {
+    let recs = oracle_record(&b.console());
+    for d in 0..2 {
+        let mine: Vec<_> = recs
+            .iter()
+            .filter(|r| r.0 == d)
+            .map(|r| (r.1, r.2, r.3))
+            .collect();
+        assert!(
+            mine.len() > 10,
+            "drive {d}: only {} blocks written",
+            mine.len()
+        );
+        check_oracle_disk(b, d, &mine, span).unwrap();
+        if !rollback {
+            continue;
+        }
+        let &(lba, acked, _) = mine
+            .iter()
+            .find(|r| r.1 >= 2)
+            .expect("a block written twice");
+        let mut old = [0u8; 512];
+        keel_jobs::oracle::make_block(&mut old, lba, acked - 1, d as u32, 0);
+        let keep = b.nvme()[d].disk_read(1, lba as usize * 512, 512);
+        b.nvme()[d].disk_write(1, lba as usize * 512, &old);
+        assert!(check_oracle_disk(b, d, &mine, span).is_err());
+        b.nvme()[d].disk_write(1, lba as usize * 512, &keep);
+    }
+}
+
 /// The host's side of the oracle: each block the record lists holds an intact oracle block of
 /// its own LBA whose generation fits the record; every other block of the run is untouched.
 fn check_oracle_disk(
@@ -318,42 +364,11 @@ fn check_oracle_disk(
 
 #[test]
 fn oracle_on_two_drives_and_three_cores_checked_on_the_disks() {
-    let dma = HostDma::new();
-    let b = ModelBoard::new(
-        3,
-        dma.clone(),
-        vec![
-            NvmeModel::new(big(), dma.clone()),
-            NvmeModel::new(big(), dma),
-        ],
-    );
+    let b = two_drive_board(3);
     run(&b, "oracle ms=3 blocks=64 qd=8").unwrap();
-    // The job's record of acknowledged writes, from the console, against the model's disks.
-    let recs = oracle_record(&b.console());
-    for d in 0..2 {
-        let mine: Vec<_> = recs
-            .iter()
-            .filter(|r| r.0 == d)
-            .map(|r| (r.1, r.2, r.3))
-            .collect();
-        assert!(
-            mine.len() > 10,
-            "drive {d}: only {} blocks written",
-            mine.len()
-        );
-        check_oracle_disk(&b, d, &mine, 3 * 64 + 8).unwrap();
-        // The check can fail: a block rolled back to an older generation is caught.
-        let &(lba, acked, _) = mine
-            .iter()
-            .find(|r| r.1 >= 2)
-            .expect("a block written twice");
-        let mut old = [0u8; 512];
-        keel_jobs::oracle::make_block(&mut old, lba, acked - 1, d as u32, 0);
-        let keep = b.nvme()[d].disk_read(1, lba as usize * 512, 512);
-        b.nvme()[d].disk_write(1, lba as usize * 512, &old);
-        assert!(check_oracle_disk(&b, d, &mine, 3 * 64 + 8).is_err());
-        b.nvme()[d].disk_write(1, lba as usize * 512, &keep);
-    }
+    // The job's record of acknowledged writes, from the console, against the model's disks;
+    // the check can fail: a block rolled back to an older generation is caught.
+    check_oracle_run(&b, 3 * 64 + 8, true);
     // The checker itself: a torn block and a stale generation are caught.
     let mut blk = [0u8; 512];
     keel_jobs::oracle::make_block(&mut blk, 7, 3, 0, 0);
@@ -445,32 +460,9 @@ fn oracle_under_faults(line: &'static str, after: u64, held: u32, aborts_work: b
     nvme[0].set_abort(aborts_work, 3);
     let b = ModelBoard::new(3, dma, nvme);
     run(&b, line).unwrap_or_else(|e| panic!("{line}: {e}"));
-    // Host side, block by block: each drive's disk holds what the record allows.
-    let recs = oracle_record(&b.console());
-    for d in 0..2 {
-        let mine: Vec<_> = recs
-            .iter()
-            .filter(|r| r.0 == d)
-            .map(|r| (r.1, r.2, r.3))
-            .collect();
-        assert!(
-            mine.len() > 10,
-            "drive {d}: only {} blocks written",
-            mine.len()
-        );
-        check_oracle_disk(&b, d, &mine, 2 * 64 + 8).unwrap();
-        // The check can fail on this run's disk: a block rolled back one generation is caught.
-        let &(lba, acked, _) = mine
-            .iter()
-            .find(|r| r.1 >= 2)
-            .expect("a block written twice");
-        let mut old = [0u8; 512];
-        keel_jobs::oracle::make_block(&mut old, lba, acked - 1, d as u32, 0);
-        let keep = b.nvme()[d].disk_read(1, lba as usize * 512, 512);
-        b.nvme()[d].disk_write(1, lba as usize * 512, &old);
-        assert!(check_oracle_disk(&b, d, &mine, 2 * 64 + 8).is_err());
-        b.nvme()[d].disk_write(1, lba as usize * 512, &keep);
-    }
+    // Host side, block by block: each drive's disk holds what the record allows; the check
+    // can fail on this run's disk (a block rolled back one generation is caught).
+    check_oracle_run(&b, 2 * 64 + 8, true);
     b
 }
 
@@ -602,26 +594,9 @@ fn nschange_attaches_writes_and_detaches_while_ns1_works() {
 /// drive 1 goes on; both disks hold what the record allows.
 #[test]
 fn oracle_with_drive_0_surprise_removed() {
-    let dma = HostDma::new();
-    let b = ModelBoard::new(
-        2,
-        dma.clone(),
-        vec![
-            NvmeModel::new(big(), dma.clone()),
-            NvmeModel::new(big(), dma),
-        ],
-    );
+    let b = two_drive_board(2);
     run(&b, "oracle ms=150 blocks=64 qd=8 remove_ms=20").unwrap();
-    let recs = oracle_record(&b.console());
-    for d in 0..2 {
-        let mine: Vec<_> = recs
-            .iter()
-            .filter(|r| r.0 == d)
-            .map(|r| (r.1, r.2, r.3))
-            .collect();
-        assert!(mine.len() > 10, "drive {d}: only {} blocks", mine.len());
-        check_oracle_disk(&b, d, &mine, 2 * 64 + 8).unwrap();
-    }
+    check_oracle_run(&b, 2 * 64 + 8, false);
     // Drive 0 saw no command after it was gone.
     assert!(b.nvme()[0].io_commands() < b.nvme()[1].io_commands());
 }

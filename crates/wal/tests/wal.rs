@@ -1,6 +1,8 @@
 //! keel-wal over keel-writer over the real NVMe driver and the software controller, with
 //! simulated power cuts (the model's volatile write cache).
 
+mod common;
+use common::Rng;
 use keel_blockdev::{BlockOp, BlockQueue, IoError, SubmitError};
 use keel_model::{Fault, HostDma, ModelClock, ModelConfig, ModelMmio, NvmeModel};
 use keel_nvme::{Config as NvmeConfig, Controller, IoQueuePair};
@@ -93,19 +95,6 @@ fn collect(log: &mut Log) -> Vec<Vec<u8>> {
         out.push(buf[..n].to_vec());
     }
     out
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 #[test]

@@ -6,6 +6,8 @@
 //! are also parsed from the model's media image by this file's own parser of the documented
 //! layout (not the log's code).
 
+mod common;
+use common::Rng;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -26,19 +28,6 @@ const ZONES: u64 = 16;
 const BS: usize = 512;
 /// The log's zones: 2..2 + range.
 const FIRST: u64 = 2;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// The payload of record `seq` (0 to 1500 bytes: one to four blocks).
 fn payload(seq: u64) -> Vec<u8> {
