@@ -6,6 +6,7 @@
 //! here every gate points at an entry of one asm stub table.
 
 use core::cell::UnsafeCell;
+use core::mem::MaybeUninit;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
@@ -154,9 +155,10 @@ static PER_CORE: [BootCell<PerCore>; MAX_CORES] = [const {
         tss: TaskStateSegment::new(),
     }))
 }; MAX_CORES];
-/// IST stacks, all zero so they stay in .bss (the GDT above is not all zero and lands in .data).
-static IST_STACKS: [BootCell<[Stack; 3]>; MAX_CORES] =
-    [const { BootCell(UnsafeCell::new([const { Stack([0; IST_SIZE]) }; 3])) }; MAX_CORES];
+/// IST stacks, in `.uninit` (link.ld: not zeroed at boot; a stack is written before it is read).
+#[link_section = ".uninit.ist_stacks"]
+static IST_STACKS: [BootCell<MaybeUninit<[Stack; 3]>>; MAX_CORES] =
+    [const { BootCell(UnsafeCell::new(MaybeUninit::uninit())) }; MAX_CORES];
 
 fn gate(handler: u64, selector: u16, ist: u8) -> Gate {
     let mut g = [0u8; 16];
@@ -189,9 +191,10 @@ pub fn init_core(index: usize) {
     // SAFETY: core `index` is the only writer of PER_CORE[index], and does it once at bring-up.
     let pc: &'static mut PerCore = unsafe { &mut *PER_CORE[index].0.get() };
     // SAFETY: only core `index` takes the addresses of its own IST stacks.
-    let ist = unsafe { &*IST_STACKS[index].0.get() };
-    for (i, s) in ist.iter().enumerate() {
-        let top = VirtAddr::from_ptr(s.0.as_ptr()) + IST_SIZE as u64;
+    let ist = IST_STACKS[index].0.get() as *const Stack;
+    for i in 0..3 {
+        // SAFETY: only the address of stack `i` of this core's three is computed.
+        let top = VirtAddr::from_ptr(unsafe { ist.add(i) }) + IST_SIZE as u64;
         pc.tss.interrupt_stack_table[i] = top;
     }
     let mut gdt = GlobalDescriptorTable::new();
