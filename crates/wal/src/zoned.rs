@@ -33,8 +33,8 @@
 //! | 8..16 | `seq` | payload |
 //! | 16..20 | `epoch` (the zone header's) | |
 //! | 20..24 | `blocks` | |
-//! | 24..28 | CRC32C of bytes 0..24 and the payload | |
-//! | 28..32 | 0 | |
+//! | 24..28 | CRC32C of bytes 0..24, 28..32 and the payload | |
+//! | 28..32 | `behind`: `seq` minus the acknowledged end when the record was framed (`u32::MAX`: more) | |
 //! | 32.. | payload | |
 //!
 //! Nothing in a record depends on its LBA (the device chooses it); a record belongs to the zone
@@ -65,7 +65,10 @@
 //!   taken zone, every block from its start up to its write pointer (its capacity if full) is
 //!   scanned, the sequence numbers of the valid records seen are marked in a bitmap (bounded:
 //!   [`MAX_ZONE_RECORDS`] bits), and the dense run from `first_seq` is taken. Anything after a
-//!   hole is a torn tail. Every zone not taken (torn tails of later zones, headers that never
+//!   hole is a torn tail, unless a valid record of the format (in any zone) was framed when the
+//!   acknowledged end was past the hole: then an acknowledged record is corrupt or gone, and
+//!   recovery is [`Error::Corrupt`] with the hole's sequence number, having written nothing.
+//!   Every zone not taken (torn tails of later zones, headers that never
 //!   became durable, older formats) is reset, after a Flush that makes what was read durable
 //!   (it may have come from the device's volatile cache after a reboot without power loss), and
 //!   every zone taken is finished (never appended to again, and its blocks read the same). The
@@ -94,9 +97,11 @@
 //! An interrupted `format` may leave zones of the old log behind (format again). A device that
 //! drops a completed zone reset on power loss could bring back an older zone; the
 //! `format_epoch` hides older formats, not older zones of the same format. Corruption of an
-//! acknowledged record cannot be told from a torn tail (there is no superblock recording the
-//! acknowledged end: nothing may be rewritten): recovery then ends before it, and never returns
-//! it. Zone capacities are taken from the report at `format` / `open`.
+//! acknowledged record is told from a torn tail only by a later record: each record carries the
+//! acknowledged end its framing saw (there is no superblock recording it: nothing may be
+//! rewritten). Corruption among the records the last `sync` acknowledged, with no record
+//! appended after that `sync` surviving, looks like a torn tail: recovery then ends before the
+//! corrupt record and never returns it, but cannot say it was acknowledged. Zone capacities are taken from the report at `format` / `open`.
 //!
 //! QEMU 7.2 keeps zone state (write pointers, states) in memory only: a new QEMU process starts
 //! with every zone empty whatever the image holds, so a replay across a QEMU restart sees an
@@ -218,7 +223,8 @@ pub enum Error {
     /// The device did something impossible (a record placed over a zone header, a header not
     /// placed at its zone's start).
     BadDevice,
-    /// An acknowledged record could not be found or failed its checks while iterating.
+    /// An acknowledged record could not be found or failed its checks: while iterating, or at
+    /// recovery when a later record proves it was acknowledged (recovery then writes nothing).
     Corrupt {
         /// Its sequence number.
         seq: u64,
@@ -268,6 +274,18 @@ impl Cursor {
     pub fn seq(&self) -> u64 {
         self.seq
     }
+}
+
+/// A valid record found on the media.
+#[derive(Debug, Clone, Copy)]
+struct Rec {
+    seq: u64,
+    blocks: u64,
+    len: usize,
+    /// Its payload was copied out.
+    copied: bool,
+    /// The acknowledged end when it was framed.
+    claim: u64,
 }
 
 /// One zone of the log, oldest first.
@@ -645,7 +663,7 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
         lim: u64,
         h: &ChainZone,
         mut out: Option<&mut [u8]>,
-    ) -> Result<Option<(u64, u64, usize, bool)>, Error> {
+    ) -> Result<Option<Rec>, Error> {
         let bs = self.bs;
         let off = self.window(lba, 1, lim)?;
         let mut hb = [0u8; REC_HEADER];
@@ -655,6 +673,7 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
             le64(&hb, 8),
             u64::from(le32(&hb, 20)),
         );
+        let behind = le32(&hb, 28);
         let valid = le32(&hb, 0) == REC_MAGIC
             && le32(&hb, 16) == h.epoch
             && seq >= h.first_seq
@@ -670,6 +689,7 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
         let fits = out.as_ref().is_some_and(|o| o.len() >= len);
         let mut d = CRC32C.digest();
         d.update(&hb[0..24]);
+        d.update(&hb[28..32]);
         let mut chunk = [0u8; 512];
         let mut done = 0usize;
         for k in 0..blocks as usize {
@@ -703,25 +723,40 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
         if d.finalize() != le32(&hb, 24) {
             return Ok(None);
         }
-        Ok(Some((seq, blocks, len, fits)))
+        // The acknowledged end this record's framing saw: every record below it was durable
+        // before this one was even submitted.
+        let claim = match behind {
+            u32::MAX => 0,
+            b => seq.saturating_sub(u64::from(b)),
+        };
+        Ok(Some(Rec {
+            seq,
+            blocks,
+            len,
+            copied: fits,
+            claim,
+        }))
     }
 
-    /// The dense run of sequence numbers from the zone's `first_seq` among its valid records.
-    fn scan(&mut self, cz: &ChainZone) -> Result<u64, Error> {
+    /// The dense run of sequence numbers from the zone's `first_seq` among its valid records,
+    /// and the highest acknowledged end any of them saw when it was framed.
+    fn scan(&mut self, cz: &ChainZone) -> Result<(u64, u64), Error> {
         let start = self.zone_lba(cz.zone);
         let lim = start + cz.lim;
         let mut seen: BitArray<[u64; WORDS]> = BitArray::ZERO;
+        let mut claim = 0u64;
         let mut b = start + 1;
         while b < lim {
             match self.record(b, lim, cz, None)? {
-                Some((seq, n, _, _)) => {
-                    seen.set((seq - cz.first_seq) as usize, true);
-                    b += n;
+                Some(r) => {
+                    seen.set((r.seq - cz.first_seq) as usize, true);
+                    claim = claim.max(r.claim);
+                    b += r.blocks;
                 }
                 None => b += 1,
             }
         }
-        Ok(seen.leading_ones() as u64)
+        Ok((seen.leading_ones() as u64, claim))
     }
 
     // ---------------------------------------------------------------- format, open
@@ -836,6 +871,8 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
         let mut taken = [false; MAX_ZONES];
         let first = order.first().map_or(0, |o| o.1);
         let mut end = first;
+        // The highest acknowledged end any record of the log's format saw when it was framed.
+        let mut claim = 0u64;
         for &(epoch, fs, i) in order.iter() {
             max_epoch = max_epoch.max(epoch);
             if fs != end {
@@ -856,10 +893,37 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
                 max_blocks: h.max_blocks,
                 lim: zi.lim,
             };
-            let dense = self.scan(&cz)?;
+            let (dense, c) = self.scan(&cz)?;
+            claim = claim.max(c);
             let _ = self.chain.push(cz);
             taken[i] = true;
             end += dense;
+        }
+        // Zones of this format not in the chain (torn tails, zones past a break) hold records
+        // too: what their framing saw counts as much.
+        for &(epoch, fs, i) in order.iter() {
+            let (Some(zi), Some(h)) = (info[i], info[i].and_then(|z| z.header)) else {
+                continue;
+            };
+            if taken[i] || h.max_blocks > self.win_blocks as u32 {
+                continue;
+            }
+            let cz = ChainZone {
+                zone: cfg.first_zone + i as u64,
+                first_seq: fs,
+                epoch,
+                window: h.window,
+                max_blocks: h.max_blocks,
+                lim: zi.lim,
+            };
+            claim = claim.max(self.scan(&cz)?.1);
+        }
+        if claim > end {
+            // A record framed after records up to `claim` were acknowledged survived, but the
+            // walk ends at `end`: an acknowledged record is corrupt or gone (not a torn tail).
+            // Nothing is written: the log stays as found, for inspection.
+            self.win = None;
+            return Err(Error::Corrupt { seq: end });
         }
         // What was read may sit in the device's volatile cache: durable before anything else.
         self.win = None;
@@ -1040,8 +1104,12 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
         hb[8..16].copy_from_slice(&seq.to_le_bytes());
         hb[16..20].copy_from_slice(&self.epoch.to_le_bytes());
         hb[20..24].copy_from_slice(&(blocks as u32).to_le_bytes());
+        let behind =
+            u32::try_from(seq - self.acked.min(seq)).map_or(u32::MAX, |b| b.min(u32::MAX - 1));
+        hb[28..32].copy_from_slice(&behind.to_le_bytes());
         let mut d = CRC32C.digest();
         d.update(&hb[0..24]);
+        d.update(&hb[28..32]);
         d.update(payload);
         hb[24..28].copy_from_slice(&d.finalize().to_le_bytes());
         let dma = |r: Result<(), keel_hal::DmaError>| r.map_err(|_| Error::Dma);
@@ -1184,7 +1252,14 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
         let mut all_below = true;
         self.win = None;
         while b < lim {
-            let Some((seq, n, len, copied)) = self.record(b, lim, &cz, Some(&mut *buf))? else {
+            let Some(Rec {
+                seq,
+                blocks: n,
+                len,
+                copied,
+                ..
+            }) = self.record(b, lim, &cz, Some(&mut *buf))?
+            else {
                 b += 1;
                 continue;
             };

@@ -334,6 +334,7 @@ fn parse_image(img: &[u8], range: u64) -> Vec<(u64, Vec<Found>)> {
             }
             let mut d = crc.digest();
             d.update(&img[o..o + 24]);
+            d.update(&img[o + 28..o + 32]);
             d.update(&p);
             if p.len() == len && d.finalize() == u32_at(o + 24) {
                 recs.push((seq, z * ZONE + b, p));
@@ -729,6 +730,96 @@ fn corrupt_blocks_are_never_returned() {
     assert_eq!(rec.end, fs2);
     assert!(rec.discarded >= 1);
     assert_eq!(check_all(&mut log), fs2);
+}
+
+/// A corrupt acknowledged record that a later record proves acknowledged is a typed error at
+/// recovery, not a silently shorter log; recovery writes nothing then. Corruption in the last
+/// `sync`'s group, with nothing framed after that `sync`, still looks like a torn tail.
+#[test]
+fn corrupt_acknowledged_record_is_a_typed_error() {
+    let corrupt = |d: &mut Dev, seq: u64| {
+        let img = d.model.durable_image(1);
+        let (_, lba, _) = parse_image(&img, 6)
+            .iter()
+            .flat_map(|(_, r)| r.iter())
+            .find(|r| r.0 == seq)
+            .cloned()
+            .unwrap();
+        let at = lba as usize * BS + 40;
+        let b = d.model.disk_read(1, at, 1)[0];
+        d.model.disk_write(1, at, &[b ^ 0x40]);
+    };
+    // Syncs every 10 records: record 5 was acknowledged by the sync after record 9, and
+    // records 10.. (in the same zone, and later ones) were framed after it.
+    let mut d = Dev::new(6);
+    let mut log = d.format();
+    for i in 0..80u64 {
+        log.append(&payload(i)).unwrap();
+        if i % 10 == 9 {
+            log.sync().unwrap();
+        }
+    }
+    drop(log);
+    corrupt(&mut d, 5);
+    let before = d.model.durable_image(1);
+    assert_eq!(
+        d.try_open().map(|(_, r)| r.end).err(),
+        Some(Error::Corrupt { seq: 5 }),
+        "recovery must not end the log silently before an acknowledged record"
+    );
+    assert!(
+        d.model.durable_image(1) == before,
+        "a recovery that found corruption wrote nothing"
+    );
+    // The same within one zone (the proof is in the zone the walk stops in).
+    let mut d = Dev::new(6);
+    let mut log = d.format();
+    for i in 0..12u64 {
+        log.append(&payload(i)).unwrap();
+        if i % 4 == 3 {
+            log.sync().unwrap();
+        }
+    }
+    assert_eq!(log.zones().count(), 1, "twelve records fit one zone");
+    drop(log);
+    corrupt(&mut d, 2);
+    assert_eq!(
+        d.try_open().map(|(_, r)| r.end).err(),
+        Some(Error::Corrupt { seq: 2 })
+    );
+    // The same, with the proof in later zones only: zone 2 of the log lost its header.
+    let mut d = Dev::new(6);
+    let mut log = d.format();
+    for i in 0..80u64 {
+        log.append(&payload(i)).unwrap();
+        if i % 10 == 9 {
+            log.sync().unwrap();
+        }
+    }
+    let zs: Vec<(u64, u64)> = log.zones().collect();
+    drop(log);
+    assert!(zs.len() >= 3, "the records span three zones: {zs:?}");
+    let (z1, fs1) = zs[1];
+    d.model
+        .disk_write(1, (z1 * ZONE) as usize * BS + 20, &[0xFF]);
+    assert_eq!(
+        d.try_open().map(|(_, r)| r.end).err(),
+        Some(Error::Corrupt { seq: fs1 })
+    );
+    // Corruption among the last sync's records, nothing framed after that sync: a torn tail.
+    let mut d = Dev::new(6);
+    let mut log = d.format();
+    for i in 0..40u64 {
+        log.append(&payload(i)).unwrap();
+        if i % 10 == 9 {
+            log.sync().unwrap();
+        }
+    }
+    drop(log);
+    corrupt(&mut d, 35);
+    let (mut log, rec) = d.open();
+    assert_eq!(rec.end, 35);
+    assert_eq!(check_all(&mut log), 35);
 }
 
 #[test]

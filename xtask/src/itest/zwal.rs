@@ -80,6 +80,7 @@ fn parse(img: &[u8]) -> Vec<(u32, u64, Vec<Rec>)> {
                 }
                 let mut d = crc.digest();
                 d.update(&img[o..o + 24]);
+                d.update(&img[o + 28..o + 32]);
                 d.update(&p);
                 good &= p.len() == len && d.finalize() == u32_at(o + 24);
             }
