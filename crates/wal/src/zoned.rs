@@ -873,26 +873,30 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
         let mut end = first;
         // The highest acknowledged end any record of the log's format saw when it was framed.
         let mut claim = 0u64;
+        // Zone `i` as a zone of the log, from its header.
+        let chain_zone = |i: usize| {
+            let (zi, h) = (info[i]?, info[i]?.header?);
+            Some(ChainZone {
+                zone: cfg.first_zone + i as u64,
+                first_seq: h.first_seq,
+                epoch: h.epoch,
+                window: h.window,
+                max_blocks: h.max_blocks,
+                lim: zi.lim,
+            })
+        };
         for &(epoch, fs, i) in order.iter() {
             max_epoch = max_epoch.max(epoch);
             if fs != end {
                 continue;
             }
-            let (Some(zi), Some(h)) = (info[i], info[i].and_then(|z| z.header)) else {
+            let Some(cz) = chain_zone(i) else {
                 continue;
             };
-            if h.max_blocks > self.win_blocks as u32 {
+            if cz.max_blocks > self.win_blocks as u32 {
                 // Written with records larger than this configuration can read.
                 return Err(Error::Config);
             }
-            let cz = ChainZone {
-                zone: cfg.first_zone + i as u64,
-                first_seq: fs,
-                epoch,
-                window: h.window,
-                max_blocks: h.max_blocks,
-                lim: zi.lim,
-            };
             let (dense, c) = self.scan(&cz)?;
             claim = claim.max(c);
             let _ = self.chain.push(cz);
@@ -901,20 +905,10 @@ impl<Q: ZoneQueue, C: Clock> ZonedWal<Q, C> {
         }
         // Zones of this format not in the chain (torn tails, zones past a break) hold records
         // too: what their framing saw counts as much.
-        for &(epoch, fs, i) in order.iter() {
-            let (Some(zi), Some(h)) = (info[i], info[i].and_then(|z| z.header)) else {
+        for &(_, _, i) in order.iter() {
+            let win = self.win_blocks as u32;
+            let Some(cz) = chain_zone(i).filter(|cz| !taken[i] && cz.max_blocks <= win) else {
                 continue;
-            };
-            if taken[i] || h.max_blocks > self.win_blocks as u32 {
-                continue;
-            }
-            let cz = ChainZone {
-                zone: cfg.first_zone + i as u64,
-                first_seq: fs,
-                epoch,
-                window: h.window,
-                max_blocks: h.max_blocks,
-                lim: zi.lim,
             };
             claim = claim.max(self.scan(&cz)?.1);
         }

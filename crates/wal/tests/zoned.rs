@@ -732,6 +732,18 @@ fn corrupt_blocks_are_never_returned() {
     assert_eq!(check_all(&mut log), fs2);
 }
 
+/// A fresh log with records `0..n`, synced after every `every`.
+fn synced(d: &mut Dev, n: u64, every: u64) -> Log {
+    let mut log = d.format();
+    for i in 0..n {
+        log.append(&payload(i)).unwrap();
+        if i % every == every - 1 {
+            log.sync().unwrap();
+        }
+    }
+    log
+}
+
 /// A corrupt acknowledged record that a later record proves acknowledged is a typed error at
 /// recovery, not a silently shorter log; recovery writes nothing then. Corruption in the last
 /// `sync`'s group, with nothing framed after that `sync`, still looks like a torn tail.
@@ -752,13 +764,7 @@ fn corrupt_acknowledged_record_is_a_typed_error() {
     // Syncs every 10 records: record 5 was acknowledged by the sync after record 9, and
     // records 10.. (in the same zone, and later ones) were framed after it.
     let mut d = Dev::new(6);
-    let mut log = d.format();
-    for i in 0..80u64 {
-        log.append(&payload(i)).unwrap();
-        if i % 10 == 9 {
-            log.sync().unwrap();
-        }
-    }
+    let log = synced(&mut d, 80, 10);
     drop(log);
     corrupt(&mut d, 5);
     let before = d.model.durable_image(1);
@@ -773,13 +779,7 @@ fn corrupt_acknowledged_record_is_a_typed_error() {
     );
     // The same within one zone (the proof is in the zone the walk stops in).
     let mut d = Dev::new(6);
-    let mut log = d.format();
-    for i in 0..12u64 {
-        log.append(&payload(i)).unwrap();
-        if i % 4 == 3 {
-            log.sync().unwrap();
-        }
-    }
+    let log = synced(&mut d, 12, 4);
     assert_eq!(log.zones().count(), 1, "twelve records fit one zone");
     drop(log);
     corrupt(&mut d, 2);
@@ -789,13 +789,7 @@ fn corrupt_acknowledged_record_is_a_typed_error() {
     );
     // The same, with the proof in later zones only: zone 2 of the log lost its header.
     let mut d = Dev::new(6);
-    let mut log = d.format();
-    for i in 0..80u64 {
-        log.append(&payload(i)).unwrap();
-        if i % 10 == 9 {
-            log.sync().unwrap();
-        }
-    }
+    let log = synced(&mut d, 80, 10);
     let zs: Vec<(u64, u64)> = log.zones().collect();
     drop(log);
     assert!(zs.len() >= 3, "the records span three zones: {zs:?}");
@@ -808,13 +802,7 @@ fn corrupt_acknowledged_record_is_a_typed_error() {
     );
     // Corruption among the last sync's records, nothing framed after that sync: a torn tail.
     let mut d = Dev::new(6);
-    let mut log = d.format();
-    for i in 0..40u64 {
-        log.append(&payload(i)).unwrap();
-        if i % 10 == 9 {
-            log.sync().unwrap();
-        }
-    }
+    let log = synced(&mut d, 40, 10);
     drop(log);
     corrupt(&mut d, 35);
     let (mut log, rec) = d.open();
