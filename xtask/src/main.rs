@@ -343,14 +343,16 @@ fn run(vm: qemu::VmOpts, boot: FlashBoot, elf: Option<PathBuf>, job: Vec<String>
     Ok(())
 }
 
-/// Sections of a firmware ELF: (text, rodata, data, bss, ELF bytes, stripped bytes).
-fn sections_of(fw: &std::path::Path, stripped: &std::path::Path) -> Result<[Option<u64>; 6]> {
+/// Sections of a firmware ELF: (text, rodata, data, bss, ELF bytes, stripped bytes, uninit).
+fn sections_of(fw: &std::path::Path, stripped: &std::path::Path) -> Result<[Option<u64>; 7]> {
     use object::{Object, ObjectSection, SectionKind};
     let data = std::fs::read(fw)?;
     let obj = object::File::parse(&*data)?;
-    let mut v = [0u64; 4];
+    let mut v = [0u64; 5];
     for s in obj.sections() {
         match s.kind() {
+            // The stacks: reserved like .bss, not zeroed at boot (link.ld).
+            SectionKind::UninitializedData if s.name() == Ok(".uninit") => v[4] += s.size(),
             SectionKind::Text => v[0] += s.size(),
             SectionKind::ReadOnlyData | SectionKind::ReadOnlyString | SectionKind::Note => {
                 v[1] += s.size()
@@ -376,6 +378,7 @@ fn sections_of(fw: &std::path::Path, stripped: &std::path::Path) -> Result<[Opti
         Some(v[3]),
         Some(data.len() as u64),
         stripped_len,
+        Some(v[4]),
     ])
 }
 
@@ -411,10 +414,15 @@ fn size() -> Result<()> {
         "section", "lab image", "appliance", "appliance (z)"
     );
     println!("{:-<14} {:->14} {:->14} {:->16}", "", "", "", "");
-    for (i, n) in ["text", "rodata", "data", "bss", "ELF (debug)", "stripped"]
-        .iter()
-        .enumerate()
-    {
+    for (i, n) in [
+        (0, "text"),
+        (1, "rodata"),
+        (2, "data"),
+        (3, "bss"),
+        (6, "uninit"),
+        (4, "ELF (debug)"),
+        (5, "stripped"),
+    ] {
         println!(
             "{n:<14} {:>14} {:>14} {:>16}",
             show(l[i]),
@@ -443,7 +451,7 @@ fn size() -> Result<()> {
             None => println!("size budget {name}: n/a (no strip)"),
         }
     }
-    let (dat, bss) = (l[2].unwrap_or(0), l[3].unwrap_or(0));
+    let (dat, bss) = (l[2].unwrap_or(0), l[3].unwrap_or(0) + l[6].unwrap_or(0));
 
     // Code and static RAM by the crate each symbol belongs to.
     let mut by_crate: std::collections::BTreeMap<String, [u64; 4]> = Default::default();
@@ -487,7 +495,7 @@ fn size() -> Result<()> {
         "(symbols, total)", sum[0], sum[1], sum[2], sum[3]
     );
     println!(
-        "static RAM (data + bss), lab image: {} KiB",
+        "static RAM (data + bss + uninit), lab image: {} KiB",
         (dat + bss) / 1024
     );
     Ok(())
