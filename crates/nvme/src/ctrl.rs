@@ -116,8 +116,8 @@ pub struct Namespace {
     /// last): 8 bytes with a 16-bit guard, 16 with a 64-bit guard.
     pub pi_offset: u16,
     /// The protection information has a 64-bit guard and a 48-bit reference tag (PIF = 2 in
-    /// the NVM command set's extended LBA format): 16 bytes. Used through PRACT only (the
-    /// device computes and checks it); Keel computes 16-bit guards ([`crate::pi`]).
+    /// the NVM command set's extended LBA format): 16 bytes. Through PRACT where it is all the
+    /// metadata, or computed by the caller ([`crate::pi`]) in a separate metadata buffer.
     pub pi_guard64: bool,
     /// The namespace's I/O command set (CSI: 0 NVM, 2 zoned), from its identification
     /// descriptors.
@@ -175,7 +175,9 @@ pub enum NsFormat {
     /// Protection information in a format this I/O path does not produce or check: a 32-bit
     /// guard, or storage tags (the NVM command set's extended LBA format, Identify CNS 0x05):
     /// refused with [`SubmitError::UnsupportedFormat`](keel_blockdev::SubmitError). (64-bit
-    /// guards are used through PRACT when the protection information is the whole metadata.)
+    /// guards are used through PRACT when the protection information is the whole metadata,
+    /// and with a caller's metadata buffer where the metadata is separate; a 64-bit guard with
+    /// more metadata than the PI, interleaved with the data, is this.)
     UnsupportedProtection,
 }
 
@@ -1039,6 +1041,9 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
                             NsFormat::Pract(t)
                         }
                         NsFormat::ExtendedMetadata if ms == 16 => NsFormat::Pract(t),
+                        // More metadata than the PI, apart from the data: the caller's metadata
+                        // buffer carries it, with Keel's tuples (`crate::pi`).
+                        NsFormat::SeparateMetadata => NsFormat::SeparateMetadata,
                         _ => NsFormat::UnsupportedProtection,
                     },
                     pi_offset: if id.dps & 0x8 != 0 { 0 } else { ms - 16 },
