@@ -1435,6 +1435,43 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             ),
         ],
     });
+    // The README's QEMU 7.2 finding, kept under test: on a 64-bit guard namespace with
+    // 512-byte LBAs, Write Zeroes with PRACT (no PRCHK, reference tag = LBA) stores the guard
+    // of a 4 KiB zero block (nvme_dif_rw's Write Zeroes branch writes the constant
+    // 0x6482D367EB22B64E whatever the LBA size), so reading the zeroes back fails the device's
+    // own guard check (SCT 2 / SC 0x82). The host reads the stored tuples: Keel's reference
+    // tags are right, the guard is QEMU's constant. (If QEMU is fixed, this case fails: then
+    // the 64-bit PRACT case above can use 512-byte LBAs too.)
+    let w = work.to_path_buf();
+    v.push(Case {
+        name: "QEMU 7.2 quirk: 64-bit guard Write Zeroes on 512 B LBAs stores the 4 KiB zero guard; host reads the tuples".into(),
+        vm: VmOpts {
+            drives: 1,
+            drive_shapes: vec!["nsopt=ms=16,nsopt=pi=1,nsopt=pif=2".into()],
+            ..vm(2)
+        },
+        cmdline: "selftest",
+        expect_pass: false,
+        expect_timeout: false,
+        checks: vec![
+            (
+                "Keel's PI and PRACT pass on 512 B LBAs; only the zeroes' read-back fails, with a guard check error",
+                Box::new(|o: &Outcome| {
+                    o.has("metadata 16 B per block, PI computed by Keel (64-bit guard) | round trip | ok")
+                        && o.has("(PRP list) | lba 8192 | blocks")
+                        && o.has("ERROR write zeroes: Io(Media { status: DevStatus(1284) })")
+                        && !o.has("write zeroes, read back zeroes")
+                }),
+            ),
+            (
+                "host: the PRACT tuples are right; the zeroed blocks carry CRC-64 of 4 KiB of zeroes, not of 512 B, with reference tag = LBA",
+                Box::new(move |_o: &Outcome| {
+                    crc64_nvme(&[&[0u8; 4096]]) != crc64_nvme(&[&[0u8; 512]])
+                        && pract64_on_disk(&w, 0, 512, 16).unwrap_or(false)
+                }),
+            ),
+        ],
+    });
     let w = work.to_path_buf();
     v.push(Case {
         name: "20 namespaces on one controller, host checks images 1, 17 and 20".into(),
@@ -1529,6 +1566,7 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
                     o.count("| round trip | ok") == 4
                         && o.count("PI computed by Keel | round trip | ok") == 3
                         && o.count("bad guard refused by the device") == 3
+                        && o.count("bad reference tag refused by the device: Some(ReferenceTag)") == 2
                 }),
             ),
             (
@@ -1945,9 +1983,10 @@ fn pi64_metadata_on_disk(
 }
 
 /// The device's own (PRACT) 64-bit-guard tuples on namespace 1 of drive `d` (metadata all
-/// PI, `ms` = 16): every block of the selftest's 2 MiB + 8 KiB shape at LBA 8192 (application
-/// tag 0: Keel sends none) and the Write Zeroes block at LBA 64 (QEMU stores a zero block's
-/// guard), recomputed by the host from the image.
+/// PI, `ms` = 16), recomputed by the host from the image: every block of the selftest's
+/// 2 MiB + 8 KiB shape at LBA 8192 (application tag 0: Keel sends none), and the 4 KiB of
+/// Write Zeroes at LBA 64: zero data, reference tag = LBA, and the guard QEMU stores there,
+/// CRC-64/NVME of 4 KiB of zeroes (right for 4 KiB LBAs; QEMU 7.2's constant on 512 B ones).
 fn pract64_on_disk(work: &std::path::Path, d: usize, bs: usize, ms: usize) -> Result<bool> {
     let img = std::fs::read(qemu::ns_image(work, d, 1))?;
     let nlbas = img.len() / (bs + ms);
@@ -1962,8 +2001,17 @@ fn pract64_on_disk(work: &std::path::Path, d: usize, bs: usize, ms: usize) -> Re
         }
     };
     let blocks = (2 * 1024 * 1024 + 8192usize).div_ceil(bs);
-    let zero_block = img.get(64 * bs..65 * bs).is_some_and(|b| b.iter().all(|&x| x == 0));
-    Ok((8192..8192 + blocks).all(tuple_ok) && zero_block && tuple_ok(64))
+    let zero_guard = crc64_nvme(&[&[0u8; 4096]]).to_be_bytes();
+    let zeroed_ok = |lba: usize| {
+        img.get(lba * bs..(lba + 1) * bs)
+            .is_some_and(|b| b.iter().all(|&x| x == 0))
+            && img
+                .get(moff + lba * ms..moff + lba * ms + 16)
+                .is_some_and(|t| {
+                    t[..8] == zero_guard && t[8..10] == [0, 0] && t[10..] == lba.to_be_bytes()[2..]
+                })
+    };
+    Ok((8192..8192 + blocks).all(tuple_ok) && (64..64 + 4096 / bs).all(zeroed_ok))
 }
 
 /// The `zone` job's appended records, checked on drive 0's namespace 1 image: `records`
