@@ -1967,8 +1967,7 @@ fn pi64_metadata_on_disk(
         .context("image too short for the metadata")?;
     let data_ok = data.chunks_exact(8).enumerate().all(|(i, w)| {
         let off = i * 8;
-        let want =
-            keel_jobs::storage::pattern(1, (lba + off / bs) as u64, off % bs, METADATA_SEED);
+        let want = keel_jobs::storage::pattern(1, (lba + off / bs) as u64, off % bs, METADATA_SEED);
         w == want.to_le_bytes()
     });
     let meta_ok = meta.chunks_exact(ms).enumerate().all(|(b, m)| {
@@ -1991,14 +1990,12 @@ fn pract64_on_disk(work: &std::path::Path, d: usize, bs: usize, ms: usize) -> Re
     let img = std::fs::read(qemu::ns_image(work, d, 1))?;
     let nlbas = img.len() / (bs + ms);
     let moff = nlbas * bs;
-    let tuple_ok = |lba: usize| {
-        match (
-            img.get(lba * bs..(lba + 1) * bs),
-            img.get(moff + lba * ms..moff + lba * ms + 16),
-        ) {
-            (Some(block), Some(t)) => tuple64_ok(t, block, &[], 0, lba as u64),
-            _ => false,
-        }
+    let tuple_ok = |lba: usize| match (
+        img.get(lba * bs..(lba + 1) * bs),
+        img.get(moff + lba * ms..moff + lba * ms + 16),
+    ) {
+        (Some(block), Some(t)) => tuple64_ok(t, block, &[], 0, lba as u64),
+        _ => false,
     };
     let blocks = (2 * 1024 * 1024 + 8192usize).div_ceil(bs);
     let zero_guard = crc64_nvme(&[&[0u8; 4096]]).to_be_bytes();

@@ -344,7 +344,10 @@ mod tests {
             Err(PiError::Length)
         );
         // The same namespace with a 16-bit guard reads other bytes: not interchangeable.
-        assert_ne!(verify(&ns(PiType::Type1, 16, 0), lba, 4, 0xBEEF, &data, &meta), Ok(()));
+        assert_ne!(
+            verify(&ns(PiType::Type1, 16, 0), lba, 4, 0xBEEF, &data, &meta),
+            Ok(())
+        );
     }
 
     /// The tuple last in 24 bytes of metadata: the guard is one CRC-64/NVME over the block's
@@ -359,7 +362,11 @@ mod tests {
         assert_eq!(verify(&n, 7, 4, 0x0102, &data, &meta), Ok(()));
         for b in 0..4 {
             let m = &meta[b * 24..b * 24 + 24];
-            assert_eq!(m[..8], before[b * 24..b * 24 + 8], "bytes before the tuple kept");
+            assert_eq!(
+                m[..8],
+                before[b * 24..b * 24 + 8],
+                "bytes before the tuple kept"
+            );
             let mut whole = [0u8; 512 + 8];
             whole[..512].copy_from_slice(&data[b * 512..b * 512 + 512]);
             whole[512..].copy_from_slice(&m[..8]);
