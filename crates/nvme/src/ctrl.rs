@@ -154,7 +154,8 @@ pub enum PiType {
 pub enum NsFormat {
     /// No metadata: plain reads and writes.
     Plain,
-    /// The metadata is protection information alone (8 bytes: 16-bit guard): every read and
+    /// The metadata is protection information alone (8 bytes with a 16-bit guard, 16 with a
+    /// 64-bit guard, [`Namespace::pi_guard64`]): every read and
     /// write sets PRACT, so the controller generates the guard and tags on writes and checks
     /// and strips them on reads (PRCHK: guard, and the reference tag = LBA for types 1 and 2);
     /// no metadata crosses the bus (the same for separate and extended LBAs). A check failure
@@ -162,7 +163,9 @@ pub enum NsFormat {
     Pract(PiType),
     /// Metadata lives in a separate buffer (MPTR) that this I/O path does not supply: I/O is
     /// refused with [`SubmitError::MetadataRequired`](keel_blockdev::SubmitError), never sent
-    /// with MPTR = 0 (the device would DMA metadata at bus address 0).
+    /// with MPTR = 0 (the device would DMA metadata at bus address 0);
+    /// [`IoQueuePair::submit_with_metadata`] supplies it (with protection information, the
+    /// caller's tuples: [`crate::pi`]).
     SeparateMetadata,
     /// Metadata interleaved with the data (extended LBAs) beyond protection information
     /// alone: refused with [`SubmitError::UnsupportedFormat`](keel_blockdev::SubmitError).
