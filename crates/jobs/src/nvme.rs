@@ -239,16 +239,49 @@ fn metadata_round_trip<'a, B: Board>(
                 return Err(JobError::Failed("selftest: the device took a bad guard"));
             }
         }
+        meta[at] ^= 0xFF;
+        if ns.pi != Some(keel_nvme::PiType::Type3) {
+            // A reference tag that is not the LBA's (types 1 and 2): its first byte, bits
+            // 40..47 with a 64-bit guard (the part of a 48-bit tag that CDW3 carries).
+            let r = at + if ns.pi_guard64 { 10 } else { 4 };
+            meta[r] ^= 0x01;
+            mw.write_bytes(0, meta)
+                .map_err(|_| JobError::Failed("DMA write"))?;
+            match storage::sync_with(qp, clock, |q, t| q.submit_with_metadata(write, mwr, t)) {
+                Err(storage::StorageError::Io(e))
+                    if e.protection() == Some(keel_blockdev::ProtectionCheck::ReferenceTag) =>
+                {
+                    keel_log::info!(
+                        "selftest drive {=usize} ns {=u32} | bad reference tag refused by the device: {} ({}) | ok",
+                        drive,
+                        ns.nsid,
+                        e.protection(),
+                        e
+                    );
+                    checks += 1;
+                }
+                other => {
+                    keel_log::error!(
+                        "selftest ns {=u32}: bad reference tag written: {}",
+                        ns.nsid,
+                        other
+                    );
+                    return Err(JobError::Failed(
+                        "selftest: the device took a bad reference tag",
+                    ));
+                }
+            }
+        }
     }
     keel_log::info!(
         "selftest drive {=usize} ns {=u32} | metadata {=usize} B per block{=str} | round trip | ok",
         drive,
         ns.nsid,
         ms,
-        if ns.pi.is_some() {
-            ", PI computed by Keel"
-        } else {
-            ""
+        match ns.pi {
+            Some(_) if ns.pi_guard64 => ", PI computed by Keel (64-bit guard)",
+            Some(_) => ", PI computed by Keel",
+            None => "",
         }
     );
     Ok(checks)
@@ -298,40 +331,7 @@ fn selftest_drive<'a, B: Board>(
     }
     let mut checks = 0;
     for ns in &namespaces {
-        if ns.metadata > 0 && !ns.extended && ns.pi_guard64 {
-            // 64-bit guards are the device's (PRACT): a metadata buffer carrying Keel's own
-            // protection information is refused, typed, before anything is sent.
-            let sent = qp.stats().submitted_cmds;
-            let (w, m) = (
-                BufRef::new(&wbuf, 0, ns.block_size as usize)
-                    .map_err(|_| JobError::Failed("DMA buffer"))?,
-                BufRef::new(&rbuf, 0, ns.metadata as usize)
-                    .map_err(|_| JobError::Failed("DMA buffer"))?,
-            );
-            let write = BlockOp::Write {
-                ns: ns.nsid,
-                lba: 0,
-                blocks: 1,
-                buf: w,
-            };
-            match qp.submit_with_metadata(write, m, 0) {
-                Err(keel_blockdev::SubmitError::UnsupportedFormat)
-                    if qp.stats().submitted_cmds == sent =>
-                {
-                    checks += 1;
-                    keel_log::info!(
-                        "selftest drive {=usize} ns {=u32} | 64-bit guard | a metadata buffer refused: UnsupportedFormat (PRACT only) | ok",
-                        d.index,
-                        ns.nsid
-                    );
-                }
-                _ => {
-                    return Err(JobError::Failed(
-                        "selftest: a metadata buffer on a 64-bit guard namespace not refused",
-                    ))
-                }
-            }
-        } else if ns.metadata > 0 && !ns.extended {
+        if ns.metadata > 0 && !ns.extended {
             checks += metadata_round_trip(p, &mut qp, clock, d.index, ns, &wbuf, &rbuf)?;
         }
         if ns.zoned.is_some() {

@@ -116,8 +116,8 @@ pub struct Namespace {
     /// last): 8 bytes with a 16-bit guard, 16 with a 64-bit guard.
     pub pi_offset: u16,
     /// The protection information has a 64-bit guard and a 48-bit reference tag (PIF = 2 in
-    /// the NVM command set's extended LBA format): 16 bytes. Used through PRACT only (the
-    /// device computes and checks it); Keel computes 16-bit guards ([`crate::pi`]).
+    /// the NVM command set's extended LBA format): 16 bytes. Through PRACT where it is all the
+    /// metadata, or computed by the caller ([`crate::pi`]) in a separate metadata buffer.
     pub pi_guard64: bool,
     /// The namespace's I/O command set (CSI: 0 NVM, 2 zoned), from its identification
     /// descriptors.
@@ -154,7 +154,8 @@ pub enum PiType {
 pub enum NsFormat {
     /// No metadata: plain reads and writes.
     Plain,
-    /// The metadata is protection information alone (8 bytes: 16-bit guard): every read and
+    /// The metadata is protection information alone (8 bytes with a 16-bit guard, 16 with a
+    /// 64-bit guard, [`Namespace::pi_guard64`]): every read and
     /// write sets PRACT, so the controller generates the guard and tags on writes and checks
     /// and strips them on reads (PRCHK: guard, and the reference tag = LBA for types 1 and 2);
     /// no metadata crosses the bus (the same for separate and extended LBAs). A check failure
@@ -162,7 +163,9 @@ pub enum NsFormat {
     Pract(PiType),
     /// Metadata lives in a separate buffer (MPTR) that this I/O path does not supply: I/O is
     /// refused with [`SubmitError::MetadataRequired`](keel_blockdev::SubmitError), never sent
-    /// with MPTR = 0 (the device would DMA metadata at bus address 0).
+    /// with MPTR = 0 (the device would DMA metadata at bus address 0);
+    /// [`IoQueuePair::submit_with_metadata`] supplies it (with protection information, the
+    /// caller's tuples: [`crate::pi`]).
     SeparateMetadata,
     /// Metadata interleaved with the data (extended LBAs) beyond protection information
     /// alone: refused with [`SubmitError::UnsupportedFormat`](keel_blockdev::SubmitError).
@@ -175,7 +178,9 @@ pub enum NsFormat {
     /// Protection information in a format this I/O path does not produce or check: a 32-bit
     /// guard, or storage tags (the NVM command set's extended LBA format, Identify CNS 0x05):
     /// refused with [`SubmitError::UnsupportedFormat`](keel_blockdev::SubmitError). (64-bit
-    /// guards are used through PRACT when the protection information is the whole metadata.)
+    /// guards are used through PRACT when the protection information is the whole metadata,
+    /// and with a caller's metadata buffer where the metadata is separate; a 64-bit guard with
+    /// more metadata than the PI, interleaved with the data, is this.)
     UnsupportedProtection,
 }
 
@@ -1039,6 +1044,9 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
                             NsFormat::Pract(t)
                         }
                         NsFormat::ExtendedMetadata if ms == 16 => NsFormat::Pract(t),
+                        // More metadata than the PI, apart from the data: the caller's metadata
+                        // buffer carries it, with Keel's tuples (`crate::pi`).
+                        NsFormat::SeparateMetadata => NsFormat::SeparateMetadata,
                         _ => NsFormat::UnsupportedProtection,
                     },
                     pi_offset: if id.dps & 0x8 != 0 { 0 } else { ms - 16 },

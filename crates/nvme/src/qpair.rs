@@ -1541,8 +1541,6 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 // A metadata buffer: separate metadata only (interleaved metadata travels in
                 // the data buffer), for reads and writes, `blocks * ms` bytes at least.
                 match ns.format {
-                    // Keel computes 16-bit guards only: a 64-bit guard namespace is PRACT-only.
-                    _ if ns.pi_guard64 => return Err(SubmitError::UnsupportedFormat),
                     NsFormat::SeparateMetadata | NsFormat::Pract(_) if !ns.extended => {}
                     NsFormat::Plain => return Err(SubmitError::Unsupported),
                     _ => return Err(SubmitError::UnsupportedFormat),

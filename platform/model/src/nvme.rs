@@ -217,6 +217,9 @@ struct State {
     cq_doorbells: BTreeMap<u16, u64>,
     commands: BTreeMap<u8, u64>,
     io_commands: u64,
+    /// The latest I/O submission queue entries fetched (oldest first, at most
+    /// [`IO_SQE_RECORD`]), as the driver wrote them.
+    io_sqes: std::collections::VecDeque<[u8; 64]>,
     log: Vec<String>,
     /// (CNS, byte offset, bytes) written over Identify data before it is returned.
     id_patches: Vec<(u8, usize, Vec<u8>)>,
@@ -302,6 +305,9 @@ pub struct NvmeModel {
 pub struct ModelMmio {
     st: Arc<Mutex<State>>,
 }
+
+/// How many I/O submission queue entries [`NvmeModel::io_sqes`] keeps.
+const IO_SQE_RECORD: usize = 256;
 
 fn lock(st: &Mutex<State>) -> MutexGuard<'_, State> {
     st.lock().unwrap_or_else(|e| e.into_inner())
@@ -406,6 +412,7 @@ impl NvmeModel {
             cq_doorbells: BTreeMap::new(),
             commands: BTreeMap::new(),
             io_commands: 0,
+            io_sqes: std::collections::VecDeque::new(),
             log: Vec::new(),
             id_patches: Vec::new(),
             hold: 0,
@@ -515,6 +522,13 @@ impl NvmeModel {
     /// I/O commands executed (fetched and completed).
     pub fn io_commands(&self) -> u64 {
         lock(&self.st).io_commands
+    }
+
+    /// The latest I/O submission queue entries fetched, oldest first (at most 256), byte for
+    /// byte as the driver built them: for tests of fields the model does not act on (the
+    /// protection information bits, CDW3, MPTR).
+    pub fn io_sqes(&self) -> Vec<[u8; 64]> {
+        lock(&self.st).io_sqes.iter().copied().collect()
     }
 
     /// Whether the driver set up shadow doorbells.
@@ -1086,6 +1100,12 @@ impl State {
                 return;
             }
             let mut cid = le16(&cmd, 2);
+            if qid != 0 {
+                if self.io_sqes.len() == IO_SQE_RECORD {
+                    self.io_sqes.pop_front();
+                }
+                self.io_sqes.push_back(cmd);
+            }
             let rw = qid != 0 && (cmd[0] == 0x01 || cmd[0] == 0x02);
             if rw && self.hold > 0 && self.hold_skip > 0 {
                 self.hold_skip -= 1;
@@ -1404,6 +1424,9 @@ impl State {
                 d[o..o + 8].copy_from_slice(&z.cfg.zone_blocks.to_le_bytes());
             }
             0x06 if zoned_ctrl && csi == 2 => d[0] = 0, // ZASL = MDTS
+            // The NVM command set's Identify Namespace (extended LBA formats: the protection
+            // information format), only where a test patched it in: zeroes and the patches.
+            0x05 if csi == 0 && self.id_patches.iter().any(|(c, _, _)| *c == 5) => {}
             0x01 => {
                 d[0..2].copy_from_slice(&0x1b36u16.to_le_bytes());
                 let pad = |dst: &mut [u8], s: &str| {
