@@ -188,6 +188,23 @@ fn loom_crates() -> Vec<(String, std::path::PathBuf)> {
 }
 
 type Check = (&'static str, Box<dyn Fn(&Outcome) -> bool>);
+
+/// The oracle's host check of two drives' images: every block as the record says, and more
+/// than `min` blocks checked.
+fn oracle_row(w: std::path::PathBuf, bs: u32, min: usize) -> Check {
+    (
+        "every block as the record says (host)",
+        Box::new(
+            move |o: &Outcome| match oracle_check(&w, o, 2, bs as usize) {
+                Ok(n) => n > min,
+                Err(e) => {
+                    eprintln!("xtask: oracle check: {e}");
+                    false
+                }
+            },
+        ),
+    )
+}
 /// A named check that needs no captured state.
 type PlainCheck = (&'static str, fn(&Outcome) -> bool);
 
@@ -1678,18 +1695,7 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             expect_pass: true,
             expect_timeout: false,
             checks: vec![
-                (
-                    "every block as the record says (host)",
-                    Box::new(
-                        move |o: &Outcome| match oracle_check(&w, o, 2, bs as usize) {
-                            Ok(n) => n > 100,
-                            Err(e) => {
-                                eprintln!("xtask: oracle check: {e}");
-                                false
-                            }
-                        },
-                    ),
-                ),
+                oracle_row(w.clone(), bs, 100),
                 (
                     "failed writes typed, never acknowledged",
                     Box::new(move |o: &Outcome| {
@@ -1751,18 +1757,7 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
             expect_pass: true,
             expect_timeout: false,
             checks: vec![
-                (
-                    "every block as the record says (host)",
-                    Box::new(
-                        move |o: &Outcome| match oracle_check(&w, o, 2, bs as usize) {
-                            Ok(n) => n > 50,
-                            Err(e) => {
-                                eprintln!("xtask: oracle check: {e}");
-                                false
-                            }
-                        },
-                    ),
-                ),
+                oracle_row(w.clone(), bs, 50),
                 (
                     "aborts sent, queue pairs reset, the fatal controller reset (worker core)",
                     Box::new(|o: &Outcome| {

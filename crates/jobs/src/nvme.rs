@@ -216,61 +216,66 @@ fn metadata_round_trip<'a, B: Board>(
             keel_log::error!("selftest ns {=u32}: PI read back: {}", ns.nsid, e);
             JobError::Failed("selftest: PI check")
         })?;
-        // A guard that does not match the data: the device must refuse the write.
+        // Metadata byte `at` flipped by `mask`: the device must refuse the write, its `want`
+        // check failing; the byte is restored afterwards.
+        let mut refused = |meta: &mut [u8],
+                           at: usize,
+                           mask: u8,
+                           want: keel_blockdev::ProtectionCheck,
+                           what: &'static str|
+         -> Result<(), JobError<'a>> {
+            meta[at] ^= mask;
+            mw.write_bytes(0, meta)
+                .map_err(|_| JobError::Failed("DMA write"))?;
+            let r = storage::sync_with(qp, clock, |q, t| q.submit_with_metadata(write, mwr, t));
+            meta[at] ^= mask;
+            match r {
+                Err(storage::StorageError::Io(e)) if e.protection() == Some(want) => {
+                    keel_log::info!(
+                        "selftest drive {=usize} ns {=u32} | bad {=str} refused by the device: {} ({}) | ok",
+                        drive,
+                        ns.nsid,
+                        what,
+                        e.protection(),
+                        e
+                    );
+                    Ok(())
+                }
+                other => {
+                    keel_log::error!(
+                        "selftest ns {=u32}: bad {=str} written: {}",
+                        ns.nsid,
+                        what,
+                        other
+                    );
+                    Err(JobError::Failed(
+                        "selftest: the device took bad protection information",
+                    ))
+                }
+            }
+        };
+        // A guard that does not match the data.
         let at = ns.pi_offset as usize;
-        meta[at] ^= 0xFF;
-        mw.write_bytes(0, meta)
-            .map_err(|_| JobError::Failed("DMA write"))?;
-        match storage::sync_with(qp, clock, |q, t| q.submit_with_metadata(write, mwr, t)) {
-            Err(storage::StorageError::Io(e))
-                if e.protection() == Some(keel_blockdev::ProtectionCheck::Guard) =>
-            {
-                keel_log::info!(
-                    "selftest drive {=usize} ns {=u32} | bad guard refused by the device: {} ({}) | ok",
-                    drive,
-                    ns.nsid,
-                    e.protection(),
-                    e
-                );
-                checks += 2;
-            }
-            other => {
-                keel_log::error!("selftest ns {=u32}: bad guard written: {}", ns.nsid, other);
-                return Err(JobError::Failed("selftest: the device took a bad guard"));
-            }
-        }
-        meta[at] ^= 0xFF;
+        refused(
+            meta,
+            at,
+            0xFF,
+            keel_blockdev::ProtectionCheck::Guard,
+            "guard",
+        )?;
+        checks += 2;
         if ns.pi != Some(keel_nvme::PiType::Type3) {
             // A reference tag that is not the LBA's (types 1 and 2): its first byte, bits
             // 40..47 with a 64-bit guard (the part of a 48-bit tag that CDW3 carries).
             let r = at + if ns.pi_guard64 { 10 } else { 4 };
-            meta[r] ^= 0x01;
-            mw.write_bytes(0, meta)
-                .map_err(|_| JobError::Failed("DMA write"))?;
-            match storage::sync_with(qp, clock, |q, t| q.submit_with_metadata(write, mwr, t)) {
-                Err(storage::StorageError::Io(e))
-                    if e.protection() == Some(keel_blockdev::ProtectionCheck::ReferenceTag) =>
-                {
-                    keel_log::info!(
-                        "selftest drive {=usize} ns {=u32} | bad reference tag refused by the device: {} ({}) | ok",
-                        drive,
-                        ns.nsid,
-                        e.protection(),
-                        e
-                    );
-                    checks += 1;
-                }
-                other => {
-                    keel_log::error!(
-                        "selftest ns {=u32}: bad reference tag written: {}",
-                        ns.nsid,
-                        other
-                    );
-                    return Err(JobError::Failed(
-                        "selftest: the device took a bad reference tag",
-                    ));
-                }
-            }
+            refused(
+                meta,
+                r,
+                0x01,
+                keel_blockdev::ProtectionCheck::ReferenceTag,
+                "reference tag",
+            )?;
+            checks += 1;
         }
     }
     keel_log::info!(
