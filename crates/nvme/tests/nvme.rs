@@ -17,6 +17,17 @@ struct Rig {
     ctrl: Ctrl,
 }
 
+/// A default model and controller with an I/O timeout of `ms`, and queue pair 1 of `entries`.
+fn timeout_rig(ms: u64, entries: u16) -> (Rig, Qp) {
+    let cfg = Config {
+        io_timeout_ms: ms,
+        ..Config::default()
+    };
+    let mut r = rig(ModelConfig::default(), cfg);
+    let qp = r.ctrl.create_io_qpair(&r.dma, 1, entries).unwrap();
+    (r, qp)
+}
+
 fn rig(mcfg: ModelConfig, cfg: Config) -> Rig {
     let dma = HostDma::new();
     let model = NvmeModel::new(mcfg, dma.clone());
@@ -699,12 +710,7 @@ fn split_request_fails_if_one_part_fails() {
 
 #[test]
 fn timeout_reports_once_and_offers_abort() {
-    let cfg = Config {
-        io_timeout_ms: 100,
-        ..Config::default()
-    };
-    let mut r = rig(ModelConfig::default(), cfg);
-    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
+    let (mut r, mut qp) = timeout_rig(100, 16);
     r.model.set_fault(Fault::Stall);
     qp.submit(BlockOp::Flush { ns: 1 }, 42).unwrap();
     qp.flush_submissions();
@@ -793,12 +799,7 @@ fn a_timeout_is_seen_within_timeout_check_polls_when_gated_by_poll_due() {
 
 #[test]
 fn wrong_phase_completion_times_out() {
-    let cfg = Config {
-        io_timeout_ms: 10,
-        ..Config::default()
-    };
-    let mut r = rig(ModelConfig::default(), cfg);
-    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
+    let (mut r, mut qp) = timeout_rig(10, 16);
     r.model.set_fault(Fault::WrongPhase);
     qp.submit(BlockOp::Flush { ns: 1 }, 1).unwrap();
     qp.flush_submissions();
@@ -816,12 +817,7 @@ fn wrong_phase_completion_times_out() {
 
 #[test]
 fn reset_with_in_flight_reports_each_tag_exactly_once() {
-    let cfg = Config {
-        io_timeout_ms: 100,
-        ..Config::default()
-    };
-    let mut r = rig(ModelConfig::default(), cfg);
-    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 32).unwrap();
+    let (mut r, mut qp) = timeout_rig(100, 32);
     let mut qp2 = r.ctrl.create_io_qpair(&r.dma, 2, 8).unwrap();
     let buf = r.dma.alloc(16 * 4096, 4096).unwrap();
     let data = pattern(77, 16 * 4096);
@@ -1173,12 +1169,7 @@ fn randomized_write_read_against_model() {
 /// completes only after that, the owner's data is untouched.
 #[test]
 fn a_timed_out_read_keeps_its_buffer_until_the_device_is_done() {
-    let cfg = Config {
-        io_timeout_ms: 10,
-        ..Config::default()
-    };
-    let mut r = rig(ModelConfig::default(), cfg);
-    let mut qp = r.ctrl.create_io_qpair(&r.dma, 1, 16).unwrap();
+    let (r, mut qp) = timeout_rig(10, 16);
     let on_disk = pattern(5, 4096);
     r.model.disk_write(1, 0, &on_disk);
     let buf = r.dma.alloc(4096, 4096).unwrap();
