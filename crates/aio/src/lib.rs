@@ -648,8 +648,7 @@ impl<const N: usize, const W: usize> Aio<N, W> {
         path: &[(HandleState, Effect)],
         see: impl FnOnce(&Slot) -> T,
     ) -> Result<Moved<T>, AioError> {
-        self.inner
-            .with(|inner| self.apply_path(inner, index, expect, from, path, see))
+        self.apply_path(&mut self.inner.borrow(), index, expect, from, path, see)
     }
 
     /// Runs several transitions inside **one** section (a submission burst, a batch
@@ -704,8 +703,7 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     #[inline(always)]
     pub fn start(&self, desc: IoDesc) -> Result<IoRef, AioError> {
         let index = self.free.acquire().ok_or(AioError::NoFreeHandle)?;
-        self.inner
-            .with(|inner| self.start_claimed(inner, index, desc, false))
+        self.start_claimed(&mut self.inner.borrow(), index, desc, false)
     }
 
     /// The issuer's path when it gives the I/O to its device at once (a reactor's local fast
@@ -722,8 +720,7 @@ impl<const N: usize, const W: usize> Aio<N, W> {
     #[inline(always)]
     pub fn start_submitted(&self, desc: IoDesc) -> Result<IoRef, AioError> {
         let index = self.free.acquire().ok_or(AioError::NoFreeHandle)?;
-        self.inner
-            .with(|inner| self.start_claimed(inner, index, desc, true))
+        self.start_claimed(&mut self.inner.borrow(), index, desc, true)
     }
 
     /// [`Aio::start_submitted`] for a burst of `n`: in **one** section, claims a

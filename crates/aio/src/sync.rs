@@ -29,4 +29,11 @@ impl<T> LocalCell<T> {
     pub(crate) fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
         f(&mut self.inner.borrow_mut())
     }
+
+    /// The value, for as long as the guard lives (the same rule as [`Self::with`]). For the
+    /// per-I/O paths: built for size, the closure `with` takes stays a call of its own.
+    #[inline(always)]
+    pub(crate) fn borrow(&self) -> core::cell::RefMut<'_, T> {
+        self.inner.borrow_mut()
+    }
 }

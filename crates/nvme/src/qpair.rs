@@ -543,7 +543,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     /// The status word of the CQ entry at the head, if the device has posted it (its phase
     /// bit is the current phase). Read once; the caller copies what else it needs after an
     /// acquire fence.
-    #[inline]
+    #[inline(always)]
     fn cq_posted(&self) -> Option<u16> {
         let off = self.cq_head as usize * 16 + spec::CQE_STATUS_OFFSET;
         let word = self.cq.read_u16(off).ok()?;
@@ -646,6 +646,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         self.free_req = i;
     }
 
+    #[inline(always)]
     fn push_ready(&mut self, i: u16, mut r: ReqRec) {
         r.next = NONE;
         self.put_req(i, &r);
@@ -660,6 +661,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     }
 
     /// One command (part) of request `req` is finished, with `err` (`ERR_NONE` = success).
+    #[inline(always)]
     fn finish_part(&mut self, req: u16, err: u8, status: u16) {
         let mut r = self.req(req);
         r.outstanding = r.outstanding.saturating_sub(1);
@@ -873,6 +875,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         true
     }
 
+    #[inline(always)]
     fn ring(&mut self, cq: bool, new: u16, old: u16) {
         // The SQ entries (and PRP lists, and a write's data) must reach the device before it
         // sees the new tail: the board's barrier (keel-hal, "Doorbell ordering").
@@ -1837,6 +1840,7 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
         self.submit_general(op, tag, None)
     }
 
+    #[inline(always)]
     fn flush_submissions(&mut self) {
         if self.sq_tail != self.sq_tail_rung {
             let (new, old) = (self.sq_tail, self.sq_tail_rung);
@@ -1870,6 +1874,7 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
         self.unreported
     }
 
+    #[inline(always)]
     fn pop_timed_out(&mut self) -> Option<TimedOut> {
         self.timeout_events.pop_front().map(|tag| TimedOut { tag })
     }

@@ -77,6 +77,7 @@ impl<'a, M, const C: usize> Links<'a, M, C> {
     }
 
     /// Sends `msg` to core `to`.
+    #[inline(always)]
     pub fn send(&mut self, to: usize, msg: M) -> Result<(), SendError<M>> {
         match self.tx.get_mut(to).and_then(|p| p.as_mut()) {
             None => Err(SendError::NoRoute(msg)),

@@ -186,7 +186,7 @@ impl<T> Producer<'_, T> {
     }
 
     /// Appends `value`, or gives it back when the ring is full (backpressure).
-    #[inline]
+    #[inline(always)]
     pub fn enqueue(&mut self, value: T) -> Result<(), T> {
         let Some(slot) = self.slots.get(self.next) else {
             return Err(value);
