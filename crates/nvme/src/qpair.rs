@@ -183,6 +183,8 @@ pub struct IoQueuePair<M: Mmio, C: Clock> {
     phase: bool,
     nslots: u16,
     slot_bits: u32,
+    /// The slot index bits of a CID: `(1 << slot_bits) - 1`.
+    slot_mask: u16,
     /// Generation bits (above the slot index in a CID), all ones.
     gen_mask: u16,
     /// The last slot with the all-ones generation would be CID 0xFFFF: that generation is skipped.
@@ -274,6 +276,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             phase: true,
             nslots,
             slot_bits: slot_bits.max(1),
+            slot_mask: (1u16 << slot_bits.max(1)) - 1,
             gen_mask: u16::MAX >> slot_bits.max(1),
             top_gen_reserved: (1u32 << slot_bits.max(1)) - 1 == (nslots - 1) as u32,
             free_slot: NONE,
@@ -550,6 +553,23 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         ((word & 1 != 0) == self.phase).then_some(word)
     }
 
+    /// The CQ entry at the head, if the device has posted it. Its upper quadword (SQ head,
+    /// SQ id, CID and status with the phase tag) is read with one load and used only if that
+    /// load saw the current phase: every field the fast path uses comes from the same load
+    /// as the phase bit. The lower quadword (the command-specific result) is read after an
+    /// acquire fence. (One load fewer than a phase peek followed by a copy of the entry.)
+    #[inline(always)]
+    fn next_cqe(&self) -> Option<CqEntry> {
+        let off = self.cq_head as usize * 16;
+        let hi = self.cq.read_u64_le(off + 8).ok()?;
+        if ((hi >> 48) & 1 != 0) != self.phase {
+            return None;
+        }
+        fence(Ordering::Acquire);
+        let lo = self.cq.read_u64_le(off).ok()?;
+        Some(CqEntry::from_qwords(lo, hi))
+    }
+
     /// Moves the CQ head past the entry just consumed (flipping the phase at the wrap).
     #[inline]
     fn advance_cq_head(&mut self) {
@@ -703,18 +723,9 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         };
         let mut consumed = 0usize;
         while consumed < max {
-            if self.cq_posted().is_none() {
-                break;
-            }
-            fence(Ordering::Acquire);
-            let off = self.cq_head as usize * 16;
-            let (Ok(lo), Ok(hi)) = (self.cq.read_u64_le(off), self.cq.read_u64_le(off + 8)) else {
+            let Some(e) = self.next_cqe() else {
                 break;
             };
-            let e = CqEntry::from_qwords(lo, hi);
-            if e.phase() != self.phase {
-                break; // torn view; look again next pass
-            }
             self.advance_cq_head();
             consumed += 1;
             if let Some(tag) = self.handle::<false>(&e) {
@@ -917,13 +928,9 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             self.stats.bad_sq_head += 1;
             return None;
         }
-        let mask = (1u16 << self.slot_bits).wrapping_sub(1);
-        let i = e.cid & mask;
-        let gen = if self.slot_bits >= 16 {
-            0
-        } else {
-            e.cid >> self.slot_bits
-        };
+        let i = e.cid & self.slot_mask;
+        // `slot_bits` is 1..=8 (at most `MAX_COMMANDS` = 256 slots): the shift is in range.
+        let gen = e.cid >> self.slot_bits;
         if i >= self.nslots {
             self.stats.bad_cid += 1;
             return None;
@@ -1369,18 +1376,9 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     pub(crate) fn reap_deferred(&mut self) -> usize {
         let mut consumed = 0usize;
         while consumed < self.entries as usize {
-            if self.cq_posted().is_none() {
-                break;
-            }
-            fence(Ordering::Acquire);
-            let off = self.cq_head as usize * 16;
-            let (Ok(lo), Ok(hi)) = (self.cq.read_u64_le(off), self.cq.read_u64_le(off + 8)) else {
+            let Some(e) = self.next_cqe() else {
                 break;
             };
-            let e = CqEntry::from_qwords(lo, hi);
-            if e.phase() != self.phase {
-                break;
-            }
             self.advance_cq_head();
             consumed += 1;
             let _ = self.handle::<true>(&e);
@@ -1401,8 +1399,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     /// `true` when `cid` names a command that timed out and the device still owns (a zombie
     /// slot of the current generation).
     pub(crate) fn is_zombie(&self, cid: u16) -> bool {
-        let mask = (1u16 << self.slot_bits).wrapping_sub(1);
-        let i = cid & mask;
+        let i = cid & self.slot_mask;
         if i >= self.nslots {
             return false;
         }
