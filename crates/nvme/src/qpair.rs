@@ -185,10 +185,10 @@ pub struct IoQueuePair<M: Mmio, C: Clock> {
     slot_bits: u32,
     /// The slot index bits of a CID: `(1 << slot_bits) - 1`.
     slot_mask: u16,
-    /// Generation bits (above the slot index in a CID), all ones.
-    gen_mask: u16,
-    /// The last slot with the all-ones generation would be CID 0xFFFF: that generation is skipped.
-    top_gen_reserved: bool,
+    /// Generations a slot cycles through (`0..gen_wrap`): every value of the bits above the
+    /// slot index in a CID, less the all-ones one when the last slot is all ones too (that
+    /// would be CID 0xFFFF).
+    gen_wrap: u16,
     free_slot: u16,
     free_slots: u16,
     free_req: u16,
@@ -277,8 +277,11 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             nslots,
             slot_bits: slot_bits.max(1),
             slot_mask: (1u16 << slot_bits.max(1)) - 1,
-            gen_mask: u16::MAX >> slot_bits.max(1),
-            top_gen_reserved: (1u32 << slot_bits.max(1)) - 1 == (nslots - 1) as u32,
+            gen_wrap: {
+                let gens = 1u16 << (u16::BITS - slot_bits.max(1)); // at most 0x8000
+                let top_reserved = (1u32 << slot_bits.max(1)) - 1 == (nslots - 1) as u32;
+                gens - u16::from(top_reserved)
+            },
             free_slot: NONE,
             free_slots: 0,
             free_req: NONE,
@@ -616,8 +619,8 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     /// that would make CID 0xFFFF (reserved as "no command" in error logs).
     #[inline]
     fn next_gen(&self, gen: u16) -> u16 {
-        let g = gen.wrapping_add(1) & self.gen_mask;
-        if self.top_gen_reserved && g == self.gen_mask {
+        let g = gen.wrapping_add(1);
+        if g >= self.gen_wrap {
             0
         } else {
             g
@@ -1891,3 +1894,7 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
         self.ns(ns).map(|n| n.blocks)
     }
 }
+
+#[cfg(test)]
+#[path = "qpair_tests.rs"]
+mod tests;
