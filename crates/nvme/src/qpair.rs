@@ -196,8 +196,6 @@ pub struct IoQueuePair<M: Mmio, C: Clock> {
     ready_tail: u16,
     /// Tags accepted and not yet reported.
     unreported: usize,
-    /// Slots not FREE.
-    busy: u16,
     namespaces: Vec<Namespace, MAX_NAMESPACES>,
     max_transfer: usize,
     write_zeroes: bool,
@@ -288,7 +286,6 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             ready_head: NONE,
             ready_tail: NONE,
             unreported: 0,
-            busy: 0,
             namespaces: p.namespaces,
             max_transfer: p.max_transfer,
             write_zeroes: p.write_zeroes,
@@ -360,7 +357,12 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     }
     /// Command slots in use (in flight, including timed-out commands the device still owns).
     pub fn busy_slots(&self) -> usize {
-        self.busy as usize
+        self.busy() as usize
+    }
+    /// Slots not FREE (every slot is either on the free list or busy).
+    #[inline(always)]
+    fn busy(&self) -> u16 {
+        self.nslots - self.free_slots
     }
     /// Free command slots.
     pub fn free_slots(&self) -> usize {
@@ -417,7 +419,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         if self.failed {
             return Err(SubmitError::DeviceUnavailable);
         }
-        if self.busy != 0 || self.unreported != 0 || qd == 0 || qd > self.nslots {
+        if self.busy() != 0 || self.unreported != 0 || qd == 0 || qd > self.nslots {
             return Err(SubmitError::QueueFull);
         }
         let ns = self.ns(ns).ok_or(SubmitError::InvalidNamespace)?;
@@ -637,7 +639,6 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         let s = self.slot(i);
         self.free_slot = s.next;
         self.free_slots -= 1;
-        self.busy += 1;
         Some(i)
     }
 
@@ -650,7 +651,6 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         }
         self.free_slot = i;
         self.free_slots += 1;
-        self.busy -= 1;
     }
 
     fn alloc_req(&mut self) -> Option<u16> {
@@ -1260,8 +1260,8 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     /// asked.
     #[inline(always)]
     fn scan_due(&self) -> Option<u64> {
-        if self.busy == 0 {
-            return None;
+        if self.free_slots == self.nslots {
+            return None; // nothing in flight
         }
         let left = self.clock_countdown.get();
         if left > 1 {
@@ -1330,7 +1330,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     fn check_removed(&mut self, now: u64) -> bool {
         // Come due again within the check interval (the timeout scan alone waits longer).
         self.next_scan = self.next_scan.min(now.saturating_add(self.removal_ns));
-        if self.removed || self.busy == 0 {
+        if self.removed || self.busy() == 0 {
             return false;
         }
         if self.stats.completions != self.removal_seen {
@@ -1348,7 +1348,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         keel_log::error!(
             "nvme: q{} device gone (CSTS all ones): failing {} commands",
             self.qid,
-            self.busy
+            self.busy()
         );
         self.removed = true;
         self.failed = true;
@@ -1800,7 +1800,6 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         );
         self.free_slot = next_slot;
         self.free_slots -= 1;
-        self.busy += 1;
         self.free_req = next_req;
         self.sq_tail = self.next_pos(pos);
         self.unreported += 1;
