@@ -73,7 +73,9 @@ impl<T: Copy, const N: usize> Fifo<T, N> {
         if self.len == 0 {
             return None;
         }
-        self.slots.get(self.head).and_then(Option::as_ref)
+        // `head < N`: the wrap changes nothing, and (with a power-of-two `N`) says so to the
+        // compiler, so the lookup needs no bounds check.
+        self.slots.get(Self::wrap(self.head)).and_then(Option::as_ref)
     }
 
     /// Removes and returns the oldest value.
@@ -82,7 +84,7 @@ impl<T: Copy, const N: usize> Fifo<T, N> {
         if self.len == 0 {
             return None;
         }
-        let v = self.slots.get(self.head).copied().flatten();
+        let v = self.slots.get(Self::wrap(self.head)).copied().flatten();
         self.head = Self::wrap(self.head + 1);
         self.len -= 1;
         v
