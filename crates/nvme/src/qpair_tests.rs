@@ -43,7 +43,10 @@ fn generations_cycle_through_every_cid_but_ffff() {
                 assert_ne!(cid, 0xFFFF, "{slots} slots: slot {slot} gen {gen:#x}");
                 assert_eq!(cid & qp.slot_mask, slot, "{slots} slots: gen {gen:#x}");
                 assert_eq!(cid >> qp.slot_bits, gen, "{slots} slots: slot {slot}");
-                assert!(cids.insert(cid), "{slots} slots: cid {cid:#x} twice in a cycle");
+                assert!(
+                    cids.insert(cid),
+                    "{slots} slots: cid {cid:#x} twice in a cycle"
+                );
                 gen = qp.next_gen(gen);
             }
             assert_eq!(gen, 0, "{slots} slots: the cycle is {cycle:#x} generations");

@@ -75,7 +75,9 @@ impl<T: Copy, const N: usize> Fifo<T, N> {
         }
         // `head < N`: the wrap changes nothing, and (with a power-of-two `N`) says so to the
         // compiler, so the lookup needs no bounds check.
-        self.slots.get(Self::wrap(self.head)).and_then(Option::as_ref)
+        self.slots
+            .get(Self::wrap(self.head))
+            .and_then(Option::as_ref)
     }
 
     /// Removes and returns the oldest value.
@@ -107,7 +109,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             match x % 3 {
-                0 | 1 if x % 7 != 0 => {
+                0 | 1 if !x.is_multiple_of(7) => {
                     let r = f.push_back(i);
                     if m.len() < N {
                         assert_eq!(r, Ok(()), "push {i} with {} held", m.len());
