@@ -26,10 +26,10 @@
 //! that does not fit on the queue stays staged (never dropped). Device tags are untrusted: the owner keeps
 //! the `IoRef` it submitted for each handle and accepts a completion only if the tag matches it.
 
-use heapless::Deque;
 use keel_aio::{Aio, IoDesc, IoOp, IoRef};
 use keel_blockdev::{BlockOp, BlockQueue, IoError, SubmitError};
 
+use crate::fifo::Fifo;
 use crate::mesh::{Links, SendError};
 
 /// What cores say to each other.
@@ -190,18 +190,19 @@ fn desc(op: &BlockOp) -> IoDesc {
     }
 }
 
-/// Hands a finished I/O (already back in the handle array) to this core's code.
+/// Hands a finished I/O (already back in the handle array; `index` is its handle's index) to
+/// this core's code.
 #[inline(always)]
 fn deliver_to<const N: usize>(
     issued: &mut usize,
-    done: &mut Deque<Completion, N>,
+    done: &mut Fifo<Completion, N>,
     cookies: &[u32; N],
     stats: &mut Stats,
-    io: IoRef,
+    index: usize,
     result: Result<(), IoError>,
 ) {
     *issued = issued.saturating_sub(1);
-    let cookie = cookies.get(io.index()).copied().unwrap_or(0);
+    let cookie = cookies.get(index).copied().unwrap_or(0);
     if done.push_back(Completion { cookie, result }).is_err() {
         stats.dropped += 1;
     }
@@ -210,7 +211,7 @@ fn deliver_to<const N: usize>(
 /// Answers the issuing core `to`, in order behind any answers still owed to anyone.
 fn answer_to<const C: usize, const N: usize>(
     links: &mut Links<'_, Msg, C>,
-    replies: &mut Deque<Reply, N>,
+    replies: &mut Fifo<Reply, N>,
     stats: &mut Stats,
     to: u8,
     io: IoRef,
@@ -230,8 +231,8 @@ struct Owner<'r, 'a, const C: usize, const N: usize> {
     on_queue_count: &'r mut usize,
     cookies: &'r [u32; N],
     issued: &'r mut usize,
-    done: &'r mut Deque<Completion, N>,
-    replies: &'r mut Deque<Reply, N>,
+    done: &'r mut Fifo<Completion, N>,
+    replies: &'r mut Fifo<Reply, N>,
     links: &'r mut Links<'a, Msg, C>,
     stats: &'r mut Stats,
 }
@@ -262,7 +263,8 @@ impl<const C: usize, const N: usize, const W: usize> keel_blockdev::OnDone
                     if self.b.complete_and_reclaim(io, Ok(0)).is_err() {
                         o.stats.lifecycle_errors += 1;
                     }
-                    deliver_to(o.issued, o.done, o.cookies, o.stats, io, result);
+                    // `index` is `io.index()` (the tags matched), already range-checked.
+                    deliver_to(o.issued, o.done, o.cookies, o.stats, index, result);
                     return;
                 }
             }
@@ -302,7 +304,7 @@ fn reaped_other<const C: usize, const N: usize, const W: usize>(
             if b.complete_and_reclaim(io, aio_result).is_err() {
                 o.stats.lifecycle_errors += 1;
             }
-            deliver_to(o.issued, o.done, o.cookies, o.stats, io, result);
+            deliver_to(o.issued, o.done, o.cookies, o.stats, index, result);
         }
         // The handle is the issuer's: it completes it when the answer arrives.
         Origin::Remote { core } => answer_to(o.links, o.replies, o.stats, core, io, result),
@@ -358,7 +360,7 @@ pub struct Reactor<'a, Q, const C: usize, const N: usize, const W: usize> {
     links: Links<'a, Msg, C>,
     aio: &'a Aio<N, W>,
     /// Owner side: I/Os waiting for room on the queue.
-    staged: Deque<Staged, N>,
+    staged: Fifo<Staged, N>,
     /// Owner side, by handle index: the I/O submitted on this queue and who issued it.
     on_queue: [Option<(IoRef, Origin)>; N],
     on_queue_count: usize,
@@ -368,8 +370,8 @@ pub struct Reactor<'a, Q, const C: usize, const N: usize, const W: usize> {
     /// 0 (only that core's [`Msg::Done`] may complete it).
     away: [u8; N],
     issued: usize,
-    done: Deque<Completion, N>,
-    replies: Deque<Reply, N>,
+    done: Fifo<Completion, N>,
+    replies: Fifo<Reply, N>,
     pollers: heapless::Vec<(Poller, usize), MAX_POLLERS>,
     accepting: bool,
     /// The queue pair is lent out for recovery ([`Reactor::lend_queue`]): I/O is staged until
@@ -387,14 +389,14 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             queue,
             links,
             aio,
-            staged: Deque::new(),
+            staged: Fifo::new(),
             on_queue: [None; N],
             on_queue_count: 0,
             cookies: [0; N],
             away: [0; N],
             issued: 0,
-            done: Deque::new(),
-            replies: Deque::new(),
+            done: Fifo::new(),
+            replies: Fifo::new(),
             pollers: heapless::Vec::new(),
             accepting: true,
             lent: false,
@@ -729,7 +731,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             &self.cookies,
             &mut self.stats,
         );
-        deliver_to(issued, done, cookies, stats, io, result);
+        deliver_to(issued, done, cookies, stats, io.index(), result);
     }
 
     /// Owner-side: an I/O of `origin` finished (on the device or refused before it).

@@ -178,10 +178,51 @@ impl<const W: usize> FreeBitmap<W> {
     /// [`Self::acquire`] with `between` run after each read of a word and before the claim of
     /// a bit seen in it: the window where other parties may race. For deterministic
     /// interleaving tests; `acquire` passes a no-op.
+    ///
+    /// The word the hint names is tried inline with a one-bit claim (a `fetch_and` whose
+    /// result is tested at that bit only: one `lock btr` on x86, no compare-exchange loop);
+    /// the other words go through the bulk scan.
     #[inline(always)]
     fn acquire_probed(&self, mut between: impl FnMut()) -> Option<usize> {
-        self.acquire_many_probed(1, &mut between)
-            .and_then(|mut c| c.next())
+        if W == 0 {
+            return None;
+        }
+        let start = self.hint.load(Ordering::Relaxed) % W;
+        match self.claim_one_in_word(start, &mut between) {
+            Some(i) => Some(i),
+            None => self
+                .acquire_many_scan(start, 1, &mut between)
+                .and_then(|mut c| c.next()),
+        }
+    }
+
+    /// Claims the lowest free slot of word `w` (the word the hint names), as
+    /// [`Self::claim_in_word`] with `max` 1.
+    #[inline(always)]
+    fn claim_one_in_word(&self, w: usize, mut between: impl FnMut()) -> Option<usize> {
+        let word = self.words.get(w)?;
+        let mut seen = word.load(Ordering::Relaxed);
+        while seen != 0 {
+            let bit = seen.trailing_zeros();
+            let take = 1u64 << bit;
+            between();
+            // Acquire pairs with the Release `fetch_or` of the slot's last release. Only the
+            // claimed bit of the old value is looked at.
+            if word.fetch_and(!take, Ordering::Acquire) & take != 0 {
+                // The hint moves on when this took the last free slot the word was seen with
+                // (a hint only: a slot freed since is found by a later scan).
+                if seen & !take == 0 {
+                    let next = (w + 1) % W;
+                    if next != w {
+                        self.hint.store(next, Ordering::Relaxed);
+                    }
+                }
+                return Some(w * BITS + bit as usize);
+            }
+            // Someone else claimed that bit first; look at what the word holds now.
+            seen = word.load(Ordering::Relaxed);
+        }
+        None
     }
 
     /// Claims up to `max` free slots of **one** word with one atomic read-modify-write (a
