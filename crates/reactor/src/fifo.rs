@@ -73,11 +73,7 @@ impl<T: Copy, const N: usize> Fifo<T, N> {
         if self.len == 0 {
             return None;
         }
-        // `head < N`: the wrap changes nothing, and (with a power-of-two `N`) says so to the
-        // compiler, so the lookup needs no bounds check.
-        self.slots
-            .get(Self::wrap(self.head))
-            .and_then(Option::as_ref)
+        self.slots.get(self.head).and_then(Option::as_ref)
     }
 
     /// Removes and returns the oldest value.
@@ -86,7 +82,7 @@ impl<T: Copy, const N: usize> Fifo<T, N> {
         if self.len == 0 {
             return None;
         }
-        let v = self.slots.get(Self::wrap(self.head)).copied().flatten();
+        let v = self.slots.get(self.head).copied().flatten();
         self.head = Self::wrap(self.head + 1);
         self.len -= 1;
         v
@@ -109,7 +105,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             match x % 3 {
-                0 | 1 if !x.is_multiple_of(7) => {
+                0 | 1 if x % 7 != 0 => {
                     let r = f.push_back(i);
                     if m.len() < N {
                         assert_eq!(r, Ok(()), "push {i} with {} held", m.len());

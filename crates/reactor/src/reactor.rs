@@ -190,19 +190,18 @@ fn desc(op: &BlockOp) -> IoDesc {
     }
 }
 
-/// Hands a finished I/O (already back in the handle array; `index` is its handle's index) to
-/// this core's code.
+/// Hands a finished I/O (already back in the handle array) to this core's code.
 #[inline(always)]
 fn deliver_to<const N: usize>(
     issued: &mut usize,
     done: &mut Fifo<Completion, N>,
     cookies: &[u32; N],
     stats: &mut Stats,
-    index: usize,
+    io: IoRef,
     result: Result<(), IoError>,
 ) {
     *issued = issued.saturating_sub(1);
-    let cookie = cookies.get(index).copied().unwrap_or(0);
+    let cookie = cookies.get(io.index()).copied().unwrap_or(0);
     if done.push_back(Completion { cookie, result }).is_err() {
         stats.dropped += 1;
     }
@@ -263,8 +262,7 @@ impl<const C: usize, const N: usize, const W: usize> keel_blockdev::OnDone
                     if self.b.complete_and_reclaim(io, Ok(0)).is_err() {
                         o.stats.lifecycle_errors += 1;
                     }
-                    // `index` is `io.index()` (the tags matched), already range-checked.
-                    deliver_to(o.issued, o.done, o.cookies, o.stats, index, result);
+                    deliver_to(o.issued, o.done, o.cookies, o.stats, io, result);
                     return;
                 }
             }
@@ -304,7 +302,7 @@ fn reaped_other<const C: usize, const N: usize, const W: usize>(
             if b.complete_and_reclaim(io, aio_result).is_err() {
                 o.stats.lifecycle_errors += 1;
             }
-            deliver_to(o.issued, o.done, o.cookies, o.stats, index, result);
+            deliver_to(o.issued, o.done, o.cookies, o.stats, io, result);
         }
         // The handle is the issuer's: it completes it when the answer arrives.
         Origin::Remote { core } => answer_to(o.links, o.replies, o.stats, core, io, result),
@@ -731,7 +729,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             &self.cookies,
             &mut self.stats,
         );
-        deliver_to(issued, done, cookies, stats, io.index(), result);
+        deliver_to(issued, done, cookies, stats, io, result);
     }
 
     /// Owner-side: an I/O of `origin` finished (on the device or refused before it).
