@@ -22,7 +22,6 @@
 // The rings (`ring`) are the one place with `unsafe`: the cells of their slots.
 #![deny(unsafe_code)]
 
-mod fifo;
 pub mod lend;
 pub mod mesh;
 mod reactor;

@@ -26,10 +26,10 @@
 //! that does not fit on the queue stays staged (never dropped). Device tags are untrusted: the owner keeps
 //! the `IoRef` it submitted for each handle and accepts a completion only if the tag matches it.
 
+use heapless::Deque;
 use keel_aio::{Aio, IoDesc, IoOp, IoRef};
 use keel_blockdev::{BlockOp, BlockQueue, IoError, SubmitError};
 
-use crate::fifo::Fifo;
 use crate::mesh::{Links, SendError};
 
 /// What cores say to each other.
@@ -194,7 +194,7 @@ fn desc(op: &BlockOp) -> IoDesc {
 #[inline(always)]
 fn deliver_to<const N: usize>(
     issued: &mut usize,
-    done: &mut Fifo<Completion, N>,
+    done: &mut Deque<Completion, N>,
     cookies: &[u32; N],
     stats: &mut Stats,
     io: IoRef,
@@ -210,7 +210,7 @@ fn deliver_to<const N: usize>(
 /// Answers the issuing core `to`, in order behind any answers still owed to anyone.
 fn answer_to<const C: usize, const N: usize>(
     links: &mut Links<'_, Msg, C>,
-    replies: &mut Fifo<Reply, N>,
+    replies: &mut Deque<Reply, N>,
     stats: &mut Stats,
     to: u8,
     io: IoRef,
@@ -230,8 +230,8 @@ struct Owner<'r, 'a, const C: usize, const N: usize> {
     on_queue_count: &'r mut usize,
     cookies: &'r [u32; N],
     issued: &'r mut usize,
-    done: &'r mut Fifo<Completion, N>,
-    replies: &'r mut Fifo<Reply, N>,
+    done: &'r mut Deque<Completion, N>,
+    replies: &'r mut Deque<Reply, N>,
     links: &'r mut Links<'a, Msg, C>,
     stats: &'r mut Stats,
 }
@@ -358,7 +358,7 @@ pub struct Reactor<'a, Q, const C: usize, const N: usize, const W: usize> {
     links: Links<'a, Msg, C>,
     aio: &'a Aio<N, W>,
     /// Owner side: I/Os waiting for room on the queue.
-    staged: Fifo<Staged, N>,
+    staged: Deque<Staged, N>,
     /// Owner side, by handle index: the I/O submitted on this queue and who issued it.
     on_queue: [Option<(IoRef, Origin)>; N],
     on_queue_count: usize,
@@ -368,8 +368,8 @@ pub struct Reactor<'a, Q, const C: usize, const N: usize, const W: usize> {
     /// 0 (only that core's [`Msg::Done`] may complete it).
     away: [u8; N],
     issued: usize,
-    done: Fifo<Completion, N>,
-    replies: Fifo<Reply, N>,
+    done: Deque<Completion, N>,
+    replies: Deque<Reply, N>,
     pollers: heapless::Vec<(Poller, usize), MAX_POLLERS>,
     accepting: bool,
     /// The queue pair is lent out for recovery ([`Reactor::lend_queue`]): I/O is staged until
@@ -387,14 +387,14 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             queue,
             links,
             aio,
-            staged: Fifo::new(),
+            staged: Deque::new(),
             on_queue: [None; N],
             on_queue_count: 0,
             cookies: [0; N],
             away: [0; N],
             issued: 0,
-            done: Fifo::new(),
-            replies: Fifo::new(),
+            done: Deque::new(),
+            replies: Deque::new(),
             pollers: heapless::Vec::new(),
             accepting: true,
             lent: false,
