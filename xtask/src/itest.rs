@@ -1414,11 +1414,12 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
                 }),
             ),
             (
-                "Keel's tuples pass the device's checks; a bad guard and a bad 48-bit reference tag refused typed",
+                "Keel's tuples pass the device's checks; a bad guard, application tag and 48-bit reference tag refused typed",
                 Box::new(|o: &Outcome| {
                     o.count("metadata 16 B per block, PI computed by Keel (64-bit guard) | round trip | ok") == 1
                         && o.count("metadata 24 B per block, PI computed by Keel (64-bit guard) | round trip | ok") == 1
                         && o.count("bad guard refused by the device: Some(Guard)") == 2
+                        && o.count("bad application tag refused by the device: Some(ApplicationTag)") == 2
                         && o.count("bad reference tag refused by the device: Some(ReferenceTag)") == 2
                 }),
             ),
@@ -1578,11 +1579,12 @@ fn nvme_cases(work: &Path) -> Result<Vec<Case>> {
         expect_timeout: false,
         checks: vec![
             (
-                "every round trip, PI on three",
+                "every round trip, PI on three; bad guards, application tags and reference tags refused by the device",
                 Box::new(|o: &Outcome| {
                     o.count("| round trip | ok") == 4
                         && o.count("PI computed by Keel | round trip | ok") == 3
                         && o.count("bad guard refused by the device") == 3
+                        && o.count("bad application tag refused by the device: Some(ApplicationTag)") == 3
                         && o.count("bad reference tag refused by the device: Some(ReferenceTag)") == 2
                 }),
             ),

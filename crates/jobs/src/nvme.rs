@@ -189,12 +189,14 @@ fn metadata_round_trip<'a, B: Board>(
     }
     let mwr = BufRef::whole(&mw);
     let mrr = BufRef::whole(&mr);
-    storage::sync_with(qp, clock, |q, t| q.submit_with_metadata(write, mwr, t))
+    // The device checks the application tag too (PRCHK, where the namespace has PI).
+    let app = SELFTEST_APP_TAG;
+    storage::sync_with(qp, clock, |q, t| q.submit_protected(write, mwr, app, t))
         .map_err(fail("write with metadata"))?;
     rbuf.fill(0, LEN, 0).map_err(|_| JobError::Failed("DMA"))?;
     mr.fill(0, mr.len(), 0)
         .map_err(|_| JobError::Failed("DMA"))?;
-    storage::sync_with(qp, clock, |q, t| q.submit_with_metadata(read, mrr, t))
+    storage::sync_with(qp, clock, |q, t| q.submit_protected(read, mrr, app, t))
         .map_err(fail("read with metadata"))?;
     let mut got = [0u8; LEN];
     let mut got_meta = [0u8; 64 * 64];
@@ -227,7 +229,7 @@ fn metadata_round_trip<'a, B: Board>(
             meta[at] ^= mask;
             mw.write_bytes(0, meta)
                 .map_err(|_| JobError::Failed("DMA write"))?;
-            let r = storage::sync_with(qp, clock, |q, t| q.submit_with_metadata(write, mwr, t));
+            let r = storage::sync_with(qp, clock, |q, t| q.submit_protected(write, mwr, app, t));
             meta[at] ^= mask;
             match r {
                 Err(storage::StorageError::Io(e)) if e.protection() == Some(want) => {
@@ -264,6 +266,16 @@ fn metadata_round_trip<'a, B: Board>(
             "guard",
         )?;
         checks += 2;
+        // An application tag that is not the one the command names (big-endian: its low
+        // byte, after the 2- or 8-byte guard).
+        refused(
+            meta,
+            at + if ns.pi_guard64 { 9 } else { 3 },
+            0x01,
+            keel_blockdev::ProtectionCheck::ApplicationTag,
+            "application tag",
+        )?;
+        checks += 1;
         if ns.pi != Some(keel_nvme::PiType::Type3) {
             // A reference tag that is not the LBA's (types 1 and 2): its first byte, bits
             // 40..47 with a 64-bit guard (the part of a 48-bit tag that CDW3 carries).

@@ -52,7 +52,8 @@ struct SlotRec {
     deadline: u64,
     slba: u64,
     buf: u64,
-    /// The metadata buffer's bus address for this part (MPTR), 0 = none.
+    /// The metadata buffer's bus address for this part (MPTR), 0 = none; bit 0
+    /// ([`META_APP_CHECK`], free: MPTR is dword-aligned) asks the device to check `app_tag`.
     meta: u64,
     nsid: u32,
     nlb: u32,
@@ -63,8 +64,12 @@ struct SlotRec {
     state: u8,
     opcode: u8,
     retries: u8,
+    /// The application tag the device checks (PRCHK) where `meta` has [`META_APP_CHECK`].
+    app_tag: u16,
 }
 static_assertions::const_assert!(core::mem::size_of::<SlotRec>() <= 56);
+/// `SlotRec::meta` bit 0: the device checks the application tag too.
+const META_APP_CHECK: u64 = 1;
 
 const ERR_NONE: u8 = 0;
 const ERR_STATUS: u8 = 1;
@@ -846,7 +851,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         if let Some(ns) = self.ns(s.nsid).filter(|ns| !ns.is_plain()) {
             let (mut prinfo, mut reftag) = ns.format.prinfo();
             if s.meta != 0 {
-                e.mptr = s.meta;
+                e.mptr = s.meta & !META_APP_CHECK;
                 (prinfo, reftag) = match ns.pi {
                     Some(t) => (
                         NsFormat::Pract(t).prinfo().0 & NsFormat::PRCHK_MASK,
@@ -854,6 +859,11 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                     ),
                     None => (0, false),
                 };
+            }
+            if s.meta & META_APP_CHECK != 0 && ns.pi.is_some() {
+                // PRCHK application tag: every bit of the tag compared (ELBATM all ones).
+                prinfo |= 1 << 27;
+                e.cdw15 = 0xFFFF_0000 | u32::from(s.app_tag);
             }
             e.cdw12 |= prinfo;
             if reftag {
@@ -1230,6 +1240,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             state: issued_state(opcode),
             opcode,
             retries: 0,
+            app_tag: 0,
         };
         self.put_slot(i, &s);
         let pos = self.sq_tail;
@@ -1538,6 +1549,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         op: BlockOp,
         tag: u32,
         meta: Option<BufRef>,
+        app: Option<u16>,
     ) -> Result<(), SubmitError> {
         if self.removed {
             return Err(SubmitError::Removed);
@@ -1664,7 +1676,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 meta: if meta_base == 0 {
                     0
                 } else {
-                    meta_base + done_blocks as u64 * ms
+                    (meta_base + done_blocks as u64 * ms) | app.map_or(0, |_| META_APP_CHECK)
                 },
                 nsid: ns.nsid,
                 nlb,
@@ -1675,6 +1687,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 state: ACTIVE,
                 opcode,
                 retries: 0,
+                app_tag: app.unwrap_or(0),
             };
             // Chain the parts through `next` so a failure can release them.
             if last_slot != NONE {
@@ -1788,6 +1801,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 state: ACTIVE,
                 opcode,
                 retries: 0,
+                app_tag: 0,
             },
         );
         self.put_req(
@@ -1826,7 +1840,25 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         meta: BufRef,
         tag: u32,
     ) -> Result<(), SubmitError> {
-        self.submit_general(op, tag, Some(meta))
+        self.submit_general(op, tag, Some(meta), None)
+    }
+
+    /// [`Self::submit_with_metadata`] on a namespace with protection information, the device
+    /// also checking each block's application tag against `app_tag` (PRCHK application tag,
+    /// every bit compared): a mismatch fails the command with
+    /// [`ProtectionCheck::ApplicationTag`](keel_blockdev::ProtectionCheck::ApplicationTag).
+    /// On a namespace without protection information it is `submit_with_metadata`.
+    ///
+    /// # Errors
+    /// As [`Self::submit_with_metadata`].
+    pub fn submit_protected(
+        &mut self,
+        op: BlockOp,
+        meta: BufRef,
+        app_tag: u16,
+        tag: u32,
+    ) -> Result<(), SubmitError> {
+        self.submit_general(op, tag, Some(meta), Some(app_tag))
     }
 
     /// By reference: a `Namespace` is large (formats, zones) and the hot paths want one or two
@@ -1850,7 +1882,7 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
         if self.submit_simple(&op, tag) {
             return Ok(());
         }
-        self.submit_general(op, tag, None)
+        self.submit_general(op, tag, None, None)
     }
 
     #[inline(always)]

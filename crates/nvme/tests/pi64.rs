@@ -117,6 +117,27 @@ fn guard64_metadata_write_sets_prchk_and_the_48_bit_reference_tag() {
     assert_eq!(le64(&e, 16), meta.bus_addr(), "MPTR");
     assert_eq!(le32(&e, 56), 0x1234_5678, "CDW14: reference tag bits 0..31");
     assert_eq!(le32(&e, 12), 0xABCD, "CDW3: reference tag bits 32..47");
+    assert_eq!(
+        le32(&e, 60),
+        0,
+        "CDW15: no application tag without submit_protected"
+    );
+    // The same with the application tag checked by the device: PRCHK's application tag bit,
+    // CDW15 = mask (every bit) and tag; MPTR still the buffer's (the flag bit is Keel's).
+    qp.submit_protected(write, BufRef::whole(&meta), 0x4B45, 3)
+        .expect("a protected write is taken");
+    assert_eq!(run(&mut qp).len(), 1);
+    let e = *model.io_sqes().last().unwrap();
+    assert_eq!(
+        le32(&e, 48) & (PRACT | PRCHK_GUARD | PRCHK_APP | PRCHK_REF),
+        PRCHK_GUARD | PRCHK_APP | PRCHK_REF
+    );
+    assert_eq!(
+        le32(&e, 60),
+        0xFFFF_4B45,
+        "CDW15: ELBATM all ones, ELBAT the tag"
+    );
+    assert_eq!(le64(&e, 16), meta.bus_addr(), "MPTR");
     let read = BlockOp::Read {
         ns: 1,
         lba,
