@@ -54,6 +54,18 @@ const ATTACHED: u8 = 1;
 const DETACHED: u8 = 2;
 const STOP: u8 = 3;
 
+/// What both cores share: the write shape (on either namespace) and core 1's progress.
+struct Shared {
+    blocks: u32,
+    lba: u64,
+    seed: u64,
+    /// The job's phase (what core 1's commands count towards).
+    phase: AtomicU8,
+    /// Namespace 1 commands verified, by phase (before, attached, detached).
+    done: [AtomicU64; 3],
+    failed: AtomicU64,
+}
+
 /// `nschange`: see the module docs.
 pub fn nschange<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
     let nsid = cl.int("ns")? as u32;
@@ -80,16 +92,21 @@ pub fn nschange<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
             "namespace 1 is smaller than lba + ns1_blocks",
         ));
     }
-    let phase = AtomicU8::new(BEFORE);
-    let done = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
-    let failed = AtomicU64::new(0);
+    let sh = Shared {
+        blocks,
+        lba,
+        seed,
+        phase: AtomicU8::new(BEFORE),
+        done: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+        failed: AtomicU64::new(0),
+    };
     let outs = crate::on_cores(p, 2, |core| -> Result<(), &'static str> {
         if core == 1 {
-            return ns1_load(p, &d, lba, ns1_blocks, blocks, seed, &phase, &done, &failed);
+            return ns1_load(p, &d, ns1_blocks, &sh);
         }
-        let r = worker(p, &d, nsid, writes, blocks, lba, seed, &phase, &done);
+        let r = worker(p, &d, nsid, writes, &sh);
         // Core 1 stops whatever happened here.
-        phase.store(STOP, Ordering::Release);
+        sh.phase.store(STOP, Ordering::Release);
         r
     })?;
     for (c, o) in outs.iter().enumerate() {
@@ -98,8 +115,8 @@ pub fn nschange<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
             return Err(JobError::Failed(e));
         }
     }
-    let n = |i: usize| done[i].load(Ordering::Acquire);
-    let failed = failed.load(Ordering::Acquire);
+    let n = |i: usize| sh.done[i].load(Ordering::Acquire);
+    let failed = sh.failed.load(Ordering::Acquire);
     keel_log::info!(
         "nschange ns 1: writes verified {=u64} before the attach, {=u64} while ns {=u32} was attached, {=u64} after the detach; failed {=u64}",
         n(0),
@@ -116,18 +133,14 @@ pub fn nschange<'a, B: Board>(cl: &Cmdline<'a>, p: &B) -> JobResult<'a> {
 
 /// Core 1: write → read → verify on namespace 1, `blocks` at a time over
 /// `lba..lba + ns1_blocks`, until core 0 says stop; counted by phase.
-#[allow(clippy::too_many_arguments)]
 fn ns1_load<B: Board>(
     p: &B,
     d: &Drive<B>,
-    lba: u64,
     ns1_blocks: u64,
-    blocks: u32,
-    seed: u64,
-    phase: &AtomicU8,
-    done: &[AtomicU64; 3],
-    failed: &AtomicU64,
+    sh: &Shared,
 ) -> Result<(), &'static str> {
+    let (blocks, lba, seed) = (sh.blocks, sh.lba, sh.seed);
+    let (phase, done, failed) = (&sh.phase, &sh.done, &sh.failed);
     let bs = d.namespace(1).map_or(512, |n| n.block_size) as usize;
     let len = blocks as usize * bs;
     let mut qp = d
@@ -213,18 +226,15 @@ fn listed<B: Board>(ctrl: &mut Ctrl<B>, nsid: u32) -> Result<bool, &'static str>
 }
 
 /// Core 0, the controller's owner: attach, write and verify, detach, refusals.
-#[allow(clippy::too_many_arguments)]
 fn worker<B: Board>(
     p: &B,
     d: &Drive<B>,
     nsid: u32,
     writes: u64,
-    blocks: u32,
-    lba: u64,
-    seed: u64,
-    phase: &AtomicU8,
-    done: &[AtomicU64; 3],
+    sh: &Shared,
 ) -> Result<(), &'static str> {
+    let (blocks, lba, seed) = (sh.blocks, sh.lba, sh.seed);
+    let (phase, done) = (&sh.phase, &sh.done);
     let clock = p.clock();
     // Namespace 1 I/O is under way first.
     let t0 = clock.now_ns();
