@@ -66,8 +66,15 @@ struct SlotRec {
     retries: u8,
     /// The application tag the device checks (PRCHK) where `meta` has [`META_APP_CHECK`].
     app_tag: u16,
+    /// The caller's tag where `req` is [`DIRECT`] (a request of this one command).
+    tag: u32,
 }
-static_assertions::const_assert!(core::mem::size_of::<SlotRec>() <= 56);
+static_assertions::const_assert!(core::mem::size_of::<SlotRec>() <= 64);
+/// `SlotRec::req` of a request that is this one command (the fast path): its tag is in the
+/// slot record and it has no request record until a slow path needs one (an error, a retry
+/// report, a timeout, a reset), which [`IoQueuePair::direct_req`] then takes. One request
+/// record stays reserved for each such command (`req_credits`), so there always is one.
+const DIRECT: u16 = 0xFFFE;
 /// `SlotRec::meta` bit 0: the device checks the application tag too.
 const META_APP_CHECK: u64 = 1;
 
@@ -197,6 +204,9 @@ pub struct IoQueuePair<M: Mmio, C: Clock> {
     free_slot: u16,
     free_slots: u16,
     free_req: u16,
+    /// Request records free and not reserved: the free list holds `req_credits` records plus
+    /// one for each command in flight as [`DIRECT`] (taken by [`IoQueuePair::direct_req`]).
+    req_credits: u16,
     ready_head: u16,
     ready_tail: u16,
     /// Tags accepted and not yet reported.
@@ -288,6 +298,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             free_slot: NONE,
             free_slots: 0,
             free_req: NONE,
+            req_credits: 0,
             ready_head: NONE,
             ready_tail: NONE,
             unreported: 0,
@@ -330,6 +341,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             qp.free_req = i;
         }
         qp.free_slots = nslots;
+        qp.req_credits = nslots;
         qp.cq.fill(0, qp.cq.len(), 0)?;
         if let Some((db, ei)) = &qp.shadow {
             db.fill(0, db.len(), 0)?;
@@ -660,9 +672,10 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
 
     fn alloc_req(&mut self) -> Option<u16> {
         let i = self.free_req;
-        if i == NONE {
+        if i == NONE || self.req_credits == 0 {
             return None;
         }
+        self.req_credits -= 1;
         self.free_req = self.req(i).next;
         Some(i)
     }
@@ -674,6 +687,53 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             r.next = self.free_req;
         }
         self.free_req = i;
+        self.req_credits += 1;
+    }
+
+    /// The request record for a [`DIRECT`] command with `tag` that a slow path is about to
+    /// finish or mark: taken from the free list without a credit (its credit was reserved
+    /// when the command was submitted), one command outstanding. The list cannot be empty
+    /// here: it holds a record for every direct command in flight (see `req_credits`; debug
+    /// builds assert it, and `tests/direct.rs` drives every slow path with a full queue).
+    #[cold]
+    fn direct_req(&mut self, tag: u32) -> u16 {
+        let i = self.free_req;
+        let Some(next) = self.reqs.get(i as usize).map(|r| r.next) else {
+            debug_assert!(false, "no request record for a direct command");
+            keel_log::error!("nvme: q{} no request record for tag {}", self.qid, tag);
+            return NONE;
+        };
+        self.free_req = next;
+        self.put_req(
+            i,
+            &ReqRec {
+                tag,
+                outstanding: 1,
+                next: NONE,
+                ..ReqRec::default()
+            },
+        );
+        i
+    }
+
+    /// One command of the request of slot record `s` is finished (as [`Self::finish_part`]),
+    /// a [`DIRECT`] one given its request record first.
+    fn finish_slot(&mut self, s: &SlotRec, err: u8, status: u16) {
+        let req = if s.req == DIRECT {
+            self.direct_req(s.tag)
+        } else {
+            s.req
+        };
+        self.finish_part(req, err, status);
+    }
+
+    /// The caller's tag of slot record `s`'s request.
+    fn tag_of_slot(&self, s: &SlotRec) -> u32 {
+        if s.req == DIRECT {
+            s.tag
+        } else {
+            self.req(s.req).tag
+        }
     }
 
     #[inline(always)]
@@ -959,6 +1019,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             gen: live_gen,
             state,
             req,
+            tag,
             ..
         }) = self.slots.get(i as usize)
         else {
@@ -972,6 +1033,17 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         self.stats.completions += 1;
         if state == ACTIVE && e.status >> 1 == 0 {
             self.release_slot(i);
+            if req == DIRECT && !DEFER {
+                // A request of this one command: done, its reserved record back.
+                self.req_credits += 1;
+                self.unreported -= 1;
+                return Some(tag);
+            }
+            let req = if req == DIRECT {
+                self.direct_req(tag)
+            } else {
+                req
+            };
             if DEFER {
                 self.finish_part(req, ERR_NONE, 0);
                 return None;
@@ -1012,7 +1084,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 self.stats.late_completions += 1;
             }
             let err = self.check_append(&s, e);
-            self.finish_part(s.req, err, 0);
+            self.finish_slot(&s, err, 0);
             return;
         }
         if s.state == ZOMBIE {
@@ -1021,9 +1093,9 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             self.stats.late_completions += 1;
             self.release_slot(i);
             if status.is_success() {
-                self.finish_part(s.req, ERR_NONE, 0);
+                self.finish_slot(&s, ERR_NONE, 0);
             } else {
-                self.finish_part(s.req, ERR_STATUS, e.status);
+                self.finish_slot(&s, ERR_STATUS, e.status);
             }
             return;
         }
@@ -1046,9 +1118,9 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         }
         self.release_slot(i);
         if status.is_success() {
-            self.finish_part(s.req, ERR_NONE, 0);
+            self.finish_slot(&s, ERR_NONE, 0);
         } else {
-            self.finish_part(s.req, ERR_STATUS, e.status);
+            self.finish_slot(&s, ERR_STATUS, e.status);
         }
     }
 
@@ -1121,7 +1193,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             );
             return ERR_BAD_RESULT;
         }
-        let tag = self.req(s.req).tag;
+        let tag = self.tag_of_slot(s);
         if self.appended.is_full() {
             self.appended.pop_front();
         }
@@ -1241,6 +1313,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             opcode,
             retries: 0,
             app_tag: 0,
+            tag: 0,
         };
         self.put_slot(i, &s);
         let pos = self.sq_tail;
@@ -1308,6 +1381,10 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             any = true;
             self.stats.timeouts += 1;
             s.state = ZOMBIE;
+            if s.req == DIRECT {
+                // The request record keeps the "timed out" mark (one event per tag).
+                s.req = self.direct_req(s.tag);
+            }
             self.put_slot(i, &s);
             let _ = self.aborts.push_back(self.cid_of(i, s.gen));
             let mut r = self.req(s.req);
@@ -1373,7 +1450,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             let s = self.slot(i);
             if matches!(s.state, ACTIVE | APPENDING | ZOMBIE | PENDING) {
                 self.release_slot(i);
-                self.finish_part(s.req, ERR_REMOVED, 0);
+                self.finish_slot(&s, ERR_REMOVED, 0);
             }
         }
         // Entries written but not rung are dropped with their slots.
@@ -1478,7 +1555,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                     // CSTS.RDY = 0: the device no longer owns it. Its tag completes now.
                     self.stats.quiesced_timeouts += 1;
                     self.release_slot(i);
-                    self.finish_part(s.req, ERR_TIMEOUT, 0);
+                    self.finish_slot(&s, ERR_TIMEOUT, 0);
                 }
                 ACTIVE | APPENDING => {
                     s.state = PENDING;
@@ -1501,7 +1578,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             if overtaken[i as usize] {
                 self.stats.overtaken_writes += 1;
                 self.release_slot(i);
-                self.finish_part(s.req, ERR_RESET, 0);
+                self.finish_slot(&s, ERR_RESET, 0);
                 continue;
             }
             // A zone append in flight at the reset may have landed: issued again it could land
@@ -1511,7 +1588,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 self.stats.resubmitted_after_reset += 1;
             } else {
                 self.release_slot(i);
-                self.finish_part(s.req, ERR_RESET, 0);
+                self.finish_slot(&s, ERR_RESET, 0);
             }
         }
         self.flush_submissions();
@@ -1529,12 +1606,12 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             match s.state {
                 PENDING | ACTIVE | APPENDING => {
                     self.release_slot(i);
-                    self.finish_part(s.req, ERR_RESET, 0);
+                    self.finish_slot(&s, ERR_RESET, 0);
                 }
                 ZOMBIE => {
                     self.stats.quiesced_timeouts += 1;
                     self.release_slot(i);
-                    self.finish_part(s.req, ERR_TIMEOUT, 0);
+                    self.finish_slot(&s, ERR_TIMEOUT, 0);
                 }
                 _ => {}
             }
@@ -1688,6 +1765,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 opcode,
                 retries: 0,
                 app_tag: app.unwrap_or(0),
+                tag: 0,
             };
             // Chain the parts through `next` so a failure can release them.
             if last_slot != NONE {
@@ -1769,12 +1847,11 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         let Some(prp2) = prp::direct(addr, len) else {
             return false;
         };
-        let (i, r) = (self.free_slot, self.free_req);
-        let (Some(old), Some(old_req)) = (self.slots.get(i as usize), self.reqs.get(r as usize))
-        else {
+        let i = self.free_slot;
+        let Some(old) = self.slots.get(i as usize).filter(|_| self.req_credits > 0) else {
             return false; // none free (NONE is past the arrays): the general path says QueueFull
         };
-        let (next_slot, next_req, gen) = (old.next, old_req.next, self.next_gen(old.gen));
+        let (next_slot, gen) = (old.next, self.next_gen(old.gen));
         let e = SqEntry::read_write(opcode, self.cid_of(i, gen), nsid, lba, blocks, (addr, prp2));
         let pos = self.sq_tail;
         if self
@@ -1796,26 +1873,18 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 nlb: blocks,
                 len: len as u32,
                 gen,
-                req: r,
+                req: DIRECT,
                 next: NONE,
                 state: ACTIVE,
                 opcode,
                 retries: 0,
                 app_tag: 0,
-            },
-        );
-        self.put_req(
-            r,
-            &ReqRec {
                 tag,
-                outstanding: 1,
-                next: NONE,
-                ..ReqRec::default()
             },
         );
         self.free_slot = next_slot;
         self.free_slots -= 1;
-        self.free_req = next_req;
+        self.req_credits -= 1;
         self.sq_tail = self.next_pos(pos);
         self.unreported += 1;
         self.stats.submitted_cmds += 1;
