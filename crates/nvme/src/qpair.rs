@@ -78,6 +78,12 @@ const DIRECT: u16 = 0xFFFE;
 /// `SlotRec::meta` bit 0: the device checks the application tag too.
 const META_APP_CHECK: u64 = 1;
 
+/// The phase tag in a CQ entry's upper quadword.
+const CQE_PHASE: u64 = 1 << 48;
+/// The bits of a CQ entry's upper quadword that [`IoQueuePair::cq_expect`] fixes: status and
+/// phase (48..64), SQ id (16..32).
+const CQE_FAST_MASK: u64 = 0xFFFF_0000_FFFF_0000;
+
 const ERR_NONE: u8 = 0;
 const ERR_STATUS: u8 = 1;
 const ERR_RESET: u8 = 2;
@@ -192,7 +198,11 @@ pub struct IoQueuePair<M: Mmio, C: Clock> {
     /// How many consumed entries may go unacknowledged: `entries - 1 - nslots`. The device can
     /// post at most `nslots` completions beyond them, so the CQ never looks full to it.
     cq_slack: u16,
-    phase: bool,
+    /// The upper quadword of a CQ entry (SQ head, SQ id, CID, status and phase) that reports
+    /// success for this SQ in the current phase, under [`CQE_FAST_MASK`]: the phase tag
+    /// ([`CQE_PHASE`], the phase the host expects now), this SQ's id, status 0. One compare
+    /// finds an entry posted, for this queue and successful.
+    cq_expect: u64,
     nslots: u16,
     slot_bits: u32,
     /// The slot index bits of a CID: `(1 << slot_bits) - 1`.
@@ -286,7 +296,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             } else {
                 0
             },
-            phase: true,
+            cq_expect: CQE_PHASE | (p.qid as u64) << 16,
             nslots,
             slot_bits: slot_bits.max(1),
             slot_mask: (1u16 << slot_bits.max(1)) - 1,
@@ -572,7 +582,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     fn cq_posted(&self) -> Option<u16> {
         let off = self.cq_head as usize * 16 + spec::CQE_STATUS_OFFSET;
         let word = self.cq.read_u16(off).ok()?;
-        ((word & 1 != 0) == self.phase).then_some(word)
+        ((word & 1 != 0) == self.phase()).then_some(word)
     }
 
     /// The CQ entry at the head, if the device has posted it, and its byte offset in the CQ.
@@ -583,15 +593,24 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     /// reads it (after this acquire fence, before the CQ head doorbell gives the entry back).
     /// One load and one bounds check per entry instead of a phase peek and a copy of all 16
     /// bytes.
+    ///
+    /// The flag says the entry is for this SQ and reports success (one compare against
+    /// `cq_expect`, which also tests the phase): [`Self::handle_fast`] may take it.
     #[inline(always)]
-    fn next_cqe(&self) -> Option<(CqEntry, usize)> {
+    fn next_cqe(&self) -> Option<(CqEntry, usize, bool)> {
         let off = self.cq_head as usize * 16;
         let hi = self.cq.read_u64_le(off + 8).ok()?;
-        if ((hi >> 48) & 1 != 0) != self.phase {
+        let fast = hi & CQE_FAST_MASK == self.cq_expect;
+        if !fast && (hi ^ self.cq_expect) & CQE_PHASE != 0 {
             return None;
         }
         fence(Ordering::Acquire);
-        Some((CqEntry::from_qwords(0, hi), off))
+        Some((CqEntry::from_qwords(0, hi), off, fast))
+    }
+
+    /// The phase tag the host expects of the next CQ entry.
+    fn phase(&self) -> bool {
+        self.cq_expect & CQE_PHASE != 0
     }
 
     /// Moves the CQ head past the entry just consumed (flipping the phase at the wrap).
@@ -600,7 +619,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         self.cq_head += 1;
         if self.cq_head == self.entries {
             self.cq_head = 0;
-            self.phase = !self.phase;
+            self.cq_expect ^= CQE_PHASE;
         }
     }
 
@@ -795,12 +814,16 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         };
         let mut consumed = 0usize;
         while consumed < max {
-            let Some((e, off)) = self.next_cqe() else {
+            let Some((e, off, fast)) = self.next_cqe() else {
                 break;
             };
             self.advance_cq_head();
             consumed += 1;
-            if let Some(tag) = self.handle::<false>(&e, off) {
+            let tag = match fast.then(|| self.handle_fast(&e)).flatten() {
+                Some(tag) => Some(tag),
+                None => self.handle::<false>(&e, off),
+            };
+            if let Some(tag) = tag {
                 on_done.done(tag, Ok(()));
                 reported += 1;
             }
@@ -987,16 +1010,14 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         }
     }
 
-    /// Handles one completion entry (already copied out of the ring). Returns the tag of a
-    /// request it finished successfully and that can be reported at once (the common case:
-    /// one command, first report); everything else goes through the ready list.
-    ///
-    /// Checks and the success fast path are inlined into the reaping loop (one call less per
-    /// completion under emulation); everything else is [`IoQueuePair::handle_other`].
+    /// Handles one completion entry (already copied out of the ring) in full: every entry
+    /// [`Self::handle_fast`] did not take. Returns the tag of a request it finished
+    /// successfully and that can be reported at once; everything else goes through the ready
+    /// list. A call: the common completion is `handle_fast`'s, inlined into the reaping loop.
     ///
     /// With `DEFER` (recovery, off the I/O path) a success goes to the ready list too, so the
     /// pair's owner hears of it on its next poll instead of whoever reaped it.
-    #[inline(always)]
+    #[inline(never)]
     fn handle<const DEFER: bool>(&mut self, e: &CqEntry, off: usize) -> Option<u32> {
         if e.sq_id != self.qid {
             self.stats.bad_sqid += 1;
@@ -1033,12 +1054,8 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         self.stats.completions += 1;
         if state == ACTIVE && e.status >> 1 == 0 {
             self.release_slot(i);
-            if req == DIRECT && !DEFER {
-                // A request of this one command: done, its reserved record back.
-                self.req_credits += 1;
-                self.unreported -= 1;
-                return Some(tag);
-            }
+            // A one-command request's success is [`Self::handle_fast`]'s; here it is one that
+            // went the long way (recovery, or a completion the fast check did not take).
             let req = if req == DIRECT {
                 self.direct_req(tag)
             } else {
@@ -1052,6 +1069,32 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         }
         self.handle_other(e, i, off);
         None
+    }
+
+    /// The common completion, for an entry [`Self::next_cqe`] found for this SQ and successful:
+    /// a live [`DIRECT`] command (the CID's slot active in that generation) finishes here and
+    /// its tag is returned. `None` for anything else, having changed nothing: [`Self::handle`]
+    /// then checks the entry in full and gives each case its count. No check of the slot
+    /// index against `nslots`: the records past it are never active.
+    #[inline(always)]
+    fn handle_fast(&mut self, e: &CqEntry) -> Option<u32> {
+        if e.sq_head >= self.entries {
+            return None;
+        }
+        // `slot_bits` is 1..=8: the shift is in range and the index fits a byte (the lookup in
+        // the 256 slot records needs no bounds check of its own).
+        let i = u16::from((e.cid & self.slot_mask) as u8);
+        let s = self.slots.get(i as usize)?;
+        if s.gen != e.cid >> self.slot_bits || s.state != ACTIVE || s.req != DIRECT {
+            return None;
+        }
+        let tag = s.tag;
+        self.stats.completions += 1;
+        self.release_slot(i);
+        // A request of this one command: done, its reserved record back.
+        self.req_credits += 1;
+        self.unreported -= 1;
+        Some(tag)
     }
 
     /// A completion whose command ID names no live command (stale, duplicate or forged).
@@ -1484,7 +1527,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     pub(crate) fn reap_deferred(&mut self) -> usize {
         let mut consumed = 0usize;
         while consumed < self.entries as usize {
-            let Some((e, off)) = self.next_cqe() else {
+            let Some((e, off, _)) = self.next_cqe() else {
                 break;
             };
             self.advance_cq_head();
@@ -1543,7 +1586,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         self.cq_head = 0;
         self.cq_acked = 0;
         self.cq_unacked = 0;
-        self.phase = true;
+        self.cq_expect |= CQE_PHASE;
         self.needs_reset = false;
         self.aborts.clear();
         // Every timed-out tag completes (with `Timeout`) below: events not yet read are moot.

@@ -268,3 +268,50 @@ fn one_command_and_split_requests_share_the_records() {
     r.model.set_fault(Fault::None);
     full_load_again(&mut r, slots);
 }
+
+#[test]
+fn hostile_completions_naming_a_live_one_command_request_are_dropped() {
+    let dma = HostDma::new();
+    let model = NvmeModel::new(ModelConfig::default(), dma.clone());
+    let mut ctrl =
+        Controller::init(model.mmio(), &dma, ModelClock::new(), Config::default()).unwrap();
+    // 4 entries: 3 slots, CID = slot | generation << 2.
+    let mut qp = ctrl.create_io_qpair(&dma, 1, 4).unwrap();
+    let buf = dma.alloc(2 * 4096, 4096).unwrap();
+    let mut got = Reports::new();
+    let mut poll = |qp: &mut Qp, got: &mut Reports| {
+        qp.poll(8, &mut |t, res| got.entry(t).or_default().push(res))
+    };
+    // Slot 0, generation 1, completes; then slot 0, generation 2 (CID 8), tag 7, stays the
+    // device's.
+    qp.submit(read(&buf, 0), 1).unwrap();
+    qp.flush_submissions();
+    poll(&mut qp, &mut got);
+    assert_each_once(&got, 1, 1, Ok(()));
+    got.clear();
+    model.set_fault(Fault::Stall);
+    qp.submit(read(&buf, 1), 7).unwrap();
+    qp.flush_submissions();
+    model.inject_completion(1, 2, 0, 8, 0); // another SQ
+    model.inject_completion(1, 1, 500, 8, 0); // SQ head past the queue
+    poll(&mut qp, &mut got); // (a CQ of 4 entries holds 3)
+    model.inject_completion(1, 1, 1, 4, 0); // the slot's old generation
+    model.inject_completion(1, 1, 1, 3, 0); // slot 3 of 3 (its record exists, never used)
+    poll(&mut qp, &mut got);
+    assert!(got.is_empty(), "{got:?}");
+    let s = qp.stats();
+    assert_eq!(
+        (s.bad_sqid, s.bad_sq_head, s.stale_cid, s.bad_cid),
+        (1, 1, 1, 1)
+    );
+    assert_eq!(qp.in_flight(), 1);
+    // The real completion, then a duplicate of it.
+    model.set_fault(Fault::None);
+    model.step();
+    model.inject_completion(1, 1, 2, 8, 0);
+    poll(&mut qp, &mut got);
+    poll(&mut qp, &mut got);
+    assert_each_once(&got, 7, 1, Ok(()));
+    assert_eq!(qp.stats().stale_cid, 2);
+    assert_eq!(qp.in_flight(), 0);
+}
