@@ -279,7 +279,7 @@ fn hostile_completions_naming_a_live_one_command_request_are_dropped() {
     let mut qp = ctrl.create_io_qpair(&dma, 1, 4).unwrap();
     let buf = dma.alloc(2 * 4096, 4096).unwrap();
     let mut got = Reports::new();
-    let mut poll = |qp: &mut Qp, got: &mut Reports| {
+    let poll = |qp: &mut Qp, got: &mut Reports| {
         qp.poll(8, &mut |t, res| got.entry(t).or_default().push(res))
     };
     // Slot 0, generation 1, completes; then slot 0, generation 2 (CID 8), tag 7, stays the
