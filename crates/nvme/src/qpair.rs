@@ -216,11 +216,12 @@ pub struct IoQueuePair<M: Mmio, C: Clock> {
     free_req: u16,
     /// Request records free and not reserved: the free list holds `req_credits` records plus
     /// one for each command in flight as [`DIRECT`] (taken by [`IoQueuePair::direct_req`]).
+    /// There are `nslots` records, and every request accepted and not yet reported holds one
+    /// (taken, or reserved if direct) until it is reported, so `nslots - req_credits` is the
+    /// count of tags in flight ([`IoQueuePair::unreported`]): no counter of its own.
     req_credits: u16,
     ready_head: u16,
     ready_tail: u16,
-    /// Tags accepted and not yet reported.
-    unreported: usize,
     namespaces: Vec<Namespace, MAX_NAMESPACES>,
     max_transfer: usize,
     write_zeroes: bool,
@@ -311,7 +312,6 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             req_credits: 0,
             ready_head: NONE,
             ready_tail: NONE,
-            unreported: 0,
             namespaces: p.namespaces,
             max_transfer: p.max_transfer,
             write_zeroes: p.write_zeroes,
@@ -386,6 +386,11 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     pub fn busy_slots(&self) -> usize {
         self.busy() as usize
     }
+    /// Tags accepted and not yet reported (see `req_credits`).
+    #[inline(always)]
+    fn unreported(&self) -> usize {
+        usize::from(self.nslots.saturating_sub(self.req_credits))
+    }
     /// Slots not FREE (every slot is either on the free list or busy).
     #[inline(always)]
     fn busy(&self) -> u16 {
@@ -446,7 +451,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         if self.failed {
             return Err(SubmitError::DeviceUnavailable);
         }
-        if self.busy() != 0 || self.unreported != 0 || qd == 0 || qd > self.nslots {
+        if self.busy() != 0 || self.unreported() != 0 || qd == 0 || qd > self.nslots {
             return Err(SubmitError::QueueFull);
         }
         let ns = self.ns(ns).ok_or(SubmitError::InvalidNamespace)?;
@@ -793,7 +798,6 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         let r = self.req(req);
         if r.outstanding == 1 && r.err == ERR_NONE {
             self.free_req_rec(req);
-            self.unreported -= 1;
             return Some(r.tag);
         }
         self.finish_part(req, ERR_NONE, 0);
@@ -864,7 +868,6 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 _ => Err(IoError::Invalid),
             };
             self.free_req_rec(i);
-            self.unreported -= 1;
             on_done(r.tag, result);
             n += 1;
         }
@@ -1093,7 +1096,6 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         self.release_slot(i);
         // A request of this one command: done, its reserved record back.
         self.req_credits += 1;
-        self.unreported -= 1;
         Some(tag)
     }
 
@@ -1375,7 +1377,6 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             },
         );
         self.sq_tail = self.next_pos(pos);
-        self.unreported += 1;
         self.stats.submitted_cmds += 1;
         Ok(())
     }
@@ -1846,7 +1847,6 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         };
         self.put_req(req, &r);
         self.sq_tail = pos;
-        self.unreported += 1;
         self.stats.submitted_cmds += parts as u64;
         Ok(())
     }
@@ -1929,7 +1929,6 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         self.free_slots -= 1;
         self.req_credits -= 1;
         self.sq_tail = self.next_pos(pos);
-        self.unreported += 1;
         self.stats.submitted_cmds += 1;
         true
     }
@@ -2028,7 +2027,7 @@ impl<M: Mmio, C: Clock> BlockQueue for IoQueuePair<M, C> {
     }
 
     fn in_flight(&self) -> usize {
-        self.unreported
+        self.unreported()
     }
 
     #[inline(always)]
