@@ -242,6 +242,126 @@ impl DmaRegion {
     }
 }
 
+/// A [`DmaRegion`] used as a ring of `entries` entries of `ES` bytes each (a queue shared with a
+/// device: NVMe submission entries are 64 bytes, completion entries 16). Its length and
+/// alignment are checked once, when it is made; an entry access then checks only its position
+/// against `entries` (one compare), where a region access checks its byte range and alignment
+/// each time. `ES` is a multiple of 8 and the base 8-aligned, so every quadword of every entry
+/// is an aligned load or store.
+#[derive(Debug)]
+pub struct DmaRing<const ES: usize> {
+    region: DmaRegion,
+    entries: u16,
+}
+
+impl<const ES: usize> DmaRing<ES> {
+    /// A ring of `entries` entries over `region`. Gives the region back with
+    /// [`DmaError::OutOfBounds`] when it is shorter than `entries * ES` bytes (or `entries` is
+    /// 0), with [`DmaError::BadRequest`] when its base is not 8-aligned (an allocator that broke
+    /// the alignment contract).
+    pub fn new(region: DmaRegion, entries: u16) -> Result<Self, (DmaRegion, DmaError)> {
+        const {
+            assert!(
+                ES >= 8 && ES.is_multiple_of(8),
+                "entries are whole quadwords"
+            )
+        };
+        let len = entries as usize * ES;
+        if entries == 0 || len > region.len {
+            let region_len = region.len;
+            return Err((
+                region,
+                DmaError::OutOfBounds {
+                    offset: 0,
+                    len,
+                    region: region_len,
+                },
+            ));
+        }
+        if !(region.ptr.as_ptr() as usize).is_multiple_of(8) {
+            return Err((region, DmaError::BadRequest));
+        }
+        Ok(Self { region, entries })
+    }
+
+    /// The region under the ring (for byte-level access, its bus address, `fill`).
+    pub fn region(&self) -> &DmaRegion {
+        &self.region
+    }
+
+    /// Gives the region back (for the allocator's `free`).
+    pub fn into_region(self) -> DmaRegion {
+        self.region
+    }
+
+    /// Entries in the ring.
+    pub fn entries(&self) -> u16 {
+        self.entries
+    }
+
+    /// Reads quadword `word` (0 = bytes 0..8) of entry `pos`, little-endian, with one volatile
+    /// load. [`DmaError::OutOfBounds`] for a position or quadword past the ring.
+    #[inline(always)]
+    pub fn read_u64_le(&self, pos: u16, word: usize) -> Result<u64, DmaError> {
+        if pos >= self.entries || word >= ES / 8 {
+            return Err(self.out_of_bounds(pos));
+        }
+        let off = pos as usize * ES + word * 8;
+        // SAFETY: `pos < entries` and `word < ES / 8`, so `off + 8 <= entries * ES <= len`
+        // (checked in `new`); the base is 8-aligned (checked in `new`) and `ES` and `word * 8`
+        // are multiples of 8, so the load is aligned; valid per `from_raw`'s contract.
+        let v = unsafe {
+            self.region
+                .ptr
+                .as_ptr()
+                .add(off)
+                .cast::<u64>()
+                .read_volatile()
+        };
+        Ok(u64::from_le(v))
+    }
+
+    /// Writes `N` little-endian quadwords from the start of entry `pos` (`N * 8 <= ES`), one
+    /// volatile store each, straight from registers. [`DmaError::OutOfBounds`] for a position
+    /// past the ring.
+    #[inline(always)]
+    pub fn write_u64s_le<const N: usize>(
+        &self,
+        pos: u16,
+        values: [u64; N],
+    ) -> Result<(), DmaError> {
+        const { assert!(N * 8 <= ES, "the values fit one entry") };
+        if pos >= self.entries {
+            return Err(self.out_of_bounds(pos));
+        }
+        let p = self
+            .region
+            .ptr
+            .as_ptr()
+            .wrapping_add(pos as usize * ES)
+            .cast::<u64>();
+        let mut i = 0;
+        // An index loop (see `DmaRegion::write_u64s_le`).
+        while i < N {
+            // SAFETY: `pos < entries` and `i < N <= ES / 8`: the store is inside entry `pos`,
+            // which lies within the region (checked in `new`); 8-aligned as in `read_u64_le`;
+            // valid per `from_raw`'s contract.
+            unsafe { p.add(i).write_volatile(values[i].to_le()) };
+            i += 1;
+        }
+        Ok(())
+    }
+
+    #[cold]
+    fn out_of_bounds(&self, pos: u16) -> DmaError {
+        DmaError::OutOfBounds {
+            offset: pos as usize * ES,
+            len: ES,
+            region: self.entries as usize * ES,
+        }
+    }
+}
+
 /// Which side of a copy is device-visible memory.
 #[derive(Clone, Copy)]
 enum Device {
@@ -299,4 +419,92 @@ pub trait DmaAllocator {
     fn alloc(&self, len: usize, align: usize) -> Result<DmaRegion, DmaError>;
     /// Returns a block. Allocators may leak instead of reusing (bump allocators do).
     fn free(&self, region: DmaRegion);
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::boxed::Box;
+
+    /// A leaked, zeroed, 8-aligned block of 256 bytes: an access a ring wrongly let past its
+    /// region still lands in memory the test owns, where the test can see it.
+    fn block() -> NonNull<u8> {
+        let block: &'static mut [u64; 32] = Box::leak(Box::new([0u64; 32]));
+        NonNull::new(block.as_mut_ptr().cast::<u8>()).unwrap()
+    }
+
+    /// A region over bytes `offset..offset + len` of `block`.
+    fn region_of(block: NonNull<u8>, offset: usize, len: usize) -> DmaRegion {
+        assert!(offset + len <= 256);
+        let ptr = NonNull::new(block.as_ptr().wrapping_add(offset)).unwrap();
+        // SAFETY: `ptr..ptr + len` lies in a leaked (never freed) block; the test's regions
+        // over it are only read and written through volatile copies, one thread; the
+        // "device" is the test, which sees the same bytes.
+        unsafe { DmaRegion::from_raw(ptr, 0x1000 + offset as u64, len) }
+    }
+
+    fn region(offset: usize, len: usize) -> DmaRegion {
+        region_of(block(), offset, len)
+    }
+
+    #[test]
+    fn a_ring_checks_its_region_when_made() {
+        let ok = DmaRing::<16>::new(region(0, 64), 4).expect("4 entries of 16 bytes fit 64");
+        assert_eq!((ok.entries(), ok.region().len()), (4, 64));
+        let (back, e) = DmaRing::<16>::new(region(0, 64), 5).unwrap_err();
+        assert_eq!(back.len(), 64, "the region comes back");
+        assert!(
+            matches!(
+                e,
+                DmaError::OutOfBounds {
+                    len: 80,
+                    region: 64,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(matches!(
+            DmaRing::<16>::new(region(0, 64), 0),
+            Err((_, DmaError::OutOfBounds { .. }))
+        ));
+        assert!(matches!(
+            DmaRing::<64>::new(region(4, 128), 2),
+            Err((_, DmaError::BadRequest))
+        ));
+    }
+
+    #[test]
+    fn ring_entries_round_trip_and_positions_past_the_ring_are_refused() {
+        let b = block();
+        let ring = DmaRing::<16>::new(region_of(b, 0, 64), 4).unwrap();
+        ring.write_u64s_le(2, [0x1111, 0x2222]).unwrap();
+        assert_eq!(ring.region().read_u64_le(32), Ok(0x1111));
+        assert_eq!(ring.region().read_u64_le(40), Ok(0x2222));
+        assert_eq!(ring.read_u64_le(2, 0), Ok(0x1111));
+        assert_eq!(ring.read_u64_le(2, 1), Ok(0x2222));
+        assert_eq!(ring.read_u64_le(3, 0), Ok(0));
+        assert!(matches!(
+            ring.read_u64_le(4, 0),
+            Err(DmaError::OutOfBounds { offset: 64, .. })
+        ));
+        assert!(matches!(
+            ring.read_u64_le(0, 2),
+            Err(DmaError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            ring.write_u64s_le(4, [7u64]),
+            Err(DmaError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            ring.write_u64s_le(u16::MAX, [7u64]),
+            Err(DmaError::OutOfBounds { .. })
+        ));
+        // Nothing was written past the ring (the block goes on after it).
+        let whole = region_of(b, 0, 128);
+        for off in (64..128).step_by(8) {
+            assert_eq!(whole.read_u64_le(off), Ok(0), "byte {off}");
+        }
+    }
 }

@@ -63,7 +63,7 @@ pub mod board;
 pub mod dma;
 
 pub use board::{Bar, BarError, Board, Cores, CoresError, CpuException, PciFunction};
-pub use dma::{DmaAllocator, DmaError, DmaRegion};
+pub use dma::{DmaAllocator, DmaError, DmaRegion, DmaRing};
 
 /// Register access to one device's MMIO window (for NVMe: BAR0).
 ///

@@ -4,7 +4,7 @@ use core::sync::atomic::{fence, Ordering};
 
 use bitvec::BitArr;
 use heapless::Vec;
-use keel_hal::{Clock, DmaAllocator, DmaRegion, Mmio};
+use keel_hal::{Clock, DmaAllocator, DmaError, DmaRegion, DmaRing, Mmio};
 
 use crate::error::{BadIdentify, NvmeError, Step};
 
@@ -1203,12 +1203,32 @@ impl<M: Mmio, C: Clock> Controller<M, C> {
         }
         let nslots = IoQueuePair::<M, C>::slots_for(depth, &self.cfg) as usize;
         let sq = dma.alloc(depth as usize * 64, PAGE_SIZE)?;
-        let cq = dma.alloc(depth as usize * 16, PAGE_SIZE)?;
-        // The hot paths store SQ entries and load CQ entries as aligned quadwords: a board whose
-        // allocator broke the alignment contract is refused here (typed), not found out as a
-        // queue that never completes.
-        cq.read_u64_le(0)?;
-        sq.write_u64s_le(0, [0u64])?;
+        let cq = match dma.alloc(depth as usize * 16, PAGE_SIZE) {
+            Ok(cq) => cq,
+            Err(e) => {
+                dma.free(sq);
+                return Err(e.into());
+            }
+        };
+        // The hot paths store SQ entries and load CQ entries as aligned quadwords, checked
+        // against the ring once here: a board whose allocator broke the alignment contract is
+        // refused (typed), not found out as a queue that never completes.
+        let (sq, cq) = match (DmaRing::new(sq, depth), DmaRing::new(cq, depth)) {
+            (Ok(sq), Ok(cq)) => (sq, cq),
+            (sq, cq) => {
+                let mut err = DmaError::BadRequest;
+                for r in [sq.map(DmaRing::into_region), cq.map(DmaRing::into_region)] {
+                    match r {
+                        Ok(region) => dma.free(region),
+                        Err((region, e)) => {
+                            err = e;
+                            dma.free(region);
+                        }
+                    }
+                }
+                return Err(err.into());
+            }
+        };
         let prp = dma.alloc(nslots * self.cfg.prp_list_pages * PAGE_SIZE, PAGE_SIZE)?;
         let shadow = self
             .shadow

@@ -6,7 +6,7 @@ use heapless::{Deque, Vec};
 use keel_blockdev::{
     BlockOp, BlockQueue, BufRef, DevStatus, IoError, NsId, OnDone, SubmitError, TimedOut,
 };
-use keel_hal::{Clock, DmaAllocator, DmaRegion, Mmio};
+use keel_hal::{Clock, DmaAllocator, DmaRegion, DmaRing, Mmio};
 
 use crate::ctrl::{Config, Namespace, NsFormat, PiType, MAX_NAMESPACES};
 use crate::error::NvmeError;
@@ -160,8 +160,8 @@ pub(crate) struct QpairParams<M, C> {
     pub qid: u16,
     pub depth: u16,
     pub stride: usize,
-    pub sq: DmaRegion,
-    pub cq: DmaRegion,
+    pub sq: DmaRing<64>,
+    pub cq: DmaRing<16>,
     pub prp: DmaRegion,
     pub shadow: Option<(DmaRegion, DmaRegion)>,
     pub namespaces: Vec<Namespace, MAX_NAMESPACES>,
@@ -182,8 +182,8 @@ pub struct IoQueuePair<M: Mmio, C: Clock> {
     sq_db: usize,
     cq_db: usize,
     stride: usize,
-    sq: DmaRegion,
-    cq: DmaRegion,
+    sq: DmaRing<64>,
+    cq: DmaRing<16>,
     prp: DmaRegion,
     slots: [SlotRec; MAX_COMMANDS],
     reqs: [ReqRec; MAX_COMMANDS],
@@ -352,7 +352,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         }
         qp.free_slots = nslots;
         qp.req_credits = nslots;
-        qp.cq.fill(0, qp.cq.len(), 0)?;
+        qp.cq.region().fill(0, qp.cq.region().len(), 0)?;
         if let Some((db, ei)) = &qp.shadow {
             db.fill(0, db.len(), 0)?;
             ei.fill(0, ei.len(), 0)?;
@@ -369,10 +369,10 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         self.entries
     }
     pub(crate) fn sq_bus(&self) -> u64 {
-        self.sq.bus_addr()
+        self.sq.region().bus_addr()
     }
     pub(crate) fn cq_bus(&self) -> u64 {
-        self.cq.bus_addr()
+        self.cq.region().bus_addr()
     }
     /// The pair's counters.
     pub fn stats(&self) -> QueueStats {
@@ -485,7 +485,12 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                     n_free -= 1;
                     let cid = free[n_free];
                     e.set_cid(cid);
-                    if self.sq.write(self.sq_tail as usize * 64, &e).is_err() {
+                    if self
+                        .sq
+                        .region()
+                        .write(self.sq_tail as usize * 64, &e)
+                        .is_err()
+                    {
                         return Err(self.abandon(outstanding));
                     }
                     self.sq_tail = self.next_pos(self.sq_tail);
@@ -504,6 +509,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 fence(Ordering::Acquire);
                 let cid = self
                     .cq
+                    .region()
                     .read_u16(self.cq_head as usize * 16 + spec::CQE_CID_OFFSET)
                     .unwrap_or(u16::MAX);
                 self.advance_cq_head();
@@ -552,8 +558,8 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     }
 
     pub(crate) fn release(self, dma: &impl DmaAllocator) {
-        dma.free(self.sq);
-        dma.free(self.cq);
+        dma.free(self.sq.into_region());
+        dma.free(self.cq.into_region());
         dma.free(self.prp);
     }
 
@@ -586,7 +592,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     #[inline(always)]
     fn cq_posted(&self) -> Option<u16> {
         let off = self.cq_head as usize * 16 + spec::CQE_STATUS_OFFSET;
-        let word = self.cq.read_u16(off).ok()?;
+        let word = self.cq.region().read_u16(off).ok()?;
         ((word & 1 != 0) == self.phase()).then_some(word)
     }
 
@@ -604,7 +610,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     #[inline(always)]
     fn next_cqe(&self) -> Option<(CqEntry, usize, bool)> {
         let off = self.cq_head as usize * 16;
-        let hi = self.cq.read_u64_le(off + 8).ok()?;
+        let hi = self.cq.read_u64_le(self.cq_head, 1).ok()?;
         let fast = hi & CQE_FAST_MASK == self.cq_expect;
         if !fast && (hi ^ self.cq_expect) & CQE_PHASE != 0 {
             return None;
@@ -967,6 +973,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     fn place(&mut self, pos: u16, i: u16, s: &SlotRec) -> Result<(), prp::PrpError> {
         let e = self.build_sqe(i, s)?;
         self.sq
+            .region()
             .write(pos as usize * 64, &e)
             .map_err(|_| prp::PrpError::ListRegion)
     }
@@ -1116,7 +1123,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     #[inline(never)]
     fn handle_other(&mut self, e: &CqEntry, i: u16, off: usize) {
         let mut e = *e;
-        if let Ok(lo) = self.cq.read_u64_le(off) {
+        if let Ok(lo) = self.cq.region().read_u64_le(off) {
             e.dw0 = lo as u32;
             e.dw1 = (lo >> 32) as u32;
         }
@@ -1184,7 +1191,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             return false;
         }
         let n = self.entries;
-        let entry = |p: u16| self.sq.read::<SqEntry>(p as usize * 64).ok();
+        let entry = |p: u16| self.sq.region().read::<SqEntry>(p as usize * 64).ok();
         let cid = self.cid_of(i, s.gen);
         // Ranks: 0 = the oldest entry still in the ring (at the tail), n - 1 = the newest.
         let rank = |p: u16| (p + n - tail % n) % n;
@@ -1577,7 +1584,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
                 self.overtaken.set(i as usize, true);
             }
         }
-        let _ = self.cq.fill(0, self.cq.len(), 0);
+        let _ = self.cq.region().fill(0, self.cq.region().len(), 0);
         if let Some((db, ei)) = &self.shadow {
             let _ = db.fill(0, db.len(), 0);
             let _ = ei.fill(0, ei.len(), 0);
@@ -1897,11 +1904,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         let (next_slot, gen) = (old.next, self.next_gen(old.gen));
         let e = SqEntry::read_write(opcode, self.cid_of(i, gen), nsid, lba, blocks, (addr, prp2));
         let pos = self.sq_tail;
-        if self
-            .sq
-            .write_u64s_le(pos as usize * 64, e.to_qwords())
-            .is_err()
-        {
+        if self.sq.write_u64s_le(pos, e.to_qwords()).is_err() {
             return false;
         }
         let deadline = self.clock.now_ns().saturating_add(self.timeout_ns);
