@@ -117,6 +117,14 @@ struct ReqRec {
 }
 static_assertions::const_assert!(core::mem::size_of::<ReqRec>() <= 12);
 
+/// See `IoQueuePair::fast_ns`.
+#[derive(Clone, Copy, Default)]
+struct FastNs {
+    nsid: u32,
+    block_size: u32,
+    blocks: u64,
+}
+
 /// Queue-pair counters (for diagnostics and tests).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -236,7 +244,13 @@ pub struct IoQueuePair<M: Mmio, C: Clock> {
     clock_countdown: core::cell::Cell<u16>,
     /// `Config::timeout_check_polls`.
     clock_every: u16,
+    /// Failed: no I/O until a reset (set only through [`IoQueuePair::set_failed`], which
+    /// keeps `fast_ns` in step).
     failed: bool,
+    /// What the one-pass submission path needs of the first namespace, in one place, where
+    /// that namespace is plain and the pair is not failed; else all 0 (no blocks: the path's
+    /// range check then refuses everything, so it needs no test of either condition).
+    fast_ns: FastNs,
     needs_reset: bool,
     /// Surprise removal seen (CSTS all ones): every tag failed once, no new work.
     removed: bool,
@@ -324,6 +338,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             clock_countdown: core::cell::Cell::new(1),
             clock_every: p.cfg.timeout_check_polls.max(1),
             failed: false,
+            fast_ns: FastNs::default(),
             needs_reset: false,
             removed: false,
             removal_ns: p.cfg.removal_check_ms.saturating_mul(1_000_000).max(1),
@@ -352,6 +367,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
         }
         qp.free_slots = nslots;
         qp.req_credits = nslots;
+        qp.refresh_fast_ns();
         qp.cq.region().fill(0, qp.cq.region().len(), 0)?;
         if let Some((db, ei)) = &qp.shadow {
             db.fill(0, db.len(), 0)?;
@@ -386,6 +402,24 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     pub fn busy_slots(&self) -> usize {
         self.busy() as usize
     }
+    /// Marks the pair failed (no I/O until a reset) or working again.
+    fn set_failed(&mut self, failed: bool) {
+        self.failed = failed;
+        self.refresh_fast_ns();
+    }
+
+    /// `fast_ns` from the first namespace and `failed`.
+    fn refresh_fast_ns(&mut self) {
+        self.fast_ns = match self.namespaces.first() {
+            Some(ns) if ns.is_plain() && !self.failed => FastNs {
+                nsid: ns.nsid,
+                block_size: ns.block_size,
+                blocks: ns.blocks,
+            },
+            _ => FastNs::default(),
+        };
+    }
+
     /// Tags accepted and not yet reported (see `req_credits`).
     #[inline(always)]
     fn unreported(&self) -> usize {
@@ -552,7 +586,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     fn abandon(&mut self, outstanding: u16) -> SubmitError {
         if outstanding > 0 || self.sq_tail != self.sq_tail_rung {
             self.needs_reset = true;
-            self.failed = true;
+            self.set_failed(true);
         }
         SubmitError::DeviceUnavailable
     }
@@ -1457,7 +1491,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             self.needs_reset = true;
             if spec::Csts::from_bits(self.mmio.read32(spec::reg::CSTS)).fatal() {
                 keel_log::error!("nvme: controller fatal status");
-                self.failed = true;
+                self.set_failed(true);
             }
         }
     }
@@ -1493,7 +1527,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             self.busy()
         );
         self.removed = true;
-        self.failed = true;
+        self.set_failed(true);
         self.needs_reset = false;
         self.aborts.clear();
         self.timeout_events.clear();
@@ -1518,6 +1552,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     pub(crate) fn set_namespaces(&mut self, namespaces: &[Namespace]) {
         self.namespaces.clear();
         let _ = self.namespaces.extend_from_slice(namespaces);
+        self.refresh_fast_ns();
     }
 
     /// Tags whose commands timed out and are still on the device (their slots are zombies).
@@ -1618,7 +1653,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     }
 
     pub(crate) fn after_reset_ok(&mut self) {
-        self.failed = false;
+        self.set_failed(false);
         // Decided in `prepare_reset`, while the SQ ring still held the order of submission.
         let overtaken = core::mem::take(&mut self.overtaken);
         for i in 0..self.nslots {
@@ -1646,7 +1681,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     }
 
     pub(crate) fn after_reset_failed(&mut self) {
-        self.failed = true;
+        self.set_failed(true);
         self.timeout_events.clear();
         // Timed-out commands complete with `Timeout` here even when the controller never
         // reached CSTS.RDY = 0 (the reset failed before `prepare_reset`): the pair is failed for
@@ -1879,15 +1914,15 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             } => (io_op::WRITE, ns, lba, blocks, buf),
             _ => return false,
         };
-        let Some(ns) = self.namespaces.first() else {
-            return false;
-        };
+        let ns = &self.fast_ns;
         let len = blocks as u64 * ns.block_size as u64;
         let addr = buf.bus_addr();
+        // A disabled `fast_ns` (all 0) has no blocks: the range check refuses everything.
         if ns.nsid != nsid
-            || !ns.is_plain()
-            || self.failed
-            || Self::check_range(ns, lba, blocks).is_err()
+            || blocks == 0
+            || lba
+                .checked_add(blocks as u64)
+                .is_none_or(|end| end > ns.blocks)
             || buf.len() as u64 != len
             || len > self.max_transfer as u64
             || addr % 4 != 0

@@ -412,3 +412,36 @@ fn surprise_removal_fails_every_tag_once_others_go_on() {
     assert_eq!(model2.disk_read(1, 64 * 512, 4096), vec![0x5A; 4096]);
     assert!(!qp2.is_removed() && !ctrl2.is_removed());
 }
+
+/// The one-pass submission path keeps its own copy of the first namespace's size: a refreshed
+/// pair uses the new size there too (a shrunk namespace refuses a read past its new end
+/// before the device sees it; a grown one takes a read past its old end on that path).
+#[test]
+fn a_resized_first_namespace_is_seen_by_the_fast_path_after_a_refresh() {
+    let (model, dma, mut ctrl) = rig(vec![ns(1, 4096)]);
+    let mut qp = ctrl.create_io_qpair(&dma, 1, 16).unwrap();
+    let buf = dma.alloc(4096, 4096).unwrap();
+    let read = |lba| BlockOp::Read {
+        ns: 1,
+        lba,
+        blocks: 8,
+        buf: BufRef::whole(&buf),
+    };
+    assert_eq!(run(&mut qp, read(4000)), Ok(()));
+    model.resize_namespace(1, 2048);
+    let ev = events(&mut ctrl);
+    assert!(!ev.is_empty(), "the change is announced");
+    ctrl.refresh_namespaces(&mut qp);
+    let before = model.io_commands();
+    assert_eq!(
+        qp.submit(read(4000), 1),
+        Err(keel_blockdev::SubmitError::OutOfRange)
+    );
+    assert_eq!(model.io_commands(), before, "refused before the device");
+    assert_eq!(run(&mut qp, read(2040)), Ok(()));
+    model.resize_namespace(1, 8192);
+    let _ = events(&mut ctrl);
+    ctrl.refresh_namespaces(&mut qp);
+    assert_eq!(run(&mut qp, read(8000)), Ok(()));
+    assert_eq!(qp.stats().submitted_cmds, 3);
+}
