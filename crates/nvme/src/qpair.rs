@@ -865,7 +865,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             consumed += 1;
             let tag = match fast.then(|| self.handle_fast(&e)).flatten() {
                 Some(tag) => Some(tag),
-                None => self.handle::<false>(&e, off),
+                None => self.handle::<false>(e, off),
             };
             if let Some(tag) = tag {
                 on_done.done(tag, Ok(()));
@@ -1062,7 +1062,8 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
     /// With `DEFER` (recovery, off the I/O path) a success goes to the ready list too, so the
     /// pair's owner hears of it on its next poll instead of whoever reaped it.
     #[inline(never)]
-    fn handle<const DEFER: bool>(&mut self, e: &CqEntry, off: usize) -> Option<u32> {
+    fn handle<const DEFER: bool>(&mut self, e: CqEntry, off: usize) -> Option<u32> {
+        let e = &e;
         if e.sq_id != self.qid {
             self.stats.bad_sqid += 1;
             return None;
@@ -1575,7 +1576,7 @@ impl<M: Mmio, C: Clock> IoQueuePair<M, C> {
             };
             self.advance_cq_head();
             consumed += 1;
-            let _ = self.handle::<true>(&e, off);
+            let _ = self.handle::<true>(e, off);
         }
         self.ack_consumed(u16::try_from(consumed).unwrap_or(u16::MAX));
         self.flush_submissions();
