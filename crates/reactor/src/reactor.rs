@@ -494,7 +494,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 },
                 |k, io| {
                     if let Some(&(op, cookie)) = chunk.get(k) {
-                        if let Err(e) = self.place_submitted(io, op, cookie) {
+                        if let Err(e) = self.place_submitted(io, op, cookie, false) {
                             // Room for every I/O of the chunk: `refused` holds CHUNK.
                             let kept = refused.push((io, e));
                             debug_assert!(kept.is_ok());
@@ -613,7 +613,8 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             .aio
             .start_submitted(desc(&op))
             .map_err(|_| ReactorError::NoSlot)?;
-        if let Err(e) = self.place_submitted(io, op, cookie) {
+        // Nothing is staged (`fast_path_open`), and the handle array section cannot stage.
+        if let Err(e) = self.place_submitted(io, op, cookie, true) {
             self.refuse(io, Origin::Local, submit_error(e), true);
         }
         Ok(())
@@ -622,14 +623,23 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     /// Puts a local I/O whose handle is already Submitted on the queue (or, when the queue is
     /// full, first in line on the staged list). When the queue refuses it outright, returns why:
     /// the caller completes it with [`Reactor::refuse`] (outside any handle-array section).
+    /// `none_staged`: the caller knows nothing is staged (saves re-reading the staged list after
+    /// the handle array's atomic claim, which the compiler cannot see past).
     #[inline(always)]
-    fn place_submitted(&mut self, io: IoRef, op: BlockOp, cookie: u32) -> Result<(), SubmitError> {
+    fn place_submitted(
+        &mut self,
+        io: IoRef,
+        op: BlockOp,
+        cookie: u32,
+        none_staged: bool,
+    ) -> Result<(), SubmitError> {
         self.cookies[io.index()] = cookie;
         self.issued += 1;
         let origin = Origin::Local;
         // Nothing goes on the queue ahead of what is already waiting (a burst's earlier I/O
         // that met a full queue).
-        if let Some(q) = self.queue.as_mut().filter(|_| self.staged.is_empty()) {
+        let nothing_ahead = none_staged || self.staged.is_empty();
+        if let Some(q) = self.queue.as_mut().filter(|_| nothing_ahead) {
             match q.submit(op, tag_of(io)) {
                 Ok(()) => {
                     self.on_queue[io.index()] = Some((io, origin));
