@@ -227,7 +227,6 @@ fn answer_to<const C: usize, const N: usize>(
 /// The reactor's state a reaped completion touches (borrowed apart from the queue).
 struct Owner<'r, 'a, const C: usize, const N: usize> {
     on_queue: &'r mut [Option<(IoRef, Origin)>; N],
-    on_queue_count: &'r mut usize,
     cookies: &'r [u32; N],
     issued: &'r mut usize,
     done: &'r mut Deque<Completion, N>,
@@ -257,7 +256,6 @@ impl<const C: usize, const N: usize, const W: usize> keel_blockdev::OnDone
             if let Some((io, Origin::Local)) = *entry {
                 if tag_of(io) == tag {
                     *entry = None;
-                    *o.on_queue_count -= 1;
                     o.stats.completed_ok += 1;
                     if self.b.complete_and_reclaim(io, Ok(0)).is_err() {
                         o.stats.lifecycle_errors += 1;
@@ -290,7 +288,6 @@ fn reaped_other<const C: usize, const N: usize, const W: usize>(
         return;
     }
     o.on_queue[index] = None;
-    *o.on_queue_count -= 1;
     let aio_result = aio_result(result);
     if result.is_ok() {
         o.stats.completed_ok += 1;
@@ -360,8 +357,9 @@ pub struct Reactor<'a, Q, const C: usize, const N: usize, const W: usize> {
     /// Owner side: I/Os waiting for room on the queue.
     staged: Deque<Staged, N>,
     /// Owner side, by handle index: the I/O submitted on this queue and who issued it.
+    /// (How many: `stats.submitted - stats.completed_ok - stats.failed`, every entry set with
+    /// a `submitted` and cleared with a `completed_ok` or `failed`.)
     on_queue: [Option<(IoRef, Origin)>; N],
-    on_queue_count: usize,
     /// Issuer side, by handle index: the caller's cookie.
     cookies: [u32; N],
     /// Issuer side, by handle index: 1 + the core it was sent to and not answered by yet, or
@@ -389,7 +387,6 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             aio,
             staged: Deque::new(),
             on_queue: [None; N],
-            on_queue_count: 0,
             cookies: [0; N],
             away: [0; N],
             issued: 0,
@@ -414,7 +411,16 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
 
     /// I/Os staged or submitted on this core's queue pair and not yet completed.
     pub fn in_flight(&self) -> usize {
-        self.on_queue_count + self.staged.len()
+        self.on_queue_count() + self.staged.len()
+    }
+
+    /// I/Os on this core's queue pair (entries of `on_queue`), from the counters kept anyway.
+    fn on_queue_count(&self) -> usize {
+        let s = &self.stats;
+        // At most N (one entry per handle index), so it fits.
+        s.submitted
+            .wrapping_sub(s.completed_ok)
+            .wrapping_sub(s.failed) as usize
     }
 
     /// I/Os waiting for room on this core's queue pair.
@@ -643,7 +649,6 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             match q.submit(op, tag_of(io)) {
                 Ok(()) => {
                     self.on_queue[io.index()] = Some((io, origin));
-                    self.on_queue_count += 1;
                     self.stats.submitted += 1;
                     return Ok(());
                 }
@@ -897,7 +902,6 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 Ok(()) => {
                     self.staged.pop_front();
                     self.on_queue[io.index()] = Some((io, origin));
-                    self.on_queue_count += 1;
                     self.stats.submitted += 1;
                     if let Origin::Remote { .. } = origin {
                         self.stats.remote_served += 1;
@@ -960,7 +964,6 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         // queue's own periodic timeout scan over its command slots.
         let mut o = Owner {
             on_queue: &mut self.on_queue,
-            on_queue_count: &mut self.on_queue_count,
             cookies: &self.cookies,
             issued: &mut self.issued,
             done: &mut self.done,
