@@ -226,7 +226,7 @@ fn answer_to<const C: usize, const N: usize>(
 
 /// The reactor's state a reaped completion touches (borrowed apart from the queue).
 struct Owner<'r, 'a, const C: usize, const N: usize> {
-    on_queue: &'r mut [Option<(IoRef, Origin)>; N],
+    on_queue: &'r mut [Option<(u32, Origin)>; N],
     cookies: &'r [u32; N],
     issued: &'r mut usize,
     done: &'r mut Deque<Completion, N>,
@@ -253,9 +253,12 @@ impl<const C: usize, const N: usize, const W: usize> keel_blockdev::OnDone
         let o = &mut *self.o;
         let index = (tag & 0xFFFF) as usize;
         if let (Some(entry), Ok(())) = (o.on_queue.get_mut(index), result) {
-            if let Some((io, Origin::Local)) = *entry {
-                if tag_of(io) == tag {
+            if let Some((generation, Origin::Local)) = *entry {
+                // `tag == tag_of(io)`: its index part is `index` already.
+                if generation & 0xFFFF == tag >> 16 {
                     *entry = None;
+                    // `index < N` (checked above), so it fits.
+                    let io = IoRef::new(index as u16, generation);
                     o.stats.completed_ok += 1;
                     if self.b.complete_and_reclaim(io, Ok(0)).is_err() {
                         o.stats.lifecycle_errors += 1;
@@ -279,10 +282,12 @@ fn reaped_other<const C: usize, const N: usize, const W: usize>(
     result: Result<(), IoError>,
 ) {
     let index = (tag & 0xFFFF) as usize;
-    let Some(Some((io, origin))) = o.on_queue.get(index).copied() else {
+    let Some(Some((generation, origin))) = o.on_queue.get(index).copied() else {
         o.stats.bad_tags += 1;
         return;
     };
+    // `index < N` (checked above), so it fits.
+    let io = IoRef::new(index as u16, generation);
     if tag_of(io) != tag {
         o.stats.bad_tags += 1;
         return;
@@ -356,10 +361,11 @@ pub struct Reactor<'a, Q, const C: usize, const N: usize, const W: usize> {
     aio: &'a Aio<N, W>,
     /// Owner side: I/Os waiting for room on the queue.
     staged: Deque<Staged, N>,
-    /// Owner side, by handle index: the I/O submitted on this queue and who issued it.
+    /// Owner side, by handle index: the generation of the I/O submitted on this queue with that
+    /// index (the whole `IoRef`, with its index) and who issued it.
     /// (How many: `stats.submitted - stats.completed_ok - stats.failed`, every entry set with
     /// a `submitted` and cleared with a `completed_ok` or `failed`.)
-    on_queue: [Option<(IoRef, Origin)>; N],
+    on_queue: [Option<(u32, Origin)>; N],
     /// Issuer side, by handle index: the caller's cookie.
     cookies: [u32; N],
     /// Issuer side, by handle index: 1 + the core it was sent to and not answered by yet, or
@@ -648,7 +654,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         if let Some(q) = self.queue.as_mut().filter(|_| nothing_ahead) {
             match q.submit(op, tag_of(io)) {
                 Ok(()) => {
-                    self.on_queue[io.index()] = Some((io, origin));
+                    self.on_queue[io.index()] = Some((io.generation(), origin));
                     self.stats.submitted += 1;
                     return Ok(());
                 }
@@ -901,7 +907,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             match q.submit(op, tag_of(io)) {
                 Ok(()) => {
                     self.staged.pop_front();
-                    self.on_queue[io.index()] = Some((io, origin));
+                    self.on_queue[io.index()] = Some((io.generation(), origin));
                     self.stats.submitted += 1;
                     if let Origin::Remote { .. } = origin {
                         self.stats.remote_served += 1;
