@@ -192,18 +192,11 @@ fn desc(op: &BlockOp) -> IoDesc {
 
 /// Hands a finished I/O (already back in the handle array) to this core's code.
 #[inline(always)]
-fn deliver_to<const N: usize>(
-    issued: &mut usize,
-    done: &mut Deque<Completion, N>,
-    cookies: &[u32; N],
-    stats: &mut Stats,
-    io: IoRef,
-    result: Result<(), IoError>,
-) {
-    *issued = issued.saturating_sub(1);
-    let cookie = cookies.get(io.index()).copied().unwrap_or(0);
-    if done.push_back(Completion { cookie, result }).is_err() {
-        stats.dropped += 1;
+fn deliver_to<const N: usize>(k: &mut Books<N>, io: IoRef, result: Result<(), IoError>) {
+    k.issued = k.issued.saturating_sub(1);
+    let cookie = k.cookies.get(io.index()).copied().unwrap_or(0);
+    if k.done.push_back(Completion { cookie, result }).is_err() {
+        k.stats.dropped += 1;
     }
 }
 
@@ -224,15 +217,26 @@ fn answer_to<const C: usize, const N: usize>(
     }
 }
 
+/// A reactor's per-I/O bookkeeping, kept together so that a reaped completion reaches all of
+/// it through one borrow (one pointer, not one per field).
+struct Books<const N: usize> {
+    /// Owner side, by handle index: the generation of the I/O submitted on this queue with that
+    /// index (the whole `IoRef`, with its index) and who issued it.
+    /// (How many: `stats.submitted - stats.completed_ok - stats.failed`, every entry set with
+    /// a `submitted` and cleared with a `completed_ok` or `failed`.)
+    on_queue: [Option<(u32, Origin)>; N],
+    /// Issuer side, by handle index: the caller's cookie.
+    cookies: [u32; N],
+    issued: usize,
+    done: Deque<Completion, N>,
+    replies: Deque<Reply, N>,
+    stats: Stats,
+}
+
 /// The reactor's state a reaped completion touches (borrowed apart from the queue).
 struct Owner<'r, 'a, const C: usize, const N: usize> {
-    on_queue: &'r mut [Option<(u32, Origin)>; N],
-    cookies: &'r [u32; N],
-    issued: &'r mut usize,
-    done: &'r mut Deque<Completion, N>,
-    replies: &'r mut Deque<Reply, N>,
+    k: &'r mut Books<N>,
     links: &'r mut Links<'a, Msg, C>,
-    stats: &'r mut Stats,
 }
 
 /// What [`Reactor::reap_batch`] hands the queue: inside the batch's section, each
@@ -250,25 +254,25 @@ impl<const C: usize, const N: usize, const W: usize> keel_blockdev::OnDone
     /// into the queue's reaping loop; the rest is [`reaped_other`].
     #[inline(always)]
     fn done(&mut self, tag: u32, result: Result<(), IoError>) {
-        let o = &mut *self.o;
+        let k = &mut *self.o.k;
         let index = (tag & 0xFFFF) as usize;
-        if let (Some(entry), Ok(())) = (o.on_queue.get_mut(index), result) {
+        if let (Some(entry), Ok(())) = (k.on_queue.get_mut(index), result) {
             if let Some((generation, Origin::Local)) = *entry {
                 // `tag == tag_of(io)`: its index part is `index` already.
                 if generation & 0xFFFF == tag >> 16 {
                     *entry = None;
                     // `index < N` (checked above), so it fits.
                     let io = IoRef::new(index as u16, generation);
-                    o.stats.completed_ok += 1;
+                    k.stats.completed_ok += 1;
                     if self.b.complete_and_reclaim(io, Ok(0)).is_err() {
-                        o.stats.lifecycle_errors += 1;
+                        k.stats.lifecycle_errors += 1;
                     }
-                    deliver_to(o.issued, o.done, o.cookies, o.stats, io, result);
+                    deliver_to(k, io, result);
                     return;
                 }
             }
         }
-        reaped_other(self.b, o, tag, result);
+        reaped_other(self.b, self.o, tag, result);
     }
 }
 
@@ -282,32 +286,35 @@ fn reaped_other<const C: usize, const N: usize, const W: usize>(
     result: Result<(), IoError>,
 ) {
     let index = (tag & 0xFFFF) as usize;
-    let Some(Some((generation, origin))) = o.on_queue.get(index).copied() else {
-        o.stats.bad_tags += 1;
+    let k = &mut *o.k;
+    let Some(Some((generation, origin))) = k.on_queue.get(index).copied() else {
+        k.stats.bad_tags += 1;
         return;
     };
     // `index < N` (checked above), so it fits.
     let io = IoRef::new(index as u16, generation);
     if tag_of(io) != tag {
-        o.stats.bad_tags += 1;
+        k.stats.bad_tags += 1;
         return;
     }
-    o.on_queue[index] = None;
+    k.on_queue[index] = None;
     let aio_result = aio_result(result);
     if result.is_ok() {
-        o.stats.completed_ok += 1;
+        k.stats.completed_ok += 1;
     } else {
-        o.stats.failed += 1;
+        k.stats.failed += 1;
     }
     match origin {
         Origin::Local => {
             if b.complete_and_reclaim(io, aio_result).is_err() {
-                o.stats.lifecycle_errors += 1;
+                k.stats.lifecycle_errors += 1;
             }
-            deliver_to(o.issued, o.done, o.cookies, o.stats, io, result);
+            deliver_to(k, io, result);
         }
         // The handle is the issuer's: it completes it when the answer arrives.
-        Origin::Remote { core } => answer_to(o.links, o.replies, o.stats, core, io, result),
+        Origin::Remote { core } => {
+            answer_to(o.links, &mut k.replies, &mut k.stats, core, io, result)
+        }
     }
 }
 
@@ -361,25 +368,16 @@ pub struct Reactor<'a, Q, const C: usize, const N: usize, const W: usize> {
     aio: &'a Aio<N, W>,
     /// Owner side: I/Os waiting for room on the queue.
     staged: Deque<Staged, N>,
-    /// Owner side, by handle index: the generation of the I/O submitted on this queue with that
-    /// index (the whole `IoRef`, with its index) and who issued it.
-    /// (How many: `stats.submitted - stats.completed_ok - stats.failed`, every entry set with
-    /// a `submitted` and cleared with a `completed_ok` or `failed`.)
-    on_queue: [Option<(u32, Origin)>; N],
-    /// Issuer side, by handle index: the caller's cookie.
-    cookies: [u32; N],
+    /// The per-I/O bookkeeping: what is on the queue, cookies, completions, answers, counters.
+    books: Books<N>,
     /// Issuer side, by handle index: 1 + the core it was sent to and not answered by yet, or
     /// 0 (only that core's [`Msg::Done`] may complete it).
     away: [u8; N],
-    issued: usize,
-    done: Deque<Completion, N>,
-    replies: Deque<Reply, N>,
     pollers: heapless::Vec<(Poller, usize), MAX_POLLERS>,
     accepting: bool,
     /// The queue pair is lent out for recovery ([`Reactor::lend_queue`]): I/O is staged until
     /// it comes back.
     lent: bool,
-    stats: Stats,
 }
 
 impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<'a, Q, C, N, W> {
@@ -392,16 +390,18 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             links,
             aio,
             staged: Deque::new(),
-            on_queue: [None; N],
-            cookies: [0; N],
+            books: Books {
+                on_queue: [None; N],
+                cookies: [0; N],
+                issued: 0,
+                done: Deque::new(),
+                replies: Deque::new(),
+                stats: Stats::default(),
+            },
             away: [0; N],
-            issued: 0,
-            done: Deque::new(),
-            replies: Deque::new(),
             pollers: heapless::Vec::new(),
             accepting: true,
             lent: false,
-            stats: Stats::default(),
         }
     }
 
@@ -412,7 +412,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
 
     /// A copy of the counters.
     pub fn stats(&self) -> Stats {
-        self.stats
+        self.books.stats
     }
 
     /// I/Os staged or submitted on this core's queue pair and not yet completed.
@@ -422,7 +422,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
 
     /// I/Os on this core's queue pair (entries of `on_queue`), from the counters kept anyway.
     fn on_queue_count(&self) -> usize {
-        let s = &self.stats;
+        let s = &self.books.stats;
         // At most N (one entry per handle index), so it fits.
         s.submitted
             .wrapping_sub(s.completed_ok)
@@ -436,7 +436,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
 
     /// I/Os this core issued (anywhere) whose completion it has not yet handed out.
     pub fn issued(&self) -> usize {
-        self.issued
+        self.books.issued
     }
 
     /// Whether this core owns a queue pair now.
@@ -552,7 +552,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             }
             // This core is the only producer of that ring, so room now means room at send.
             if !self.links.can_send(owner) {
-                self.stats.backpressure += 1;
+                self.books.stats.backpressure += 1;
                 return Err(ReactorError::Backpressure);
             }
         }
@@ -565,8 +565,8 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 .aio
                 .start(desc(&op))
                 .map_err(|_| ReactorError::NoSlot)?;
-            self.cookies[io.index()] = cookie;
-            self.issued += 1;
+            self.books.cookies[io.index()] = cookie;
+            self.books.issued += 1;
             self.stage(Staged {
                 io,
                 op,
@@ -581,8 +581,8 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             .aio
             .start_submitted(desc(&op))
             .map_err(|_| ReactorError::NoSlot)?;
-        self.cookies[io.index()] = cookie;
-        self.issued += 1;
+        self.books.cookies[io.index()] = cookie;
+        self.books.issued += 1;
         match self.links.send(
             owner,
             Msg::Io {
@@ -596,12 +596,12 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                     // `owner < C`, checked above; the mesh has at most 255 cores.
                     *away = owner as u8 + 1;
                 }
-                self.stats.remote_sent += 1;
+                self.books.stats.remote_sent += 1;
                 Ok(())
             }
             Err(SendError::Full(_) | SendError::NoRoute(_)) => {
                 // Unreachable (checked above); never leak the handle if it happens.
-                self.stats.lifecycle_errors += 1;
+                self.books.stats.lifecycle_errors += 1;
                 self.refuse(io, Origin::Local, IoError::Aborted, true);
                 Err(ReactorError::Backpressure)
             }
@@ -645,8 +645,8 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         cookie: u32,
         none_staged: bool,
     ) -> Result<(), SubmitError> {
-        self.cookies[io.index()] = cookie;
-        self.issued += 1;
+        self.books.cookies[io.index()] = cookie;
+        self.books.issued += 1;
         let origin = Origin::Local;
         // Nothing goes on the queue ahead of what is already waiting (a burst's earlier I/O
         // that met a full queue).
@@ -654,8 +654,8 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         if let Some(q) = self.queue.as_mut().filter(|_| nothing_ahead) {
             match q.submit(op, tag_of(io)) {
                 Ok(()) => {
-                    self.on_queue[io.index()] = Some((io.generation(), origin));
-                    self.stats.submitted += 1;
+                    self.books.on_queue[io.index()] = Some((io.generation(), origin));
+                    self.books.stats.submitted += 1;
                     return Ok(());
                 }
                 Err(SubmitError::QueueFull) => {}
@@ -676,7 +676,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     fn stage(&mut self, s: Staged) {
         // Room is guaranteed: `staged` holds N and there are only N handles.
         if self.staged.push_back(s).is_err() {
-            self.stats.dropped += 1;
+            self.books.stats.dropped += 1;
         }
     }
 
@@ -686,7 +686,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             .send(to, Msg::Call { f, arg })
             .map_err(|e| match e {
                 SendError::Full(_) => {
-                    self.stats.backpressure += 1;
+                    self.books.stats.backpressure += 1;
                     ReactorError::Backpressure
                 }
                 SendError::NoRoute(_) => ReactorError::NoRoute,
@@ -695,7 +695,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
 
     /// The next finished I/O for this core's code.
     pub fn next_completion(&mut self) -> Option<Completion> {
-        self.done.pop_front()
+        self.books.done.pop_front()
     }
 
     /// One run-to-completion pass: staged I/O (one doorbell), device completions, answers
@@ -703,7 +703,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     /// Never blocks.
     #[inline]
     pub fn poll(&mut self) -> usize {
-        self.stats.passes += 1;
+        self.books.stats.passes += 1;
         // This core's own submissions first, then completions (found as early in the pass as
         // possible: the caller's next submission waits on them), then other cores' traffic.
         let mut work = self.submit_staged();
@@ -737,20 +737,14 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     fn finish_local(&mut self, io: IoRef, result: Result<(), IoError>) {
         // complete_local -> reclaim, in one section.
         if self.aio.complete_local_and_reclaim(io).is_err() {
-            self.stats.lifecycle_errors += 1;
+            self.books.stats.lifecycle_errors += 1;
         }
         self.deliver(io, result);
     }
 
     /// Hands a finished I/O (already back in the handle array) to this core's code.
     fn deliver(&mut self, io: IoRef, result: Result<(), IoError>) {
-        let (issued, done, cookies, stats) = (
-            &mut self.issued,
-            &mut self.done,
-            &self.cookies,
-            &mut self.stats,
-        );
-        deliver_to(issued, done, cookies, stats, io, result);
+        deliver_to(&mut self.books, io, result);
     }
 
     /// Owner-side: an I/O of `origin` finished (on the device or refused before it).
@@ -764,8 +758,8 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     fn answer(&mut self, to: u8, io: IoRef, result: Result<(), IoError>) {
         answer_to(
             &mut self.links,
-            &mut self.replies,
-            &mut self.stats,
+            &mut self.books.replies,
+            &mut self.books.stats,
             to,
             io,
             result,
@@ -774,7 +768,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
 
     fn flush_replies(&mut self) -> usize {
         let mut n = 0;
-        while let Some(r) = self.replies.front().copied() {
+        while let Some(r) = self.books.replies.front().copied() {
             if self
                 .links
                 .send(
@@ -788,7 +782,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             {
                 break;
             }
-            self.replies.pop_front();
+            self.books.replies.pop_front();
             n += 1;
         }
         n
@@ -809,7 +803,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 Msg::Io { io, from, .. }
                     if io.index() >= N || from as usize != sender || sender == self.core =>
                 {
-                    self.stats.lifecycle_errors += 1;
+                    self.books.stats.lifecycle_errors += 1;
                 }
                 Msg::Io { op, io, from } => {
                     let origin = Origin::Remote { core: from };
@@ -840,14 +834,14 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                         if let Some(a) = self.away.get_mut(io.index()) {
                             *a = 0;
                         }
-                        self.stats.remote_answered += 1;
+                        self.books.stats.remote_answered += 1;
                         self.deliver(io, result);
                     } else {
-                        self.stats.lifecycle_errors += 1;
+                        self.books.stats.lifecycle_errors += 1;
                     }
                 }
                 Msg::Call { f, arg } => {
-                    self.stats.calls += 1;
+                    self.books.stats.calls += 1;
                     f(self.core, arg);
                 }
             }
@@ -873,7 +867,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 .complete_and_share(io, Err(keel_aio::IoError::Aborted))
         });
         if r.is_err() {
-            self.stats.lifecycle_errors += 1;
+            self.books.stats.lifecycle_errors += 1;
         }
         self.route(io, origin, Err(e));
     }
@@ -907,10 +901,10 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             match q.submit(op, tag_of(io)) {
                 Ok(()) => {
                     self.staged.pop_front();
-                    self.on_queue[io.index()] = Some((io.generation(), origin));
-                    self.stats.submitted += 1;
+                    self.books.on_queue[io.index()] = Some((io.generation(), origin));
+                    self.books.stats.submitted += 1;
                     if let Origin::Remote { .. } = origin {
-                        self.stats.remote_served += 1;
+                        self.books.stats.remote_served += 1;
                     }
                     n += 1;
                     // Another core's handle is its issuer's (already Submitted there).
@@ -918,7 +912,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                         continue;
                     }
                     if accepted.push(io).is_err() {
-                        mark_submitted(self.aio, &mut self.stats, &accepted);
+                        mark_submitted(self.aio, &mut self.books.stats, &accepted);
                         accepted.clear();
                         let _ = accepted.push(io);
                     }
@@ -930,7 +924,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 }
             }
         }
-        mark_submitted(self.aio, &mut self.stats, &accepted);
+        mark_submitted(self.aio, &mut self.books.stats, &accepted);
         if let Some(q) = self.queue.as_mut() {
             q.flush_submissions();
         }
@@ -959,7 +953,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             // Timeout events (rare) are looked for on idle passes only, which a queue with a
             // stuck command soon has: the success path does no work for them.
             while q.pop_timed_out().is_some() {
-                self.stats.timed_out += 1;
+                self.books.stats.timed_out += 1;
             }
             return 0;
         }
@@ -969,13 +963,8 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         // issuer's). One bounded queue poll: at most `REAP_BATCH` completion entries, plus the
         // queue's own periodic timeout scan over its command slots.
         let mut o = Owner {
-            on_queue: &mut self.on_queue,
-            cookies: &self.cookies,
-            issued: &mut self.issued,
-            done: &mut self.done,
-            replies: &mut self.replies,
+            k: &mut self.books,
             links: &mut self.links,
-            stats: &mut self.stats,
         };
         self.aio
             .batch(|b| q.poll_with(REAP_BATCH, &mut Reap { b, o: &mut o }))
@@ -987,7 +976,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     pub fn quiesce(&mut self, max_passes: usize) -> usize {
         self.accepting = false;
         for _ in 0..max_passes {
-            if self.in_flight() == 0 && self.replies.is_empty() {
+            if self.in_flight() == 0 && self.books.replies.is_empty() {
                 break;
             }
             self.poll();
