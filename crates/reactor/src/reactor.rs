@@ -378,13 +378,16 @@ pub struct Reactor<'a, Q, const C: usize, const N: usize, const W: usize> {
     /// The queue pair is lent out for recovery ([`Reactor::lend_queue`]): I/O is staged until
     /// it comes back.
     lent: bool,
+    /// [`Reactor::fast_path_open`], kept by [`Reactor::refresh_fast`] (and cleared by
+    /// [`Reactor::stage`]).
+    fast: bool,
 }
 
 impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<'a, Q, C, N, W> {
     /// A reactor for the core `links` belong to, with that core's handles `aio`, owning `queue` if it has one
     /// (accepting I/O, no pollers).
     pub fn new(links: Links<'a, Msg, C>, aio: &'a Aio<N, W>, queue: Option<Q>) -> Self {
-        Self {
+        let mut r = Self {
             core: links.core(),
             queue,
             links,
@@ -402,7 +405,10 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             pollers: heapless::Vec::new(),
             accepting: true,
             lent: false,
-        }
+            fast: false,
+        };
+        r.refresh_fast();
+        r
     }
 
     /// This reactor's core index in the mesh.
@@ -610,9 +616,22 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
 
     /// Whether a local I/O may take the fast path: this core accepts I/O, owns a queue pair,
     /// and nothing is staged ahead of it.
+    /// (Read once per submission: the flag [`Reactor::refresh_fast`] keeps, not the three
+    /// fields.)
     #[inline(always)]
     fn fast_path_open(&self) -> bool {
+        debug_assert_eq!(self.fast, self.fast_path_now(), "stale fast-path flag");
+        self.fast
+    }
+
+    /// [`Reactor::fast_path_open`] from the fields it depends on.
+    fn fast_path_now(&self) -> bool {
         self.accepting && self.queue.is_some() && self.staged.is_empty()
+    }
+
+    /// Recomputes the fast-path flag: after every change of `accepting`, `queue` or `staged`.
+    fn refresh_fast(&mut self) {
+        self.fast = self.fast_path_now();
     }
 
     /// The local fast path (see [`Reactor::fast_path_open`]):
@@ -678,6 +697,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         if self.staged.push_back(s).is_err() {
             self.books.stats.dropped += 1;
         }
+        self.fast = false;
     }
 
     /// Sends a function call to another core's poll loop.
@@ -925,6 +945,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             }
         }
         mark_submitted(self.aio, &mut self.books.stats, &accepted);
+        self.refresh_fast();
         if let Some(q) = self.queue.as_mut() {
             q.flush_submissions();
         }
@@ -975,6 +996,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     /// `max_passes` passes have run. Returns the number still in flight (0 on success).
     pub fn quiesce(&mut self, max_passes: usize) -> usize {
         self.accepting = false;
+        self.refresh_fast();
         for _ in 0..max_passes {
             if self.in_flight() == 0 && self.books.replies.is_empty() {
                 break;
@@ -991,7 +1013,9 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         if in_flight != 0 {
             return Err(ReactorError::Busy { in_flight });
         }
-        self.queue.take().ok_or(ReactorError::NoQueue)
+        let q = self.queue.take().ok_or(ReactorError::NoQueue);
+        self.refresh_fast();
+        q
     }
 
     /// Lends the queue pair out for recovery, with whatever is on it: unlike
@@ -1004,6 +1028,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     pub fn lend_queue(&mut self) -> Option<Q> {
         let q = self.queue.take()?;
         self.lent = true;
+        self.refresh_fast();
         Some(q)
     }
 
@@ -1016,6 +1041,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         }
         self.queue = Some(q);
         self.lent = false;
+        self.refresh_fast();
         Ok(())
     }
 
@@ -1031,6 +1057,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         }
         self.queue = Some(q);
         self.accepting = true;
+        self.refresh_fast();
         Ok(())
     }
 
