@@ -515,7 +515,11 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 },
                 |k, io| {
                     if let Some(&(op, cookie)) = chunk.get(k) {
-                        if let Err(e) = self.place_submitted(io, op, cookie, false) {
+                        // The fast-path flag says whether an earlier I/O of this burst met a
+                        // full queue and was staged (`stage` clears it; nothing else changes
+                        // it inside the burst).
+                        let none_staged = self.fast;
+                        if let Err(e) = self.place_submitted(io, op, cookie, none_staged) {
                             // Room for every I/O of the chunk: `refused` holds CHUNK.
                             let kept = refused.push((io, e));
                             debug_assert!(kept.is_ok());
@@ -657,8 +661,9 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     /// Puts a local I/O whose handle is already Submitted on the queue (or, when the queue is
     /// full, first in line on the staged list). When the queue refuses it outright, returns why:
     /// the caller completes it with [`Reactor::refuse`] (outside any handle-array section).
-    /// `none_staged`: the caller knows nothing is staged (saves re-reading the staged list after
-    /// the handle array's atomic claim, which the compiler cannot see past).
+    /// `none_staged`: whether the staged list is empty, which the caller knows (saves reading
+    /// the list again after the handle array's atomic claim, which the compiler cannot see
+    /// past); debug-checked.
     #[inline(always)]
     fn place_submitted(
         &mut self,
@@ -672,7 +677,8 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         let origin = Origin::Local;
         // Nothing goes on the queue ahead of what is already waiting (a burst's earlier I/O
         // that met a full queue).
-        let nothing_ahead = none_staged || self.staged.is_empty();
+        debug_assert_eq!(none_staged, self.staged.is_empty(), "none_staged is wrong");
+        let nothing_ahead = none_staged;
         if let Some(q) = self.queue.as_mut().filter(|_| nothing_ahead) {
             match q.submit(op, tag_of(io)) {
                 Ok(()) => {
