@@ -236,28 +236,24 @@ struct Books<const N: usize> {
     stats: Stats,
 }
 
-/// The reactor's state a reaped completion touches (borrowed apart from the queue).
-struct Owner<'r, 'a, const C: usize, const N: usize> {
+/// What [`Reactor::reap_batch`] hands the queue: inside the batch's section, each
+/// completion's lifecycle work and hand-off, with the reactor's state a reaped completion
+/// touches (borrowed apart from the queue; each a pointer of its own here, not behind another).
+struct Reap<'b, 'i, 'r, 'a, const C: usize, const N: usize, const W: usize> {
+    b: &'b mut keel_aio::Batch<'i, N, W>,
     k: &'r mut Books<N>,
     links: &'r mut Links<'a, Msg, C>,
 }
 
-/// What [`Reactor::reap_batch`] hands the queue: inside the batch's section, each
-/// completion's lifecycle work and hand-off.
-struct Reap<'b, 'i, 'o, 'r, 'a, const C: usize, const N: usize, const W: usize> {
-    b: &'b mut keel_aio::Batch<'i, N, W>,
-    o: &'o mut Owner<'r, 'a, C, N>,
-}
-
 impl<const C: usize, const N: usize, const W: usize> keel_blockdev::OnDone
-    for Reap<'_, '_, '_, '_, '_, C, N, W>
+    for Reap<'_, '_, '_, '_, C, N, W>
 {
     /// The tag came back from the device: range-check it and match it against what this core
     /// submitted for that handle. The common case (this core's own I/O, succeeded) is inlined
     /// into the queue's reaping loop; the rest is [`reaped_other`].
     #[inline(always)]
     fn done(&mut self, tag: u32, result: Result<(), IoError>) {
-        let k = &mut *self.o.k;
+        let k = &mut *self.k;
         let index = (tag & 0xFFFF) as usize;
         if let (Some(entry), Ok(())) = (k.on_queue.get_mut(index), result) {
             if let Some((generation, Origin::Local)) = *entry {
@@ -275,7 +271,7 @@ impl<const C: usize, const N: usize, const W: usize> keel_blockdev::OnDone
                 }
             }
         }
-        reaped_other(self.b, self.o, tag, result);
+        reaped_other(self.b, self.k, self.links, tag, result);
     }
 }
 
@@ -284,12 +280,12 @@ impl<const C: usize, const N: usize, const W: usize> keel_blockdev::OnDone
 #[inline(never)]
 fn reaped_other<const C: usize, const N: usize, const W: usize>(
     b: &mut keel_aio::Batch<'_, N, W>,
-    o: &mut Owner<'_, '_, C, N>,
+    k: &mut Books<N>,
+    links: &mut Links<'_, Msg, C>,
     tag: u32,
     result: Result<(), IoError>,
 ) {
     let index = (tag & 0xFFFF) as usize;
-    let k = &mut *o.k;
     let Some(Some((generation, origin))) = k.on_queue.get(index).copied() else {
         k.stats.bad_tags += 1;
         return;
@@ -315,9 +311,7 @@ fn reaped_other<const C: usize, const N: usize, const W: usize>(
             deliver_to(k, io, result);
         }
         // The handle is the issuer's: it completes it when the answer arrives.
-        Origin::Remote { core } => {
-            answer_to(o.links, &mut k.replies, &mut k.stats, core, io, result)
-        }
+        Origin::Remote { core } => answer_to(links, &mut k.replies, &mut k.stats, core, io, result),
     }
 }
 
@@ -992,12 +986,9 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         // (no intermediate batch copy); another core's I/O is answered (its handle is its
         // issuer's). One bounded queue poll: at most `REAP_BATCH` completion entries, plus the
         // queue's own periodic timeout scan over its command slots.
-        let mut o = Owner {
-            k: &mut self.books,
-            links: &mut self.links,
-        };
+        let (k, links) = (&mut self.books, &mut self.links);
         self.aio
-            .batch(|b| q.poll_with(REAP_BATCH, &mut Reap { b, o: &mut o }))
+            .batch(|b| q.poll_with(REAP_BATCH, &mut Reap { b, k, links }))
     }
 
     /// Stops accepting new I/O (local callers get `NotAccepting`; requests from other cores
