@@ -420,7 +420,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
 
     /// I/Os staged or submitted on this core's queue pair and not yet completed.
     pub fn in_flight(&self) -> usize {
-        self.on_queue_count() + self.staged.len()
+        self.on_queue_count() + self.staged()
     }
 
     /// I/Os on this core's queue pair (entries of `on_queue`), from the counters kept anyway.
@@ -434,7 +434,13 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
 
     /// I/Os waiting for room on this core's queue pair.
     pub fn staged(&self) -> usize {
-        self.staged.len()
+        // The fast-path flag implies an empty list: one load, not the list's length
+        // arithmetic (callers poll this in their loops).
+        if self.fast {
+            0
+        } else {
+            self.staged.len()
+        }
     }
 
     /// I/Os this core issued (anywhere) whose completion it has not yet handed out.
