@@ -234,6 +234,30 @@ struct Books<const N: usize> {
     done: Deque<Completion, N>,
     replies: Deque<Reply, N>,
     stats: Stats,
+    /// Debug builds: the number of `on_queue` entries, counted apart from the counters, so
+    /// that the count derived from them ([`Reactor::in_flight`]) is checked on every read.
+    #[cfg(debug_assertions)]
+    entries: usize,
+}
+
+impl<const N: usize> Books<N> {
+    /// An `on_queue` entry was set (debug builds count it).
+    #[inline(always)]
+    fn entries_inc(&mut self) {
+        #[cfg(debug_assertions)]
+        {
+            self.entries += 1;
+        }
+    }
+
+    /// An `on_queue` entry was cleared (debug builds count it).
+    #[inline(always)]
+    fn entries_dec(&mut self) {
+        #[cfg(debug_assertions)]
+        {
+            self.entries -= 1;
+        }
+    }
 }
 
 /// What [`Reactor::reap_batch`] hands the queue: inside the batch's section, each
@@ -260,6 +284,7 @@ impl<const C: usize, const N: usize, const W: usize> keel_blockdev::OnDone
                 // `tag == tag_of(io)`: its index part is `index` already.
                 if generation & 0xFFFF == tag >> 16 {
                     *entry = None;
+                    k.entries_dec();
                     // `index < N` (checked above), so it fits.
                     let io = IoRef::new(index as u16, generation);
                     k.stats.completed_ok += 1;
@@ -297,6 +322,7 @@ fn reaped_other<const C: usize, const N: usize, const W: usize>(
         return;
     }
     k.on_queue[index] = None;
+    k.entries_dec();
     let aio_result = aio_result(result);
     if result.is_ok() {
         k.stats.completed_ok += 1;
@@ -397,6 +423,8 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 done: Deque::new(),
                 replies: Deque::new(),
                 stats: Stats::default(),
+                #[cfg(debug_assertions)]
+                entries: 0,
             },
             away: [0; N],
             pollers: heapless::Vec::new(),
@@ -427,9 +455,16 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     fn on_queue_count(&self) -> usize {
         let s = &self.books.stats;
         // At most N (one entry per handle index), so it fits.
-        s.submitted
+        let n = s
+            .submitted
             .wrapping_sub(s.completed_ok)
-            .wrapping_sub(s.failed) as usize
+            .wrapping_sub(s.failed) as usize;
+        #[cfg(debug_assertions)]
+        debug_assert_eq!(
+            n, self.books.entries,
+            "on_queue count drifted from the counters"
+        );
+        n
     }
 
     /// I/Os waiting for room on this core's queue pair.
@@ -683,6 +718,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             match q.submit(op, tag_of(io)) {
                 Ok(()) => {
                     self.books.on_queue[io.index()] = Some((io.generation(), origin));
+                    self.books.entries_inc();
                     self.books.stats.submitted += 1;
                     return Ok(());
                 }
@@ -931,6 +967,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 Ok(()) => {
                     self.staged.pop_front();
                     self.books.on_queue[io.index()] = Some((io.generation(), origin));
+                    self.books.entries_inc();
                     self.books.stats.submitted += 1;
                     if let Origin::Remote { .. } = origin {
                         self.books.stats.remote_served += 1;
