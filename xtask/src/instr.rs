@@ -1,6 +1,7 @@
 //! `cargo xtask instr`: instructions per I/O (submit + complete) on the host, counted by
-//! valgrind's callgrind. Runs `platform/model/examples/instr_io.rs` with two I/O counts and
-//! takes the difference, so bring-up and setup cancel out. The model controller executes
+//! valgrind's callgrind. Runs `platform/model/examples/instr_io.rs` (the raw queue pair, and the
+//! reactor with one `submit` per I/O) and `instr_burst.rs` (the reactor with one `submit_burst`
+//! per batch, the firmware bench's path) with two I/O counts and takes the difference, so bring-up and setup cancel out. The model controller executes
 //! commands inside the driver's doorbell writes; its cost (everything inside the model's
 //! `Mmio::write32`/`read32`, counted by a second run with callgrind's `--toggle-collect` on
 //! them) is reported separately and subtracted for the driver figure.
@@ -29,7 +30,8 @@ fn collected(
     model_only: bool,
 ) -> Result<u64> {
     let what = if model_only { "model" } else { "all" };
-    let out = crate::work_dir().join(format!("callgrind.{mode}.{ios}.{batch}.{what}.out"));
+    let ex = bin.file_name().and_then(|n| n.to_str()).unwrap_or("instr");
+    let out = crate::work_dir().join(format!("callgrind.{ex}.{mode}.{ios}.{batch}.{what}.out"));
     let mut c = Command::new("valgrind");
     c.arg("--tool=callgrind")
         .arg(format!("--callgrind-out-file={}", out.display()));
@@ -82,18 +84,27 @@ pub fn run() -> Result<()> {
         "keel-model",
         "--example",
         "instr_io",
+        "--example",
+        "instr_burst",
     ]);
     if !c.status()?.success() {
-        bail!("building the instr_io example failed");
+        bail!("building the instr_io / instr_burst examples failed");
     }
     std::fs::create_dir_all(crate::work_dir())?;
-    let bin = crate::target_dir().join("release/examples/instr_io");
+    let examples = crate::target_dir().join("release/examples");
     let (lo, hi) = (1_000u64, 11_000u64);
     println!(
         "{:<36} {:>10} {:>10} {:>10}",
         "4 KiB reads, instructions per I/O", "total", "model", "driver"
     );
-    for mode in ["raw", "reactor"] {
+    // (example, mode, row name)
+    let rows = [
+        ("instr_io", "raw", "raw queue pair"),
+        ("instr_io", "reactor", "reactor + aio handles"),
+        ("instr_burst", "reactor", "the same, submit_burst"),
+    ];
+    for (example, mode, label) in rows {
+        let bin = examples.join(example);
         for batch in [1u64, 16, 32] {
             let a = measure(&bin, lo, batch, mode)?;
             let b = measure(&bin, hi, batch, mode)?;
@@ -106,11 +117,7 @@ pub fn run() -> Result<()> {
                 }
                 _ => ("n/a".into(), "n/a".into()),
             };
-            let name = if mode == "raw" {
-                format!("raw queue pair, batch {batch}")
-            } else {
-                format!("reactor + aio handles, batch {batch}")
-            };
+            let name = format!("{label}, batch {batch}");
             println!("{name:<36} {total:>10.0} {model:>10} {driver:>10}");
         }
     }

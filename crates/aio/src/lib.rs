@@ -491,8 +491,11 @@ impl<const N: usize, const W: usize> Batch<'_, N, W> {
         }
         slot.state = PATH[PATH.len() - 1];
         slot.generation = slot.generation.wrapping_add(1);
-        slot.desc = None;
-        slot.result = None;
+        // Nothing else to clear: a result is recorded only in the `Completed*` states (this
+        // path records none), and a description is read only from `Staged`, which every path
+        // into it writes first (`define`, `start`), so what a handle keeps of its last use
+        // is never seen.
+        debug_assert!(slot.result.is_none(), "a Submitted handle holds no result");
         // Invariant: a set bit means Idle. The bit was clear (the handle was held).
         self.aio.free.release(index).map_err(AioError::Slots)
     }
@@ -828,12 +831,14 @@ impl<const N: usize, const W: usize> Aio<N, W> {
                 });
             }
         };
-        slot.desc = Some(desc);
         if submit {
+            // Not kept: a description is read only on the way out of `Staged` (`submit`), and
+            // this handle is past it already (the caller builds its command from `desc`).
             slot.state = SUBMITTED[SUBMITTED.len() - 1];
             slot.seq = *next_seq;
             *next_seq = next_seq.wrapping_add(1);
         } else {
+            slot.desc = Some(desc);
             slot.state = STAGED[STAGED.len() - 1];
         }
         // `index < N <= 65536`, so it fits.

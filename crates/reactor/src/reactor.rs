@@ -192,18 +192,14 @@ fn desc(op: &BlockOp) -> IoDesc {
 
 /// Hands a finished I/O (already back in the handle array) to this core's code.
 #[inline(always)]
-fn deliver_to<const N: usize>(
-    issued: &mut usize,
-    done: &mut Deque<Completion, N>,
-    cookies: &[u32; N],
-    stats: &mut Stats,
-    io: IoRef,
-    result: Result<(), IoError>,
-) {
-    *issued = issued.saturating_sub(1);
-    let cookie = cookies.get(io.index()).copied().unwrap_or(0);
-    if done.push_back(Completion { cookie, result }).is_err() {
-        stats.dropped += 1;
+fn deliver_to<const N: usize>(k: &mut Books<N>, io: IoRef, result: Result<(), IoError>) {
+    // Every delivered I/O was counted when it was issued (a diagnostic count: checked in
+    // debug builds and tests, not clamped on the per-I/O path).
+    debug_assert!(k.issued > 0, "delivered an I/O that was never issued");
+    k.issued = k.issued.wrapping_sub(1);
+    let cookie = k.cookies.get(io.index()).copied().unwrap_or(0);
+    if k.done.push_back(Completion { cookie, result }).is_err() {
+        k.stats.dropped += 1;
     }
 }
 
@@ -224,50 +220,83 @@ fn answer_to<const C: usize, const N: usize>(
     }
 }
 
-/// The reactor's state a reaped completion touches (borrowed apart from the queue).
-struct Owner<'r, 'a, const C: usize, const N: usize> {
-    on_queue: &'r mut [Option<(IoRef, Origin)>; N],
-    on_queue_count: &'r mut usize,
-    cookies: &'r [u32; N],
-    issued: &'r mut usize,
-    done: &'r mut Deque<Completion, N>,
-    replies: &'r mut Deque<Reply, N>,
-    links: &'r mut Links<'a, Msg, C>,
-    stats: &'r mut Stats,
+/// A reactor's per-I/O bookkeeping, kept together so that a reaped completion reaches all of
+/// it through one borrow (one pointer, not one per field).
+struct Books<const N: usize> {
+    /// Owner side, by handle index: the generation of the I/O submitted on this queue with that
+    /// index (the whole `IoRef`, with its index) and who issued it.
+    /// (How many: `stats.submitted - stats.completed_ok - stats.failed`, every entry set with
+    /// a `submitted` and cleared with a `completed_ok` or `failed`.)
+    on_queue: [Option<(u32, Origin)>; N],
+    /// Issuer side, by handle index: the caller's cookie.
+    cookies: [u32; N],
+    issued: usize,
+    done: Deque<Completion, N>,
+    replies: Deque<Reply, N>,
+    stats: Stats,
+    /// Debug builds: the number of `on_queue` entries, counted apart from the counters, so
+    /// that the count derived from them ([`Reactor::in_flight`]) is checked on every read.
+    #[cfg(debug_assertions)]
+    entries: usize,
+}
+
+impl<const N: usize> Books<N> {
+    /// An `on_queue` entry was set (debug builds count it).
+    #[inline(always)]
+    fn entries_inc(&mut self) {
+        #[cfg(debug_assertions)]
+        {
+            self.entries += 1;
+        }
+    }
+
+    /// An `on_queue` entry was cleared (debug builds count it).
+    #[inline(always)]
+    fn entries_dec(&mut self) {
+        #[cfg(debug_assertions)]
+        {
+            self.entries -= 1;
+        }
+    }
 }
 
 /// What [`Reactor::reap_batch`] hands the queue: inside the batch's section, each
-/// completion's lifecycle work and hand-off.
-struct Reap<'b, 'i, 'o, 'r, 'a, const C: usize, const N: usize, const W: usize> {
+/// completion's lifecycle work and hand-off, with the reactor's state a reaped completion
+/// touches (borrowed apart from the queue; each a pointer of its own here, not behind another).
+struct Reap<'b, 'i, 'r, 'a, const C: usize, const N: usize, const W: usize> {
     b: &'b mut keel_aio::Batch<'i, N, W>,
-    o: &'o mut Owner<'r, 'a, C, N>,
+    k: &'r mut Books<N>,
+    links: &'r mut Links<'a, Msg, C>,
 }
 
 impl<const C: usize, const N: usize, const W: usize> keel_blockdev::OnDone
-    for Reap<'_, '_, '_, '_, '_, C, N, W>
+    for Reap<'_, '_, '_, '_, C, N, W>
 {
     /// The tag came back from the device: range-check it and match it against what this core
     /// submitted for that handle. The common case (this core's own I/O, succeeded) is inlined
     /// into the queue's reaping loop; the rest is [`reaped_other`].
     #[inline(always)]
     fn done(&mut self, tag: u32, result: Result<(), IoError>) {
-        let o = &mut *self.o;
+        let k = &mut *self.k;
         let index = (tag & 0xFFFF) as usize;
-        if let (Some(entry), Ok(())) = (o.on_queue.get_mut(index), result) {
-            if let Some((io, Origin::Local)) = *entry {
-                if tag_of(io) == tag {
+        if let (Some(entry), Ok(())) = (k.on_queue.get_mut(index), result) {
+            if let Some((generation, Origin::Local)) = *entry {
+                // `tag == tag_of(io)`: its index part is `index` already.
+                if generation & 0xFFFF == tag >> 16 {
                     *entry = None;
-                    *o.on_queue_count -= 1;
-                    o.stats.completed_ok += 1;
+                    k.entries_dec();
+                    // `index < N` (checked above), so it fits.
+                    let io = IoRef::new(index as u16, generation);
+                    k.stats.completed_ok += 1;
                     if self.b.complete_and_reclaim(io, Ok(0)).is_err() {
-                        o.stats.lifecycle_errors += 1;
+                        k.stats.lifecycle_errors += 1;
                     }
-                    deliver_to(o.issued, o.done, o.cookies, o.stats, io, result);
+                    deliver_to(k, io, result);
                     return;
                 }
             }
         }
-        reaped_other(self.b, o, tag, result);
+        reaped_other(self.b, self.k, self.links, tag, result);
     }
 }
 
@@ -276,36 +305,39 @@ impl<const C: usize, const N: usize, const W: usize> keel_blockdev::OnDone
 #[inline(never)]
 fn reaped_other<const C: usize, const N: usize, const W: usize>(
     b: &mut keel_aio::Batch<'_, N, W>,
-    o: &mut Owner<'_, '_, C, N>,
+    k: &mut Books<N>,
+    links: &mut Links<'_, Msg, C>,
     tag: u32,
     result: Result<(), IoError>,
 ) {
     let index = (tag & 0xFFFF) as usize;
-    let Some(Some((io, origin))) = o.on_queue.get(index).copied() else {
-        o.stats.bad_tags += 1;
+    let Some(Some((generation, origin))) = k.on_queue.get(index).copied() else {
+        k.stats.bad_tags += 1;
         return;
     };
+    // `index < N` (checked above), so it fits.
+    let io = IoRef::new(index as u16, generation);
     if tag_of(io) != tag {
-        o.stats.bad_tags += 1;
+        k.stats.bad_tags += 1;
         return;
     }
-    o.on_queue[index] = None;
-    *o.on_queue_count -= 1;
+    k.on_queue[index] = None;
+    k.entries_dec();
     let aio_result = aio_result(result);
     if result.is_ok() {
-        o.stats.completed_ok += 1;
+        k.stats.completed_ok += 1;
     } else {
-        o.stats.failed += 1;
+        k.stats.failed += 1;
     }
     match origin {
         Origin::Local => {
             if b.complete_and_reclaim(io, aio_result).is_err() {
-                o.stats.lifecycle_errors += 1;
+                k.stats.lifecycle_errors += 1;
             }
-            deliver_to(o.issued, o.done, o.cookies, o.stats, io, result);
+            deliver_to(k, io, result);
         }
         // The handle is the issuer's: it completes it when the answer arrives.
-        Origin::Remote { core } => answer_to(o.links, o.replies, o.stats, core, io, result),
+        Origin::Remote { core } => answer_to(links, &mut k.replies, &mut k.stats, core, io, result),
     }
 }
 
@@ -359,47 +391,49 @@ pub struct Reactor<'a, Q, const C: usize, const N: usize, const W: usize> {
     aio: &'a Aio<N, W>,
     /// Owner side: I/Os waiting for room on the queue.
     staged: Deque<Staged, N>,
-    /// Owner side, by handle index: the I/O submitted on this queue and who issued it.
-    on_queue: [Option<(IoRef, Origin)>; N],
-    on_queue_count: usize,
-    /// Issuer side, by handle index: the caller's cookie.
-    cookies: [u32; N],
+    /// The per-I/O bookkeeping: what is on the queue, cookies, completions, answers, counters.
+    books: Books<N>,
     /// Issuer side, by handle index: 1 + the core it was sent to and not answered by yet, or
     /// 0 (only that core's [`Msg::Done`] may complete it).
     away: [u8; N],
-    issued: usize,
-    done: Deque<Completion, N>,
-    replies: Deque<Reply, N>,
     pollers: heapless::Vec<(Poller, usize), MAX_POLLERS>,
     accepting: bool,
     /// The queue pair is lent out for recovery ([`Reactor::lend_queue`]): I/O is staged until
     /// it comes back.
     lent: bool,
-    stats: Stats,
+    /// [`Reactor::fast_path_open`], kept by [`Reactor::refresh_fast`] (and cleared by
+    /// [`Reactor::stage`]).
+    fast: bool,
 }
 
 impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<'a, Q, C, N, W> {
     /// A reactor for the core `links` belong to, with that core's handles `aio`, owning `queue` if it has one
     /// (accepting I/O, no pollers).
     pub fn new(links: Links<'a, Msg, C>, aio: &'a Aio<N, W>, queue: Option<Q>) -> Self {
-        Self {
+        let mut r = Self {
             core: links.core(),
             queue,
             links,
             aio,
             staged: Deque::new(),
-            on_queue: [None; N],
-            on_queue_count: 0,
-            cookies: [0; N],
+            books: Books {
+                on_queue: [None; N],
+                cookies: [0; N],
+                issued: 0,
+                done: Deque::new(),
+                replies: Deque::new(),
+                stats: Stats::default(),
+                #[cfg(debug_assertions)]
+                entries: 0,
+            },
             away: [0; N],
-            issued: 0,
-            done: Deque::new(),
-            replies: Deque::new(),
             pollers: heapless::Vec::new(),
             accepting: true,
             lent: false,
-            stats: Stats::default(),
-        }
+            fast: false,
+        };
+        r.refresh_fast();
+        r
     }
 
     /// This reactor's core index in the mesh.
@@ -409,22 +443,44 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
 
     /// A copy of the counters.
     pub fn stats(&self) -> Stats {
-        self.stats
+        self.books.stats
     }
 
     /// I/Os staged or submitted on this core's queue pair and not yet completed.
     pub fn in_flight(&self) -> usize {
-        self.on_queue_count + self.staged.len()
+        self.on_queue_count() + self.staged()
+    }
+
+    /// I/Os on this core's queue pair (entries of `on_queue`), from the counters kept anyway.
+    fn on_queue_count(&self) -> usize {
+        let s = &self.books.stats;
+        // At most N (one entry per handle index), so it fits.
+        let n = s
+            .submitted
+            .wrapping_sub(s.completed_ok)
+            .wrapping_sub(s.failed) as usize;
+        #[cfg(debug_assertions)]
+        debug_assert_eq!(
+            n, self.books.entries,
+            "on_queue count drifted from the counters"
+        );
+        n
     }
 
     /// I/Os waiting for room on this core's queue pair.
     pub fn staged(&self) -> usize {
-        self.staged.len()
+        // The fast-path flag implies an empty list: one load, not the list's length
+        // arithmetic (callers poll this in their loops).
+        if self.fast {
+            0
+        } else {
+            self.staged.len()
+        }
     }
 
     /// I/Os this core issued (anywhere) whose completion it has not yet handed out.
     pub fn issued(&self) -> usize {
-        self.issued
+        self.books.issued
     }
 
     /// Whether this core owns a queue pair now.
@@ -494,7 +550,11 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 },
                 |k, io| {
                     if let Some(&(op, cookie)) = chunk.get(k) {
-                        if let Err(e) = self.place_submitted(io, op, cookie) {
+                        // The fast-path flag says whether an earlier I/O of this burst met a
+                        // full queue and was staged (`stage` clears it; nothing else changes
+                        // it inside the burst).
+                        let none_staged = self.fast;
+                        if let Err(e) = self.place_submitted(io, op, cookie, none_staged) {
                             // Room for every I/O of the chunk: `refused` holds CHUNK.
                             let kept = refused.push((io, e));
                             debug_assert!(kept.is_ok());
@@ -540,7 +600,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             }
             // This core is the only producer of that ring, so room now means room at send.
             if !self.links.can_send(owner) {
-                self.stats.backpressure += 1;
+                self.books.stats.backpressure += 1;
                 return Err(ReactorError::Backpressure);
             }
         }
@@ -553,8 +613,8 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 .aio
                 .start(desc(&op))
                 .map_err(|_| ReactorError::NoSlot)?;
-            self.cookies[io.index()] = cookie;
-            self.issued += 1;
+            self.books.cookies[io.index()] = cookie;
+            self.books.issued += 1;
             self.stage(Staged {
                 io,
                 op,
@@ -569,8 +629,8 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             .aio
             .start_submitted(desc(&op))
             .map_err(|_| ReactorError::NoSlot)?;
-        self.cookies[io.index()] = cookie;
-        self.issued += 1;
+        self.books.cookies[io.index()] = cookie;
+        self.books.issued += 1;
         match self.links.send(
             owner,
             Msg::Io {
@@ -584,12 +644,12 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                     // `owner < C`, checked above; the mesh has at most 255 cores.
                     *away = owner as u8 + 1;
                 }
-                self.stats.remote_sent += 1;
+                self.books.stats.remote_sent += 1;
                 Ok(())
             }
             Err(SendError::Full(_) | SendError::NoRoute(_)) => {
                 // Unreachable (checked above); never leak the handle if it happens.
-                self.stats.lifecycle_errors += 1;
+                self.books.stats.lifecycle_errors += 1;
                 self.refuse(io, Origin::Local, IoError::Aborted, true);
                 Err(ReactorError::Backpressure)
             }
@@ -598,9 +658,22 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
 
     /// Whether a local I/O may take the fast path: this core accepts I/O, owns a queue pair,
     /// and nothing is staged ahead of it.
+    /// (Read once per submission: the flag [`Reactor::refresh_fast`] keeps, not the three
+    /// fields.)
     #[inline(always)]
     fn fast_path_open(&self) -> bool {
+        debug_assert_eq!(self.fast, self.fast_path_now(), "stale fast-path flag");
+        self.fast
+    }
+
+    /// [`Reactor::fast_path_open`] from the fields it depends on.
+    fn fast_path_now(&self) -> bool {
         self.accepting && self.queue.is_some() && self.staged.is_empty()
+    }
+
+    /// Recomputes the fast-path flag: after every change of `accepting`, `queue` or `staged`.
+    fn refresh_fast(&mut self) {
+        self.fast = self.fast_path_now();
     }
 
     /// The local fast path (see [`Reactor::fast_path_open`]):
@@ -613,7 +686,8 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             .aio
             .start_submitted(desc(&op))
             .map_err(|_| ReactorError::NoSlot)?;
-        if let Err(e) = self.place_submitted(io, op, cookie) {
+        // Nothing is staged (`fast_path_open`), and the handle array section cannot stage.
+        if let Err(e) = self.place_submitted(io, op, cookie, true) {
             self.refuse(io, Origin::Local, submit_error(e), true);
         }
         Ok(())
@@ -622,19 +696,30 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     /// Puts a local I/O whose handle is already Submitted on the queue (or, when the queue is
     /// full, first in line on the staged list). When the queue refuses it outright, returns why:
     /// the caller completes it with [`Reactor::refuse`] (outside any handle-array section).
+    /// `none_staged`: whether the staged list is empty, which the caller knows (saves reading
+    /// the list again after the handle array's atomic claim, which the compiler cannot see
+    /// past); debug-checked.
     #[inline(always)]
-    fn place_submitted(&mut self, io: IoRef, op: BlockOp, cookie: u32) -> Result<(), SubmitError> {
-        self.cookies[io.index()] = cookie;
-        self.issued += 1;
+    fn place_submitted(
+        &mut self,
+        io: IoRef,
+        op: BlockOp,
+        cookie: u32,
+        none_staged: bool,
+    ) -> Result<(), SubmitError> {
+        self.books.cookies[io.index()] = cookie;
+        self.books.issued += 1;
         let origin = Origin::Local;
         // Nothing goes on the queue ahead of what is already waiting (a burst's earlier I/O
         // that met a full queue).
-        if let Some(q) = self.queue.as_mut().filter(|_| self.staged.is_empty()) {
+        debug_assert_eq!(none_staged, self.staged.is_empty(), "none_staged is wrong");
+        let nothing_ahead = none_staged;
+        if let Some(q) = self.queue.as_mut().filter(|_| nothing_ahead) {
             match q.submit(op, tag_of(io)) {
                 Ok(()) => {
-                    self.on_queue[io.index()] = Some((io, origin));
-                    self.on_queue_count += 1;
-                    self.stats.submitted += 1;
+                    self.books.on_queue[io.index()] = Some((io.generation(), origin));
+                    self.books.entries_inc();
+                    self.books.stats.submitted += 1;
                     return Ok(());
                 }
                 Err(SubmitError::QueueFull) => {}
@@ -655,8 +740,9 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     fn stage(&mut self, s: Staged) {
         // Room is guaranteed: `staged` holds N and there are only N handles.
         if self.staged.push_back(s).is_err() {
-            self.stats.dropped += 1;
+            self.books.stats.dropped += 1;
         }
+        self.fast = false;
     }
 
     /// Sends a function call to another core's poll loop.
@@ -665,7 +751,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             .send(to, Msg::Call { f, arg })
             .map_err(|e| match e {
                 SendError::Full(_) => {
-                    self.stats.backpressure += 1;
+                    self.books.stats.backpressure += 1;
                     ReactorError::Backpressure
                 }
                 SendError::NoRoute(_) => ReactorError::NoRoute,
@@ -674,7 +760,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
 
     /// The next finished I/O for this core's code.
     pub fn next_completion(&mut self) -> Option<Completion> {
-        self.done.pop_front()
+        self.books.done.pop_front()
     }
 
     /// One run-to-completion pass: staged I/O (one doorbell), device completions, answers
@@ -682,7 +768,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     /// Never blocks.
     #[inline]
     pub fn poll(&mut self) -> usize {
-        self.stats.passes += 1;
+        self.books.stats.passes += 1;
         // This core's own submissions first, then completions (found as early in the pass as
         // possible: the caller's next submission waits on them), then other cores' traffic.
         let mut work = self.submit_staged();
@@ -716,20 +802,14 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     fn finish_local(&mut self, io: IoRef, result: Result<(), IoError>) {
         // complete_local -> reclaim, in one section.
         if self.aio.complete_local_and_reclaim(io).is_err() {
-            self.stats.lifecycle_errors += 1;
+            self.books.stats.lifecycle_errors += 1;
         }
         self.deliver(io, result);
     }
 
     /// Hands a finished I/O (already back in the handle array) to this core's code.
     fn deliver(&mut self, io: IoRef, result: Result<(), IoError>) {
-        let (issued, done, cookies, stats) = (
-            &mut self.issued,
-            &mut self.done,
-            &self.cookies,
-            &mut self.stats,
-        );
-        deliver_to(issued, done, cookies, stats, io, result);
+        deliver_to(&mut self.books, io, result);
     }
 
     /// Owner-side: an I/O of `origin` finished (on the device or refused before it).
@@ -743,8 +823,8 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     fn answer(&mut self, to: u8, io: IoRef, result: Result<(), IoError>) {
         answer_to(
             &mut self.links,
-            &mut self.replies,
-            &mut self.stats,
+            &mut self.books.replies,
+            &mut self.books.stats,
             to,
             io,
             result,
@@ -753,7 +833,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
 
     fn flush_replies(&mut self) -> usize {
         let mut n = 0;
-        while let Some(r) = self.replies.front().copied() {
+        while let Some(r) = self.books.replies.front().copied() {
             if self
                 .links
                 .send(
@@ -767,7 +847,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             {
                 break;
             }
-            self.replies.pop_front();
+            self.books.replies.pop_front();
             n += 1;
         }
         n
@@ -788,7 +868,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 Msg::Io { io, from, .. }
                     if io.index() >= N || from as usize != sender || sender == self.core =>
                 {
-                    self.stats.lifecycle_errors += 1;
+                    self.books.stats.lifecycle_errors += 1;
                 }
                 Msg::Io { op, io, from } => {
                     let origin = Origin::Remote { core: from };
@@ -819,14 +899,14 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                         if let Some(a) = self.away.get_mut(io.index()) {
                             *a = 0;
                         }
-                        self.stats.remote_answered += 1;
+                        self.books.stats.remote_answered += 1;
                         self.deliver(io, result);
                     } else {
-                        self.stats.lifecycle_errors += 1;
+                        self.books.stats.lifecycle_errors += 1;
                     }
                 }
                 Msg::Call { f, arg } => {
-                    self.stats.calls += 1;
+                    self.books.stats.calls += 1;
                     f(self.core, arg);
                 }
             }
@@ -852,7 +932,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 .complete_and_share(io, Err(keel_aio::IoError::Aborted))
         });
         if r.is_err() {
-            self.stats.lifecycle_errors += 1;
+            self.books.stats.lifecycle_errors += 1;
         }
         self.route(io, origin, Err(e));
     }
@@ -886,11 +966,11 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             match q.submit(op, tag_of(io)) {
                 Ok(()) => {
                     self.staged.pop_front();
-                    self.on_queue[io.index()] = Some((io, origin));
-                    self.on_queue_count += 1;
-                    self.stats.submitted += 1;
+                    self.books.on_queue[io.index()] = Some((io.generation(), origin));
+                    self.books.entries_inc();
+                    self.books.stats.submitted += 1;
                     if let Origin::Remote { .. } = origin {
-                        self.stats.remote_served += 1;
+                        self.books.stats.remote_served += 1;
                     }
                     n += 1;
                     // Another core's handle is its issuer's (already Submitted there).
@@ -898,7 +978,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                         continue;
                     }
                     if accepted.push(io).is_err() {
-                        mark_submitted(self.aio, &mut self.stats, &accepted);
+                        mark_submitted(self.aio, &mut self.books.stats, &accepted);
                         accepted.clear();
                         let _ = accepted.push(io);
                     }
@@ -910,7 +990,8 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
                 }
             }
         }
-        mark_submitted(self.aio, &mut self.stats, &accepted);
+        mark_submitted(self.aio, &mut self.books.stats, &accepted);
+        self.refresh_fast();
         if let Some(q) = self.queue.as_mut() {
             q.flush_submissions();
         }
@@ -939,7 +1020,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
             // Timeout events (rare) are looked for on idle passes only, which a queue with a
             // stuck command soon has: the success path does no work for them.
             while q.pop_timed_out().is_some() {
-                self.stats.timed_out += 1;
+                self.books.stats.timed_out += 1;
             }
             return 0;
         }
@@ -948,18 +1029,9 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         // (no intermediate batch copy); another core's I/O is answered (its handle is its
         // issuer's). One bounded queue poll: at most `REAP_BATCH` completion entries, plus the
         // queue's own periodic timeout scan over its command slots.
-        let mut o = Owner {
-            on_queue: &mut self.on_queue,
-            on_queue_count: &mut self.on_queue_count,
-            cookies: &self.cookies,
-            issued: &mut self.issued,
-            done: &mut self.done,
-            replies: &mut self.replies,
-            links: &mut self.links,
-            stats: &mut self.stats,
-        };
+        let (k, links) = (&mut self.books, &mut self.links);
         self.aio
-            .batch(|b| q.poll_with(REAP_BATCH, &mut Reap { b, o: &mut o }))
+            .batch(|b| q.poll_with(REAP_BATCH, &mut Reap { b, k, links }))
     }
 
     /// Stops accepting new I/O (local callers get `NotAccepting`; requests from other cores
@@ -967,8 +1039,9 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     /// `max_passes` passes have run. Returns the number still in flight (0 on success).
     pub fn quiesce(&mut self, max_passes: usize) -> usize {
         self.accepting = false;
+        self.refresh_fast();
         for _ in 0..max_passes {
-            if self.in_flight() == 0 && self.replies.is_empty() {
+            if self.in_flight() == 0 && self.books.replies.is_empty() {
                 break;
             }
             self.poll();
@@ -983,7 +1056,9 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         if in_flight != 0 {
             return Err(ReactorError::Busy { in_flight });
         }
-        self.queue.take().ok_or(ReactorError::NoQueue)
+        let q = self.queue.take().ok_or(ReactorError::NoQueue);
+        self.refresh_fast();
+        q
     }
 
     /// Lends the queue pair out for recovery, with whatever is on it: unlike
@@ -996,6 +1071,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
     pub fn lend_queue(&mut self) -> Option<Q> {
         let q = self.queue.take()?;
         self.lent = true;
+        self.refresh_fast();
         Some(q)
     }
 
@@ -1008,6 +1084,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         }
         self.queue = Some(q);
         self.lent = false;
+        self.refresh_fast();
         Ok(())
     }
 
@@ -1023,6 +1100,7 @@ impl<'a, Q: BlockQueue, const C: usize, const N: usize, const W: usize> Reactor<
         }
         self.queue = Some(q);
         self.accepting = true;
+        self.refresh_fast();
         Ok(())
     }
 
