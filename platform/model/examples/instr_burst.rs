@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{read, reap, reactor, Qp};
+use common::{reactor, read, reap, Qp};
 use keel_hal::DmaRegion;
 
 fn with_reactor(qp: Qp, buf: &DmaRegion, ios: u32, batch: u32) -> u32 {
