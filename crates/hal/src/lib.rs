@@ -18,7 +18,8 @@
 //!   see, each with its **bus address** (what goes into PRPs and queue base registers). On a
 //!   cache-coherent machine with an identity map (x86_64 under QEMU) bus = physical = virtual.
 //!   A board with an IOMMU or non-coherent DMA translates or maintains caches inside
-//!   [`DmaRegion`]'s copies.
+//!   [`DmaRegion`]'s copies. A [`DmaRing`] is a region used as a ring of fixed-size entries
+//!   (queues shared with a device), its length and alignment checked once when it is made.
 //! * **A clock** ([`Clock`]): monotonic nanoseconds, plus an optional cheap raw tick counter
 //!   ([`Clock::ticks`]) for hot-path timestamps.
 //! * **Cores** ([`Cores`]): how many are online, which one the caller is on, and how work is
