@@ -164,16 +164,9 @@ impl DmaRegion {
         if !(p as usize).is_multiple_of(8) {
             return Err(DmaError::BadRequest);
         }
-        let p = p.cast::<u64>();
-        // An index loop, not an iterator: built for size, the iterator adapters stay calls
-        // (two per value) where this stays eight stores.
-        let mut i = 0;
-        while i < N {
-            // SAFETY: `i < N`, the `N * 8` bytes from `p` are in bounds (checked) and 8-aligned
-            // (checked); valid per `from_raw`'s contract.
-            unsafe { p.add(i).write_volatile(values[i].to_le()) };
-            i += 1;
-        }
+        // SAFETY: the `N * 8` bytes from `p` are in bounds (checked) and 8-aligned (checked);
+        // valid per `from_raw`'s contract.
+        unsafe { store_u64s_le(p.cast::<u64>(), values) };
         Ok(())
     }
 
@@ -334,21 +327,11 @@ impl<const ES: usize> DmaRing<ES> {
         if pos >= self.entries {
             return Err(self.out_of_bounds(pos));
         }
-        let p = self
-            .region
-            .ptr
-            .as_ptr()
-            .wrapping_add(pos as usize * ES)
-            .cast::<u64>();
-        let mut i = 0;
-        // An index loop (see `DmaRegion::write_u64s_le`).
-        while i < N {
-            // SAFETY: `pos < entries` and `i < N <= ES / 8`: the store is inside entry `pos`,
-            // which lies within the region (checked in `new`); 8-aligned as in `read_u64_le`;
-            // valid per `from_raw`'s contract.
-            unsafe { p.add(i).write_volatile(values[i].to_le()) };
-            i += 1;
-        }
+        let p = self.region.ptr.as_ptr().wrapping_add(pos as usize * ES);
+        // SAFETY: `pos < entries` and `N * 8 <= ES`: the stores are inside entry `pos`, which
+        // lies within the region (checked in `new`); 8-aligned as in `read_u64_le`; valid per
+        // `from_raw`'s contract.
+        unsafe { store_u64s_le(p.cast::<u64>(), values) };
         Ok(())
     }
 
@@ -359,6 +342,22 @@ impl<const ES: usize> DmaRing<ES> {
             len: ES,
             region: self.entries as usize * ES,
         }
+    }
+}
+
+/// Stores `values` from `p` on, little-endian, one volatile store each, straight from
+/// registers. An index loop, not an iterator: built for size, the iterator adapters stay calls
+/// (two per value) where this stays `N` stores.
+///
+/// # Safety
+/// `p..p + N` valid for writes and 8-aligned.
+#[inline(always)]
+unsafe fn store_u64s_le<const N: usize>(p: *mut u64, values: [u64; N]) {
+    let mut i = 0;
+    while i < N {
+        // SAFETY: `i < N`, so `p + i` lies in `p..p + N`, valid and aligned per the caller.
+        unsafe { p.add(i).write_volatile(values[i].to_le()) };
+        i += 1;
     }
 }
 
